@@ -1,0 +1,308 @@
+//! Adapters that add a trainable `ΔW` to a frozen `Linear`: LoRA, KronA and Kron-LoRA.
+//!
+//! Every adapter implements [`LinearAdapter`], the one surface [`crate::AdaptedLinear`] (and the
+//! PEFT, quantization and checkpoint code) relies on: its sizes, its contribution `x·ΔW` computed
+//! without materializing `ΔW`, its `ΔW` materialized for merging, and an [`AdapterSpec`] that
+//! describes it.
+
+mod kron_lora;
+mod krona;
+mod lora;
+
+pub use kron_lora::{KronLora, KronLoraConfig};
+pub use krona::{KronA, KronAConfig};
+pub use lora::{Lora, LoraConfig};
+
+use burn::module::{Initializer, Module, Param};
+use burn::tensor::{backend::Backend, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::AdapterError;
+
+/// How an adapter's factors are initialised.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FactorInit {
+    /// The KronA paper's choice (Appendix B.1): the first factor (`down`, `a`; for Kron-LoRA `a`
+    /// and `b1`) Kaiming-uniform with a = √5 (bound `1/√fan_in`), the last (`up`, `b`, `b2`)
+    /// zero, so `ΔW = 0` at step 0 and training starts exactly at the pretrained model.
+    #[default]
+    KaimingZero,
+    /// The first factor zero, the others Kaiming-uniform: PEFT LoKr's default (`w1 = 0`). Also
+    /// `ΔW = 0` at step 0.
+    ZeroKaiming,
+    /// Every factor from Normal(0, 1/√d_in): the paper's ablation (Table 4). `ΔW ≠ 0` at step 0.
+    Normal,
+}
+
+/// Which method an adapter implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// LoRA: `ΔW = scale · down·up`.
+    Lora,
+    /// KronA: `ΔW = scale · a ⊗ b`.
+    Krona,
+    /// Kron-LoRA: `ΔW = scale · a ⊗ (b1·b2)`.
+    KronLora,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Lora => "LoRA",
+            Method::Krona => "KronA",
+            Method::KronLora => "Kron-LoRA",
+        })
+    }
+}
+
+/// A resolved description of one adapter: method, layer size, factor shapes (Burn layout) and
+/// scale. Written into adapter checkpoints and compared when loading them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterSpec {
+    /// The method.
+    pub method: Method,
+    /// The layer's input size.
+    pub d_in: usize,
+    /// The layer's output size.
+    pub d_out: usize,
+    /// Each factor's name and shape, in order (`down`/`up`, `a`/`b`, `a`/`b1`/`b2`).
+    pub factors: Vec<(String, [usize; 2])>,
+    /// The scale `s` in `ΔW = s · …`.
+    pub scale: f64,
+}
+
+impl AdapterSpec {
+    /// Trainable parameters: the sum of the factors' sizes.
+    pub fn num_params(&self) -> usize {
+        self.factors.iter().map(|(_, s)| s[0] * s[1]).sum()
+    }
+
+    /// The rank (inner size) of a LoRA or Kron-LoRA adapter.
+    pub fn rank(&self) -> Option<usize> {
+        match self.method {
+            Method::Lora => self.factors.first().map(|(_, s)| s[1]),
+            Method::KronLora => self.factors.get(1).map(|(_, s)| s[1]),
+            Method::Krona => None,
+        }
+    }
+}
+
+/// The surface every `Linear` adapter offers.
+pub trait LinearAdapter<B: Backend> {
+    /// Input size `d_in` of the adapted layer.
+    fn d_in(&self) -> usize;
+    /// Output size `d_out` of the adapted layer.
+    fn d_out(&self) -> usize;
+    /// The adapter's contribution `x·ΔW` (scale included), computed from the factors without
+    /// building `ΔW`.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., d_in]`
+    /// - output: `[..., d_out]`
+    fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
+    /// `ΔW`, materialized, scale included.
+    ///
+    /// # Shapes
+    /// - output: `[d_in, d_out]`
+    fn delta_weight(&self) -> Tensor<B, 2>;
+    /// A description of this adapter.
+    fn spec(&self) -> AdapterSpec;
+}
+
+/// One adapter of any method, as stored in an [`crate::AdaptedLinear`].
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Adapter<B: Backend> {
+    /// LoRA.
+    Lora(Lora<B>),
+    /// KronA.
+    KronA(KronA<B>),
+    /// Kron-LoRA.
+    KronLora(KronLora<B>),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $a:ident => $e:expr) => {
+        match $self {
+            Adapter::Lora($a) => $e,
+            Adapter::KronA($a) => $e,
+            Adapter::KronLora($a) => $e,
+        }
+    };
+}
+
+impl<B: Backend> LinearAdapter<B> for Adapter<B> {
+    fn d_in(&self) -> usize {
+        dispatch!(self, a => a.d_in())
+    }
+    fn d_out(&self) -> usize {
+        dispatch!(self, a => a.d_out())
+    }
+    fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        dispatch!(self, a => a.apply(x))
+    }
+    fn delta_weight(&self) -> Tensor<B, 2> {
+        dispatch!(self, a => a.delta_weight())
+    }
+    fn spec(&self) -> AdapterSpec {
+        dispatch!(self, a => a.spec())
+    }
+}
+
+/// Which adapter to put on a `Linear`, and how. Serializes to JSON with a `method` tag:
+/// `{"method": "KronA", "a_shape": [32, 24], "b_shape": [24, 32]}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method")]
+pub enum AdapterConfig {
+    /// LoRA.
+    Lora(LoraConfig),
+    /// KronA.
+    KronA(KronAConfig),
+    /// Kron-LoRA.
+    KronLora(KronLoraConfig),
+}
+
+impl burn::config::Config for AdapterConfig {}
+
+impl AdapterConfig {
+    /// Builds the adapter for a `[d_in, d_out]` layer; `layer` names it in errors.
+    pub fn init<B: Backend>(
+        &self,
+        layer: &str,
+        d_in: usize,
+        d_out: usize,
+        device: &B::Device,
+    ) -> Result<Adapter<B>, AdapterError> {
+        Ok(match self {
+            AdapterConfig::Lora(c) => Adapter::Lora(c.init_named(layer, d_in, d_out, device)?),
+            AdapterConfig::KronA(c) => Adapter::KronA(c.init_named(layer, d_in, d_out, device)?),
+            AdapterConfig::KronLora(c) => {
+                Adapter::KronLora(c.init_named(layer, d_in, d_out, device)?)
+            }
+        })
+    }
+}
+
+/// The default layer name in errors, before a model names it.
+pub(crate) fn layer_name(d_in: usize, d_out: usize) -> String {
+    format!("Linear[{d_in}→{d_out}]")
+}
+
+/// A factor `[rows, cols]` (applied as `x·m`, so `fan_in = rows`) initialised Kaiming-uniform
+/// with a = √5: `U(-1/√rows, 1/√rows)`, as PyTorch's `kaiming_uniform_(w, a=√5)`.
+pub(crate) fn kaiming_factor<B: Backend>(
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Param<Tensor<B, 2>> {
+    Initializer::KaimingUniform {
+        gain: 1.0 / 3f64.sqrt(),
+        fan_out_only: false,
+    }
+    .init_with(shape, Some(shape[0]), Some(shape[1]), device)
+}
+
+/// A zero factor.
+pub(crate) fn zero_factor<B: Backend>(
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Param<Tensor<B, 2>> {
+    Initializer::Zeros.init(shape, device)
+}
+
+/// A factor from Normal(0, 1/√d_in), the paper's alternative initialisation.
+pub(crate) fn normal_factor<B: Backend>(
+    shape: [usize; 2],
+    d_in: usize,
+    device: &B::Device,
+) -> Param<Tensor<B, 2>> {
+    Initializer::Normal {
+        mean: 0.0,
+        std: 1.0 / (d_in as f64).sqrt(),
+    }
+    .init(shape, device)
+}
+
+/// Initialises a chain of factors: `first` for the leading ones and `last` for the final one
+/// under [`FactorInit::KaimingZero`]; the reverse roles under `ZeroKaiming`.
+pub(crate) fn init_factors<B: Backend>(
+    init: FactorInit,
+    shapes: &[[usize; 2]],
+    d_in: usize,
+    device: &B::Device,
+) -> Vec<Param<Tensor<B, 2>>> {
+    let last = shapes.len() - 1;
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| match init {
+            FactorInit::KaimingZero if i == last => zero_factor(s, device),
+            FactorInit::KaimingZero => kaiming_factor(s, device),
+            FactorInit::ZeroKaiming if i == 0 => zero_factor(s, device),
+            FactorInit::ZeroKaiming => kaiming_factor(s, device),
+            FactorInit::Normal => normal_factor(s, d_in, device),
+        })
+        .collect()
+}
+
+/// A trainable parameter from a given tensor (PEFT import, tests).
+pub(crate) fn factor_from_tensor<B: Backend>(t: Tensor<B, 2>) -> Param<Tensor<B, 2>> {
+    Param::from_tensor(t)
+}
+
+/// The scale of a rank-`r` adapter: an explicit `scale`, else `alpha / r` with `alpha`
+/// defaulting to `r` (scale 1, as the KronA paper sets it for LoRA and KronA).
+pub(crate) fn rank_scale(
+    layer: &str,
+    rank: usize,
+    alpha: Option<f64>,
+    scale: Option<f64>,
+) -> Result<f64, AdapterError> {
+    if let Some(a) = alpha {
+        check_finite(layer, "alpha", a)?;
+    }
+    let s = match scale {
+        Some(s) => s,
+        None => alpha.unwrap_or(rank as f64) / rank as f64,
+    };
+    check_finite(layer, "scale", s)?;
+    Ok(s)
+}
+
+pub(crate) fn check_finite(layer: &str, field: &str, v: f64) -> Result<(), AdapterError> {
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(AdapterError::config(
+            layer,
+            field,
+            format!("{v} is not a finite number"),
+        ))
+    }
+}
+
+/// Checks that a given factor tensor has the expected shape.
+pub(crate) fn check_factor_shape(
+    layer: &str,
+    name: &str,
+    got: [usize; 2],
+    want: [usize; 2],
+) -> Result<(), AdapterError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(AdapterError::config(
+            layer,
+            name,
+            format!("factor `{name}` is {got:?} but must be {want:?} for this layer"),
+        ))
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn minus_one() -> i64 {
+    -1
+}

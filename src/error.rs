@@ -1,0 +1,195 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong when configuring, merging, saving or loading adapters.
+///
+/// Configuration and loading never panic on user input: they return one of these, with a message
+/// that names the layer (or parameter), the shapes involved and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// Kronecker factor shapes that do not multiply out to the layer's shape.
+    #[error("{0}")]
+    FactorShape(Box<FactorShapeError>),
+
+    /// A rank that is zero or larger than the dimensions it factorizes.
+    #[error("{layer}: rank {rank} is invalid: {reason}")]
+    Rank {
+        /// Which layer.
+        layer: String,
+        /// The rank asked for.
+        rank: usize,
+        /// Why it is refused and which ranks are valid.
+        reason: String,
+    },
+
+    /// A configuration value that makes no sense (zero size, non-finite scale, ...).
+    #[error("{layer}: invalid `{field}`: {reason}")]
+    Config {
+        /// Which layer (or "config" when not layer-specific).
+        layer: String,
+        /// The configuration field.
+        field: String,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+
+    /// `merge` found NaN or infinite values in `W + ΔW` (as PEFT's `safe_merge`).
+    #[error(
+        "{layer}: refusing to merge: W + ΔW has {count} non-finite value(s) (NaN or ±Inf); \
+         the adapter has diverged, check the learning rate or load an earlier checkpoint"
+    )]
+    NonFinite {
+        /// Which layer.
+        layer: String,
+        /// How many values are NaN or infinite.
+        count: usize,
+    },
+
+    /// A checkpoint tensor whose shape is not the model's.
+    #[error(
+        "checkpoint {path}: parameter `{param}` has shape {found:?} in the file but {expected:?} \
+         in the model; the file was saved from a model with a different adapter configuration"
+    )]
+    CheckpointShape {
+        /// The file.
+        path: String,
+        /// The parameter's path in the module tree.
+        param: String,
+        /// The shape the model has.
+        expected: Vec<usize>,
+        /// The shape the file has.
+        found: Vec<usize>,
+    },
+
+    /// A checkpoint that lacks parameters the model has, or has parameters the model lacks.
+    #[error(
+        "checkpoint {path}: does not match the model: missing from the file {missing:?}, \
+         in the file but not in the model {unexpected:?}; build the model with the same adapter \
+         configuration as the one saved"
+    )]
+    CheckpointMismatch {
+        /// The file.
+        path: String,
+        /// Model parameters the file lacks.
+        missing: Vec<String>,
+        /// File tensors the model lacks.
+        unexpected: Vec<String>,
+    },
+
+    /// A checkpoint whose adapter metadata disagrees with the model's adapters.
+    #[error("checkpoint {path}: {message}")]
+    CheckpointMeta {
+        /// The file.
+        path: String,
+        /// What disagrees.
+        message: String,
+    },
+
+    /// A file that is not what it claims to be (bad safetensors header, bad JSON, ...).
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: String,
+        /// What could not be parsed.
+        message: String,
+    },
+
+    /// An I/O error, with the path it concerns.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AdapterError {
+    /// Replaces the layer name in a layer-level error (used by models that know their layers'
+    /// paths, so the message says `encoder.layer.3.attention.self.query` instead of a shape).
+    pub fn at(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        match &mut self {
+            AdapterError::FactorShape(e) => e.layer = name,
+            AdapterError::Rank { layer, .. }
+            | AdapterError::Config { layer, .. }
+            | AdapterError::NonFinite { layer, .. } => *layer = name,
+            _ => {}
+        }
+        self
+    }
+
+    pub(crate) fn config(
+        layer: impl Into<String>,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        AdapterError::Config {
+            layer: layer.into(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        AdapterError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Details of [`AdapterError::FactorShape`]: the shapes asked for and every valid choice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FactorShapeError {
+    /// Which layer.
+    pub layer: String,
+    /// The `a` shape asked for (`[a_in, a_out]`; `[0, 0]` when only `b` was given).
+    pub a: [usize; 2],
+    /// The `b` shape asked for (`[b_in, b_out]`; `[0, 0]` when only `a` was given).
+    pub b: [usize; 2],
+    /// The layer's input size.
+    pub d_in: usize,
+    /// The layer's output size.
+    pub d_out: usize,
+    /// Every valid `a_in` (and `b_in`): the divisors of `d_in`.
+    pub in_divisors: Vec<usize>,
+    /// Every valid `a_out` (and `b_out`): the divisors of `d_out`.
+    pub out_divisors: Vec<usize>,
+    /// A valid choice near √d, as PEFT's `factorization` picks it.
+    pub example_a: [usize; 2],
+    /// The `b` that goes with `example_a`.
+    pub example_b: [usize; 2],
+}
+
+impl std::fmt::Display for FactorShapeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (a, b, d_in, d_out) = (self.a, self.b, self.d_in, self.d_out);
+        let shown = |s: [usize; 2]| {
+            if s == [0, 0] {
+                "(derived)".to_string()
+            } else {
+                format!("{s:?}")
+            }
+        };
+        write!(
+            f,
+            "{}: Kronecker factors a {} ⊗ b {} do not fit a [{d_in}, {d_out}] layer \
+             ([d_in, d_out]): need a_in·b_in = {d_in} and a_out·b_out = {d_out}",
+            self.layer,
+            shown(a),
+            shown(b)
+        )?;
+        if a != [0, 0] && b != [0, 0] {
+            write!(f, ", got [{}, {}]", a[0] * b[0], a[1] * b[1])?;
+        }
+        write!(
+            f,
+            ". Valid a_in and b_in divide {d_in}: {:?}; valid a_out and b_out divide {d_out}: \
+             {:?}. For example a {:?} with b {:?}.",
+            self.in_divisors, self.out_divisors, self.example_a, self.example_b
+        )
+    }
+}

@@ -1,0 +1,453 @@
+//! The Kronecker math, in one place.
+//!
+//! * [`kron`] materializes `a ⊗ b` (only `delta_weight` and `merge` use it);
+//! * [`kron_apply`] computes `x·(A ⊗ B)` **without** materializing the product, where `A` and
+//!   `B` may each be a chain of factors (`A = a1·a2·…`, `B = b1·b2·…`), following the KronA
+//!   paper's Eq. 2: with `x` reshaped to `X [n, a_in, b_in]`, `x·(A ⊗ B) = reshape(Aᵀ·X·B)`;
+//! * [`KronPlan`] is the order in which the factors are contracted, and its cost model;
+//! * [`peft_factorization`], [`divisors`] and [`resolve_factor_shapes`] choose factor shapes.
+//!
+//! Layout and index order follow Burn's `Linear` (`W` is `[d_in, d_out]`, `y = x·W`):
+//! `(a ⊗ b)[i·b_in + k, j·b_out + l] = a[i, j] · b[k, l]`.
+
+use burn::tensor::{backend::Backend, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AdapterError, FactorShapeError};
+
+/// Materializes the Kronecker product `a ⊗ b`.
+///
+/// # Shapes
+/// - `a`: `[a_in, a_out]`, `b`: `[b_in, b_out]`
+/// - output: `[a_in·b_in, a_out·b_out]` with `out[i·b_in + k, j·b_out + l] = a[i, j]·b[k, l]`
+pub fn kron<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [a_in, a_out] = a.dims();
+    let [b_in, b_out] = b.dims();
+    let a4: Tensor<B, 4> = a.reshape([a_in, 1, a_out, 1]);
+    let b4: Tensor<B, 4> = b.reshape([1, b_in, 1, b_out]);
+    (a4 * b4).reshape([a_in * b_in, a_out * b_out])
+}
+
+/// The product of a chain of matrices, `m1·m2·…` (a single factor is returned as is).
+///
+/// # Panics
+/// If the chain is empty.
+pub fn chain_product<B: Backend>(chain: &[Tensor<B, 2>]) -> Tensor<B, 2> {
+    let mut iter = chain.iter().cloned();
+    let first = iter.next().expect("a factor chain has at least one factor");
+    iter.fold(first, |acc, m| acc.matmul(m))
+}
+
+/// Which side of the Kronecker product a contraction step applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Side {
+    /// The next factor of the `a` chain (contracts the `a_in` axis of `X [n, a_in, b_in]`).
+    A,
+    /// The next factor of the `b` chain (contracts the `b_in` axis).
+    B,
+}
+
+/// The order in which [`kron_apply`] contracts the factors: an interleaving of the `a` chain and
+/// the `b` chain, each applied in its own order.
+///
+/// For KronA (`a`, `b`) there are two plans: `[A, B]` (`aᵀ·X` first) and `[B, A]` (`X·b`
+/// first). For Kron-LoRA (`a`, `b1`, `b2`) there are three, `a` before, between or after
+/// `b1`/`b2`. Their multiply-add counts per input row ([`KronPlan::cost`]) differ with the factor
+/// shapes; [`KronPlan::cheapest`] picks the least.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KronPlan {
+    /// The contraction steps, first to last.
+    pub steps: Vec<Side>,
+}
+
+impl KronPlan {
+    /// Every `a` factor first, then every `b` factor.
+    pub fn a_first(n_a: usize, n_b: usize) -> Self {
+        let mut steps = vec![Side::A; n_a];
+        steps.extend(std::iter::repeat_n(Side::B, n_b));
+        Self { steps }
+    }
+
+    /// Every `b` factor first, then every `a` factor.
+    pub fn a_last(n_a: usize, n_b: usize) -> Self {
+        let mut steps = vec![Side::B; n_b];
+        steps.extend(std::iter::repeat_n(Side::A, n_a));
+        Self { steps }
+    }
+
+    /// Multiply-adds per input row (per token) of this plan, for chains of these shapes.
+    ///
+    /// With the intermediate `T [p, q]` per row (`p` on the `a` axis, `q` on the `b` axis),
+    /// applying an `a` factor `[p, p']` costs `p·q·p'` and a `b` factor `[q, q']` costs
+    /// `p·q·q'`. The transposes between sides are copies, not multiply-adds, and are not counted
+    /// (every plan of two chains has at most two plus one per extra side switch).
+    pub fn cost(&self, a_shapes: &[[usize; 2]], b_shapes: &[[usize; 2]]) -> u64 {
+        let mut p = a_shapes[0][0] as u64;
+        let mut q = b_shapes[0][0] as u64;
+        let (mut ia, mut ib) = (0, 0);
+        let mut cost = 0u64;
+        for side in &self.steps {
+            match side {
+                Side::A => {
+                    let out = a_shapes[ia][1] as u64;
+                    cost += p * q * out;
+                    p = out;
+                    ia += 1;
+                }
+                Side::B => {
+                    let out = b_shapes[ib][1] as u64;
+                    cost += p * q * out;
+                    q = out;
+                    ib += 1;
+                }
+            }
+        }
+        cost
+    }
+
+    /// How many times the intermediate is transposed (a side switch, including the initial
+    /// switch to `a` and the final one back to the `b`-inner layout).
+    pub fn transposes(&self) -> usize {
+        let mut prev = Side::B;
+        let mut count = 0;
+        for &s in self.steps.iter().chain(std::iter::once(&Side::B)) {
+            if s != prev {
+                count += 1;
+                prev = s;
+            }
+        }
+        count
+    }
+
+    /// Every interleaving of `n_a` `a` steps and `n_b` `b` steps.
+    pub fn all(n_a: usize, n_b: usize) -> Vec<Self> {
+        fn rec(n_a: usize, n_b: usize, cur: &mut Vec<Side>, out: &mut Vec<KronPlan>) {
+            if n_a == 0 && n_b == 0 {
+                out.push(KronPlan { steps: cur.clone() });
+                return;
+            }
+            if n_a > 0 {
+                cur.push(Side::A);
+                rec(n_a - 1, n_b, cur, out);
+                cur.pop();
+            }
+            if n_b > 0 {
+                cur.push(Side::B);
+                rec(n_a, n_b - 1, cur, out);
+                cur.pop();
+            }
+        }
+        let mut out = Vec::new();
+        rec(n_a, n_b, &mut Vec::new(), &mut out);
+        out
+    }
+
+    /// The plan with the fewest multiply-adds; ties go to the fewest transposes, then to the
+    /// plan that applies `a` earliest.
+    pub fn cheapest(a_shapes: &[[usize; 2]], b_shapes: &[[usize; 2]]) -> Self {
+        Self::all(a_shapes.len(), b_shapes.len())
+            .into_iter()
+            .min_by_key(|p| (p.cost(a_shapes, b_shapes), p.transposes()))
+            .expect("at least one plan")
+    }
+}
+
+/// The contraction order a user asks for in an adapter config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContractionOrder {
+    /// The cheapest plan for the factor shapes ([`KronPlan::cheapest`]).
+    #[default]
+    Auto,
+    /// `aᵀ·X` first, then the `b` factor(s).
+    AFirst,
+    /// The `b` factor(s) first (`X·b`), then `a`.
+    ALast,
+}
+
+impl ContractionOrder {
+    /// The plan this choice means for chains of these shapes.
+    pub fn plan(self, a_shapes: &[[usize; 2]], b_shapes: &[[usize; 2]]) -> KronPlan {
+        match self {
+            ContractionOrder::Auto => KronPlan::cheapest(a_shapes, b_shapes),
+            ContractionOrder::AFirst => KronPlan::a_first(a_shapes.len(), b_shapes.len()),
+            ContractionOrder::ALast => KronPlan::a_last(a_shapes.len(), b_shapes.len()),
+        }
+    }
+}
+
+/// Computes `scale · x·(A ⊗ B)` with `A = a_chain[0]·a_chain[1]·…` and `B = b_chain[0]·…`,
+/// never building `A ⊗ B` (nor any `d_in × d_out` tensor, forward or backward).
+///
+/// `x` is reshaped to `X [n, a_in, b_in]` and the factors are contracted in `plan`'s order:
+/// an `a` factor contracts the middle axis, a `b` factor the last. The scale is folded into the
+/// smallest factor, so it costs nothing per token.
+///
+/// # Shapes
+/// - `x`: `[..., d_in]` with `d_in = a_in·b_in` (`a_in` = rows of `a_chain[0]`,
+///   `b_in` = rows of `b_chain[0]`)
+/// - output: `[..., d_out]` with `d_out = a_out·b_out` (columns of the chains' last factors)
+///
+/// # Panics
+/// If a chain is empty or the shapes do not chain; adapters validate them at construction.
+pub fn kron_apply<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    a_chain: &[Tensor<B, 2>],
+    b_chain: &[Tensor<B, 2>],
+    plan: &KronPlan,
+    scale: f64,
+) -> Tensor<B, D> {
+    let (a_chain, b_chain) = fold_scale(a_chain, b_chain, scale);
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let p0 = a_chain[0].dims()[0];
+    let q0 = b_chain[0].dims()[0];
+    let n = x.shape().num_elements() / d_in.max(1);
+
+    // `t` is [n, p, q] when `b_inner`, else [n, q, p].
+    let mut t: Tensor<B, 3> = x.reshape([n, p0, q0]);
+    let mut b_inner = true;
+    let (mut ia, mut ib) = (0, 0);
+    for side in &plan.steps {
+        match side {
+            Side::A => {
+                if b_inner {
+                    t = t.swap_dims(1, 2);
+                    b_inner = false;
+                }
+                t = matmul_last(t, a_chain[ia].clone());
+                ia += 1;
+            }
+            Side::B => {
+                if !b_inner {
+                    t = t.swap_dims(1, 2);
+                    b_inner = true;
+                }
+                t = matmul_last(t, b_chain[ib].clone());
+                ib += 1;
+            }
+        }
+    }
+    if !b_inner {
+        t = t.swap_dims(1, 2);
+    }
+    let [_, p, q] = t.dims();
+    dims[D - 1] = p * q;
+    t.reshape(dims)
+}
+
+/// `t [n, u, v] · m [v, w] → [n, u, w]` as one GEMM over `n·u` rows.
+fn matmul_last<B: Backend>(t: Tensor<B, 3>, m: Tensor<B, 2>) -> Tensor<B, 3> {
+    let [n, u, v] = t.dims();
+    let w = m.dims()[1];
+    let t2: Tensor<B, 2> = t.reshape([n * u, v]);
+    t2.matmul(m).reshape([n, u, w])
+}
+
+/// Multiplies the smallest factor of the two chains by `scale` (no-op for a scale of 1).
+fn fold_scale<B: Backend>(
+    a_chain: &[Tensor<B, 2>],
+    b_chain: &[Tensor<B, 2>],
+    scale: f64,
+) -> (Vec<Tensor<B, 2>>, Vec<Tensor<B, 2>>) {
+    let mut a: Vec<_> = a_chain.to_vec();
+    let mut b: Vec<_> = b_chain.to_vec();
+    if scale != 1.0 {
+        let numel = |t: &Tensor<B, 2>| t.shape().num_elements();
+        let min_a = a.iter().enumerate().min_by_key(|(_, t)| numel(t));
+        let min_b = b.iter().enumerate().min_by_key(|(_, t)| numel(t));
+        match (min_a, min_b) {
+            (Some((ia, ta)), Some((_, tb))) if numel(ta) <= numel(tb) => {
+                a[ia] = a[ia].clone().mul_scalar(scale)
+            }
+            (_, Some((ib, _))) => b[ib] = b[ib].clone().mul_scalar(scale),
+            (Some((ia, _)), None) => a[ia] = a[ia].clone().mul_scalar(scale),
+            (None, None) => {}
+        }
+    }
+    (a, b)
+}
+
+/// The divisors of `d`, ascending.
+pub fn divisors(d: usize) -> Vec<usize> {
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    let mut i = 1;
+    while i * i <= d {
+        if d % i == 0 {
+            small.push(i);
+            if i * i != d {
+                large.push(d / i);
+            }
+        }
+        i += 1;
+    }
+    small.extend(large.into_iter().rev());
+    small
+}
+
+/// PEFT's (and LyCORIS's) `factorization(dimension, factor)`: splits `dim` into `(m, n)`,
+/// `m·n = dim`.
+///
+/// - `factor > 0` dividing `dim`: `(factor, dim / factor)` as is (PEFT does not reorder it);
+/// - `factor == -1`: the divisor pair nearest `√dim`, smaller first (`48 → (6, 8)`);
+/// - any other `factor`: the same search, but `m` may not exceed `factor` (for a negative
+///   `factor` other than -1 this stops at once and gives `(1, dim)`, as PEFT does).
+///
+/// PEFT's LoKr uses it for both sides: `(in_m, in_n) = factorization(d_in)`,
+/// `(out_l, out_k) = factorization(d_out)`, `w1 [out_l, in_m]`, `w2 [out_k, in_n]`, so in
+/// Burn layout `a = [in_m, out_l]` and `b = [in_n, out_k]`.
+pub fn peft_factorization(dim: usize, factor: i64) -> (usize, usize) {
+    if factor > 0 && dim % (factor as usize) == 0 {
+        let m = factor as usize;
+        return (m, dim / m);
+    }
+    let cap: i64 = if factor == -1 { dim as i64 } else { factor };
+    let (mut m, mut n) = (1usize, dim);
+    let length = m + n;
+    while m < n {
+        let mut new_m = m + 1;
+        while dim % new_m != 0 {
+            new_m += 1;
+        }
+        let new_n = dim / new_m;
+        if new_m + new_n > length || (new_m as i64) > cap {
+            break;
+        }
+        m = new_m;
+        n = new_n;
+    }
+    if m > n {
+        std::mem::swap(&mut m, &mut n);
+    }
+    (m, n)
+}
+
+/// LyCORIS's variant of [`peft_factorization`]: identical, except that an explicit `factor`
+/// pair whose first element is the larger is swapped (`factorization(128, 32) = (4, 32)` here,
+/// `(32, 4)` in PEFT).
+pub fn lycoris_factorization(dim: usize, factor: i64) -> (usize, usize) {
+    let (m, n) = peft_factorization(dim, factor);
+    if m > n {
+        (n, m)
+    } else {
+        (m, n)
+    }
+}
+
+/// How to choose Kronecker factor shapes for a `[d_in, d_out]` layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShapeRequest {
+    /// `[a_in, a_out]`, if given.
+    pub a: Option<[usize; 2]>,
+    /// `[b_in, b_out]`, if given.
+    pub b: Option<[usize; 2]>,
+    /// PEFT's `decompose_factor` (-1: near √d), used when neither shape nor budget is given.
+    pub factor: i64,
+    /// A target number of trainable parameters, used when no shape is given.
+    pub budget: Option<usize>,
+}
+
+/// A budget-search candidate: (parameter miss, imbalance), a, b.
+type Candidate = ((usize, f64), [usize; 2], [usize; 2]);
+
+/// Resolves a [`ShapeRequest`] for a `[d_in, d_out]` layer into `(a, b)` shapes.
+///
+/// - both shapes: checked (`a_in·b_in = d_in`, `a_out·b_out = d_out`);
+/// - one shape: the other is derived (`b = [d_in/a_in, d_out/a_out]`), checked to divide;
+/// - a budget: the divisor pair whose `params(a, b)` is nearest the budget (ties: the most
+///   balanced shapes);
+/// - otherwise PEFT's [`peft_factorization`] on each side with `factor`.
+///
+/// `params` counts an adapter's trainable parameters for candidate shapes (it differs between
+/// KronA and Kron-LoRA).
+pub fn resolve_factor_shapes(
+    layer: &str,
+    d_in: usize,
+    d_out: usize,
+    req: &ShapeRequest,
+    params: impl Fn([usize; 2], [usize; 2]) -> usize,
+) -> Result<([usize; 2], [usize; 2]), AdapterError> {
+    if d_in == 0 || d_out == 0 {
+        return Err(AdapterError::config(
+            layer,
+            "d_in/d_out",
+            format!("the layer is [{d_in}, {d_out}]; a Kronecker adapter needs non-zero sizes"),
+        ));
+    }
+    let shape_error = |a: [usize; 2], b: [usize; 2]| {
+        let (ei, bi) = peft_factorization(d_in, -1);
+        let (eo, bo) = peft_factorization(d_out, -1);
+        AdapterError::FactorShape(Box::new(FactorShapeError {
+            layer: layer.to_string(),
+            a,
+            b,
+            d_in,
+            d_out,
+            in_divisors: divisors(d_in),
+            out_divisors: divisors(d_out),
+            example_a: [ei, eo],
+            example_b: [bi, bo],
+        }))
+    };
+    let divides = |x: usize, d: usize| x > 0 && d % x == 0;
+    match (req.a, req.b) {
+        (Some(a), Some(b)) => {
+            if a[0] * b[0] == d_in && a[1] * b[1] == d_out && a.iter().chain(&b).all(|&v| v > 0) {
+                Ok((a, b))
+            } else {
+                Err(shape_error(a, b))
+            }
+        }
+        (Some(a), None) => {
+            if divides(a[0], d_in) && divides(a[1], d_out) {
+                Ok((a, [d_in / a[0], d_out / a[1]]))
+            } else {
+                Err(shape_error(a, [0, 0]))
+            }
+        }
+        (None, Some(b)) => {
+            if divides(b[0], d_in) && divides(b[1], d_out) {
+                Ok(([d_in / b[0], d_out / b[1]], b))
+            } else {
+                Err(shape_error([0, 0], b))
+            }
+        }
+        (None, None) => {
+            if let Some(budget) = req.budget {
+                let mut best: Option<Candidate> = None;
+                for ai in divisors(d_in) {
+                    for ao in divisors(d_out) {
+                        let (a, b) = ([ai, ao], [d_in / ai, d_out / ao]);
+                        let miss = params(a, b).abs_diff(budget);
+                        let balance = ((ai as f64) / (b[0] as f64)).ln().abs()
+                            + ((ao as f64) / (b[1] as f64)).ln().abs();
+                        let better = match &best {
+                            None => true,
+                            Some(((m, bal), _, _)) => miss < *m || (miss == *m && balance < *bal),
+                        };
+                        if better {
+                            best = Some(((miss, balance), a, b));
+                        }
+                    }
+                }
+                let (_, a, b) = best.expect("d_in and d_out have divisors");
+                Ok((a, b))
+            } else {
+                if req.factor == 0 || req.factor < -1 {
+                    return Err(AdapterError::config(
+                        layer,
+                        "factor",
+                        format!(
+                            "{} is not a factor hint: use -1 (near √d, PEFT's default) or a \
+                             positive size for a_in/a_out",
+                            req.factor
+                        ),
+                    ));
+                }
+                let (ai, bi) = peft_factorization(d_in, req.factor);
+                let (ao, bo) = peft_factorization(d_out, req.factor);
+                Ok(([ai, ao], [bi, bo]))
+            }
+        }
+    }
+}

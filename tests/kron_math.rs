@@ -1,0 +1,241 @@
+//! The Kronecker core: materialized product, unmaterialized apply (every contraction order),
+//! cost model and factor-shape search, against loop-based references.
+
+mod common;
+use common::*;
+
+use kron_adapters::kron::{
+    chain_product, divisors, kron, kron_apply, lycoris_factorization, peft_factorization,
+    resolve_factor_shapes, KronPlan, ShapeRequest, Side,
+};
+use kron_adapters::{AdapterError, ContractionOrder};
+
+#[test]
+fn kron_matches_index_formula() {
+    let dev = device();
+    let mut rng = Rng::new(1);
+    for (sa, sb) in [([2, 3], [4, 5]), ([3, 3], [2, 2]), ([1, 4], [5, 1]), ([6, 8], [8, 12])] {
+        let a: Vec<f32> = rng.vec(sa[0] * sa[1]);
+        let b: Vec<f32> = rng.vec(sb[0] * sb[1]);
+        let got = to_vec(kron(tensor::<TB, 2>(&a, sa, &dev), tensor::<TB, 2>(&b, sb, &dev)));
+        let want = kron_ref(&a, sa, &b, sb);
+        // Products of two floats are exact to rounding: the same single multiplication.
+        assert_eq!(got, want, "kron {sa:?} ⊗ {sb:?}");
+    }
+}
+
+/// `x·(A ⊗ B)·scale` by a plan, against the reference `x · kron_ref(A, B) · scale`.
+fn check_apply(
+    rng: &mut Rng,
+    a_shapes: &[[usize; 2]],
+    b_shapes: &[[usize; 2]],
+    lead: &[usize],
+    scale: f64,
+) {
+    let dev = device();
+    let a_data: Vec<Vec<f32>> = a_shapes.iter().map(|s| rng.vec(s[0] * s[1])).collect();
+    let b_data: Vec<Vec<f32>> = b_shapes.iter().map(|s| rng.vec(s[0] * s[1])).collect();
+    // Reference products of each chain, in f64 loops.
+    let fold = |data: &[Vec<f32>], shapes: &[[usize; 2]]| {
+        let mut acc = data[0].clone();
+        let mut shape = shapes[0];
+        for (d, s) in data.iter().zip(shapes).skip(1) {
+            acc = matmul_ref(&acc, shape[0], shape[1], d, s[1]);
+            shape = [shape[0], s[1]];
+        }
+        (acc, shape)
+    };
+    let (a_full, sa) = fold(&a_data, a_shapes);
+    let (b_full, sb) = fold(&b_data, b_shapes);
+    let w = scale_ref(&kron_ref(&a_full, sa, &b_full, sb), scale);
+    let (d_in, d_out) = (sa[0] * sb[0], sa[1] * sb[1]);
+    let n: usize = lead.iter().product();
+    let x = rng.vec(n * d_in);
+    let want = matmul_ref(&x, n, d_in, &w, d_out);
+
+    let a_t: Vec<_> = a_data.iter().zip(a_shapes).map(|(d, s)| tensor::<TB, 2>(d, *s, &dev)).collect();
+    let b_t: Vec<_> = b_data.iter().zip(b_shapes).map(|(d, s)| tensor::<TB, 2>(d, *s, &dev)).collect();
+    for plan in KronPlan::all(a_shapes.len(), b_shapes.len()) {
+        let what = format!("a {a_shapes:?} b {b_shapes:?} lead {lead:?} plan {:?}", plan.steps);
+        let got = match lead.len() {
+            1 => {
+                let xt = tensor::<TB, 2>(&x, [lead[0], d_in], &dev);
+                let y = kron_apply(xt, &a_t, &b_t, &plan, scale);
+                assert_eq!(y.dims(), [lead[0], d_out], "{what}");
+                to_vec(y)
+            }
+            2 => {
+                let xt = tensor::<TB, 3>(&x, [lead[0], lead[1], d_in], &dev);
+                let y = kron_apply(xt, &a_t, &b_t, &plan, scale);
+                assert_eq!(y.dims(), [lead[0], lead[1], d_out], "{what}");
+                to_vec(y)
+            }
+            3 => {
+                let xt = tensor::<TB, 4>(&x, [lead[0], lead[1], lead[2], d_in], &dev);
+                let y = kron_apply(xt, &a_t, &b_t, &plan, scale);
+                assert_eq!(y.dims(), [lead[0], lead[1], lead[2], d_out], "{what}");
+                to_vec(y)
+            }
+            _ => unreachable!(),
+        };
+        assert_close(&got, &want, 1e-5, &what);
+    }
+}
+
+#[test]
+fn apply_equals_materialized_krona_square_and_rectangular() {
+    let mut rng = Rng::new(2);
+    let shapes = [
+        ([6, 6], [8, 8]),   // square factors, square layer
+        ([3, 5], [4, 2]),   // rectangular factors, 12 -> 10
+        ([2, 8], [24, 3]),  // very unbalanced
+        ([1, 3], [7, 1]),   // degenerate sides
+        ([8, 6], [12, 8]),  // 96 -> 48, like output.dense
+    ];
+    for (sa, sb) in shapes {
+        check_apply(&mut rng, &[sa], &[sb], &[5], 1.0);
+        check_apply(&mut rng, &[sa], &[sb], &[2, 7], 0.37);
+        check_apply(&mut rng, &[sa], &[sb], &[2, 1, 3], 2.5);
+    }
+}
+
+#[test]
+fn apply_equals_materialized_kron_lora_every_order() {
+    let mut rng = Rng::new(3);
+    // a ⊗ (b1·b2) with rank 2 and 3; three plans each (a before, between, after).
+    for (sa, b1, b2) in [
+        ([6, 6], [8, 2], [2, 8]),
+        ([8, 6], [12, 3], [3, 8]),
+        ([4, 3], [5, 2], [2, 7]),
+    ] {
+        assert_eq!(KronPlan::all(1, 2).len(), 3);
+        check_apply(&mut rng, &[sa], &[b1, b2], &[4], 2.0);
+        check_apply(&mut rng, &[sa], &[b1, b2], &[3, 5], 0.5);
+    }
+}
+
+#[test]
+fn apply_with_both_sides_low_rank() {
+    // PEFT's decompose_both: (a1·a2) ⊗ (b1·b2); six interleavings.
+    let mut rng = Rng::new(4);
+    assert_eq!(KronPlan::all(2, 2).len(), 6);
+    check_apply(&mut rng, &[[8, 2], [2, 8]], &[[8, 2], [2, 8]], &[2, 3], 1.5);
+}
+
+#[test]
+fn cost_model_counts_multiply_adds_and_picks_the_cheaper_order() {
+    // The paper's T5 shapes: a (32, 24), b (24, 32).
+    let (a, b) = ([[32, 24]], [[24, 32]]);
+    let a_first = KronPlan::a_first(1, 1);
+    let a_last = KronPlan::a_last(1, 1);
+    // a first: X [32, 24] → aᵀ: 32·24·24, then ·b: 24·24·32.
+    assert_eq!(a_first.cost(&a, &b), 32 * 24 * 24 + 24 * 24 * 32);
+    // b first: X·b: 32·24·32, then aᵀ: 32·32·24.
+    assert_eq!(a_last.cost(&a, &b), 32 * 24 * 32 + 32 * 32 * 24);
+    assert_eq!(KronPlan::cheapest(&a, &b), a_first);
+
+    // (2, 384) ⊗ (384, 2): b first is 192× cheaper.
+    let (a, b) = ([[2, 384]], [[384, 2]]);
+    assert_eq!(a_first.cost(&a, &b), 2 * 384 * 384 + 384 * 384 * 2);
+    assert_eq!(a_last.cost(&a, &b), 2 * 384 * 2 + 2 * 2 * 384);
+    assert_eq!(KronPlan::cheapest(&a, &b), a_last);
+    assert_eq!(ContractionOrder::Auto.plan(&a, &b), a_last);
+    assert_eq!(ContractionOrder::AFirst.plan(&a, &b), a_first);
+
+    // Kron-LoRA: a between b1 and b2 when the rank is small.
+    let (a, b) = ([[24, 24]], [[32, 2], [2, 32]]);
+    let middle = KronPlan { steps: vec![Side::B, Side::A, Side::B] };
+    assert_eq!(middle.cost(&a, &b), 24 * 32 * 2 + 24 * 2 * 24 + 24 * 2 * 32);
+    assert_eq!(KronPlan::cheapest(&a, &b), middle);
+    assert_eq!(middle.transposes(), 2);
+    assert_eq!(KronPlan { steps: vec![Side::A, Side::B, Side::A, Side::B] }.transposes(), 4);
+}
+
+#[test]
+fn chain_product_multiplies_in_order() {
+    let dev = device();
+    let mut rng = Rng::new(5);
+    let (m1, m2) = (rng.vec(3 * 2), rng.vec(2 * 4));
+    let got = to_vec(chain_product(&[tensor::<TB, 2>(&m1, [3, 2], &dev), tensor::<TB, 2>(&m2, [2, 4], &dev)]));
+    assert_close(&got, &matmul_ref(&m1, 3, 2, &m2, 4), 1e-6, "chain");
+}
+
+#[test]
+fn peft_factorization_matches_peft() {
+    // Values from PEFT's docstring and the fixtures' README.
+    assert_eq!(peft_factorization(256, -1), (16, 16));
+    assert_eq!(peft_factorization(128, -1), (8, 16));
+    assert_eq!(peft_factorization(127, -1), (1, 127));
+    assert_eq!(peft_factorization(128, 4), (4, 32));
+    assert_eq!(peft_factorization(48, -1), (6, 8));
+    assert_eq!(peft_factorization(96, -1), (8, 12));
+    assert_eq!(peft_factorization(768, -1), (24, 32));
+    assert_eq!(peft_factorization(384, -1), (16, 24));
+    assert_eq!(peft_factorization(1536, -1), (32, 48));
+    // An explicit factor is kept as given in PEFT, reordered in LyCORIS.
+    assert_eq!(peft_factorization(128, 32), (32, 4));
+    assert_eq!(lycoris_factorization(128, 32), (4, 32));
+    // A factor that does not divide caps the search.
+    assert_eq!(peft_factorization(768, 5), (4, 192));
+    // Other negative factors stop at once, as in PEFT.
+    assert_eq!(peft_factorization(64, -2), (1, 64));
+    for d in [1usize, 2, 12, 97, 360, 768, 3072] {
+        let (m, n) = peft_factorization(d, -1);
+        assert_eq!(m * n, d);
+        assert!(m <= n);
+    }
+}
+
+#[test]
+fn divisors_are_complete_and_sorted() {
+    assert_eq!(divisors(12), vec![1, 2, 3, 4, 6, 12]);
+    assert_eq!(divisors(1), vec![1]);
+    assert_eq!(divisors(49), vec![1, 7, 49]);
+    assert_eq!(divisors(768).len(), 18);
+}
+
+fn req(a: Option<[usize; 2]>, b: Option<[usize; 2]>) -> ShapeRequest {
+    ShapeRequest { a, b, factor: -1, budget: None }
+}
+
+#[test]
+fn shape_resolution() {
+    let p = |a: [usize; 2], b: [usize; 2]| a[0] * a[1] + b[0] * b[1];
+    // Explicit and derived shapes.
+    assert_eq!(resolve_factor_shapes("l", 768, 768, &req(Some([32, 24]), Some([24, 32])), p).unwrap(), ([32, 24], [24, 32]));
+    assert_eq!(resolve_factor_shapes("l", 768, 3072, &req(Some([32, 24]), None), p).unwrap(), ([32, 24], [24, 128]));
+    assert_eq!(resolve_factor_shapes("l", 48, 96, &req(None, Some([8, 12])), p).unwrap(), ([6, 8], [8, 12]));
+    // Nothing given: PEFT's factorization on each side (w1 [out_l, in_m] → a [in_m, out_l]).
+    assert_eq!(resolve_factor_shapes("l", 48, 96, &req(None, None), p).unwrap(), ([6, 8], [8, 12]));
+    // A budget: 768×768 has an exact 1536-parameter choice.
+    let r = ShapeRequest { budget: Some(1536), ..req(None, None) };
+    let (a, b) = resolve_factor_shapes("l", 768, 768, &r, p).unwrap();
+    assert_eq!(p(a, b), 1536);
+    assert_eq!((a[0] * b[0], a[1] * b[1]), (768, 768));
+}
+
+#[test]
+fn bad_shapes_are_errors_that_list_valid_choices() {
+    let p = |a: [usize; 2], b: [usize; 2]| a[0] * a[1] + b[0] * b[1];
+    let err = resolve_factor_shapes("encoder.q", 48, 96, &req(Some([5, 8]), Some([8, 12])), p).unwrap_err();
+    let AdapterError::FactorShape(e) = &err else { panic!("wrong error {err:?}") };
+    assert_eq!(e.in_divisors, divisors(48));
+    assert_eq!(e.out_divisors, divisors(96));
+    assert_eq!((e.example_a, e.example_b), ([6, 8], [8, 12]));
+    let msg = err.to_string();
+    assert!(msg.contains("encoder.q") && msg.contains("[1, 2, 3, 4, 6, 8, 12, 16, 24, 48]"), "{msg}");
+    assert!(msg.contains("got [40, 96]"), "{msg}");
+    // One shape that does not divide.
+    assert!(matches!(
+        resolve_factor_shapes("l", 48, 96, &req(Some([7, 8]), None), p),
+        Err(AdapterError::FactorShape(_))
+    ));
+    assert!(matches!(
+        resolve_factor_shapes("l", 48, 96, &req(None, Some([0, 8])), p),
+        Err(AdapterError::FactorShape(_))
+    ));
+    // Zero sizes and nonsense factor hints.
+    assert!(matches!(resolve_factor_shapes("l", 0, 96, &req(None, None), p), Err(AdapterError::Config { .. })));
+    let bad = ShapeRequest { factor: 0, ..req(None, None) };
+    assert!(matches!(resolve_factor_shapes("l", 48, 96, &bad, p), Err(AdapterError::Config { .. })));
+}
