@@ -116,8 +116,32 @@ pub fn save_params_matching<B: Backend, M: Module<B>>(
         path: path.display().to_string(),
         message: format!("could not serialize the adapters: {e}"),
     })?;
+    let bytes = canonical_safetensors(&bytes).map_err(|message| AdapterError::Format {
+        path: path.display().to_string(),
+        message,
+    })?;
     write_atomic(path, &bytes)?;
     Ok(bytes.len() as u64)
+}
+
+/// Rewrites a safetensors file's JSON header with sorted keys (padded with spaces to a multiple
+/// of 8 bytes), so the same tensors and metadata always give the same bytes. Burn's store writes
+/// its metadata from a hash map, in an order that changes from run to run.
+pub fn canonical_safetensors(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let (n, _) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| format!("not a valid safetensors buffer: {e}"))?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
+        .map_err(|e| format!("bad safetensors header: {e}"))?;
+    // serde_json's map is ordered by key, so this serialization is canonical.
+    let mut json = serde_json::to_vec(&header).expect("a JSON value serializes");
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// Loads the parameters matching `patterns` from `path` into `module`; returns the module and

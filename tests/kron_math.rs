@@ -14,10 +14,18 @@ use kron_adapters::{AdapterError, ContractionOrder};
 fn kron_matches_index_formula() {
     let dev = device();
     let mut rng = Rng::new(1);
-    for (sa, sb) in [([2, 3], [4, 5]), ([3, 3], [2, 2]), ([1, 4], [5, 1]), ([6, 8], [8, 12])] {
+    for (sa, sb) in [
+        ([2, 3], [4, 5]),
+        ([3, 3], [2, 2]),
+        ([1, 4], [5, 1]),
+        ([6, 8], [8, 12]),
+    ] {
         let a: Vec<f32> = rng.vec(sa[0] * sa[1]);
         let b: Vec<f32> = rng.vec(sb[0] * sb[1]);
-        let got = to_vec(kron(tensor::<TB, 2>(&a, sa, &dev), tensor::<TB, 2>(&b, sb, &dev)));
+        let got = to_vec(kron(
+            tensor::<TB, 2>(&a, sa, &dev),
+            tensor::<TB, 2>(&b, sb, &dev),
+        ));
         let want = kron_ref(&a, sa, &b, sb);
         // Products of two floats are exact to rounding: the same single multiplication.
         assert_eq!(got, want, "kron {sa:?} ⊗ {sb:?}");
@@ -53,10 +61,21 @@ fn check_apply(
     let x = rng.vec(n * d_in);
     let want = matmul_ref(&x, n, d_in, &w, d_out);
 
-    let a_t: Vec<_> = a_data.iter().zip(a_shapes).map(|(d, s)| tensor::<TB, 2>(d, *s, &dev)).collect();
-    let b_t: Vec<_> = b_data.iter().zip(b_shapes).map(|(d, s)| tensor::<TB, 2>(d, *s, &dev)).collect();
+    let a_t: Vec<_> = a_data
+        .iter()
+        .zip(a_shapes)
+        .map(|(d, s)| tensor::<TB, 2>(d, *s, &dev))
+        .collect();
+    let b_t: Vec<_> = b_data
+        .iter()
+        .zip(b_shapes)
+        .map(|(d, s)| tensor::<TB, 2>(d, *s, &dev))
+        .collect();
     for plan in KronPlan::all(a_shapes.len(), b_shapes.len()) {
-        let what = format!("a {a_shapes:?} b {b_shapes:?} lead {lead:?} plan {:?}", plan.steps);
+        let what = format!(
+            "a {a_shapes:?} b {b_shapes:?} lead {lead:?} plan {:?}",
+            plan.steps
+        );
         let got = match lead.len() {
             1 => {
                 let xt = tensor::<TB, 2>(&x, [lead[0], d_in], &dev);
@@ -86,11 +105,11 @@ fn check_apply(
 fn apply_equals_materialized_krona_square_and_rectangular() {
     let mut rng = Rng::new(2);
     let shapes = [
-        ([6, 6], [8, 8]),   // square factors, square layer
-        ([3, 5], [4, 2]),   // rectangular factors, 12 -> 10
-        ([2, 8], [24, 3]),  // very unbalanced
-        ([1, 3], [7, 1]),   // degenerate sides
-        ([8, 6], [12, 8]),  // 96 -> 48, like output.dense
+        ([6, 6], [8, 8]),  // square factors, square layer
+        ([3, 5], [4, 2]),  // rectangular factors, 12 -> 10
+        ([2, 8], [24, 3]), // very unbalanced
+        ([1, 3], [7, 1]),  // degenerate sides
+        ([8, 6], [12, 8]), // 96 -> 48, like output.dense
     ];
     for (sa, sb) in shapes {
         check_apply(&mut rng, &[sa], &[sb], &[5], 1.0);
@@ -144,11 +163,19 @@ fn cost_model_counts_multiply_adds_and_picks_the_cheaper_order() {
 
     // Kron-LoRA: a between b1 and b2 when the rank is small.
     let (a, b) = ([[24, 24]], [[32, 2], [2, 32]]);
-    let middle = KronPlan { steps: vec![Side::B, Side::A, Side::B] };
+    let middle = KronPlan {
+        steps: vec![Side::B, Side::A, Side::B],
+    };
     assert_eq!(middle.cost(&a, &b), 24 * 32 * 2 + 24 * 2 * 24 + 24 * 2 * 32);
     assert_eq!(KronPlan::cheapest(&a, &b), middle);
     assert_eq!(middle.transposes(), 2);
-    assert_eq!(KronPlan { steps: vec![Side::A, Side::B, Side::A, Side::B] }.transposes(), 4);
+    assert_eq!(
+        KronPlan {
+            steps: vec![Side::A, Side::B, Side::A, Side::B]
+        }
+        .transposes(),
+        4
+    );
 }
 
 #[test]
@@ -156,7 +183,10 @@ fn chain_product_multiplies_in_order() {
     let dev = device();
     let mut rng = Rng::new(5);
     let (m1, m2) = (rng.vec(3 * 2), rng.vec(2 * 4));
-    let got = to_vec(chain_product(&[tensor::<TB, 2>(&m1, [3, 2], &dev), tensor::<TB, 2>(&m2, [2, 4], &dev)]));
+    let got = to_vec(chain_product(&[
+        tensor::<TB, 2>(&m1, [3, 2], &dev),
+        tensor::<TB, 2>(&m2, [2, 4], &dev),
+    ]));
     assert_close(&got, &matmul_ref(&m1, 3, 2, &m2, 4), 1e-6, "chain");
 }
 
@@ -195,20 +225,40 @@ fn divisors_are_complete_and_sorted() {
 }
 
 fn req(a: Option<[usize; 2]>, b: Option<[usize; 2]>) -> ShapeRequest {
-    ShapeRequest { a, b, factor: -1, budget: None }
+    ShapeRequest {
+        a,
+        b,
+        factor: -1,
+        budget: None,
+    }
 }
 
 #[test]
 fn shape_resolution() {
     let p = |a: [usize; 2], b: [usize; 2]| a[0] * a[1] + b[0] * b[1];
     // Explicit and derived shapes.
-    assert_eq!(resolve_factor_shapes("l", 768, 768, &req(Some([32, 24]), Some([24, 32])), p).unwrap(), ([32, 24], [24, 32]));
-    assert_eq!(resolve_factor_shapes("l", 768, 3072, &req(Some([32, 24]), None), p).unwrap(), ([32, 24], [24, 128]));
-    assert_eq!(resolve_factor_shapes("l", 48, 96, &req(None, Some([8, 12])), p).unwrap(), ([6, 8], [8, 12]));
+    assert_eq!(
+        resolve_factor_shapes("l", 768, 768, &req(Some([32, 24]), Some([24, 32])), p).unwrap(),
+        ([32, 24], [24, 32])
+    );
+    assert_eq!(
+        resolve_factor_shapes("l", 768, 3072, &req(Some([32, 24]), None), p).unwrap(),
+        ([32, 24], [24, 128])
+    );
+    assert_eq!(
+        resolve_factor_shapes("l", 48, 96, &req(None, Some([8, 12])), p).unwrap(),
+        ([6, 8], [8, 12])
+    );
     // Nothing given: PEFT's factorization on each side (w1 [out_l, in_m] → a [in_m, out_l]).
-    assert_eq!(resolve_factor_shapes("l", 48, 96, &req(None, None), p).unwrap(), ([6, 8], [8, 12]));
+    assert_eq!(
+        resolve_factor_shapes("l", 48, 96, &req(None, None), p).unwrap(),
+        ([6, 8], [8, 12])
+    );
     // A budget: 768×768 has an exact 1536-parameter choice.
-    let r = ShapeRequest { budget: Some(1536), ..req(None, None) };
+    let r = ShapeRequest {
+        budget: Some(1536),
+        ..req(None, None)
+    };
     let (a, b) = resolve_factor_shapes("l", 768, 768, &r, p).unwrap();
     assert_eq!(p(a, b), 1536);
     assert_eq!((a[0] * b[0], a[1] * b[1]), (768, 768));
@@ -217,13 +267,19 @@ fn shape_resolution() {
 #[test]
 fn bad_shapes_are_errors_that_list_valid_choices() {
     let p = |a: [usize; 2], b: [usize; 2]| a[0] * a[1] + b[0] * b[1];
-    let err = resolve_factor_shapes("encoder.q", 48, 96, &req(Some([5, 8]), Some([8, 12])), p).unwrap_err();
-    let AdapterError::FactorShape(e) = &err else { panic!("wrong error {err:?}") };
+    let err = resolve_factor_shapes("encoder.q", 48, 96, &req(Some([5, 8]), Some([8, 12])), p)
+        .unwrap_err();
+    let AdapterError::FactorShape(e) = &err else {
+        panic!("wrong error {err:?}")
+    };
     assert_eq!(e.in_divisors, divisors(48));
     assert_eq!(e.out_divisors, divisors(96));
     assert_eq!((e.example_a, e.example_b), ([6, 8], [8, 12]));
     let msg = err.to_string();
-    assert!(msg.contains("encoder.q") && msg.contains("[1, 2, 3, 4, 6, 8, 12, 16, 24, 48]"), "{msg}");
+    assert!(
+        msg.contains("encoder.q") && msg.contains("[1, 2, 3, 4, 6, 8, 12, 16, 24, 48]"),
+        "{msg}"
+    );
     assert!(msg.contains("got [40, 96]"), "{msg}");
     // One shape that does not divide.
     assert!(matches!(
@@ -235,7 +291,16 @@ fn bad_shapes_are_errors_that_list_valid_choices() {
         Err(AdapterError::FactorShape(_))
     ));
     // Zero sizes and nonsense factor hints.
-    assert!(matches!(resolve_factor_shapes("l", 0, 96, &req(None, None), p), Err(AdapterError::Config { .. })));
-    let bad = ShapeRequest { factor: 0, ..req(None, None) };
-    assert!(matches!(resolve_factor_shapes("l", 48, 96, &bad, p), Err(AdapterError::Config { .. })));
+    assert!(matches!(
+        resolve_factor_shapes("l", 0, 96, &req(None, None), p),
+        Err(AdapterError::Config { .. })
+    ));
+    let bad = ShapeRequest {
+        factor: 0,
+        ..req(None, None)
+    };
+    assert!(matches!(
+        resolve_factor_shapes("l", 48, 96, &bad, p),
+        Err(AdapterError::Config { .. })
+    ));
 }

@@ -235,12 +235,19 @@ pub(crate) fn init_factors<B: Backend>(
     shapes
         .iter()
         .enumerate()
-        .map(|(i, &s)| match init {
-            FactorInit::KaimingZero if i == last => zero_factor(s, device),
-            FactorInit::KaimingZero => kaiming_factor(s, device),
-            FactorInit::ZeroKaiming if i == 0 => zero_factor(s, device),
-            FactorInit::ZeroKaiming => kaiming_factor(s, device),
-            FactorInit::Normal => normal_factor(s, d_in, device),
+        .map(|(i, &s)| {
+            let p = match init {
+                FactorInit::KaimingZero if i == last => zero_factor(s, device),
+                FactorInit::KaimingZero => kaiming_factor(s, device),
+                FactorInit::ZeroKaiming if i == 0 => zero_factor(s, device),
+                FactorInit::ZeroKaiming => kaiming_factor(s, device),
+                FactorInit::Normal => normal_factor(s, d_in, device),
+            };
+            // Burn's lazy params re-run their initializer in every clone made before first use,
+            // so two clones of a fresh adapter would differ. Initialize now (the param keeps its
+            // trainable flag, also on a non-autodiff backend later moved with `.train()`).
+            let _ = p.val();
+            p
         })
         .collect()
 }

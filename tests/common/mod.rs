@@ -49,13 +49,21 @@ impl Rng {
 }
 
 /// A tensor of standard-normal values on any backend.
-pub fn randn<B: Backend, const D: usize>(rng: &mut Rng, shape: [usize; D], dev: &B::Device) -> Tensor<B, D> {
+pub fn randn<B: Backend, const D: usize>(
+    rng: &mut Rng,
+    shape: [usize; D],
+    dev: &B::Device,
+) -> Tensor<B, D> {
     let n = shape.iter().product();
     Tensor::from_data(TensorData::new(rng.vec(n), shape), dev)
 }
 
 /// A tensor from host values.
-pub fn tensor<B: Backend, const D: usize>(v: &[f32], shape: [usize; D], dev: &B::Device) -> Tensor<B, D> {
+pub fn tensor<B: Backend, const D: usize>(
+    v: &[f32],
+    shape: [usize; D],
+    dev: &B::Device,
+) -> Tensor<B, D> {
     Tensor::from_data(TensorData::new(v.to_vec(), shape), dev)
 }
 
@@ -113,19 +121,29 @@ pub fn scale_ref(x: &[f32], s: f64) -> Vec<f32> {
 /// ‖a − b‖ / ‖b‖.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((*x - *y) as f64).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[track_caller]
 pub fn assert_close(got: &[f32], want: &[f32], rtol: f64, what: &str) {
     let e = rel_err(got, want);
     assert!(e <= rtol, "{what}: relative error {e:e} > {rtol:e}");
-    assert!(want.iter().any(|v| *v != 0.0), "{what}: reference is all zeros, the test proves nothing");
+    assert!(
+        want.iter().any(|v| *v != 0.0),
+        "{what}: reference is all zeros, the test proves nothing"
+    );
 }

@@ -1,0 +1,347 @@
+//! Checkpoints: the whole module through Burn's recorders, adapter-only safetensors files, and
+//! the errors of files that do not match.
+
+mod common;
+use common::*;
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use kron_adapters::checkpoint::{read_meta, save_params_matching, CheckpointMeta};
+use kron_adapters::{
+    load_adapters, save_adapters, AdaptedLinear, AdapterConfig, AdapterError, FactorInit,
+    KronAConfig, KronLoraConfig, LoraConfig, Method,
+};
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kron-ckpt-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn base(rng: &mut Rng, d_in: usize, d_out: usize) -> Linear<TB> {
+    let dev = device();
+    let mut l = LinearConfig::new(d_in, d_out).init::<TB>(&dev);
+    l.weight = l.weight.map(|_| randn::<TB, 2>(rng, [d_in, d_out], &dev));
+    l.bias = l
+        .bias
+        .map(|p| p.map(|_| randn::<TB, 1>(rng, [d_out], &dev)));
+    l
+}
+
+/// An adapter with non-zero factors (Normal init), so a wrong load would show.
+fn configs() -> Vec<AdapterConfig> {
+    vec![
+        AdapterConfig::KronA(
+            KronAConfig::new([6, 8], [8, 12])
+                .with_init(FactorInit::Normal)
+                .with_scale(0.5),
+        ),
+        AdapterConfig::KronLora(
+            KronLoraConfig::auto(2)
+                .with_alpha(4.0)
+                .with_init(FactorInit::Normal),
+        ),
+        AdapterConfig::Lora(
+            LoraConfig::new(4)
+                .with_alpha(8.0)
+                .with_init(FactorInit::Normal),
+        ),
+    ]
+}
+
+#[test]
+fn whole_module_recorder_round_trip_is_bit_exact() {
+    let dir = tmpdir("rec");
+    let dev = device();
+    let mut rng = Rng::new(30);
+    for (i, cfg) in configs().into_iter().enumerate() {
+        let layer = AdaptedLinear::new(base(&mut rng, 48, 96), &cfg, &dev).unwrap();
+        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let path = dir.join(format!("full{i}"));
+        layer.clone().save_file(&path, &recorder).unwrap();
+        // Load into a differently initialised model of the same shape.
+        let fresh = AdaptedLinear::new(base(&mut rng, 48, 96), &cfg, &dev).unwrap();
+        let loaded = fresh.load_file(&path, &recorder, &dev).unwrap();
+        assert_eq!(
+            to_vec(loaded.base.weight.val()),
+            to_vec(layer.base.weight.val())
+        );
+        assert_eq!(to_vec(loaded.delta_weight()), to_vec(layer.delta_weight()));
+        let x = randn::<TB, 3>(&mut rng, [2, 3, 48], &dev);
+        assert_eq!(
+            to_vec(loaded.forward(x.clone())),
+            to_vec(layer.forward(x)),
+            "{cfg:?}"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn adapter_only_file_reproduces_outputs_in_a_fresh_model() {
+    let dir = tmpdir("adp");
+    let dev = device();
+    let mut rng = Rng::new(31);
+    for (i, cfg) in configs().into_iter().enumerate() {
+        let lin = base(&mut rng, 48, 96);
+        let trained = AdaptedLinear::new(lin.clone(), &cfg, &dev).unwrap();
+        let path = dir.join(format!("adapter{i}.safetensors"));
+        let size = save_adapters(&trained, &path).unwrap();
+        assert_eq!(size, std::fs::metadata(&path).unwrap().len());
+
+        // A fresh model from the same base and config, with other random factors.
+        let fresh = AdaptedLinear::new(lin, &cfg, &dev).unwrap();
+        assert_ne!(to_vec(fresh.delta_weight()), to_vec(trained.delta_weight()));
+        let loaded = load_adapters(fresh, &path).unwrap();
+        let x = randn::<TB, 3>(&mut rng, [2, 5, 48], &dev);
+        assert_eq!(
+            to_vec(loaded.forward(x.clone())),
+            to_vec(trained.forward(x)),
+            "{cfg:?}"
+        );
+
+        let meta = read_meta(&path).unwrap().expect("metadata");
+        assert_eq!(meta.layers.get("").unwrap(), &trained.spec().unwrap());
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn adapter_file_is_far_smaller_than_the_model() {
+    let dir = tmpdir("size");
+    let dev = device();
+    let lin = LinearConfig::new(768, 768).init::<TB>(&dev);
+    let layer = AdaptedLinear::new(
+        lin,
+        &AdapterConfig::KronA(KronAConfig::new([32, 24], [24, 32])),
+        &dev,
+    )
+    .unwrap();
+    let adapter = save_adapters(&layer, dir.join("a.safetensors")).unwrap();
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    layer
+        .clone()
+        .save_file(dir.join("full"), &recorder)
+        .unwrap();
+    let full = std::fs::metadata(dir.join("full.mpk")).unwrap().len();
+    // 1536 floats + header vs 590k floats.
+    assert!(adapter < 8 * 1024, "adapter file {adapter} B");
+    assert!(adapter * 200 < full, "adapter {adapter} B vs full {full} B");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn shape_mismatch_names_the_parameter_and_both_shapes() {
+    let dir = tmpdir("shape");
+    let dev = device();
+    let mut rng = Rng::new(32);
+    let lin = base(&mut rng, 48, 96);
+    let saved = AdaptedLinear::new(
+        lin.clone(),
+        &AdapterConfig::KronA(KronAConfig::new([6, 8], [8, 12])),
+        &dev,
+    )
+    .unwrap();
+    let path = dir.join("a.safetensors");
+    save_adapters(&saved, &path).unwrap();
+    let other = AdaptedLinear::new(
+        lin,
+        &AdapterConfig::KronA(KronAConfig::new([4, 8], [12, 12])),
+        &dev,
+    )
+    .unwrap();
+    let err = load_adapters(other, &path).unwrap_err();
+    let AdapterError::CheckpointShape {
+        param,
+        expected,
+        found,
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(param, "adapter.KronA.a");
+    assert_eq!(
+        (expected.as_slice(), found.as_slice()),
+        (&[4usize, 8][..], &[6usize, 8][..])
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("adapter.KronA.a") && msg.contains("[6, 8]") && msg.contains("[4, 8]"),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn other_method_scale_or_missing_tensors_are_refused() {
+    let dir = tmpdir("mismatch");
+    let dev = device();
+    let mut rng = Rng::new(33);
+    let lin = base(&mut rng, 48, 96);
+    let krona = AdapterConfig::KronA(KronAConfig::new([6, 8], [8, 12]));
+    let saved = AdaptedLinear::new(lin.clone(), &krona, &dev).unwrap();
+    let path = dir.join("a.safetensors");
+    save_adapters(&saved, &path).unwrap();
+
+    // A LoRA model cannot take a KronA file: every tensor is missing or unexpected.
+    let lora =
+        AdaptedLinear::new(lin.clone(), &AdapterConfig::Lora(LoraConfig::new(2)), &dev).unwrap();
+    let err = load_adapters(lora, &path).unwrap_err();
+    let AdapterError::CheckpointMismatch {
+        missing,
+        unexpected,
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        missing,
+        &vec![
+            "adapter.Lora.down".to_string(),
+            "adapter.Lora.up".to_string()
+        ]
+    );
+    assert_eq!(
+        unexpected,
+        &vec!["adapter.KronA.a".to_string(), "adapter.KronA.b".to_string()]
+    );
+
+    // Same shapes, different scale: the metadata check catches it.
+    let scaled = AdaptedLinear::new(
+        lin.clone(),
+        &AdapterConfig::KronA(KronAConfig::new([6, 8], [8, 12]).with_scale(2.0)),
+        &dev,
+    )
+    .unwrap();
+    let err = load_adapters(scaled, &path).unwrap_err();
+    assert!(matches!(err, AdapterError::CheckpointMeta { .. }), "{err}");
+    assert!(
+        err.to_string().contains("scale 1") && err.to_string().contains("scale 2"),
+        "{err}"
+    );
+
+    // A file with only part of the adapter.
+    let partial = dir.join("partial.safetensors");
+    save_params_matching(
+        &saved,
+        &partial,
+        &[r"adapter\.KronA\.a$"],
+        &CheckpointMeta::new(vec![]),
+    )
+    .unwrap();
+    let fresh = AdaptedLinear::new(lin.clone(), &krona, &dev).unwrap();
+    let err = load_adapters(fresh, &partial).unwrap_err();
+    let AdapterError::CheckpointMismatch {
+        missing,
+        unexpected,
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        (missing.clone(), unexpected.len()),
+        (vec!["adapter.KronA.b".to_string()], 0)
+    );
+
+    // A model without an adapter, with metadata that describes one.
+    let frozen = AdaptedLinear::frozen(lin);
+    let err = load_adapters(frozen, &path).unwrap_err();
+    assert!(
+        matches!(err, AdapterError::CheckpointMismatch { .. }),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn corrupt_missing_and_unwritable_files_are_errors_without_side_effects() {
+    let dir = tmpdir("corrupt");
+    let dev = device();
+    let mut rng = Rng::new(34);
+    let layer = AdaptedLinear::new(base(&mut rng, 48, 96), &configs()[0], &dev).unwrap();
+    let path = dir.join("a.safetensors");
+    save_adapters(&layer, &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+
+    // Truncated, garbage, and bad metadata JSON.
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(
+        load_adapters(layer.clone(), &cut),
+        Err(AdapterError::Format { .. })
+    ));
+    std::fs::write(&cut, b"not a safetensors file at all").unwrap();
+    assert!(matches!(
+        load_adapters(layer.clone(), &cut),
+        Err(AdapterError::Format { .. })
+    ));
+    std::fs::write(&cut, [8u8, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    assert!(matches!(
+        load_adapters(layer.clone(), &cut),
+        Err(AdapterError::Format { .. })
+    ));
+    let bad_meta = dir.join("meta.safetensors");
+    save_params_matching(
+        &layer,
+        &bad_meta,
+        &[kron_adapters::checkpoint::ADAPTER_PATTERN],
+        &CheckpointMeta::new(vec![]),
+    )
+    .unwrap();
+    let mut raw = std::fs::read(&bad_meta).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let at = text.find("\\\"layers\\\"").expect("layers in header");
+    raw[at + 2] = b'X'; // corrupt the JSON key inside the metadata string
+    std::fs::write(&bad_meta, &raw).unwrap();
+    let e = load_adapters(layer.clone(), &bad_meta).unwrap_err();
+    assert!(matches!(e, AdapterError::Format { .. }), "{e}");
+
+    // Missing file.
+    let e = load_adapters(layer.clone(), dir.join("nope.safetensors")).unwrap_err();
+    assert!(
+        matches!(e, AdapterError::Io { .. }) && e.to_string().contains("nope.safetensors"),
+        "{e}"
+    );
+
+    // Unwritable destination: an error and no file, temporary or final.
+    let target = dir.join("no-such-dir").join("a.safetensors");
+    assert!(matches!(
+        save_adapters(&layer, &target),
+        Err(AdapterError::Io { .. })
+    ));
+    assert!(!target.exists());
+    // Saving over an existing file replaces it whole.
+    save_adapters(&layer, &path).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn metadata_is_json_with_specs() {
+    let dir = tmpdir("meta");
+    let dev = device();
+    let layer = AdaptedLinear::new(
+        LinearConfig::new(48, 96).init::<TB>(&dev),
+        &configs()[1],
+        &dev,
+    )
+    .unwrap();
+    let path = dir.join("a.safetensors");
+    save_adapters(&layer, &path).unwrap();
+    let meta = read_meta(&path).unwrap().unwrap();
+    assert_eq!(meta.version, env!("CARGO_PKG_VERSION"));
+    let spec = &meta.layers[""];
+    assert_eq!((spec.method, spec.scale), (Method::KronLora, 2.0));
+    let _ = layer.num_params();
+    std::fs::remove_dir_all(dir).ok();
+}
