@@ -211,7 +211,7 @@ pub fn kron_apply<B: Backend, const D: usize>(
         match side {
             Side::A => {
                 if b_inner {
-                    t = t.swap_dims(1, 2);
+                    t = swap_inner(t);
                     b_inner = false;
                 }
                 t = matmul_last(t, a_chain[ia].clone());
@@ -219,7 +219,7 @@ pub fn kron_apply<B: Backend, const D: usize>(
             }
             Side::B => {
                 if !b_inner {
-                    t = t.swap_dims(1, 2);
+                    t = swap_inner(t);
                     b_inner = true;
                 }
                 t = matmul_last(t, b_chain[ib].clone());
@@ -228,11 +228,22 @@ pub fn kron_apply<B: Backend, const D: usize>(
         }
     }
     if !b_inner {
-        t = t.swap_dims(1, 2);
+        t = swap_inner(t);
     }
     let [_, p, q] = t.dims();
     dims[D - 1] = p * q;
     t.reshape(dims)
+}
+
+/// `[n, u, v] → [n, v, u]`. When `u` or `v` is 1 this is a reshape, no copy (and it sidesteps
+/// a Burn 0.21 wgpu bug: reshaping to 4-D a `swap_dims` over a size-1 axis loses data).
+fn swap_inner<B: Backend>(t: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [n, u, v] = t.dims();
+    if u == 1 || v == 1 {
+        t.reshape([n, v, u])
+    } else {
+        t.swap_dims(1, 2)
+    }
 }
 
 /// `t [n, u, v] · m [v, w] → [n, u, w]` as one GEMM over `n·u` rows.

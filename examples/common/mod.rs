@@ -1,0 +1,40 @@
+//! Backend selection for the examples, by cargo feature: `cuda`, `metal`, `vulkan`, `wgpu`, or
+//! the CPU (`ndarray`, the default). The library itself never names a backend.
+#![allow(dead_code)]
+
+#[cfg(feature = "cuda")]
+pub type Inner = burn::backend::Cuda;
+#[cfg(all(feature = "metal", not(feature = "cuda")))]
+pub type Inner = burn::backend::Metal;
+#[cfg(all(feature = "vulkan", not(any(feature = "cuda", feature = "metal"))))]
+pub type Inner = burn::backend::Vulkan;
+#[cfg(all(
+    feature = "wgpu",
+    not(any(feature = "cuda", feature = "metal", feature = "vulkan"))
+))]
+pub type Inner = burn::backend::Wgpu;
+#[cfg(not(any(
+    feature = "cuda",
+    feature = "metal",
+    feature = "vulkan",
+    feature = "wgpu"
+)))]
+pub type Inner = burn::backend::NdArray;
+
+/// The training backend: autodiff over [`Inner`].
+pub type Train = burn::backend::Autodiff<Inner>;
+
+/// A name for the selected backend, for printing.
+pub fn backend_name() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else if cfg!(feature = "metal") {
+        "metal"
+    } else if cfg!(feature = "vulkan") {
+        "vulkan"
+    } else if cfg!(feature = "wgpu") {
+        "wgpu"
+    } else {
+        "ndarray (CPU)"
+    }
+}
