@@ -197,42 +197,85 @@ pub fn kron_apply<B: Backend, const D: usize>(
     scale: f64,
 ) -> Tensor<B, D> {
     let (a_chain, b_chain) = fold_scale(a_chain, b_chain, scale);
-    let mut dims = x.dims();
-    let d_in = dims[D - 1];
-    let p0 = a_chain[0].dims()[0];
-    let q0 = b_chain[0].dims()[0];
-    let n = x.shape().num_elements() / d_in.max(1);
-
-    // `t` is [n, p, q] when `b_inner`, else [n, q, p].
-    let mut t: Tensor<B, 3> = x.reshape([n, p0, q0]);
-    let mut b_inner = true;
-    let (mut ia, mut ib) = (0, 0);
+    let mut t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
+    let (mut a, mut b) = (a_chain.into_iter(), b_chain.into_iter());
     for side in &plan.steps {
-        match side {
-            Side::A => {
-                if b_inner {
-                    t = swap_inner(t);
-                    b_inner = false;
-                }
-                t = matmul_last(t, a_chain[ia].clone());
-                ia += 1;
-            }
-            Side::B => {
-                if !b_inner {
-                    t = swap_inner(t);
-                    b_inner = true;
-                }
-                t = matmul_last(t, b_chain[ib].clone());
-                ib += 1;
-            }
+        t = match side {
+            Side::A => t.apply_a(a.next().expect("plan matches the a chain")),
+            Side::B => t.apply_b(b.next().expect("plan matches the b chain")),
+        };
+    }
+    t.finish()
+}
+
+/// The intermediate of a Kronecker apply: the input `[..., p·q]` viewed as `T [n, p, q]`
+/// (`p` on the `a` axis, `q` on the `b` axis), contracted one factor at a time.
+///
+/// [`kron_apply`] drives it from a [`KronPlan`]; block adapters use it directly to add a bias
+/// between the two products. Each step is one GEMM over all `n` rows; switching sides
+/// transposes the intermediate once.
+pub struct KronIntermediate<B: Backend> {
+    /// `[n, p, q]` when `b_inner`, else `[n, q, p]`.
+    t: Tensor<B, 3>,
+    b_inner: bool,
+    lead: Vec<usize>,
+}
+
+impl<B: Backend> KronIntermediate<B> {
+    /// Views `x [..., p·q]` as `[n, p, q]`.
+    pub fn new<const D: usize>(x: Tensor<B, D>, p: usize, q: usize) -> Self {
+        let dims = x.dims();
+        let lead = dims[..D - 1].to_vec();
+        let n = lead.iter().product();
+        Self {
+            t: x.reshape([n, p, q]),
+            b_inner: true,
+            lead,
         }
     }
-    if !b_inner {
-        t = swap_inner(t);
+
+    /// Contracts the `a` axis with `m [p, p']`.
+    pub fn apply_a(mut self, m: Tensor<B, 2>) -> Self {
+        if self.b_inner {
+            self.t = swap_inner(self.t);
+            self.b_inner = false;
+        }
+        self.t = matmul_last(self.t, m);
+        self
     }
-    let [_, p, q] = t.dims();
-    dims[D - 1] = p * q;
-    t.reshape(dims)
+
+    /// Contracts the `b` axis with `m [q, q']`.
+    pub fn apply_b(mut self, m: Tensor<B, 2>) -> Self {
+        self = self.b_inner();
+        self.t = matmul_last(self.t, m);
+        self
+    }
+
+    /// Adds `bias [q]` along the `b` axis (broadcast over rows and the `a` axis).
+    pub fn add_b_bias(mut self, bias: Tensor<B, 1>) -> Self {
+        self = self.b_inner();
+        let q = bias.dims()[0];
+        self.t = self.t + bias.reshape([1, 1, q]);
+        self
+    }
+
+    /// The result `[..., p'·q']`, in Kronecker index order.
+    pub fn finish<const D: usize>(self) -> Tensor<B, D> {
+        let this = self.b_inner();
+        let [_, p, q] = this.t.dims();
+        let mut dims = [0; D];
+        dims[..D - 1].copy_from_slice(&this.lead);
+        dims[D - 1] = p * q;
+        this.t.reshape(dims)
+    }
+
+    fn b_inner(mut self) -> Self {
+        if !self.b_inner {
+            self.t = swap_inner(self.t);
+            self.b_inner = true;
+        }
+        self
+    }
 }
 
 /// `[n, u, v] → [n, v, u]`. When `u` or `v` is 1 this is a reshape, no copy (and it sidesteps
@@ -252,6 +295,65 @@ fn matmul_last<B: Backend>(t: Tensor<B, 3>, m: Tensor<B, 2>) -> Tensor<B, 3> {
     let w = m.dims()[1];
     let t2: Tensor<B, 2> = t.reshape([n * u, v]);
     t2.matmul(m).reshape([n, u, w])
+}
+
+/// Computes `x·W` for a PHM weight (Compacter's parameterized hypercomplex multiplication)
+/// `W = Σᵢ rule[i] ⊗ (s[:, i] · t[i, :])`, a sum of `k` Kronecker products whose right factors
+/// have rank 1, without building `W`.
+///
+/// With `x` viewed as `X [N, n, p]`: `Z = X·s` (`[N, n, k]`), then each term's `rule[i]`
+/// contracts the `n` axis of `Z[.., i]` (a batched product over `i`), then `·t` sums the terms.
+/// Multiply-adds per row: `k·(n·p + n·n' + n'·q)`, against `n·p·n'·q` for `x·W` materialized.
+///
+/// # Shapes
+/// - `x`: `[..., n·p]`
+/// - `rule`: `[k, n, n']` (term `i` is `rule[i]`, `[n, n']`)
+/// - `s`: `[p, k]` (column `i` is the left vector of term `i`)
+/// - `t`: `[k, q]` (row `i` is the right vector of term `i`)
+/// - output: `[..., n'·q]`
+pub fn phm_apply<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    rule: Tensor<B, 3>,
+    s: Tensor<B, 2>,
+    t: Tensor<B, 2>,
+) -> Tensor<B, D> {
+    let [_, n, n2] = rule.dims();
+    let p = s.dims()[0];
+    let q = t.dims()[1];
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    // Z [rows, n, k] = X [rows·n, p] · s [p, k]
+    let z = matmul_last(x.reshape([rows, n, p]), s);
+    // U [k, rows, n'] = Z [k, rows, n] ·(batched over k) rule [k, n, n']
+    let u = z.permute([2, 0, 1]).matmul(rule);
+    // Y [rows, n', q] = U [rows, n', k] · t [k, q]
+    let y = matmul_last(u.permute([1, 2, 0]), t);
+    let mut out = dims;
+    out[D - 1] = n2 * q;
+    y.reshape(out)
+}
+
+/// The PHM weight `W = Σᵢ rule[i] ⊗ (s[:, i] · t[i, :])`, materialized (`[n·p, n'·q]`), for
+/// references and inspection only.
+pub fn phm_weight<B: Backend>(
+    rule: Tensor<B, 3>,
+    s: Tensor<B, 2>,
+    t: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let [k, n, n2] = rule.dims();
+    let p = s.dims()[0];
+    let q = t.dims()[1];
+    (0..k)
+        .map(|i| {
+            let a: Tensor<B, 2> = rule.clone().slice(i..i + 1).reshape([n, n2]);
+            let outer = s
+                .clone()
+                .slice([0..p, i..i + 1])
+                .matmul(t.clone().slice(i..i + 1));
+            kron(a, outer)
+        })
+        .reduce(|acc, w| acc + w)
+        .unwrap_or_else(|| Tensor::zeros([n * p, n2 * q], &s.device()))
 }
 
 /// Multiplies the smallest factor of the two chains by `scale` (no-op for a scale of 1).

@@ -31,11 +31,13 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod block;
 pub mod checkpoint;
 mod error;
 pub mod kron;
 pub mod linear;
 pub mod params;
+pub mod training;
 
 pub use adapter::{
     Adapter, AdapterConfig, AdapterSpec, FactorInit, KronA, KronAConfig, KronLora, KronLoraConfig,
@@ -46,3 +48,4 @@ pub use error::{AdapterError, FactorShapeError};
 pub use kron::{ContractionOrder, KronPlan};
 pub use linear::AdaptedLinear;
 pub use params::{count_params, ParamCount};
+pub use training::TrainMode;

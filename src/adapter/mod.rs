@@ -195,19 +195,47 @@ pub(crate) fn kaiming_factor<B: Backend>(
     shape: [usize; 2],
     device: &B::Device,
 ) -> Param<Tensor<B, 2>> {
-    Initializer::KaimingUniform {
-        gain: 1.0 / 3f64.sqrt(),
-        fan_out_only: false,
-    }
-    .init_with(shape, Some(shape[0]), Some(shape[1]), device)
+    kaiming_fan_in(shape, shape[0], device)
 }
 
-/// A zero factor.
-pub(crate) fn zero_factor<B: Backend>(
-    shape: [usize; 2],
+/// Kaiming-uniform with a = √5 for any shape and an explicit fan-in: `U(-1/√fan_in, 1/√fan_in)`.
+pub(crate) fn kaiming_fan_in<B: Backend, const D: usize>(
+    shape: [usize; D],
+    fan_in: usize,
     device: &B::Device,
-) -> Param<Tensor<B, 2>> {
-    Initializer::Zeros.init(shape, device)
+) -> Param<Tensor<B, D>> {
+    eager(
+        Initializer::KaimingUniform {
+            gain: 1.0 / 3f64.sqrt(),
+            fan_out_only: false,
+        }
+        .init_with(shape, Some(fan_in), None, device),
+    )
+}
+
+/// A zero parameter of any rank (factors, biases).
+pub(crate) fn zero_factor<B: Backend, const D: usize>(
+    shape: [usize; D],
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    eager(Initializer::Zeros.init(shape, device))
+}
+
+/// A parameter filled with `value`.
+pub(crate) fn const_param<B: Backend, const D: usize>(
+    shape: [usize; D],
+    value: f64,
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    eager(Initializer::Constant { value }.init(shape, device))
+}
+
+/// Burn's params are lazy, and every clone of a lazy param made before its first use re-runs
+/// the initializer, so two clones of a fresh adapter would differ. Initialize now: the param
+/// keeps its trainable flag (also on a non-autodiff backend later moved with `.train()`).
+pub(crate) fn eager<B: Backend, const D: usize>(p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+    let _ = p.val();
+    p
 }
 
 /// A factor from Normal(0, 1/√d_in), the paper's alternative initialisation.
@@ -216,11 +244,13 @@ pub(crate) fn normal_factor<B: Backend>(
     d_in: usize,
     device: &B::Device,
 ) -> Param<Tensor<B, 2>> {
-    Initializer::Normal {
-        mean: 0.0,
-        std: 1.0 / (d_in as f64).sqrt(),
-    }
-    .init(shape, device)
+    eager(
+        Initializer::Normal {
+            mean: 0.0,
+            std: 1.0 / (d_in as f64).sqrt(),
+        }
+        .init(shape, device),
+    )
 }
 
 /// Initialises a chain of factors: `first` for the leading ones and `last` for the final one
@@ -235,19 +265,12 @@ pub(crate) fn init_factors<B: Backend>(
     shapes
         .iter()
         .enumerate()
-        .map(|(i, &s)| {
-            let p = match init {
-                FactorInit::KaimingZero if i == last => zero_factor(s, device),
-                FactorInit::KaimingZero => kaiming_factor(s, device),
-                FactorInit::ZeroKaiming if i == 0 => zero_factor(s, device),
-                FactorInit::ZeroKaiming => kaiming_factor(s, device),
-                FactorInit::Normal => normal_factor(s, d_in, device),
-            };
-            // Burn's lazy params re-run their initializer in every clone made before first use,
-            // so two clones of a fresh adapter would differ. Initialize now (the param keeps its
-            // trainable flag, also on a non-autodiff backend later moved with `.train()`).
-            let _ = p.val();
-            p
+        .map(|(i, &s)| match init {
+            FactorInit::KaimingZero if i == last => zero_factor(s, device),
+            FactorInit::KaimingZero => kaiming_factor(s, device),
+            FactorInit::ZeroKaiming if i == 0 => zero_factor(s, device),
+            FactorInit::ZeroKaiming => kaiming_factor(s, device),
+            FactorInit::Normal => normal_factor(s, d_in, device),
         })
         .collect()
 }
@@ -306,10 +329,10 @@ pub(crate) fn check_factor_shape(
     }
 }
 
-fn one() -> f64 {
+pub(crate) fn one() -> f64 {
     1.0
 }
 
-fn minus_one() -> i64 {
+pub(crate) fn minus_one() -> i64 {
     -1
 }

@@ -1,0 +1,86 @@
+//! Which parameters train: adapters only (the default of every adapted model), BitFit (biases
+//! only) or full fine-tuning, set on any module through its parameter paths.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// A training mode for the paper's non-adapter baselines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrainMode {
+    /// Only adapter parameters train (as the adapters and `AdaptedLinear` set them up).
+    #[default]
+    Adapters,
+    /// BitFit (Ben Zaken et al. 2022): only bias terms train, everything else is frozen.
+    BitFit,
+    /// Full fine-tuning: every parameter trains.
+    Full,
+}
+
+impl TrainMode {
+    /// Sets `module`'s trainable parameters for this mode (`Adapters` leaves it as it is).
+    pub fn apply<B: AutodiffBackend, M: Module<B>>(self, module: M) -> M {
+        match self {
+            TrainMode::Adapters => module,
+            TrainMode::BitFit => bitfit(module),
+            TrainMode::Full => full_finetune(module),
+        }
+    }
+}
+
+/// Is this parameter path a bias? Its last segment is `bias` (Linear and most layers) or
+/// `beta` (Burn's `LayerNorm`).
+pub fn is_bias(path: &str) -> bool {
+    matches!(path.rsplit('.').next(), Some("bias" | "beta"))
+}
+
+/// BitFit: every bias trains, every other parameter is frozen.
+pub fn bitfit<B: AutodiffBackend, M: Module<B>>(module: M) -> M {
+    set_trainable(module, is_bias)
+}
+
+/// Full fine-tuning: every parameter trains.
+pub fn full_finetune<B: AutodiffBackend, M: Module<B>>(module: M) -> M {
+    set_trainable(module, |_| true)
+}
+
+/// Freezes every parameter.
+pub fn freeze<B: AutodiffBackend, M: Module<B>>(module: M) -> M {
+    set_trainable(module, |_| false)
+}
+
+/// Sets each parameter trainable when `trainable(path)` says so, frozen otherwise. `path` is the
+/// parameter's dotted path in the module tree (`encoder.layers.0.ffn.up.bias`, enum variants
+/// included as in Burn's records).
+pub fn set_trainable<B: AutodiffBackend, M: Module<B>>(
+    module: M,
+    trainable: impl Fn(&str) -> bool,
+) -> M {
+    let mut mapper = Trainable {
+        path: Vec::new(),
+        trainable,
+    };
+    module.map(&mut mapper)
+}
+
+struct Trainable<F> {
+    path: Vec<String>,
+    trainable: F,
+}
+
+impl<B: AutodiffBackend, F: Fn(&str) -> bool> ModuleMapper<B> for Trainable<F> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let on = (self.trainable)(&self.path.join("."));
+        // Detach first: a parameter that was an intermediate of a graph becomes a fresh leaf.
+        param.map(|t| t.detach().set_require_grad(on))
+    }
+}
