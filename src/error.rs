@@ -86,12 +86,37 @@ pub enum AdapterError {
         message: String,
     },
 
+    /// A pretrained checkpoint that does not hold exactly the weights the model needs.
+    #[error(
+        "{path}: not a checkpoint for this model: missing keys {missing:?}; unexpected keys \
+         {unexpected:?}; shape or dtype mismatches {mismatched:?}"
+    )]
+    PretrainedMismatch {
+        /// The file.
+        path: String,
+        /// Keys the model needs that the file lacks.
+        missing: Vec<String>,
+        /// Keys in the file the model does not use.
+        unexpected: Vec<String>,
+        /// Keys whose shape or dtype differ.
+        mismatched: Vec<String>,
+    },
+
     /// A file that is not what it claims to be (bad safetensors header, bad JSON, ...).
     #[error("{path}: {message}")]
     Format {
         /// The file.
         path: String,
         /// What could not be parsed.
+        message: String,
+    },
+
+    /// A model or data package that could not be found, fetched or unpacked.
+    #[error("asset {package}: {message}")]
+    Asset {
+        /// `name==version`.
+        package: String,
+        /// What went wrong and what to do.
         message: String,
     },
 

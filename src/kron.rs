@@ -212,12 +212,12 @@ pub fn kron_apply<B: Backend, const D: usize>(
 /// (`p` on the `a` axis, `q` on the `b` axis), contracted one factor at a time.
 ///
 /// [`kron_apply`] drives it from a [`KronPlan`]; block adapters use it directly to add a bias
-/// between the two products. Each step is one GEMM over all `n` rows; switching sides
-/// transposes the intermediate once.
+/// between the two products. `T` is never transposed: a `b` factor contracts the last axis as
+/// one GEMM over all `n·p` rows, and an `a` factor contracts the middle axis as a batched
+/// product `mᵀ [1, p', p] · T [n, p, q]`, so no step copies the intermediate.
 pub struct KronIntermediate<B: Backend> {
-    /// `[n, p, q]` when `b_inner`, else `[n, q, p]`.
+    /// `[n, p, q]`, contiguous.
     t: Tensor<B, 3>,
-    b_inner: bool,
     lead: Vec<usize>,
 }
 
@@ -229,31 +229,24 @@ impl<B: Backend> KronIntermediate<B> {
         let n = lead.iter().product();
         Self {
             t: x.reshape([n, p, q]),
-            b_inner: true,
             lead,
         }
     }
 
-    /// Contracts the `a` axis with `m [p, p']`.
+    /// Contracts the `a` axis with `m [p, p']`: `T'[r] = mᵀ·T[r]` for every row `r`.
     pub fn apply_a(mut self, m: Tensor<B, 2>) -> Self {
-        if self.b_inner {
-            self.t = swap_inner(self.t);
-            self.b_inner = false;
-        }
-        self.t = matmul_last(self.t, m);
+        self.t = m.transpose().unsqueeze::<3>().matmul(self.t);
         self
     }
 
     /// Contracts the `b` axis with `m [q, q']`.
     pub fn apply_b(mut self, m: Tensor<B, 2>) -> Self {
-        self = self.b_inner();
         self.t = matmul_last(self.t, m);
         self
     }
 
     /// Adds `bias [q]` along the `b` axis (broadcast over rows and the `a` axis).
     pub fn add_b_bias(mut self, bias: Tensor<B, 1>) -> Self {
-        self = self.b_inner();
         let q = bias.dims()[0];
         self.t = self.t + bias.reshape([1, 1, q]);
         self
@@ -261,31 +254,11 @@ impl<B: Backend> KronIntermediate<B> {
 
     /// The result `[..., p'·q']`, in Kronecker index order.
     pub fn finish<const D: usize>(self) -> Tensor<B, D> {
-        let this = self.b_inner();
-        let [_, p, q] = this.t.dims();
+        let [_, p, q] = self.t.dims();
         let mut dims = [0; D];
-        dims[..D - 1].copy_from_slice(&this.lead);
+        dims[..D - 1].copy_from_slice(&self.lead);
         dims[D - 1] = p * q;
-        this.t.reshape(dims)
-    }
-
-    fn b_inner(mut self) -> Self {
-        if !self.b_inner {
-            self.t = swap_inner(self.t);
-            self.b_inner = true;
-        }
-        self
-    }
-}
-
-/// `[n, u, v] → [n, v, u]`. When `u` or `v` is 1 this is a reshape, no copy (and it sidesteps
-/// a Burn 0.21 wgpu bug: reshaping to 4-D a `swap_dims` over a size-1 axis loses data).
-fn swap_inner<B: Backend>(t: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [n, u, v] = t.dims();
-    if u == 1 || v == 1 {
-        t.reshape([n, v, u])
-    } else {
-        t.swap_dims(1, 2)
+        self.t.reshape(dims)
     }
 }
 

@@ -34,9 +34,14 @@ pub mod adapter;
 pub mod block;
 pub mod checkpoint;
 mod error;
+#[cfg(feature = "finetune")]
+pub mod finetune;
 pub mod kron;
 pub mod linear;
+pub mod model;
 pub mod params;
+pub mod rng;
+pub mod targets;
 pub mod training;
 
 pub use adapter::{
@@ -47,5 +52,7 @@ pub use checkpoint::{load_adapters, save_adapters, AdapterLayers, CheckpointMeta
 pub use error::{AdapterError, FactorShapeError};
 pub use kron::{ContractionOrder, KronPlan};
 pub use linear::AdaptedLinear;
+pub use model::PeftConfig;
 pub use params::{count_params, ParamCount};
+pub use targets::Targets;
 pub use training::TrainMode;

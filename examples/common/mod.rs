@@ -1,5 +1,5 @@
 //! Backend selection for the examples, by cargo feature: `cuda`, `metal`, `vulkan`, `wgpu`, or
-//! the CPU (`ndarray`, the default). The library itself never names a backend.
+//! the CPU (`flex`, or `ndarray`, the default). The library itself never names a backend.
 #![allow(dead_code)]
 
 #[cfg(feature = "cuda")]
@@ -13,11 +13,22 @@ pub type Inner = burn::backend::Vulkan;
     not(any(feature = "cuda", feature = "metal", feature = "vulkan"))
 ))]
 pub type Inner = burn::backend::Wgpu;
+#[cfg(all(
+    feature = "flex",
+    not(any(
+        feature = "cuda",
+        feature = "metal",
+        feature = "vulkan",
+        feature = "wgpu"
+    ))
+))]
+pub type Inner = burn::backend::Flex;
 #[cfg(not(any(
     feature = "cuda",
     feature = "metal",
     feature = "vulkan",
-    feature = "wgpu"
+    feature = "wgpu",
+    feature = "flex"
 )))]
 pub type Inner = burn::backend::NdArray;
 
@@ -34,6 +45,8 @@ pub fn backend_name() -> &'static str {
         "vulkan"
     } else if cfg!(feature = "wgpu") {
         "wgpu"
+    } else if cfg!(feature = "flex") {
+        "flex (CPU)"
     } else {
         "ndarray (CPU)"
     }

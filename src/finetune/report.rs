@@ -1,0 +1,177 @@
+//! A run's outputs: `metrics.csv`, `curves.png` and `report.json`.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::train::RunReport;
+use crate::checkpoint::write_atomic;
+use crate::error::AdapterError;
+
+/// One training step.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogRow {
+    /// Step, 1-based.
+    pub step: usize,
+    /// Epoch, 1-based.
+    pub epoch: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Batch loss.
+    pub loss: f64,
+    /// Batch accuracy.
+    pub accuracy: f64,
+}
+
+/// One epoch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochRow {
+    /// Epoch, 1-based.
+    pub epoch: usize,
+    /// Steps done at its end.
+    pub step: usize,
+    /// Mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Training accuracy over the epoch.
+    pub train_acc: f64,
+    /// Dev accuracy at its end.
+    pub dev_acc: f64,
+    /// Seconds of training.
+    pub seconds: f64,
+}
+
+/// Writes `metrics.csv` (one row per step, dev accuracy on each epoch's last step),
+/// `report.json`, and `curves.png` (training loss and dev accuracy; skipped with a note on
+/// stderr when no font is found to label it).
+pub fn write_outputs(dir: &Path, report: &RunReport) -> Result<(), AdapterError> {
+    let mut csv = String::from("step,epoch,lr,loss,batch_accuracy,dev_accuracy\n");
+    for row in &report.history {
+        let dev = report
+            .epochs
+            .iter()
+            .find(|e| e.step == row.step)
+            .map(|e| format!("{:.6}", e.dev_acc))
+            .unwrap_or_default();
+        csv += &format!(
+            "{},{},{:.6e},{:.6},{:.4},{dev}\n",
+            row.step, row.epoch, row.lr, row.loss, row.accuracy
+        );
+    }
+    write_atomic(&dir.join("metrics.csv"), csv.as_bytes())?;
+    let json = serde_json::to_vec_pretty(report).expect("a report serializes");
+    write_atomic(&dir.join("report.json"), &json)?;
+    let png = dir.join("curves.png");
+    match plot_curves(&png, report) {
+        Ok(true) => {}
+        Ok(false) => eprintln!(
+            "note: no TrueType font found (DejaVu Sans or Liberation Sans): curves.png not drawn"
+        ),
+        Err(e) => eprintln!("note: curves.png not drawn: {e}"),
+    }
+    Ok(())
+}
+
+const FONTS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/Library/Fonts/Arial.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+fn register_font() -> bool {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        for path in FONTS {
+            if let Ok(bytes) = std::fs::read(path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Draws the training loss (per step, and its moving average) and the dev accuracy (per epoch).
+/// Returns `Ok(false)` when no font could be loaded.
+pub fn plot_curves(path: &Path, report: &RunReport) -> Result<bool, Box<dyn std::error::Error>> {
+    if !register_font() {
+        return Ok(false);
+    }
+    let root = BitMapBackend::new(path, (1100, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(600);
+    let steps = report.history.len().max(1) as f64;
+    let max_loss = report
+        .history
+        .iter()
+        .map(|r| r.loss)
+        .fold(0.0, f64::max)
+        .max(1e-3);
+    let mut chart = ChartBuilder::on(&left)
+        .caption("training loss", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..steps, 0f64..max_loss * 1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("cross-entropy")
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        report.history.iter().map(|r| (r.step as f64, r.loss)),
+        RGBColor(180, 200, 230),
+    ))?;
+    let window = 25usize;
+    let smooth: Vec<(f64, f64)> = (0..report.history.len())
+        .map(|i| {
+            let lo = i.saturating_sub(window - 1);
+            let w = &report.history[lo..=i];
+            (
+                report.history[i].step as f64,
+                w.iter().map(|r| r.loss).sum::<f64>() / w.len() as f64,
+            )
+        })
+        .collect();
+    chart
+        .draw_series(LineSeries::new(smooth, BLUE.stroke_width(2)))?
+        .label(format!("moving average ({window} steps)"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    chart.configure_series_labels().border_style(BLACK).draw()?;
+
+    let epochs = report.epochs.len().max(1) as f64;
+    let lo = report.epochs.iter().map(|e| e.dev_acc).fold(1.0, f64::min);
+    let hi = report.epochs.iter().map(|e| e.dev_acc).fold(0.0, f64::max);
+    let mut chart = ChartBuilder::on(&right)
+        .caption(
+            format!("dev accuracy (test {:.2}%)", 100.0 * report.test_acc),
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(50)
+        .build_cartesian_2d(
+            0.5f64..epochs + 0.5,
+            (lo - 0.02).max(0.0)..(hi + 0.02).min(1.0),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc("accuracy")
+        .draw()?;
+    let points: Vec<(f64, f64)> = report
+        .epochs
+        .iter()
+        .map(|e| (e.epoch as f64, e.dev_acc))
+        .collect();
+    chart.draw_series(LineSeries::new(points.clone(), RED.stroke_width(2)))?;
+    chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, RED.filled())))?;
+    root.present()?;
+    Ok(true)
+}

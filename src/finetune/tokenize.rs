@@ -1,0 +1,123 @@
+//! Tokenization with the model's own `tokenizer.json`, and batching by length.
+
+use std::path::Path;
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::error::AdapterError;
+use crate::rng::SplitMix64;
+
+/// A WordPiece tokenizer from a Hugging Face `tokenizer.json`, with its fixed padding removed
+/// (batches are padded to their longest sequence) and truncation at `max_len` tokens.
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+    /// The longest sequence kept, special tokens included.
+    pub max_len: usize,
+}
+
+impl TextEncoder {
+    /// Loads `tokenizer.json`; overrides its padding (none) and truncation (`max_len`).
+    pub fn from_file(path: impl AsRef<Path>, max_len: usize) -> Result<Self, AdapterError> {
+        let path = path.as_ref();
+        let err = |m: String| AdapterError::Format {
+            path: path.display().to_string(),
+            message: m,
+        };
+        if max_len < 3 {
+            return Err(AdapterError::config(
+                "tokenizer",
+                "max_len",
+                format!("{max_len} tokens leaves no room for text between [CLS] and [SEP]"),
+            ));
+        }
+        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self { tokenizer, max_len })
+    }
+
+    /// Token ids of one text, `[CLS] … [SEP]`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, AdapterError> {
+        self.tokenizer
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| AdapterError::config("tokenizer", "text", e.to_string()))
+    }
+
+    /// Text back from ids (special tokens dropped).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, AdapterError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| AdapterError::config("tokenizer", "ids", e.to_string()))
+    }
+}
+
+/// A tokenized example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    /// Token ids, `[CLS] … [SEP]`.
+    pub ids: Vec<u32>,
+    /// The class.
+    pub label: usize,
+}
+
+/// A padded batch: `ids [batch, seq]`, `mask [batch, seq]` (1 token, 0 padding), `labels
+/// [batch]`, padded to the batch's longest sequence with id 0 (`[PAD]`).
+pub fn batch_tensors<B: Backend>(
+    items: &[&Encoded],
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 1, Int>) {
+    let seq = items.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
+    let n = items.len();
+    let mut ids = vec![0i64; n * seq];
+    let mut mask = vec![0i64; n * seq];
+    for (r, e) in items.iter().enumerate() {
+        for (c, &id) in e.ids.iter().enumerate() {
+            ids[r * seq + c] = id as i64;
+            mask[r * seq + c] = 1;
+        }
+    }
+    let labels: Vec<i64> = items.iter().map(|e| e.label as i64).collect();
+    (
+        Tensor::from_data(TensorData::new(ids, [n, seq]), device),
+        Tensor::from_data(TensorData::new(mask, [n, seq]), device),
+        Tensor::from_data(TensorData::new(labels, [n]), device),
+    )
+}
+
+/// Batches of indices whose sequences have similar lengths, so little compute goes to padding:
+/// the indices are shuffled, cut into pools of 50 batches, each pool sorted by length and cut
+/// into batches, and the batches shuffled.
+pub fn length_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    rng: &mut SplitMix64,
+) -> Vec<Vec<usize>> {
+    let batch_size = batch_size.max(1);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    rng.shuffle(&mut order);
+    let mut batches = Vec::new();
+    for pool in order.chunks(batch_size * 50) {
+        let mut pool = pool.to_vec();
+        pool.sort_by_key(|&i| lengths[i]);
+        batches.extend(pool.chunks(batch_size).map(|c| c.to_vec()));
+    }
+    rng.shuffle(&mut batches);
+    batches
+}
+
+/// Batches in length order (for evaluation: no shuffling needed, least padding).
+pub fn sorted_batches(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    order
+        .chunks(batch_size.max(1))
+        .map(|c| c.to_vec())
+        .collect()
+}

@@ -1,0 +1,188 @@
+//! The encoder's configuration (Hugging Face `config.json`) and its adapter configuration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::AdapterConfig;
+use crate::block::BlockAdapterConfig;
+use crate::error::AdapterError;
+use crate::targets::Targets;
+use crate::training::TrainMode;
+
+/// A BERT configuration, read from a Hugging Face `config.json` (unknown fields ignored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden size `d`.
+    pub hidden_size: usize,
+    /// Number of layers.
+    pub num_hidden_layers: usize,
+    /// Number of attention heads (`d` must divide by it).
+    pub num_attention_heads: usize,
+    /// FFN size.
+    pub intermediate_size: usize,
+    /// Longest sequence the position embeddings cover.
+    pub max_position_embeddings: usize,
+    /// Number of token types (segments).
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    /// Dropout on hidden states.
+    #[serde(default = "dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities.
+    #[serde(default = "dropout")]
+    pub attention_probs_dropout_prob: f64,
+    /// The FFN activation; only `gelu` (exact, erf-based) is supported.
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+}
+
+fn two() -> usize {
+    2
+}
+fn eps() -> f64 {
+    1e-12
+}
+fn dropout() -> f64 {
+    0.1
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+
+impl BertConfig {
+    /// all-MiniLM-L6-v2: 6 layers, hidden 384, 12 heads, FFN 1536, vocabulary 30522.
+    pub fn minilm_l6() -> Self {
+        Self {
+            vocab_size: 30522,
+            hidden_size: 384,
+            num_hidden_layers: 6,
+            num_attention_heads: 12,
+            intermediate_size: 1536,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            hidden_act: "gelu".into(),
+        }
+    }
+
+    /// A tiny random configuration for tests.
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            hidden_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 96,
+            max_position_embeddings: 64,
+            ..Self::minilm_l6()
+        }
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_json_file(path: impl AsRef<std::path::Path>) -> Result<Self, AdapterError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| AdapterError::io(path, e))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| AdapterError::Format {
+            path: path.display().to_string(),
+            message: format!("not a BERT config.json: {e}"),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the sizes fit together.
+    pub fn validate(&self) -> Result<(), AdapterError> {
+        let bad =
+            |field: &str, reason: String| Err(AdapterError::config("BertConfig", field, reason));
+        if self.hidden_size == 0 || self.num_attention_heads == 0 {
+            return bad("hidden_size", "sizes must be non-zero".into());
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(
+                "num_attention_heads",
+                format!(
+                    "{} heads do not divide hidden size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            );
+        }
+        if self.hidden_act != "gelu" {
+            return bad(
+                "hidden_act",
+                format!("{:?} is not supported (only \"gelu\")", self.hidden_act),
+            );
+        }
+        Ok(())
+    }
+
+    /// Size of one attention head.
+    pub fn head_size(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// Where adapters go in a model and what trains: one JSON object covers every method of the
+/// KronA paper's Table 1 and Kron-LoRA.
+///
+/// ```json
+/// {"linear": {"method": "KronA"}, "targets": ["query", "value"]}       // KronA on q, v
+/// {"block": {"method": "KronAB", "residual": "Learned"}}               // KronA^B_res
+/// {"train": "BitFit"}                                                  // BitFit
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeftConfig {
+    /// The adapter put on each targeted linear layer (LoRA, KronA, Kron-LoRA).
+    #[serde(default)]
+    pub linear: Option<AdapterConfig>,
+    /// Which linear layers get `linear`, by Hugging Face module name. Default: every linear of
+    /// every layer (attention query, key, value, output; FFN intermediate and output).
+    #[serde(default)]
+    pub targets: Targets,
+    /// The block adapter attached to every FFN (KronA^B, KronA^B_res, PA, Adapter, Compacter).
+    #[serde(default)]
+    pub block: Option<BlockAdapterConfig>,
+    /// Which parameters train besides adapters: `Adapters` (default), `BitFit`, `Full`.
+    #[serde(default)]
+    pub train: TrainMode,
+}
+
+impl burn::config::Config for PeftConfig {}
+
+impl PeftConfig {
+    /// Linear adapters on the default targets.
+    pub fn linear(config: AdapterConfig) -> Self {
+        Self {
+            linear: Some(config),
+            ..Self::default()
+        }
+    }
+
+    /// A block adapter on every FFN.
+    pub fn block(config: BlockAdapterConfig) -> Self {
+        Self {
+            block: Some(config),
+            ..Self::default()
+        }
+    }
+
+    /// No adapters, this training mode (BitFit, full fine-tuning, or a frozen encoder).
+    pub fn mode(train: TrainMode) -> Self {
+        Self {
+            train,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the targets.
+    pub fn with_targets(mut self, targets: Targets) -> Self {
+        self.targets = targets;
+        self
+    }
+}

