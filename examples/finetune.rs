@@ -80,6 +80,16 @@ struct Args {
     fetch_only: bool,
 }
 
+/// A learning rate that suits the method in a short budget (see docs/results.md).
+fn default_lr(m: Method) -> f64 {
+    match m {
+        Method::Krona | Method::KronLora | Method::Lora | Method::Frozen => 1e-2,
+        Method::KronaB | Method::KronaBRes | Method::Pa => 1e-3,
+        Method::Bitfit => 5e-3,
+        Method::Full => 1e-4,
+    }
+}
+
 fn method_config(m: Method) -> PeftConfig {
     match m {
         Method::Krona => PeftConfig::linear(AdapterConfig::KronA(KronAConfig::auto())),
@@ -118,6 +128,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     TaskArg::BbcNews => TaskName::BbcNews,
                 },
                 peft: method_config(args.method),
+                lr: default_lr(args.method),
                 max_train: args.max_train,
                 seed: args.seed,
                 ..FinetuneConfig::default()
@@ -168,8 +179,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         100.0 * report.trainable as f64 / report.total as f64
     );
     println!(
-        "best dev accuracy {:.4} (epoch {}), training {:.0} s, {:.1} sentences/s, median step {:.0} ms",
-        report.best_dev_acc, report.best_epoch, report.train_seconds, report.sentences_per_second, report.median_step_ms
+        "best dev accuracy {:.4} (step {}), training {:.0} s, {:.1} sentences/s, median step {:.0} ms",
+        report.best_dev_acc, report.best_step, report.train_seconds, report.sentences_per_second, report.median_step_ms
     );
     println!(
         "TEST ACCURACY {:.4}  ({} test sentences)",

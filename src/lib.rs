@@ -48,7 +48,7 @@ pub use adapter::{
     Adapter, AdapterConfig, AdapterSpec, FactorInit, KronA, KronAConfig, KronLora, KronLoraConfig,
     LinearAdapter, Lora, LoraConfig, Method,
 };
-pub use checkpoint::{load_adapters, save_adapters, AdapterLayers, CheckpointMeta};
+pub use checkpoint::{load_adapters, save_adapters, AdapterLayers, CheckpointMeta, NativeAdapters};
 pub use error::{AdapterError, FactorShapeError};
 pub use kron::{ContractionOrder, KronPlan};
 pub use linear::AdaptedLinear;

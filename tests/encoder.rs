@@ -327,3 +327,56 @@ fn pretrained_minilm_matches_pytorch() {
     let err = max_abs_diff(&to_vec(mean_pool(h, mask)), &floats("mean_pooled"));
     assert!(err < 1e-4, "mean_pooled max abs error {err}");
 }
+
+#[test]
+fn encoder_adapter_file_is_keyed_by_hugging_face_names_and_reloads() {
+    use burn::module::Module;
+    let dev = device();
+    let dir = std::env::temp_dir().join(format!("kron-enc-adapters-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let peft = PeftConfig::linear(AdapterConfig::KronA(
+        KronAConfig::auto().with_init(kron_adapters::FactorInit::Normal),
+    ))
+    .with_targets(Targets::list(["query", "output.dense"]));
+    let trained =
+        BertEncoder::<TB>::new(&mut TensorSource::random(4), &tiny(), &peft, &dev).unwrap();
+    let path = dir.join("adapter.safetensors");
+    kron_adapters::save_adapters(&trained, &path).unwrap();
+    let file = kron_adapters::NativeAdapters::read(&path).unwrap();
+    assert!(file
+        .meta
+        .layers
+        .contains_key("encoder.layer.1.attention.output.dense"));
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st
+        .names()
+        .contains(&"encoder.layer.0.attention.self.query.a"));
+    assert_eq!(st.names().len(), 6 * 2, "6 adapted layers, 2 factors each");
+    assert_eq!(
+        file.num_params(),
+        trained
+            .adapter_specs()
+            .iter()
+            .map(|(_, s)| s.num_params())
+            .sum::<usize>()
+    );
+
+    // A fresh encoder with other random adapters, built on the plain backend, loads the file,
+    // gives the same outputs, and its adapters still train once moved to autodiff.
+    let fresh = BertEncoder::<TB>::new(&mut TensorSource::random(4), &tiny(), &peft, &dev).unwrap();
+    let loaded = kron_adapters::load_adapters(fresh, &path).unwrap();
+    let ids =
+        Tensor::<TB, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 7, 2, 1, 9], [2, 3]), &dev);
+    let mask = Tensor::<TB, 2, Int>::from_data(TensorData::new(vec![1i64; 6], [2, 3]), &dev);
+    assert_eq!(
+        to_vec(loaded.forward(ids.clone(), mask.clone())),
+        to_vec(trained.forward(ids, mask))
+    );
+    let on_ad: BertEncoder<AB> = loaded.train();
+    assert_eq!(
+        kron_adapters::count_params(&on_ad).trainable,
+        file.num_params()
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

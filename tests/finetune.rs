@@ -404,9 +404,11 @@ fn a_few_training_steps_lower_the_loss_and_keep_the_best_checkpoint() {
     assert!(last < 0.7 * first, "loss {first} → {last}");
     assert_eq!(report.steps, 4 * 16);
     assert!(report.trainable < report.total / 5);
-    assert!(report.best_dev_acc >= report.epochs[0].dev_acc);
+    assert!(report.best_dev_acc >= report.evals[0].dev_acc);
+    assert_eq!(report.evals.len(), 4 * 2, "two dev evaluations per epoch");
     for f in [
-        "best_adapter.safetensors",
+        "trainable.safetensors",
+        "adapter.safetensors",
         "metrics.csv",
         "report.json",
         "curves.png",
@@ -421,7 +423,7 @@ fn a_few_training_steps_lower_the_loss_and_keep_the_best_checkpoint() {
             .unwrap();
     let (loaded, meta) = kron_adapters::checkpoint::load_params_matching(
         fresh,
-        out.join("best_adapter.safetensors"),
+        out.join("trainable.safetensors"),
         &trainable_patterns(TrainMode::Adapters),
     )
     .unwrap();

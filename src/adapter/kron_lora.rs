@@ -5,8 +5,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    factor_from_tensor, init_factors, layer_name, minus_one, rank_scale, AdapterSpec, FactorInit,
-    LinearAdapter, Method,
+    factor_from_tensor, init_factors, layer_name, minus_one, rank_scale, replace_value,
+    AdapterSpec, FactorInit, LinearAdapter, Method,
 };
 use crate::error::AdapterError;
 use crate::kron::{
@@ -316,5 +316,17 @@ impl<B: Backend> LinearAdapter<B> for KronLora<B> {
             ],
             scale: self.scale,
         }
+    }
+
+    fn factors(&self) -> Vec<Tensor<B, 2>> {
+        vec![self.a.val(), self.b1.val(), self.b2.val()]
+    }
+
+    fn with_factors(mut self, values: Vec<Tensor<B, 2>>) -> Self {
+        let mut v = values.into_iter();
+        self.a = replace_value(&self.a, v.next().expect("3 factors"));
+        self.b1 = replace_value(&self.b1, v.next().expect("3 factors"));
+        self.b2 = replace_value(&self.b2, v.next().expect("3 factors"));
+        self
     }
 }

@@ -5,8 +5,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_finite, factor_from_tensor, init_factors, layer_name, minus_one, one, AdapterSpec,
-    FactorInit, LinearAdapter, Method,
+    check_finite, factor_from_tensor, init_factors, layer_name, minus_one, one, replace_value,
+    AdapterSpec, FactorInit, LinearAdapter, Method,
 };
 use crate::error::AdapterError;
 use crate::kron::{
@@ -251,5 +251,16 @@ impl<B: Backend> LinearAdapter<B> for KronA<B> {
             factors: vec![("a".into(), self.a.dims()), ("b".into(), self.b.dims())],
             scale: self.scale,
         }
+    }
+
+    fn factors(&self) -> Vec<Tensor<B, 2>> {
+        vec![self.a.val(), self.b.val()]
+    }
+
+    fn with_factors(mut self, values: Vec<Tensor<B, 2>>) -> Self {
+        let mut v = values.into_iter();
+        self.a = replace_value(&self.a, v.next().expect("2 factors"));
+        self.b = replace_value(&self.b, v.next().expect("2 factors"));
+        self
     }
 }

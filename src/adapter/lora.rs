@@ -5,8 +5,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_factor_shape, factor_from_tensor, init_factors, layer_name, rank_scale, AdapterSpec,
-    FactorInit, LinearAdapter, Method,
+    check_factor_shape, factor_from_tensor, init_factors, layer_name, rank_scale, replace_value,
+    AdapterSpec, FactorInit, LinearAdapter, Method,
 };
 use crate::error::AdapterError;
 
@@ -189,5 +189,16 @@ impl<B: Backend> LinearAdapter<B> for Lora<B> {
             ],
             scale: self.scale,
         }
+    }
+
+    fn factors(&self) -> Vec<Tensor<B, 2>> {
+        vec![self.down.val(), self.up.val()]
+    }
+
+    fn with_factors(mut self, values: Vec<Tensor<B, 2>>) -> Self {
+        let mut v = values.into_iter();
+        self.down = replace_value(&self.down, v.next().expect("2 factors"));
+        self.up = replace_value(&self.up, v.next().expect("2 factors"));
+        self
     }
 }

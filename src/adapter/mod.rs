@@ -13,7 +13,7 @@ pub use kron_lora::{KronLora, KronLoraConfig};
 pub use krona::{KronA, KronAConfig};
 pub use lora::{Lora, LoraConfig};
 
-use burn::module::{Initializer, Module, Param};
+use burn::module::{Initializer, Module, Param, ParamId};
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +108,11 @@ pub trait LinearAdapter<B: Backend> {
     fn delta_weight(&self) -> Tensor<B, 2>;
     /// A description of this adapter.
     fn spec(&self) -> AdapterSpec;
+    /// The factors, in the order of [`AdapterSpec::factors`].
+    fn factors(&self) -> Vec<Tensor<B, 2>>;
+    /// The same adapter with new factor values (same order and shapes as [`Self::factors`]),
+    /// keeping parameter ids and whether each trains.
+    fn with_factors(self, values: Vec<Tensor<B, 2>>) -> Self;
 }
 
 /// One adapter of any method, as stored in an [`crate::AdaptedLinear`].
@@ -147,6 +152,59 @@ impl<B: Backend> LinearAdapter<B> for Adapter<B> {
     }
     fn spec(&self) -> AdapterSpec {
         dispatch!(self, a => a.spec())
+    }
+    fn factors(&self) -> Vec<Tensor<B, 2>> {
+        dispatch!(self, a => a.factors())
+    }
+    fn with_factors(self, values: Vec<Tensor<B, 2>>) -> Self {
+        match self {
+            Adapter::Lora(a) => Adapter::Lora(a.with_factors(values)),
+            Adapter::KronA(a) => Adapter::KronA(a.with_factors(values)),
+            Adapter::KronLora(a) => Adapter::KronLora(a.with_factors(values)),
+        }
+    }
+}
+
+impl<B: Backend> Adapter<B> {
+    /// Builds an adapter of `spec`'s method from factor values in spec order (Burn layout),
+    /// trainable, with `spec`'s scale and the cheapest contraction order.
+    pub fn from_spec(spec: &AdapterSpec, factors: Vec<Tensor<B, 2>>) -> Result<Self, AdapterError> {
+        let want = spec.factors.len();
+        if factors.len() != want {
+            return Err(AdapterError::config(
+                layer_name(spec.d_in, spec.d_out),
+                "factors",
+                format!(
+                    "{} has {want} factors, {} given",
+                    spec.method,
+                    factors.len()
+                ),
+            ));
+        }
+        for ((name, shape), t) in spec.factors.iter().zip(&factors) {
+            check_factor_shape(&layer_name(spec.d_in, spec.d_out), name, t.dims(), *shape)?;
+        }
+        let mut f = factors.into_iter();
+        let mut next = || f.next().expect("counted");
+        let adapter = match spec.method {
+            Method::Lora => Adapter::Lora(Lora::from_factors(next(), next(), spec.scale)?),
+            Method::Krona => Adapter::KronA(KronA::from_factors(next(), next(), spec.scale)?),
+            Method::KronLora => {
+                Adapter::KronLora(KronLora::from_factors(next(), next(), next(), spec.scale)?)
+            }
+        };
+        if adapter.d_in() != spec.d_in || adapter.d_out() != spec.d_out {
+            return Err(AdapterError::config(
+                layer_name(spec.d_in, spec.d_out),
+                "factors",
+                format!(
+                    "the factors make a [{}, {}] update",
+                    adapter.d_in(),
+                    adapter.d_out()
+                ),
+            ));
+        }
+        Ok(adapter)
     }
 }
 
@@ -275,9 +333,39 @@ pub(crate) fn init_factors<B: Backend>(
         .collect()
 }
 
-/// A trainable parameter from a given tensor (PEFT import, tests).
+/// A trainable parameter from a given tensor (loading, PEFT import, tests).
 pub(crate) fn factor_from_tensor<B: Backend>(t: Tensor<B, 2>) -> Param<Tensor<B, 2>> {
-    Param::from_tensor(t)
+    trainable_param(ParamId::new(), t, true)
+}
+
+/// A parameter holding `t`, trainable or not. Built as an (immediately initialised) lazy param
+/// so that its trainable flag survives a move to the autodiff backend with `.train()`, also
+/// when built on a plain backend.
+pub(crate) fn trainable_param<B: Backend, const D: usize>(
+    id: ParamId,
+    t: Tensor<B, D>,
+    trainable: bool,
+) -> Param<Tensor<B, D>> {
+    let device = t.device();
+    let shape = t.shape();
+    let t = t.detach();
+    eager(Param::uninitialized(
+        id,
+        move |dev, require_grad| t.clone().to_device(dev).set_require_grad(require_grad),
+        device,
+        trainable,
+        shape,
+    ))
+}
+
+/// Replaces a parameter's value, keeping its id and whether it trains.
+pub(crate) fn replace_value<B: Backend>(
+    p: &Param<Tensor<B, 2>>,
+    v: Tensor<B, 2>,
+) -> Param<Tensor<B, 2>> {
+    let device = p.device();
+    let trainable = !B::ad_enabled(&device) || p.val().is_require_grad();
+    trainable_param(p.id, v.to_device(&device), trainable)
 }
 
 /// The scale of a rank-`r` adapter: an explicit `scale`, else `alpha / r` with `alpha`

@@ -24,31 +24,31 @@ pub struct LogRow {
     pub accuracy: f64,
 }
 
-/// One epoch.
+/// One dev evaluation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EpochRow {
+pub struct EvalRow {
     /// Epoch, 1-based.
     pub epoch: usize,
-    /// Steps done at its end.
+    /// Steps done.
     pub step: usize,
-    /// Mean training loss over the epoch.
+    /// Mean training loss since the previous evaluation.
     pub train_loss: f64,
-    /// Training accuracy over the epoch.
+    /// Training accuracy since the previous evaluation.
     pub train_acc: f64,
-    /// Dev accuracy at its end.
+    /// Dev accuracy.
     pub dev_acc: f64,
-    /// Seconds of training.
-    pub seconds: f64,
+    /// Seconds of training so far (evaluation excluded).
+    pub train_seconds: f64,
 }
 
-/// Writes `metrics.csv` (one row per step, dev accuracy on each epoch's last step),
+/// Writes `metrics.csv` (one row per step, dev accuracy on the steps it was measured),
 /// `report.json`, and `curves.png` (training loss and dev accuracy; skipped with a note on
 /// stderr when no font is found to label it).
 pub fn write_outputs(dir: &Path, report: &RunReport) -> Result<(), AdapterError> {
     let mut csv = String::from("step,epoch,lr,loss,batch_accuracy,dev_accuracy\n");
     for row in &report.history {
         let dev = report
-            .epochs
+            .evals
             .iter()
             .find(|e| e.step == row.step)
             .map(|e| format!("{:.6}", e.dev_acc))
@@ -143,11 +143,15 @@ pub fn plot_curves(path: &Path, report: &RunReport) -> Result<bool, Box<dyn std:
         .draw_series(LineSeries::new(smooth, BLUE.stroke_width(2)))?
         .label(format!("moving average ({window} steps)"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-    chart.configure_series_labels().border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
 
-    let epochs = report.epochs.len().max(1) as f64;
-    let lo = report.epochs.iter().map(|e| e.dev_acc).fold(1.0, f64::min);
-    let hi = report.epochs.iter().map(|e| e.dev_acc).fold(0.0, f64::max);
+    let lo = report.evals.iter().map(|e| e.dev_acc).fold(1.0, f64::min);
+    let hi = report.evals.iter().map(|e| e.dev_acc).fold(0.0, f64::max);
     let mut chart = ChartBuilder::on(&right)
         .caption(
             format!("dev accuracy (test {:.2}%)", 100.0 * report.test_acc),
@@ -156,19 +160,16 @@ pub fn plot_curves(path: &Path, report: &RunReport) -> Result<bool, Box<dyn std:
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(50)
-        .build_cartesian_2d(
-            0.5f64..epochs + 0.5,
-            (lo - 0.02).max(0.0)..(hi + 0.02).min(1.0),
-        )?;
+        .build_cartesian_2d(0f64..steps, (lo - 0.02).max(0.0)..(hi + 0.02).min(1.0))?;
     chart
         .configure_mesh()
-        .x_desc("epoch")
+        .x_desc("step")
         .y_desc("accuracy")
         .draw()?;
     let points: Vec<(f64, f64)> = report
-        .epochs
+        .evals
         .iter()
-        .map(|e| (e.epoch as f64, e.dev_acc))
+        .map(|e| (e.step as f64, e.dev_acc))
         .collect();
     chart.draw_series(LineSeries::new(points.clone(), RED.stroke_width(2)))?;
     chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, RED.filled())))?;

@@ -10,7 +10,6 @@ use crate::block::BlockAdapters;
 use crate::checkpoint::AdapterLayers;
 use crate::error::AdapterError;
 use crate::linear::AdaptedLinear;
-use crate::AdapterSpec;
 
 /// Word, position and token-type embeddings, summed, normalized.
 #[derive(Module, Debug)]
@@ -268,12 +267,13 @@ impl<B: Backend> BertEncoder<B> {
     }
 }
 
-impl<B: Backend> AdapterLayers for BertEncoder<B> {
-    fn adapter_specs(&self) -> Vec<(String, AdapterSpec)> {
+impl<B: Backend> AdapterLayers<B> for BertEncoder<B> {
+    fn adapter_layers(&self) -> Vec<(String, &AdaptedLinear<B>)> {
         self.named_linears()
-            .into_iter()
-            .filter_map(|(name, l)| l.spec().map(|s| (name, s)))
-            .collect()
+    }
+
+    fn adapter_layers_mut(&mut self) -> Vec<(String, &mut AdaptedLinear<B>)> {
+        self.named_linears_mut()
     }
 }
 
@@ -333,8 +333,12 @@ impl<B: Backend> BertClassifier<B> {
     }
 }
 
-impl<B: Backend> AdapterLayers for BertClassifier<B> {
-    fn adapter_specs(&self) -> Vec<(String, AdapterSpec)> {
-        self.encoder.adapter_specs()
+impl<B: Backend> AdapterLayers<B> for BertClassifier<B> {
+    fn adapter_layers(&self) -> Vec<(String, &AdaptedLinear<B>)> {
+        self.encoder.named_linears()
+    }
+
+    fn adapter_layers_mut(&mut self) -> Vec<(String, &mut AdaptedLinear<B>)> {
+        self.encoder.named_linears_mut()
     }
 }

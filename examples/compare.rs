@@ -1,0 +1,532 @@
+//! The method comparison: every method of the KronA paper's Table 1 plus Kron-LoRA, on
+//! all-MiniLM-L6-v2 and Rotten Tomatoes, at matched trainable-parameter budgets, several seeds;
+//! the initialisation ablation (Table 4), factor shapes (Table 9), training time per step
+//! relative to full fine-tuning (Table 2) and inference latency at batch 1 × 10 tokens, merged
+//! and unmerged. Writes the tables into `docs/results.md` (between markers, so the hand-written
+//! analysis around them stays) and every run's report under `runs/compare/`.
+//!
+//! ```text
+//! cargo run --release --example compare                 # everything (hours on 2 CPU cores)
+//! cargo run --release --example compare -- --timing     # only the timing tables
+//! cargo run --release --example compare -- --seeds 1 --max-train 1000   # a quick smoke run
+//! ```
+//!
+//! Runs are resumable: a run whose `report.json` exists with the same configuration is read
+//! back instead of trained again.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::Tensor;
+use clap::Parser;
+use common::{backend_name, Inner, Train};
+use kron_adapters::block::{
+    BlockAdapterConfig, CompacterConfig, HoulsbyConfig, KronABConfig, ParallelAdapterConfig,
+    Residual,
+};
+use kron_adapters::finetune::tokenize::{batch_tensors, Encoded};
+use kron_adapters::finetune::train::build_model;
+use kron_adapters::finetune::{
+    finetune, prepare, AssetCache, FinetuneConfig, Prepared, RunReport, TaskName,
+};
+use kron_adapters::{
+    AdapterConfig, FactorInit, KronAConfig, KronLoraConfig, LoraConfig, PeftConfig, TrainMode,
+};
+
+#[derive(Parser, Debug)]
+#[command(about = "Compare PEFT methods on all-MiniLM-L6-v2 / Rotten Tomatoes")]
+struct Args {
+    /// Seeds per configuration.
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    /// Training sentences per run (the dev and test sets are always whole).
+    #[arg(long, default_value_t = 5000)]
+    max_train: usize,
+    /// Epochs per run.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Training sentences of the learning-rate selection runs.
+    #[arg(long, default_value_t = 2000)]
+    select_train: usize,
+    /// Only the timing tables.
+    #[arg(long)]
+    timing: bool,
+    /// Skip the timing tables.
+    #[arg(long)]
+    no_timing: bool,
+    /// Only these methods (by key, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where run reports go.
+    #[arg(long, default_value = "runs/compare")]
+    runs: PathBuf,
+    /// The results file (tables are written between its markers).
+    #[arg(long, default_value = "docs/results.md")]
+    results: PathBuf,
+}
+
+/// A method of the comparison.
+struct Method {
+    key: &'static str,
+    name: &'static str,
+    peft: PeftConfig,
+    /// Learning rates tried on dev (seed 0, a short run); the best is used for every seed.
+    lrs: &'static [f64],
+}
+
+fn methods() -> Vec<Method> {
+    let linear = |c: AdapterConfig| PeftConfig::linear(c);
+    let block = |c: BlockAdapterConfig| PeftConfig::block(c);
+    // ~40k trainable parameters each where the method can reach it (6 layers, d = 384, FFN 1536).
+    let kronab = KronABConfig::auto().with_budget(6200);
+    vec![
+        Method {
+            key: "full",
+            name: "Fine-tuning",
+            peft: PeftConfig::mode(TrainMode::Full),
+            lrs: &[5e-5, 2e-4],
+        },
+        Method {
+            key: "bitfit",
+            name: "BitFit",
+            peft: PeftConfig::mode(TrainMode::BitFit),
+            lrs: &[1e-3, 5e-3],
+        },
+        Method {
+            key: "adapter",
+            name: "Adapter (bottleneck 8)",
+            peft: block(BlockAdapterConfig::Adapter(
+                HoulsbyConfig::new().with_bottleneck(8),
+            )),
+            lrs: &[1e-3, 3e-3],
+        },
+        Method {
+            key: "lora",
+            name: "LoRA (r = 1)",
+            peft: linear(AdapterConfig::Lora(LoraConfig::new(1))),
+            lrs: &[3e-3, 1e-2],
+        },
+        Method {
+            key: "compacter",
+            name: "Compacter (n = 4, bottleneck 24)",
+            peft: block(BlockAdapterConfig::Compacter(
+                CompacterConfig::new().with_reduction_factor(16),
+            )),
+            lrs: &[3e-3, 1e-2],
+        },
+        Method {
+            key: "pa",
+            name: "PA (r = 8, s = 16)",
+            peft: block(BlockAdapterConfig::ParallelAdapter(
+                ParallelAdapterConfig::new(8),
+            )),
+            lrs: &[3e-4, 1e-3],
+        },
+        Method {
+            key: "krona",
+            name: "KronA",
+            peft: linear(AdapterConfig::KronA(KronAConfig::auto())),
+            lrs: &[3e-3, 1e-2],
+        },
+        Method {
+            key: "kronab",
+            name: "KronA^B (s = 16)",
+            peft: block(BlockAdapterConfig::KronAB(kronab.clone())),
+            lrs: &[3e-4, 1e-3],
+        },
+        Method {
+            key: "kronab_res",
+            name: "KronA^B_res (s = 16)",
+            peft: block(BlockAdapterConfig::KronAB(
+                kronab.with_residual(Residual::Learned),
+            )),
+            lrs: &[3e-4, 1e-3],
+        },
+        Method {
+            key: "kron_lora",
+            name: "Kron-LoRA (r = 12)",
+            peft: linear(AdapterConfig::KronLora(KronLoraConfig::auto(12))),
+            lrs: &[3e-3, 1e-2],
+        },
+        Method {
+            key: "frozen",
+            name: "Frozen encoder, head only",
+            peft: PeftConfig::default(),
+            lrs: &[1e-2],
+        },
+    ]
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let cache = AssetCache::default();
+    let base = FinetuneConfig {
+        epochs: args.epochs,
+        max_train: Some(args.max_train),
+        ..FinetuneConfig::default()
+    };
+    let data = prepare(&cache, TaskName::RottenTomatoes, base.max_len, &|m| {
+        eprintln!("{m}")
+    })?;
+    let device = Default::default();
+    let methods: Vec<Method> = methods()
+        .into_iter()
+        .filter(|m| args.only.is_empty() || args.only.iter().any(|k| k == m.key))
+        .collect();
+    let mut sections = Vec::new();
+    sections.push(header(&args, &data));
+
+    if !args.timing {
+        // 1. Learning rate per method, on dev.
+        let mut chosen = BTreeMap::new();
+        for m in &methods {
+            let mut best = (m.lrs[0], -1.0);
+            if m.lrs.len() > 1 {
+                for &lr in m.lrs {
+                    let cfg = FinetuneConfig {
+                        peft: m.peft.clone(),
+                        lr,
+                        seed: 0,
+                        max_train: Some(args.select_train),
+                        ..base.clone()
+                    };
+                    let r = run_one(
+                        &args.runs,
+                        &format!("select-{}-lr{lr}", m.key),
+                        &cfg,
+                        &data,
+                        &device,
+                    )?;
+                    if r.best_dev_acc > best.1 {
+                        best = (lr, r.best_dev_acc);
+                    }
+                }
+            }
+            chosen.insert(m.key, best.0);
+        }
+        // 2. Every method, several seeds.
+        let mut rows = Vec::new();
+        for m in &methods {
+            let lr = chosen[m.key];
+            let reports = (0..args.seeds)
+                .map(|seed| {
+                    let cfg = FinetuneConfig {
+                        peft: m.peft.clone(),
+                        lr,
+                        seed,
+                        ..base.clone()
+                    };
+                    run_one(
+                        &args.runs,
+                        &format!("{}-seed{seed}", m.key),
+                        &cfg,
+                        &data,
+                        &device,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.push((m.name.to_string(), lr, reports));
+        }
+        sections.push(accuracy_table("Methods", &rows));
+
+        // 3. Ablations on KronA, with KronA's learning rate.
+        if methods.iter().any(|m| m.key == "krona") {
+            let lr = chosen["krona"];
+            let ablation = |key: &str,
+                            name: &str,
+                            c: KronAConfig|
+             -> Result<
+                (String, f64, Vec<RunReport>),
+                Box<dyn std::error::Error>,
+            > {
+                let reports = (0..args.seeds)
+                    .map(|seed| {
+                        let cfg = FinetuneConfig {
+                            peft: PeftConfig::linear(AdapterConfig::KronA(c.clone())),
+                            lr,
+                            seed,
+                            ..base.clone()
+                        };
+                        run_one(
+                            &args.runs,
+                            &format!("{key}-seed{seed}"),
+                            &cfg,
+                            &data,
+                            &device,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((name.to_string(), lr, reports))
+            };
+            let init = vec![
+                ablation(
+                    "krona",
+                    "a ~ Kaiming-uniform, b = 0 (default)",
+                    KronAConfig::auto(),
+                )?,
+                ablation(
+                    "krona-normal",
+                    "a, b ~ Normal(0, 1/√d_in)",
+                    KronAConfig::auto().with_init(FactorInit::Normal),
+                )?,
+            ];
+            sections.push(accuracy_table(
+                "Initialisation (the paper's Table 4)",
+                &init,
+            ));
+            let shapes = vec![
+                ablation("krona", "a (16, 16) near √d (default)", KronAConfig::auto())?,
+                ablation(
+                    "krona-a16x24",
+                    "a (16, 24)",
+                    KronAConfig::auto().with_a_shape([16, 24]),
+                )?,
+                ablation(
+                    "krona-a2x192",
+                    "a (2, 192)",
+                    KronAConfig::auto().with_a_shape([2, 192]),
+                )?,
+                ablation(
+                    "krona-a48x8",
+                    "a (48, 8)",
+                    KronAConfig::auto().with_a_shape([48, 8]),
+                )?,
+            ];
+            sections.push(accuracy_table(
+                "Factor shapes (the paper's Table 9; `b` is derived per layer)",
+                &shapes,
+            ));
+        }
+    }
+    if !args.no_timing {
+        sections.push(timing_tables(&methods, &data, &device)?);
+    }
+    write_results(&args.results, &sections.join("\n"))?;
+    eprintln!("wrote {}", args.results.display());
+    Ok(())
+}
+
+/// Trains one configuration, or reads its report back if it was already trained.
+fn run_one(
+    runs: &Path,
+    name: &str,
+    cfg: &FinetuneConfig,
+    data: &Prepared,
+    device: &burn::tensor::Device<Train>,
+) -> Result<RunReport, Box<dyn std::error::Error>> {
+    let dir = runs.join(name);
+    if let Ok(text) = std::fs::read_to_string(dir.join("report.json")) {
+        if let Ok(r) = serde_json::from_str::<RunReport>(&text) {
+            if &r.config == cfg {
+                eprintln!("{name}: cached, test {:.4}", r.test_acc);
+                return Ok(r);
+            }
+        }
+    }
+    let t = Instant::now();
+    let r = finetune::<Train>(cfg, data, Some(&dir), device, false)?;
+    eprintln!(
+        "{name}: lr {:e} dev {:.4} test {:.4} trainable {} ({:.0} s)",
+        cfg.lr,
+        r.best_dev_acc,
+        r.test_acc,
+        r.trainable,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(r)
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+fn accuracy_table(title: &str, rows: &[(String, f64, Vec<RunReport>)]) -> String {
+    let mut s = format!(
+        "### {title}\n\n| method | trainable params | % of model | lr | test accuracy (mean ± std) | dev accuracy | seeds |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    );
+    for (name, lr, reports) in rows {
+        let test: Vec<f64> = reports.iter().map(|r| 100.0 * r.test_acc).collect();
+        let dev: Vec<f64> = reports.iter().map(|r| 100.0 * r.best_dev_acc).collect();
+        let (tm, ts) = mean_std(&test);
+        let (dm, ds) = mean_std(&dev);
+        let r = &reports[0];
+        s += &format!(
+            "| {name} | {} | {:.3} | {lr:e} | {tm:.2} ± {ts:.2} | {dm:.2} ± {ds:.2} | {} |\n",
+            r.trainable,
+            100.0 * r.trainable as f64 / r.total as f64,
+            reports.len()
+        );
+    }
+    s
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Training step time per method relative to full fine-tuning, and inference latency at
+/// batch 1 × 10 tokens, merged and unmerged.
+fn timing_tables(
+    methods: &[Method],
+    data: &Prepared,
+    device: &burn::tensor::Device<Train>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    // The same 12 training batches of 32 for every method.
+    let batches: Vec<Vec<&Encoded>> = data
+        .train
+        .chunks(32)
+        .take(12)
+        .map(|c| c.iter().collect())
+        .collect();
+    let probe = Encoded {
+        ids: data
+            .test
+            .iter()
+            .find(|e| e.ids.len() >= 10)
+            .map(|e| e.ids[..10].to_vec())
+            .unwrap(),
+        label: 0,
+    };
+    let mut step_ms = BTreeMap::new();
+    let mut latency = Vec::new();
+    for m in methods {
+        let cfg = FinetuneConfig {
+            peft: m.peft.clone(),
+            ..FinetuneConfig::default()
+        };
+        let mut model = build_model::<Train>(&cfg, data, device)?;
+        let mut optim = AdamWConfig::new().init();
+        let loss_fn = burn::nn::loss::CrossEntropyLossConfig::new().init(device);
+        let mut times = Vec::new();
+        for (i, b) in batches.iter().enumerate() {
+            let t = Instant::now();
+            let (ids, mask, labels) = batch_tensors::<Train>(b, device);
+            let loss = loss_fn.forward(model.forward(ids, mask), labels);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-4, model, grads);
+            let _ = loss.into_scalar();
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        step_ms.insert(m.key, (m.name, median(times)));
+        // Latency: the inference module, unmerged and merged.
+        let valid = model.valid();
+        let (ids, mask, _) = batch_tensors::<Inner>(&[&probe], device);
+        let unmerged = latency_ms(|| valid.forward(ids.clone(), mask.clone()));
+        let mut merged_model = valid.clone();
+        merged_model.encoder = merged_model.encoder.merge()?;
+        let merged = latency_ms(|| merged_model.forward(ids.clone(), mask.clone()));
+        latency.push((
+            m.name,
+            unmerged,
+            merged,
+            valid.encoder.block_adapters.is_some(),
+        ));
+        eprintln!(
+            "timing {}: step {:.0} ms, latency {:.2} / {:.2} ms",
+            m.name, step_ms[m.key].1, unmerged, merged
+        );
+    }
+    let full = step_ms.get("full").map(|x| x.1);
+    let base = latency
+        .iter()
+        .find(|l| l.0.starts_with("Frozen"))
+        .map(|l| l.1);
+    let mut s = String::from("### Training time per step (the paper's Table 2, second row)\n\nMedian of 10 AdamW steps (after 2 warm-up steps) on the same 10 batches of 32 training sentences.\n\n| method | ms per step | relative to full fine-tuning |\n| --- | ---: | ---: |\n");
+    for m in methods {
+        let (name, ms) = step_ms[m.key];
+        s += &format!(
+            "| {name} | {ms:.0} | {} |\n",
+            full.map_or("—".into(), |f| format!("{:.2}", ms / f))
+        );
+    }
+    s += "\n### Inference latency, batch 1 × 10 tokens (the paper's Table 2, first row)\n\nMedian of 200 forward passes after 50 warm-up passes. Merged: linear adapters folded into the weights (`BertEncoder::merge`); block adapters cannot merge.\n\n| method | unmerged ms | merged ms | merged relative to the frozen base |\n| --- | ---: | ---: | ---: |\n";
+    for (name, un, me, block) in &latency {
+        let rel = base.map_or("—".into(), |b| format!("{:.2}", me / b));
+        s += &format!(
+            "| {name} | {un:.2} | {}{me:.2} | {rel} |\n",
+            if *block { "(not mergeable) " } else { "" }
+        );
+    }
+    Ok(s)
+}
+
+fn latency_ms<F: Fn() -> Tensor<Inner, 2>>(f: F) -> f64 {
+    for _ in 0..50 {
+        let _ = f().into_data();
+    }
+    let times: Vec<f64> = (0..200)
+        .map(|_| {
+            let t = Instant::now();
+            let _ = f().into_data();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median(times)
+}
+
+fn header(args: &Args, data: &Prepared) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "Produced by `cargo run --release --example compare -- --seeds {} --max-train {} --epochs {}` at commit `{commit}`, on {cpu} ({cores} cores), backend {}. Task: Rotten Tomatoes ({} training sentences used of {}, dev {}, test {}); all-MiniLM-L6-v2. Learning rates chosen on dev per method ({} training sentences, seed 0).\n",
+        args.seeds,
+        args.max_train,
+        args.epochs,
+        backend_name(),
+        args.max_train.min(data.train.len()),
+        data.train.len(),
+        data.dev.len(),
+        data.test.len(),
+        args.select_train,
+    )
+}
+
+const BEGIN: &str = "<!-- compare:begin (written by examples/compare.rs) -->";
+const END: &str = "<!-- compare:end -->";
+
+fn write_results(path: &Path, tables: &str) -> std::io::Result<()> {
+    let old =
+        std::fs::read_to_string(path).unwrap_or_else(|_| format!("# Results\n\n{BEGIN}\n{END}\n"));
+    let (before, after) = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => (old[..b].to_string(), old[e + END.len()..].to_string()),
+        _ => (format!("{old}\n"), String::new()),
+    };
+    std::fs::write(path, format!("{before}{BEGIN}\n{tables}\n{END}{after}"))
+}
