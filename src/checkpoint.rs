@@ -109,6 +109,31 @@ impl HostTensor {
         }
     }
 
+    /// A safetensors tensor as f32 (from F32, F16 or BF16); `None` for other dtypes.
+    pub fn from_view(view: &safetensors::tensor::TensorView<'_>) -> Option<Self> {
+        use safetensors::Dtype;
+        let b = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => return None,
+        };
+        Some(Self {
+            shape: view.shape().to_vec(),
+            data,
+        })
+    }
+
     /// A 2-D tensor on `device`.
     pub fn to_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
         Tensor::from_data(

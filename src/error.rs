@@ -111,6 +111,23 @@ pub enum AdapterError {
         message: String,
     },
 
+    /// An option or feature of a foreign file (PEFT's DoRA, conv layers, ...) that this crate
+    /// does not support: refused, never silently ignored.
+    #[error("unsupported `{option}`: {message}")]
+    Unsupported {
+        /// The option, as the file names it.
+        option: String,
+        /// What is unsupported and where.
+        message: String,
+    },
+
+    /// Two inputs that do not fit together (an adapter and the base checkpoint it is merged into).
+    #[error("the inputs do not fit: {message}")]
+    Incompatible {
+        /// What does not fit, and how to fix it.
+        message: String,
+    },
+
     /// A model or data package that could not be found, fetched or unpacked.
     #[error("asset {package}: {message}")]
     Asset {
@@ -158,7 +175,8 @@ impl AdapterError {
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error about `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         AdapterError::Io {
             path: path.into(),
             source,

@@ -40,6 +40,7 @@ pub mod kron;
 pub mod linear;
 pub mod model;
 pub mod params;
+pub mod peft;
 pub mod rng;
 pub mod targets;
 pub mod training;

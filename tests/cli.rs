@@ -1,0 +1,408 @@
+//! The `kron-adapters` command-line tool: inspect, merge (against PEFT's merged weights, in the
+//! base's dtype), convert round trips, exit codes, and no output on failure.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kron-adapters"))
+}
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/peft")
+        .join(case)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kron-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = bin().args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// name → (dtype, shape, values as f32)
+fn read(
+    path: &Path,
+) -> std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let vals = kron_adapters::checkpoint::HostTensor::from_view(&v)
+                .unwrap()
+                .data;
+            (n, (v.dtype(), v.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+#[test]
+fn inspect_describes_peft_folders_and_adapter_files() {
+    let (code, out, _) = run(&["inspect", s(&fixture("lokr_kronlora_d48").join("adapter"))]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("PEFT LOKR folder") && out.contains("Kron-LoRA × 8"),
+        "{out}"
+    );
+    assert!(
+        out.contains("encoder.layer.1.output.dense") && out.contains("a 8×6, b1 12×2, b2 2×8"),
+        "{out}"
+    );
+    assert!(out.contains("trainable parameters: 624"), "{out}");
+    let (code, out, _) = run(&["inspect", "--json", s(&fixture("lora_d48").join("adapter"))]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["trainable_params"], 3840);
+    assert_eq!(
+        v["layers"]["encoder.layer.0.attention.self.query"]["scale"],
+        2.0
+    );
+    assert!(v["bytes"].as_u64().unwrap() > 15_000);
+}
+
+#[test]
+fn merge_matches_peft_merge_and_unload() {
+    let dir = tmp("merge");
+    for case in [
+        "lokr_kronlora_d48",
+        "lokr_krona_full_d48",
+        "lokr_both_d64",
+        "lora_d48",
+    ] {
+        let out = dir.join(format!("{case}.safetensors"));
+        let f = fixture(case);
+        let (code, _, err) = run(&[
+            "merge",
+            "--base",
+            s(&f.join("base.safetensors")),
+            "--adapter",
+            s(&f.join("adapter")),
+            "--out",
+            s(&out),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let (ours, theirs) = (read(&out), read(&f.join("merged.safetensors")));
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>(),
+            "{case}: same names"
+        );
+        for (k, (dt, shape, v)) in &ours {
+            assert_eq!((dt, shape), (&theirs[k].0, &theirs[k].1), "{case} {k}");
+            let err = v
+                .iter()
+                .zip(&theirs[k].2)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err <= 1e-5, "{case} {k}: max abs error {err}");
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn merge_keeps_the_base_dtype() {
+    // An F16 copy of a base: the merged file is F16 too, with everything else copied as is.
+    let dir = tmp("f16");
+    let f = fixture("lora_d48");
+    let bytes = std::fs::read(f.join("base.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let vals = kron_adapters::checkpoint::HostTensor::from_view(&v)
+                .unwrap()
+                .data;
+            (
+                n,
+                v.shape().to_vec(),
+                vals.iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect(),
+            )
+        })
+        .collect();
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, sh, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F16, sh.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), &dir.join("base16.safetensors")).unwrap();
+    let out = dir.join("merged16.safetensors");
+    let (code, _, err) = run(&[
+        "merge",
+        "--base",
+        s(&dir.join("base16.safetensors")),
+        "--adapter",
+        s(&f.join("adapter")),
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let merged = read(&out);
+    let want = read(&f.join("merged.safetensors"));
+    for (k, (dt, _, v)) in &merged {
+        assert_eq!(*dt, safetensors::Dtype::F16, "{k}");
+        let err = v
+            .iter()
+            .zip(&want[k].2)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err <= 2e-3, "{k}: f16 rounding only, got {err}");
+    }
+    assert_eq!(
+        merged["pooler.weight"].2,
+        read(&dir.join("base16.safetensors"))["pooler.weight"].2,
+        "untouched tensors copied"
+    );
+    let out_bytes = std::fs::read(&out).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&out_bytes).unwrap();
+    assert_eq!(
+        header.metadata().as_ref().unwrap()["format"],
+        "pt",
+        "metadata kept"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn convert_round_trips_between_peft_and_adapter_files() {
+    let dir = tmp("convert");
+    let native = dir.join("a.safetensors");
+    let (code, _, err) = run(&[
+        "convert",
+        "--from",
+        "peft",
+        "--to",
+        "native",
+        s(&fixture("lokr_kronlora_d48").join("adapter")),
+        s(&native),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(&["inspect", s(&native)]);
+    assert!(
+        code == 0 && out.contains("kron-adapters adapter file") && out.contains("Kron-LoRA × 8"),
+        "{out}"
+    );
+    let peft = dir.join("peft");
+    let (code, _, err) = run(&[
+        "convert",
+        "--from",
+        "native",
+        "--to",
+        "peft",
+        s(&native),
+        s(&peft),
+        "--base-model",
+        "my/net",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // Merging the converted folder gives PEFT's merged weights too.
+    let f = fixture("lokr_kronlora_d48");
+    let out = dir.join("m.safetensors");
+    let (code, _, err) = run(&[
+        "merge",
+        "--base",
+        s(&f.join("base.safetensors")),
+        "--adapter",
+        s(&peft),
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (ours, theirs) = (read(&out), read(&f.join("merged.safetensors")));
+    for (k, (_, _, v)) in &ours {
+        let err = v
+            .iter()
+            .zip(&theirs[k].2)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err <= 1e-5, "{k}");
+    }
+    // Existing outputs need --force.
+    let (code, _, err) = run(&[
+        "convert",
+        "--from",
+        "peft",
+        "--to",
+        "native",
+        s(&fixture("lora_d48").join("adapter")),
+        s(&native),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--force"), "{err}");
+    let (code, _, _) = run(&[
+        "convert",
+        "--from",
+        "peft",
+        "--to",
+        "native",
+        s(&fixture("lora_d48").join("adapter")),
+        s(&native),
+        "--force",
+    ]);
+    assert_eq!(code, 0);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn exit_codes_and_no_partial_outputs() {
+    let dir = tmp("errors");
+    let out = dir.join("out.safetensors");
+    let base = fixture("lora_d48").join("base.safetensors");
+    let check = |args: Vec<&str>, want: i32, needle: &str| {
+        let (code, _, err) = run(&args);
+        assert_eq!(code, want, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} left an output file");
+        let stray: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .collect();
+        assert!(stray.is_empty(), "{args:?} left {stray:?}");
+    };
+    // 1: missing files.
+    check(
+        vec![
+            "merge",
+            "--base",
+            s(&base),
+            "--adapter",
+            "/nonexistent",
+            "--out",
+            s(&out),
+        ],
+        1,
+        "nonexistent",
+    );
+    // 3: malformed inputs.
+    let bad = dir
+        .parent()
+        .unwrap()
+        .join(format!("kron-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("adapter_config.json"), b"{ not json").unwrap();
+    std::fs::copy(
+        fixture("lora_d48").join("adapter/adapter_model.safetensors"),
+        bad.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    check(
+        vec![
+            "merge",
+            "--base",
+            s(&base),
+            "--adapter",
+            s(&bad),
+            "--out",
+            s(&out),
+        ],
+        3,
+        "adapter_config.json",
+    );
+    std::fs::write(
+        bad.join("adapter_config.json"),
+        std::fs::read(fixture("lora_d48").join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        bad.join("adapter_model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":",
+    )
+    .unwrap();
+    check(
+        vec![
+            "merge",
+            "--base",
+            s(&base),
+            "--adapter",
+            s(&bad),
+            "--out",
+            s(&out),
+        ],
+        3,
+        "safetensors",
+    );
+    check(
+        vec![
+            "merge",
+            "--base",
+            s(&fixture("lora_d48").join("adapter/adapter_config.json")),
+            "--adapter",
+            s(&fixture("lora_d48").join("adapter")),
+            "--out",
+            s(&out),
+        ],
+        3,
+        "safetensors",
+    );
+    // 4: unsupported.
+    let mut cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixture("lora_d48").join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["use_dora"] = true.into();
+    std::fs::write(bad.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        fixture("lora_d48").join("adapter/adapter_model.safetensors"),
+        bad.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    check(vec!["inspect", s(&bad)], 4, "use_dora");
+    // 5: adapter and base do not fit.
+    check(
+        vec![
+            "merge",
+            "--base",
+            s(&base),
+            "--adapter",
+            s(&fixture("lokr_both_d64").join("adapter")),
+            "--out",
+            s(&out),
+        ],
+        5,
+        "[64, 64]",
+    );
+    check(
+        vec![
+            "merge",
+            "--base",
+            s(&base),
+            "--adapter",
+            s(&fixture("lora_d48").join("adapter")),
+            "--out",
+            s(&out),
+            "--map",
+            "encoder.=bert.encoder.",
+        ],
+        5,
+        "--map",
+    );
+    // 2: usage.
+    let (code, _, _) = run(&["merge", "--base", s(&base)]);
+    assert_eq!(code, 2);
+    std::fs::remove_dir_all(bad).ok();
+    std::fs::remove_dir_all(dir).ok();
+}
