@@ -386,19 +386,48 @@ fn peft_folders_apply_to_the_encoder_by_hugging_face_name() {
     let dev = device();
     let dir = std::env::temp_dir().join(format!("kron-enc-peft-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let peft = PeftConfig::linear(AdapterConfig::KronA(KronAConfig::auto().with_init(kron_adapters::FactorInit::Normal)));
-    let trained = BertEncoder::<TB>::new(&mut TensorSource::random(5), &tiny(), &peft, &dev).unwrap();
+    let peft = PeftConfig::linear(AdapterConfig::KronA(
+        KronAConfig::auto().with_init(kron_adapters::FactorInit::Normal),
+    ));
+    let trained =
+        BertEncoder::<TB>::new(&mut TensorSource::random(5), &tiny(), &peft, &dev).unwrap();
     // Export as a PEFT LoKr folder, read it back, apply it to an encoder without adapters.
     let native = kron_adapters::NativeAdapters::from_model(&trained);
     kron_adapters::peft::write_peft_dir(&dir, &native, None, false).unwrap();
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["peft_type"], "LOKR");
-    assert!(cfg["target_modules"].as_array().unwrap().iter().any(|t| t == "encoder.layer.1.attention.self.key"));
+    assert!(cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t == "encoder.layer.1.attention.self.key"));
     let read = kron_adapters::peft::PeftAdapter::read_dir(&dir).unwrap();
-    let plain = BertEncoder::<TB>::new(&mut TensorSource::random(5), &tiny(), &PeftConfig::default(), &dev).unwrap();
-    let applied = kron_adapters::peft::apply_adapters(plain, &read.adapters, &kron_adapters::peft::NameMap::new(), &dev).unwrap();
-    let ids = Tensor::<TB, 2, Int>::from_data(TensorData::new(vec![3i64, 8, 13, 21, 34, 55], [2, 3]), &dev);
+    let plain = BertEncoder::<TB>::new(
+        &mut TensorSource::random(5),
+        &tiny(),
+        &PeftConfig::default(),
+        &dev,
+    )
+    .unwrap();
+    let applied = kron_adapters::peft::apply_adapters(
+        plain,
+        &read.adapters,
+        &kron_adapters::peft::NameMap::new(),
+        &dev,
+    )
+    .unwrap();
+    let ids = Tensor::<TB, 2, Int>::from_data(
+        TensorData::new(vec![3i64, 8, 13, 21, 34, 55], [2, 3]),
+        &dev,
+    );
     let mask = Tensor::<TB, 2, Int>::from_data(TensorData::new(vec![1i64; 6], [2, 3]), &dev);
-    assert_close(&to_vec(applied.forward(ids.clone(), mask.clone())), &to_vec(trained.forward(ids, mask)), 1e-6, "PEFT round trip");
+    assert_close(
+        &to_vec(applied.forward(ids.clone(), mask.clone())),
+        &to_vec(trained.forward(ids, mask)),
+        1e-6,
+        "PEFT round trip",
+    );
     std::fs::remove_dir_all(dir).ok();
 }

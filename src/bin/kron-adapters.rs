@@ -195,10 +195,12 @@ fn inspect(path: &Path, json: bool) -> Result<(), AdapterError> {
             "trainable_params": adapters.num_params(),
             "layers": adapters.meta.layers,
         });
-        println!("{}", serde_json::to_string_pretty(&value).expect("JSON"));
+        emit(&(serde_json::to_string_pretty(&value).expect("JSON") + "\n"));
         return Ok(());
     }
-    println!("{}: {kind}, {bytes} bytes", path.display());
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: {kind}, {bytes} bytes", path.display());
     let mut methods: HashMap<String, usize> = HashMap::new();
     for s in adapters.meta.layers.values() {
         *methods.entry(s.method.to_string()).or_default() += 1;
@@ -208,8 +210,9 @@ fn inspect(path: &Path, json: bool) -> Result<(), AdapterError> {
         .map(|(m, n)| format!("{m} × {n}"))
         .collect();
     methods.sort();
-    println!("method: {}", methods.join(", "));
-    println!(
+    let _ = writeln!(out, "method: {}", methods.join(", "));
+    let _ = writeln!(
+        out,
         "{:<48} {:<9} {:>12} {:<30} {:>5} {:>9} {:>9}",
         "layer", "method", "[in → out]", "factors", "rank", "scale", "params"
     );
@@ -219,7 +222,8 @@ fn inspect(path: &Path, json: bool) -> Result<(), AdapterError> {
             .iter()
             .map(|(n, sh)| format!("{n} {}×{}", sh[0], sh[1]))
             .collect();
-        println!(
+        let _ = writeln!(
+            out,
             "{:<48} {:<9} {:>12} {:<30} {:>5} {:>9.4} {:>9}",
             if name.is_empty() {
                 "(single layer)"
@@ -234,8 +238,26 @@ fn inspect(path: &Path, json: bool) -> Result<(), AdapterError> {
             s.num_params()
         );
     }
-    println!("trainable parameters: {}", adapters.num_params());
+    let _ = writeln!(out, "trainable parameters: {}", adapters.num_params());
+    emit(&out);
     Ok(())
+}
+
+/// Writes to stdout; a closed pipe (`kron-adapters inspect … | head`) ends the program quietly
+/// instead of panicking.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing the output: {e}");
+        std::process::exit(1);
+    }
 }
 
 fn refuse_existing(out: &Path, force: bool) -> Result<(), AdapterError> {

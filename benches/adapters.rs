@@ -1,0 +1,510 @@
+//! Benchmarks: adapters alone, a training step of the MiniLM encoder per method, and inference.
+//! Prints markdown tables of medians and of ratios measured in the same run (absolute times on
+//! a shared machine are noisy; ratios within one run are not).
+//!
+//! ```text
+//! cargo bench --bench adapters               # everything (~10 min on 2 CPU cores)
+//! cargo bench --bench adapters -- --quick    # smaller sizes (~2 min)
+//! cargo bench --bench adapters --features wgpu   # the same on a GPU
+//! ```
+//!
+//! The encoder is all-MiniLM-L6-v2's architecture with random weights (no download needed):
+//! the cost of a step does not depend on the weights' values. Tables also go to
+//! `target/bench/adapters.md`, and a chart of the step times to `target/bench/steps.png`.
+
+#[path = "../examples/common/mod.rs"]
+mod common;
+
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData};
+use common::{backend_name, Inner, Train};
+use kron_adapters::block::{
+    BlockAdapterConfig, CompacterConfig, HoulsbyConfig, KronABConfig, ParallelAdapterConfig,
+    Residual,
+};
+use kron_adapters::kron::kron;
+use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
+use kron_adapters::{
+    count_params, Adapter, AdapterConfig, ContractionOrder, KronAConfig, KronLoraConfig,
+    LinearAdapter, LoraConfig, PeftConfig, TrainMode,
+};
+
+/// Median milliseconds of `f`, after `warmup` calls, over enough calls to fill ~`budget_s`.
+fn time<F: FnMut()>(mut f: F, warmup: usize, budget_s: f64) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64();
+    let n = ((budget_s / once.max(1e-6)) as usize).clamp(3, 200);
+    let mut times: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
+    let _ = t.into_data();
+}
+
+struct Row {
+    name: String,
+    params: usize,
+    macs: u64,
+    fwd: f64,
+    fwd_bwd: f64,
+}
+
+/// One adapter variant: its name and a builder on any backend.
+type Build<B> = Box<dyn Fn(&burn::tensor::Device<B>) -> Adapter<B>>;
+
+fn variants<B: Backend>(d: usize) -> Vec<(String, Build<B>)> {
+    let krona = |a: Option<[usize; 2]>, order: ContractionOrder| -> Build<B> {
+        Box::new(move |dev: &B::Device| {
+            let mut c = KronAConfig::auto()
+                .with_order(order)
+                .with_init(kron_adapters::FactorInit::Normal);
+            c.a_shape = a;
+            AdapterConfig::KronA(c)
+                .init::<B>("bench", d, d, dev)
+                .unwrap()
+        })
+    };
+    let (m, _) = kron_adapters::kron::peft_factorization(d, -1);
+    let lora_rank = (m * m + (d / m) * (d / m)).div_ceil(2 * d).max(1);
+    let kl_rank = 2;
+    vec![
+        (
+            format!("LoRA r={lora_rank}"),
+            Box::new(move |dev: &B::Device| {
+                AdapterConfig::Lora(
+                    LoraConfig::new(lora_rank).with_init(kron_adapters::FactorInit::Normal),
+                )
+                .init::<B>("bench", d, d, dev)
+                .unwrap()
+            }) as Build<B>,
+        ),
+        (
+            format!("KronA a ({m},{m}) auto"),
+            krona(None, ContractionOrder::Auto),
+        ),
+        (
+            format!("KronA a ({m},{m}) a first"),
+            krona(None, ContractionOrder::AFirst),
+        ),
+        (
+            format!("KronA a ({m},{m}) a last"),
+            krona(None, ContractionOrder::ALast),
+        ),
+        (
+            format!("KronA a (2,{})", d / 2),
+            krona(Some([2, d / 2]), ContractionOrder::Auto),
+        ),
+        (
+            format!("Kron-LoRA r={kl_rank}"),
+            Box::new(move |dev: &B::Device| {
+                AdapterConfig::KronLora(
+                    KronLoraConfig::auto(kl_rank).with_init(kron_adapters::FactorInit::Normal),
+                )
+                .init::<B>("bench", d, d, dev)
+                .unwrap()
+            }),
+        ),
+    ]
+}
+
+fn adapter_macs(a: &Adapter<Inner>) -> u64 {
+    match a {
+        Adapter::Lora(l) => (l.rank() * (l.d_in() + l.d_out())) as u64,
+        Adapter::KronA(k) => k.plan.cost(&[k.a.dims()], &[k.b.dims()]),
+        Adapter::KronLora(k) => k.plan.cost(&[k.a.dims()], &[k.b1.dims(), k.b2.dims()]),
+    }
+}
+
+fn adapter_table(dims: &[usize], tokens: usize, budget: f64) -> String {
+    let dev = Default::default();
+    let mut out = format!(
+        "### Adapters alone, {tokens} tokens\n\nForward `x·ΔW` and forward + backward (gradients of the factors and of `x`), median ms. \
+         `materialized` is PEFT's approach: build `ΔW = a ⊗ b` (`d × d`) every call, then `x·ΔW`. `dense` is a full `d × d` weight \
+         (forward; forward + backward with its weight gradient, as full fine-tuning).\n\n"
+    );
+    for &d in dims {
+        out += &format!("**d = {d}**\n\n| adapter | params | MACs/token | fwd ms | fwd+bwd ms | fwd+bwd vs LoRA |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
+        let x_inner = Tensor::<Inner, 2>::random([tokens, d], Distribution::Normal(0.0, 1.0), &dev);
+        let mut rows = Vec::new();
+        for (name, build) in variants::<Train>(d) {
+            let adapter = build(&dev);
+            let inner = adapter.valid();
+            let macs = adapter_macs(&inner);
+            let params = inner.spec().num_params();
+            let fwd = time(|| sync(inner.apply(x_inner.clone())), 2, budget);
+            let x = Tensor::<Train, 2>::from_inner(x_inner.clone()).require_grad();
+            let fwd_bwd = time(
+                || {
+                    let g = adapter.apply(x.clone()).sum().backward();
+                    let _ = x.grad(&g).map(sync);
+                },
+                2,
+                budget,
+            );
+            rows.push(Row {
+                name,
+                params,
+                macs,
+                fwd,
+                fwd_bwd,
+            });
+        }
+        // PEFT's materialized ΔW, for the √d KronA shapes.
+        let (m, _) = kron_adapters::kron::peft_factorization(d, -1);
+        let a =
+            Tensor::<Train, 2>::random([m, m], Distribution::Normal(0.0, 0.1), &dev).require_grad();
+        let b = Tensor::<Train, 2>::random([d / m, d / m], Distribution::Normal(0.0, 0.1), &dev)
+            .require_grad();
+        let x = Tensor::<Train, 2>::from_inner(x_inner.clone()).require_grad();
+        let fwd = time(
+            || {
+                sync(
+                    x_inner
+                        .clone()
+                        .matmul(kron(a.clone().inner(), b.clone().inner())),
+                )
+            },
+            2,
+            budget,
+        );
+        let fwd_bwd = time(
+            || {
+                let g = x
+                    .clone()
+                    .matmul(kron(a.clone(), b.clone()))
+                    .sum()
+                    .backward();
+                let _ = a.grad(&g).map(sync);
+            },
+            2,
+            budget,
+        );
+        rows.push(Row {
+            name: format!("materialized a ⊗ b ({m},{m})"),
+            params: m * m + (d / m) * (d / m),
+            macs: (d * d) as u64,
+            fwd,
+            fwd_bwd,
+        });
+        let w = Tensor::<Train, 2>::random([d, d], Distribution::Normal(0.0, 0.05), &dev)
+            .require_grad();
+        let fwd = time(
+            || sync(x_inner.clone().matmul(w.clone().inner())),
+            2,
+            budget,
+        );
+        let fwd_bwd = time(
+            || {
+                let g = x.clone().matmul(w.clone()).sum().backward();
+                let _ = w.grad(&g).map(sync);
+            },
+            2,
+            budget,
+        );
+        rows.push(Row {
+            name: "dense d × d".into(),
+            params: d * d,
+            macs: (d * d) as u64,
+            fwd,
+            fwd_bwd,
+        });
+        let lora = rows[0].fwd_bwd;
+        for r in &rows {
+            out += &format!(
+                "| {} | {} | {} | {:.3} | {:.3} | {:.2} |\n",
+                r.name,
+                r.params,
+                r.macs,
+                r.fwd,
+                r.fwd_bwd,
+                r.fwd_bwd / lora
+            );
+        }
+        out += "\n";
+        eprintln!("adapters d = {d} done");
+    }
+    out
+}
+
+fn methods() -> Vec<(&'static str, PeftConfig)> {
+    let lin = PeftConfig::linear;
+    let blk = PeftConfig::block;
+    vec![
+        ("full fine-tuning", PeftConfig::mode(TrainMode::Full)),
+        ("frozen encoder (head only)", PeftConfig::default()),
+        ("BitFit", PeftConfig::mode(TrainMode::BitFit)),
+        ("LoRA r=1", lin(AdapterConfig::Lora(LoraConfig::new(1)))),
+        (
+            "KronA a (16,16) (auto, PEFT shapes)",
+            lin(AdapterConfig::KronA(KronAConfig::auto())),
+        ),
+        (
+            "KronA a (2,192)",
+            lin(AdapterConfig::KronA(
+                KronAConfig::auto().with_a_shape([2, 192]),
+            )),
+        ),
+        (
+            "Kron-LoRA r=12",
+            lin(AdapterConfig::KronLora(KronLoraConfig::auto(12))),
+        ),
+        (
+            "PA r=8",
+            blk(BlockAdapterConfig::ParallelAdapter(
+                ParallelAdapterConfig::new(8),
+            )),
+        ),
+        (
+            "Adapter (bottleneck 8)",
+            blk(BlockAdapterConfig::Adapter(
+                HoulsbyConfig::new().with_bottleneck(8),
+            )),
+        ),
+        (
+            "Compacter",
+            blk(BlockAdapterConfig::Compacter(
+                CompacterConfig::new().with_reduction_factor(16),
+            )),
+        ),
+        (
+            "KronA^B",
+            blk(BlockAdapterConfig::KronAB(
+                KronABConfig::auto().with_budget(6200),
+            )),
+        ),
+        (
+            "KronA^B_res",
+            blk(BlockAdapterConfig::KronAB(
+                KronABConfig::auto()
+                    .with_budget(6200)
+                    .with_residual(Residual::Learned),
+            )),
+        ),
+    ]
+}
+
+fn batch<B: Backend>(
+    rng: &mut kron_adapters::rng::SplitMix64,
+    b: usize,
+    t: usize,
+    dev: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let ids: Vec<i64> = (0..b * t).map(|_| 1000 + rng.below(28000) as i64).collect();
+    (
+        Tensor::from_data(TensorData::new(ids, [b, t]), dev),
+        Tensor::from_data(TensorData::new(vec![1i64; b * t], [b, t]), dev),
+    )
+}
+
+fn step_table(b: usize, t: usize, budget: f64) -> (String, Vec<(String, f64)>) {
+    let dev = Default::default();
+    let cfg = BertConfig {
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
+        ..BertConfig::minilm_l6()
+    };
+    let mut rng = kron_adapters::rng::SplitMix64::new(1);
+    let (ids, mask) = batch::<Train>(&mut rng, b, t, &dev);
+    let labels = Tensor::<Train, 1, Int>::from_data(
+        TensorData::new((0..b as i64).map(|i| i % 2).collect::<Vec<_>>(), [b]),
+        &dev,
+    );
+    let loss_fn = CrossEntropyLossConfig::new().init(&dev);
+    let mut rows = Vec::new();
+    for (name, peft) in methods() {
+        let mut model =
+            BertClassifier::<Train>::new(&mut TensorSource::random(2), &cfg, &peft, 2, &dev)
+                .unwrap();
+        model.encoder = peft.train.apply(model.encoder);
+        let trainable = count_params(&model).trainable;
+        let mut optim = AdamWConfig::new().init();
+        let mut holder = Some(model);
+        let ms = time(
+            || {
+                let m = holder.take().unwrap();
+                let loss = loss_fn.forward(m.forward(ids.clone(), mask.clone()), labels.clone());
+                let grads = GradientsParams::from_grads(loss.backward(), &m);
+                holder = Some(optim.step(1e-5, m, grads));
+            },
+            2,
+            budget,
+        );
+        eprintln!("step {name}: {ms:.0} ms");
+        rows.push((name.to_string(), trainable, ms));
+    }
+    let full = rows[0].2;
+    let lora = rows
+        .iter()
+        .find(|r| r.0.starts_with("LoRA"))
+        .map(|r| r.2)
+        .unwrap_or(f64::NAN);
+    let mut out = format!(
+        "### One training step of the MiniLM encoder, batch {b} × {t} tokens\n\nForward, backward and AdamW step, median ms; dropout off.\n\n| method | trainable params | ms per step | vs full fine-tuning | vs LoRA |\n| --- | ---: | ---: | ---: | ---: |\n"
+    );
+    for (name, p, ms) in &rows {
+        out += &format!(
+            "| {name} | {p} | {ms:.0} | {:.2} | {:.2} |\n",
+            ms / full,
+            ms / lora
+        );
+    }
+    (
+        out + "\n",
+        rows.into_iter().map(|(n, _, ms)| (n, ms)).collect(),
+    )
+}
+
+fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
+    let dev = Default::default();
+    let cfg = BertConfig::minilm_l6();
+    let mut out = String::from(
+        "### Inference: the base encoder, merged and unmerged adapters\n\nForward of the classifier on the inference backend, median ms; merged = linear adapters folded into the weights.\n\n| method | tokens | base ms | unmerged ms | merged ms | unmerged vs base | merged vs base |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let mut rng = kron_adapters::rng::SplitMix64::new(3);
+    for &(b, t) in shapes {
+        let (ids, mask) = batch::<Inner>(&mut rng, b, t, &dev);
+        let base = BertClassifier::<Inner>::new(
+            &mut TensorSource::random(2),
+            &cfg,
+            &PeftConfig::default(),
+            2,
+            &dev,
+        )
+        .unwrap();
+        let base_ms = time(|| sync(base.forward(ids.clone(), mask.clone())), 5, budget);
+        for (name, peft) in [
+            (
+                "LoRA r=1",
+                PeftConfig::linear(AdapterConfig::Lora(LoraConfig::new(1))),
+            ),
+            (
+                "KronA a (16,16)",
+                PeftConfig::linear(AdapterConfig::KronA(KronAConfig::auto())),
+            ),
+            (
+                "KronA a (2,192)",
+                PeftConfig::linear(AdapterConfig::KronA(
+                    KronAConfig::auto().with_a_shape([2, 192]),
+                )),
+            ),
+        ] {
+            let m =
+                BertClassifier::<Inner>::new(&mut TensorSource::random(2), &cfg, &peft, 2, &dev)
+                    .unwrap();
+            let un = time(|| sync(m.forward(ids.clone(), mask.clone())), 5, budget);
+            let mut merged = m.clone();
+            merged.encoder = merged.encoder.merge().unwrap();
+            let me = time(
+                || sync(merged.forward(ids.clone(), mask.clone())),
+                5,
+                budget,
+            );
+            out += &format!(
+                "| {name} | {b} × {t} | {base_ms:.2} | {un:.2} | {me:.2} | {:.2} | {:.2} |\n",
+                un / base_ms,
+                me / base_ms
+            );
+        }
+        eprintln!("inference {b} × {t} done");
+    }
+    out + "\n"
+}
+
+fn plot(path: &std::path::Path, rows: &[(String, f64)]) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    for font in [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    ] {
+        if let Ok(bytes) = std::fs::read(font) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| "font")?;
+            break;
+        }
+    }
+    let full = rows[0].1;
+    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "training step time relative to full fine-tuning ({})",
+                backend_name()
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(260)
+        .build_cartesian_2d(0f64..1.1, (0..rows.len()).into_segmented())?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => rows.get(*i).map(|r| r.0.clone()).unwrap_or_default(),
+            _ => String::new(),
+        })
+        .x_desc("step time / full fine-tuning")
+        .draw()?;
+    chart.draw_series(rows.iter().enumerate().map(|(i, (_, ms))| {
+        Rectangle::new(
+            [
+                (0.0, SegmentValue::Exact(i)),
+                (ms / full, SegmentValue::Exact(i + 1)),
+            ],
+            BLUE.mix(0.6).filled(),
+        )
+    }))?;
+    root.present()?;
+    Ok(())
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let budget = if quick { 0.5 } else { 2.0 };
+    let mut md = format!(
+        "## {} ({})\n\n",
+        backend_name(),
+        if quick { "--quick" } else { "full" }
+    );
+    let dims: &[usize] = if quick {
+        &[384, 768]
+    } else {
+        &[384, 768, 1024, 4096]
+    };
+    md += &adapter_table(dims, if quick { 512 } else { 2048 }, budget);
+    let (steps, rows) = step_table(32, if quick { 32 } else { 64 }, budget * 2.0);
+    md += &steps;
+    md += &inference_table(
+        if quick {
+            &[(1, 10)]
+        } else {
+            &[(1, 10), (32, 64)]
+        },
+        budget,
+    );
+    println!("{md}");
+    let dir = std::path::Path::new("target/bench");
+    std::fs::create_dir_all(dir).ok();
+    std::fs::write(dir.join("adapters.md"), &md).ok();
+    if let Err(e) = plot(&dir.join("steps.png"), &rows) {
+        eprintln!("no plot: {e}");
+    }
+}
