@@ -280,7 +280,11 @@ impl NativeAdapters {
 
     /// Parses an adapter file's bytes; `path` names it in errors. Every layer the metadata
     /// describes must have all its factors with their shapes, and nothing else may be there.
+    /// A quantized adapter file ([`crate::quant`]) is read dequantized.
     pub fn from_bytes(path: &str, bytes: &[u8]) -> Result<Self, AdapterError> {
+        if crate::quant::is_quantized(bytes) {
+            return Ok(crate::quant::QuantizedAdapters::from_bytes(path, bytes)?.dequantize());
+        }
         let meta = read_meta_bytes(path, bytes)?.ok_or_else(|| AdapterError::Format {
             path: path.to_string(),
             message: format!(

@@ -41,6 +41,7 @@ pub mod linear;
 pub mod model;
 pub mod params;
 pub mod peft;
+pub mod quant;
 pub mod rng;
 pub mod targets;
 pub mod training;

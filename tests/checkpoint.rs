@@ -285,8 +285,11 @@ fn corrupt_missing_and_unwritable_files_are_errors_without_side_effects() {
     )
     .unwrap();
     let mut raw = std::fs::read(&bad_meta).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let at = text.find("\\\"layers\\\"").expect("layers in header");
+    let pattern = br#"\"layers\""#;
+    let at = raw
+        .windows(pattern.len())
+        .position(|w| w == pattern)
+        .expect("layers in header");
     raw[at + 2] = b'X'; // corrupt the JSON key inside the metadata string
     std::fs::write(&bad_meta, &raw).unwrap();
     let e = load_adapters(layer.clone(), &bad_meta).unwrap_err();

@@ -406,3 +406,102 @@ fn exit_codes_and_no_partial_outputs() {
     std::fs::remove_dir_all(bad).ok();
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn quantize_writes_a_file_that_inspect_merge_and_convert_accept() {
+    let dir = tmp("quantize");
+    let f = fixture("lora_d48");
+    let q = dir.join("q4.safetensors");
+    let (code, _, err) = run(&[
+        "quantize",
+        "--bits",
+        "4",
+        "--level",
+        "block:16",
+        s(&f.join("adapter")),
+        s(&q),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("int4 per block:16"), "{err}");
+    let (code, out, _) = run(&["inspect", s(&q)]);
+    assert!(
+        code == 0 && out.contains("quantized adapter file (int4 per block:16)"),
+        "{out}"
+    );
+    // Merging the quantized adapter adds its dequantized ΔW: close to PEFT's float merge.
+    let merged = dir.join("m.safetensors");
+    let (code, _, err) = run(&[
+        "merge",
+        "--base",
+        s(&f.join("base.safetensors")),
+        "--adapter",
+        s(&q),
+        "--out",
+        s(&merged),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (ours, float) = (read(&merged), read(&f.join("merged.safetensors")));
+    let dq = kron_adapters::NativeAdapters::read(&q).unwrap();
+    let deq_merged = dir.join("dq.safetensors");
+    dq.write(dir.join("dq-adapter.safetensors")).unwrap();
+    let (code, _, _) = run(&[
+        "merge",
+        "--base",
+        s(&f.join("base.safetensors")),
+        "--adapter",
+        s(&dir.join("dq-adapter.safetensors")),
+        "--out",
+        s(&deq_merged),
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        read(&deq_merged),
+        ours,
+        "the same as merging the dequantized adapter"
+    );
+    let worst = ours
+        .iter()
+        .map(|(k, v)| {
+            v.2.iter()
+                .zip(&float[k].2)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        })
+        .fold(0f32, f32::max);
+    assert!(
+        worst > 0.0 && worst < 0.05,
+        "int4 changes the merge a little: {worst}"
+    );
+    // To a PEFT folder (dequantized factors).
+    let (code, _, err) = run(&[
+        "convert",
+        "--from",
+        "native",
+        "--to",
+        "peft",
+        s(&q),
+        s(&dir.join("peft")),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // Bad schemes are usage-level input errors (3), and leave nothing.
+    let (code, _, err) = run(&[
+        "quantize",
+        "--bits",
+        "5",
+        s(&f.join("adapter")),
+        s(&dir.join("x.safetensors")),
+    ]);
+    assert_eq!(code, 3, "{err}");
+    let (code, _, _) = run(&[
+        "quantize",
+        "--bits",
+        "8",
+        "--level",
+        "rows",
+        s(&f.join("adapter")),
+        s(&dir.join("x.safetensors")),
+    ]);
+    assert_eq!(code, 3);
+    assert!(!dir.join("x.safetensors").exists());
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -1,4 +1,4 @@
-//! `kron-adapters`: inspect, merge and convert adapters — Hugging Face PEFT folders (LoRA,
+//! `kron-adapters`: inspect, merge, convert and quantize adapters — Hugging Face PEFT folders (LoRA,
 //! LoKr) and this crate's adapter files — without writing Rust.
 //!
 //! Exit codes: 0 success; 1 I/O error (missing file, output exists without `--force`);
@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use kron_adapters::checkpoint::{write_atomic, HostTensor, NativeAdapters};
 use kron_adapters::peft::{write_peft_dir, NameMap, PeftAdapter};
+use kron_adapters::quant::{Level, QuantConfig, QuantizedAdapters};
 use kron_adapters::{Adapter, AdapterError, LinearAdapter};
 
 #[cfg(feature = "flex")]
@@ -66,6 +67,23 @@ enum Cmd {
         #[arg(long = "map")]
         map: Vec<String>,
         /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Quantize an adapter's factors (symmetric int8 or int4) into a quantized adapter file,
+    /// which inspect, merge and convert read (dequantized) in turn.
+    Quantize {
+        /// 8 or 4.
+        #[arg(long)]
+        bits: u8,
+        /// tensor, block:N or channel.
+        #[arg(long, default_value = "tensor")]
+        level: String,
+        /// A PEFT folder or an adapter file.
+        input: PathBuf,
+        /// The quantized adapter file to write.
+        output: PathBuf,
+        /// Replace the output if it exists.
         #[arg(long)]
         force: bool,
     },
@@ -125,6 +143,26 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
                 .try_fold(NameMap::new(), |m, r| m.parse_rule(r))?;
             merge(&base, &adapter, &out, &map, force)
         }
+        Cmd::Quantize {
+            bits,
+            level,
+            input,
+            output,
+            force,
+        } => {
+            let config = QuantConfig::new(bits, level.parse::<Level>()?)?;
+            refuse_existing(&output, force)?;
+            let (adapters, _) = load_any(&input)?;
+            let q = QuantizedAdapters::quantize(&adapters, config)?;
+            let size = q.write(&output)?;
+            let f32_size = adapters.to_bytes().len();
+            eprintln!(
+                "wrote {} ({config}): {size} bytes, {:.1}% of the {f32_size}-byte float32 adapter file",
+                output.display(),
+                100.0 * size as f64 / f32_size as f64
+            );
+            Ok(())
+        }
         Cmd::Convert {
             from,
             to,
@@ -162,10 +200,18 @@ fn load_any(path: &Path) -> Result<(NativeAdapters, String), AdapterError> {
         let kind = format!("PEFT {} folder", peft.config.peft_type);
         Ok((peft.adapters, kind))
     } else {
-        Ok((
-            NativeAdapters::read(path)?,
-            "kron-adapters adapter file".into(),
-        ))
+        let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
+        let shown = path.display().to_string();
+        if kron_adapters::quant::is_quantized(&bytes) {
+            let q = QuantizedAdapters::from_bytes(&shown, &bytes)?;
+            let kind = format!("kron-adapters quantized adapter file ({})", q.config);
+            Ok((q.dequantize(), kind))
+        } else {
+            Ok((
+                NativeAdapters::from_bytes(&shown, &bytes)?,
+                "kron-adapters adapter file".into(),
+            ))
+        }
     }
 }
 

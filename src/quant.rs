@@ -1,0 +1,627 @@
+//! Quantization: adapter factors to symmetric int8 or int4 (per tensor, per block, per output
+//! channel) with their scales, quantized adapter files (int4 packed two values a byte), and
+//! frozen base weights quantized with Burn's own quantization.
+//!
+//! For a group of values `x` (the whole tensor, a block of `n` consecutive values, or one output
+//! channel) with `qmax = 127` (int8) or `7` (int4):
+//!
+//! ```text
+//! scale = max|x| / qmax           (0 for an all-zero group)
+//! q     = clamp(round(x / scale), -qmax, qmax)     round half away from zero
+//! x̂     = q · scale               so |x − x̂| ≤ scale / 2
+//! ```
+//!
+//! The adapter quantizer is a portable implementation on the host: the same numbers on every
+//! backend and for every scheme (Burn 0.21's own quantization covers 8-bit only on the CPU
+//! backends and has no per-channel level). Blocks run over the row-major values; when the size
+//! is not a multiple of the block, the last block is shorter (as if padded with zeros, which
+//! change no maximum). Output channels are the columns of a factor in Burn's `[in, out]`
+//! layout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::quantization::{QuantLevel, QuantScheme, QuantStore, QuantValue};
+use burn::tensor::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{
+    canonical_safetensors, write_atomic, CheckpointMeta, HostTensor, NativeAdapters, META_KEY,
+};
+use crate::error::AdapterError;
+use crate::linear::AdaptedLinear;
+
+/// The safetensors metadata key of a quantized adapter file's [`QuantConfig`].
+pub const QUANT_KEY: &str = "kron_adapters.quantization";
+
+/// How values are grouped under one scale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Level {
+    /// One scale for the whole tensor.
+    Tensor,
+    /// One scale per block of this many consecutive (row-major) values.
+    Block(usize),
+    /// One scale per output channel (column of an `[in, out]` factor).
+    Channel,
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Level::Tensor => f.write_str("tensor"),
+            Level::Block(n) => write!(f, "block:{n}"),
+            Level::Channel => f.write_str("channel"),
+        }
+    }
+}
+
+impl std::str::FromStr for Level {
+    type Err = AdapterError;
+    /// `tensor`, `block:N` or `channel`.
+    fn from_str(s: &str) -> Result<Self, AdapterError> {
+        let bad = || {
+            AdapterError::config(
+                "quantization",
+                "level",
+                format!("{s:?}: use tensor, block:N (N ≥ 1) or channel"),
+            )
+        };
+        match s {
+            "tensor" => Ok(Level::Tensor),
+            "channel" => Ok(Level::Channel),
+            _ => {
+                let n: usize = s
+                    .strip_prefix("block:")
+                    .ok_or_else(bad)?
+                    .parse()
+                    .map_err(|_| bad())?;
+                if n == 0 {
+                    return Err(bad());
+                }
+                Ok(Level::Block(n))
+            }
+        }
+    }
+}
+
+/// A quantization scheme: bits (8 or 4) and level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantConfig {
+    /// 8 or 4.
+    pub bits: u8,
+    /// How values share scales.
+    pub level: Level,
+}
+
+impl QuantConfig {
+    /// A checked scheme.
+    pub fn new(bits: u8, level: Level) -> Result<Self, AdapterError> {
+        if bits != 8 && bits != 4 {
+            return Err(AdapterError::config(
+                "quantization",
+                "bits",
+                format!("{bits}: use 8 or 4"),
+            ));
+        }
+        if level == Level::Block(0) {
+            return Err(AdapterError::config(
+                "quantization",
+                "level",
+                "block size 0",
+            ));
+        }
+        Ok(Self { bits, level })
+    }
+
+    /// The largest magnitude of a quantized value: 127 or 7.
+    pub fn qmax(&self) -> i32 {
+        if self.bits == 8 {
+            127
+        } else {
+            7
+        }
+    }
+
+    /// Burn's equivalent scheme (symmetric Q8S/Q4S, per tensor or per block along the last
+    /// axis) for a tensor of `shape`, when Burn has one: none for per-channel scales, or blocks
+    /// that do not divide the rows.
+    pub fn burn_scheme(&self, shape: [usize; 2]) -> Option<QuantScheme> {
+        let level = match self.level {
+            Level::Tensor => QuantLevel::Tensor,
+            Level::Block(n) if n <= u8::MAX as usize && shape[1] % n == 0 => {
+                QuantLevel::block([n as u8])
+            }
+            _ => return None,
+        };
+        // 8-bit in native i8 storage (what Burn's CPU backends quantize); 4-bit packed in u32.
+        let scheme = if self.bits == 8 {
+            QuantScheme::default()
+                .with_value(QuantValue::Q8S)
+                .with_store(QuantStore::Native)
+        } else {
+            QuantScheme::default().with_value(QuantValue::Q4S)
+        };
+        Some(scheme.with_level(level))
+    }
+}
+
+impl std::fmt::Display for QuantConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "int{} per {}", self.bits, self.level)
+    }
+}
+
+/// A quantized 2-D tensor: values and their scales.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedTensor {
+    /// The shape, `[rows, cols]`.
+    pub shape: [usize; 2],
+    /// The scheme.
+    pub config: QuantConfig,
+    /// One value per element, in `[-qmax, qmax]`, row-major.
+    pub values: Vec<i8>,
+    /// One scale per group.
+    pub scales: Vec<f32>,
+}
+
+impl QuantizedTensor {
+    /// The group of element `i` (row-major).
+    fn group(config: QuantConfig, shape: [usize; 2], i: usize) -> usize {
+        match config.level {
+            Level::Tensor => 0,
+            Level::Block(n) => i / n,
+            Level::Channel => i % shape[1],
+        }
+    }
+
+    fn groups(config: QuantConfig, shape: [usize; 2]) -> usize {
+        let n = shape[0] * shape[1];
+        match config.level {
+            Level::Tensor => 1,
+            Level::Block(b) => n.div_ceil(b),
+            Level::Channel => shape[1],
+        }
+    }
+
+    /// Quantizes a 2-D tensor; `name` names it in errors. NaN and infinite values are refused.
+    pub fn quantize(name: &str, t: &HostTensor, config: QuantConfig) -> Result<Self, AdapterError> {
+        if t.shape.len() != 2 {
+            return Err(AdapterError::config(
+                name,
+                "shape",
+                format!("{:?}: 2-D factors only", t.shape),
+            ));
+        }
+        let shape = [t.shape[0], t.shape[1]];
+        let bad = t.data.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(AdapterError::NonFinite {
+                layer: name.to_string(),
+                count: bad,
+            });
+        }
+        let qmax = config.qmax();
+        let mut amax = vec![0f32; Self::groups(config, shape)];
+        for (i, v) in t.data.iter().enumerate() {
+            let g = Self::group(config, shape, i);
+            amax[g] = amax[g].max(v.abs());
+        }
+        let scales: Vec<f32> = amax.iter().map(|a| a / qmax as f32).collect();
+        let values = t
+            .data
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let s = scales[Self::group(config, shape, i)];
+                if s == 0.0 {
+                    0
+                } else {
+                    (v / s).round().clamp(-qmax as f32, qmax as f32) as i8
+                }
+            })
+            .collect();
+        Ok(Self {
+            shape,
+            config,
+            values,
+            scales,
+        })
+    }
+
+    /// The dequantized values `q · scale`.
+    pub fn dequantize(&self) -> HostTensor {
+        let data = self
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, q)| *q as f32 * self.scales[Self::group(self.config, self.shape, i)])
+            .collect();
+        HostTensor {
+            shape: self.shape.to_vec(),
+            data,
+        }
+    }
+
+    /// The values as stored: int8 one per byte (two's complement); int4 two per byte, the first
+    /// in the low nibble (two's complement nibbles), a last odd value padded with 0.
+    pub fn packed(&self) -> Vec<u8> {
+        if self.config.bits == 8 {
+            return self.values.iter().map(|v| *v as u8).collect();
+        }
+        self.values
+            .chunks(2)
+            .map(|pair| {
+                let lo = (pair[0] as u8) & 0x0F;
+                let hi = pair.get(1).map_or(0, |v| (*v as u8) & 0x0F);
+                lo | (hi << 4)
+            })
+            .collect()
+    }
+
+    /// Rebuilds a tensor from stored bytes and scales (checked).
+    pub fn from_packed(
+        name: &str,
+        shape: [usize; 2],
+        config: QuantConfig,
+        bytes: &[u8],
+        scales: Vec<f32>,
+    ) -> Result<Self, AdapterError> {
+        let n = shape[0] * shape[1];
+        let want = if config.bits == 8 { n } else { n.div_ceil(2) };
+        let groups = Self::groups(config, shape);
+        if bytes.len() != want || scales.len() != groups {
+            return Err(AdapterError::config(
+                name,
+                "quantized data",
+                format!(
+                    "{} bytes and {} scales for a {shape:?} int{} tensor per {}: expected {want} and {groups}",
+                    bytes.len(),
+                    scales.len(),
+                    config.bits,
+                    config.level
+                ),
+            ));
+        }
+        if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
+            return Err(AdapterError::config(
+                name,
+                "scales",
+                "negative or non-finite scale",
+            ));
+        }
+        let values: Vec<i8> = if config.bits == 8 {
+            bytes.iter().map(|b| *b as i8).collect()
+        } else {
+            let nib = |x: u8| ((x << 4) as i8) >> 4; // sign-extend a nibble
+            bytes
+                .iter()
+                .flat_map(|b| [nib(b & 0x0F), nib(b >> 4)])
+                .take(n)
+                .collect()
+        };
+        let qmax = config.qmax();
+        if values.iter().any(|v| (*v as i32).abs() > qmax) {
+            return Err(AdapterError::config(
+                name,
+                "quantized data",
+                format!("a value outside ±{qmax}"),
+            ));
+        }
+        Ok(Self {
+            shape,
+            config,
+            values,
+            scales,
+        })
+    }
+}
+
+/// A quantized adapter file's content: the adapters' specs and their quantized factors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedAdapters {
+    /// Version and specs.
+    pub meta: CheckpointMeta,
+    /// The scheme.
+    pub config: QuantConfig,
+    /// Each layer's quantized factors, in spec order.
+    pub factors: BTreeMap<String, Vec<QuantizedTensor>>,
+}
+
+fn key(layer: &str, factor: &str) -> String {
+    if layer.is_empty() {
+        factor.to_string()
+    } else {
+        format!("{layer}.{factor}")
+    }
+}
+
+impl QuantizedAdapters {
+    /// Quantizes every factor of `adapters` with `config`.
+    pub fn quantize(adapters: &NativeAdapters, config: QuantConfig) -> Result<Self, AdapterError> {
+        let mut factors = BTreeMap::new();
+        for (layer, spec) in &adapters.meta.layers {
+            let list = spec
+                .factors
+                .iter()
+                .zip(&adapters.factors[layer])
+                .map(|((f, _), t)| QuantizedTensor::quantize(&key(layer, f), t, config))
+                .collect::<Result<Vec<_>, _>>()?;
+            factors.insert(layer.clone(), list);
+        }
+        Ok(Self {
+            meta: adapters.meta.clone(),
+            config,
+            factors,
+        })
+    }
+
+    /// The dequantized adapters.
+    pub fn dequantize(&self) -> NativeAdapters {
+        NativeAdapters {
+            meta: self.meta.clone(),
+            factors: self
+                .factors
+                .iter()
+                .map(|(l, fs)| (l.clone(), fs.iter().map(|q| q.dequantize()).collect()))
+                .collect(),
+        }
+    }
+
+    /// The safetensors bytes: `<layer>.<factor>.q` (I8, or U8 packed for int4) and
+    /// `<layer>.<factor>.scale` (F32), the specs under `kron_adapters` and the scheme under
+    /// `kron_adapters.quantization` in the metadata.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (layer, spec) in &self.meta.layers {
+            for ((f, _), q) in spec.factors.iter().zip(&self.factors[layer]) {
+                let (dtype, shape) = if self.config.bits == 8 {
+                    (safetensors::Dtype::I8, q.shape.to_vec())
+                } else {
+                    (safetensors::Dtype::U8, vec![q.packed().len()])
+                };
+                owned.push((format!("{}.q", key(layer, f)), dtype, shape, q.packed()));
+                let scales = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                owned.push((
+                    format!("{}.scale", key(layer, f)),
+                    safetensors::Dtype::F32,
+                    vec![q.scales.len()],
+                    scales,
+                ));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+            .iter()
+            .map(|(k, d, s, b)| {
+                (
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("consistent"),
+                )
+            })
+            .collect();
+        let meta = HashMap::from([
+            (
+                META_KEY.to_string(),
+                serde_json::to_string(&self.meta).expect("serializes"),
+            ),
+            (
+                QUANT_KEY.to_string(),
+                serde_json::to_string(&self.config).expect("serializes"),
+            ),
+        ]);
+        let bytes = safetensors::serialize(views, Some(meta)).expect("valid tensors serialize");
+        canonical_safetensors(&bytes).expect("a buffer safetensors just wrote")
+    }
+
+    /// Parses a quantized adapter file (every factor present, consistent with its spec).
+    pub fn from_bytes(path: &str, bytes: &[u8]) -> Result<Self, AdapterError> {
+        let fmt = |m: String| AdapterError::Format {
+            path: path.to_string(),
+            message: m,
+        };
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| fmt(format!("not a valid safetensors file: {e}")))?;
+        let md = header.metadata().clone().unwrap_or_default();
+        let meta: CheckpointMeta = serde_json::from_str(
+            md.get(META_KEY)
+                .ok_or_else(|| fmt(format!("no `{META_KEY}` metadata")))?,
+        )
+        .map_err(|e| fmt(format!("bad `{META_KEY}` metadata: {e}")))?;
+        let config: QuantConfig = serde_json::from_str(
+            md.get(QUANT_KEY)
+                .ok_or_else(|| fmt(format!("no `{QUANT_KEY}` metadata")))?,
+        )
+        .map_err(|e| fmt(format!("bad `{QUANT_KEY}` metadata: {e}")))?;
+        let config = QuantConfig::new(config.bits, config.level)?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| fmt(format!("not a valid safetensors file: {e}")))?;
+        let mut expected = 0usize;
+        let mut factors = BTreeMap::new();
+        for (layer, spec) in &meta.layers {
+            let mut list = Vec::new();
+            for (f, shape) in &spec.factors {
+                let k = key(layer, f);
+                let (qv, sv) = match (
+                    st.tensor(&format!("{k}.q")),
+                    st.tensor(&format!("{k}.scale")),
+                ) {
+                    (Ok(q), Ok(s)) => (q, s),
+                    _ => {
+                        return Err(AdapterError::CheckpointMismatch {
+                            path: path.to_string(),
+                            missing: vec![format!("{k}.q"), format!("{k}.scale")],
+                            unexpected: vec![],
+                        })
+                    }
+                };
+                expected += 2;
+                if sv.dtype() != safetensors::Dtype::F32
+                    || !matches!(qv.dtype(), safetensors::Dtype::I8 | safetensors::Dtype::U8)
+                {
+                    return Err(fmt(format!(
+                        "`{k}`: quantized values are I8/U8 and scales F32"
+                    )));
+                }
+                let scales = sv
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                list.push(
+                    QuantizedTensor::from_packed(&k, *shape, config, qv.data(), scales)
+                        .map_err(|e| fmt(e.to_string()))?,
+                );
+            }
+            factors.insert(layer.clone(), list);
+        }
+        if st.len() != expected {
+            let known: Vec<String> = meta
+                .layers
+                .iter()
+                .flat_map(|(l, s)| {
+                    s.factors.iter().flat_map(move |(f, _)| {
+                        [format!("{}.q", key(l, f)), format!("{}.scale", key(l, f))]
+                    })
+                })
+                .collect();
+            let unexpected = st
+                .names()
+                .into_iter()
+                .filter(|n| !known.contains(&n.to_string()))
+                .map(String::from)
+                .collect();
+            return Err(AdapterError::CheckpointMismatch {
+                path: path.to_string(),
+                missing: vec![],
+                unexpected,
+            });
+        }
+        Ok(Self {
+            meta,
+            config,
+            factors,
+        })
+    }
+
+    /// Reads a quantized adapter file.
+    pub fn read(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
+        Self::from_bytes(&path.display().to_string(), &bytes)
+    }
+
+    /// Writes a quantized adapter file (atomically); returns its size in bytes.
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<u64, AdapterError> {
+        let bytes = self.to_bytes();
+        write_atomic(path.as_ref(), &bytes)?;
+        Ok(bytes.len() as u64)
+    }
+}
+
+/// Is this safetensors buffer a quantized adapter file?
+pub fn is_quantized(bytes: &[u8]) -> bool {
+    safetensors::SafeTensors::read_metadata(bytes)
+        .ok()
+        .and_then(|(_, h)| h.metadata().as_ref().map(|m| m.contains_key(QUANT_KEY)))
+        .unwrap_or(false)
+}
+
+/// `‖ΔW_q − ΔW‖ / ‖ΔW‖` over all layers together, with `delta` computing a layer's `ΔW` from
+/// its factors.
+pub fn relative_error(
+    float: &NativeAdapters,
+    quantized: &NativeAdapters,
+    delta: impl Fn(&NativeAdapters, &str) -> Result<HostTensor, AdapterError>,
+) -> Result<f64, AdapterError> {
+    let (mut num, mut den) = (0f64, 0f64);
+    for layer in float.meta.layers.keys() {
+        let (a, b) = (delta(float, layer)?, delta(quantized, layer)?);
+        for (x, y) in a.data.iter().zip(&b.data) {
+            num += ((y - x) as f64).powi(2);
+            den += (*x as f64).powi(2);
+        }
+    }
+    Ok((num / den.max(1e-300)).sqrt())
+}
+
+/// Quantizes the frozen base weight of a layer with `config`, for training adapters on a
+/// quantized base (QLoRA-style): the weight becomes the quantization grid's values `q · scale`,
+/// so the adapters learn against exactly the base a quantized deployment computes with.
+///
+/// The weight stays an ordinary (frozen) float tensor in training: Burn 0.21's autodiff backend
+/// does not implement its quantized-tensor operations (they are `todo!()`), so no Burn backend
+/// can train through a Burn-quantized weight. The saving comes at deployment:
+/// [`merge_quantized`] re-quantizes `W + ΔW`, and [`to_burn_quantized`] stores a weight as a
+/// Burn quantized tensor on the inference backend.
+pub fn quantize_base<B: Backend>(
+    mut layer: AdaptedLinear<B>,
+    config: QuantConfig,
+) -> Result<AdaptedLinear<B>, AdapterError> {
+    let w = layer.base.weight.val();
+    let device = w.device();
+    let grid =
+        QuantizedTensor::quantize("base.weight", &HostTensor::from_tensor(w), config)?.dequantize();
+    layer.base.weight = layer
+        .base
+        .weight
+        .map(|_| grid.to_tensor::<B>(&device).set_require_grad(false));
+    Ok(layer)
+}
+
+/// Merges the adapter into a base quantized with `config`: `W + ΔW`, quantized again with
+/// `config`. Re-quantizing rounds the merged weight once more; the returned value is the
+/// largest absolute change that rounding makes, and a warning with it goes to stderr (the
+/// unmerged layer computes with the exact `W + ΔW`).
+pub fn merge_quantized<B: Backend>(
+    layer: &AdaptedLinear<B>,
+    config: QuantConfig,
+) -> Result<(burn::nn::Linear<B>, f32), AdapterError> {
+    let merged = layer.merge()?;
+    let exact = HostTensor::from_tensor(merged.weight.val());
+    let grid = QuantizedTensor::quantize("merged weight", &exact, config)?.dequantize();
+    let rounding = exact
+        .data
+        .iter()
+        .zip(&grid.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!(
+        "warning: merging into a base quantized {config} re-quantizes W + ΔW: this rounds the \
+         merged weight by up to {rounding:.3e} beyond what the unmerged layer computes"
+    );
+    let device = merged.weight.device();
+    let linear = burn::nn::Linear {
+        weight: merged
+            .weight
+            .map(|_| grid.to_tensor::<B>(&device).set_require_grad(false)),
+        bias: merged.bias,
+    };
+    Ok((linear, rounding))
+}
+
+/// Stores a linear layer's weight as a Burn quantized tensor with `config`'s scheme (8-bit
+/// symmetric, per tensor or per block; Burn's CPU backends quantize 8-bit only, the CubeCL
+/// backends 4-bit too), for inference on a non-autodiff backend. Schemes Burn has no
+/// equivalent for (per channel, blocks that do not divide the rows) are refused.
+pub fn to_burn_quantized<B: Backend>(
+    mut linear: burn::nn::Linear<B>,
+    config: QuantConfig,
+) -> Result<burn::nn::Linear<B>, AdapterError> {
+    let shape = linear.weight.dims();
+    let scheme = config
+        .burn_scheme(shape)
+        .ok_or_else(|| AdapterError::Unsupported {
+            option: "quantization level".into(),
+            message: format!("Burn has no quantized tensor for {config} on a {shape:?} weight"),
+        })?;
+    linear.weight = linear.weight.map(|w| w.detach().quantize_dynamic(&scheme));
+    Ok(linear)
+}
+
+/// Is this weight a Burn quantized tensor, and with which scheme?
+pub fn burn_scheme_of<B: Backend>(t: &Tensor<B, 2>) -> Option<QuantScheme> {
+    match t.dtype() {
+        DType::QFloat(scheme) => Some(scheme),
+        _ => None,
+    }
+}
