@@ -15,42 +15,23 @@
 #[path = "../examples/common/mod.rs"]
 mod common;
 
-use std::time::Instant;
-
 use burn::module::AutodiffModule;
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::{backend::Backend, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Distribution, Tensor};
 use common::{backend_name, Inner, Train};
 use kron_adapters::block::{
     BlockAdapterConfig, CompacterConfig, HoulsbyConfig, KronABConfig, ParallelAdapterConfig,
     Residual,
 };
+use kron_adapters::finetune::timing::{inference_ms, train_step_ms};
 use kron_adapters::kron::kron;
 use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
 use kron_adapters::{
-    count_params, Adapter, AdapterConfig, ContractionOrder, KronAConfig, KronLoraConfig,
-    LinearAdapter, LoraConfig, PeftConfig, TrainMode,
+    Adapter, AdapterConfig, ContractionOrder, KronAConfig, KronLoraConfig, LinearAdapter,
+    LoraConfig, PeftConfig, TrainMode,
 };
 
-/// Median milliseconds of `f`, after `warmup` calls, over enough calls to fill ~`budget_s`.
-fn time<F: FnMut()>(mut f: F, warmup: usize, budget_s: f64) -> f64 {
-    for _ in 0..warmup {
-        f();
-    }
-    let t = Instant::now();
-    f();
-    let once = t.elapsed().as_secs_f64();
-    let n = ((budget_s / once.max(1e-6)) as usize).clamp(3, 200);
-    let mut times: Vec<f64> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+fn time<F: FnMut()>(f: F, warmup: usize, budget: f64) -> f64 {
+    kron_adapters::finetune::timing::median_ms(f, warmup, budget)
 }
 
 fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
@@ -299,19 +280,6 @@ fn methods() -> Vec<(&'static str, PeftConfig)> {
     ]
 }
 
-fn batch<B: Backend>(
-    rng: &mut kron_adapters::rng::SplitMix64,
-    b: usize,
-    t: usize,
-    dev: &B::Device,
-) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
-    let ids: Vec<i64> = (0..b * t).map(|_| 1000 + rng.below(28000) as i64).collect();
-    (
-        Tensor::from_data(TensorData::new(ids, [b, t]), dev),
-        Tensor::from_data(TensorData::new(vec![1i64; b * t], [b, t]), dev),
-    )
-}
-
 fn step_table(b: usize, t: usize, budget: f64) -> (String, Vec<(String, f64)>) {
     let dev = Default::default();
     let cfg = BertConfig {
@@ -319,32 +287,9 @@ fn step_table(b: usize, t: usize, budget: f64) -> (String, Vec<(String, f64)>) {
         attention_probs_dropout_prob: 0.0,
         ..BertConfig::minilm_l6()
     };
-    let mut rng = kron_adapters::rng::SplitMix64::new(1);
-    let (ids, mask) = batch::<Train>(&mut rng, b, t, &dev);
-    let labels = Tensor::<Train, 1, Int>::from_data(
-        TensorData::new((0..b as i64).map(|i| i % 2).collect::<Vec<_>>(), [b]),
-        &dev,
-    );
-    let loss_fn = CrossEntropyLossConfig::new().init(&dev);
     let mut rows = Vec::new();
     for (name, peft) in methods() {
-        let mut model =
-            BertClassifier::<Train>::new(&mut TensorSource::random(2), &cfg, &peft, 2, &dev)
-                .unwrap();
-        model.encoder = peft.train.apply(model.encoder);
-        let trainable = count_params(&model).trainable;
-        let mut optim = AdamWConfig::new().init();
-        let mut holder = Some(model);
-        let ms = time(
-            || {
-                let m = holder.take().unwrap();
-                let loss = loss_fn.forward(m.forward(ids.clone(), mask.clone()), labels.clone());
-                let grads = GradientsParams::from_grads(loss.backward(), &m);
-                holder = Some(optim.step(1e-5, m, grads));
-            },
-            2,
-            budget,
-        );
+        let (ms, trainable) = train_step_ms::<Train>(&cfg, &peft, b, t, budget, &dev).unwrap();
         eprintln!("step {name}: {ms:.0} ms");
         rows.push((name.to_string(), trainable, ms));
     }
@@ -376,9 +321,7 @@ fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
     let mut out = String::from(
         "### Inference: the base encoder, merged and unmerged adapters\n\nForward of the classifier on the inference backend, median ms; merged = linear adapters folded into the weights.\n\n| method | tokens | base ms | unmerged ms | merged ms | unmerged vs base | merged vs base |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
-    let mut rng = kron_adapters::rng::SplitMix64::new(3);
     for &(b, t) in shapes {
-        let (ids, mask) = batch::<Inner>(&mut rng, b, t, &dev);
         let base = BertClassifier::<Inner>::new(
             &mut TensorSource::random(2),
             &cfg,
@@ -387,7 +330,7 @@ fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
             &dev,
         )
         .unwrap();
-        let base_ms = time(|| sync(base.forward(ids.clone(), mask.clone())), 5, budget);
+        let base_ms = inference_ms(&base, cfg.vocab_size, b, t, budget, &dev);
         for (name, peft) in [
             (
                 "LoRA r=1",
@@ -407,14 +350,10 @@ fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
             let m =
                 BertClassifier::<Inner>::new(&mut TensorSource::random(2), &cfg, &peft, 2, &dev)
                     .unwrap();
-            let un = time(|| sync(m.forward(ids.clone(), mask.clone())), 5, budget);
+            let un = inference_ms(&m, cfg.vocab_size, b, t, budget, &dev);
             let mut merged = m.clone();
             merged.encoder = merged.encoder.merge().unwrap();
-            let me = time(
-                || sync(merged.forward(ids.clone(), mask.clone())),
-                5,
-                budget,
-            );
+            let me = inference_ms(&merged, cfg.vocab_size, b, t, budget, &dev);
             out += &format!(
                 "| {name} | {b} × {t} | {base_ms:.2} | {un:.2} | {me:.2} | {:.2} | {:.2} |\n",
                 un / base_ms,

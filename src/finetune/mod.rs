@@ -15,6 +15,7 @@
 pub mod assets;
 pub mod data;
 pub mod report;
+pub mod timing;
 pub mod tokenize;
 pub mod train;
 

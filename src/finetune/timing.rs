@@ -1,0 +1,114 @@
+//! Timing a training step and a forward pass of the classifier, the same way for the
+//! benchmarks, the method comparison and the side-by-side runner against PyTorch.
+
+use std::time::Instant;
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::AdapterError;
+use crate::model::{BertClassifier, BertConfig, PeftConfig, TensorSource};
+use crate::params::count_params;
+use crate::rng::SplitMix64;
+
+/// Median milliseconds of `f` after `warmup` calls, over enough calls to fill about
+/// `budget_s` seconds (at least 3, at most 200).
+pub fn median_ms<F: FnMut()>(mut f: F, warmup: usize, budget_s: f64) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64();
+    let n = ((budget_s / once.max(1e-6)) as usize).clamp(3, 200);
+    let mut times: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// A batch of random token ids (no padding): `ids`, `mask`, both `[batch, seq]`.
+pub fn random_batch<B: Backend>(
+    seed: u64,
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let mut rng = SplitMix64::new(seed);
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|_| 1000.min(vocab - 1) as i64 + rng.below(vocab.saturating_sub(1000).max(1)) as i64)
+        .collect();
+    (
+        Tensor::from_data(TensorData::new(ids, [batch, seq]), device),
+        Tensor::from_data(
+            TensorData::new(vec![1i64; batch * seq], [batch, seq]),
+            device,
+        ),
+    )
+}
+
+/// Median milliseconds of one training step (forward, backward, AdamW) of a classifier with
+/// `peft`'s adapters and mode on an encoder of `bert`'s size (random weights: the cost does not
+/// depend on their values), on a `[batch, seq]` batch; and its trainable parameters.
+pub fn train_step_ms<B: AutodiffBackend>(
+    bert: &BertConfig,
+    peft: &PeftConfig,
+    batch: usize,
+    seq: usize,
+    budget_s: f64,
+    device: &B::Device,
+) -> Result<(f64, usize), AdapterError> {
+    let mut model = BertClassifier::<B>::new(&mut TensorSource::random(2), bert, peft, 2, device)?;
+    model.encoder = peft.train.apply(model.encoder);
+    let trainable = count_params(&model).trainable;
+    let (ids, mask) = random_batch::<B>(1, batch, seq, bert.vocab_size, device);
+    let labels = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(
+            (0..batch as i64).map(|i| i % 2).collect::<Vec<_>>(),
+            [batch],
+        ),
+        device,
+    );
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let mut optim = AdamWConfig::new().init();
+    let mut holder = Some(model);
+    let ms = median_ms(
+        || {
+            let m = holder.take().expect("the model is put back every step");
+            let loss = loss_fn.forward(m.forward(ids.clone(), mask.clone()), labels.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &m);
+            holder = Some(optim.step(1e-5, m, grads));
+            let _ = loss.into_data();
+        },
+        2,
+        budget_s,
+    );
+    Ok((ms, trainable))
+}
+
+/// Median milliseconds of the classifier's forward pass on a `[batch, seq]` batch.
+pub fn inference_ms<B: Backend>(
+    model: &BertClassifier<B>,
+    vocab: usize,
+    batch: usize,
+    seq: usize,
+    budget_s: f64,
+    device: &B::Device,
+) -> f64 {
+    let (ids, mask) = random_batch::<B>(3, batch, seq, vocab, device);
+    median_ms(
+        || {
+            let _ = model.forward(ids.clone(), mask.clone()).into_data();
+        },
+        10,
+        budget_s,
+    )
+}
