@@ -79,8 +79,7 @@ impl KronPlan {
     ///
     /// With the intermediate `T [p, q]` per row (`p` on the `a` axis, `q` on the `b` axis),
     /// applying an `a` factor `[p, p']` costs `p·q·p'` and a `b` factor `[q, q']` costs
-    /// `p·q·q'`. The transposes between sides are copies, not multiply-adds, and are not counted
-    /// (every plan of two chains has at most two plus one per extra side switch).
+    /// `p·q·q'`. The backward pass costs about twice this (input and factor gradients).
     pub fn cost(&self, a_shapes: &[[usize; 2]], b_shapes: &[[usize; 2]]) -> u64 {
         let mut p = a_shapes[0][0] as u64;
         let mut q = b_shapes[0][0] as u64;
@@ -105,8 +104,8 @@ impl KronPlan {
         cost
     }
 
-    /// How many times the intermediate is transposed (a side switch, including the initial
-    /// switch to `a` and the final one back to the `b`-inner layout).
+    /// How many times the plan switches sides (counting from and back to the `b` side): the
+    /// tie-break between plans of equal cost, fewer switches first.
     pub fn transposes(&self) -> usize {
         let mut prev = Side::B;
         let mut count = 0;
@@ -142,7 +141,7 @@ impl KronPlan {
         out
     }
 
-    /// The plan with the fewest multiply-adds; ties go to the fewest transposes, then to the
+    /// The plan with the fewest multiply-adds; ties go to the fewest side switches, then to the
     /// plan that applies `a` earliest.
     pub fn cheapest(a_shapes: &[[usize; 2]], b_shapes: &[[usize; 2]]) -> Self {
         Self::all(a_shapes.len(), b_shapes.len())
