@@ -30,14 +30,34 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `kron-adapters merge --base BASE --adapter ADAPTER --out OUT`.
+fn merge(base: &Path, adapter: &Path, out: &Path) -> (i32, String, String) {
+    run(&[
+        "merge",
+        "--base",
+        s(base),
+        "--adapter",
+        s(adapter),
+        "--out",
+        s(out),
+    ])
+}
+
+/// The largest absolute difference between two checkpoints with the same tensors.
+fn max_abs_diff(a: &Tensors, b: &Tensors) -> f32 {
+    a.iter()
+        .flat_map(|(k, (_, _, v))| v.iter().zip(&b[k].2).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
 /// name → (dtype, shape, values as f32)
-fn read(
-    path: &Path,
-) -> std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<f32>)> {
+type Tensors = std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<f32>)>;
+
+fn read(path: &Path) -> Tensors {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
@@ -86,15 +106,7 @@ fn merge_matches_peft_merge_and_unload() {
     ] {
         let out = dir.join(format!("{case}.safetensors"));
         let f = fixture(case);
-        let (code, _, err) = run(&[
-            "merge",
-            "--base",
-            s(&f.join("base.safetensors")),
-            "--adapter",
-            s(&f.join("adapter")),
-            "--out",
-            s(&out),
-        ]);
+        let (code, _, err) = merge(&f.join("base.safetensors"), &f.join("adapter"), &out);
         assert_eq!(code, 0, "{err}");
         let (ours, theirs) = (read(&out), read(&f.join("merged.safetensors")));
         assert_eq!(
@@ -151,15 +163,7 @@ fn merge_keeps_the_base_dtype() {
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &dir.join("base16.safetensors")).unwrap();
     let out = dir.join("merged16.safetensors");
-    let (code, _, err) = run(&[
-        "merge",
-        "--base",
-        s(&dir.join("base16.safetensors")),
-        "--adapter",
-        s(&f.join("adapter")),
-        "--out",
-        s(&out),
-    ]);
+    let (code, _, err) = merge(&dir.join("base16.safetensors"), &f.join("adapter"), &out);
     assert_eq!(code, 0, "{err}");
     let merged = read(&out);
     let want = read(&f.join("merged.safetensors"));
@@ -222,25 +226,10 @@ fn convert_round_trips_between_peft_and_adapter_files() {
     // Merging the converted folder gives PEFT's merged weights too.
     let f = fixture("lokr_kronlora_d48");
     let out = dir.join("m.safetensors");
-    let (code, _, err) = run(&[
-        "merge",
-        "--base",
-        s(&f.join("base.safetensors")),
-        "--adapter",
-        s(&peft),
-        "--out",
-        s(&out),
-    ]);
+    let (code, _, err) = merge(&f.join("base.safetensors"), &peft, &out);
     assert_eq!(code, 0, "{err}");
     let (ours, theirs) = (read(&out), read(&f.join("merged.safetensors")));
-    for (k, (_, _, v)) in &ours {
-        let err = v
-            .iter()
-            .zip(&theirs[k].2)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(err <= 1e-5, "{k}");
-    }
+    assert!(max_abs_diff(&ours, &theirs) <= 1e-5);
     // Existing outputs need --force.
     let (code, _, err) = run(&[
         "convert",
@@ -430,29 +419,17 @@ fn quantize_writes_a_file_that_inspect_merge_and_convert_accept() {
     );
     // Merging the quantized adapter adds its dequantized ΔW: close to PEFT's float merge.
     let merged = dir.join("m.safetensors");
-    let (code, _, err) = run(&[
-        "merge",
-        "--base",
-        s(&f.join("base.safetensors")),
-        "--adapter",
-        s(&q),
-        "--out",
-        s(&merged),
-    ]);
+    let (code, _, err) = merge(&f.join("base.safetensors"), &q, &merged);
     assert_eq!(code, 0, "{err}");
     let (ours, float) = (read(&merged), read(&f.join("merged.safetensors")));
     let dq = kron_adapters::NativeAdapters::read(&q).unwrap();
     let deq_merged = dir.join("dq.safetensors");
     dq.write(dir.join("dq-adapter.safetensors")).unwrap();
-    let (code, _, _) = run(&[
-        "merge",
-        "--base",
-        s(&f.join("base.safetensors")),
-        "--adapter",
-        s(&dir.join("dq-adapter.safetensors")),
-        "--out",
-        s(&deq_merged),
-    ]);
+    let (code, _, _) = merge(
+        &f.join("base.safetensors"),
+        &dir.join("dq-adapter.safetensors"),
+        &deq_merged,
+    );
     assert_eq!(code, 0);
     assert_eq!(
         read(&deq_merged),

@@ -102,7 +102,10 @@ fn batches_pad_to_the_longest_and_group_by_length() {
         mask.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
         vec![1, 1, 1, 1, 1, 0]
     );
-    assert_eq!(labels.into_data().convert::<i64>().to_vec::<i64>().unwrap(), vec![1, 0]);
+    assert_eq!(
+        labels.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
+        vec![1, 0]
+    );
 
     let lengths: Vec<usize> = (0..1000).map(|i| (i * 37) % 50 + 3).collect();
     let batches = length_batches(&lengths, 32, &mut SplitMix64::new(1));

@@ -9,9 +9,7 @@ use super::{
     AdapterSpec, FactorInit, LinearAdapter, Method,
 };
 use crate::error::AdapterError;
-use crate::kron::{
-    kron, kron_apply, resolve_factor_shapes, ContractionOrder, KronPlan, ShapeRequest,
-};
+use crate::kron::{kron, kron_apply, ContractionOrder, KronPlan};
 
 /// Configuration of a [`KronA`] adapter.
 ///
@@ -55,6 +53,8 @@ pub struct KronAConfig {
 }
 
 impl KronAConfig {
+    crate::adapter::kron_shape_config!();
+
     /// KronA with explicit factor shapes `a [a_in, a_out]`, `b [b_in, b_out]`.
     pub fn new(a_shape: [usize; 2], b_shape: [usize; 2]) -> Self {
         Self {
@@ -77,30 +77,6 @@ impl KronAConfig {
         }
     }
 
-    /// Sets the shape of `a` only (`b` is derived per layer).
-    pub fn with_a_shape(mut self, a_shape: [usize; 2]) -> Self {
-        self.a_shape = Some(a_shape);
-        self
-    }
-
-    /// Sets the shape of `b` only (`a` is derived per layer).
-    pub fn with_b_shape(mut self, b_shape: [usize; 2]) -> Self {
-        self.b_shape = Some(b_shape);
-        self
-    }
-
-    /// Sets PEFT's factor hint (used when no shape is given).
-    pub fn with_factor(mut self, factor: i64) -> Self {
-        self.factor = factor;
-        self
-    }
-
-    /// Chooses shapes per layer to come closest to `params` trainable parameters.
-    pub fn with_budget(mut self, params: usize) -> Self {
-        self.budget = Some(params);
-        self
-    }
-
     /// Sets the scale.
     pub fn with_scale(mut self, scale: f64) -> Self {
         self.scale = scale;
@@ -119,34 +95,14 @@ impl KronAConfig {
         self
     }
 
-    /// The factor shapes `(a, b)` this config gives a `[d_in, d_out]` layer.
-    pub fn factor_shapes(
-        &self,
-        d_in: usize,
-        d_out: usize,
-    ) -> Result<([usize; 2], [usize; 2]), AdapterError> {
-        self.shapes_named(&layer_name(d_in, d_out), d_in, d_out)
-    }
-
     /// Trainable parameters for a `[d_in, d_out]` layer: `a_in·a_out + b_in·b_out`.
     pub fn num_params(&self, d_in: usize, d_out: usize) -> Result<usize, AdapterError> {
         let (a, b) = self.factor_shapes(d_in, d_out)?;
-        Ok(a[0] * a[1] + b[0] * b[1])
+        Ok(self.factor_params(a, b))
     }
 
-    fn shapes_named(
-        &self,
-        layer: &str,
-        d_in: usize,
-        d_out: usize,
-    ) -> Result<([usize; 2], [usize; 2]), AdapterError> {
-        let req = ShapeRequest {
-            a: self.a_shape,
-            b: self.b_shape,
-            factor: self.factor,
-            budget: self.budget,
-        };
-        resolve_factor_shapes(layer, d_in, d_out, &req, |a, b| a[0] * a[1] + b[0] * b[1])
+    fn factor_params(&self, a: [usize; 2], b: [usize; 2]) -> usize {
+        a[0] * a[1] + b[0] * b[1]
     }
 
     /// Builds the adapter for a `[d_in, d_out]` layer.

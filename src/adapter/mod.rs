@@ -34,6 +34,66 @@ pub enum FactorInit {
     Normal,
 }
 
+/// Builder methods and shape resolution of the configs with Kronecker shape fields
+/// (`a_shape`, `b_shape`, `factor`, `budget`): KronA, Kron-LoRA and KronA^B. The config
+/// provides `fn factor_params(&self, a, b) -> usize`, its factor parameters for given shapes
+/// (what a budget is matched against).
+macro_rules! kron_shape_config {
+    () => {
+        /// Sets the shape of `a` only (`b` is derived per layer).
+        pub fn with_a_shape(mut self, a_shape: [usize; 2]) -> Self {
+            self.a_shape = Some(a_shape);
+            self
+        }
+
+        /// Sets the shape of `b` only (for Kron-LoRA, of `b1·b2`; `a` is derived per layer).
+        pub fn with_b_shape(mut self, b_shape: [usize; 2]) -> Self {
+            self.b_shape = Some(b_shape);
+            self
+        }
+
+        /// Sets PEFT's factor hint (used when no shape or budget is given).
+        pub fn with_factor(mut self, factor: i64) -> Self {
+            self.factor = factor;
+            self
+        }
+
+        /// Chooses shapes per layer to come closest to `params` trainable parameters.
+        pub fn with_budget(mut self, params: usize) -> Self {
+            self.budget = Some(params);
+            self
+        }
+
+        /// The factor shapes `(a, b)` this config gives a `[d_in, d_out]` layer (for Kron-LoRA,
+        /// `b` is the shape of `b1·b2`).
+        pub fn factor_shapes(
+            &self,
+            d_in: usize,
+            d_out: usize,
+        ) -> Result<([usize; 2], [usize; 2]), crate::AdapterError> {
+            self.shapes_named(&crate::adapter::layer_name(d_in, d_out), d_in, d_out)
+        }
+
+        fn shapes_named(
+            &self,
+            layer: &str,
+            d_in: usize,
+            d_out: usize,
+        ) -> Result<([usize; 2], [usize; 2]), crate::AdapterError> {
+            let request = crate::kron::ShapeRequest {
+                a: self.a_shape,
+                b: self.b_shape,
+                factor: self.factor,
+                budget: self.budget,
+            };
+            crate::kron::resolve_factor_shapes(layer, d_in, d_out, &request, |a, b| {
+                self.factor_params(a, b)
+            })
+        }
+    };
+}
+pub(crate) use kron_shape_config;
+
 /// Which method an adapter implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,9 +8,7 @@ use crate::adapter::{
     check_finite, const_param, init_factors, layer_name, minus_one, zero_factor, FactorInit,
 };
 use crate::error::AdapterError;
-use crate::kron::{
-    kron_apply, resolve_factor_shapes, ContractionOrder, KronIntermediate, KronPlan, ShapeRequest,
-};
+use crate::kron::{kron_apply, ContractionOrder, KronIntermediate, KronPlan};
 
 /// The residual connection of KronA^B_res.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +76,8 @@ pub struct KronABConfig {
 }
 
 impl KronABConfig {
+    crate::adapter::kron_shape_config!();
+
     /// KronA^B with explicit factor shapes.
     pub fn new(a_shape: [usize; 2], b_shape: [usize; 2]) -> Self {
         Self {
@@ -120,12 +120,6 @@ impl KronABConfig {
         self
     }
 
-    /// Sets a parameter budget for the factors.
-    pub fn with_budget(mut self, params: usize) -> Self {
-        self.budget = Some(params);
-        self
-    }
-
     /// Sets the initialisation.
     pub fn with_init(mut self, init: FactorInit) -> Self {
         self.init = init;
@@ -138,30 +132,6 @@ impl KronABConfig {
         self
     }
 
-    /// The factor shapes for a `[d_in, d_out]` block.
-    pub fn factor_shapes(
-        &self,
-        d_in: usize,
-        d_out: usize,
-    ) -> Result<([usize; 2], [usize; 2]), AdapterError> {
-        self.shapes_named(&layer_name(d_in, d_out), d_in, d_out)
-    }
-
-    fn shapes_named(
-        &self,
-        layer: &str,
-        d_in: usize,
-        d_out: usize,
-    ) -> Result<([usize; 2], [usize; 2]), AdapterError> {
-        let req = ShapeRequest {
-            a: self.a_shape,
-            b: self.b_shape,
-            factor: self.factor,
-            budget: self.budget,
-        };
-        resolve_factor_shapes(layer, d_in, d_out, &req, |a, b| a[0] * a[1] + b[0] * b[1])
-    }
-
     /// Trainable parameters: `a_in·a_out + b_in·b_out`, plus `d_out` with one bias,
     /// `d_out + b_out` with two, plus 1 for `s_res`.
     pub fn num_params(&self, d_in: usize, d_out: usize) -> Result<usize, AdapterError> {
@@ -172,7 +142,11 @@ impl KronABConfig {
             _ => d_out + b[1],
         };
         let res = usize::from(self.residual != Residual::None);
-        Ok(a[0] * a[1] + b[0] * b[1] + biases + res)
+        Ok(self.factor_params(a, b) + biases + res)
+    }
+
+    fn factor_params(&self, a: [usize; 2], b: [usize; 2]) -> usize {
+        a[0] * a[1] + b[0] * b[1]
     }
 
     /// Builds the adapter for a `[d_in, d_out]` block.
