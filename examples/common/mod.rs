@@ -1,5 +1,6 @@
 //! Backend selection for the examples, by cargo feature: `cuda`, `metal`, `vulkan`, `wgpu`, or
-//! the CPU (`flex`, or `ndarray`, the default). The library itself never names a backend.
+//! on the CPU `cpu` (Burn's CubeCL CPU backend), `flex` (the default) or `ndarray` (optionally
+//! with `openblas`). The library itself never names a backend.
 #![allow(dead_code)]
 
 #[cfg(feature = "cuda")]
@@ -14,12 +15,23 @@ pub type Inner = burn::backend::Vulkan;
 ))]
 pub type Inner = burn::backend::Wgpu;
 #[cfg(all(
-    feature = "flex",
+    feature = "cpu",
     not(any(
         feature = "cuda",
         feature = "metal",
         feature = "vulkan",
         feature = "wgpu"
+    ))
+))]
+pub type Inner = burn::backend::Cpu;
+#[cfg(all(
+    feature = "flex",
+    not(any(
+        feature = "cuda",
+        feature = "metal",
+        feature = "vulkan",
+        feature = "wgpu",
+        feature = "cpu"
     ))
 ))]
 pub type Inner = burn::backend::Flex;
@@ -28,6 +40,7 @@ pub type Inner = burn::backend::Flex;
     feature = "metal",
     feature = "vulkan",
     feature = "wgpu",
+    feature = "cpu",
     feature = "flex"
 )))]
 pub type Inner = burn::backend::NdArray;
@@ -45,8 +58,12 @@ pub fn backend_name() -> &'static str {
         "vulkan"
     } else if cfg!(feature = "wgpu") {
         "wgpu"
+    } else if cfg!(feature = "cpu") {
+        "cubecl cpu"
     } else if cfg!(feature = "flex") {
         "flex (CPU)"
+    } else if cfg!(feature = "openblas") {
+        "ndarray + OpenBLAS (CPU)"
     } else {
         "ndarray (CPU)"
     }
