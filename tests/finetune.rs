@@ -219,8 +219,14 @@ fn real_rotten_tomatoes_split_is_the_documented_one() {
     );
     let again = rotten_tomatoes(&path, 13).unwrap();
     assert_eq!(task.test, again.test);
-    let fresh = task.test.iter().filter(|e| e.label == 1).count();
-    assert_eq!(fresh, 739, "test: 10% of each class");
+    // Stratified: each class gives a tenth (rounded down) of its examples to test and to dev.
+    for class in 0..2 {
+        let count = |part: &[Example]| part.iter().filter(|e| e.label == class).count();
+        let total = count(&task.train) + count(&task.dev) + count(&task.test);
+        assert!(total > 4000, "class {class}: {total} examples");
+        assert_eq!(count(&task.test), total / 10, "test: 10% of class {class}");
+        assert_eq!(count(&task.dev), total / 10, "dev: 10% of class {class}");
+    }
 }
 
 #[test]
