@@ -8,6 +8,7 @@
 //! ```text
 //! cargo run --release --example compare                 # everything (hours on 2 CPU cores)
 //! cargo run --release --example compare -- --no-timing  # skip the timing tables
+//! cargo run --release --example compare -- --ablation-seeds 2   # fewer seeds for the ablations
 //! cargo run --release --example compare -- --seeds 1 --max-train 1000   # a quick smoke run
 //! ```
 //!
@@ -45,6 +46,9 @@ struct Args {
     /// Training sentences per run (the dev and test sets are always whole).
     #[arg(long, default_value_t = 5000)]
     max_train: usize,
+    /// Seeds per ablation configuration (default: `--seeds`).
+    #[arg(long)]
+    ablation_seeds: Option<u64>,
     /// Epochs per run.
     #[arg(long, default_value_t = 1)]
     epochs: usize,
@@ -246,7 +250,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 (String, f64, Vec<RunReport>),
                 Box<dyn std::error::Error>,
             > {
-                let reports = (0..args.seeds)
+                let reports = (0..args.ablation_seeds.unwrap_or(args.seeds))
                     .map(|seed| {
                         let cfg = FinetuneConfig {
                             peft: PeftConfig::linear(AdapterConfig::KronA(c.clone())),
@@ -446,10 +450,12 @@ fn header(args: &Args, data: &Prepared) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     format!(
-        "Produced by `cargo run --release --example compare -- --seeds {} --max-train {} --epochs {}` at commit `{commit}`, on {cpu} ({cores} cores), backend {}. Task: Rotten Tomatoes ({} training sentences used of {}, dev {}, test {}); all-MiniLM-L6-v2. Learning rates chosen on dev per method ({} training sentences, seed 0).\n",
+        "Produced by `cargo run --release --example compare -- --seeds {} --ablation-seeds {} --max-train {} --epochs {}{}` at commit `{commit}`, on {cpu} ({cores} cores), backend {}. Task: Rotten Tomatoes ({} training sentences used of {}, dev {}, test {}); all-MiniLM-L6-v2. Learning rates chosen on dev per method ({} training sentences, seed 0).\n",
         args.seeds,
+        args.ablation_seeds.unwrap_or(args.seeds),
         args.max_train,
         args.epochs,
+        if args.no_timing { " --no-timing" } else { "" },
         backend_name(),
         args.max_train.min(data.train.len()),
         data.train.len(),

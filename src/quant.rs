@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{Backend, DTypeUsage};
 use burn::tensor::quantization::{QuantLevel, QuantScheme, QuantStore, QuantValue};
 use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -124,9 +124,15 @@ impl QuantConfig {
     }
 
     /// Burn's equivalent scheme (symmetric Q8S/Q4S, per tensor or per block along the last
-    /// axis) for a tensor of `shape`, when Burn has one: none for per-channel scales, or blocks
-    /// that do not divide the rows.
-    pub fn burn_scheme(&self, shape: [usize; 2]) -> Option<QuantScheme> {
+    /// axis) for a tensor of `shape` on `device`, when Burn has one: none for per-channel scales,
+    /// or blocks that do not divide the rows. 8-bit values are stored as native `i8` where the
+    /// device converts to and from `i8` (Burn's CPU backends, CUDA), packed four to a `u32`
+    /// otherwise (e.g. a Vulkan device without 8-bit integer support); 4-bit always packed.
+    pub fn burn_scheme<B: Backend>(
+        &self,
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Option<QuantScheme> {
         let level = match self.level {
             Level::Tensor => QuantLevel::Tensor,
             Level::Block(n) if n <= u8::MAX as usize && shape[1] % n == 0 => {
@@ -134,15 +140,16 @@ impl QuantConfig {
             }
             _ => return None,
         };
-        // 8-bit in native i8 storage (what Burn's CPU backends quantize); 4-bit packed in u32.
-        let scheme = if self.bits == 8 {
-            QuantScheme::default()
-                .with_value(QuantValue::Q8S)
-                .with_store(QuantStore::Native)
+        let value = if self.bits == 8 {
+            QuantValue::Q8S
         } else {
-            QuantScheme::default().with_value(QuantValue::Q4S)
+            QuantValue::Q4S
         };
-        Some(scheme.with_level(level))
+        let packed = QuantScheme::default().with_value(value).with_level(level);
+        let native = packed.with_store(QuantStore::Native);
+        let native_ok = self.bits == 8
+            && B::dtype_usage(device, DType::QFloat(native)).contains(DTypeUsage::Storage);
+        Some(if native_ok { native } else { packed })
     }
 }
 
@@ -609,7 +616,7 @@ pub fn to_burn_quantized<B: Backend>(
 ) -> Result<burn::nn::Linear<B>, AdapterError> {
     let shape = linear.weight.dims();
     let scheme = config
-        .burn_scheme(shape)
+        .burn_scheme::<B>(shape, &linear.weight.device())
         .ok_or_else(|| AdapterError::Unsupported {
             option: "quantization level".into(),
             message: format!("Burn has no quantized tensor for {config} on a {shape:?} weight"),
