@@ -249,7 +249,9 @@ fn burn_quantizer_agrees_with_the_portable_one_where_it_applies() {
         QuantConfig::new(8, Level::Tensor).unwrap(),
         QuantConfig::new(8, Level::Block(16)).unwrap(),
     ] {
-        let scheme = cfg.burn_scheme::<TB>([32, 64], &dev).expect("Burn has this scheme");
+        let scheme = cfg
+            .burn_scheme::<TB>([32, 64], &dev)
+            .expect("Burn has this scheme");
         let ours = QuantizedTensor::quantize("t", &t, cfg)
             .unwrap()
             .dequantize();
