@@ -312,7 +312,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if !args.no_timing {
         sections.push(timing_tables(&methods, &device)?);
     }
-    write_results(&args.results, &sections.join("\n"))?;
+    common::write_between(&args.results, "# Results", BEGIN, END, &sections.join("\n"))?;
     eprintln!("wrote {}", args.results.display());
     Ok(())
 }
@@ -467,13 +467,3 @@ fn header(args: &Args, data: &Prepared) -> String {
 
 const BEGIN: &str = "<!-- compare:begin (written by examples/compare.rs) -->";
 const END: &str = "<!-- compare:end -->";
-
-fn write_results(path: &Path, tables: &str) -> std::io::Result<()> {
-    let old =
-        std::fs::read_to_string(path).unwrap_or_else(|_| format!("# Results\n\n{BEGIN}\n{END}\n"));
-    let (before, after) = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if b < e => (old[..b].to_string(), old[e + END.len()..].to_string()),
-        _ => (format!("{old}\n"), String::new()),
-    };
-    std::fs::write(path, format!("{before}{BEGIN}\n{tables}\n{END}{after}"))
-}

@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::module::AutodiffModule;
 use clap::Parser;
@@ -178,25 +178,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          ### Adapter file size, bytes (percent of float32)\n\n| method | float32 | {cols} |\n| --- | ---: | {seps} |\n{size_rows}",
         backend_name()
     );
-    write_between(
+    common::write_between(
         &args.results,
+        "## Quantization",
         "<!-- quant:begin (written by examples/quant_study.rs) -->",
         "<!-- quant:end -->",
         &tables,
     )?;
     println!("{tables}");
     Ok(())
-}
-
-fn write_between(path: &Path, begin: &str, end: &str, body: &str) -> std::io::Result<()> {
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let new = match (old.find(begin), old.find(end)) {
-        (Some(b), Some(e)) if b < e => format!(
-            "{}{begin}\n{body}\n{end}{}",
-            &old[..b],
-            &old[e + end.len()..]
-        ),
-        _ => format!("{old}\n## Quantization\n\n{begin}\n{body}\n{end}\n"),
-    };
-    std::fs::write(path, new)
 }

@@ -68,3 +68,25 @@ pub fn backend_name() -> &'static str {
         "ndarray (CPU)"
     }
 }
+
+/// Replaces what lies between the markers `begin` and `end` in the text file at `path` with
+/// `body`, keeping everything around them (the hand-written analysis); appends the markers
+/// with `heading` before them when the file or the markers are absent.
+pub fn write_between(
+    path: &std::path::Path,
+    heading: &str,
+    begin: &str,
+    end: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(begin), old.find(end)) {
+        (Some(b), Some(e)) if b < e => format!(
+            "{}{begin}\n{body}\n{end}{}",
+            &old[..b],
+            &old[e + end.len()..]
+        ),
+        _ => format!("{old}\n{heading}\n\n{begin}\n{body}\n{end}\n"),
+    };
+    std::fs::write(path, new)
+}
