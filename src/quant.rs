@@ -125,7 +125,8 @@ impl QuantConfig {
 
     /// Burn's equivalent scheme (symmetric Q8S/Q4S, per tensor or per block along the last
     /// axis) for a tensor of `shape` on `device`, when Burn has one: none for per-channel scales,
-    /// or blocks that do not divide the rows. 8-bit values are stored as native `i8` where the
+    /// blocks that do not divide the rows, or a scheme the device cannot store (4-bit on Burn's
+    /// CPU backends). 8-bit values are stored as native `i8` where the
     /// device converts to and from `i8` (Burn's CPU backends, CUDA), packed four to a `u32`
     /// otherwise (e.g. a Vulkan device without 8-bit integer support); 4-bit always packed.
     pub fn burn_scheme<B: Backend>(
@@ -147,9 +148,15 @@ impl QuantConfig {
         };
         let packed = QuantScheme::default().with_value(value).with_level(level);
         let native = packed.with_store(QuantStore::Native);
-        let native_ok = self.bits == 8
-            && B::dtype_usage(device, DType::QFloat(native)).contains(DTypeUsage::Storage);
-        Some(if native_ok { native } else { packed })
+        let stores =
+            |scheme| B::dtype_usage(device, DType::QFloat(scheme)).contains(DTypeUsage::Storage);
+        if self.bits == 8 && stores(native) {
+            Some(native)
+        } else if stores(packed) {
+            Some(packed)
+        } else {
+            None
+        }
     }
 }
 
@@ -619,7 +626,9 @@ pub fn to_burn_quantized<B: Backend>(
         .burn_scheme::<B>(shape, &linear.weight.device())
         .ok_or_else(|| AdapterError::Unsupported {
             option: "quantization level".into(),
-            message: format!("Burn has no quantized tensor for {config} on a {shape:?} weight"),
+            message: format!(
+                "Burn has no quantized tensor for {config} on a {shape:?} weight on this device"
+            ),
         })?;
     linear.weight = linear.weight.map(|w| w.detach().quantize_dynamic(&scheme));
     Ok(linear)

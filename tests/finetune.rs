@@ -248,7 +248,11 @@ fn finetune_config_json_defaults_and_validation() {
         (3, 32, TrainMode::BitFit)
     );
     let d = FinetuneConfig::default();
-    assert_eq!((d.epochs, d.lr, d.max_train), (1, 1e-2, None), "the main job's budget");
+    assert_eq!(
+        (d.epochs, d.lr, d.max_train),
+        (1, 1e-2, None),
+        "the main job's budget"
+    );
     assert_eq!(
         d.peft,
         PeftConfig::linear(AdapterConfig::KronA(KronAConfig::auto()))

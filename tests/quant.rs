@@ -404,7 +404,33 @@ fn deployed_weights_can_be_burn_quantized_tensors() {
         "same grid up to tie-breaking"
     );
     assert!(matches!(
-        to_burn_quantized(lin, QuantConfig::new(8, Level::Channel).unwrap()),
+        to_burn_quantized(lin.clone(), QuantConfig::new(8, Level::Channel).unwrap()),
         Err(AdapterError::Unsupported { .. })
     ));
+    // 4-bit: packed where the device stores it (CubeCL backends), a typed refusal where it
+    // does not (Burn's CPU backends), never a panic.
+    let int4 = QuantConfig::new(4, Level::Block(16)).unwrap();
+    let result = to_burn_quantized(lin.clone(), int4);
+    eprintln!(
+        "int4 as a Burn quantized tensor: {}",
+        if result.is_ok() { "stored" } else { "refused" }
+    );
+    match result {
+        Ok(q) => {
+            assert!(burn_scheme_of(&q.weight.val()).is_some());
+            let ours =
+                QuantizedTensor::quantize("w", &HostTensor::from_tensor(lin.weight.val()), int4)
+                    .unwrap()
+                    .dequantize();
+            let x = randn::<TB, 2>(&mut rng, [4, 32], &dev);
+            let want = x.clone().matmul(ours.to_tensor::<TB>(&dev))
+                + lin.bias.as_ref().unwrap().val().unsqueeze();
+            let scale = ours.data.iter().fold(0f32, |m, v| m.max(v.abs())) / 7.0;
+            assert!(max_abs_diff(&to_vec(q.forward(x)), &to_vec(want)) < 32.0 * 4.0 * scale);
+        }
+        Err(e) => {
+            assert!(matches!(e, AdapterError::Unsupported { .. }), "{e}");
+            assert!(int4.burn_scheme::<TB>([32, 64], &dev).is_none());
+        }
+    }
 }
