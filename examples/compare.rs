@@ -292,11 +292,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     "a (2, 192)",
                     KronAConfig::auto().with_a_shape([2, 192]),
                 )?,
-                ablation(
-                    "krona-a48x8",
-                    "a (48, 8)",
-                    KronAConfig::auto().with_a_shape([48, 8]),
-                )?,
             ];
             sections.push(accuracy_table(
                 "Factor shapes (the paper's Table 9; `b` is derived per layer)",
