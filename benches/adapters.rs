@@ -392,10 +392,11 @@ fn plot(path: &std::path::Path, rows: &[(String, f64)]) -> Result<(), Box<dyn st
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(260)
-        .build_cartesian_2d(0f64..1.1, (0..rows.len()).into_segmented())?;
+        .build_cartesian_2d(0f64..1.25, (0..rows.len()).into_segmented())?;
     chart
         .configure_mesh()
         .disable_y_mesh()
+        .y_labels(rows.len() + 1)
         .y_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) => rows.get(*i).map(|r| r.0.clone()).unwrap_or_default(),
             _ => String::new(),
@@ -403,12 +404,21 @@ fn plot(path: &std::path::Path, rows: &[(String, f64)]) -> Result<(), Box<dyn st
         .x_desc("step time / full fine-tuning")
         .draw()?;
     chart.draw_series(rows.iter().enumerate().map(|(i, (_, ms))| {
-        Rectangle::new(
+        let mut bar = Rectangle::new(
             [
                 (0.0, SegmentValue::Exact(i)),
                 (ms / full, SegmentValue::Exact(i + 1)),
             ],
             BLUE.mix(0.6).filled(),
+        );
+        bar.set_margin(4, 4, 0, 0);
+        bar
+    }))?;
+    chart.draw_series(rows.iter().enumerate().map(|(i, (_, ms))| {
+        Text::new(
+            format!("{ms:.0} ms"),
+            (ms / full + 0.01, SegmentValue::CenterOf(i)),
+            ("sans-serif", 13),
         )
     }))?;
     root.present()?;
