@@ -288,9 +288,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let shapes = vec![
                 ablation("krona", "a (16, 16) near √d (default)", KronAConfig::auto())?,
                 ablation(
+                    "krona-a16x24",
+                    "a (16, 24)",
+                    KronAConfig::auto().with_a_shape([16, 24]),
+                )?,
+                ablation(
                     "krona-a2x192",
                     "a (2, 192)",
                     KronAConfig::auto().with_a_shape([2, 192]),
+                )?,
+                ablation(
+                    "krona-a48x8",
+                    "a (48, 8)",
+                    KronAConfig::auto().with_a_shape([48, 8]),
                 )?,
             ];
             sections.push(accuracy_table(
