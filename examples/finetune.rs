@@ -153,7 +153,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     );
     let data = prepare(&cache, cfg.task, cfg.max_len, &log)?;
     eprintln!(
-        "{}: {} train / {} dev / {} test sentences, {} classes; model {}",
+        "{}: {} train / {} dev / {} test examples, {} classes; model {}",
         data.task.name,
         data.train.len(),
         data.dev.len(),
