@@ -368,8 +368,14 @@ fn accuracy_table(title: &str, rows: &[(String, f64, Vec<RunReport>)]) -> String
         let (tm, ts) = mean_std(&test);
         let (dm, ds) = mean_std(&dev);
         let r = &reports[0];
+        // One seed has no spread to show.
+        let (tm, dm) = if reports.len() > 1 {
+            (format!("{tm:.2} ± {ts:.2}"), format!("{dm:.2} ± {ds:.2}"))
+        } else {
+            (format!("{tm:.2}"), format!("{dm:.2}"))
+        };
         s += &format!(
-            "| {name} | {} | {:.3} | {lr:e} | {tm:.2} ± {ts:.2} | {dm:.2} ± {ds:.2} | {} |\n",
+            "| {name} | {} | {:.3} | {lr:e} | {tm} | {dm} | {} |\n",
             r.trainable,
             100.0 * r.trainable as f64 / r.total as f64,
             reports.len()
