@@ -358,17 +358,29 @@ impl NativeAdapters {
 
     /// Reads an adapter file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
-        Self::from_bytes(&path.display().to_string(), &bytes)
+        read_file(path.as_ref(), Self::from_bytes)
     }
 
     /// Writes an adapter file (atomically). Returns its size in bytes.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<u64, AdapterError> {
-        let bytes = self.to_bytes();
-        write_atomic(path.as_ref(), &bytes)?;
-        Ok(bytes.len() as u64)
+        write_file(path.as_ref(), &self.to_bytes())
     }
+}
+
+/// Reads the file at `path` and parses it with `parse(name, bytes)`, the name being the path
+/// (for error messages).
+pub(crate) fn read_file<T>(
+    path: &Path,
+    parse: impl FnOnce(&str, &[u8]) -> Result<T, AdapterError>,
+) -> Result<T, AdapterError> {
+    let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
+    parse(&path.display().to_string(), &bytes)
+}
+
+/// Writes `bytes` to `path` atomically; returns the size written.
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<u64, AdapterError> {
+    write_atomic(path, bytes)?;
+    Ok(bytes.len() as u64)
 }
 
 /// Saves the linear adapters of `model` to an adapter file. Returns its size in bytes.

@@ -27,7 +27,8 @@ use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{
-    canonical_safetensors, write_atomic, CheckpointMeta, HostTensor, NativeAdapters, META_KEY,
+    canonical_safetensors, read_file, write_file, CheckpointMeta, HostTensor, NativeAdapters,
+    META_KEY,
 };
 use crate::error::AdapterError;
 use crate::linear::AdaptedLinear;
@@ -519,16 +520,12 @@ impl QuantizedAdapters {
 
     /// Reads a quantized adapter file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
-        Self::from_bytes(&path.display().to_string(), &bytes)
+        read_file(path.as_ref(), Self::from_bytes)
     }
 
     /// Writes a quantized adapter file (atomically); returns its size in bytes.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<u64, AdapterError> {
-        let bytes = self.to_bytes();
-        write_atomic(path.as_ref(), &bytes)?;
-        Ok(bytes.len() as u64)
+        write_file(path.as_ref(), &self.to_bytes())
     }
 }
 
@@ -563,8 +560,8 @@ pub fn relative_error(
 /// so the adapters learn against exactly the base a quantized deployment computes with.
 ///
 /// The weight stays an ordinary (frozen) float tensor in training: Burn 0.21's autodiff backend
-/// does not implement its quantized-tensor operations (they are `todo!()`), so no Burn backend
-/// can train through a Burn-quantized weight. The saving comes at deployment:
+/// leaves its quantized-tensor operations unimplemented (calling one panics inside Burn), so no
+/// Burn backend can train through a Burn-quantized weight. The saving comes at deployment:
 /// [`merge_quantized`] re-quantizes `W + ΔW`, and [`to_burn_quantized`] stores a weight as a
 /// Burn quantized tensor on the inference backend.
 pub fn quantize_base<B: Backend>(
