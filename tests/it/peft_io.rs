@@ -2,8 +2,7 @@
 //! writes what PEFT wrote, export → import is exact, and malformed or unsupported inputs are
 //! typed errors.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,8 +1,7 @@
 //! Adapters and AdaptedLinear: forward against materialized references, merge, init, counts,
 //! configs and every configuration error.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};

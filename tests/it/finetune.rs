@@ -1,8 +1,7 @@
 //! The text side of the main job: tokenizer, data sets and splits, schedule, configs, the asset
 //! cache, and a few training steps of a tiny random encoder whose loss falls.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

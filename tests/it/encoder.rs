@@ -1,8 +1,7 @@
 //! The BERT encoder: adapter targeting by name, the pretrained loader and its errors (on a tiny
 //! random encoder, no download), and the real all-MiniLM-L6-v2 against PyTorch's activations.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::collections::HashMap;
 

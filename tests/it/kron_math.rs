@@ -1,8 +1,7 @@
 //! The Kronecker core: materialized product, unmaterialized apply (every contraction order),
 //! cost model and factor-shape search, against loop-based references.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use kron_adapters::kron::{
     chain_product, divisors, kron, kron_apply, lycoris_factorization, peft_factorization,

@@ -2,8 +2,7 @@
 //! quantized adapter files, Burn's own quantizer against the portable one, and training on a
 //! quantized frozen base.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use burn::nn::LinearConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};

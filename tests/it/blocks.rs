@@ -2,8 +2,7 @@
 //! full fine-tuning modes: behaviour at init, forwards against loop references, which
 //! parameters get gradients, parameter counts and configuration errors.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};

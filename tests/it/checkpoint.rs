@@ -1,8 +1,7 @@
 //! Checkpoints: the whole module through Burn's recorders, adapter-only safetensors files, and
 //! the errors of files that do not match.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};

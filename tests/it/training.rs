@@ -1,8 +1,7 @@
 //! Training on the autodiff backend: factor gradients against finite differences, a frozen base
 //! that stays bit-identical through AdamW steps, and a loss that falls.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use burn::module::{AutodiffModule, Module};
 use burn::nn::{Linear, LinearConfig};

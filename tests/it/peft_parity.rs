@@ -2,8 +2,7 @@
 //! rebuild each targeted layer's adapter from PEFT's factors — transposing PyTorch's [out, in] to
 //! Burn's [in, out] — and match PEFT's ΔW, merged weights and network output.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::collections::HashMap;
 use std::path::Path;
