@@ -426,6 +426,8 @@ fn plot(path: &std::path::Path, rows: &[(String, f64)]) -> Result<(), Box<dyn st
 }
 
 fn main() {
+    // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
+    kron_adapters::finetune::keep_freed_memory();
     let quick = std::env::args().any(|a| a == "--quick");
     let budget = if quick { 0.5 } else { 2.0 };
     let mut md = format!(

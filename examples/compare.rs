@@ -162,6 +162,8 @@ fn methods() -> Vec<Method> {
 }
 
 fn main() {
+    // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
+    kron_adapters::finetune::keep_freed_memory();
     if let Err(e) = run() {
         eprintln!("error: {e}");
         std::process::exit(1);

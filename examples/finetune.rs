@@ -109,6 +109,8 @@ fn method_config(m: Method) -> PeftConfig {
 }
 
 fn main() {
+    // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
+    kron_adapters::finetune::keep_freed_memory();
     if let Err(e) = run() {
         eprintln!("error: {e}");
         std::process::exit(1);

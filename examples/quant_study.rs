@@ -68,6 +68,8 @@ fn delta(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
+    kron_adapters::finetune::keep_freed_memory();
     let args = Args::parse();
     let device = Default::default();
     let mut data = None;

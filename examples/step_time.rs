@@ -27,6 +27,8 @@ struct Args {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
+    kron_adapters::finetune::keep_freed_memory();
     let args = Args::parse();
     let device = Default::default();
     // Dropout off, as the PyTorch side runs in eval mode.

@@ -12,6 +12,7 @@
 //! # Ok::<(), kron_adapters::AdapterError>(())
 //! ```
 
+pub mod allocator;
 pub mod assets;
 pub mod data;
 pub mod report;
@@ -19,6 +20,7 @@ pub mod timing;
 pub mod tokenize;
 pub mod train;
 
+pub use allocator::keep_freed_memory;
 pub use assets::AssetCache;
 pub use data::{Task, TaskName};
 pub use train::{finetune, prepare, FinetuneConfig, Prepared, RunReport};
