@@ -13,9 +13,7 @@ use kron_adapters::{
 };
 
 fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("kron-ckpt-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch_dir("ckpt", name)
 }
 
 fn base(rng: &mut Rng, d_in: usize, d_out: usize) -> Linear<TB> {

@@ -4,21 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::{peft_fixture, scratch_dir};
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kron-adapters"))
 }
 
-fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/peft")
-        .join(case)
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kron-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch_dir("cli", name)
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -73,7 +66,10 @@ fn read(path: &Path) -> Tensors {
 
 #[test]
 fn inspect_describes_peft_folders_and_adapter_files() {
-    let (code, out, _) = run(&["inspect", s(&fixture("lokr_kronlora_d48").join("adapter"))]);
+    let (code, out, _) = run(&[
+        "inspect",
+        s(&peft_fixture("lokr_kronlora_d48").join("adapter")),
+    ]);
     assert_eq!(code, 0);
     assert!(
         out.contains("PEFT LOKR folder") && out.contains("Kron-LoRA × 8"),
@@ -84,7 +80,11 @@ fn inspect_describes_peft_folders_and_adapter_files() {
         "{out}"
     );
     assert!(out.contains("trainable parameters: 624"), "{out}");
-    let (code, out, _) = run(&["inspect", "--json", s(&fixture("lora_d48").join("adapter"))]);
+    let (code, out, _) = run(&[
+        "inspect",
+        "--json",
+        s(&peft_fixture("lora_d48").join("adapter")),
+    ]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["trainable_params"], 3840);
@@ -105,7 +105,7 @@ fn merge_matches_peft_merge_and_unload() {
         "lora_d48",
     ] {
         let out = dir.join(format!("{case}.safetensors"));
-        let f = fixture(case);
+        let f = peft_fixture(case);
         let (code, _, err) = merge(&f.join("base.safetensors"), &f.join("adapter"), &out);
         assert_eq!(code, 0, "{err}");
         let (ours, theirs) = (read(&out), read(&f.join("merged.safetensors")));
@@ -131,7 +131,7 @@ fn merge_matches_peft_merge_and_unload() {
 fn merge_keeps_the_base_dtype() {
     // An F16 copy of a base: the merged file is F16 too, with everything else copied as is.
     let dir = tmp("f16");
-    let f = fixture("lora_d48");
+    let f = peft_fixture("lora_d48");
     let bytes = std::fs::read(f.join("base.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let owned: Vec<(String, Vec<usize>, Vec<u8>)> = st
@@ -201,7 +201,7 @@ fn convert_round_trips_between_peft_and_adapter_files() {
         "peft",
         "--to",
         "native",
-        s(&fixture("lokr_kronlora_d48").join("adapter")),
+        s(&peft_fixture("lokr_kronlora_d48").join("adapter")),
         s(&native),
     ]);
     assert_eq!(code, 0, "{err}");
@@ -224,7 +224,7 @@ fn convert_round_trips_between_peft_and_adapter_files() {
     ]);
     assert_eq!(code, 0, "{err}");
     // Merging the converted folder gives PEFT's merged weights too.
-    let f = fixture("lokr_kronlora_d48");
+    let f = peft_fixture("lokr_kronlora_d48");
     let out = dir.join("m.safetensors");
     let (code, _, err) = merge(&f.join("base.safetensors"), &peft, &out);
     assert_eq!(code, 0, "{err}");
@@ -237,7 +237,7 @@ fn convert_round_trips_between_peft_and_adapter_files() {
         "peft",
         "--to",
         "native",
-        s(&fixture("lora_d48").join("adapter")),
+        s(&peft_fixture("lora_d48").join("adapter")),
         s(&native),
     ]);
     assert_eq!(code, 1, "{err}");
@@ -248,7 +248,7 @@ fn convert_round_trips_between_peft_and_adapter_files() {
         "peft",
         "--to",
         "native",
-        s(&fixture("lora_d48").join("adapter")),
+        s(&peft_fixture("lora_d48").join("adapter")),
         s(&native),
         "--force",
     ]);
@@ -260,7 +260,7 @@ fn convert_round_trips_between_peft_and_adapter_files() {
 fn exit_codes_and_no_partial_outputs() {
     let dir = tmp("errors");
     let out = dir.join("out.safetensors");
-    let base = fixture("lora_d48").join("base.safetensors");
+    let base = peft_fixture("lora_d48").join("base.safetensors");
     let check = |args: Vec<&str>, want: i32, needle: &str| {
         let (code, _, err) = run(&args);
         assert_eq!(code, want, "{args:?}: {err}");
@@ -294,7 +294,7 @@ fn exit_codes_and_no_partial_outputs() {
     std::fs::create_dir_all(&bad).unwrap();
     std::fs::write(bad.join("adapter_config.json"), b"{ not json").unwrap();
     std::fs::copy(
-        fixture("lora_d48").join("adapter/adapter_model.safetensors"),
+        peft_fixture("lora_d48").join("adapter/adapter_model.safetensors"),
         bad.join("adapter_model.safetensors"),
     )
     .unwrap();
@@ -313,7 +313,7 @@ fn exit_codes_and_no_partial_outputs() {
     );
     std::fs::write(
         bad.join("adapter_config.json"),
-        std::fs::read(fixture("lora_d48").join("adapter/adapter_config.json")).unwrap(),
+        std::fs::read(peft_fixture("lora_d48").join("adapter/adapter_config.json")).unwrap(),
     )
     .unwrap();
     std::fs::write(
@@ -338,9 +338,9 @@ fn exit_codes_and_no_partial_outputs() {
         vec![
             "merge",
             "--base",
-            s(&fixture("lora_d48").join("adapter/adapter_config.json")),
+            s(&peft_fixture("lora_d48").join("adapter/adapter_config.json")),
             "--adapter",
-            s(&fixture("lora_d48").join("adapter")),
+            s(&peft_fixture("lora_d48").join("adapter")),
             "--out",
             s(&out),
         ],
@@ -349,13 +349,13 @@ fn exit_codes_and_no_partial_outputs() {
     );
     // 4: unsupported.
     let mut cfg: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixture("lora_d48").join("adapter/adapter_config.json")).unwrap(),
+        &std::fs::read(peft_fixture("lora_d48").join("adapter/adapter_config.json")).unwrap(),
     )
     .unwrap();
     cfg["use_dora"] = true.into();
     std::fs::write(bad.join("adapter_config.json"), cfg.to_string()).unwrap();
     std::fs::copy(
-        fixture("lora_d48").join("adapter/adapter_model.safetensors"),
+        peft_fixture("lora_d48").join("adapter/adapter_model.safetensors"),
         bad.join("adapter_model.safetensors"),
     )
     .unwrap();
@@ -367,7 +367,7 @@ fn exit_codes_and_no_partial_outputs() {
             "--base",
             s(&base),
             "--adapter",
-            s(&fixture("lokr_both_d64").join("adapter")),
+            s(&peft_fixture("lokr_both_d64").join("adapter")),
             "--out",
             s(&out),
         ],
@@ -380,7 +380,7 @@ fn exit_codes_and_no_partial_outputs() {
             "--base",
             s(&base),
             "--adapter",
-            s(&fixture("lora_d48").join("adapter")),
+            s(&peft_fixture("lora_d48").join("adapter")),
             "--out",
             s(&out),
             "--map",
@@ -399,7 +399,7 @@ fn exit_codes_and_no_partial_outputs() {
 #[test]
 fn quantize_writes_a_file_that_inspect_merge_and_convert_accept() {
     let dir = tmp("quantize");
-    let f = fixture("lora_d48");
+    let f = peft_fixture("lora_d48");
     let q = dir.join("q4.safetensors");
     let (code, _, err) = run(&[
         "quantize",

@@ -15,16 +15,8 @@ use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
 use kron_adapters::rng::SplitMix64;
 use kron_adapters::{AdapterConfig, AdapterError, KronAConfig, PeftConfig, TrainMode};
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kron-ft-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch_dir("ft", name)
 }
 
 #[test]

@@ -15,17 +15,8 @@ use kron_adapters::{
     AdaptedLinear, AdapterError, AdapterLayers, KronAConfig, LinearAdapter, Method,
 };
 
-fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/peft")
-        .join(case)
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kron-peftio-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    scratch_dir("peftio", name)
 }
 
 type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -89,10 +80,11 @@ fn linear(base: &Tensors, module: &str) -> Linear<TB> {
 }
 
 fn net(case: &str) -> Net {
-    let base = read_st(&fixture(case).join("base.safetensors"));
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(case).join("meta.json")).unwrap())
-            .unwrap();
+    let base = read_st(&peft_fixture(case).join("base.safetensors"));
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft_fixture(case).join("meta.json")).unwrap(),
+    )
+    .unwrap();
     let n_layers = meta["layers"].as_u64().unwrap() as usize;
     let mut layers = Vec::new();
     for i in 0..n_layers {
@@ -130,7 +122,7 @@ const CASES: [(&str, Method); 4] = [
 fn imported_adapters_reproduce_peft_outputs_and_merges() {
     let dev = device();
     for (case, method) in CASES {
-        let peft = PeftAdapter::read_dir(fixture(case).join("adapter")).unwrap();
+        let peft = PeftAdapter::read_dir(peft_fixture(case).join("adapter")).unwrap();
         assert!(
             peft.adapters
                 .meta
@@ -140,12 +132,12 @@ fn imported_adapters_reproduce_peft_outputs_and_merges() {
             "{case}"
         );
         let model = apply_adapters(net(case), &peft.adapters, &NameMap::new(), &dev).unwrap();
-        let io = read_st(&fixture(case).join("io.safetensors"));
+        let io = read_st(&peft_fixture(case).join("io.safetensors"));
         let (xs, x) = &io["x"];
         let y = to_vec(model.forward(tensor(x, [xs[0], xs[1], xs[2]], &dev)));
         let err = max_abs_diff(&y, &io["y"].1);
         assert!(err <= 1e-4, "{case}: y max abs error {err}");
-        let merged = read_st(&fixture(case).join("merged.safetensors"));
+        let merged = read_st(&peft_fixture(case).join("merged.safetensors"));
         for (name, layer) in &model.layers {
             let (ws, w) = &merged[&format!("{name}.weight")];
             let got = transpose_ref(&to_vec(layer.merge().unwrap().weight.val()), ws[1], ws[0]);
@@ -158,14 +150,14 @@ fn imported_adapters_reproduce_peft_outputs_and_merges() {
 #[test]
 fn export_writes_the_keys_and_shapes_peft_wrote_and_reimports_exactly() {
     for (case, _) in CASES {
-        let peft = PeftAdapter::read_dir(fixture(case).join("adapter")).unwrap();
+        let peft = PeftAdapter::read_dir(peft_fixture(case).join("adapter")).unwrap();
         let dir = tmp(&format!("export-{case}"));
         let out = dir.join("adapter");
         write_peft_dir(&out, &peft.adapters, Some("fixture-net"), false).unwrap();
         // Same key set and shapes as PEFT's own file (decompose_both's w1_a/w1_b come back as
         // the product lokr_w1: the same ΔW, one factor fewer).
         let ours = read_st(&out.join("adapter_model.safetensors"));
-        let theirs = read_st(&fixture(case).join("adapter/adapter_model.safetensors"));
+        let theirs = read_st(&peft_fixture(case).join("adapter/adapter_model.safetensors"));
         let shapes = |t: &Tensors| {
             t.iter()
                 .map(|(k, v)| (k.clone(), v.0.clone()))
@@ -194,7 +186,8 @@ fn export_writes_the_keys_and_shapes_peft_wrote_and_reimports_exactly() {
         )
         .unwrap();
         let orig: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(case).join("adapter/adapter_config.json")).unwrap(),
+            &std::fs::read_to_string(peft_fixture(case).join("adapter/adapter_config.json"))
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(cfg["peft_type"], orig["peft_type"]);
@@ -312,7 +305,7 @@ fn unexportable_shapes_and_mixed_methods_are_refused() {
 #[test]
 fn names_map_to_model_layers_or_fail_clearly() {
     let dev = device();
-    let peft = PeftAdapter::read_dir(fixture("lora_d48").join("adapter")).unwrap();
+    let peft = PeftAdapter::read_dir(peft_fixture("lora_d48").join("adapter")).unwrap();
     // Rename the file's modules with a prefix the model does not have, then map it away.
     let mut renamed = peft.adapters.clone();
     renamed.meta.layers = renamed
@@ -345,7 +338,7 @@ fn names_map_to_model_layers_or_fail_clearly() {
     // Sizes must fit.
     let e = apply_adapters(
         net("lora_d48"),
-        &PeftAdapter::read_dir(fixture("lokr_both_d64").join("adapter"))
+        &PeftAdapter::read_dir(peft_fixture("lokr_both_d64").join("adapter"))
             .unwrap()
             .adapters,
         &NameMap::new(),
@@ -362,7 +355,7 @@ fn lora_with(
     edit_cfg: impl Fn(&mut serde_json::Value),
     edit_st: impl Fn(&mut BTreeMap<String, (Vec<usize>, Vec<f32>)>),
 ) -> Result<PeftAdapter, AdapterError> {
-    let dir = fixture("lora_d48").join("adapter");
+    let dir = peft_fixture("lora_d48").join("adapter");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
             .unwrap();
@@ -482,7 +475,7 @@ fn malformed_and_unsupported_inputs_are_typed_errors() {
         "conv layers",
     );
     // Bad JSON, truncated safetensors.
-    let dir = fixture("lora_d48").join("adapter");
+    let dir = peft_fixture("lora_d48").join("adapter");
     let st = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
     let cfg = std::fs::read(dir.join("adapter_config.json")).unwrap();
     assert!(matches!(

@@ -29,12 +29,6 @@ fn read_st(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         .collect()
 }
 
-fn fixture(case: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/peft")
-        .join(case)
-}
-
 /// PyTorch [out, in] → Burn [in, out] tensor.
 fn torch_2d(t: &(Vec<usize>, Vec<f32>)) -> Tensor<TB, 2> {
     let (o, i) = (t.0[0], t.0[1]);
@@ -137,7 +131,7 @@ impl Net {
 }
 
 fn check_case(case: &str, expect: &str) {
-    let dir = fixture(case);
+    let dir = peft_fixture(case);
     let base = read_st(&dir.join("base.safetensors"));
     let ad = read_st(&dir.join("adapter/adapter_model.safetensors"));
     let delta = read_st(&dir.join("delta.safetensors"));

@@ -147,3 +147,24 @@ pub fn assert_close(got: &[f32], want: &[f32], rtol: f64, what: &str) {
         "{what}: reference is all zeros, the test proves nothing"
     );
 }
+
+/// A file or folder under `tests/fixtures/`.
+pub fn fixture(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
+/// A PEFT case under `tests/fixtures/peft/` (see its README).
+pub fn peft_fixture(case: &str) -> std::path::PathBuf {
+    fixture("peft").join(case)
+}
+
+/// A fresh, empty scratch folder `kron-{group}-{name}-{pid}` in the temp dir. All the tests
+/// share one process, so `group` (one per test module) keeps their folders apart.
+pub fn scratch_dir(group: &str, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kron-{group}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
