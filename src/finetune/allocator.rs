@@ -16,7 +16,7 @@
 /// change any result, only where buffers come from. Returns `true` when the settings were
 /// applied; on other platforms or C libraries (which have their own policies) it does nothing
 /// and returns `false`. The same settings can be given from outside the program with the
-/// environment variables `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967295`.
+/// environment variables `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647`.
 ///
 /// ```
 /// let applied = kron_adapters::finetune::keep_freed_memory();

@@ -304,8 +304,7 @@ fn configs_round_trip_through_json_and_reject_typos() {
     assert!(serde_json::from_str::<AdapterConfig>(r#"{"method": "Dora", "rank": 2}"#).is_err());
     // Burn's Config trait: save and load a file.
     use burn::config::Config;
-    let dir = std::env::temp_dir().join(format!("kron-cfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("adapters", "config");
     let cfg = AdapterConfig::KronA(KronAConfig::new([6, 8], [8, 12]));
     cfg.save(dir.join("c.json")).unwrap();
     assert_eq!(AdapterConfig::load(dir.join("c.json")).unwrap(), cfg);

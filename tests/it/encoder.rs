@@ -186,8 +186,7 @@ fn write_st(path: &std::path::Path, tensors: &[(String, Vec<usize>)], rng: &mut 
 #[test]
 fn loader_reads_hf_names_and_reports_every_problem() {
     let dev = device();
-    let dir = std::env::temp_dir().join(format!("kron-loader-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("enc", "loader");
     let cfg = tiny();
     let mut rng = Rng::new(50);
     let mut tensors = hf_tensors(&cfg, &mut rng);
@@ -296,11 +295,7 @@ fn pretrained_minilm_matches_pytorch() {
     let model_dir = pkg.join(kron_adapters::finetune::assets::MINILM.prefix);
     let (model, cfg) = load_pretrained::<TB>(&model_dir, &PeftConfig::default(), 2, &dev).unwrap();
     assert_eq!((cfg.hidden_size, cfg.num_hidden_layers), (384, 6));
-    let bytes = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/minilm/reference.safetensors"
-    ))
-    .unwrap();
+    let bytes = std::fs::read(fixture("minilm/reference.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let ints = |n: &str| {
         let v = st.tensor(n).unwrap();
@@ -331,8 +326,7 @@ fn pretrained_minilm_matches_pytorch() {
 fn encoder_adapter_file_is_keyed_by_hugging_face_names_and_reloads() {
     use burn::module::Module;
     let dev = device();
-    let dir = std::env::temp_dir().join(format!("kron-enc-adapters-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("enc", "adapters");
     let peft = PeftConfig::linear(AdapterConfig::KronA(
         KronAConfig::auto().with_init(kron_adapters::FactorInit::Normal),
     ))
@@ -383,8 +377,9 @@ fn encoder_adapter_file_is_keyed_by_hugging_face_names_and_reloads() {
 #[test]
 fn peft_folders_apply_to_the_encoder_by_hugging_face_name() {
     let dev = device();
-    let dir = std::env::temp_dir().join(format!("kron-enc-peft-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // write_peft_dir creates the folder itself.
+    let root = scratch_dir("enc", "peft");
+    let dir = root.join("peft");
     let peft = PeftConfig::linear(AdapterConfig::KronA(
         KronAConfig::auto().with_init(kron_adapters::FactorInit::Normal),
     ));
@@ -428,5 +423,5 @@ fn peft_folders_apply_to_the_encoder_by_hugging_face_name() {
         1e-6,
         "PEFT round trip",
     );
-    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(root).ok();
 }

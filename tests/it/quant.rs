@@ -185,8 +185,7 @@ use burn::tensor::backend::Backend;
 
 #[test]
 fn quantized_files_round_trip_bit_for_bit_and_are_small() {
-    let dir = std::env::temp_dir().join(format!("kron-quant-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("quant", "files");
     let float = adapters(1);
     let f32_size = float.write(dir.join("f32.safetensors")).unwrap();
     for cfg in schemes() {
