@@ -27,7 +27,7 @@ use kron_adapters::kron::kron;
 use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
 use kron_adapters::{
     Adapter, AdapterConfig, ContractionOrder, KronAConfig, KronLoraConfig, LinearAdapter,
-    LoraConfig, PeftConfig, TrainMode,
+    LoraConfig, PlacementConfig, TrainMode,
 };
 
 fn time<F: FnMut()>(f: F, warmup: usize, budget: f64) -> f64 {
@@ -56,12 +56,10 @@ fn variants<B: Backend>(d: usize) -> Vec<(String, Build<B>)> {
                 .with_order(order)
                 .with_init(kron_adapters::FactorInit::Normal);
             c.a_shape = a;
-            AdapterConfig::KronA(c)
-                .init::<B>("bench", d, d, dev)
-                .unwrap()
+            AdapterConfig::KronA(c).init::<B>(d, d, dev).unwrap()
         })
     };
-    let (m, _) = kron_adapters::kron::peft_factorization(d, -1);
+    let (m, _) = kron_adapters::adapter::shape::peft_factorization(d, -1);
     let lora_rank = (m * m + (d / m) * (d / m)).div_ceil(2 * d).max(1);
     let kl_rank = 2;
     vec![
@@ -71,7 +69,7 @@ fn variants<B: Backend>(d: usize) -> Vec<(String, Build<B>)> {
                 AdapterConfig::Lora(
                     LoraConfig::new(lora_rank).with_init(kron_adapters::FactorInit::Normal),
                 )
-                .init::<B>("bench", d, d, dev)
+                .init::<B>(d, d, dev)
                 .unwrap()
             }) as Build<B>,
         ),
@@ -97,7 +95,7 @@ fn variants<B: Backend>(d: usize) -> Vec<(String, Build<B>)> {
                 AdapterConfig::KronLora(
                     KronLoraConfig::auto(kl_rank).with_init(kron_adapters::FactorInit::Normal),
                 )
-                .init::<B>("bench", d, d, dev)
+                .init::<B>(d, d, dev)
                 .unwrap()
             }),
         ),
@@ -147,7 +145,7 @@ fn adapter_table(dims: &[usize], tokens: usize, budget: f64) -> String {
             });
         }
         // PEFT's materialized ΔW, for the √d KronA shapes.
-        let (m, _) = kron_adapters::kron::peft_factorization(d, -1);
+        let (m, _) = kron_adapters::adapter::shape::peft_factorization(d, -1);
         let a =
             Tensor::<Train, 2>::random([m, m], Distribution::Normal(0.0, 0.1), &dev).require_grad();
         let b = Tensor::<Train, 2>::random([d / m, d / m], Distribution::Normal(0.0, 0.1), &dev)
@@ -223,13 +221,13 @@ fn adapter_table(dims: &[usize], tokens: usize, budget: f64) -> String {
     out
 }
 
-fn methods() -> Vec<(&'static str, PeftConfig)> {
-    let lin = PeftConfig::linear;
-    let blk = PeftConfig::block;
+fn methods() -> Vec<(&'static str, PlacementConfig)> {
+    let lin = PlacementConfig::linear;
+    let blk = PlacementConfig::block;
     vec![
-        ("full fine-tuning", PeftConfig::mode(TrainMode::Full)),
-        ("frozen encoder (head only)", PeftConfig::default()),
-        ("BitFit", PeftConfig::mode(TrainMode::BitFit)),
+        ("full fine-tuning", PlacementConfig::mode(TrainMode::Full)),
+        ("frozen encoder (head only)", PlacementConfig::default()),
+        ("BitFit", PlacementConfig::mode(TrainMode::BitFit)),
         ("LoRA r=1", lin(AdapterConfig::Lora(LoraConfig::new(1)))),
         (
             "KronA a (16,16) (auto, PEFT shapes)",
@@ -325,7 +323,7 @@ fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
         let base = BertClassifier::<Inner>::new(
             &mut TensorSource::random(2),
             &cfg,
-            &PeftConfig::default(),
+            &PlacementConfig::default(),
             2,
             &dev,
         )
@@ -334,15 +332,15 @@ fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
         for (name, peft) in [
             (
                 "LoRA r=1",
-                PeftConfig::linear(AdapterConfig::Lora(LoraConfig::new(1))),
+                PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(1))),
             ),
             (
                 "KronA a (16,16)",
-                PeftConfig::linear(AdapterConfig::KronA(KronAConfig::auto())),
+                PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto())),
             ),
             (
                 "KronA a (2,192)",
-                PeftConfig::linear(AdapterConfig::KronA(
+                PlacementConfig::linear(AdapterConfig::KronA(
                     KronAConfig::auto().with_a_shape([2, 192]),
                 )),
             ),

@@ -24,18 +24,12 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::{backend_name, Inner, Train};
-use kron_adapters::block::{
-    BlockAdapterConfig, CompacterConfig, HoulsbyConfig, KronABConfig, ParallelAdapterConfig,
-    Residual,
-};
 use kron_adapters::finetune::timing::{inference_ms, train_step_ms};
 use kron_adapters::finetune::{
-    finetune, prepare, AssetCache, FinetuneConfig, Prepared, RunReport, TaskName,
+    finetune, prepare, presets, AssetCache, FinetuneConfig, Prepared, Preset, RunReport, TaskName,
 };
 use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
-use kron_adapters::{
-    AdapterConfig, FactorInit, KronAConfig, KronLoraConfig, LoraConfig, PeftConfig, TrainMode,
-};
+use kron_adapters::{AdapterConfig, FactorInit, KronAConfig, PlacementConfig};
 
 #[derive(Parser, Debug)]
 #[command(about = "Compare PEFT methods on all-MiniLM-L6-v2 / Rotten Tomatoes")]
@@ -69,98 +63,6 @@ struct Args {
     results: PathBuf,
 }
 
-/// A method of the comparison.
-struct Method {
-    key: &'static str,
-    name: &'static str,
-    peft: PeftConfig,
-    /// Learning rates tried on dev (seed 0, a short run); the best is used for every seed.
-    lrs: &'static [f64],
-}
-
-fn methods() -> Vec<Method> {
-    let linear = |c: AdapterConfig| PeftConfig::linear(c);
-    let block = |c: BlockAdapterConfig| PeftConfig::block(c);
-    // ~40k trainable parameters each where the method can reach it (6 layers, d = 384, FFN 1536).
-    let kronab = KronABConfig::auto().with_budget(6200);
-    vec![
-        Method {
-            key: "full",
-            name: "Fine-tuning",
-            peft: PeftConfig::mode(TrainMode::Full),
-            lrs: &[5e-5, 2e-4],
-        },
-        Method {
-            key: "bitfit",
-            name: "BitFit",
-            peft: PeftConfig::mode(TrainMode::BitFit),
-            lrs: &[1e-3, 5e-3],
-        },
-        Method {
-            key: "adapter",
-            name: "Adapter (bottleneck 8)",
-            peft: block(BlockAdapterConfig::Adapter(
-                HoulsbyConfig::new().with_bottleneck(8),
-            )),
-            lrs: &[1e-3, 3e-3],
-        },
-        Method {
-            key: "lora",
-            name: "LoRA (r = 1)",
-            peft: linear(AdapterConfig::Lora(LoraConfig::new(1))),
-            lrs: &[3e-3, 1e-2],
-        },
-        Method {
-            key: "compacter",
-            name: "Compacter (n = 4, bottleneck 24)",
-            peft: block(BlockAdapterConfig::Compacter(
-                CompacterConfig::new().with_reduction_factor(16),
-            )),
-            lrs: &[3e-3, 1e-2],
-        },
-        Method {
-            key: "pa",
-            name: "PA (r = 8, s = 16)",
-            peft: block(BlockAdapterConfig::ParallelAdapter(
-                ParallelAdapterConfig::new(8),
-            )),
-            lrs: &[3e-4, 1e-3],
-        },
-        Method {
-            key: "krona",
-            name: "KronA",
-            peft: linear(AdapterConfig::KronA(KronAConfig::auto())),
-            lrs: &[3e-3, 1e-2],
-        },
-        Method {
-            key: "kronab",
-            name: "KronA^B (s = 16)",
-            peft: block(BlockAdapterConfig::KronAB(kronab.clone())),
-            lrs: &[3e-4, 1e-3],
-        },
-        Method {
-            key: "kronab_res",
-            name: "KronA^B_res (s = 16)",
-            peft: block(BlockAdapterConfig::KronAB(
-                kronab.with_residual(Residual::Learned),
-            )),
-            lrs: &[3e-4, 1e-3],
-        },
-        Method {
-            key: "kron_lora",
-            name: "Kron-LoRA (r = 12)",
-            peft: linear(AdapterConfig::KronLora(KronLoraConfig::auto(12))),
-            lrs: &[3e-3, 1e-2],
-        },
-        Method {
-            key: "frozen",
-            name: "Frozen encoder, head only",
-            peft: PeftConfig::default(),
-            lrs: &[1e-2],
-        },
-    ]
-}
-
 fn main() {
     // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
     kron_adapters::finetune::keep_freed_memory();
@@ -182,7 +84,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("{m}")
     })?;
     let device = Default::default();
-    let methods: Vec<Method> = methods()
+    let methods: Vec<Preset> = presets()
         .into_iter()
         .filter(|m| args.only.is_empty() || args.only.iter().any(|k| k == m.key))
         .collect();
@@ -197,7 +99,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             if m.lrs.len() > 1 {
                 for &lr in m.lrs {
                     let cfg = FinetuneConfig {
-                        peft: m.peft.clone(),
+                        placement: m.placement.clone(),
                         lr,
                         seed: 0,
                         max_train: Some(args.select_train),
@@ -224,7 +126,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let reports = (0..args.seeds)
                 .map(|seed| {
                     let cfg = FinetuneConfig {
-                        peft: m.peft.clone(),
+                        placement: m.placement.clone(),
                         lr,
                         seed,
                         ..base.clone()
@@ -255,7 +157,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 let reports = (0..args.ablation_seeds.unwrap_or(args.seeds))
                     .map(|seed| {
                         let cfg = FinetuneConfig {
-                            peft: PeftConfig::linear(AdapterConfig::KronA(c.clone())),
+                            placement: PlacementConfig::linear(AdapterConfig::KronA(c.clone())),
                             lr,
                             seed,
                             ..base.clone()
@@ -390,16 +292,21 @@ fn accuracy_table(title: &str, rows: &[(String, f64, Vec<RunReport>)]) -> String
 /// batch 1 × 10 tokens, merged and unmerged (all-MiniLM-L6-v2's architecture; the cost does not
 /// depend on the weights' values).
 fn timing_tables(
-    methods: &[Method],
+    methods: &[Preset],
     device: &burn::tensor::Device<Train>,
 ) -> Result<String, Box<dyn std::error::Error>> {
     let bert = BertConfig::minilm_l6();
     let mut steps = Vec::new();
     let mut latency = Vec::new();
     for m in methods {
-        let (ms, _) = train_step_ms::<Train>(&bert, &m.peft, 32, 64, 8.0, device)?;
-        let model =
-            BertClassifier::<Inner>::new(&mut TensorSource::random(2), &bert, &m.peft, 2, device)?;
+        let (ms, _) = train_step_ms::<Train>(&bert, &m.placement, 32, 64, 8.0, device)?;
+        let model = BertClassifier::<Inner>::new(
+            &mut TensorSource::random(2),
+            &bert,
+            &m.placement,
+            2,
+            device,
+        )?;
         let unmerged = inference_ms(&model, bert.vocab_size, 1, 10, 3.0, device);
         let mut merged = model.clone();
         merged.encoder = merged.encoder.merge()?;

@@ -20,24 +20,7 @@ use burn::config::Config;
 use burn::tensor::backend::Backend;
 use clap::{Parser, ValueEnum};
 use common::{backend_name, Train};
-use kron_adapters::block::{BlockAdapterConfig, KronABConfig, ParallelAdapterConfig, Residual};
-use kron_adapters::finetune::{finetune, prepare, AssetCache, FinetuneConfig, TaskName};
-use kron_adapters::{
-    AdapterConfig, KronAConfig, KronLoraConfig, LoraConfig, PeftConfig, TrainMode,
-};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Method {
-    Krona,
-    KronLora,
-    Lora,
-    KronaB,
-    KronaBRes,
-    Pa,
-    Bitfit,
-    Full,
-    Frozen,
-}
+use kron_adapters::finetune::{finetune, prepare, preset, AssetCache, FinetuneConfig, TaskName};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum TaskArg {
@@ -51,9 +34,10 @@ struct Args {
     /// A FinetuneConfig JSON file (overrides the options below).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The method.
-    #[arg(long, value_enum, default_value = "krona")]
-    method: Method,
+    /// The method: krona, kron-lora, lora, krona-b, krona-b-res, pa, adapter, compacter,
+    /// bitfit, full or frozen (each with the learning rate the comparison chose for it).
+    #[arg(long, default_value = "krona")]
+    method: String,
     /// The task.
     #[arg(long, value_enum, default_value = "rotten-tomatoes")]
     task: TaskArg,
@@ -80,34 +64,6 @@ struct Args {
     fetch_only: bool,
 }
 
-/// A learning rate that suits the method in a short budget (see docs/results.md).
-fn default_lr(m: Method) -> f64 {
-    match m {
-        Method::Krona | Method::KronLora | Method::Lora | Method::Frozen => 1e-2,
-        Method::KronaB | Method::KronaBRes | Method::Pa => 1e-3,
-        Method::Bitfit => 5e-3,
-        Method::Full => 1e-4,
-    }
-}
-
-fn method_config(m: Method) -> PeftConfig {
-    match m {
-        Method::Krona => PeftConfig::linear(AdapterConfig::KronA(KronAConfig::auto())),
-        Method::KronLora => PeftConfig::linear(AdapterConfig::KronLora(KronLoraConfig::auto(2))),
-        Method::Lora => PeftConfig::linear(AdapterConfig::Lora(LoraConfig::new(1))),
-        Method::KronaB => PeftConfig::block(BlockAdapterConfig::KronAB(KronABConfig::auto())),
-        Method::KronaBRes => PeftConfig::block(BlockAdapterConfig::KronAB(
-            KronABConfig::auto().with_residual(Residual::Learned),
-        )),
-        Method::Pa => PeftConfig::block(BlockAdapterConfig::ParallelAdapter(
-            ParallelAdapterConfig::new(2),
-        )),
-        Method::Bitfit => PeftConfig::mode(TrainMode::BitFit),
-        Method::Full => PeftConfig::mode(TrainMode::Full),
-        Method::Frozen => PeftConfig::default(),
-    }
-}
-
 fn main() {
     // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
     kron_adapters::finetune::keep_freed_memory();
@@ -124,17 +80,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = match &args.config {
         Some(path) => FinetuneConfig::load(path)?,
         None => {
-            let mut cfg = FinetuneConfig {
-                task: match args.task {
+            let method = preset(&args.method)?;
+            let mut cfg = FinetuneConfig::new()
+                .with_task(match args.task {
                     TaskArg::RottenTomatoes => TaskName::RottenTomatoes,
                     TaskArg::BbcNews => TaskName::BbcNews,
-                },
-                peft: method_config(args.method),
-                lr: default_lr(args.method),
-                max_train: args.max_train,
-                seed: args.seed,
-                ..FinetuneConfig::default()
-            };
+                })
+                .with_placement(method.placement)
+                .with_lr(method.lr)
+                .with_seed(args.seed);
+            cfg.max_train = args.max_train;
             if matches!(args.task, TaskArg::BbcNews) {
                 cfg.max_len = 128;
             }
@@ -166,10 +121,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if args.fetch_only {
         return Ok(());
     }
-    let out = args.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs")
-            .join(format!("{:?}-{}-seed{}", args.method, data.task.name, cfg.seed).to_lowercase())
-    });
+    // Named after what the run trains (from the config, also with --config).
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(cfg.run_name(&data.task.name)));
     eprintln!("config: {}", serde_json::to_string(&cfg)?);
     let device = Default::default();
     Train::seed(&device, cfg.seed);

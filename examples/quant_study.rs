@@ -16,11 +16,13 @@ use std::path::PathBuf;
 use burn::module::AutodiffModule;
 use clap::Parser;
 use common::{backend_name, Inner, Train};
-use kron_adapters::checkpoint::{load_params_matching, HostTensor, NativeAdapters};
 use kron_adapters::finetune::train::{build_model, evaluate, trainable_patterns};
 use kron_adapters::finetune::{prepare, AssetCache, RunReport};
-use kron_adapters::peft::{apply_adapters, NameMap};
-use kron_adapters::quant::{relative_error, Level, QuantConfig, QuantizedAdapters};
+use kron_adapters::quant::{relative_error, Level, QuantConfig};
+use kron_adapters::store::{
+    attach as apply_adapters, load_params_matching, HostTensor, NativeAdapters, QuantizedAdapters,
+};
+use kron_adapters::NameMap;
 use kron_adapters::{Adapter, LinearAdapter};
 
 #[derive(Parser, Debug)]
@@ -110,7 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (model, _) = load_params_matching(
                 model,
                 dir.join("trainable.safetensors"),
-                &trainable_patterns(cfg.peft.train),
+                &trainable_patterns(cfg.placement.train),
             )?;
             let model = model.valid();
             let acc = evaluate(&model, &data.test, cfg.eval_batch_size, &device);
@@ -123,10 +125,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             float_acc.push(100.0 * acc);
             let native = NativeAdapters::from_model(&model);
             params = native.num_params();
-            sizes.0 = native.to_bytes().len() as u64;
+            sizes.0 = native.to_bytes()?.len() as u64;
             for (i, scheme) in schemes().into_iter().enumerate() {
                 let q = QuantizedAdapters::quantize(&native, scheme)?;
-                sizes.1[i] = q.to_bytes().len() as u64;
+                sizes.1[i] = q.to_bytes()?.len() as u64;
                 let deq = q.dequantize();
                 let quantized_model =
                     apply_adapters(model.clone(), &deq, &NameMap::new(), &device)?;

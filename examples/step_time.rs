@@ -12,7 +12,7 @@ use common::{backend_name, Train};
 use kron_adapters::finetune::timing::train_step_ms;
 use kron_adapters::model::BertConfig;
 use kron_adapters::{
-    AdapterConfig, KronAConfig, KronLoraConfig, LoraConfig, PeftConfig, TrainMode,
+    AdapterConfig, KronAConfig, KronLoraConfig, LoraConfig, PlacementConfig, TrainMode,
 };
 
 #[derive(Parser)]
@@ -37,9 +37,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         attention_probs_dropout_prob: 0.0,
         ..BertConfig::minilm_l6()
     };
-    let lin = PeftConfig::linear;
+    let lin = PlacementConfig::linear;
     let methods = [
-        ("full", PeftConfig::mode(TrainMode::Full)),
+        ("full", PlacementConfig::mode(TrainMode::Full)),
         ("lora_r1", lin(AdapterConfig::Lora(LoraConfig::new(1)))),
         ("krona", lin(AdapterConfig::KronA(KronAConfig::auto()))),
         (

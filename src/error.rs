@@ -1,13 +1,22 @@
-//! The crate's error type.
+//! The crate's two error types.
+//!
+//! * [`ConfigError`]: what the Kronecker math, the adapter and block configs, placement and the
+//!   quantization math can reject — shapes that do not multiply out, ranks, non-finite values,
+//!   bad fields. It knows nothing of files.
+//! * [`AdapterError`]: everything that can go wrong reading, writing, loading, merging or
+//!   fetching — files that do not parse or do not fit the model, unsupported options of foreign
+//!   formats, I/O — and wraps a [`ConfigError`] (`#[from]`), so `?` carries one into the other.
+//!   A file whose content describes an invalid adapter is an [`AdapterError::InvalidSpec`]: the
+//!   file named, the config error as its source.
+//!
+//! Neither is ever a panic: every message names the layer (or file and tensor), the shapes
+//! involved and what to do about it.
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong when configuring, merging, saving or loading adapters.
-///
-/// Configuration and loading never panic on user input: they return one of these, with a message
-/// that names the layer (or parameter), the shapes involved and what to do about it.
+/// A configuration, shape or value that the adapters' math cannot accept.
 #[derive(Debug, thiserror::Error)]
-pub enum AdapterError {
+pub enum ConfigError {
     /// Kronecker factor shapes that do not multiply out to the layer's shape.
     #[error("{0}")]
     FactorShape(Box<FactorShapeError>),
@@ -25,8 +34,8 @@ pub enum AdapterError {
 
     /// A configuration value that makes no sense (zero size, non-finite scale, ...).
     #[error("{layer}: invalid `{field}`: {reason}")]
-    Config {
-        /// Which layer (or "config" when not layer-specific).
+    Invalid {
+        /// Which layer (or which config when not layer-specific).
         layer: String,
         /// The configuration field.
         field: String,
@@ -34,7 +43,7 @@ pub enum AdapterError {
         reason: String,
     },
 
-    /// `merge` found NaN or infinite values in `W + ΔW` (as PEFT's `safe_merge`).
+    /// `merge` (or quantization) found NaN or infinite values (as PEFT's `safe_merge`).
     #[error(
         "{layer}: refusing to merge: W + ΔW has {count} non-finite value(s) (NaN or ±Inf); \
          the adapter has diverged, check the learning rate or load an earlier checkpoint"
@@ -44,6 +53,54 @@ pub enum AdapterError {
         layer: String,
         /// How many values are NaN or infinite.
         count: usize,
+    },
+}
+
+impl ConfigError {
+    /// Replaces the layer name (the generic placement and loaders call it with the layer's full
+    /// path, so a message says `encoder.layer.3.attention.self.query` instead of a shape).
+    pub fn at(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        match &mut self {
+            ConfigError::FactorShape(e) => e.layer = name,
+            ConfigError::Rank { layer, .. }
+            | ConfigError::Invalid { layer, .. }
+            | ConfigError::NonFinite { layer, .. } => *layer = name,
+        }
+        self
+    }
+
+    /// An [`ConfigError::Invalid`].
+    pub fn invalid(
+        layer: impl Into<String>,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        ConfigError::Invalid {
+            layer: layer.into(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Everything that can go wrong loading, saving, converting, merging or fetching adapters and
+/// models. Configuration errors arrive wrapped ([`AdapterError::Config`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// A configuration error (from the user's own config or arguments).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// A file that parses but describes an adapter that cannot exist (factor counts or shapes
+    /// that do not chain, sizes that disagree with the factors, absurd scales).
+    #[error("{path}: {source}")]
+    InvalidSpec {
+        /// The file.
+        path: String,
+        /// What is invalid.
+        #[source]
+        source: ConfigError,
     },
 
     /// A checkpoint tensor whose shape is not the model's.
@@ -111,8 +168,8 @@ pub enum AdapterError {
         message: String,
     },
 
-    /// An option or feature of a foreign file (PEFT's DoRA, conv layers, ...) that this crate
-    /// does not support: refused, never silently ignored.
+    /// An option or feature of a foreign file (PEFT's DoRA, conv layers, a GGUF quantization
+    /// type, ...) that this crate does not support: refused, never silently ignored.
     #[error("unsupported `{option}`: {message}")]
     Unsupported {
         /// The option, as the file names it.
@@ -148,33 +205,25 @@ pub enum AdapterError {
     },
 }
 
+/// The broad class of an [`AdapterError`], for programs that map errors to exit codes or HTTP
+/// statuses (the command-line tool does: see its `--help`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A file or folder could not be read or written (missing, exists, permissions).
+    Io,
+    /// The caller's own configuration or arguments are invalid.
+    Usage,
+    /// An input file is malformed or inconsistent, or does not fit the model.
+    Malformed,
+    /// A valid input that this crate does not support.
+    Unsupported,
+    /// Inputs that do not fit together, or a merge that would produce NaN/Inf.
+    Incompatible,
+    /// A model or data package could not be fetched.
+    Asset,
+}
+
 impl AdapterError {
-    /// Replaces the layer name in a layer-level error (used by models that know their layers'
-    /// paths, so the message says `encoder.layer.3.attention.self.query` instead of a shape).
-    pub fn at(mut self, name: impl Into<String>) -> Self {
-        let name = name.into();
-        match &mut self {
-            AdapterError::FactorShape(e) => e.layer = name,
-            AdapterError::Rank { layer, .. }
-            | AdapterError::Config { layer, .. }
-            | AdapterError::NonFinite { layer, .. } => *layer = name,
-            _ => {}
-        }
-        self
-    }
-
-    pub(crate) fn config(
-        layer: impl Into<String>,
-        field: impl Into<String>,
-        reason: impl Into<String>,
-    ) -> Self {
-        AdapterError::Config {
-            layer: layer.into(),
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
-
     /// An I/O error about `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         AdapterError::Io {
@@ -182,9 +231,35 @@ impl AdapterError {
             source,
         }
     }
+
+    /// A [`AdapterError::Format`] error about `path`.
+    pub fn format(path: impl Into<String>, message: impl Into<String>) -> Self {
+        AdapterError::Format {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AdapterError::Io { .. } => ErrorKind::Io,
+            AdapterError::Config(ConfigError::NonFinite { .. }) => ErrorKind::Incompatible,
+            AdapterError::Config(_) => ErrorKind::Usage,
+            AdapterError::Unsupported { .. } => ErrorKind::Unsupported,
+            AdapterError::Incompatible { .. } => ErrorKind::Incompatible,
+            AdapterError::Asset { .. } => ErrorKind::Asset,
+            AdapterError::InvalidSpec { .. }
+            | AdapterError::CheckpointShape { .. }
+            | AdapterError::CheckpointMismatch { .. }
+            | AdapterError::CheckpointMeta { .. }
+            | AdapterError::PretrainedMismatch { .. }
+            | AdapterError::Format { .. } => ErrorKind::Malformed,
+        }
+    }
 }
 
-/// Details of [`AdapterError::FactorShape`]: the shapes asked for and every valid choice.
+/// Details of [`ConfigError::FactorShape`]: the shapes asked for and every valid choice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FactorShapeError {
     /// Which layer.

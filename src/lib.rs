@@ -26,13 +26,17 @@
 //! # Ok::<(), kron_adapters::AdapterError>(())
 //! ```
 //!
+//! The module map, what each module may depend on and where a new model, method or file
+//! format goes: `docs/architecture.md`.
+//!
 //! [Burn]: https://burn.dev
 
 #![warn(missing_docs)]
 
+mod macros;
+
 pub mod adapter;
 pub mod block;
-pub mod checkpoint;
 mod error;
 #[cfg(feature = "finetune")]
 pub mod finetune;
@@ -40,21 +44,24 @@ pub mod kron;
 pub mod linear;
 pub mod model;
 pub mod params;
-pub mod peft;
+pub mod place;
 pub mod quant;
 pub mod rng;
-pub mod targets;
+pub mod store;
 pub mod training;
 
 pub use adapter::{
     Adapter, AdapterConfig, AdapterSpec, FactorInit, KronA, KronAConfig, KronLora, KronLoraConfig,
-    LinearAdapter, Lora, LoraConfig, Method,
+    LinearAdapter, Lora, LoraConfig, Method, MethodConfig, MethodInfo,
 };
-pub use checkpoint::{load_adapters, save_adapters, AdapterLayers, CheckpointMeta, NativeAdapters};
-pub use error::{AdapterError, FactorShapeError};
+pub use error::{AdapterError, ConfigError, ErrorKind, FactorShapeError};
 pub use kron::{ContractionOrder, KronPlan};
-pub use linear::AdaptedLinear;
-pub use model::PeftConfig;
+pub use linear::{AdaptedLinear, AdapterLayers};
 pub use params::{count_params, ParamCount};
-pub use targets::Targets;
+pub use place::{place, place_with, NameMap, PlacementConfig, Targets};
+pub use store::{attach, load_adapters, read_any, save_adapters, NativeAdapters};
 pub use training::TrainMode;
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,12 +1,15 @@
-//! [`AdaptedLinear`]: a frozen `Linear` plus one optional adapter.
+//! [`AdaptedLinear`] — a frozen `Linear` plus one optional adapter — and [`AdapterLayers`], the
+//! one trait a model implements so that placement, adapter files, PEFT and merging find its
+//! adapted layers by their full paths.
 
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::adapter::{layer_name, Adapter, AdapterConfig, AdapterSpec, LinearAdapter};
-use crate::error::AdapterError;
+use crate::error::ConfigError;
 use crate::params::ParamCount;
+use crate::place::Targets;
 
 /// A frozen [`Linear`] layer with an optional trainable adapter.
 ///
@@ -44,9 +47,9 @@ impl<B: Backend> AdaptedLinear<B> {
         linear: Linear<B>,
         config: &AdapterConfig,
         device: &B::Device,
-    ) -> Result<Self, AdapterError> {
+    ) -> Result<Self, ConfigError> {
         let [d_in, d_out] = linear.weight.dims();
-        let adapter = config.init(&layer_name(d_in, d_out), d_in, d_out, device)?;
+        let adapter = config.init(d_in, d_out, device)?;
         Ok(Self {
             base: linear.no_grad(),
             adapter: Some(adapter),
@@ -54,23 +57,10 @@ impl<B: Backend> AdaptedLinear<B> {
     }
 
     /// Wraps `linear` (frozen) with an adapter built elsewhere (from PEFT factors, say).
-    pub fn with_adapter(linear: Linear<B>, adapter: Adapter<B>) -> Result<Self, AdapterError> {
-        let [d_in, d_out] = linear.weight.dims();
-        if adapter.d_in() != d_in || adapter.d_out() != d_out {
-            return Err(AdapterError::config(
-                layer_name(d_in, d_out),
-                "adapter",
-                format!(
-                    "the adapter is [{}, {}] but the layer is [{d_in}, {d_out}]",
-                    adapter.d_in(),
-                    adapter.d_out()
-                ),
-            ));
-        }
-        Ok(Self {
-            base: linear.no_grad(),
-            adapter: Some(adapter),
-        })
+    pub fn with_adapter(linear: Linear<B>, adapter: Adapter<B>) -> Result<Self, ConfigError> {
+        let mut layer = Self::frozen(linear);
+        layer.set_adapter(adapter)?;
+        Ok(layer)
     }
 
     /// Wraps `linear` (frozen) with no adapter.
@@ -79,6 +69,24 @@ impl<B: Backend> AdaptedLinear<B> {
             base: linear.no_grad(),
             adapter: None,
         }
+    }
+
+    /// Puts `adapter` on this layer (replacing any), after checking it has the layer's size.
+    pub fn set_adapter(&mut self, adapter: Adapter<B>) -> Result<(), ConfigError> {
+        let (d_in, d_out) = (self.d_in(), self.d_out());
+        if adapter.d_in() != d_in || adapter.d_out() != d_out {
+            return Err(ConfigError::invalid(
+                layer_name(d_in, d_out),
+                "adapter",
+                format!(
+                    "the adapter is [{}, {}] (in, out) but the layer is [{d_in}, {d_out}]",
+                    adapter.d_in(),
+                    adapter.d_out()
+                ),
+            ));
+        }
+        self.adapter = Some(adapter);
+        Ok(())
     }
 
     /// Input size.
@@ -115,9 +123,10 @@ impl<B: Backend> AdaptedLinear<B> {
     /// layer's inference cost. Works on an autodiff backend right after training (the result is
     /// detached and, like the base, frozen).
     ///
-    /// Refuses, with [`AdapterError::NonFinite`], to produce a weight with NaN or infinite
-    /// values (PEFT's `safe_merge`).
-    pub fn merge(&self) -> Result<Linear<B>, AdapterError> {
+    /// Refuses, with [`ConfigError::NonFinite`], to produce a weight with NaN or infinite
+    /// values (PEFT's `safe_merge`). This is the crate's one merge: merging into a checkpoint
+    /// file and into a quantized base go through it.
+    pub fn merge(&self) -> Result<Linear<B>, ConfigError> {
         let Some(adapter) = &self.adapter else {
             return Ok(self.base.clone());
         };
@@ -131,7 +140,7 @@ impl<B: Backend> AdaptedLinear<B> {
             .into_scalar();
         let count: i64 = burn::tensor::ElementConversion::elem(bad);
         if count > 0 {
-            return Err(AdapterError::NonFinite {
+            return Err(ConfigError::NonFinite {
                 layer: layer_name(self.d_in(), self.d_out()),
                 count: count as usize,
             });
@@ -155,4 +164,190 @@ impl<B: Backend> AdaptedLinear<B> {
     pub fn spec(&self) -> Option<AdapterSpec> {
         self.adapter.as_ref().map(|a| a.spec())
     }
+}
+
+/// A model whose adapted linear layers can be visited by their full paths — the only thing the
+/// generic placement ([`crate::place`]), adapter files, PEFT import/export and merging need to
+/// know about a model (as PEFT's `inject_adapter` needs only `named_modules`).
+///
+/// Implement it with [`adapter_layers!`](crate::adapter_layers), naming each field's path
+/// segment; `Vec`s number their items, `Option`s pass through. Paths follow Hugging Face's
+/// module names (`encoder.layer.0.attention.self.query`, `model.layers.0.self_attn.q_proj`), so
+/// PEFT `target_modules` and adapter files work unchanged.
+pub trait AdapterLayers<B: Backend> {
+    /// Calls `f` with every adapted linear layer under `prefix`, and its full path.
+    fn visit_adapted<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(String, &'a AdaptedLinear<B>));
+
+    /// The same, mutably.
+    fn visit_adapted_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(String, &'a mut AdaptedLinear<B>),
+    );
+
+    /// The layers a placement targets when it names none (PEFT's per-model defaults); `None`:
+    /// every adapted layer.
+    fn default_targets(&self) -> Option<Targets> {
+        None
+    }
+
+    /// Every adapted linear layer, with its path.
+    fn adapter_layers(&self) -> Vec<(String, &AdaptedLinear<B>)> {
+        let mut out = Vec::new();
+        self.visit_adapted("", &mut |p, l| out.push((p, l)));
+        out
+    }
+
+    /// The same, mutably.
+    fn adapter_layers_mut(&mut self) -> Vec<(String, &mut AdaptedLinear<B>)> {
+        let mut out = Vec::new();
+        self.visit_adapted_mut("", &mut |p, l| out.push((p, l)));
+        out
+    }
+
+    /// The layers that have an adapter, and its spec.
+    fn adapter_specs(&self) -> Vec<(String, AdapterSpec)> {
+        self.adapter_layers()
+            .into_iter()
+            .filter_map(|(name, l)| l.spec().map(|s| (name, s)))
+            .collect()
+    }
+
+    /// Merges every linear adapter into its base weight (see [`AdaptedLinear::merge`]); errors
+    /// name the layer's path.
+    fn merge_adapters(mut self) -> Result<Self, ConfigError>
+    where
+        Self: Sized,
+    {
+        for (path, layer) in self.adapter_layers_mut() {
+            if layer.adapter.is_some() {
+                *layer = AdaptedLinear::frozen(layer.merge().map_err(|e| e.at(&path))?);
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// `prefix.segment`, or either alone when the other is empty.
+pub fn join_path(prefix: &str, segment: &str) -> String {
+    match (prefix.is_empty(), segment.is_empty()) {
+        (true, _) => segment.to_string(),
+        (_, true) => prefix.to_string(),
+        _ => format!("{prefix}.{segment}"),
+    }
+}
+
+impl<B: Backend> AdapterLayers<B> for AdaptedLinear<B> {
+    fn visit_adapted<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(String, &'a AdaptedLinear<B>)) {
+        f(prefix.to_string(), self)
+    }
+
+    fn visit_adapted_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(String, &'a mut AdaptedLinear<B>),
+    ) {
+        f(prefix.to_string(), self)
+    }
+}
+
+impl<B: Backend, T: AdapterLayers<B>> AdapterLayers<B> for Vec<T> {
+    fn visit_adapted<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(String, &'a AdaptedLinear<B>)) {
+        for (i, item) in self.iter().enumerate() {
+            item.visit_adapted(&join_path(prefix, &i.to_string()), f);
+        }
+    }
+
+    fn visit_adapted_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(String, &'a mut AdaptedLinear<B>),
+    ) {
+        for (i, item) in self.iter_mut().enumerate() {
+            item.visit_adapted_mut(&join_path(prefix, &i.to_string()), f);
+        }
+    }
+}
+
+impl<B: Backend, T: AdapterLayers<B>> AdapterLayers<B> for Option<T> {
+    fn visit_adapted<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(String, &'a AdaptedLinear<B>)) {
+        if let Some(item) = self {
+            item.visit_adapted(prefix, f);
+        }
+    }
+
+    fn visit_adapted_mut<'a>(
+        &'a mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(String, &'a mut AdaptedLinear<B>),
+    ) {
+        if let Some(item) = self {
+            item.visit_adapted_mut(prefix, f);
+        }
+    }
+}
+
+/// Implements [`AdapterLayers`] for a model struct generic over `B: Backend` by listing its
+/// fields that hold adapted layers (an [`AdaptedLinear`], a `Vec` or `Option` of them, or any
+/// other type implementing the trait), each with the path segment it adds; optionally the
+/// model's default targets.
+///
+/// ```
+/// use burn::module::Module;
+/// use burn::tensor::backend::Backend;
+/// use kron_adapters::{adapter_layers, AdaptedLinear, Targets};
+///
+/// #[derive(Module, Debug)]
+/// pub struct Mlp<B: Backend> {
+///     pub up: AdaptedLinear<B>,
+///     pub down: AdaptedLinear<B>,
+/// }
+/// adapter_layers!(Mlp { up => "up_proj", down => "down_proj" });
+///
+/// #[derive(Module, Debug)]
+/// pub struct Net<B: Backend> {
+///     pub blocks: Vec<Mlp<B>>,
+/// }
+/// adapter_layers!(Net { blocks => "layers" } defaults Targets::list(["up_proj"]));
+/// // Paths: layers.0.up_proj, layers.0.down_proj, layers.1.up_proj, ...
+/// ```
+#[macro_export]
+macro_rules! adapter_layers {
+    ($ty:ident { $($field:ident => $segment:expr),* $(,)? } $(defaults $targets:expr)?) => {
+        impl<B: burn::tensor::backend::Backend> $crate::AdapterLayers<B> for $ty<B> {
+            fn visit_adapted<'a>(
+                &'a self,
+                prefix: &str,
+                f: &mut dyn FnMut(String, &'a $crate::AdaptedLinear<B>),
+            ) {
+                $(
+                    $crate::AdapterLayers::<B>::visit_adapted(
+                        &self.$field,
+                        &$crate::linear::join_path(prefix, $segment),
+                        f,
+                    );
+                )*
+            }
+
+            fn visit_adapted_mut<'a>(
+                &'a mut self,
+                prefix: &str,
+                f: &mut dyn FnMut(String, &'a mut $crate::AdaptedLinear<B>),
+            ) {
+                $(
+                    $crate::AdapterLayers::<B>::visit_adapted_mut(
+                        &mut self.$field,
+                        &$crate::linear::join_path(prefix, $segment),
+                        f,
+                    );
+                )*
+            }
+
+            $(
+                fn default_targets(&self) -> Option<$crate::Targets> {
+                    Some($targets)
+                }
+            )?
+        }
+    };
 }

@@ -1,6 +1,7 @@
-//! Quantization: adapter factors to symmetric int8 or int4 (per tensor, per block, per output
-//! channel) with their scales, quantized adapter files (int4 packed two values a byte), and
-//! frozen base weights quantized with Burn's own quantization.
+//! Quantization math and module passes: adapter factors to symmetric int8 or int4 (per tensor,
+//! per block, per output channel) with their scales, frozen base weights on the quantization
+//! grid, merging into a quantized base, and Burn's own quantized tensors for deployment. The
+//! quantized adapter file is a format like the others: [`crate::store::QuantizedAdapters`].
 //!
 //! For a group of values `x` (the whole tensor, a block of `n` consecutive values, or one output
 //! channel) with `qmax = 127` (int8) or `7` (int4):
@@ -18,23 +19,14 @@
 //! change no maximum). Output channels are the columns of a factor in Burn's `[in, out]`
 //! layout.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-
 use burn::tensor::backend::{Backend, DTypeUsage};
 use burn::tensor::quantization::{QuantLevel, QuantScheme, QuantStore, QuantValue};
 use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{
-    canonical_safetensors, read_file, write_file, CheckpointMeta, HostTensor, NativeAdapters,
-    META_KEY,
-};
-use crate::error::AdapterError;
+use crate::error::{AdapterError, ConfigError};
 use crate::linear::AdaptedLinear;
-
-/// The safetensors metadata key of a quantized adapter file's [`QuantConfig`].
-pub const QUANT_KEY: &str = "kron_adapters.quantization";
+use crate::store::{HostTensor, NativeAdapters};
 
 /// How values are grouped under one scale.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,11 +50,11 @@ impl std::fmt::Display for Level {
 }
 
 impl std::str::FromStr for Level {
-    type Err = AdapterError;
+    type Err = ConfigError;
     /// `tensor`, `block:N` or `channel`.
-    fn from_str(s: &str) -> Result<Self, AdapterError> {
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         let bad = || {
-            AdapterError::config(
+            ConfigError::invalid(
                 "quantization",
                 "level",
                 format!("{s:?}: use tensor, block:N (N ≥ 1) or channel"),
@@ -97,16 +89,16 @@ pub struct QuantConfig {
 
 impl QuantConfig {
     /// A checked scheme.
-    pub fn new(bits: u8, level: Level) -> Result<Self, AdapterError> {
+    pub fn new(bits: u8, level: Level) -> Result<Self, ConfigError> {
         if bits != 8 && bits != 4 {
-            return Err(AdapterError::config(
+            return Err(ConfigError::invalid(
                 "quantization",
                 "bits",
                 format!("{bits}: use 8 or 4"),
             ));
         }
         if level == Level::Block(0) {
-            return Err(AdapterError::config(
+            return Err(ConfigError::invalid(
                 "quantization",
                 "level",
                 "block size 0",
@@ -200,9 +192,9 @@ impl QuantizedTensor {
     }
 
     /// Quantizes a 2-D tensor; `name` names it in errors. NaN and infinite values are refused.
-    pub fn quantize(name: &str, t: &HostTensor, config: QuantConfig) -> Result<Self, AdapterError> {
+    pub fn quantize(name: &str, t: &HostTensor, config: QuantConfig) -> Result<Self, ConfigError> {
         if t.shape.len() != 2 {
-            return Err(AdapterError::config(
+            return Err(ConfigError::invalid(
                 name,
                 "shape",
                 format!("{:?}: 2-D factors only", t.shape),
@@ -211,7 +203,7 @@ impl QuantizedTensor {
         let shape = [t.shape[0], t.shape[1]];
         let bad = t.data.iter().filter(|v| !v.is_finite()).count();
         if bad > 0 {
-            return Err(AdapterError::NonFinite {
+            return Err(ConfigError::NonFinite {
                 layer: name.to_string(),
                 count: bad,
             });
@@ -281,12 +273,12 @@ impl QuantizedTensor {
         config: QuantConfig,
         bytes: &[u8],
         scales: Vec<f32>,
-    ) -> Result<Self, AdapterError> {
+    ) -> Result<Self, ConfigError> {
         let n = shape[0] * shape[1];
         let want = if config.bits == 8 { n } else { n.div_ceil(2) };
         let groups = Self::groups(config, shape);
         if bytes.len() != want || scales.len() != groups {
-            return Err(AdapterError::config(
+            return Err(ConfigError::invalid(
                 name,
                 "quantized data",
                 format!(
@@ -299,7 +291,7 @@ impl QuantizedTensor {
             ));
         }
         if scales.iter().any(|s| !s.is_finite() || *s < 0.0) {
-            return Err(AdapterError::config(
+            return Err(ConfigError::invalid(
                 name,
                 "scales",
                 "negative or non-finite scale",
@@ -317,7 +309,7 @@ impl QuantizedTensor {
         };
         let qmax = config.qmax();
         if values.iter().any(|v| (*v as i32).abs() > qmax) {
-            return Err(AdapterError::config(
+            return Err(ConfigError::invalid(
                 name,
                 "quantized data",
                 format!("a value outside ±{qmax}"),
@@ -330,211 +322,6 @@ impl QuantizedTensor {
             scales,
         })
     }
-}
-
-/// A quantized adapter file's content: the adapters' specs and their quantized factors.
-#[derive(Clone, Debug, PartialEq)]
-pub struct QuantizedAdapters {
-    /// Version and specs.
-    pub meta: CheckpointMeta,
-    /// The scheme.
-    pub config: QuantConfig,
-    /// Each layer's quantized factors, in spec order.
-    pub factors: BTreeMap<String, Vec<QuantizedTensor>>,
-}
-
-fn key(layer: &str, factor: &str) -> String {
-    if layer.is_empty() {
-        factor.to_string()
-    } else {
-        format!("{layer}.{factor}")
-    }
-}
-
-impl QuantizedAdapters {
-    /// Quantizes every factor of `adapters` with `config`.
-    pub fn quantize(adapters: &NativeAdapters, config: QuantConfig) -> Result<Self, AdapterError> {
-        let mut factors = BTreeMap::new();
-        for (layer, spec) in &adapters.meta.layers {
-            let list = spec
-                .factors
-                .iter()
-                .zip(&adapters.factors[layer])
-                .map(|((f, _), t)| QuantizedTensor::quantize(&key(layer, f), t, config))
-                .collect::<Result<Vec<_>, _>>()?;
-            factors.insert(layer.clone(), list);
-        }
-        Ok(Self {
-            meta: adapters.meta.clone(),
-            config,
-            factors,
-        })
-    }
-
-    /// The dequantized adapters.
-    pub fn dequantize(&self) -> NativeAdapters {
-        NativeAdapters {
-            meta: self.meta.clone(),
-            factors: self
-                .factors
-                .iter()
-                .map(|(l, fs)| (l.clone(), fs.iter().map(|q| q.dequantize()).collect()))
-                .collect(),
-        }
-    }
-
-    /// The safetensors bytes: `<layer>.<factor>.q` (I8, or U8 packed for int4) and
-    /// `<layer>.<factor>.scale` (F32), the specs under `kron_adapters` and the scheme under
-    /// `kron_adapters.quantization` in the metadata.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (layer, spec) in &self.meta.layers {
-            for ((f, _), q) in spec.factors.iter().zip(&self.factors[layer]) {
-                let (dtype, shape) = if self.config.bits == 8 {
-                    (safetensors::Dtype::I8, q.shape.to_vec())
-                } else {
-                    (safetensors::Dtype::U8, vec![q.packed().len()])
-                };
-                owned.push((format!("{}.q", key(layer, f)), dtype, shape, q.packed()));
-                let scales = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-                owned.push((
-                    format!("{}.scale", key(layer, f)),
-                    safetensors::Dtype::F32,
-                    vec![q.scales.len()],
-                    scales,
-                ));
-            }
-        }
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
-            .iter()
-            .map(|(k, d, s, b)| {
-                (
-                    k.clone(),
-                    safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("consistent"),
-                )
-            })
-            .collect();
-        let meta = HashMap::from([
-            (
-                META_KEY.to_string(),
-                serde_json::to_string(&self.meta).expect("serializes"),
-            ),
-            (
-                QUANT_KEY.to_string(),
-                serde_json::to_string(&self.config).expect("serializes"),
-            ),
-        ]);
-        let bytes = safetensors::serialize(views, Some(meta)).expect("valid tensors serialize");
-        canonical_safetensors(&bytes).expect("a buffer safetensors just wrote")
-    }
-
-    /// Parses a quantized adapter file (every factor present, consistent with its spec).
-    pub fn from_bytes(path: &str, bytes: &[u8]) -> Result<Self, AdapterError> {
-        let fmt = |m: String| AdapterError::Format {
-            path: path.to_string(),
-            message: m,
-        };
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| fmt(format!("not a valid safetensors file: {e}")))?;
-        let md = header.metadata().clone().unwrap_or_default();
-        let meta: CheckpointMeta = serde_json::from_str(
-            md.get(META_KEY)
-                .ok_or_else(|| fmt(format!("no `{META_KEY}` metadata")))?,
-        )
-        .map_err(|e| fmt(format!("bad `{META_KEY}` metadata: {e}")))?;
-        let config: QuantConfig = serde_json::from_str(
-            md.get(QUANT_KEY)
-                .ok_or_else(|| fmt(format!("no `{QUANT_KEY}` metadata")))?,
-        )
-        .map_err(|e| fmt(format!("bad `{QUANT_KEY}` metadata: {e}")))?;
-        let config = QuantConfig::new(config.bits, config.level)?;
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| fmt(format!("not a valid safetensors file: {e}")))?;
-        let mut expected = 0usize;
-        let mut factors = BTreeMap::new();
-        for (layer, spec) in &meta.layers {
-            let mut list = Vec::new();
-            for (f, shape) in &spec.factors {
-                let k = key(layer, f);
-                let (qv, sv) = match (
-                    st.tensor(&format!("{k}.q")),
-                    st.tensor(&format!("{k}.scale")),
-                ) {
-                    (Ok(q), Ok(s)) => (q, s),
-                    _ => {
-                        return Err(AdapterError::CheckpointMismatch {
-                            path: path.to_string(),
-                            missing: vec![format!("{k}.q"), format!("{k}.scale")],
-                            unexpected: vec![],
-                        })
-                    }
-                };
-                expected += 2;
-                if sv.dtype() != safetensors::Dtype::F32
-                    || !matches!(qv.dtype(), safetensors::Dtype::I8 | safetensors::Dtype::U8)
-                {
-                    return Err(fmt(format!(
-                        "`{k}`: quantized values are I8/U8 and scales F32"
-                    )));
-                }
-                let scales = sv
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                list.push(
-                    QuantizedTensor::from_packed(&k, *shape, config, qv.data(), scales)
-                        .map_err(|e| fmt(e.to_string()))?,
-                );
-            }
-            factors.insert(layer.clone(), list);
-        }
-        if st.len() != expected {
-            let known: Vec<String> = meta
-                .layers
-                .iter()
-                .flat_map(|(l, s)| {
-                    s.factors.iter().flat_map(move |(f, _)| {
-                        [format!("{}.q", key(l, f)), format!("{}.scale", key(l, f))]
-                    })
-                })
-                .collect();
-            let unexpected = st
-                .names()
-                .into_iter()
-                .filter(|n| !known.contains(&n.to_string()))
-                .map(String::from)
-                .collect();
-            return Err(AdapterError::CheckpointMismatch {
-                path: path.to_string(),
-                missing: vec![],
-                unexpected,
-            });
-        }
-        Ok(Self {
-            meta,
-            config,
-            factors,
-        })
-    }
-
-    /// Reads a quantized adapter file.
-    pub fn read(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
-        read_file(path.as_ref(), Self::from_bytes)
-    }
-
-    /// Writes a quantized adapter file (atomically); returns its size in bytes.
-    pub fn write(&self, path: impl AsRef<Path>) -> Result<u64, AdapterError> {
-        write_file(path.as_ref(), &self.to_bytes())
-    }
-}
-
-/// Is this safetensors buffer a quantized adapter file?
-pub fn is_quantized(bytes: &[u8]) -> bool {
-    safetensors::SafeTensors::read_metadata(bytes)
-        .ok()
-        .and_then(|(_, h)| h.metadata().as_ref().map(|m| m.contains_key(QUANT_KEY)))
-        .unwrap_or(false)
 }
 
 /// `‖ΔW_q − ΔW‖ / ‖ΔW‖` over all layers together, with `delta` computing a layer's `ΔW` from
@@ -567,7 +354,7 @@ pub fn relative_error(
 pub fn quantize_base<B: Backend>(
     mut layer: AdaptedLinear<B>,
     config: QuantConfig,
-) -> Result<AdaptedLinear<B>, AdapterError> {
+) -> Result<AdaptedLinear<B>, ConfigError> {
     let w = layer.base.weight.val();
     let device = w.device();
     let grid =
@@ -575,18 +362,18 @@ pub fn quantize_base<B: Backend>(
     layer.base.weight = layer
         .base
         .weight
-        .map(|_| grid.to_tensor::<B>(&device).set_require_grad(false));
+        .map(|_| grid.to_tensor::<B, 2>(&device).set_require_grad(false));
     Ok(layer)
 }
 
 /// Merges the adapter into a base quantized with `config`: `W + ΔW`, quantized again with
-/// `config`. Re-quantizing rounds the merged weight once more; the returned value is the
-/// largest absolute change that rounding makes, and a warning with it goes to stderr (the
-/// unmerged layer computes with the exact `W + ΔW`).
+/// `config`. Re-quantizing rounds the merged weight once more, beyond what the unmerged layer
+/// computes with (the exact `W + ΔW`): the returned value is the largest absolute change that
+/// rounding makes, for the caller to judge or report.
 pub fn merge_quantized<B: Backend>(
     layer: &AdaptedLinear<B>,
     config: QuantConfig,
-) -> Result<(burn::nn::Linear<B>, f32), AdapterError> {
+) -> Result<(burn::nn::Linear<B>, f32), ConfigError> {
     let merged = layer.merge()?;
     let exact = HostTensor::from_tensor(merged.weight.val());
     let grid = QuantizedTensor::quantize("merged weight", &exact, config)?.dequantize();
@@ -596,15 +383,11 @@ pub fn merge_quantized<B: Backend>(
         .zip(&grid.data)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    eprintln!(
-        "warning: merging into a base quantized {config} re-quantizes W + ΔW: this rounds the \
-         merged weight by up to {rounding:.3e} beyond what the unmerged layer computes"
-    );
     let device = merged.weight.device();
     let linear = burn::nn::Linear {
         weight: merged
             .weight
-            .map(|_| grid.to_tensor::<B>(&device).set_require_grad(false)),
+            .map(|_| grid.to_tensor::<B, 2>(&device).set_require_grad(false)),
         bias: merged.bias,
     };
     Ok((linear, rounding))

@@ -1,5 +1,5 @@
-//! Which parameters train: adapters only (the default of every adapted model), BitFit (biases
-//! only) or full fine-tuning, set on any module through its parameter paths.
+//! Which parameters train: adapters only (the default of every adapted model), BitFit (biases,
+//! and any adapters) or full fine-tuning, set on any module through its parameter paths.
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::AutodiffBackend;
@@ -12,7 +12,10 @@ pub enum TrainMode {
     /// Only adapter parameters train (as the adapters and `AdaptedLinear` set them up).
     #[default]
     Adapters,
-    /// BitFit (Ben Zaken et al. 2022): only bias terms train, everything else is frozen.
+    /// BitFit (Ben Zaken et al. 2022): bias terms train, the rest of the base is frozen.
+    /// Adapters the model has (linear or block) keep training: BitFit freezes the pretrained
+    /// weights, not the parameters added to adapt them, so "BitFit + KronA" trains the biases
+    /// and the Kronecker factors together.
     BitFit,
     /// Full fine-tuning: every parameter trains.
     Full,
@@ -35,9 +38,17 @@ pub fn is_bias(path: &str) -> bool {
     matches!(path.rsplit('.').next(), Some("bias" | "beta"))
 }
 
-/// BitFit: every bias trains, every other parameter is frozen.
+/// Is this parameter path part of an adapter: under a linear layer's `adapter` field or a
+/// model's `block_adapters`?
+pub fn is_adapter(path: &str) -> bool {
+    path.split('.')
+        .any(|segment| segment == "adapter" || segment == "block_adapters")
+}
+
+/// BitFit: every bias trains, every other parameter of the base is frozen; adapters (see
+/// [`is_adapter`]) keep training.
 pub fn bitfit<B: AutodiffBackend, M: Module<B>>(module: M) -> M {
-    set_trainable(module, is_bias)
+    set_trainable(module, |p| is_bias(p) || is_adapter(p))
 }
 
 /// Full fine-tuning: every parameter trains.

@@ -2,137 +2,126 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
-use serde::{Deserialize, Serialize};
 
 use super::{
-    factor_from_tensor, init_factors, layer_name, minus_one, rank_scale, replace_value,
-    AdapterSpec, FactorInit, LinearAdapter, Method,
+    checked_factors, exact_shapes, init_factors, layer_name, rank_scale, replace_values,
+    FactorInit, LinearAdapter, Method, MethodConfig, MethodInfo,
 };
-use crate::error::AdapterError;
+use crate::error::ConfigError;
 use crate::kron::{kron, kron_apply, ContractionOrder, KronPlan};
 
-/// Configuration of a [`KronLora`] adapter.
-///
-/// The Kronecker shapes are chosen as for [`crate::KronAConfig`] (`b_shape` is the shape of the
-/// product `b1·b2`); then `b1` is `[b_in, rank]` and `b2` is `[rank, b_out]`.
-///
-/// ```
-/// use kron_adapters::KronLoraConfig;
-/// // PEFT LoKr with decompose_both=false, r=2, alpha=4 on a 48×48 layer: a [6, 6], b [8, 8].
-/// let cfg = KronLoraConfig::auto(2).with_alpha(4.0);
-/// assert_eq!(cfg.num_params(48, 48).unwrap(), 6 * 6 + 2 * (8 + 8));
-/// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KronLoraConfig {
-    /// Shape of `a`, `[a_in, a_out]`.
-    #[serde(default)]
-    pub a_shape: Option<[usize; 2]>,
-    /// Shape of `b = b1·b2`, `[b_in, b_out]`.
-    #[serde(default)]
-    pub b_shape: Option<[usize; 2]>,
-    /// The rank `r` of `b = b1·b2`: `1 ≤ r ≤ min(b_in, b_out)`.
-    pub rank: usize,
-    /// PEFT's `decompose_factor` when no shape or budget is given. Default -1 (near √d).
-    #[serde(default = "minus_one")]
-    pub factor: i64,
-    /// A target number of trainable parameters per layer when no shape is given.
-    #[serde(default)]
-    pub budget: Option<usize>,
-    /// `alpha` in `scale = alpha / r`. Default: `r` (scale 1).
-    #[serde(default)]
-    pub alpha: Option<f64>,
-    /// An explicit scale, overriding `alpha / r`.
-    #[serde(default)]
-    pub scale: Option<f64>,
-    /// Initialisation. Default: `a` and `b1` Kaiming-uniform, `b2` zero.
-    #[serde(default)]
-    pub init: FactorInit,
-    /// Contraction order of the unmaterialized apply. Default: the cheapest for the shapes.
-    #[serde(default)]
-    pub order: ContractionOrder,
+super::shape::kron_config! {
+    /// Configuration of a [`KronLora`] adapter.
+    ///
+    /// The Kronecker shapes are chosen as for [`crate::KronAConfig`] (`b_shape` is the shape of
+    /// the product `b1·b2`); then `b1` is `[b_in, rank]` and `b2` is `[rank, b_out]`.
+    ///
+    /// ```
+    /// use kron_adapters::{KronLoraConfig, MethodConfig};
+    /// // PEFT LoKr with decompose_both=false, r=2, alpha=4 on a 48×48 layer: a [6, 6], b [8, 8].
+    /// let cfg = KronLoraConfig::auto(2).with_alpha(4.0);
+    /// assert_eq!(cfg.num_params(48, 48).unwrap(), 6 * 6 + 2 * (8 + 8));
+    /// ```
+    pub struct KronLoraConfig(auto) {
+        required {
+            /// The rank `r` of `b = b1·b2`: at least 1, and at most `min(b_in, b_out)` or
+            /// below `max(b_in, b_out) / 2` (the ranks PEFT's LoKr stores as `w2_a @ w2_b`; a
+            /// rank above `min(b_in, b_out)` adds parameters, not expressiveness).
+            rank: usize,
+        }
+        optional {
+            /// `alpha` in `scale = alpha / r`; without it `alpha = r` (scale 1).
+            alpha: f64,
+            /// An explicit scale, overriding `alpha / r`.
+            scale: f64,
+        }
+        defaults {
+            /// Initialisation: `a` and `b1` Kaiming-uniform, `b2` zero.
+            init: FactorInit = FactorInit::KaimingZero,
+            /// Contraction order of the unmaterialized apply: by default the cheapest for the
+            /// shapes.
+            order: ContractionOrder = ContractionOrder::Auto,
+        }
+    }
 }
 
 impl KronLoraConfig {
-    crate::adapter::kron_shape_config!();
-
     /// Kron-LoRA with explicit shapes `a [a_in, a_out]` and `b = b1·b2 [b_in, b_out]`.
     pub fn new(a_shape: [usize; 2], b_shape: [usize; 2], rank: usize) -> Self {
-        Self {
-            a_shape: Some(a_shape),
-            b_shape: Some(b_shape),
-            ..Self::auto(rank)
-        }
-    }
-
-    /// Kron-LoRA whose shapes are chosen per layer near √d (PEFT's factorization).
-    pub fn auto(rank: usize) -> Self {
-        Self {
-            a_shape: None,
-            b_shape: None,
-            rank,
-            factor: -1,
-            budget: None,
-            alpha: None,
-            scale: None,
-            init: FactorInit::default(),
-            order: ContractionOrder::default(),
-        }
-    }
-
-    /// Sets `alpha` (scale `alpha / rank`).
-    pub fn with_alpha(mut self, alpha: f64) -> Self {
-        self.alpha = Some(alpha);
-        self
-    }
-
-    /// Sets the scale directly.
-    pub fn with_scale(mut self, scale: f64) -> Self {
-        self.scale = Some(scale);
-        self
-    }
-
-    /// Sets the initialisation.
-    pub fn with_init(mut self, init: FactorInit) -> Self {
-        self.init = init;
-        self
-    }
-
-    /// Sets the contraction order.
-    pub fn with_order(mut self, order: ContractionOrder) -> Self {
-        self.order = order;
-        self
-    }
-
-    /// Trainable parameters for a `[d_in, d_out]` layer: `a_in·a_out + r·(b_in + b_out)`.
-    pub fn num_params(&self, d_in: usize, d_out: usize) -> Result<usize, AdapterError> {
-        let (a, b) = self.factor_shapes(d_in, d_out)?;
-        Ok(self.factor_params(a, b))
+        Self::auto(rank).with_a_shape(a_shape).with_b_shape(b_shape)
     }
 
     fn factor_params(&self, a: [usize; 2], b: [usize; 2]) -> usize {
         a[0] * a[1] + self.rank * (b[0] + b[1])
     }
 
-    /// Builds the adapter for a `[d_in, d_out]` layer.
-    pub fn init<B: Backend>(
-        &self,
-        d_in: usize,
-        d_out: usize,
-        device: &B::Device,
-    ) -> Result<KronLora<B>, AdapterError> {
-        self.init_named(&layer_name(d_in, d_out), d_in, d_out, device)
+    /// A budget search picks only shapes whose `b` takes the rank.
+    fn admissible(&self, _: [usize; 2], b: [usize; 2]) -> bool {
+        check_rank("", self.rank, b).is_ok()
+    }
+}
+
+/// The ranks a `b [b_in, b_out]` takes: `1 ≤ r ≤ min(b_in, b_out)`, or `r < max(b_in, b_out)/2`
+/// (PEFT's LoKr accepts those too, storing `w2_a [b_out, r]`, `w2_b [r, b_in]`).
+fn check_rank(layer: &str, rank: usize, b: [usize; 2]) -> Result<(), ConfigError> {
+    let (min, max) = (b[0].min(b[1]), b[0].max(b[1]));
+    if rank >= 1 && (rank <= min || 2 * rank < max) {
+        return Ok(());
+    }
+    Err(ConfigError::Rank {
+        layer: layer.to_string(),
+        rank,
+        reason: format!(
+            "Kron-LoRA factorizes b {b:?} as b1·b2, so its rank must be between 1 and \
+             min(b_in, b_out) = {min}, or below max(b_in, b_out)/2 = {} as PEFT's LoKr allows; \
+             for a full b use KronA",
+            max as f64 / 2.0
+        ),
+    })
+}
+
+impl MethodConfig for KronLoraConfig {
+    type Adapter<B: Backend> = KronLora<B>;
+
+    const INFO: MethodInfo = MethodInfo {
+        name: "Kron-LoRA",
+        key: "kron_lora",
+        factors: &["a", "b1", "b2"],
+        formula: "scale · a ⊗ (b1·b2)",
+    };
+
+    fn check_shapes(shapes: &[[usize; 2]]) -> Result<(usize, usize), ConfigError> {
+        let [a, [b_in, r], [r2, b_out]] = exact_shapes::<3>(&Self::INFO, shapes)?;
+        let (d_in, d_out) = (a[0] * b_in, a[1] * b_out);
+        let layer = layer_name(d_in, d_out);
+        if r != r2 {
+            return Err(ConfigError::invalid(
+                layer,
+                "b2",
+                format!("b1 [{b_in}, {r}] and b2 [{r2}, {b_out}] do not chain"),
+            ));
+        }
+        check_rank(&layer, r, [b_in, b_out])?;
+        Ok((d_in, d_out))
     }
 
-    pub(crate) fn init_named<B: Backend>(
+    /// `a_in·a_out + r·(b_in + b_out)`.
+    fn num_params(&self, d_in: usize, d_out: usize) -> Result<usize, ConfigError> {
+        let (a, b) = self.factor_shapes(d_in, d_out)?;
+        check_rank(&layer_name(d_in, d_out), self.rank, b)?;
+        Ok(self.factor_params(a, b))
+    }
+
+    fn init<B: Backend>(
         &self,
-        layer: &str,
         d_in: usize,
         d_out: usize,
         device: &B::Device,
-    ) -> Result<KronLora<B>, AdapterError> {
-        let (a_shape, b_shape) = self.shapes_named(layer, d_in, d_out)?;
-        let scale = check_rank(layer, self.rank, b_shape, self.alpha, self.scale)?;
+    ) -> Result<KronLora<B>, ConfigError> {
+        let layer = layer_name(d_in, d_out);
+        let (a_shape, b_shape) = self.factor_shapes(d_in, d_out)?;
+        check_rank(&layer, self.rank, b_shape)?;
+        let scale = rank_scale(&layer, self.rank, self.alpha, self.scale)?;
         let r = self.rank;
         let shapes = [a_shape, [b_shape[0], r], [r, b_shape[1]]];
         let mut f = init_factors(self.init, &shapes, d_in, device);
@@ -147,27 +136,6 @@ impl KronLoraConfig {
             plan: self.order.plan(&[a_shape], &shapes[1..]),
         })
     }
-}
-
-fn check_rank(
-    layer: &str,
-    rank: usize,
-    b_shape: [usize; 2],
-    alpha: Option<f64>,
-    scale: Option<f64>,
-) -> Result<f64, AdapterError> {
-    let max = b_shape[0].min(b_shape[1]);
-    if rank == 0 || rank > max {
-        return Err(AdapterError::Rank {
-            layer: layer.to_string(),
-            rank,
-            reason: format!(
-                "Kron-LoRA factorizes b {b_shape:?} as b1·b2, so its rank must be between 1 and \
-                 min(b_in, b_out) = {max}"
-            ),
-        });
-    }
-    rank_scale(layer, rank, alpha, scale)
 }
 
 /// A Kron-LoRA adapter: `x·ΔW = scale · x·(a ⊗ (b1·b2))`, computed without materializing
@@ -194,25 +162,8 @@ impl<B: Backend> KronLora<B> {
         b1: Tensor<B, 2>,
         b2: Tensor<B, 2>,
         scale: f64,
-    ) -> Result<Self, AdapterError> {
-        let (sa, s1, s2) = (a.dims(), b1.dims(), b2.dims());
-        let layer = layer_name(sa[0] * s1[0], sa[1] * s2[1]);
-        super::check_factor_shape(&layer, "b2", s2, [s1[1], s2[1]])?;
-        if sa.contains(&0) {
-            return Err(AdapterError::config(
-                layer,
-                "a",
-                format!("factor a {sa:?} must be non-empty"),
-            ));
-        }
-        check_rank(&layer, s1[1], [s1[0], s2[1]], None, Some(scale))?;
-        Ok(Self {
-            a: factor_from_tensor(a),
-            b1: factor_from_tensor(b1),
-            b2: factor_from_tensor(b2),
-            scale,
-            plan: KronPlan::cheapest(&[sa], &[s1, s2]),
-        })
+    ) -> Result<Self, ConfigError> {
+        Self::from_values(vec![a, b1, b2], scale)
     }
 
     /// Uses this contraction order instead of the one chosen at construction.
@@ -242,6 +193,14 @@ impl<B: Backend> LinearAdapter<B> for KronLora<B> {
         self.a.dims()[1] * self.b2.dims()[1]
     }
 
+    fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    fn method(&self) -> Method {
+        Method::KronLora
+    }
+
     fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         kron_apply(
             x,
@@ -257,29 +216,29 @@ impl<B: Backend> LinearAdapter<B> for KronLora<B> {
         kron(self.a.val(), b).mul_scalar(self.scale)
     }
 
-    fn spec(&self) -> AdapterSpec {
-        AdapterSpec {
-            method: Method::KronLora,
-            d_in: self.d_in(),
-            d_out: self.d_out(),
-            factors: vec![
-                ("a".into(), self.a.dims()),
-                ("b1".into(), self.b1.dims()),
-                ("b2".into(), self.b2.dims()),
-            ],
-            scale: self.scale,
-        }
-    }
-
     fn factors(&self) -> Vec<Tensor<B, 2>> {
         vec![self.a.val(), self.b1.val(), self.b2.val()]
     }
 
     fn with_factors(mut self, values: Vec<Tensor<B, 2>>) -> Self {
-        let mut v = values.into_iter();
-        self.a = replace_value(&self.a, v.next().expect("3 factors"));
-        self.b1 = replace_value(&self.b1, v.next().expect("3 factors"));
-        self.b2 = replace_value(&self.b2, v.next().expect("3 factors"));
+        replace_values(vec![&mut self.a, &mut self.b1, &mut self.b2], values);
         self
+    }
+
+    fn from_values(values: Vec<Tensor<B, 2>>, scale: f64) -> Result<Self, ConfigError> {
+        let mut p = checked_factors::<KronLoraConfig, B>(values, scale)?.into_iter();
+        let (a, b1, b2) = (
+            p.next().expect("3"),
+            p.next().expect("3"),
+            p.next().expect("3"),
+        );
+        let plan = KronPlan::cheapest(&[a.dims()], &[b1.dims(), b2.dims()]);
+        Ok(Self {
+            a,
+            b1,
+            b2,
+            scale,
+            plan,
+        })
     }
 }

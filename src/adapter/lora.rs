@@ -2,89 +2,101 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
-use serde::{Deserialize, Serialize};
 
 use super::{
-    check_factor_shape, factor_from_tensor, init_factors, layer_name, rank_scale, replace_value,
-    AdapterSpec, FactorInit, LinearAdapter, Method,
+    checked_factors, exact_shapes, init_factors, layer_name, rank_scale, replace_values,
+    FactorInit, LinearAdapter, Method, MethodConfig, MethodInfo,
 };
-use crate::error::AdapterError;
+use crate::error::ConfigError;
 
-/// Configuration of a [`Lora`] adapter.
-///
-/// ```
-/// use kron_adapters::LoraConfig;
-/// let cfg = LoraConfig::new(8).with_alpha(16.0); // scale = alpha / rank = 2
-/// assert_eq!(cfg.rank, 8);
-/// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoraConfig {
-    /// The rank `r`: `down` is `[d_in, r]`, `up` is `[r, d_out]`. `1 ≤ r ≤ min(d_in, d_out)`.
-    pub rank: usize,
-    /// `alpha` in `scale = alpha / r`. Default: `r` (scale 1, as in the KronA paper).
-    #[serde(default)]
-    pub alpha: Option<f64>,
-    /// An explicit scale, overriding `alpha / r`.
-    #[serde(default)]
-    pub scale: Option<f64>,
-    /// Initialisation. Default: `down` Kaiming-uniform, `up` zero.
-    #[serde(default)]
-    pub init: FactorInit,
+crate::macros::config! {
+    /// Configuration of a [`Lora`] adapter.
+    ///
+    /// ```
+    /// use kron_adapters::LoraConfig;
+    /// let cfg = LoraConfig::new(8).with_alpha(16.0); // scale = alpha / rank = 2
+    /// assert_eq!(cfg.rank, 8);
+    /// ```
+    pub struct LoraConfig(new) {
+        required {
+            /// The rank `r`: `down` is `[d_in, r]`, `up` is `[r, d_out]`.
+            /// `1 ≤ r ≤ min(d_in, d_out)`.
+            rank: usize,
+        }
+        optional {
+            /// `alpha` in `scale = alpha / r`; without it `alpha = r` (scale 1, as in the KronA
+            /// paper).
+            alpha: f64,
+            /// An explicit scale, overriding `alpha / r`.
+            scale: f64,
+        }
+        defaults {
+            /// Initialisation: `down` Kaiming-uniform, `up` zero.
+            init: FactorInit = FactorInit::KaimingZero,
+        }
+    }
 }
 
 impl LoraConfig {
-    /// A rank-`rank` LoRA with the defaults above.
-    pub fn new(rank: usize) -> Self {
-        Self {
+    fn check(&self, d_in: usize, d_out: usize) -> Result<f64, ConfigError> {
+        let layer = layer_name(d_in, d_out);
+        check_rank(&layer, self.rank, d_in, d_out)?;
+        rank_scale(&layer, self.rank, self.alpha, self.scale)
+    }
+}
+
+fn check_rank(layer: &str, rank: usize, d_in: usize, d_out: usize) -> Result<(), ConfigError> {
+    let max = d_in.min(d_out);
+    if rank == 0 || rank > max {
+        return Err(ConfigError::Rank {
+            layer: layer.to_string(),
             rank,
-            alpha: None,
-            scale: None,
-            init: FactorInit::default(),
+            reason: format!(
+                "LoRA's rank must be between 1 and min(d_in, d_out) = {max} for a \
+                 [{d_in}, {d_out}] layer"
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl MethodConfig for LoraConfig {
+    type Adapter<B: Backend> = Lora<B>;
+
+    const INFO: MethodInfo = MethodInfo {
+        name: "LoRA",
+        key: "lora",
+        factors: &["down", "up"],
+        formula: "scale · down·up",
+    };
+
+    fn check_shapes(shapes: &[[usize; 2]]) -> Result<(usize, usize), ConfigError> {
+        let [[d_in, r], [r2, d_out]] = exact_shapes::<2>(&Self::INFO, shapes)?;
+        let layer = layer_name(d_in, d_out);
+        if r != r2 {
+            return Err(ConfigError::invalid(
+                layer,
+                "up",
+                format!("down [{d_in}, {r}] and up [{r2}, {d_out}] do not chain"),
+            ));
         }
+        check_rank(&layer, r, d_in, d_out)?;
+        Ok((d_in, d_out))
     }
 
-    /// Sets `alpha` (scale `alpha / rank`).
-    pub fn with_alpha(mut self, alpha: f64) -> Self {
-        self.alpha = Some(alpha);
-        self
+    /// `r·(d_in + d_out)`.
+    fn num_params(&self, d_in: usize, d_out: usize) -> Result<usize, ConfigError> {
+        self.check(d_in, d_out)?;
+        Ok(self.rank * (d_in + d_out))
     }
 
-    /// Sets the scale directly.
-    pub fn with_scale(mut self, scale: f64) -> Self {
-        self.scale = Some(scale);
-        self
-    }
-
-    /// Sets the initialisation.
-    pub fn with_init(mut self, init: FactorInit) -> Self {
-        self.init = init;
-        self
-    }
-
-    /// Trainable parameters for a `[d_in, d_out]` layer: `r·(d_in + d_out)`.
-    pub fn num_params(&self, d_in: usize, d_out: usize) -> usize {
-        self.rank * (d_in + d_out)
-    }
-
-    /// Builds the adapter for a `[d_in, d_out]` layer.
-    pub fn init<B: Backend>(
+    fn init<B: Backend>(
         &self,
         d_in: usize,
         d_out: usize,
         device: &B::Device,
-    ) -> Result<Lora<B>, AdapterError> {
-        self.init_named(&layer_name(d_in, d_out), d_in, d_out, device)
-    }
-
-    pub(crate) fn init_named<B: Backend>(
-        &self,
-        layer: &str,
-        d_in: usize,
-        d_out: usize,
-        device: &B::Device,
-    ) -> Result<Lora<B>, AdapterError> {
-        let scale = self.check(layer, d_in, d_out)?;
+    ) -> Result<Lora<B>, ConfigError> {
+        let scale = self.check(d_in, d_out)?;
         let mut f = init_factors(
             self.init,
             &[[d_in, self.rank], [self.rank, d_out]],
@@ -94,21 +106,6 @@ impl LoraConfig {
         let up = f.pop().expect("two factors");
         let down = f.pop().expect("two factors");
         Ok(Lora { down, up, scale })
-    }
-
-    fn check(&self, layer: &str, d_in: usize, d_out: usize) -> Result<f64, AdapterError> {
-        let max = d_in.min(d_out);
-        if self.rank == 0 || self.rank > max {
-            return Err(AdapterError::Rank {
-                layer: layer.to_string(),
-                rank: self.rank,
-                reason: format!(
-                    "LoRA's rank must be between 1 and min(d_in, d_out) = {max} for a \
-                     [{d_in}, {d_out}] layer"
-                ),
-            });
-        }
-        rank_scale(layer, self.rank, self.alpha, self.scale)
     }
 }
 
@@ -129,19 +126,8 @@ impl<B: Backend> Lora<B> {
         down: Tensor<B, 2>,
         up: Tensor<B, 2>,
         scale: f64,
-    ) -> Result<Self, AdapterError> {
-        let [d_in, r] = down.dims();
-        let [r2, d_out] = up.dims();
-        let layer = layer_name(d_in, d_out);
-        check_factor_shape(&layer, "up", [r2, d_out], [r, d_out])?;
-        LoraConfig::new(r)
-            .with_scale(scale)
-            .check(&layer, d_in, d_out)?;
-        Ok(Self {
-            down: factor_from_tensor(down),
-            up: factor_from_tensor(up),
-            scale,
-        })
+    ) -> Result<Self, ConfigError> {
+        Self::from_values(vec![down, up], scale)
     }
 
     /// The rank `r`.
@@ -157,6 +143,14 @@ impl<B: Backend> LinearAdapter<B> for Lora<B> {
 
     fn d_out(&self) -> usize {
         self.up.dims()[1]
+    }
+
+    fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    fn method(&self) -> Method {
+        Method::Lora
     }
 
     fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
@@ -178,27 +172,18 @@ impl<B: Backend> LinearAdapter<B> for Lora<B> {
         self.down.val().matmul(self.up.val()).mul_scalar(self.scale)
     }
 
-    fn spec(&self) -> AdapterSpec {
-        AdapterSpec {
-            method: Method::Lora,
-            d_in: self.d_in(),
-            d_out: self.d_out(),
-            factors: vec![
-                ("down".into(), self.down.dims()),
-                ("up".into(), self.up.dims()),
-            ],
-            scale: self.scale,
-        }
-    }
-
     fn factors(&self) -> Vec<Tensor<B, 2>> {
         vec![self.down.val(), self.up.val()]
     }
 
     fn with_factors(mut self, values: Vec<Tensor<B, 2>>) -> Self {
-        let mut v = values.into_iter();
-        self.down = replace_value(&self.down, v.next().expect("2 factors"));
-        self.up = replace_value(&self.up, v.next().expect("2 factors"));
+        replace_values(vec![&mut self.down, &mut self.up], values);
         self
+    }
+
+    fn from_values(values: Vec<Tensor<B, 2>>, scale: f64) -> Result<Self, ConfigError> {
+        let mut p = checked_factors::<LoraConfig, B>(values, scale)?.into_iter();
+        let (down, up) = (p.next().expect("2"), p.next().expect("2"));
+        Ok(Self { down, up, scale })
     }
 }

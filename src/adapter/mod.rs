@@ -1,13 +1,16 @@
 //! Adapters that add a trainable `ΔW` to a frozen `Linear`: LoRA, KronA and Kron-LoRA.
 //!
-//! Every adapter implements [`LinearAdapter`], the one surface [`crate::AdaptedLinear`] (and the
-//! PEFT, quantization and checkpoint code) relies on: its sizes, its contribution `x·ΔW` computed
-//! without materializing `ΔW`, its `ΔW` materialized for merging, and an [`AdapterSpec`] that
-//! describes it.
+//! Each method lives in one file and declares itself once there, in its [`MethodConfig`]
+//! implementation: its [`MethodInfo`] (name, file key, factor names, formula), the shapes its
+//! factors may take, its parameter count and how it initialises. Its module implements
+//! [`LinearAdapter`], the one surface that [`crate::AdaptedLinear`], placement, the file formats
+//! and quantization rely on. The list of methods is written once, in the `linear_methods!`
+//! invocation below, which derives [`Method`], [`Adapter`] and [`AdapterConfig`] from it.
 
 mod kron_lora;
 mod krona;
 mod lora;
+pub mod shape;
 
 pub use kron_lora::{KronLora, KronLoraConfig};
 pub use krona::{KronA, KronAConfig};
@@ -17,7 +20,20 @@ use burn::module::{Initializer, Module, Param, ParamId};
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::error::AdapterError;
+use crate::error::ConfigError;
+
+/// What a method declares about itself, once, beside its type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MethodInfo {
+    /// Its name in text and in JSON configs (`"KronA"`).
+    pub name: &'static str,
+    /// Its key in adapter files and on the command line (`"krona"`).
+    pub key: &'static str,
+    /// Its factors' names, in order (tensor names in adapter files).
+    pub factors: &'static [&'static str],
+    /// `ΔW` in the factors' names.
+    pub formula: &'static str,
+}
 
 /// How an adapter's factors are initialised.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,90 +50,9 @@ pub enum FactorInit {
     Normal,
 }
 
-/// Builder methods and shape resolution of the configs with Kronecker shape fields
-/// (`a_shape`, `b_shape`, `factor`, `budget`): KronA, Kron-LoRA and KronA^B. The config
-/// provides `fn factor_params(&self, a, b) -> usize`, its factor parameters for given shapes
-/// (what a budget is matched against).
-macro_rules! kron_shape_config {
-    () => {
-        /// Sets the shape of `a` only (`b` is derived per layer).
-        pub fn with_a_shape(mut self, a_shape: [usize; 2]) -> Self {
-            self.a_shape = Some(a_shape);
-            self
-        }
-
-        /// Sets the shape of `b` only (for Kron-LoRA, of `b1·b2`; `a` is derived per layer).
-        pub fn with_b_shape(mut self, b_shape: [usize; 2]) -> Self {
-            self.b_shape = Some(b_shape);
-            self
-        }
-
-        /// Sets PEFT's factor hint (used when no shape or budget is given).
-        pub fn with_factor(mut self, factor: i64) -> Self {
-            self.factor = factor;
-            self
-        }
-
-        /// Chooses shapes per layer to come closest to `params` trainable parameters.
-        pub fn with_budget(mut self, params: usize) -> Self {
-            self.budget = Some(params);
-            self
-        }
-
-        /// The factor shapes `(a, b)` this config gives a `[d_in, d_out]` layer (for Kron-LoRA,
-        /// `b` is the shape of `b1·b2`).
-        pub fn factor_shapes(
-            &self,
-            d_in: usize,
-            d_out: usize,
-        ) -> Result<([usize; 2], [usize; 2]), crate::AdapterError> {
-            self.shapes_named(&crate::adapter::layer_name(d_in, d_out), d_in, d_out)
-        }
-
-        fn shapes_named(
-            &self,
-            layer: &str,
-            d_in: usize,
-            d_out: usize,
-        ) -> Result<([usize; 2], [usize; 2]), crate::AdapterError> {
-            let request = crate::kron::ShapeRequest {
-                a: self.a_shape,
-                b: self.b_shape,
-                factor: self.factor,
-                budget: self.budget,
-            };
-            crate::kron::resolve_factor_shapes(layer, d_in, d_out, &request, |a, b| {
-                self.factor_params(a, b)
-            })
-        }
-    };
-}
-pub(crate) use kron_shape_config;
-
-/// Which method an adapter implements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// LoRA: `ΔW = scale · down·up`.
-    Lora,
-    /// KronA: `ΔW = scale · a ⊗ b`.
-    Krona,
-    /// Kron-LoRA: `ΔW = scale · a ⊗ (b1·b2)`.
-    KronLora,
-}
-
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Method::Lora => "LoRA",
-            Method::Krona => "KronA",
-            Method::KronLora => "Kron-LoRA",
-        })
-    }
-}
-
 /// A resolved description of one adapter: method, layer size, factor shapes (Burn layout) and
-/// scale. Written into adapter checkpoints and compared when loading them.
+/// scale. Written into adapter files and compared when loading them; [`AdapterSpec::validate`]
+/// checks that it describes an adapter that can exist.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdapterSpec {
     /// The method.
@@ -132,6 +67,14 @@ pub struct AdapterSpec {
     pub scale: f64,
 }
 
+/// The largest `|scale|` a file may declare: beyond it no trained adapter lies, only a corrupt
+/// or hostile file (and `f32` products would overflow).
+pub const MAX_SCALE: f64 = 1e6;
+
+/// The most elements `ΔW` may have (`d_in · d_out`): a 2³⁴-element layer is far beyond any
+/// model, and a file that claims one would make `merge` allocate it.
+pub const MAX_DELTA_ELEMENTS: u128 = 1 << 34;
+
 impl AdapterSpec {
     /// Trainable parameters: the sum of the factors' sizes.
     pub fn num_params(&self) -> usize {
@@ -143,17 +86,83 @@ impl AdapterSpec {
         match self.method {
             Method::Lora => self.factors.first().map(|(_, s)| s[1]),
             Method::KronLora => self.factors.get(1).map(|(_, s)| s[1]),
-            Method::Krona => None,
+            Method::KronA => None,
         }
+    }
+
+    /// The factor shapes, in order.
+    pub fn shapes(&self) -> Vec<[usize; 2]> {
+        self.factors.iter().map(|(_, s)| *s).collect()
+    }
+
+    /// Checks that this spec describes an adapter that can exist: the method's factor names in
+    /// order, non-empty shapes that chain as the method requires and multiply out to
+    /// `[d_in, d_out]` (no larger than [`MAX_DELTA_ELEMENTS`]), and a finite scale no larger than
+    /// [`MAX_SCALE`]. `layer` names it in the error. Every reader of adapter files calls it
+    /// before anything is built from the spec.
+    pub fn validate(&self, layer: &str) -> Result<(), ConfigError> {
+        let info = self.method.info();
+        let names: Vec<&str> = self.factors.iter().map(|(n, _)| n.as_str()).collect();
+        if names != info.factors {
+            return Err(ConfigError::invalid(
+                layer,
+                "factors",
+                format!(
+                    "{} has factors {:?}, the file lists {names:?}",
+                    info.name, info.factors
+                ),
+            ));
+        }
+        if !(self.scale.is_finite() && self.scale.abs() <= MAX_SCALE) {
+            return Err(ConfigError::invalid(
+                layer,
+                "scale",
+                format!(
+                    "{} is not a usable scale (finite, |s| ≤ {MAX_SCALE:e})",
+                    self.scale
+                ),
+            ));
+        }
+        let shapes = self.shapes();
+        if shapes.iter().flatten().any(|&d| d == 0) {
+            return Err(ConfigError::invalid(
+                layer,
+                "factors",
+                format!("empty factor shape in {:?}", self.factors),
+            ));
+        }
+        let (d_in, d_out) = self.method.check_shapes(&shapes).map_err(|e| e.at(layer))?;
+        if (d_in, d_out) != (self.d_in, self.d_out) {
+            return Err(ConfigError::invalid(
+                layer,
+                "d_in/d_out",
+                format!(
+                    "the factors {:?} make a [{d_in}, {d_out}] update but the spec says [{}, {}]",
+                    self.factors, self.d_in, self.d_out
+                ),
+            ));
+        }
+        if d_in as u128 * d_out as u128 > MAX_DELTA_ELEMENTS {
+            return Err(ConfigError::invalid(
+                layer,
+                "d_in/d_out",
+                format!("a [{d_in}, {d_out}] layer is beyond any model (more than 2^34 weights)"),
+            ));
+        }
+        Ok(())
     }
 }
 
-/// The surface every `Linear` adapter offers.
-pub trait LinearAdapter<B: Backend> {
+/// The surface every linear adapter's module offers.
+pub trait LinearAdapter<B: Backend>: Sized {
     /// Input size `d_in` of the adapted layer.
     fn d_in(&self) -> usize;
     /// Output size `d_out` of the adapted layer.
     fn d_out(&self) -> usize;
+    /// The scale `s` in `ΔW = s · …`.
+    fn scale(&self) -> f64;
+    /// Which method this is.
+    fn method(&self) -> Method;
     /// The adapter's contribution `x·ΔW` (scale included), computed from the factors without
     /// building `ΔW`.
     ///
@@ -161,148 +170,319 @@ pub trait LinearAdapter<B: Backend> {
     /// - `x`: `[..., d_in]`
     /// - output: `[..., d_out]`
     fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
-    /// `ΔW`, materialized, scale included.
+    /// `ΔW`, materialized, scale included (for merging and export only).
     ///
     /// # Shapes
     /// - output: `[d_in, d_out]`
     fn delta_weight(&self) -> Tensor<B, 2>;
-    /// A description of this adapter.
-    fn spec(&self) -> AdapterSpec;
-    /// The factors, in the order of [`AdapterSpec::factors`].
+    /// The factors, in the order of the method's [`MethodInfo::factors`].
     fn factors(&self) -> Vec<Tensor<B, 2>>;
     /// The same adapter with new factor values (same order and shapes as [`Self::factors`]),
     /// keeping parameter ids and whether each trains.
     fn with_factors(self, values: Vec<Tensor<B, 2>>) -> Self;
+    /// An adapter from factor values in the method's order (trainable) and a scale, checked:
+    /// the shapes must chain as [`MethodConfig::check_shapes`] requires and the scale be finite.
+    /// (Each method also has a typed `from_factors`.)
+    fn from_values(values: Vec<Tensor<B, 2>>, scale: f64) -> Result<Self, ConfigError>;
+
+    /// A description of this adapter.
+    fn spec(&self) -> AdapterSpec {
+        let info = self.method().info();
+        AdapterSpec {
+            method: self.method(),
+            d_in: self.d_in(),
+            d_out: self.d_out(),
+            factors: info
+                .factors
+                .iter()
+                .zip(self.factors())
+                .map(|(n, t)| (n.to_string(), t.dims()))
+                .collect(),
+            scale: self.scale(),
+        }
+    }
 }
 
-/// One adapter of any method, as stored in an [`crate::AdaptedLinear`].
-#[derive(Module, Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum Adapter<B: Backend> {
-    /// LoRA.
-    Lora(Lora<B>),
-    /// KronA.
-    KronA(KronA<B>),
-    /// Kron-LoRA.
-    KronLora(KronLora<B>),
+/// What each method's configuration provides: the method's declaration and how to build it.
+pub trait MethodConfig {
+    /// The method's module.
+    type Adapter<B: Backend>: LinearAdapter<B>;
+    /// The method's declaration.
+    const INFO: MethodInfo;
+    /// The `(d_in, d_out)` that factors of these shapes (in the method's order) make, or why
+    /// they cannot be this method's factors.
+    fn check_shapes(shapes: &[[usize; 2]]) -> Result<(usize, usize), ConfigError>;
+    /// Trainable parameters for a `[d_in, d_out]` layer.
+    fn num_params(&self, d_in: usize, d_out: usize) -> Result<usize, ConfigError>;
+    /// Builds the adapter for a `[d_in, d_out]` layer.
+    fn init<B: Backend>(
+        &self,
+        d_in: usize,
+        d_out: usize,
+        device: &B::Device,
+    ) -> Result<Self::Adapter<B>, ConfigError>;
 }
 
-macro_rules! dispatch {
-    ($self:ident, $a:ident => $e:expr) => {
-        match $self {
-            Adapter::Lora($a) => $e,
-            Adapter::KronA($a) => $e,
-            Adapter::KronLora($a) => $e,
+/// A method's factor shapes as an array of its factor count, or an error naming the count.
+pub(crate) fn exact_shapes<const N: usize>(
+    info: &MethodInfo,
+    shapes: &[[usize; 2]],
+) -> Result<[[usize; 2]; N], ConfigError> {
+    <[[usize; 2]; N]>::try_from(shapes).map_err(|_| {
+        ConfigError::invalid(
+            "adapter",
+            "factors",
+            format!(
+                "{} has {} factors ({:?}), {} given",
+                info.name,
+                info.factors.len(),
+                info.factors,
+                shapes.len()
+            ),
+        )
+    })
+}
+
+/// Derives, from the one list of linear methods, [`Method`], [`Adapter`] (the module enum),
+/// [`AdapterConfig`] (the config enum) and every dispatch between them.
+macro_rules! linear_methods {
+    ($($variant:ident => $module:ident, $config:ident;)+) => {
+        /// Which method an adapter implements.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Method {
+            $(
+                #[doc = concat!("See [`", stringify!($module), "`].")]
+                $variant,
+            )+
+        }
+
+        impl Method {
+            /// Every linear method.
+            pub const ALL: &'static [Method] = &[$(Method::$variant),+];
+
+            /// The method's declaration.
+            pub fn info(self) -> MethodInfo {
+                match self {
+                    $(Method::$variant => <$config as MethodConfig>::INFO,)+
+                }
+            }
+
+            /// The `(d_in, d_out)` that factors of these shapes make for this method.
+            pub fn check_shapes(self, shapes: &[[usize; 2]]) -> Result<(usize, usize), ConfigError> {
+                match self {
+                    $(Method::$variant => <$config as MethodConfig>::check_shapes(shapes),)+
+                }
+            }
+        }
+
+        /// One adapter of any method, as stored in an [`crate::AdaptedLinear`].
+        #[derive(Module, Debug)]
+        #[allow(clippy::large_enum_variant)]
+        pub enum Adapter<B: Backend> {
+            $(
+                #[doc = concat!("See [`", stringify!($module), "`].")]
+                $variant($module<B>),
+            )+
+        }
+
+        impl<B: Backend> LinearAdapter<B> for Adapter<B> {
+            fn d_in(&self) -> usize {
+                match self { $(Adapter::$variant(a) => a.d_in(),)+ }
+            }
+            fn d_out(&self) -> usize {
+                match self { $(Adapter::$variant(a) => a.d_out(),)+ }
+            }
+            fn scale(&self) -> f64 {
+                match self { $(Adapter::$variant(a) => a.scale(),)+ }
+            }
+            fn method(&self) -> Method {
+                match self { $(Adapter::$variant(_) => Method::$variant,)+ }
+            }
+            fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+                match self { $(Adapter::$variant(a) => a.apply(x),)+ }
+            }
+            fn delta_weight(&self) -> Tensor<B, 2> {
+                match self { $(Adapter::$variant(a) => a.delta_weight(),)+ }
+            }
+            fn factors(&self) -> Vec<Tensor<B, 2>> {
+                match self { $(Adapter::$variant(a) => a.factors(),)+ }
+            }
+            fn with_factors(self, values: Vec<Tensor<B, 2>>) -> Self {
+                match self { $(Adapter::$variant(a) => Adapter::$variant(a.with_factors(values)),)+ }
+            }
+            /// Not meaningful for the enum (it does not know the method): use
+            /// [`Adapter::from_spec`].
+            fn from_values(_: Vec<Tensor<B, 2>>, _: f64) -> Result<Self, ConfigError> {
+                Err(ConfigError::invalid(
+                    "adapter",
+                    "method",
+                    "Adapter::from_values cannot tell the method: use Adapter::from_spec",
+                ))
+            }
+        }
+
+        impl<B: Backend> Adapter<B> {
+            /// Builds an adapter of `spec`'s method from factor values in spec order (Burn
+            /// layout), trainable, with `spec`'s scale and the cheapest contraction order. The
+            /// spec is validated and the values must have its shapes.
+            pub fn from_spec(spec: &AdapterSpec, factors: Vec<Tensor<B, 2>>) -> Result<Self, ConfigError> {
+                let layer = layer_name(spec.d_in, spec.d_out);
+                spec.validate(&layer)?;
+                let got: Vec<[usize; 2]> = factors.iter().map(|t| t.dims()).collect();
+                if got != spec.shapes() {
+                    return Err(ConfigError::invalid(
+                        layer,
+                        "factors",
+                        format!("the values have shapes {got:?}, the spec {:?}", spec.shapes()),
+                    ));
+                }
+                Ok(match spec.method {
+                    $(Method::$variant => Adapter::$variant($module::from_values(factors, spec.scale)?),)+
+                })
+            }
+        }
+
+        /// Which adapter to put on a `Linear`, and how. Serializes to JSON with a `method` tag
+        /// holding the method's name (its key or the variant name are accepted too):
+        /// `{"method": "KronA", "a_shape": [32, 24], "b_shape": [24, 32]}`.
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum AdapterConfig {
+            $(
+                #[doc = concat!("See [`", stringify!($config), "`].")]
+                $variant($config),
+            )+
+        }
+
+        impl AdapterConfig {
+            /// The method.
+            pub fn method(&self) -> Method {
+                match self { $(AdapterConfig::$variant(_) => Method::$variant,)+ }
+            }
+
+            /// Builds the adapter for a `[d_in, d_out]` layer.
+            pub fn init<B: Backend>(
+                &self,
+                d_in: usize,
+                d_out: usize,
+                device: &B::Device,
+            ) -> Result<Adapter<B>, ConfigError> {
+                Ok(match self {
+                    $(AdapterConfig::$variant(c) => Adapter::$variant(c.init(d_in, d_out, device)?),)+
+                })
+            }
+
+            /// Trainable parameters for a `[d_in, d_out]` layer.
+            pub fn num_params(&self, d_in: usize, d_out: usize) -> Result<usize, ConfigError> {
+                match self { $(AdapterConfig::$variant(c) => c.num_params(d_in, d_out),)+ }
+            }
+
+            fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+                match self { $(AdapterConfig::$variant(c) => serde_json::to_value(c),)+ }
+            }
+
+            fn from_json(method: Method, v: serde_json::Value) -> Result<Self, serde_json::Error> {
+                Ok(match method {
+                    $(Method::$variant => AdapterConfig::$variant(serde_json::from_value(v)?),)+
+                })
+            }
         }
     };
 }
 
-impl<B: Backend> LinearAdapter<B> for Adapter<B> {
-    fn d_in(&self) -> usize {
-        dispatch!(self, a => a.d_in())
-    }
-    fn d_out(&self) -> usize {
-        dispatch!(self, a => a.d_out())
-    }
-    fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        dispatch!(self, a => a.apply(x))
-    }
-    fn delta_weight(&self) -> Tensor<B, 2> {
-        dispatch!(self, a => a.delta_weight())
-    }
-    fn spec(&self) -> AdapterSpec {
-        dispatch!(self, a => a.spec())
-    }
-    fn factors(&self) -> Vec<Tensor<B, 2>> {
-        dispatch!(self, a => a.factors())
-    }
-    fn with_factors(self, values: Vec<Tensor<B, 2>>) -> Self {
-        match self {
-            Adapter::Lora(a) => Adapter::Lora(a.with_factors(values)),
-            Adapter::KronA(a) => Adapter::KronA(a.with_factors(values)),
-            Adapter::KronLora(a) => Adapter::KronLora(a.with_factors(values)),
-        }
+linear_methods! {
+    Lora => Lora, LoraConfig;
+    KronA => KronA, KronAConfig;
+    KronLora => KronLora, KronLoraConfig;
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.info().name)
     }
 }
 
-impl<B: Backend> Adapter<B> {
-    /// Builds an adapter of `spec`'s method from factor values in spec order (Burn layout),
-    /// trainable, with `spec`'s scale and the cheapest contraction order.
-    pub fn from_spec(spec: &AdapterSpec, factors: Vec<Tensor<B, 2>>) -> Result<Self, AdapterError> {
-        let want = spec.factors.len();
-        if factors.len() != want {
-            return Err(AdapterError::config(
-                layer_name(spec.d_in, spec.d_out),
-                "factors",
-                format!(
-                    "{} has {want} factors, {} given",
-                    spec.method,
-                    factors.len()
-                ),
-            ));
-        }
-        for ((name, shape), t) in spec.factors.iter().zip(&factors) {
-            check_factor_shape(&layer_name(spec.d_in, spec.d_out), name, t.dims(), *shape)?;
-        }
-        let mut f = factors.into_iter();
-        let mut next = || f.next().expect("counted");
-        let adapter = match spec.method {
-            Method::Lora => Adapter::Lora(Lora::from_factors(next(), next(), spec.scale)?),
-            Method::Krona => Adapter::KronA(KronA::from_factors(next(), next(), spec.scale)?),
-            Method::KronLora => {
-                Adapter::KronLora(KronLora::from_factors(next(), next(), next(), spec.scale)?)
-            }
-        };
-        if adapter.d_in() != spec.d_in || adapter.d_out() != spec.d_out {
-            return Err(AdapterError::config(
-                layer_name(spec.d_in, spec.d_out),
-                "factors",
-                format!(
-                    "the factors make a [{}, {}] update",
-                    adapter.d_in(),
-                    adapter.d_out()
-                ),
-            ));
-        }
-        Ok(adapter)
+/// `"kron-lora"`, `"Kron_LoRA"` and `"KronLora"` all read as `kronlora`.
+fn normalize(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != '-' && *c != '_')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+impl std::str::FromStr for Method {
+    type Err = ConfigError;
+
+    /// A method by its key (`krona`, `kron_lora`), its name (`Kron-LoRA`) or its variant name,
+    /// case, `-` and `_` ignored.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let n = normalize(s);
+        Method::ALL
+            .iter()
+            .copied()
+            .find(|m| {
+                let info = m.info();
+                [info.key, info.name, &format!("{m:?}")]
+                    .iter()
+                    .any(|x| normalize(x) == n)
+            })
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "config",
+                    "method",
+                    format!(
+                        "{s:?} is not a linear adapter method; use one of {:?}",
+                        Method::ALL.iter().map(|m| m.info().key).collect::<Vec<_>>()
+                    ),
+                )
+            })
     }
 }
 
-/// Which adapter to put on a `Linear`, and how. Serializes to JSON with a `method` tag:
-/// `{"method": "KronA", "a_shape": [32, 24], "b_shape": [24, 32]}`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "method")]
-pub enum AdapterConfig {
-    /// LoRA.
-    Lora(LoraConfig),
-    /// KronA.
-    KronA(KronAConfig),
-    /// Kron-LoRA.
-    KronLora(KronLoraConfig),
+impl Serialize for Method {
+    /// As its key (`"krona"`), the form adapter files have always used.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.info().key)
+    }
+}
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for AdapterConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut v = self.to_json().map_err(serde::ser::Error::custom)?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("method".into(), self.method().info().name.into());
+        }
+        v.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for AdapterConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut v = serde_json::Value::deserialize(d)?;
+        let obj = v
+            .as_object_mut()
+            .ok_or_else(|| D::Error::custom("an adapter config is a JSON object"))?;
+        let tag = obj
+            .remove("method")
+            .ok_or_else(|| D::Error::missing_field("method"))?;
+        let tag = tag
+            .as_str()
+            .ok_or_else(|| D::Error::custom("`method` is a string"))?;
+        let method: Method = tag.parse().map_err(D::Error::custom)?;
+        AdapterConfig::from_json(method, v).map_err(D::Error::custom)
+    }
 }
 
 impl burn::config::Config for AdapterConfig {}
 
-impl AdapterConfig {
-    /// Builds the adapter for a `[d_in, d_out]` layer; `layer` names it in errors.
-    pub fn init<B: Backend>(
-        &self,
-        layer: &str,
-        d_in: usize,
-        d_out: usize,
-        device: &B::Device,
-    ) -> Result<Adapter<B>, AdapterError> {
-        Ok(match self {
-            AdapterConfig::Lora(c) => Adapter::Lora(c.init_named(layer, d_in, d_out, device)?),
-            AdapterConfig::KronA(c) => Adapter::KronA(c.init_named(layer, d_in, d_out, device)?),
-            AdapterConfig::KronLora(c) => {
-                Adapter::KronLora(c.init_named(layer, d_in, d_out, device)?)
-            }
-        })
-    }
-}
-
-/// The default layer name in errors, before a model names it.
+/// The layer name in errors before placement names it with its path (`Linear[768→768]`).
 pub(crate) fn layer_name(d_in: usize, d_out: usize) -> String {
     format!("Linear[{d_in}→{d_out}]")
 }
@@ -357,7 +537,7 @@ pub(crate) fn eager<B: Backend, const D: usize>(p: Param<Tensor<B, D>>) -> Param
 }
 
 /// A factor from Normal(0, 1/√d_in), the paper's alternative initialisation.
-pub(crate) fn normal_factor<B: Backend>(
+fn normal_factor<B: Backend>(
     shape: [usize; 2],
     d_in: usize,
     device: &B::Device,
@@ -393,9 +573,27 @@ pub(crate) fn init_factors<B: Backend>(
         .collect()
 }
 
-/// A trainable parameter from a given tensor (loading, PEFT import, tests).
-pub(crate) fn factor_from_tensor<B: Backend>(t: Tensor<B, 2>) -> Param<Tensor<B, 2>> {
-    trainable_param(ParamId::new(), t, true)
+/// Trainable parameters holding given values (loading, PEFT import), after checking them
+/// against `M`'s shapes and the scale; returns the params and the `(d_in, d_out)` they make.
+pub(crate) fn checked_factors<M: MethodConfig, B: Backend>(
+    values: Vec<Tensor<B, 2>>,
+    scale: f64,
+) -> Result<Vec<Param<Tensor<B, 2>>>, ConfigError> {
+    let shapes: Vec<[usize; 2]> = values.iter().map(|t| t.dims()).collect();
+    let (d_in, d_out) = M::check_shapes(&shapes)?;
+    let layer = layer_name(d_in, d_out);
+    check_finite(&layer, "scale", scale)?;
+    if shapes.iter().flatten().any(|&d| d == 0) {
+        return Err(ConfigError::invalid(
+            layer,
+            "factors",
+            format!("empty factor shape in {shapes:?}"),
+        ));
+    }
+    Ok(values
+        .into_iter()
+        .map(|t| trainable_param(ParamId::new(), t, true))
+        .collect())
 }
 
 /// A parameter holding `t`, trainable or not. Built as an (immediately initialised) lazy param
@@ -418,14 +616,17 @@ pub(crate) fn trainable_param<B: Backend, const D: usize>(
     ))
 }
 
-/// Replaces a parameter's value, keeping its id and whether it trains.
-pub(crate) fn replace_value<B: Backend>(
-    p: &Param<Tensor<B, 2>>,
-    v: Tensor<B, 2>,
-) -> Param<Tensor<B, 2>> {
-    let device = p.device();
-    let trainable = !B::ad_enabled(&device) || p.val().is_require_grad();
-    trainable_param(p.id, v.to_device(&device), trainable)
+/// Replaces the values of a list of parameters, keeping their ids and whether each trains.
+pub(crate) fn replace_values<B: Backend>(
+    params: Vec<&mut Param<Tensor<B, 2>>>,
+    values: Vec<Tensor<B, 2>>,
+) {
+    assert_eq!(params.len(), values.len(), "one value per factor");
+    for (p, v) in params.into_iter().zip(values) {
+        let device = p.device();
+        let trainable = !B::ad_enabled(&device) || p.val().is_require_grad();
+        *p = trainable_param(p.id, v.to_device(&device), trainable);
+    }
 }
 
 /// The scale of a rank-`r` adapter: an explicit `scale`, else `alpha / r` with `alpha`
@@ -435,7 +636,7 @@ pub(crate) fn rank_scale(
     rank: usize,
     alpha: Option<f64>,
     scale: Option<f64>,
-) -> Result<f64, AdapterError> {
+) -> Result<f64, ConfigError> {
     if let Some(a) = alpha {
         check_finite(layer, "alpha", a)?;
     }
@@ -447,40 +648,14 @@ pub(crate) fn rank_scale(
     Ok(s)
 }
 
-pub(crate) fn check_finite(layer: &str, field: &str, v: f64) -> Result<(), AdapterError> {
+pub(crate) fn check_finite(layer: &str, field: &str, v: f64) -> Result<(), ConfigError> {
     if v.is_finite() {
         Ok(())
     } else {
-        Err(AdapterError::config(
+        Err(ConfigError::invalid(
             layer,
             field,
             format!("{v} is not a finite number"),
         ))
     }
-}
-
-/// Checks that a given factor tensor has the expected shape.
-pub(crate) fn check_factor_shape(
-    layer: &str,
-    name: &str,
-    got: [usize; 2],
-    want: [usize; 2],
-) -> Result<(), AdapterError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(AdapterError::config(
-            layer,
-            name,
-            format!("factor `{name}` is {got:?} but must be {want:?} for this layer"),
-        ))
-    }
-}
-
-pub(crate) fn one() -> f64 {
-    1.0
-}
-
-pub(crate) fn minus_one() -> i64 {
-    -1
 }

@@ -1,21 +1,26 @@
-//! `kron-adapters`: inspect, merge, convert and quantize adapters — Hugging Face PEFT folders (LoRA,
-//! LoKr) and this crate's adapter files — without writing Rust.
+//! `kron-adapters`: inspect, merge, convert and quantize adapters — Hugging Face PEFT folders
+//! (LoRA, LoKr) and this crate's adapter files — without writing Rust. Argument parsing and
+//! printing only: the work is the library's (`kron_adapters::store`).
 //!
-//! Exit codes: 0 success; 1 I/O error (missing file, output exists without `--force`);
-//! 2 usage error; 3 malformed input (bad JSON or safetensors, missing or inconsistent tensors);
-//! 4 valid input this tool does not support (DoRA, conv layers, shapes PEFT cannot express);
-//! 5 inputs that do not fit together (adapter vs base checkpoint) or a merge that would produce
-//! NaN/Inf. Outputs are written to a temporary file and renamed: a failure leaves none.
+//! Exit codes follow the library's error kinds: 0 success; 1 I/O error (missing file, output
+//! exists without `--force`); 2 usage error (bad arguments or values); 3 malformed input (bad
+//! JSON or safetensors, missing or inconsistent tensors or metadata); 4 valid input this tool
+//! does not support (DoRA, conv layers, shapes PEFT cannot express); 5 inputs that do not fit
+//! together (adapter vs base checkpoint) or a merge that would produce NaN/Inf; 6 an asset
+//! (model, data) that could not be fetched. Outputs are written to a temporary file and
+//! renamed: a failure leaves none.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kron_adapters::checkpoint::{write_atomic, HostTensor, NativeAdapters};
-use kron_adapters::peft::{write_peft_dir, NameMap, PeftAdapter};
-use kron_adapters::quant::{Level, QuantConfig, QuantizedAdapters};
-use kron_adapters::{Adapter, AdapterError, LinearAdapter};
+use kron_adapters::quant::{Level, QuantConfig};
+use kron_adapters::store::{
+    merge_checkpoint, read_any, size_on_disk, st, write_peft_dir, AdapterFile, NativeAdapters,
+    PeftAdapter, QuantizedAdapters,
+};
+use kron_adapters::{AdapterError, ErrorKind, NameMap};
 
 #[cfg(feature = "flex")]
 type Cpu = burn::backend::Flex;
@@ -26,7 +31,9 @@ type Cpu = burn::backend::NdArray;
 #[command(
     name = "kron-adapters",
     version,
-    about = "Inspect, merge and convert PEFT and kron-adapters adapters"
+    about = "Inspect, merge and convert PEFT and kron-adapters adapters",
+    after_help = "Exit codes: 0 success, 1 I/O, 2 usage, 3 malformed input, 4 unsupported, \
+                  5 inputs that do not fit (or NaN/Inf), 6 asset fetch failed."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -120,11 +127,13 @@ fn main() -> ExitCode {
 }
 
 fn exit_code(e: &AdapterError) -> u8 {
-    match e {
-        AdapterError::Io { .. } => 1,
-        AdapterError::Unsupported { .. } => 4,
-        AdapterError::Incompatible { .. } | AdapterError::NonFinite { .. } => 5,
-        _ => 3,
+    match e.kind() {
+        ErrorKind::Io => 1,
+        ErrorKind::Usage => 2,
+        ErrorKind::Malformed => 3,
+        ErrorKind::Unsupported => 4,
+        ErrorKind::Incompatible => 5,
+        ErrorKind::Asset => 6,
     }
 }
 
@@ -141,7 +150,25 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             let map = map
                 .iter()
                 .try_fold(NameMap::new(), |m, r| m.parse_rule(r))?;
-            merge(&base, &adapter, &out, &map, force)
+            let file = read_any(&adapter)?;
+            let report = merge_checkpoint::<Cpu>(
+                &base,
+                &file.adapters(),
+                &map,
+                &out,
+                force,
+                &Default::default(),
+            )?;
+            eprintln!(
+                "merged {} layer(s) of the {} {} into {} → {} ({} bytes)",
+                report.merged.len(),
+                file.describe(),
+                adapter.display(),
+                base.display(),
+                out.display(),
+                report.bytes
+            );
+            Ok(())
         }
         Cmd::Quantize {
             bits,
@@ -151,13 +178,14 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             force,
         } => {
             let config = QuantConfig::new(bits, level.parse::<Level>()?)?;
-            refuse_existing(&output, force)?;
-            let (adapters, _) = load_any(&input)?;
+            st::refuse_existing(&output, force)?;
+            let adapters = read_any(&input)?.into_adapters();
             let q = QuantizedAdapters::quantize(&adapters, config)?;
             let size = q.write(&output)?;
-            let f32_size = adapters.to_bytes().len();
+            let f32_size = adapters.to_bytes()?.len();
             eprintln!(
-                "wrote {} ({config}): {size} bytes, {:.1}% of the {f32_size}-byte float32 adapter file",
+                "wrote {} ({config}): {size} bytes, {:.1}% of the {f32_size}-byte float32 \
+                 adapter file",
                 output.display(),
                 100.0 * size as f64 / f32_size as f64
             );
@@ -178,7 +206,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             match to {
                 Format::Peft => write_peft_dir(&output, &adapters, base_model.as_deref(), force)?,
                 Format::Native => {
-                    refuse_existing(&output, force)?;
+                    st::refuse_existing(&output, force)?;
                     adapters.write(&output)?;
                 }
             }
@@ -193,69 +221,39 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
     }
 }
 
-/// Reads a PEFT folder or an adapter file; says which.
-fn load_any(path: &Path) -> Result<(NativeAdapters, String), AdapterError> {
-    if path.is_dir() {
-        let peft = PeftAdapter::read_dir(path)?;
-        let kind = format!("PEFT {} folder", peft.config.peft_type);
-        Ok((peft.adapters, kind))
-    } else {
-        let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
-        let shown = path.display().to_string();
-        if kron_adapters::quant::is_quantized(&bytes) {
-            let q = QuantizedAdapters::from_bytes(&shown, &bytes)?;
-            let kind = format!("kron-adapters quantized adapter file ({})", q.config);
-            Ok((q.dequantize(), kind))
-        } else {
-            Ok((
-                NativeAdapters::from_bytes(&shown, &bytes)?,
-                "kron-adapters adapter file".into(),
-            ))
-        }
-    }
-}
-
-fn size_of(path: &Path) -> u64 {
-    if path.is_dir() {
-        std::fs::read_dir(path)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
-    } else {
-        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-    }
-}
-
 fn inspect(path: &Path, json: bool) -> Result<(), AdapterError> {
-    let (adapters, kind) = load_any(path)?;
-    let bytes = size_of(path);
+    let file: AdapterFile = read_any(path)?;
+    let adapters = file.adapters();
+    let bytes = size_on_disk(path);
     if json {
         let value = serde_json::json!({
             "path": path,
-            "kind": kind,
+            "kind": file.describe(),
             "bytes": bytes,
             "trainable_params": adapters.num_params(),
             "layers": adapters.meta.layers,
         });
-        emit(&(serde_json::to_string_pretty(&value).expect("JSON") + "\n"));
+        let text = serde_json::to_string_pretty(&value)
+            .map_err(|e| AdapterError::format(path.display().to_string(), e.to_string()))?;
+        emit(&(text + "\n"));
         return Ok(());
     }
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "{}: {kind}, {bytes} bytes", path.display());
-    let mut methods: HashMap<String, usize> = HashMap::new();
+    let _ = writeln!(
+        out,
+        "{}: {}, {bytes} bytes",
+        path.display(),
+        file.describe()
+    );
+    let mut methods: BTreeMap<String, usize> = BTreeMap::new();
     for s in adapters.meta.layers.values() {
         *methods.entry(s.method.to_string()).or_default() += 1;
     }
-    let mut methods: Vec<_> = methods
+    let methods: Vec<String> = methods
         .into_iter()
         .map(|(m, n)| format!("{m} × {n}"))
         .collect();
-    methods.sort();
     let _ = writeln!(out, "method: {}", methods.join(", "));
     let _ = writeln!(
         out,
@@ -303,124 +301,5 @@ fn emit(text: &str) {
         }
         eprintln!("error: writing the output: {e}");
         std::process::exit(1);
-    }
-}
-
-fn refuse_existing(out: &Path, force: bool) -> Result<(), AdapterError> {
-    if out.exists() && !force {
-        return Err(AdapterError::io(
-            out,
-            std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "already exists (use --force to replace it)",
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn merge(
-    base: &Path,
-    adapter: &Path,
-    out: &Path,
-    map: &NameMap,
-    force: bool,
-) -> Result<(), AdapterError> {
-    refuse_existing(out, force)?;
-    let (adapters, kind) = load_any(adapter)?;
-    let base_bytes = std::fs::read(base).map_err(|e| AdapterError::io(base, e))?;
-    let shown = base.display().to_string();
-    let st =
-        safetensors::SafeTensors::deserialize(&base_bytes).map_err(|e| AdapterError::Format {
-            path: shown.clone(),
-            message: format!("not a valid safetensors file: {e}"),
-        })?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&base_bytes).map_err(|e| AdapterError::Format {
-            path: shown.clone(),
-            message: e.to_string(),
-        })?;
-    let device = Default::default();
-    // New bytes for every adapted weight.
-    let mut replaced: HashMap<String, Vec<u8>> = HashMap::new();
-    for (name, spec) in &adapters.meta.layers {
-        let key = format!("{}.weight", map.apply(name));
-        let view = st.tensor(&key).map_err(|_| AdapterError::Incompatible {
-            message: format!(
-                "the adapter's layer `{name}` needs `{key}` in {shown}, which has no such tensor \
-                 (rename modules with --map FROM=TO)"
-            ),
-        })?;
-        if view.shape() != [spec.d_out, spec.d_in] {
-            return Err(AdapterError::Incompatible {
-                message: format!(
-                    "`{key}` is {:?} in {shown} but the adapter is for a [{}, {}] ([out, in]) weight",
-                    view.shape(),
-                    spec.d_out,
-                    spec.d_in
-                ),
-            });
-        }
-        let w = HostTensor::from_view(&view).ok_or_else(|| AdapterError::Unsupported {
-            option: "dtype".into(),
-            message: format!(
-                "`{key}` is {:?}; F32, F16 and BF16 weights can be merged",
-                view.dtype()
-            ),
-        })?;
-        let adapter: Adapter<Cpu> = adapters.adapter(name, &device)?;
-        // ΔW in Burn layout [in, out]; the base is PyTorch [out, in].
-        let dw = HostTensor::from_tensor(adapter.delta_weight()).transposed();
-        let merged: Vec<f32> = w.data.iter().zip(&dw.data).map(|(a, b)| a + b).collect();
-        let bad = merged.iter().filter(|v| !v.is_finite()).count();
-        if bad > 0 {
-            return Err(AdapterError::NonFinite {
-                layer: name.clone(),
-                count: bad,
-            });
-        }
-        replaced.insert(key, encode(&merged, view.dtype()));
-    }
-    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-    names.sort();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = names
-        .iter()
-        .map(|n| {
-            let v = st.tensor(n).expect("listed");
-            let data: &[u8] = replaced.get(n).map(|b| b.as_slice()).unwrap_or(v.data());
-            let view = safetensors::tensor::TensorView::new(v.dtype(), v.shape().to_vec(), data)
-                .expect("same shape and dtype");
-            (n.clone(), view)
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, header.metadata().clone()).map_err(|e| {
-        AdapterError::Format {
-            path: out.display().to_string(),
-            message: e.to_string(),
-        }
-    })?;
-    write_atomic(out, &bytes)?;
-    eprintln!(
-        "merged {} layer(s) of the {kind} {} into {} → {}",
-        replaced.len(),
-        adapter.display(),
-        base.display(),
-        out.display()
-    );
-    Ok(())
-}
-
-/// f32 values as little-endian bytes of `dtype` (F32, F16 or BF16; rounded to nearest).
-fn encode(values: &[f32], dtype: safetensors::Dtype) -> Vec<u8> {
-    match dtype {
-        safetensors::Dtype::F16 => values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        safetensors::Dtype::BF16 => values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
 }

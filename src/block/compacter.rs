@@ -1,92 +1,53 @@
 //! Compacter (Mahabadi et al. 2021): an Adapter whose projections are low-rank PHM layers,
 //! `W = Σᵢ Aᵢ ⊗ (sᵢ·tᵢ)`, with the `Aᵢ` shared by every layer.
 
+use super::houlsby::bottleneck;
+use super::{square, Activation, BlockAdapter};
+use crate::adapter::{kaiming_factor, kaiming_fan_in, layer_name, zero_factor};
+use crate::error::ConfigError;
+use crate::kron::phm_apply;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
-use serde::{Deserialize, Serialize};
 
-use super::houlsby::{bottleneck, default_reduction, silu};
-use super::Activation;
-use crate::adapter::{kaiming_factor, kaiming_fan_in, zero_factor};
-use crate::error::AdapterError;
-use crate::kron::phm_apply;
-
-fn default_n() -> usize {
-    4
-}
-
-/// Configuration of a [`Compacter`].
-///
-/// ```
-/// use kron_adapters::block::CompacterConfig;
-/// // The KronA paper's setting (Table 13): n = 4, reduction factor 32: 768 → 24 → 768.
-/// let cfg = CompacterConfig::new();
-/// assert_eq!(cfg.num_params_per_layer(768).unwrap(), 3 * 768 + 3 * 24);
-/// assert_eq!(cfg.num_shared_params(), 4 * 4 * 4);
-/// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompacterConfig {
-    /// The hypercomplex division `n`: `n` shared matrices `Aᵢ [n, n]`. Default 4.
-    #[serde(default = "default_n")]
-    pub n: usize,
-    /// The bottleneck is `d / reduction_factor`. Default 32.
-    #[serde(default = "default_reduction")]
-    pub reduction_factor: usize,
-    /// An explicit bottleneck size, overriding the reduction factor.
-    #[serde(default)]
-    pub bottleneck: Option<usize>,
-    /// The non-linearity. Default SiLU ("swish").
-    #[serde(default = "silu")]
-    pub activation: Activation,
-}
-
-impl Default for CompacterConfig {
-    fn default() -> Self {
-        Self::new()
+crate::macros::config! {
+    /// Configuration of a [`Compacter`].
+    ///
+    /// ```
+    /// use kron_adapters::block::CompacterConfig;
+    /// // The KronA paper's setting (Table 13): n = 4, reduction factor 32: 768 → 24 → 768.
+    /// let cfg = CompacterConfig::new();
+    /// assert_eq!(cfg.num_params_per_layer(768).unwrap(), 3 * 768 + 3 * 24);
+    /// assert_eq!(cfg.num_shared_params(), 4 * 4 * 4);
+    /// ```
+    pub struct CompacterConfig(new) {
+        required {}
+        optional {
+            /// An explicit bottleneck size, overriding the reduction factor.
+            bottleneck: usize,
+        }
+        defaults {
+            /// The hypercomplex division `n`: `n` shared matrices `Aᵢ [n, n]`.
+            n: usize = 4,
+            /// The bottleneck is `d / reduction_factor`.
+            reduction_factor: usize = 32,
+            /// The non-linearity ("swish").
+            activation: Activation = Activation::Silu,
+        }
     }
 }
 
 impl CompacterConfig {
-    /// Compacter with the defaults above.
-    pub fn new() -> Self {
-        Self {
-            n: default_n(),
-            reduction_factor: default_reduction(),
-            bottleneck: None,
-            activation: silu(),
-        }
-    }
-
-    /// Sets `n`.
-    pub fn with_n(mut self, n: usize) -> Self {
-        self.n = n;
-        self
-    }
-
-    /// Sets the reduction factor.
-    pub fn with_reduction_factor(mut self, reduction_factor: usize) -> Self {
-        self.reduction_factor = reduction_factor;
-        self
-    }
-
-    /// Sets the bottleneck size directly.
-    pub fn with_bottleneck(mut self, bottleneck: usize) -> Self {
-        self.bottleneck = Some(bottleneck);
-        self
-    }
-
-    fn check(&self, layer: &str, d: usize) -> Result<usize, AdapterError> {
+    fn check(&self, layer: &str, d: usize) -> Result<usize, ConfigError> {
         let r = bottleneck(layer, d, self.reduction_factor, self.bottleneck)?;
         let n = self.n;
         if n == 0 || d % n != 0 || r % n != 0 {
-            return Err(AdapterError::config(
+            return Err(ConfigError::invalid(
                 layer,
                 "n",
                 format!(
                     "n = {n} must divide both the block size {d} and the bottleneck {r} \
                      (divisors of both: {:?})",
-                    crate::kron::divisors(gcd(d, r))
+                    crate::adapter::shape::divisors(gcd(d, r))
                 ),
             ));
         }
@@ -95,8 +56,8 @@ impl CompacterConfig {
 
     /// Trainable parameters of one layer (blocks of size `d`, bottleneck `r`): `3·d + 3·r`
     /// (`s`, `t` and a bias for each of the two PHM projections).
-    pub fn num_params_per_layer(&self, d: usize) -> Result<usize, AdapterError> {
-        let r = self.check("compacter", d)?;
+    pub fn num_params_per_layer(&self, d: usize) -> Result<usize, ConfigError> {
+        let r = self.check(&layer_name(d, d), d)?;
         Ok(3 * d + 3 * r)
     }
 
@@ -109,31 +70,25 @@ impl CompacterConfig {
     pub fn init_rule<B: Backend>(
         &self,
         device: &B::Device,
-    ) -> Result<Param<Tensor<B, 3>>, AdapterError> {
+    ) -> Result<Param<Tensor<B, 3>>, ConfigError> {
         let n = self.n;
         if n == 0 {
-            return Err(AdapterError::config("compacter", "n", "must be at least 1"));
+            return Err(ConfigError::invalid("compacter", "n", "must be at least 1"));
         }
         Ok(kaiming_fan_in([n, n, n], n, device))
     }
 
-    /// Builds one layer's adapter for blocks of size `d` (use it with a rule from
+    /// Builds one layer's adapter for `[d, d]` blocks (use it with a rule from
     /// [`CompacterConfig::init_rule`], or through [`super::BlockAdapters`]).
     pub fn init<B: Backend>(
         &self,
-        d: usize,
+        d_in: usize,
+        d_out: usize,
         device: &B::Device,
-    ) -> Result<Compacter<B>, AdapterError> {
-        self.init_named(&format!("block[{d}]"), d, device)
-    }
-
-    pub(crate) fn init_named<B: Backend>(
-        &self,
-        layer: &str,
-        d: usize,
-        device: &B::Device,
-    ) -> Result<Compacter<B>, AdapterError> {
-        let r = self.check(layer, d)?;
+    ) -> Result<Compacter<B>, ConfigError> {
+        let layer = layer_name(d_in, d_out);
+        let d = square(&layer, d_in, d_out)?;
+        let r = self.check(&layer, d)?;
         let n = self.n;
         Ok(Compacter {
             down_s: kaiming_factor([d / n, n], device),
@@ -178,12 +133,17 @@ pub struct Compacter<B: Backend> {
     pub activation: Activation,
 }
 
-impl<B: Backend> Compacter<B> {
-    /// The adapted output from the block output `h` and the shared `rule [n, n, n]`.
-    ///
-    /// # Shapes
-    /// - `h`: `[..., d]`; output `[..., d]`
-    pub fn forward<const D: usize>(&self, h: Tensor<B, D>, rule: Tensor<B, 3>) -> Tensor<B, D> {
+impl<B: Backend> BlockAdapter<B> for Compacter<B> {
+    /// The shared rule `[n, n, n]`.
+    type Shared = Tensor<B, 3>;
+
+    /// The adapted output from the block output `h = fx` and the shared rule.
+    fn forward<const D: usize>(
+        &self,
+        _x: Tensor<B, D>,
+        h: Tensor<B, D>,
+        rule: &Tensor<B, 3>,
+    ) -> Tensor<B, D> {
         let z = phm_apply(
             h.clone(),
             rule.clone(),
@@ -191,6 +151,17 @@ impl<B: Backend> Compacter<B> {
             self.down_t.val(),
         ) + self.down_bias.val().unsqueeze();
         let z = self.activation.apply(z);
-        h + phm_apply(z, rule, self.up_s.val(), self.up_t.val()) + self.up_bias.val().unsqueeze()
+        h + phm_apply(z, rule.clone(), self.up_s.val(), self.up_t.val())
+            + self.up_bias.val().unsqueeze()
     }
+}
+
+/// Compacter's layers and the rule they share: one tensor that every layer's PHM projections
+/// use, so it trains once with the sum of every layer's gradient.
+#[derive(Module, Debug)]
+pub struct CompacterStack<B: Backend> {
+    /// The shared `Aᵢ`, `[n, n, n]`.
+    pub rule: Param<Tensor<B, 3>>,
+    /// One adapter per layer.
+    pub layers: Vec<Compacter<B>>,
 }

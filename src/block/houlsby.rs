@@ -2,19 +2,10 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, module::linear, Tensor};
-use serde::{Deserialize, Serialize};
 
-use super::Activation;
-use crate::adapter::{init_factors, zero_factor, FactorInit};
-use crate::error::AdapterError;
-
-pub(crate) fn default_reduction() -> usize {
-    32
-}
-
-pub(crate) fn silu() -> Activation {
-    Activation::Silu
-}
+use super::{square, Activation, BlockAdapter};
+use crate::adapter::{init_factors, layer_name, zero_factor, FactorInit};
+use crate::error::ConfigError;
 
 /// The bottleneck size of a sequential adapter for blocks of size `d`.
 pub(crate) fn bottleneck(
@@ -22,11 +13,11 @@ pub(crate) fn bottleneck(
     d: usize,
     reduction_factor: usize,
     explicit: Option<usize>,
-) -> Result<usize, AdapterError> {
+) -> Result<usize, ConfigError> {
     let r = match explicit {
         Some(r) => r,
         None if reduction_factor == 0 => {
-            return Err(AdapterError::config(
+            return Err(ConfigError::invalid(
                 layer,
                 "reduction_factor",
                 "must be at least 1",
@@ -35,7 +26,7 @@ pub(crate) fn bottleneck(
         None => d / reduction_factor,
     };
     if r == 0 || r > d {
-        return Err(AdapterError::config(
+        return Err(ConfigError::invalid(
             layer,
             "bottleneck",
             format!(
@@ -47,95 +38,50 @@ pub(crate) fn bottleneck(
     Ok(r)
 }
 
-/// Configuration of a [`HoulsbyAdapter`] (the paper's "Adapter").
-///
-/// ```
-/// use kron_adapters::block::HoulsbyConfig;
-/// // The KronA paper's setting (Table 12): reduction factor 32, so 768 → 24 → 768.
-/// let cfg = HoulsbyConfig::new();
-/// assert_eq!(cfg.num_params(768).unwrap(), 2 * 768 * 24 + 24 + 768);
-/// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HoulsbyConfig {
-    /// The bottleneck is `d / reduction_factor`. Default 32.
-    #[serde(default = "default_reduction")]
-    pub reduction_factor: usize,
-    /// An explicit bottleneck size, overriding the reduction factor.
-    #[serde(default)]
-    pub bottleneck: Option<usize>,
-    /// The non-linearity. Default SiLU ("swish", as in the Compacter code the paper used).
-    #[serde(default = "silu")]
-    pub activation: Activation,
-    /// Initialisation. Default: `down` Kaiming-uniform, `up` zero (the adapter starts as the
-    /// identity).
-    #[serde(default)]
-    pub init: FactorInit,
-}
-
-impl Default for HoulsbyConfig {
-    fn default() -> Self {
-        Self::new()
+crate::macros::config! {
+    /// Configuration of a [`HoulsbyAdapter`] (the paper's "Adapter").
+    ///
+    /// ```
+    /// use kron_adapters::block::HoulsbyConfig;
+    /// // The KronA paper's setting (Table 12): reduction factor 32, so 768 → 24 → 768.
+    /// let cfg = HoulsbyConfig::new();
+    /// assert_eq!(cfg.num_params(768).unwrap(), 2 * 768 * 24 + 24 + 768);
+    /// ```
+    pub struct HoulsbyConfig(new) {
+        required {}
+        optional {
+            /// An explicit bottleneck size, overriding the reduction factor.
+            bottleneck: usize,
+        }
+        defaults {
+            /// The bottleneck is `d / reduction_factor`.
+            reduction_factor: usize = 32,
+            /// The non-linearity (SiLU, "swish", as in the Compacter code the paper used).
+            activation: Activation = Activation::Silu,
+            /// Initialisation: `down` Kaiming-uniform, `up` zero (the adapter starts as the
+            /// identity).
+            init: FactorInit = FactorInit::KaimingZero,
+        }
     }
 }
 
 impl HoulsbyConfig {
-    /// An adapter with the defaults above.
-    pub fn new() -> Self {
-        Self {
-            reduction_factor: default_reduction(),
-            bottleneck: None,
-            activation: silu(),
-            init: FactorInit::default(),
-        }
-    }
-
-    /// Sets the reduction factor.
-    pub fn with_reduction_factor(mut self, reduction_factor: usize) -> Self {
-        self.reduction_factor = reduction_factor;
-        self
-    }
-
-    /// Sets the bottleneck size directly.
-    pub fn with_bottleneck(mut self, bottleneck: usize) -> Self {
-        self.bottleneck = Some(bottleneck);
-        self
-    }
-
-    /// Sets the activation.
-    pub fn with_activation(mut self, activation: Activation) -> Self {
-        self.activation = activation;
-        self
-    }
-
-    /// Sets the initialisation.
-    pub fn with_init(mut self, init: FactorInit) -> Self {
-        self.init = init;
-        self
-    }
-
     /// Trainable parameters for blocks of size `d`: `2·d·r + r + d`.
-    pub fn num_params(&self, d: usize) -> Result<usize, AdapterError> {
-        let r = bottleneck("adapter", d, self.reduction_factor, self.bottleneck)?;
+    pub fn num_params(&self, d: usize) -> Result<usize, ConfigError> {
+        let r = bottleneck(&layer_name(d, d), d, self.reduction_factor, self.bottleneck)?;
         Ok(2 * d * r + r + d)
     }
 
-    /// Builds the adapter for blocks of size `d`.
+    /// Builds the adapter for `[d, d]` blocks (`d_in` must equal `d_out`).
     pub fn init<B: Backend>(
         &self,
-        d: usize,
+        d_in: usize,
+        d_out: usize,
         device: &B::Device,
-    ) -> Result<HoulsbyAdapter<B>, AdapterError> {
-        self.init_named(&format!("block[{d}]"), d, device)
-    }
-
-    pub(crate) fn init_named<B: Backend>(
-        &self,
-        layer: &str,
-        d: usize,
-        device: &B::Device,
-    ) -> Result<HoulsbyAdapter<B>, AdapterError> {
-        let r = bottleneck(layer, d, self.reduction_factor, self.bottleneck)?;
+    ) -> Result<HoulsbyAdapter<B>, ConfigError> {
+        let layer = layer_name(d_in, d_out);
+        let d = square(&layer, d_in, d_out)?;
+        let r = bottleneck(&layer, d, self.reduction_factor, self.bottleneck)?;
         let mut f = init_factors(self.init, &[[d, r], [r, d]], d, device);
         let up = f.pop().expect("two factors");
         let down = f.pop().expect("two factors");
@@ -164,12 +110,11 @@ pub struct HoulsbyAdapter<B: Backend> {
     pub activation: Activation,
 }
 
-impl<B: Backend> HoulsbyAdapter<B> {
-    /// The adapted output from the block output `h`.
-    ///
-    /// # Shapes
-    /// - `h`: `[..., d]`; output `[..., d]`
-    pub fn forward<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+impl<B: Backend> BlockAdapter<B> for HoulsbyAdapter<B> {
+    type Shared = ();
+
+    /// The adapted output from the block output `h = fx` (the block input is not used).
+    fn forward<const D: usize>(&self, _x: Tensor<B, D>, h: Tensor<B, D>, _: &()) -> Tensor<B, D> {
         let z = linear(h.clone(), self.down.val(), Some(self.bias_down.val()));
         h + linear(
             self.activation.apply(z),

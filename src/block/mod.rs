@@ -8,31 +8,33 @@
 //! | KronA^B_sigres | [`KronAB`] with [`Residual::Sigmoid`] | `… + sigmoid(s_res) · x` |
 //! | Parallel Adapter | [`ParallelAdapter`] | `f(x) + s · relu(x·down)·up` |
 //! | Adapter (Houlsby) | [`HoulsbyAdapter`] | `h + act(h·down)·up`, `h = f(x)` |
-//! | Compacter | [`Compacter`] | as Adapter, with PHM projections sharing [`BlockAdapters::phm_rule`] |
+//! | Compacter | [`Compacter`] | as Adapter, with PHM projections sharing one rule `Aᵢ` |
 //!
-//! None of these can be merged into the block's weights: the block is non-linear (KronA^B and
-//! the Parallel Adapter run beside it, the Adapter and Compacter after it), so they cost extra
-//! inference time, which is what the paper's Table 2 measures.
+//! Every one implements [`BlockAdapter`]: `forward(x, fx, shared)` from the block's input `x`
+//! and output `fx = f(x)`, with the parameters the method shares across layers (`()` for all
+//! but Compacter). None can be merged into the block's weights: the block is non-linear
+//! (KronA^B and the Parallel Adapter run beside it, the Adapter and Compacter after it), so they
+//! cost extra inference time, which is what the paper's Table 2 measures.
 //!
 //! A user attaches one to their own FFN without touching it: compute `fx = ffn.forward(x)`,
 //! then `adapters.forward(layer, x, fx)` with a [`BlockAdapters`], which owns one adapter per
-//! layer and the factors Compacter shares across layers.
+//! layer and, for Compacter, the shared rule (so it cannot be missing).
 
 mod compacter;
 mod houlsby;
 mod krona_b;
 mod parallel;
 
-pub use compacter::{Compacter, CompacterConfig};
+pub use compacter::{Compacter, CompacterConfig, CompacterStack};
 pub use houlsby::{HoulsbyAdapter, HoulsbyConfig};
 pub use krona_b::{KronAB, KronABConfig, Residual};
 pub use parallel::{ParallelAdapter, ParallelAdapterConfig};
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::error::AdapterError;
+use crate::error::ConfigError;
 
 /// A non-linearity between an adapter's down and up projections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,50 +58,22 @@ impl Activation {
     }
 }
 
-/// One block adapter of any method.
-#[derive(Module, Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum BlockAdapter<B: Backend> {
-    /// KronA^B, KronA^B_res, KronA^B_sigres.
-    KronAB(KronAB<B>),
-    /// Parallel Adapter (He et al. 2022).
-    Parallel(ParallelAdapter<B>),
-    /// Adapter (Houlsby et al. 2019).
-    Houlsby(HoulsbyAdapter<B>),
-    /// Compacter (Mahabadi et al. 2021).
-    Compacter(Compacter<B>),
-}
+/// The surface of every block adapter.
+pub trait BlockAdapter<B: Backend> {
+    /// What the method shares across layers and every layer's forward reads (`()` when
+    /// nothing).
+    type Shared;
 
-impl<B: Backend> BlockAdapter<B> {
     /// The adapted block output from the block input `x` and the block output `fx = f(x)`.
-    /// `phm_rule` is Compacter's shared factor (see [`BlockAdapters`]); other methods ignore it.
     ///
     /// # Shapes
     /// - `x`: `[..., d_in]`, `fx`: `[..., d_out]`; output `[..., d_out]`
-    ///
-    /// # Panics
-    /// For a Compacter adapter without its shared rule (a [`BlockAdapters`] always has it).
-    pub fn forward<const D: usize>(
+    fn forward<const D: usize>(
         &self,
         x: Tensor<B, D>,
         fx: Tensor<B, D>,
-        phm_rule: Option<Tensor<B, 3>>,
-    ) -> Tensor<B, D> {
-        match self {
-            BlockAdapter::KronAB(m) => m.forward(x, fx),
-            BlockAdapter::Parallel(m) => m.forward(x, fx),
-            BlockAdapter::Houlsby(m) => m.forward(fx),
-            BlockAdapter::Compacter(m) => {
-                let rule = phm_rule.expect("a Compacter adapter needs the shared PHM rule");
-                m.forward(fx, rule)
-            }
-        }
-    }
-
-    /// Trainable parameters of this adapter (Compacter's shared rule not included).
-    pub fn trainable_params(&self) -> usize {
-        self.num_params()
-    }
+        shared: &Self::Shared,
+    ) -> Tensor<B, D>;
 }
 
 /// Which block adapter to attach to each block. Serializes with a `method` tag:
@@ -121,7 +95,7 @@ impl burn::config::Config for BlockAdapterConfig {}
 
 impl BlockAdapterConfig {
     /// Trainable parameters for `n_layers` blocks of size `d` (shared factors counted once).
-    pub fn num_params(&self, d: usize, n_layers: usize) -> Result<usize, AdapterError> {
+    pub fn num_params(&self, d: usize, n_layers: usize) -> Result<usize, ConfigError> {
         Ok(match self {
             BlockAdapterConfig::KronAB(c) => n_layers * c.num_params(d, d)?,
             BlockAdapterConfig::ParallelAdapter(c) => n_layers * c.num_params(d, d),
@@ -133,7 +107,7 @@ impl BlockAdapterConfig {
     }
 }
 
-/// One block adapter per layer of a model, and the factors they share (Compacter's `Aᵢ`).
+/// One block adapter per layer of a model, of one method, with what the method shares.
 ///
 /// ```
 /// use burn::backend::NdArray;
@@ -150,12 +124,16 @@ impl BlockAdapterConfig {
 /// assert!((y - fx - x).abs().max().into_scalar() < 1e-6);
 /// ```
 #[derive(Module, Debug)]
-pub struct BlockAdapters<B: Backend> {
-    /// The adapter of each layer.
-    pub layers: Vec<BlockAdapter<B>>,
-    /// Compacter's shared `Aᵢ`, `[n, n, n]`: one tensor that every layer's PHM projections use,
-    /// so it trains once with the sum of every layer's gradient.
-    pub phm_rule: Option<Param<Tensor<B, 3>>>,
+#[allow(clippy::large_enum_variant)]
+pub enum BlockAdapters<B: Backend> {
+    /// KronA^B, KronA^B_res, KronA^B_sigres.
+    KronAB(Vec<KronAB<B>>),
+    /// Parallel Adapters.
+    Parallel(Vec<ParallelAdapter<B>>),
+    /// Adapters (Houlsby et al. 2019).
+    Houlsby(Vec<HoulsbyAdapter<B>>),
+    /// Compacter: the layers and their shared rule.
+    Compacter(CompacterStack<B>),
 }
 
 impl<B: Backend> BlockAdapters<B> {
@@ -165,44 +143,78 @@ impl<B: Backend> BlockAdapters<B> {
         d: usize,
         n_layers: usize,
         device: &B::Device,
-    ) -> Result<Self, AdapterError> {
-        let name = |i: usize| format!("block {i}");
-        let mut phm_rule = None;
-        if let BlockAdapterConfig::Compacter(c) = config {
-            phm_rule = Some(c.init_rule(device)?);
+    ) -> Result<Self, ConfigError> {
+        fn stack<T>(
+            n: usize,
+            init: impl Fn() -> Result<T, ConfigError>,
+        ) -> Result<Vec<T>, ConfigError> {
+            (0..n)
+                .map(|i| init().map_err(|e| e.at(format!("block {i}"))))
+                .collect()
         }
-        let layers = (0..n_layers)
-            .map(|i| {
-                Ok(match config {
-                    BlockAdapterConfig::KronAB(c) => {
-                        BlockAdapter::KronAB(c.init_named(&name(i), d, d, device)?)
-                    }
-                    BlockAdapterConfig::ParallelAdapter(c) => {
-                        BlockAdapter::Parallel(c.init_named(&name(i), d, d, device)?)
-                    }
-                    BlockAdapterConfig::Adapter(c) => {
-                        BlockAdapter::Houlsby(c.init_named(&name(i), d, device)?)
-                    }
-                    BlockAdapterConfig::Compacter(c) => {
-                        BlockAdapter::Compacter(c.init_named(&name(i), d, device)?)
-                    }
-                })
-            })
-            .collect::<Result<Vec<_>, AdapterError>>()?;
-        Ok(Self { layers, phm_rule })
+        Ok(match config {
+            BlockAdapterConfig::KronAB(c) => {
+                BlockAdapters::KronAB(stack(n_layers, || c.init(d, d, device))?)
+            }
+            BlockAdapterConfig::ParallelAdapter(c) => {
+                BlockAdapters::Parallel(stack(n_layers, || c.init(d, d, device))?)
+            }
+            BlockAdapterConfig::Adapter(c) => {
+                BlockAdapters::Houlsby(stack(n_layers, || c.init(d, d, device))?)
+            }
+            BlockAdapterConfig::Compacter(c) => BlockAdapters::Compacter(CompacterStack {
+                rule: c.init_rule(device)?,
+                layers: stack(n_layers, || c.init(d, d, device))?,
+            }),
+        })
+    }
+
+    /// How many layers.
+    pub fn len(&self) -> usize {
+        match self {
+            BlockAdapters::KronAB(v) => v.len(),
+            BlockAdapters::Parallel(v) => v.len(),
+            BlockAdapters::Houlsby(v) => v.len(),
+            BlockAdapters::Compacter(s) => s.layers.len(),
+        }
+    }
+
+    /// No layers?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Layer `layer`'s adapted block output, from its input `x` and its output `fx = f(x)`.
     ///
     /// # Panics
-    /// If `layer` is out of range.
+    /// If `layer` is out of range (a model builds one adapter per layer it has).
     pub fn forward<const D: usize>(
         &self,
         layer: usize,
         x: Tensor<B, D>,
         fx: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        let rule = self.phm_rule.as_ref().map(|p| p.val());
-        self.layers[layer].forward(x, fx, rule)
+        match self {
+            BlockAdapters::KronAB(v) => v[layer].forward(x, fx, &()),
+            BlockAdapters::Parallel(v) => v[layer].forward(x, fx, &()),
+            BlockAdapters::Houlsby(v) => v[layer].forward(x, fx, &()),
+            BlockAdapters::Compacter(s) => s.layers[layer].forward(x, fx, &s.rule.val()),
+        }
+    }
+}
+
+/// The block size of a method whose adapter maps a block's output back onto itself (Adapter,
+/// Compacter): `d_in` must equal `d_out`.
+pub(crate) fn square(layer: &str, d_in: usize, d_out: usize) -> Result<usize, ConfigError> {
+    if d_in == d_out {
+        Ok(d_in)
+    } else {
+        Err(ConfigError::invalid(
+            layer,
+            "d_in/d_out",
+            format!(
+                "this adapter runs after a block and needs d_in = d_out, got [{d_in}, {d_out}]"
+            ),
+        ))
     }
 }

@@ -2,81 +2,40 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, module::linear, Tensor};
-use serde::{Deserialize, Serialize};
 
-use super::Activation;
+use super::{Activation, BlockAdapter};
 use crate::adapter::{check_finite, init_factors, layer_name, zero_factor, FactorInit};
-use crate::error::AdapterError;
+use crate::error::ConfigError;
 
-fn default_scale() -> f64 {
-    16.0
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn relu() -> Activation {
-    Activation::Relu
-}
-
-/// Configuration of a [`ParallelAdapter`].
-///
-/// ```
-/// use kron_adapters::block::ParallelAdapterConfig;
-/// // The KronA paper's PA: rank 2, s = 16.
-/// let cfg = ParallelAdapterConfig::new(2);
-/// assert_eq!(cfg.num_params(768, 768), 2 * (768 + 768) + 2 + 768);
-/// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParallelAdapterConfig {
-    /// The bottleneck size `r`.
-    pub rank: usize,
-    /// The scale `s`. Default 16 (the KronA paper's Table 15).
-    #[serde(default = "default_scale")]
-    pub scale: f64,
-    /// Biases on both projections (as `nn.Linear`s). Default true.
-    #[serde(default = "yes")]
-    pub bias: bool,
-    /// The non-linearity. Default ReLU (He et al.).
-    #[serde(default = "relu")]
-    pub activation: Activation,
-    /// Initialisation. Default: `down` Kaiming-uniform, `up` zero (the block starts unchanged).
-    #[serde(default)]
-    pub init: FactorInit,
+crate::macros::config! {
+    /// Configuration of a [`ParallelAdapter`].
+    ///
+    /// ```
+    /// use kron_adapters::block::ParallelAdapterConfig;
+    /// // The KronA paper's PA: rank 2, s = 16.
+    /// let cfg = ParallelAdapterConfig::new(2);
+    /// assert_eq!(cfg.num_params(768, 768), 2 * (768 + 768) + 2 + 768);
+    /// ```
+    pub struct ParallelAdapterConfig(new) {
+        required {
+            /// The bottleneck size `r`.
+            rank: usize,
+        }
+        optional {}
+        defaults {
+            /// The scale `s` (the KronA paper's Table 15).
+            scale: f64 = 16.0,
+            /// Biases on both projections (as `nn.Linear`s).
+            bias: bool = true,
+            /// The non-linearity (He et al.: ReLU).
+            activation: Activation = Activation::Relu,
+            /// Initialisation: `down` Kaiming-uniform, `up` zero (the block starts unchanged).
+            init: FactorInit = FactorInit::KaimingZero,
+        }
+    }
 }
 
 impl ParallelAdapterConfig {
-    /// A rank-`rank` Parallel Adapter with the defaults above.
-    pub fn new(rank: usize) -> Self {
-        Self {
-            rank,
-            scale: default_scale(),
-            bias: true,
-            activation: Activation::Relu,
-            init: FactorInit::default(),
-        }
-    }
-
-    /// Sets the scale.
-    pub fn with_scale(mut self, scale: f64) -> Self {
-        self.scale = scale;
-        self
-    }
-
-    /// Sets the activation.
-    pub fn with_activation(mut self, activation: Activation) -> Self {
-        self.activation = activation;
-        self
-    }
-
-    /// Sets the initialisation.
-    pub fn with_init(mut self, init: FactorInit) -> Self {
-        self.init = init;
-        self
-    }
-
     /// Trainable parameters: `r·(d_in + d_out)`, plus `r + d_out` with biases.
     pub fn num_params(&self, d_in: usize, d_out: usize) -> usize {
         self.rank * (d_in + d_out) + if self.bias { self.rank + d_out } else { 0 }
@@ -88,22 +47,13 @@ impl ParallelAdapterConfig {
         d_in: usize,
         d_out: usize,
         device: &B::Device,
-    ) -> Result<ParallelAdapter<B>, AdapterError> {
-        self.init_named(&layer_name(d_in, d_out), d_in, d_out, device)
-    }
-
-    pub(crate) fn init_named<B: Backend>(
-        &self,
-        layer: &str,
-        d_in: usize,
-        d_out: usize,
-        device: &B::Device,
-    ) -> Result<ParallelAdapter<B>, AdapterError> {
-        check_finite(layer, "scale", self.scale)?;
+    ) -> Result<ParallelAdapter<B>, ConfigError> {
+        let layer = layer_name(d_in, d_out);
+        check_finite(&layer, "scale", self.scale)?;
         let max = d_in.min(d_out);
         if self.rank == 0 || self.rank > max {
-            return Err(AdapterError::Rank {
-                layer: layer.to_string(),
+            return Err(ConfigError::Rank {
+                layer,
                 rank: self.rank,
                 reason: format!("a Parallel Adapter's rank must be between 1 and {max}"),
             });
@@ -140,12 +90,10 @@ pub struct ParallelAdapter<B: Backend> {
     pub activation: Activation,
 }
 
-impl<B: Backend> ParallelAdapter<B> {
-    /// The adapted block output from the block input `x` and output `fx`.
-    ///
-    /// # Shapes
-    /// - `x`: `[..., d_in]`, `fx`: `[..., d_out]`; output `[..., d_out]`
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, fx: Tensor<B, D>) -> Tensor<B, D> {
+impl<B: Backend> BlockAdapter<B> for ParallelAdapter<B> {
+    type Shared = ();
+
+    fn forward<const D: usize>(&self, x: Tensor<B, D>, fx: Tensor<B, D>, _: &()) -> Tensor<B, D> {
         let h = linear(x, self.down.val(), self.bias_down.as_ref().map(|b| b.val()));
         let h = self.activation.apply(h).mul_scalar(self.scale);
         let bias_up = self

@@ -119,7 +119,7 @@ fn task(
     seed: u64,
 ) -> Result<Task, AdapterError> {
     if labels.len() < 2 || examples.is_empty() {
-        return Err(AdapterError::config(
+        return Err(crate::ConfigError::invalid(
             name,
             "data",
             format!(
@@ -127,7 +127,8 @@ fn task(
                 labels.len(),
                 examples.len()
             ),
-        ));
+        )
+        .into());
     }
     let (train, dev, test) = split(examples, labels.len(), seed);
     Ok(Task {

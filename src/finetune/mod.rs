@@ -15,6 +15,7 @@
 pub mod allocator;
 pub mod assets;
 pub mod data;
+pub mod presets;
 pub mod report;
 pub mod timing;
 pub mod tokenize;
@@ -23,4 +24,5 @@ pub mod train;
 pub use allocator::keep_freed_memory;
 pub use assets::AssetCache;
 pub use data::{Task, TaskName};
+pub use presets::{preset, presets, Preset};
 pub use train::{finetune, prepare, FinetuneConfig, Prepared, RunReport};

@@ -6,8 +6,8 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::train::RunReport;
-use crate::checkpoint::write_atomic;
 use crate::error::AdapterError;
+use crate::store::st::write_atomic;
 
 /// One training step.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -42,8 +42,7 @@ pub struct EvalRow {
 }
 
 /// Writes `metrics.csv` (one row per step, dev accuracy on the steps it was measured),
-/// `report.json`, and `curves.png` (training loss and dev accuracy; skipped with a note on
-/// stderr when no font is found to label it).
+/// `report.json` and `curves.png` (training loss and dev accuracy).
 pub fn write_outputs(dir: &Path, report: &RunReport) -> Result<(), AdapterError> {
     let mut csv = String::from("step,epoch,lr,loss,batch_accuracy,dev_accuracy\n");
     for row in &report.history {
@@ -59,50 +58,36 @@ pub fn write_outputs(dir: &Path, report: &RunReport) -> Result<(), AdapterError>
         );
     }
     write_atomic(&dir.join("metrics.csv"), csv.as_bytes())?;
-    let json = serde_json::to_vec_pretty(report).expect("a report serializes");
+    let json = serde_json::to_vec_pretty(report)
+        .map_err(|e| AdapterError::format("report.json", e.to_string()))?;
     write_atomic(&dir.join("report.json"), &json)?;
     let png = dir.join("curves.png");
-    match plot_curves(&png, report) {
-        Ok(true) => {}
-        Ok(false) => eprintln!(
-            "note: no TrueType font found (DejaVu Sans or Liberation Sans): curves.png not drawn"
-        ),
-        Err(e) => eprintln!("note: curves.png not drawn: {e}"),
-    }
-    Ok(())
-}
-
-const FONTS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-    "/Library/Fonts/Arial.ttf",
-    "/System/Library/Fonts/Supplemental/Arial.ttf",
-    "C:\\Windows\\Fonts\\arial.ttf",
-];
-
-fn register_font() -> bool {
-    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *REGISTERED.get_or_init(|| {
-        for path in FONTS {
-            if let Ok(bytes) = std::fs::read(path) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
-                    return true;
-                }
-            }
-        }
-        false
+    plot_curves(&png, report).map_err(|e| {
+        AdapterError::io(
+            &png,
+            std::io::Error::other(format!("drawing the plot: {e}")),
+        )
     })
 }
 
-/// Draws the training loss (per step, and its moving average) and the dev accuracy (per epoch).
-/// Returns `Ok(false)` when no font could be loaded.
-pub fn plot_curves(path: &Path, report: &RunReport) -> Result<bool, Box<dyn std::error::Error>> {
-    if !register_font() {
-        return Ok(false);
-    }
+/// The plot's font, shipped with the crate (DejaVu Sans, ASCII and a few symbols; its license
+/// is in `assets/fonts/`), so the plot never depends on fonts installed on the machine.
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
+
+fn register_font() -> Result<(), String> {
+    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+                .map_err(|_| "the shipped font does not load".to_string())
+        })
+        .clone()
+}
+
+/// Draws the training loss (per step, and its moving average) and the dev accuracy (per
+/// evaluation) into a PNG.
+pub fn plot_curves(path: &Path, report: &RunReport) -> Result<(), Box<dyn std::error::Error>> {
+    register_font()?;
     let root = BitMapBackend::new(path, (1100, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(600);
@@ -174,5 +159,5 @@ pub fn plot_curves(path: &Path, report: &RunReport) -> Result<bool, Box<dyn std:
     chart.draw_series(LineSeries::new(points.clone(), RED.stroke_width(2)))?;
     chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, RED.filled())))?;
     root.present()?;
-    Ok(true)
+    Ok(())
 }

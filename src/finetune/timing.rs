@@ -9,8 +9,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::error::AdapterError;
-use crate::model::{BertClassifier, BertConfig, PeftConfig, TensorSource};
+use crate::model::{BertClassifier, BertConfig, TensorSource};
 use crate::params::count_params;
+use crate::place::PlacementConfig;
 use crate::rng::SplitMix64;
 
 /// Median milliseconds of `f` after `warmup` calls, over enough calls to fill about
@@ -56,18 +57,19 @@ pub fn random_batch<B: Backend>(
 }
 
 /// Median milliseconds of one training step (forward, backward, AdamW) of a classifier with
-/// `peft`'s adapters and mode on an encoder of `bert`'s size (random weights: the cost does not
+/// `placement`'s adapters and mode on an encoder of `bert`'s size (random weights: the cost does not
 /// depend on their values), on a `[batch, seq]` batch; and its trainable parameters.
 pub fn train_step_ms<B: AutodiffBackend>(
     bert: &BertConfig,
-    peft: &PeftConfig,
+    placement: &PlacementConfig,
     batch: usize,
     seq: usize,
     budget_s: f64,
     device: &B::Device,
 ) -> Result<(f64, usize), AdapterError> {
-    let mut model = BertClassifier::<B>::new(&mut TensorSource::random(2), bert, peft, 2, device)?;
-    model.encoder = peft.train.apply(model.encoder);
+    let mut model =
+        BertClassifier::<B>::new(&mut TensorSource::random(2), bert, placement, 2, device)?;
+    model.encoder = placement.train.apply(model.encoder);
     let trainable = count_params(&model).trainable;
     let (ids, mask) = random_batch::<B>(1, batch, seq, bert.vocab_size, device);
     let labels = Tensor::<B, 1, Int>::from_data(

@@ -25,11 +25,12 @@ impl TextEncoder {
             message: m,
         };
         if max_len < 3 {
-            return Err(AdapterError::config(
+            return Err(crate::ConfigError::invalid(
                 "tokenizer",
                 "max_len",
                 format!("{max_len} tokens leaves no room for text between [CLS] and [SEP]"),
-            ));
+            )
+            .into());
         }
         let mut tokenizer = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
         tokenizer.with_padding(None);
@@ -47,14 +48,14 @@ impl TextEncoder {
         self.tokenizer
             .encode(text, true)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| AdapterError::config("tokenizer", "text", e.to_string()))
+            .map_err(|e| crate::ConfigError::invalid("tokenizer", "text", e.to_string()).into())
     }
 
     /// Text back from ids (special tokens dropped).
     pub fn decode(&self, ids: &[u32]) -> Result<String, AdapterError> {
         self.tokenizer
             .decode(ids, true)
-            .map_err(|e| AdapterError::config("tokenizer", "ids", e.to_string()))
+            .map_err(|e| crate::ConfigError::invalid("tokenizer", "ids", e.to_string()).into())
     }
 }
 

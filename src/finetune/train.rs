@@ -18,110 +18,74 @@ use super::assets::AssetCache;
 use super::data::{bbc_news, rotten_tomatoes, Task, TaskName, SPLIT_SEED};
 use super::report::{EvalRow, LogRow};
 use super::tokenize::{batch_tensors, length_batches, sorted_batches, Encoded, TextEncoder};
-use crate::adapter::AdapterConfig;
-use crate::checkpoint::{
-    save_params_matching, AdapterLayers, CheckpointMeta, NativeAdapters, ADAPTER_PATTERN,
-};
-use crate::error::AdapterError;
-use crate::model::{BertClassifier, BertConfig, PeftConfig, TensorSource};
+use crate::adapter::{AdapterConfig, KronAConfig};
+use crate::error::{AdapterError, ConfigError};
+use crate::linear::AdapterLayers;
+use crate::model::bert::{classifier_from_source, BertClassifier, BertConfig};
+use crate::model::TensorSource;
 use crate::params::{count_params, ParamCount};
+use crate::place::PlacementConfig;
 use crate::rng::SplitMix64;
+use crate::store::{save_params_matching, CheckpointMeta, NativeAdapters, ADAPTER_PATTERN};
 use crate::training::TrainMode;
-use crate::KronAConfig;
 
-/// A fine-tuning run. Serializes to JSON; every field but `peft` has a default.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FinetuneConfig {
-    /// The task. Default Rotten Tomatoes.
-    #[serde(default)]
-    pub task: TaskName,
-    /// Adapters and training mode. Default: KronA (shapes near √d) on every linear.
-    #[serde(default = "default_peft")]
-    pub peft: PeftConfig,
-    /// Passes over the training set. Default 1 (the main job fits in 10 minutes on 2 CPU cores).
-    #[serde(default = "d_epochs")]
-    pub epochs: usize,
-    /// Sentences per step. Default 32.
-    #[serde(default = "d_batch")]
-    pub batch_size: usize,
-    /// Peak learning rate. Default 1e-2, right for the default KronA in a one- or two-epoch
-    /// budget (1e-3, the KronA paper's for 20 epochs, reaches 77.6% instead of 80.1% test on
-    /// 4,000 Rotten Tomatoes sentences in one epoch); see `docs/results.md` for other methods.
-    #[serde(default = "d_lr")]
-    pub lr: f64,
-    /// Fraction of the steps spent warming up linearly from 0. Default 0.06.
-    #[serde(default = "d_warmup")]
-    pub warmup: f64,
-    /// AdamW weight decay. Default 0.01.
-    #[serde(default = "d_wd")]
-    pub weight_decay: f64,
-    /// Gradient norm clipping. Default 1.0.
-    #[serde(default = "d_clip")]
-    pub clip_norm: f64,
-    /// Longest sequence in tokens (longer texts are truncated). Default 64.
-    #[serde(default = "d_len")]
-    pub max_len: usize,
-    /// Use only the first `max_train` training examples (the split itself never changes).
-    #[serde(default)]
-    pub max_train: Option<usize>,
-    /// Seed of the head's initialisation, the adapters', dropout and batch order. Default 0.
-    #[serde(default)]
-    pub seed: u64,
-    /// Sentences per evaluation batch. Default 128.
-    #[serde(default = "d_eval_batch")]
-    pub eval_batch_size: usize,
-    /// Dropout on hidden states and attention probabilities; `None` keeps the model's (0.1).
-    #[serde(default)]
-    pub dropout: Option<f64>,
-    /// Dev evaluations per epoch (the best one is kept). Default 2.
-    #[serde(default = "d_evals")]
-    pub evals_per_epoch: usize,
-}
-
-fn default_peft() -> PeftConfig {
-    PeftConfig::linear(AdapterConfig::KronA(KronAConfig::auto()))
-}
-fn d_epochs() -> usize {
-    1
-}
-fn d_batch() -> usize {
-    32
-}
-fn d_lr() -> f64 {
-    1e-2
-}
-fn d_warmup() -> f64 {
-    0.06
-}
-fn d_wd() -> f64 {
-    0.01
-}
-fn d_clip() -> f64 {
-    1.0
-}
-fn d_len() -> usize {
-    64
-}
-fn d_eval_batch() -> usize {
-    128
-}
-fn d_evals() -> usize {
-    2
+crate::macros::config! {
+    /// A fine-tuning run. Serializes to JSON; every field has a default.
+    pub struct FinetuneConfig(new) {
+        required {}
+        optional {
+            /// Use only the first `max_train` training examples (the split itself never
+            /// changes).
+            max_train: usize,
+            /// Dropout on hidden states and attention probabilities; without it the model's
+            /// (0.1).
+            dropout: f64,
+        }
+        defaults {
+            /// The task.
+            task: TaskName = TaskName::RottenTomatoes,
+            /// Adapters and training mode: KronA (shapes near √d) on every linear.
+            placement: PlacementConfig =
+                PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto())),
+            /// Passes over the training set (one epoch fits in 10 minutes on 2 CPU cores).
+            epochs: usize = 1,
+            /// Sentences per step.
+            batch_size: usize = 32,
+            /// Peak learning rate, right for the default KronA in a one- or two-epoch budget
+            /// (1e-3, the KronA paper's for 20 epochs, reaches 77.6% instead of 80.1% test on
+            /// 4,000 Rotten Tomatoes sentences in one epoch); see `docs/results.md` and
+            /// [`super::presets`] for other methods.
+            lr: f64 = 1e-2,
+            /// Fraction of the steps spent warming up linearly from 0.
+            warmup: f64 = 0.06,
+            /// AdamW weight decay.
+            weight_decay: f64 = 0.01,
+            /// Gradient clipping: each parameter's gradient is scaled down to this L2 norm
+            /// (Burn 0.21's `GradientClippingConfig::Norm` clips per parameter tensor, not the
+            /// global norm over all parameters as PyTorch's `clip_grad_norm_` does).
+            clip_norm: f64 = 1.0,
+            /// Longest sequence in tokens (longer texts are truncated).
+            max_len: usize = 64,
+            /// Seed of the head's initialisation, the adapters', dropout and batch order.
+            seed: u64 = 0,
+            /// Sentences per evaluation batch.
+            eval_batch_size: usize = 128,
+            /// Dev evaluations per epoch (the best one is kept).
+            evals_per_epoch: usize = 2,
+        }
+    }
 }
 
 impl Default for FinetuneConfig {
     fn default() -> Self {
-        serde_json::from_str("{}").expect("every field has a default")
+        Self::new()
     }
 }
 
-impl burn::config::Config for FinetuneConfig {}
-
 impl FinetuneConfig {
     /// Checks the numbers make sense.
-    pub fn validate(&self) -> Result<(), AdapterError> {
-        let bad = |f: &str, r: String| Err(AdapterError::config("finetune", f, r));
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |f: &str, r: String| Err(ConfigError::invalid("finetune", f, r));
         if self.epochs == 0
             || self.batch_size == 0
             || self.eval_batch_size == 0
@@ -149,7 +113,17 @@ impl FinetuneConfig {
         if self.max_train == Some(0) {
             return bad("max_train", "0 examples: nothing to train on".into());
         }
-        self.peft.targets.validate()
+        self.placement.validate()
+    }
+
+    /// A name for this run's folder: the method ([`super::presets::run_key`]), the task and the
+    /// seed (`krona-rotten_tomatoes-seed0`).
+    pub fn run_name(&self, task: &str) -> String {
+        format!(
+            "{}-{task}-seed{}",
+            super::presets::run_key(&self.placement),
+            self.seed
+        )
     }
 }
 
@@ -195,14 +169,15 @@ pub fn prepare_task(
 ) -> Result<Prepared, AdapterError> {
     let bert = BertConfig::from_json_file(model_dir.join("config.json"))?;
     if max_len > bert.max_position_embeddings {
-        return Err(AdapterError::config(
+        return Err(ConfigError::invalid(
             "finetune",
             "max_len",
             format!(
                 "{max_len} > the model's {} positions",
                 bert.max_position_embeddings
             ),
-        ));
+        )
+        .into());
     }
     let enc = TextEncoder::from_file(model_dir.join("tokenizer.json"), max_len)?;
     let encode = |xs: &[super::data::Example]| {
@@ -284,16 +259,15 @@ pub fn build_model<B: AutodiffBackend>(
         bert.hidden_dropout_prob = p;
         bert.attention_probs_dropout_prob = p;
     }
-    let mut source = TensorSource::from_safetensors(data.model_dir.join("model.safetensors"))?;
-    let mut model = BertClassifier::<B>::new(
-        &mut source,
+    let source = TensorSource::from_model_dir(&data.model_dir)?;
+    let mut model = classifier_from_source::<B>(
+        source,
         &bert,
-        &cfg.peft,
+        &cfg.placement,
         data.task.labels.len(),
         device,
     )?;
-    source.finish()?;
-    model.encoder = cfg.peft.train.apply(model.encoder);
+    model.encoder = cfg.placement.train.apply(model.encoder);
     Ok(model)
 }
 
@@ -345,7 +319,87 @@ pub fn finetune<B: AutodiffBackend>(
     train_model(cfg, data, model, out_dir, device, show_progress)
 }
 
-/// The training loop on an already-built model (see [`finetune`]).
+/// What the loop keeps while it runs: per-step rows, dev evaluations, timings, and the best
+/// model so far.
+struct Progress<B: AutodiffBackend> {
+    history: Vec<LogRow>,
+    evals: Vec<EvalRow>,
+    step_ms: Vec<f64>,
+    sentences: usize,
+    best: Option<(f64, usize, BertClassifier<B>)>,
+    /// Running statistics since the last evaluation: loss sum, hits, sentences, tokens, ms.
+    window: (f64, usize, usize, usize, f64),
+}
+
+/// One optimizer step on a batch; returns the batch's loss and correct predictions.
+fn train_step<B: AutodiffBackend, O: Optimizer<BertClassifier<B>, B>>(
+    model: BertClassifier<B>,
+    optim: &mut O,
+    items: &[&Encoded],
+    lr: f64,
+    device: &B::Device,
+) -> (BertClassifier<B>, f64, usize) {
+    let (ids, mask, labels) = batch_tensors::<B>(items, device);
+    let logits = model.forward(ids, mask);
+    let loss = CrossEntropyLossConfig::new()
+        .init(device)
+        .forward(logits.clone(), labels.clone());
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let model = optim.step(lr, model, grads);
+    let loss_v: f64 = loss.into_scalar().elem();
+    let hits: i64 = logits
+        .argmax(1)
+        .flatten::<1>(0, 1)
+        .equal(labels)
+        .int()
+        .sum()
+        .into_scalar()
+        .elem();
+    (model, loss_v, hits as usize)
+}
+
+/// Where the best checkpoint goes: every trainable parameter, and the linear adapters alone as
+/// an adapter file (what the command-line tool merges and converts to PEFT).
+struct Checkpoints {
+    trainable: Option<PathBuf>,
+    adapters: Option<PathBuf>,
+}
+
+impl Checkpoints {
+    fn new<B: AutodiffBackend>(out_dir: Option<&Path>, model: &BertClassifier<B>) -> Self {
+        Self {
+            trainable: out_dir.map(|d| d.join("trainable.safetensors")),
+            adapters: out_dir
+                .filter(|_| !model.adapter_specs().is_empty())
+                .map(|d| d.join("adapter.safetensors")),
+        }
+    }
+
+    /// Writes both files (atomically) for `model`, with `cfg` in their metadata.
+    fn save<B: AutodiffBackend>(
+        &self,
+        model: &BertClassifier<B>,
+        cfg: &FinetuneConfig,
+    ) -> Result<(), AdapterError> {
+        let extra = serde_json::to_value(cfg).ok();
+        if let Some(path) = &self.trainable {
+            let mut meta = CheckpointMeta::new(model.adapter_specs());
+            meta.extra = extra.clone();
+            let patterns = trainable_patterns(cfg.placement.train);
+            save_params_matching(model, path, &patterns, &meta)?;
+        }
+        if let Some(path) = &self.adapters {
+            let mut native = NativeAdapters::from_model(model);
+            native.meta.extra = extra;
+            native.write(path)?;
+        }
+        Ok(())
+    }
+}
+
+/// The training loop on an already-built model (see [`finetune`]): [`train_step`] per batch,
+/// a dev evaluation `evals_per_epoch` times an epoch, the best model checkpointed, and the
+/// test accuracy of the best one.
 pub fn train_model<B: AutodiffBackend>(
     cfg: &FinetuneConfig,
     data: &Prepared,
@@ -363,16 +417,71 @@ pub fn train_model<B: AutodiffBackend>(
         std::fs::create_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
     }
     let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
-    let per_epoch = train.len().div_ceil(cfg.batch_size);
-    let total_steps = per_epoch * cfg.epochs;
+    let total_steps = train.len().div_ceil(cfg.batch_size) * cfg.epochs;
     let warmup = ((cfg.warmup * total_steps as f64).ceil() as usize).min(total_steps);
     let mut optim = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay as f32)
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
         .init();
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let bar = progress_bar(show_progress, total_steps);
+    let checkpoints = Checkpoints::new(out_dir, &model);
+    let mut rng = SplitMix64::new(cfg.seed ^ 0x5eed);
+    let mut p = Progress::<B> {
+        history: Vec::new(),
+        evals: Vec::new(),
+        step_ms: Vec::with_capacity(total_steps),
+        sentences: 0,
+        best: None,
+        window: (0.0, 0, 0, 0, 0.0),
+    };
+    for epoch in 1..=cfg.epochs {
+        let batches = length_batches(&lengths, cfg.batch_size, &mut rng);
+        let every = batches.len().div_ceil(cfg.evals_per_epoch);
+        let n_batches = batches.len();
+        for (bi, batch) in batches.into_iter().enumerate() {
+            let t0 = Instant::now();
+            let items: Vec<&Encoded> = batch.iter().map(|&i| &train[i]).collect();
+            let step = p.step_ms.len();
+            let lr = lr_at(step, total_steps, warmup, cfg.lr);
+            let (next, loss, hits) = train_step(model, &mut optim, &items, lr, device);
+            model = next;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if !loss.is_finite() {
+                bar.abandon();
+                return Err(ConfigError::invalid(
+                    "finetune",
+                    "lr",
+                    format!("the loss became {loss} at step {step}: lower the learning rate"),
+                )
+                .into());
+            }
+            p.record(epoch, lr, loss, hits, &items, ms);
+            bar.set_position(p.step_ms.len() as u64);
+            bar.set_message(p.window_message(epoch));
+            if (bi + 1) % every == 0 || bi + 1 == n_batches {
+                let row = p.evaluate(epoch, &model, data, cfg, device);
+                bar.println(format!(
+                    "epoch {epoch} step {}/{total_steps}: train loss {:.4} acc {:.4}, dev acc {:.4}",
+                    row.step, row.train_loss, row.train_acc, row.dev_acc,
+                ));
+                if p.best.as_ref().is_none_or(|(acc, ..)| row.dev_acc > *acc) {
+                    checkpoints.save(&model, cfg)?;
+                    p.best = Some((row.dev_acc, row.step, model.clone()));
+                }
+                p.evals.push(row);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let report = p.report(cfg, data, trainable, total, &checkpoints, device);
+    if let Some(dir) = out_dir {
+        super::report::write_outputs(dir, &report)?;
+    }
+    Ok(report)
+}
 
-    let bar = if show_progress {
+fn progress_bar(show: bool, total_steps: usize) -> ProgressBar {
+    let bar = if show {
         ProgressBar::new(total_steps as u64)
     } else {
         ProgressBar::hidden()
@@ -383,137 +492,100 @@ pub fn train_model<B: AutodiffBackend>(
         )
         .expect("a valid template"),
     );
-    let mut rng = SplitMix64::new(cfg.seed ^ 0x5eed);
-    let mut history = Vec::new();
-    let mut evals = Vec::new();
-    let mut step_ms = Vec::with_capacity(total_steps);
-    let (mut best_acc, mut best_step, mut best) = (-1.0f64, 0usize, None);
-    let checkpoint = out_dir.map(|d| d.join("trainable.safetensors"));
-    let adapter_file = out_dir
-        .filter(|_| !model.adapter_specs().is_empty())
-        .map(|d| d.join("adapter.safetensors"));
-    let mut step = 0usize;
-    let mut sentences = 0usize;
-    for epoch in 1..=cfg.epochs {
-        let batches = length_batches(&lengths, cfg.batch_size, &mut rng);
-        let every = batches.len().div_ceil(cfg.evals_per_epoch);
-        let n_batches = batches.len();
-        // Running statistics since the last evaluation.
-        let (mut run_loss, mut run_hits, mut run_n, mut run_tokens, mut run_ms) =
-            (0.0f64, 0usize, 0usize, 0usize, 0.0f64);
-        for (bi, batch) in batches.into_iter().enumerate() {
-            let t0 = Instant::now();
-            let items: Vec<&Encoded> = batch.iter().map(|&i| &train[i]).collect();
-            let (ids, mask, labels) = batch_tensors::<B>(&items, device);
-            let logits = model.forward(ids.clone(), mask);
-            let loss = loss_fn.forward(logits.clone(), labels.clone());
-            let lr = lr_at(step, total_steps, warmup, cfg.lr);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            let loss_v: f64 = loss.into_scalar().elem();
-            let hits: i64 = logits
-                .argmax(1)
-                .flatten::<1>(0, 1)
-                .equal(labels)
-                .int()
-                .sum()
-                .into_scalar()
-                .elem();
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            step_ms.push(ms);
-            if !loss_v.is_finite() {
-                bar.abandon();
-                return Err(AdapterError::config(
-                    "finetune",
-                    "lr",
-                    format!("the loss became {loss_v} at step {step}: lower the learning rate"),
-                ));
-            }
-            step += 1;
-            run_loss += loss_v * items.len() as f64;
-            run_hits += hits as usize;
-            run_n += items.len();
-            run_tokens += ids.dims()[0] * ids.dims()[1];
-            run_ms += ms;
-            sentences += items.len();
-            history.push(LogRow {
-                step,
-                epoch,
-                lr,
-                loss: loss_v,
-                accuracy: hits as f64 / items.len() as f64,
-            });
-            bar.set_position(step as u64);
-            bar.set_message(format!(
-                "epoch {epoch} loss {:.4} acc {:.3} {:.0} sent/s {:.0} tok/s",
-                run_loss / run_n as f64,
-                run_hits as f64 / run_n as f64,
-                run_n as f64 / (run_ms / 1e3),
-                run_tokens as f64 / (run_ms / 1e3)
-            ));
-            if (bi + 1) % every != 0 && bi + 1 != n_batches {
-                continue;
-            }
-            let dev_acc = evaluate(&model.valid(), &data.dev, cfg.eval_batch_size, device);
-            let row = EvalRow {
-                epoch,
-                step,
-                train_loss: run_loss / run_n as f64,
-                train_acc: run_hits as f64 / run_n as f64,
-                dev_acc,
-                train_seconds: step_ms.iter().sum::<f64>() / 1e3,
-            };
-            bar.println(format!(
-                "epoch {epoch} step {step}/{total_steps}: train loss {:.4} acc {:.4}, dev acc {:.4} \
-                 ({:.1} sentences/s)",
-                row.train_loss,
-                row.train_acc,
-                dev_acc,
-                run_n as f64 / (run_ms / 1e3)
-            ));
-            evals.push(row);
-            (run_loss, run_hits, run_n, run_tokens, run_ms) = (0.0, 0, 0, 0, 0.0);
-            if dev_acc > best_acc {
-                best_acc = dev_acc;
-                best_step = step;
-                if let Some(path) = &checkpoint {
-                    let mut meta = CheckpointMeta::new(model.adapter_specs());
-                    meta.extra = serde_json::to_value(cfg).ok();
-                    save_params_matching(&model, path, &trainable_patterns(cfg.peft.train), &meta)?;
-                }
-                if let Some(path) = &adapter_file {
-                    let mut native = NativeAdapters::from_model(&model);
-                    native.meta.extra = serde_json::to_value(cfg).ok();
-                    native.write(path)?;
-                }
-                best = Some(model.clone());
-            }
+    bar
+}
+
+impl<B: AutodiffBackend> Progress<B> {
+    fn record(
+        &mut self,
+        epoch: usize,
+        lr: f64,
+        loss: f64,
+        hits: usize,
+        items: &[&Encoded],
+        ms: f64,
+    ) {
+        let n = items.len();
+        let tokens = n * items.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        self.step_ms.push(ms);
+        self.sentences += n;
+        let w = &mut self.window;
+        *w = (
+            w.0 + loss * n as f64,
+            w.1 + hits,
+            w.2 + n,
+            w.3 + tokens,
+            w.4 + ms,
+        );
+        self.history.push(LogRow {
+            step: self.step_ms.len(),
+            epoch,
+            lr,
+            loss,
+            accuracy: hits as f64 / n as f64,
+        });
+    }
+
+    fn window_message(&self, epoch: usize) -> String {
+        let (loss, hits, n, tokens, ms) = self.window;
+        format!(
+            "epoch {epoch} loss {:.4} acc {:.3} {:.0} sent/s {:.0} tok/s",
+            loss / n as f64,
+            hits as f64 / n as f64,
+            n as f64 / (ms / 1e3),
+            tokens as f64 / (ms / 1e3)
+        )
+    }
+
+    /// A dev evaluation; resets the running window.
+    fn evaluate(
+        &mut self,
+        epoch: usize,
+        model: &BertClassifier<B>,
+        data: &Prepared,
+        cfg: &FinetuneConfig,
+        device: &B::Device,
+    ) -> EvalRow {
+        let (loss, hits, n, ..) = std::mem::take(&mut self.window);
+        EvalRow {
+            epoch,
+            step: self.step_ms.len(),
+            train_loss: loss / n as f64,
+            train_acc: hits as f64 / n as f64,
+            dev_acc: evaluate(&model.valid(), &data.dev, cfg.eval_batch_size, device),
+            train_seconds: self.step_ms.iter().sum::<f64>() / 1e3,
         }
     }
-    bar.finish_and_clear();
-    let best = best.expect("at least one evaluation");
-    let train_seconds = step_ms.iter().sum::<f64>() / 1e3;
-    let test_acc = evaluate(&best.valid(), &data.test, cfg.eval_batch_size, device);
-    let mut sorted = step_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    let report = RunReport {
-        config: cfg.clone(),
-        trainable,
-        total,
-        best_dev_acc: best_acc,
-        best_step,
-        test_acc,
-        steps: step,
-        train_seconds,
-        median_step_ms: sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
-        sentences_per_second: sentences as f64 / train_seconds.max(1e-9),
-        history,
-        evals,
-        checkpoint,
-        adapter_file,
-    };
-    if let Some(dir) = out_dir {
-        super::report::write_outputs(dir, &report)?;
+
+    fn report(
+        self,
+        cfg: &FinetuneConfig,
+        data: &Prepared,
+        trainable: usize,
+        total: usize,
+        checkpoints: &Checkpoints,
+        device: &B::Device,
+    ) -> RunReport {
+        let (best_dev_acc, best_step, best) = self.best.expect("at least one evaluation");
+        let train_seconds = self.step_ms.iter().sum::<f64>() / 1e3;
+        let test_acc = evaluate(&best.valid(), &data.test, cfg.eval_batch_size, device);
+        let mut sorted = self.step_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        RunReport {
+            config: cfg.clone(),
+            trainable,
+            total,
+            best_dev_acc,
+            best_step,
+            test_acc,
+            steps: self.step_ms.len(),
+            train_seconds,
+            median_step_ms: sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+            sentences_per_second: self.sentences as f64 / train_seconds.max(1e-9),
+            history: self.history,
+            evals: self.evals,
+            checkpoint: checkpoints.trainable.clone(),
+            adapter_file: checkpoints.adapters.clone(),
+        }
     }
-    Ok(report)
 }

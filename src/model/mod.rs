@@ -1,11 +1,9 @@
-//! A BERT-style encoder whose linear layers are [`crate::AdaptedLinear`]s and whose FFN blocks
-//! take a block adapter, with adapters placed by name ([`crate::Targets`]), and a loader for
-//! pretrained Hugging Face `model.safetensors` files (all-MiniLM-L6-v2, BERT).
+//! Models whose linear layers are [`crate::AdaptedLinear`]s, named with Hugging Face's module
+//! paths so that placement targets and PEFT files work unchanged, and where their pretrained
+//! weights come from ([`TensorSource`]).
 
-mod bert;
-mod config;
-mod loader;
+pub mod bert;
+pub mod source;
 
-pub use bert::{mean_pool, Attention, BertClassifier, BertEncoder, BertLayer, Embeddings};
-pub use config::{BertConfig, PeftConfig};
-pub use loader::{load_pretrained, TensorSource};
+pub use bert::{BertClassifier, BertConfig, BertEncoder};
+pub use source::{Fill, TensorSource};

@@ -7,8 +7,8 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::Tensor;
 use kron_adapters::{
-    AdaptedLinear, Adapter, AdapterConfig, AdapterError, ContractionOrder, FactorInit, KronA,
-    KronAConfig, KronLora, KronLoraConfig, LinearAdapter, Lora, LoraConfig, Method,
+    AdaptedLinear, Adapter, AdapterConfig, ConfigError, ContractionOrder, FactorInit, KronA,
+    KronAConfig, KronLora, KronLoraConfig, LinearAdapter, Lora, LoraConfig, Method, MethodConfig,
 };
 
 /// A Linear with random non-zero weight and bias.
@@ -227,7 +227,7 @@ fn parameter_counts_follow_the_formulas() {
     let krona = KronAConfig::new([32, 24], [24, 32]);
     assert_eq!(krona.num_params(768, 768).unwrap(), 32 * 24 + 24 * 32);
     let lora = LoraConfig::new(1);
-    assert_eq!(lora.num_params(768, 768), 2 * 768); // LoRA r = 1 has the same 1536
+    assert_eq!(lora.num_params(768, 768).unwrap(), 2 * 768); // LoRA r = 1 has the same 1536
     let kl = KronLoraConfig::new([24, 24], [32, 32], 4);
     assert_eq!(kl.num_params(768, 768).unwrap(), 24 * 24 + 4 * (32 + 32));
 
@@ -319,7 +319,7 @@ fn configuration_errors() {
 
     // Shapes that do not multiply out.
     let e = err(AdapterConfig::KronA(KronAConfig::new([6, 8], [8, 8])));
-    assert!(matches!(e, AdapterError::FactorShape(_)), "{e}");
+    assert!(matches!(e, ConfigError::FactorShape(_)), "{e}");
     assert!(e.to_string().contains("Linear[48→96]"), "{e}");
     // Rank 0 and rank above the factor dims.
     for cfg in [
@@ -329,7 +329,7 @@ fn configuration_errors() {
         AdapterConfig::KronLora(KronLoraConfig::new([6, 8], [8, 12], 9)),
     ] {
         let e = err(cfg.clone());
-        let AdapterError::Rank { rank, reason, .. } = &e else {
+        let ConfigError::Rank { rank, reason, .. } = &e else {
             panic!("{cfg:?} gave {e}")
         };
         assert!(reason.contains("between 1 and"), "{e}");
@@ -341,7 +341,7 @@ fn configuration_errors() {
         AdapterConfig::Lora(LoraConfig::new(2).with_alpha(f64::INFINITY)),
         AdapterConfig::KronLora(KronLoraConfig::auto(2).with_scale(f64::NEG_INFINITY)),
     ] {
-        assert!(matches!(err(cfg), AdapterError::Config { .. }));
+        assert!(matches!(err(cfg), ConfigError::Invalid { .. }));
     }
     // A layer name given by the model replaces the default.
     let e = err(AdapterConfig::Lora(LoraConfig::new(0))).at("encoder.layer.0.attention.self.query");
@@ -355,7 +355,7 @@ fn configuration_errors() {
     let d = |v: &[f32], s: [usize; 2]| tensor::<TB, 2>(v, s, &dev);
     assert!(matches!(
         Lora::from_factors(d(&[0.0; 8], [4, 2]), d(&[0.0; 9], [3, 3]), 1.0),
-        Err(AdapterError::Config { .. })
+        Err(ConfigError::Invalid { .. })
     ));
     assert!(matches!(
         KronLora::from_factors(
@@ -364,16 +364,16 @@ fn configuration_errors() {
             d(&[0.0; 12], [3, 4]),
             1.0
         ),
-        Err(AdapterError::Config { .. })
+        Err(ConfigError::Invalid { .. })
     ));
     assert!(matches!(
         KronA::from_factors(d(&[0.0; 4], [2, 2]), d(&[0.0; 4], [2, 2]), f64::NAN),
-        Err(AdapterError::Config { .. })
+        Err(ConfigError::Invalid { .. })
     ));
     let small = KronA::from_factors(d(&[1.0; 4], [2, 2]), d(&[1.0; 4], [2, 2]), 1.0).unwrap();
     assert!(matches!(
         AdaptedLinear::with_adapter(lin(), Adapter::KronA(small)),
-        Err(AdapterError::Config { .. })
+        Err(ConfigError::Invalid { .. })
     ));
 }
 
@@ -394,7 +394,7 @@ fn merge_refuses_non_finite_weights() {
         AdaptedLinear::with_adapter(LinearConfig::new(48, 96).init(&dev), Adapter::KronA(k))
             .unwrap();
     let e = layer.merge().unwrap_err();
-    let AdapterError::NonFinite { count, .. } = e else {
+    let ConfigError::NonFinite { count, .. } = e else {
         panic!("{e}")
     };
     assert_eq!(count, 8 * 12, "one NaN in a spreads over one b-block");
@@ -409,7 +409,7 @@ fn merge_refuses_non_finite_weights() {
     .unwrap();
     let layer = AdaptedLinear::with_adapter(LinearConfig::new(48, 96).init(&dev), Adapter::Lora(l))
         .unwrap();
-    assert!(matches!(layer.merge(), Err(AdapterError::NonFinite { .. })));
+    assert!(matches!(layer.merge(), Err(ConfigError::NonFinite { .. })));
 }
 
 #[test]

@@ -8,12 +8,12 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{activation, backend::Backend, Tensor};
 use kron_adapters::block::{
-    Activation, BlockAdapter, BlockAdapterConfig, BlockAdapters, CompacterConfig, HoulsbyConfig,
-    KronABConfig, ParallelAdapterConfig, Residual,
+    Activation, BlockAdapterConfig, BlockAdapters, CompacterConfig, HoulsbyConfig, KronABConfig,
+    ParallelAdapterConfig, Residual,
 };
 use kron_adapters::training::{bitfit, full_finetune, is_bias};
 use kron_adapters::{
-    count_params, AdaptedLinear, AdapterConfig, AdapterError, KronAConfig, TrainMode,
+    count_params, AdaptedLinear, AdapterConfig, ConfigError, KronAConfig, TrainMode,
 };
 
 const D: usize = 24;
@@ -132,18 +132,19 @@ fn add_bias(y: &mut [f32], bias: &[f32], s: f32) {
 
 /// Loop reference of one block adapter on x [n, D] given fx.
 fn reference(
-    adapter: &BlockAdapter<TB>,
-    rule: Option<&Param<Tensor<TB, 3>>>,
+    adapters: &BlockAdapters<TB>,
+    layer: usize,
     x: &[f32],
     fx: &[f32],
     n: usize,
 ) -> Vec<f32> {
     let mut y = fx.to_vec();
-    match adapter {
-        BlockAdapter::KronAB(m) => {
-            let (a, b) = (vals(&m.a), vals(&m.b));
-            let ([ai, ao], [bi, bo]) = (m.a.dims(), m.b.dims());
-            let s = m.scale as f32;
+    match adapters {
+        BlockAdapters::KronAB(v) => {
+            let m = &v[layer];
+            let (a, b) = (vals(&m.kron.a), vals(&m.kron.b));
+            let ([ai, ao], [bi, bo]) = (m.kron.a.dims(), m.kron.b.dims());
+            let s = m.kron.scale as f32;
             let mid = m.bias_mid.as_ref().map(vals);
             // H[r, i, l] = Σ_k X[r, i, k] b[k, l] + mid[l]; Y[r, j, l] = Σ_i a[i, j] H[r, i, l]
             for r in 0..n {
@@ -176,7 +177,8 @@ fn reference(
                 }
             }
         }
-        BlockAdapter::Parallel(m) => {
+        BlockAdapters::Parallel(v) => {
+            let m = &v[layer];
             let r = m.down.dims()[1];
             let mut h = matmul_ref(x, n, D, &vals(&m.down), r);
             add_bias(&mut h, &vals(m.bias_down.as_ref().unwrap()), 1.0);
@@ -187,7 +189,8 @@ fn reference(
                 *v += m.scale as f32 * ov;
             }
         }
-        BlockAdapter::Houlsby(m) => {
+        BlockAdapters::Houlsby(v) => {
+            let m = &v[layer];
             let r = m.down.dims()[1];
             let mut h = matmul_ref(fx, n, D, &vals(&m.down), r);
             add_bias(&mut h, &vals(&m.bias_down), 1.0);
@@ -198,9 +201,10 @@ fn reference(
                 *v += ov;
             }
         }
-        BlockAdapter::Compacter(m) => {
+        BlockAdapters::Compacter(stack) => {
+            let m = &stack.layers[layer];
             // W = Σᵢ rule[i] ⊗ (s[:, i]·t[i, :]), materialized with loops.
-            let rule = vals(rule.unwrap());
+            let rule = vals(&stack.rule);
             let nn = rule.len().pow(1) as f64;
             let n4 = (nn.cbrt().round()) as usize;
             let phm = |s: &[f32], [p, k]: [usize; 2], t: &[f32], q: usize| {
@@ -248,13 +252,7 @@ fn forwards_equal_loop_references_2d_and_3d() {
             let x = rng.vec(6 * D);
             let x2 = tensor::<TB, 2>(&x, [6, D], &dev);
             let fx = to_vec(ffn.forward(x2.clone()));
-            let want = reference(
-                &adapters.layers[layer],
-                adapters.phm_rule.as_ref(),
-                &x,
-                &fx,
-                6,
-            );
+            let want = reference(&adapters, layer, &x, &fx, 6);
             let got2 =
                 to_vec(adapters.forward(layer, x2, ffn.forward(tensor::<TB, 2>(&x, [6, D], &dev))));
             assert_close(&got2, &want, 1e-5, &format!("{cfg:?} 2-D"));
@@ -357,7 +355,10 @@ fn compacter_shared_rule_receives_the_sum_of_every_layers_gradient() {
             .reduce(|a, b| a + b)
             .unwrap()
     };
-    let rule = adapters.phm_rule.as_ref().unwrap();
+    let BlockAdapters::Compacter(stack) = &adapters else {
+        panic!("a Compacter config builds a Compacter stack")
+    };
+    let rule = &stack.rule;
     let g = |layers: &[usize]| to_vec(rule.val().grad(&loss(layers).backward()).unwrap());
     let (g0, g1, both) = (g(&[0]), g(&[1]), g(&[0, 1]));
     let sum: Vec<f32> = g0.iter().zip(&g1).map(|(a, b)| a + b).collect();
@@ -461,7 +462,7 @@ fn configs_are_json_and_errors_are_typed() {
         D,
     );
     assert!(
-        matches!(&e, AdapterError::Config { field, .. } if field == "biases"),
+        matches!(&e, ConfigError::Invalid { field, .. } if field == "biases"),
         "{e}"
     );
     assert!(e.to_string().starts_with("block 0"), "{e}");
@@ -470,33 +471,33 @@ fn configs_are_json_and_errors_are_typed() {
             BlockAdapterConfig::KronAB(KronABConfig::new([5, 6], [6, 4])),
             D
         ),
-        AdapterError::FactorShape(_)
+        ConfigError::FactorShape(_)
     ));
     assert!(matches!(
         err(
             BlockAdapterConfig::ParallelAdapter(ParallelAdapterConfig::new(0)),
             D
         ),
-        AdapterError::Rank { .. }
+        ConfigError::Rank { .. }
     ));
     assert!(matches!(
         err(
             BlockAdapterConfig::ParallelAdapter(ParallelAdapterConfig::new(2).with_scale(f64::NAN)),
             D
         ),
-        AdapterError::Config { .. }
+        ConfigError::Invalid { .. }
     ));
     assert!(matches!(
         err(
             BlockAdapterConfig::Adapter(HoulsbyConfig::new().with_reduction_factor(0)),
             D
         ),
-        AdapterError::Config { .. }
+        ConfigError::Invalid { .. }
     ));
     assert!(
         matches!(
             err(BlockAdapterConfig::Adapter(HoulsbyConfig::new()), D),
-            AdapterError::Config { .. }
+            ConfigError::Invalid { .. }
         ),
         "24 / 32 = 0"
     );
@@ -505,7 +506,7 @@ fn configs_are_json_and_errors_are_typed() {
         D,
     );
     assert!(
-        matches!(&e, AdapterError::Config { field, .. } if field == "n"),
+        matches!(&e, ConfigError::Invalid { field, .. } if field == "n"),
         "{e}"
     );
     assert!(e.to_string().contains("[1, 2, 3, 6]"), "{e}");
@@ -515,7 +516,7 @@ fn configs_are_json_and_errors_are_typed() {
         .init::<TB>(24, 12, &dev)
         .unwrap_err();
     assert!(
-        matches!(&e, AdapterError::Config { field, .. } if field == "residual"),
+        matches!(&e, ConfigError::Invalid { field, .. } if field == "residual"),
         "{e}"
     );
 }
@@ -595,4 +596,62 @@ fn bitfit_trains_biases_only_and_full_trains_everything() {
     let m = TrainMode::Adapters.apply(kron_adapters::training::freeze(m.clone()));
     assert_eq!(count_params(&m).trainable, 0, "freeze froze everything");
     assert!(is_bias("encoder.layers.0.norm.beta") && !is_bias("encoder.bias_mid"));
+}
+
+/// Review defect: BitFit used to freeze every non-bias parameter, linear adapters and block
+/// adapters included, so "BitFit + KronA" silently trained the biases only. BitFit freezes the
+/// pretrained weights; adapters keep training.
+#[test]
+fn bitfit_keeps_linear_and_block_adapters_trainable() {
+    #[derive(Module, Debug)]
+    struct WithBlocks<B: Backend> {
+        q: AdaptedLinear<B>,
+        block_adapters: BlockAdapters<B>,
+    }
+    let dev = device();
+    let mut rng = Rng::new(45);
+    let q = AdaptedLinear::new(
+        LinearConfig::new(D, D).init(&dev),
+        &AdapterConfig::KronA(KronAConfig::new([4, 6], [6, 4])),
+        &dev,
+    )
+    .unwrap();
+    let blocks = BlockAdapters::<AB>::new(
+        &BlockAdapterConfig::KronAB(KronABConfig::new([4, 6], [6, 4])),
+        D,
+        1,
+        &dev,
+    )
+    .unwrap();
+    let m = randomize(
+        bitfit(WithBlocks {
+            q,
+            block_adapters: blocks,
+        }),
+        &mut rng,
+        &dev,
+    );
+    let x = randn::<AB, 2>(&mut rng, [5, D], &dev);
+    let h = m.q.forward(x.clone());
+    let y = m.block_adapters.forward(0, x, h);
+    let grads = y.powf_scalar(2.0).sum().backward();
+    let paths = grad_paths(&m, &grads);
+    for (path, has) in &paths {
+        let adapter = path.contains(".adapter.") || path.starts_with("block_adapters.");
+        let want = adapter || is_bias(path);
+        assert_eq!(*has, want, "BitFit with adapters: {path}");
+    }
+    assert!(
+        paths.iter().any(|(p, has)| p.contains(".adapter.") && *has),
+        "the linear adapter trains"
+    );
+    assert!(
+        paths
+            .iter()
+            .any(|(p, has)| p.starts_with("block_adapters.") && *has),
+        "the block adapter trains"
+    );
+    // The frozen base weight gets no gradient; its bias does (BitFit).
+    assert!(paths.contains(&("q.base.weight".to_string(), false)));
+    assert!(paths.contains(&("q.base.bias".to_string(), true)));
 }

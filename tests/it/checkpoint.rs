@@ -6,7 +6,7 @@ use crate::common::*;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
-use kron_adapters::checkpoint::{read_meta, save_params_matching, CheckpointMeta};
+use kron_adapters::store::{read_meta, save_params_matching, CheckpointMeta};
 use kron_adapters::{
     load_adapters, save_adapters, AdaptedLinear, AdapterConfig, AdapterError, FactorInit,
     KronAConfig, KronLoraConfig, LoraConfig, Method,
@@ -277,7 +277,7 @@ fn corrupt_missing_and_unwritable_files_are_errors_without_side_effects() {
     save_params_matching(
         &layer,
         &bad_meta,
-        &[kron_adapters::checkpoint::ADAPTER_PATTERN],
+        &[kron_adapters::store::ADAPTER_PATTERN],
         &CheckpointMeta::new(vec![]),
     )
     .unwrap();

@@ -56,7 +56,7 @@ fn read(path: &Path) -> Tensors {
     st.tensors()
         .into_iter()
         .map(|(n, v)| {
-            let vals = kron_adapters::checkpoint::HostTensor::from_view(&v)
+            let vals = kron_adapters::store::HostTensor::from_view("", &n, &v)
                 .unwrap()
                 .data;
             (n, (v.dtype(), v.shape().to_vec(), vals))
@@ -138,7 +138,7 @@ fn merge_keeps_the_base_dtype() {
         .tensors()
         .into_iter()
         .map(|(n, v)| {
-            let vals = kron_adapters::checkpoint::HostTensor::from_view(&v)
+            let vals = kron_adapters::store::HostTensor::from_view("", &n, &v)
                 .unwrap()
                 .data;
             (
@@ -460,7 +460,7 @@ fn quantize_writes_a_file_that_inspect_merge_and_convert_accept() {
         s(&dir.join("peft")),
     ]);
     assert_eq!(code, 0, "{err}");
-    // Bad schemes are usage-level input errors (3), and leave nothing.
+    // Bad schemes are usage errors (2: the arguments, not the input files), and leave nothing.
     let (code, _, err) = run(&[
         "quantize",
         "--bits",
@@ -468,7 +468,7 @@ fn quantize_writes_a_file_that_inspect_merge_and_convert_accept() {
         s(&f.join("adapter")),
         s(&dir.join("x.safetensors")),
     ]);
-    assert_eq!(code, 3, "{err}");
+    assert_eq!(code, 2, "{err}");
     let (code, _, _) = run(&[
         "quantize",
         "--bits",
@@ -478,7 +478,7 @@ fn quantize_writes_a_file_that_inspect_merge_and_convert_accept() {
         s(&f.join("adapter")),
         s(&dir.join("x.safetensors")),
     ]);
-    assert_eq!(code, 3);
+    assert_eq!(code, 2);
     assert!(!dir.join("x.safetensors").exists());
     std::fs::remove_dir_all(dir).ok();
 }

@@ -7,11 +7,11 @@ use std::collections::HashMap;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use kron_adapters::block::{BlockAdapterConfig, KronABConfig};
-use kron_adapters::model::{
-    load_pretrained, mean_pool, BertClassifier, BertConfig, BertEncoder, TensorSource,
-};
+use kron_adapters::model::bert::{load_pretrained, mean_pool};
+use kron_adapters::model::{BertClassifier, BertConfig, BertEncoder, TensorSource};
 use kron_adapters::{
-    AdapterConfig, AdapterError, AdapterLayers, KronAConfig, LoraConfig, PeftConfig, Targets,
+    AdapterConfig, AdapterError, AdapterLayers, ConfigError, KronAConfig, LoraConfig,
+    PlacementConfig, Targets,
 };
 
 fn tiny() -> BertConfig {
@@ -19,7 +19,7 @@ fn tiny() -> BertConfig {
 }
 
 fn adapted_names(enc: &BertEncoder<TB>) -> Vec<String> {
-    enc.named_linears()
+    enc.adapter_layers()
         .into_iter()
         .filter(|(_, l)| l.adapter.is_some())
         .map(|(n, _)| n)
@@ -30,16 +30,17 @@ fn adapted_names(enc: &BertEncoder<TB>) -> Vec<String> {
 fn adapters_go_where_targets_say() {
     let dev = device();
     let krona = AdapterConfig::KronA(KronAConfig::auto());
-    let build = |peft: PeftConfig| {
+    let build = |peft: PlacementConfig| {
         BertEncoder::<TB>::new(&mut TensorSource::random(1), &tiny(), &peft, &dev).unwrap()
     };
 
     // Default targets: every linear of both layers.
-    let enc = build(PeftConfig::linear(krona.clone()));
+    let enc = build(PlacementConfig::linear(krona.clone()));
     assert_eq!(adapted_names(&enc).len(), 12);
     // A list: names or suffixes, as PEFT's target_modules.
-    let enc =
-        build(PeftConfig::linear(krona.clone()).with_targets(Targets::list(["query", "value"])));
+    let enc = build(
+        PlacementConfig::linear(krona.clone()).with_targets(Targets::list(["query", "value"])),
+    );
     assert_eq!(
         adapted_names(&enc),
         vec![
@@ -51,11 +52,11 @@ fn adapters_go_where_targets_say() {
     );
     // "output.dense" matches both output projections, as in PEFT.
     let enc =
-        build(PeftConfig::linear(krona.clone()).with_targets(Targets::list(["output.dense"])));
+        build(PlacementConfig::linear(krona.clone()).with_targets(Targets::list(["output.dense"])));
     assert_eq!(adapted_names(&enc).len(), 4);
     // A regex must match the whole name.
     let enc = build(
-        PeftConfig::linear(krona.clone()).with_targets(Targets::Regex(
+        PlacementConfig::linear(krona.clone()).with_targets(Targets::Regex(
             r"encoder\.layer\.1\..*(key|intermediate\.dense)".into(),
         )),
     );
@@ -66,29 +67,39 @@ fn adapters_go_where_targets_say() {
             "encoder.layer.1.intermediate.dense"
         ]
     );
-    let enc = build(PeftConfig::linear(krona.clone()).with_targets(Targets::Regex("query".into())));
+    // A regex is a full match, not a search: "query" matches no layer, and targets that match
+    // nothing are an error naming the model's layers (as PEFT's "Target modules ... not found").
+    let e = BertEncoder::<TB>::new(
+        &mut TensorSource::random(1),
+        &tiny(),
+        &PlacementConfig::linear(krona.clone()).with_targets(Targets::Regex("query".into())),
+        &dev,
+    )
+    .unwrap_err();
     assert!(
-        adapted_names(&enc).is_empty(),
-        "a regex is a full match, not a search"
+        e.to_string().contains("matches none of the model's layers")
+            && e.to_string()
+                .contains("encoder.layer.0.attention.self.query"),
+        "{e}"
     );
     // Specs carry the Hugging Face names; FFN layers get their own factor shapes.
-    let specs: HashMap<_, _> = build(PeftConfig::linear(krona))
+    let specs: HashMap<_, _> = build(PlacementConfig::linear(krona))
         .adapter_specs()
         .into_iter()
         .collect();
     assert_eq!(specs["encoder.layer.0.intermediate.dense"].d_out, 96);
     // Block adapters on every FFN.
-    let enc = build(PeftConfig::block(BlockAdapterConfig::KronAB(
+    let enc = build(PlacementConfig::block(BlockAdapterConfig::KronAB(
         KronABConfig::auto(),
     )));
-    assert_eq!(enc.block_adapters.as_ref().unwrap().layers.len(), 2);
+    assert_eq!(enc.block_adapters.as_ref().unwrap().len(), 2);
     assert!(adapted_names(&enc).is_empty());
 }
 
 #[test]
 fn bad_targets_and_shapes_name_the_layer() {
     let dev = device();
-    let peft = PeftConfig::linear(AdapterConfig::KronA(KronAConfig::new([5, 8], [8, 6])));
+    let peft = PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::new([5, 8], [8, 6])));
     let err =
         BertEncoder::<TB>::new(&mut TensorSource::random(1), &tiny(), &peft, &dev).unwrap_err();
     assert!(
@@ -96,11 +107,11 @@ fn bad_targets_and_shapes_name_the_layer() {
             .starts_with("encoder.layer.0.attention.self.query:"),
         "{err}"
     );
-    let peft = PeftConfig::linear(AdapterConfig::Lora(LoraConfig::new(2)))
+    let peft = PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(2)))
         .with_targets(Targets::Regex("(unclosed".into()));
     assert!(matches!(
         BertEncoder::<TB>::new(&mut TensorSource::random(1), &tiny(), &peft, &dev),
-        Err(AdapterError::Config { .. })
+        Err(ConfigError::Invalid { .. })
     ));
     let bad = BertConfig {
         num_attention_heads: 5,
@@ -110,10 +121,10 @@ fn bad_targets_and_shapes_name_the_layer() {
         BertEncoder::<TB>::new(
             &mut TensorSource::random(1),
             &bad,
-            &PeftConfig::default(),
+            &PlacementConfig::default(),
             &dev
         ),
-        Err(AdapterError::Config { .. })
+        Err(ConfigError::Invalid { .. })
     ));
 }
 
@@ -196,7 +207,8 @@ fn loader_reads_hf_names_and_reports_every_problem() {
     full.push(("pooler.dense.bias".into(), vec![48]));
     write_st(&dir.join("ok.safetensors"), &full, &mut rng);
     let mut src = TensorSource::from_safetensors(dir.join("ok.safetensors")).unwrap();
-    let model = BertClassifier::<TB>::new(&mut src, &cfg, &PeftConfig::default(), 3, &dev).unwrap();
+    let model =
+        BertClassifier::<TB>::new(&mut src, &cfg, &PlacementConfig::default(), 3, &dev).unwrap();
     src.finish().unwrap();
     let ids = Tensor::<TB, 2, Int>::from_data(
         TensorData::new(vec![1i64, 5, 7, 2, 1, 9, 0, 0], [2, 4]),
@@ -218,7 +230,8 @@ fn loader_reads_hf_names_and_reports_every_problem() {
     }
     write_st(&dir.join("bad.safetensors"), &tensors, &mut rng);
     let mut src = TensorSource::from_safetensors(dir.join("bad.safetensors")).unwrap();
-    let _ = BertClassifier::<TB>::new(&mut src, &cfg, &PeftConfig::default(), 3, &dev).unwrap();
+    let _ =
+        BertClassifier::<TB>::new(&mut src, &cfg, &PlacementConfig::default(), 3, &dev).unwrap();
     let err = src.finish().unwrap_err();
     let AdapterError::PretrainedMismatch {
         missing,
@@ -261,7 +274,7 @@ fn loader_reads_hf_names_and_reports_every_problem() {
 fn merged_encoder_gives_the_same_outputs() {
     let dev = device();
     let mut rng = Rng::new(51);
-    let peft = PeftConfig::linear(AdapterConfig::KronA(
+    let peft = PlacementConfig::linear(AdapterConfig::KronA(
         KronAConfig::auto().with_init(kron_adapters::FactorInit::Normal),
     ));
     let enc = BertEncoder::<TB>::new(&mut TensorSource::random(2), &tiny(), &peft, &dev).unwrap();
@@ -293,7 +306,8 @@ fn pretrained_minilm_matches_pytorch() {
     };
     let dev = device();
     let model_dir = pkg.join(kron_adapters::finetune::assets::MINILM.prefix);
-    let (model, cfg) = load_pretrained::<TB>(&model_dir, &PeftConfig::default(), 2, &dev).unwrap();
+    let (model, cfg) =
+        load_pretrained::<TB>(&model_dir, &PlacementConfig::default(), 2, &dev).unwrap();
     assert_eq!((cfg.hidden_size, cfg.num_hidden_layers), (384, 6));
     let bytes = std::fs::read(fixture("minilm/reference.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -327,7 +341,7 @@ fn encoder_adapter_file_is_keyed_by_hugging_face_names_and_reloads() {
     use burn::module::Module;
     let dev = device();
     let dir = scratch_dir("enc", "adapters");
-    let peft = PeftConfig::linear(AdapterConfig::KronA(
+    let peft = PlacementConfig::linear(AdapterConfig::KronA(
         KronAConfig::auto().with_init(kron_adapters::FactorInit::Normal),
     ))
     .with_targets(Targets::list(["query", "output.dense"]));
@@ -380,14 +394,14 @@ fn peft_folders_apply_to_the_encoder_by_hugging_face_name() {
     // write_peft_dir creates the folder itself.
     let root = scratch_dir("enc", "peft");
     let dir = root.join("peft");
-    let peft = PeftConfig::linear(AdapterConfig::KronA(
+    let peft = PlacementConfig::linear(AdapterConfig::KronA(
         KronAConfig::auto().with_init(kron_adapters::FactorInit::Normal),
     ));
     let trained =
         BertEncoder::<TB>::new(&mut TensorSource::random(5), &tiny(), &peft, &dev).unwrap();
     // Export as a PEFT LoKr folder, read it back, apply it to an encoder without adapters.
     let native = kron_adapters::NativeAdapters::from_model(&trained);
-    kron_adapters::peft::write_peft_dir(&dir, &native, None, false).unwrap();
+    kron_adapters::store::write_peft_dir(&dir, &native, None, false).unwrap();
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
             .unwrap();
@@ -397,21 +411,16 @@ fn peft_folders_apply_to_the_encoder_by_hugging_face_name() {
         .unwrap()
         .iter()
         .any(|t| t == "encoder.layer.1.attention.self.key"));
-    let read = kron_adapters::peft::PeftAdapter::read_dir(&dir).unwrap();
+    let read = kron_adapters::store::PeftAdapter::read_dir(&dir).unwrap();
     let plain = BertEncoder::<TB>::new(
         &mut TensorSource::random(5),
         &tiny(),
-        &PeftConfig::default(),
+        &PlacementConfig::default(),
         &dev,
     )
     .unwrap();
-    let applied = kron_adapters::peft::apply_adapters(
-        plain,
-        &read.adapters,
-        &kron_adapters::peft::NameMap::new(),
-        &dev,
-    )
-    .unwrap();
+    let applied =
+        kron_adapters::attach(plain, &read.adapters, &kron_adapters::NameMap::new(), &dev).unwrap();
     let ids = Tensor::<TB, 2, Int>::from_data(
         TensorData::new(vec![3i64, 8, 13, 21, 34, 55], [2, 3]),
         &dev,

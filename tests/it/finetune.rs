@@ -13,7 +13,9 @@ use kron_adapters::finetune::train::{evaluate, lr_at, train_model, trainable_pat
 use kron_adapters::finetune::{FinetuneConfig, Prepared};
 use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
 use kron_adapters::rng::SplitMix64;
-use kron_adapters::{AdapterConfig, AdapterError, KronAConfig, PeftConfig, TrainMode};
+use kron_adapters::{
+    AdapterConfig, AdapterError, ConfigError, KronAConfig, PlacementConfig, TrainMode,
+};
 
 fn tmp(name: &str) -> PathBuf {
     scratch_dir("ft", name)
@@ -233,9 +235,9 @@ fn schedule_warms_up_then_decays_linearly() {
 #[test]
 fn finetune_config_json_defaults_and_validation() {
     let cfg: FinetuneConfig =
-        serde_json::from_str(r#"{"epochs": 3, "peft": {"train": "BitFit"}}"#).unwrap();
+        serde_json::from_str(r#"{"epochs": 3, "placement": {"train": "BitFit"}}"#).unwrap();
     assert_eq!(
-        (cfg.epochs, cfg.batch_size, cfg.peft.train),
+        (cfg.epochs, cfg.batch_size, cfg.placement.train),
         (3, 32, TrainMode::BitFit)
     );
     let d = FinetuneConfig::default();
@@ -245,8 +247,8 @@ fn finetune_config_json_defaults_and_validation() {
         "the main job's budget"
     );
     assert_eq!(
-        d.peft,
-        PeftConfig::linear(AdapterConfig::KronA(KronAConfig::auto()))
+        d.placement,
+        PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto()))
     );
     let back: FinetuneConfig = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
     assert_eq!(back, d);
@@ -277,7 +279,7 @@ fn finetune_config_json_defaults_and_validation() {
         },
     ] {
         assert!(
-            matches!(bad.validate(), Err(AdapterError::Config { .. })),
+            matches!(bad.validate(), Err(ConfigError::Invalid { .. })),
             "{bad:?}"
         );
     }
@@ -395,9 +397,14 @@ fn a_few_training_steps_lower_the_loss_and_keep_the_best_checkpoint() {
         warmup: 0.1,
         ..FinetuneConfig::default()
     };
-    let model =
-        BertClassifier::<AB>::new(&mut TensorSource::random(3), &data.bert, &cfg.peft, 2, &dev)
-            .unwrap();
+    let model = BertClassifier::<AB>::new(
+        &mut TensorSource::random(3),
+        &data.bert,
+        &cfg.placement,
+        2,
+        &dev,
+    )
+    .unwrap();
     let out = tmp("train");
     let report = train_model(&cfg, &data, model, Some(&out), &dev, false).unwrap();
     let first: f64 = report.history[..16].iter().map(|r| r.loss).sum::<f64>() / 16.0;
@@ -423,10 +430,15 @@ fn a_few_training_steps_lower_the_loss_and_keep_the_best_checkpoint() {
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 64);
     // The checkpoint holds the adapters and the head, and reloads into a fresh model.
-    let fresh =
-        BertClassifier::<AB>::new(&mut TensorSource::random(3), &data.bert, &cfg.peft, 2, &dev)
-            .unwrap();
-    let (loaded, meta) = kron_adapters::checkpoint::load_params_matching(
+    let fresh = BertClassifier::<AB>::new(
+        &mut TensorSource::random(3),
+        &data.bert,
+        &cfg.placement,
+        2,
+        &dev,
+    )
+    .unwrap();
+    let (loaded, meta) = kron_adapters::store::load_params_matching(
         fresh,
         out.join("trainable.safetensors"),
         &trainable_patterns(TrainMode::Adapters),

@@ -3,11 +3,11 @@
 
 use crate::common::*;
 
-use kron_adapters::kron::{
-    chain_product, divisors, kron, kron_apply, lycoris_factorization, peft_factorization,
-    resolve_factor_shapes, KronPlan, ShapeRequest, Side,
+use kron_adapters::adapter::shape::{
+    divisors, lycoris_factorization, peft_factorization, resolve_factor_shapes, ShapeRequest,
 };
-use kron_adapters::{AdapterError, ContractionOrder};
+use kron_adapters::kron::{chain_product, kron, kron_apply, KronPlan, Side};
+use kron_adapters::{ConfigError, ContractionOrder, KronLoraConfig, MethodConfig};
 
 #[test]
 fn kron_matches_index_formula() {
@@ -223,6 +223,11 @@ fn divisors_are_complete_and_sorted() {
     assert_eq!(divisors(768).len(), 18);
 }
 
+/// Every candidate shape is admissible.
+fn any(_: [usize; 2], _: [usize; 2]) -> bool {
+    true
+}
+
 fn req(a: Option<[usize; 2]>, b: Option<[usize; 2]>) -> ShapeRequest {
     ShapeRequest {
         a,
@@ -237,20 +242,20 @@ fn shape_resolution() {
     let p = |a: [usize; 2], b: [usize; 2]| a[0] * a[1] + b[0] * b[1];
     // Explicit and derived shapes.
     assert_eq!(
-        resolve_factor_shapes("l", 768, 768, &req(Some([32, 24]), Some([24, 32])), p).unwrap(),
+        resolve_factor_shapes("l", 768, 768, &req(Some([32, 24]), Some([24, 32])), p, any).unwrap(),
         ([32, 24], [24, 32])
     );
     assert_eq!(
-        resolve_factor_shapes("l", 768, 3072, &req(Some([32, 24]), None), p).unwrap(),
+        resolve_factor_shapes("l", 768, 3072, &req(Some([32, 24]), None), p, any).unwrap(),
         ([32, 24], [24, 128])
     );
     assert_eq!(
-        resolve_factor_shapes("l", 48, 96, &req(None, Some([8, 12])), p).unwrap(),
+        resolve_factor_shapes("l", 48, 96, &req(None, Some([8, 12])), p, any).unwrap(),
         ([6, 8], [8, 12])
     );
     // Nothing given: PEFT's factorization on each side (w1 [out_l, in_m] → a [in_m, out_l]).
     assert_eq!(
-        resolve_factor_shapes("l", 48, 96, &req(None, None), p).unwrap(),
+        resolve_factor_shapes("l", 48, 96, &req(None, None), p, any).unwrap(),
         ([6, 8], [8, 12])
     );
     // A budget: 768×768 has an exact 1536-parameter choice.
@@ -258,7 +263,7 @@ fn shape_resolution() {
         budget: Some(1536),
         ..req(None, None)
     };
-    let (a, b) = resolve_factor_shapes("l", 768, 768, &r, p).unwrap();
+    let (a, b) = resolve_factor_shapes("l", 768, 768, &r, p, any).unwrap();
     assert_eq!(p(a, b), 1536);
     assert_eq!((a[0] * b[0], a[1] * b[1]), (768, 768));
 }
@@ -266,9 +271,16 @@ fn shape_resolution() {
 #[test]
 fn bad_shapes_are_errors_that_list_valid_choices() {
     let p = |a: [usize; 2], b: [usize; 2]| a[0] * a[1] + b[0] * b[1];
-    let err = resolve_factor_shapes("encoder.q", 48, 96, &req(Some([5, 8]), Some([8, 12])), p)
-        .unwrap_err();
-    let AdapterError::FactorShape(e) = &err else {
+    let err = resolve_factor_shapes(
+        "encoder.q",
+        48,
+        96,
+        &req(Some([5, 8]), Some([8, 12])),
+        p,
+        any,
+    )
+    .unwrap_err();
+    let ConfigError::FactorShape(e) = &err else {
         panic!("wrong error {err:?}")
     };
     assert_eq!(e.in_divisors, divisors(48));
@@ -282,24 +294,45 @@ fn bad_shapes_are_errors_that_list_valid_choices() {
     assert!(msg.contains("got [40, 96]"), "{msg}");
     // One shape that does not divide.
     assert!(matches!(
-        resolve_factor_shapes("l", 48, 96, &req(Some([7, 8]), None), p),
-        Err(AdapterError::FactorShape(_))
+        resolve_factor_shapes("l", 48, 96, &req(Some([7, 8]), None), p, any),
+        Err(ConfigError::FactorShape(_))
     ));
     assert!(matches!(
-        resolve_factor_shapes("l", 48, 96, &req(None, Some([0, 8])), p),
-        Err(AdapterError::FactorShape(_))
+        resolve_factor_shapes("l", 48, 96, &req(None, Some([0, 8])), p, any),
+        Err(ConfigError::FactorShape(_))
     ));
     // Zero sizes and nonsense factor hints.
     assert!(matches!(
-        resolve_factor_shapes("l", 0, 96, &req(None, None), p),
-        Err(AdapterError::Config { .. })
+        resolve_factor_shapes("l", 0, 96, &req(None, None), p, any),
+        Err(ConfigError::Invalid { .. })
     ));
     let bad = ShapeRequest {
         factor: 0,
         ..req(None, None)
     };
     assert!(matches!(
-        resolve_factor_shapes("l", 48, 96, &bad, p),
-        Err(AdapterError::Config { .. })
+        resolve_factor_shapes("l", 48, 96, &bad, p, any),
+        Err(ConfigError::Invalid { .. })
     ));
+}
+
+/// Review defect: the Kron-LoRA budget search chose the shapes nearest the budget whatever the
+/// rank, then refused them in the rank check (here a budget of 40 on a 64×64 layer is nearest
+/// `a [32, 32]` with `b [2, 2]`, which cannot hold rank 3 = `b1 [2, 3]·b2 [3, 2]`). The search
+/// now only picks shapes whose `b` takes the rank.
+#[test]
+fn kron_lora_budget_search_picks_shapes_that_take_the_rank() {
+    for (d_in, d_out, rank, budget) in [(64, 64, 3, 40), (48, 96, 4, 30), (384, 1536, 12, 10)] {
+        let cfg = KronLoraConfig::auto(rank).with_budget(budget);
+        let (a, b) = cfg.factor_shapes(d_in, d_out).unwrap();
+        assert_eq!((a[0] * b[0], a[1] * b[1]), (d_in, d_out));
+        let (lo, hi) = (b[0].min(b[1]), b[0].max(b[1]));
+        assert!(
+            rank <= lo || 2 * rank < hi,
+            "{d_in}x{d_out} rank {rank}: b {b:?} cannot hold the rank"
+        );
+        // And the adapter builds: no rank error after the search.
+        let n = cfg.num_params(d_in, d_out).unwrap();
+        assert!(n > 0);
+    }
 }

@@ -2,14 +2,20 @@
 //! `--features wgpu`, wgpu and CubeCL), so one binary instead of one per file saves minutes of
 //! linking and gigabytes of disk on every build. Run one part with a filter, e.g.
 //! `cargo test --test it quant::`.
+//!
+//! The parts that need the main job's text side or the command-line tool are compiled with
+//! their features (`--features full` builds everything; `--no-default-features --features
+//! ndarray` builds and runs the adapters-only part).
 
 mod common;
 
 mod adapters;
 mod blocks;
 mod checkpoint;
+#[cfg(feature = "cli")]
 mod cli;
 mod encoder;
+#[cfg(feature = "finetune")]
 mod finetune;
 mod kron_math;
 mod peft_io;

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{activation, Tensor};
-use kron_adapters::checkpoint::NativeAdapters;
-use kron_adapters::peft::{apply_adapters, peft_files, write_peft_dir, NameMap, PeftAdapter};
+use kron_adapters::store::{
+    attach as apply_adapters, peft_files, write_peft_dir, NativeAdapters, PeftAdapter,
+};
+use kron_adapters::NameMap;
 use kron_adapters::{
     AdaptedLinear, AdapterError, AdapterLayers, KronAConfig, LinearAdapter, Method,
 };
@@ -49,14 +51,19 @@ struct Net {
 }
 
 impl AdapterLayers<TB> for Net {
-    fn adapter_layers(&self) -> Vec<(String, &AdaptedLinear<TB>)> {
-        self.layers.iter().map(|(n, l)| (n.clone(), l)).collect()
+    fn visit_adapted<'a>(&'a self, _: &str, f: &mut dyn FnMut(String, &'a AdaptedLinear<TB>)) {
+        for (n, l) in &self.layers {
+            f(n.clone(), l);
+        }
     }
-    fn adapter_layers_mut(&mut self) -> Vec<(String, &mut AdaptedLinear<TB>)> {
-        self.layers
-            .iter_mut()
-            .map(|(n, l)| (n.clone(), l))
-            .collect()
+    fn visit_adapted_mut<'a>(
+        &'a mut self,
+        _: &str,
+        f: &mut dyn FnMut(String, &'a mut AdaptedLinear<TB>),
+    ) {
+        for (n, l) in &mut self.layers {
+            f(n.clone(), l);
+        }
     }
 }
 
@@ -113,7 +120,7 @@ impl Net {
 
 const CASES: [(&str, Method); 4] = [
     ("lokr_kronlora_d48", Method::KronLora),
-    ("lokr_krona_full_d48", Method::Krona),
+    ("lokr_krona_full_d48", Method::KronA),
     ("lokr_both_d64", Method::KronLora),
     ("lora_d48", Method::Lora),
 ];
@@ -420,7 +427,7 @@ fn malformed_and_unsupported_inputs_are_typed_errors() {
                 t.insert(format!("{q}.weird"), (vec![2], vec![0.0; 2]));
             },
         ),
-        "not a LoRA or LoKr factor",
+        "not one of LORA's tensors",
     );
     format(
         lora_with(|c| c["target_modules"] = serde_json::json!(["key"]), |_| {}),

@@ -1,15 +1,38 @@
-//! The BERT encoder and a sequence classifier on top of it.
+//! A BERT encoder (all-MiniLM-L6-v2, BERT) whose linear layers are [`AdaptedLinear`]s named
+//! with Hugging Face's module paths (`encoder.layer.0.attention.self.query`) and whose FFN
+//! blocks take a block adapter, a sequence classifier on top of it, and the loader for
+//! pretrained Hugging Face folders. Adapters are placed by the generic [`crate::place`]; BERT
+//! only says which layers exist and which it targets by default ([`bert_targets`]).
+
+mod config;
+
+pub use config::BertConfig;
+
+use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear, LinearConfig};
 use burn::tensor::{activation, backend::Backend, Int, Tensor};
 
-use super::config::{BertConfig, PeftConfig};
-use super::loader::TensorSource;
+use super::source::TensorSource;
+use crate::adapter_layers;
 use crate::block::BlockAdapters;
-use crate::checkpoint::AdapterLayers;
-use crate::error::AdapterError;
+use crate::error::{AdapterError, ConfigError};
 use crate::linear::AdaptedLinear;
+use crate::place::{place, PlacementConfig, Targets};
+
+/// BERT's default targets: every linear of every layer (attention query, key, value, output;
+/// FFN intermediate and output).
+pub fn bert_targets() -> Targets {
+    Targets::list([
+        "query",
+        "key",
+        "value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ])
+}
 
 /// Word, position and token-type embeddings, summed, normalized.
 #[derive(Module, Debug)]
@@ -114,7 +137,7 @@ impl<B: Backend> BertLayer<B> {
     }
 }
 
-/// A BERT encoder: embeddings and layers, with adapters where a [`PeftConfig`] puts them.
+/// A BERT encoder: embeddings and layers, with adapters where a [`PlacementConfig`] puts them.
 #[derive(Module, Debug)]
 pub struct BertEncoder<B: Backend> {
     /// The embeddings.
@@ -125,37 +148,51 @@ pub struct BertEncoder<B: Backend> {
     pub block_adapters: Option<BlockAdapters<B>>,
 }
 
-/// The Hugging Face module name of a layer's linear (what [`crate::Targets`] match).
+/// The Hugging Face module name of a layer's weights.
 fn hf(i: usize, rest: &str) -> String {
     format!("encoder.layer.{i}.{rest}")
 }
 
 impl<B: Backend> BertEncoder<B> {
     /// Builds the encoder from `source` (a pretrained file, or random weights), frozen, with the
-    /// adapters `peft` describes (the training mode is applied by the trainer, on the autodiff
-    /// backend).
+    /// adapters `placement` describes, placed by [`crate::place`] (the training mode is applied
+    /// by the trainer, on the autodiff backend).
     pub fn new(
         source: &mut TensorSource,
         config: &BertConfig,
-        peft: &PeftConfig,
+        placement: &PlacementConfig,
         device: &B::Device,
-    ) -> Result<Self, AdapterError> {
+    ) -> Result<Self, ConfigError> {
         config.validate()?;
-        peft.targets.validate()?;
+        placement.validate()?;
+        source.ignore(IGNORED);
         let (d, ffn) = (config.hidden_size, config.intermediate_size);
         let eps = config.layer_norm_eps;
         let hidden_dropout = DropoutConfig::new(config.hidden_dropout_prob).init();
         let probs_dropout = DropoutConfig::new(config.attention_probs_dropout_prob).init();
-        let adapted = |src: &mut TensorSource, name: String, d_in: usize, d_out: usize| {
-            let linear = src.linear::<B>(&name, d_in, d_out, device);
-            match &peft.linear {
-                Some(cfg) if peft.targets.matches(&name) => {
-                    AdaptedLinear::new(linear, cfg, device).map_err(|e| e.at(&name))
-                }
-                _ => Ok(AdaptedLinear::frozen(linear)),
-            }
+        let frozen = |src: &mut TensorSource, name: String, d_in: usize, d_out: usize| {
+            AdaptedLinear::frozen(src.linear::<B>(&name, d_in, d_out, true, device))
         };
-
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let attention = Attention {
+                query: frozen(source, hf(i, "attention.self.query"), d, d),
+                key: frozen(source, hf(i, "attention.self.key"), d, d),
+                value: frozen(source, hf(i, "attention.self.value"), d, d),
+                output: frozen(source, hf(i, "attention.output.dense"), d, d),
+                norm: source.layer_norm(&hf(i, "attention.output.LayerNorm"), d, eps, device),
+                probs_dropout: probs_dropout.clone(),
+                dropout: hidden_dropout.clone(),
+                heads: config.num_attention_heads,
+            };
+            layers.push(BertLayer {
+                attention,
+                intermediate: frozen(source, hf(i, "intermediate.dense"), d, ffn),
+                output: frozen(source, hf(i, "output.dense"), ffn, d),
+                norm: source.layer_norm(&hf(i, "output.LayerNorm"), d, eps, device),
+                dropout: hidden_dropout.clone(),
+            });
+        }
         let embeddings = Embeddings {
             word: source.embedding("embeddings.word_embeddings", config.vocab_size, d, device),
             position: source.embedding(
@@ -173,36 +210,17 @@ impl<B: Backend> BertEncoder<B> {
             norm: source.layer_norm("embeddings.LayerNorm", d, eps, device),
             dropout: hidden_dropout.clone(),
         };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let attention = Attention {
-                query: adapted(source, hf(i, "attention.self.query"), d, d)?,
-                key: adapted(source, hf(i, "attention.self.key"), d, d)?,
-                value: adapted(source, hf(i, "attention.self.value"), d, d)?,
-                output: adapted(source, hf(i, "attention.output.dense"), d, d)?,
-                norm: source.layer_norm(&hf(i, "attention.output.LayerNorm"), d, eps, device),
-                probs_dropout: probs_dropout.clone(),
-                dropout: hidden_dropout.clone(),
-                heads: config.num_attention_heads,
-            };
-            layers.push(BertLayer {
-                attention,
-                intermediate: adapted(source, hf(i, "intermediate.dense"), d, ffn)?,
-                output: adapted(source, hf(i, "output.dense"), ffn, d)?,
-                norm: source.layer_norm(&hf(i, "output.LayerNorm"), d, eps, device),
-                dropout: hidden_dropout.clone(),
-            });
-        }
-        let block_adapters = peft
+        let block_adapters = placement
             .block
             .as_ref()
             .map(|cfg| BlockAdapters::new(cfg, d, config.num_hidden_layers, device))
             .transpose()?;
-        Ok(Self {
+        let encoder = Self {
             embeddings,
             layers,
             block_adapters,
-        })
+        };
+        place(encoder, placement, device)
     }
 
     /// The last hidden state.
@@ -226,56 +244,26 @@ impl<B: Backend> BertEncoder<B> {
         x
     }
 
-    /// Every adapted linear with its Hugging Face name.
-    pub fn named_linears(&self) -> Vec<(String, &AdaptedLinear<B>)> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            out.push((hf(i, "attention.self.query"), &l.attention.query));
-            out.push((hf(i, "attention.self.key"), &l.attention.key));
-            out.push((hf(i, "attention.self.value"), &l.attention.value));
-            out.push((hf(i, "attention.output.dense"), &l.attention.output));
-            out.push((hf(i, "intermediate.dense"), &l.intermediate));
-            out.push((hf(i, "output.dense"), &l.output));
-        }
-        out
-    }
-
-    /// Every adapted linear, mutably, with its Hugging Face name (to put adapters in place,
-    /// for instance from a PEFT file).
-    pub fn named_linears_mut(&mut self) -> Vec<(String, &mut AdaptedLinear<B>)> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            out.push((hf(i, "attention.self.query"), &mut l.attention.query));
-            out.push((hf(i, "attention.self.key"), &mut l.attention.key));
-            out.push((hf(i, "attention.self.value"), &mut l.attention.value));
-            out.push((hf(i, "attention.output.dense"), &mut l.attention.output));
-            out.push((hf(i, "intermediate.dense"), &mut l.intermediate));
-            out.push((hf(i, "output.dense"), &mut l.output));
-        }
-        out
-    }
-
     /// Merges every linear adapter into its base weight: the encoder then costs what the
     /// pretrained one does (block adapters, which cannot merge, stay).
-    pub fn merge(mut self) -> Result<Self, AdapterError> {
-        for (name, linear) in self.named_linears_mut() {
-            if linear.adapter.is_some() {
-                *linear = AdaptedLinear::frozen(linear.merge().map_err(|e| e.at(&name))?);
-            }
-        }
-        Ok(self)
+    pub fn merge(self) -> Result<Self, ConfigError> {
+        crate::AdapterLayers::<B>::merge_adapters(self)
     }
 }
 
-impl<B: Backend> AdapterLayers<B> for BertEncoder<B> {
-    fn adapter_layers(&self) -> Vec<(String, &AdaptedLinear<B>)> {
-        self.named_linears()
-    }
-
-    fn adapter_layers_mut(&mut self) -> Vec<(String, &mut AdaptedLinear<B>)> {
-        self.named_linears_mut()
-    }
-}
+adapter_layers!(Attention {
+    query => "self.query",
+    key => "self.key",
+    value => "self.value",
+    output => "output.dense",
+});
+adapter_layers!(BertLayer {
+    attention => "attention",
+    intermediate => "intermediate.dense",
+    output => "output.dense",
+});
+adapter_layers!(BertEncoder { layers => "encoder.layer" } defaults bert_targets());
+adapter_layers!(BertClassifier { encoder => "" } defaults bert_targets());
 
 /// Mean of the hidden states over the real tokens (sentence-transformers' pooling).
 ///
@@ -305,19 +293,19 @@ impl<B: Backend> BertClassifier<B> {
     pub fn new(
         source: &mut TensorSource,
         config: &BertConfig,
-        peft: &PeftConfig,
+        placement: &PlacementConfig,
         classes: usize,
         device: &B::Device,
-    ) -> Result<Self, AdapterError> {
+    ) -> Result<Self, ConfigError> {
         if classes < 2 {
-            return Err(AdapterError::config(
+            return Err(ConfigError::invalid(
                 "classifier",
                 "classes",
                 format!("{classes} classes: a classifier needs at least 2"),
             ));
         }
         Ok(Self {
-            encoder: BertEncoder::new(source, config, peft, device)?,
+            encoder: BertEncoder::new(source, config, placement, device)?,
             head: LinearConfig::new(config.hidden_size, classes).init(device),
             dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
         })
@@ -333,12 +321,40 @@ impl<B: Backend> BertClassifier<B> {
     }
 }
 
-impl<B: Backend> AdapterLayers<B> for BertClassifier<B> {
-    fn adapter_layers(&self) -> Vec<(String, &AdaptedLinear<B>)> {
-        self.encoder.named_linears()
-    }
+/// Keys in Hugging Face BERT checkpoints that the encoder does not use: buffers, and the BERT
+/// pooler (sentence-transformers pools by mean, as this encoder does).
+const IGNORED: &[&str] = &[
+    "embeddings.position_ids",
+    "pooler.dense.weight",
+    "pooler.dense.bias",
+];
 
-    fn adapter_layers_mut(&mut self) -> Vec<(String, &mut AdaptedLinear<B>)> {
-        self.encoder.named_linears_mut()
-    }
+/// Loads a pretrained classifier from a Hugging Face model directory (`config.json` and
+/// `model.safetensors`), with the adapters `placement` describes and a fresh head of `classes`.
+pub fn load_pretrained<B: Backend>(
+    model_dir: impl AsRef<Path>,
+    placement: &PlacementConfig,
+    classes: usize,
+    device: &B::Device,
+) -> Result<(BertClassifier<B>, BertConfig), AdapterError> {
+    let dir = model_dir.as_ref();
+    let config = BertConfig::from_json_file(dir.join("config.json"))?;
+    let mut source = TensorSource::from_model_dir(dir)?;
+    let model = BertClassifier::new(&mut source, &config, placement, classes, device)?;
+    source.finish()?;
+    Ok((model, config))
+}
+
+/// Builds a classifier from any [`TensorSource`] (a pretrained file, or random weights for
+/// tests and timing), checking that a file source held exactly BERT's tensors.
+pub fn classifier_from_source<B: Backend>(
+    mut source: TensorSource,
+    config: &BertConfig,
+    placement: &PlacementConfig,
+    classes: usize,
+    device: &B::Device,
+) -> Result<BertClassifier<B>, AdapterError> {
+    let model = BertClassifier::new(&mut source, config, placement, classes, device)?;
+    source.finish()?;
+    Ok(model)
 }

@@ -1,12 +1,8 @@
-//! The encoder's configuration (Hugging Face `config.json`) and its adapter configuration.
+//! The encoder's configuration (Hugging Face `config.json`).
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::AdapterConfig;
-use crate::block::BlockAdapterConfig;
-use crate::error::AdapterError;
-use crate::targets::Targets;
-use crate::training::TrainMode;
+use crate::error::{AdapterError, ConfigError};
 
 /// A BERT configuration, read from a Hugging Face `config.json` (unknown fields ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,18 +84,23 @@ impl BertConfig {
     pub fn from_json_file(path: impl AsRef<std::path::Path>) -> Result<Self, AdapterError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| AdapterError::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| AdapterError::Format {
-            path: path.display().to_string(),
-            message: format!("not a BERT config.json: {e}"),
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| {
+            AdapterError::format(
+                path.display().to_string(),
+                format!("not a BERT config.json: {e}"),
+            )
         })?;
-        cfg.validate()?;
+        cfg.validate().map_err(|source| AdapterError::InvalidSpec {
+            path: path.display().to_string(),
+            source,
+        })?;
         Ok(cfg)
     }
 
     /// Checks the sizes fit together.
-    pub fn validate(&self) -> Result<(), AdapterError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let bad =
-            |field: &str, reason: String| Err(AdapterError::config("BertConfig", field, reason));
+            |field: &str, reason: String| Err(ConfigError::invalid("BertConfig", field, reason));
         if self.hidden_size == 0 || self.num_attention_heads == 0 {
             return bad("hidden_size", "sizes must be non-zero".into());
         }
@@ -124,65 +125,5 @@ impl BertConfig {
     /// Size of one attention head.
     pub fn head_size(&self) -> usize {
         self.hidden_size / self.num_attention_heads
-    }
-}
-
-/// Where adapters go in a model and what trains: one JSON object covers every method of the
-/// KronA paper's Table 1 and Kron-LoRA.
-///
-/// ```json
-/// {"linear": {"method": "KronA"}, "targets": ["query", "value"]}       // KronA on q, v
-/// {"block": {"method": "KronAB", "residual": "Learned"}}               // KronA^B_res
-/// {"train": "BitFit"}                                                  // BitFit
-/// ```
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PeftConfig {
-    /// The adapter put on each targeted linear layer (LoRA, KronA, Kron-LoRA).
-    #[serde(default)]
-    pub linear: Option<AdapterConfig>,
-    /// Which linear layers get `linear`, by Hugging Face module name. Default: every linear of
-    /// every layer (attention query, key, value, output; FFN intermediate and output).
-    #[serde(default)]
-    pub targets: Targets,
-    /// The block adapter attached to every FFN (KronA^B, KronA^B_res, PA, Adapter, Compacter).
-    #[serde(default)]
-    pub block: Option<BlockAdapterConfig>,
-    /// Which parameters train besides adapters: `Adapters` (default), `BitFit`, `Full`.
-    #[serde(default)]
-    pub train: TrainMode,
-}
-
-impl burn::config::Config for PeftConfig {}
-
-impl PeftConfig {
-    /// Linear adapters on the default targets.
-    pub fn linear(config: AdapterConfig) -> Self {
-        Self {
-            linear: Some(config),
-            ..Self::default()
-        }
-    }
-
-    /// A block adapter on every FFN.
-    pub fn block(config: BlockAdapterConfig) -> Self {
-        Self {
-            block: Some(config),
-            ..Self::default()
-        }
-    }
-
-    /// No adapters, this training mode (BitFit, full fine-tuning, or a frozen encoder).
-    pub fn mode(train: TrainMode) -> Self {
-        Self {
-            train,
-            ..Self::default()
-        }
-    }
-
-    /// Sets the targets.
-    pub fn with_targets(mut self, targets: Targets) -> Self {
-        self.targets = targets;
-        self
     }
 }

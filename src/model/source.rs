@@ -1,0 +1,322 @@
+//! Where a model's pretrained weights come from: Hugging Face safetensors files (one file or a
+//! sharded index) with their names and PyTorch `[out, in]` layout, or seeded random values for
+//! tests and timing. Every model's loader asks a [`TensorSource`] for tensors by name and shape;
+//! [`TensorSource::finish`] then reports every missing, unexpected and mis-shaped tensor at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::error::AdapterError;
+use crate::rng::SplitMix64;
+use crate::store::st;
+
+/// How random weights are filled.
+#[derive(Clone, Copy, Debug)]
+pub enum Fill {
+    /// `N(0, 0.02)`, as BERT and Llama initialize.
+    Normal,
+    /// Ones (norm scales).
+    Ones,
+    /// Zeros (biases).
+    Zeros,
+}
+
+/// Named host tensors from files, or random values. See the module docs.
+pub struct TensorSource {
+    kind: Kind,
+    taken: BTreeSet<String>,
+    missing: Vec<String>,
+    mismatched: Vec<String>,
+    ignored: Vec<String>,
+}
+
+enum Kind {
+    /// Safetensors files; `index` maps a tensor name to its file.
+    Files {
+        path: PathBuf,
+        files: Vec<(String, Vec<u8>)>,
+        index: BTreeMap<String, usize>,
+    },
+    /// Tensors already decoded (from a GGUF file, say), by name: shape and values.
+    Host {
+        path: PathBuf,
+        tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    },
+    Random(SplitMix64),
+}
+
+impl TensorSource {
+    /// A safetensors file (read whole, checked to parse).
+    pub fn from_safetensors(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
+        Self::from_files(path.as_ref(), &[path.as_ref().to_path_buf()])
+    }
+
+    /// A Hugging Face model folder's weights: `model.safetensors`, or the shards that
+    /// `model.safetensors.index.json` lists.
+    pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self, AdapterError> {
+        let dir = dir.as_ref();
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return Self::from_safetensors(single);
+        }
+        let index_path = dir.join("model.safetensors.index.json");
+        let text = std::fs::read_to_string(&index_path).map_err(|e| {
+            AdapterError::io(
+                &index_path,
+                std::io::Error::new(
+                    e.kind(),
+                    format!("{e} (a model folder holds model.safetensors or a sharded index)"),
+                ),
+            )
+        })?;
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let index: Index = serde_json::from_str(&text).map_err(|e| {
+            AdapterError::format(index_path.display().to_string(), format!("bad index: {e}"))
+        })?;
+        let shards: BTreeSet<&String> = index.weight_map.values().collect();
+        let mut paths = Vec::new();
+        for shard in shards {
+            if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
+                return Err(AdapterError::format(
+                    index_path.display().to_string(),
+                    format!("shard name {shard:?} is not a file name in the folder"),
+                ));
+            }
+            paths.push(dir.join(shard));
+        }
+        Self::from_files(dir, &paths)
+    }
+
+    fn from_files(path: &Path, paths: &[PathBuf]) -> Result<Self, AdapterError> {
+        let mut files = Vec::new();
+        let mut index = BTreeMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let bytes = std::fs::read(p).map_err(|e| AdapterError::io(p, e))?;
+            let shown = p.display().to_string();
+            for name in st::parse(&shown, &bytes)?.names() {
+                if index.insert(name.to_string(), i).is_some() {
+                    return Err(AdapterError::format(
+                        shown.clone(),
+                        format!("tensor `{name}` is in more than one shard"),
+                    ));
+                }
+            }
+            files.push((shown, bytes));
+        }
+        Ok(Self::with(Kind::Files {
+            path: path.to_path_buf(),
+            files,
+            index,
+        }))
+    }
+
+    /// Tensors decoded elsewhere (a GGUF file's, say), by name, with the shape each has in
+    /// PyTorch layout; `path` names the source in errors.
+    pub fn from_host(
+        path: impl Into<PathBuf>,
+        tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    ) -> Self {
+        Self::with(Kind::Host {
+            path: path.into(),
+            tensors,
+        })
+    }
+
+    /// Random weights: `N(0, 0.02)` for matrices, ones for norm scales, zeros for biases.
+    pub fn random(seed: u64) -> Self {
+        Self::with(Kind::Random(SplitMix64::new(seed)))
+    }
+
+    fn with(kind: Kind) -> Self {
+        Self {
+            kind,
+            taken: BTreeSet::new(),
+            missing: Vec::new(),
+            mismatched: Vec::new(),
+            ignored: Vec::new(),
+        }
+    }
+
+    /// Tensors the file may hold that the model does not use (buffers, a pooler): not reported
+    /// as unexpected by [`TensorSource::finish`].
+    pub fn ignore(&mut self, names: &[&str]) {
+        self.ignored.extend(names.iter().map(|s| s.to_string()));
+    }
+
+    /// Does the source hold `name`? (Random sources hold nothing.)
+    pub fn has(&self, name: &str) -> bool {
+        match &self.kind {
+            Kind::Files { index, .. } => index.contains_key(name),
+            Kind::Host { tensors, .. } => tensors.contains_key(name),
+            Kind::Random(_) => false,
+        }
+    }
+
+    /// The shape `name` has in the source, if it holds it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.kind {
+            Kind::Files { files, index, .. } => {
+                let (shown, bytes) = &files[*index.get(name)?];
+                let st = st::parse(shown, bytes).ok()?;
+                st.tensor(name).ok().map(|v| v.shape().to_vec())
+            }
+            Kind::Host { tensors, .. } => tensors.get(name).map(|(s, _)| s.clone()),
+            Kind::Random(_) => None,
+        }
+    }
+
+    /// Reads `name` as f32 values of shape `shape` (random values filled as `fill`); records a
+    /// missing or mismatched tensor (and returns zeros) so that all problems are reported
+    /// together by [`TensorSource::finish`].
+    pub fn take(&mut self, name: &str, shape: &[usize], fill: Fill) -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        let found = match &mut self.kind {
+            Kind::Random(rng) => {
+                return match fill {
+                    Fill::Normal => (0..n).map(|_| (rng.normal() * 0.02) as f32).collect(),
+                    Fill::Ones => vec![1.0; n],
+                    Fill::Zeros => vec![0.0; n],
+                }
+            }
+            Kind::Files { files, index, .. } => index.get(name).map(|&i| {
+                let (shown, bytes) = &files[i];
+                let st = st::parse(shown, bytes).expect("checked at open");
+                let view = st.tensor(name).expect("indexed");
+                let values = if view.shape() == shape {
+                    st::decode_f32(shown, name, &view).map_err(|e| e.to_string())
+                } else {
+                    Err(format!("file {:?}, model {shape:?}", view.shape()))
+                };
+                values
+            }),
+            Kind::Host { tensors, .. } => tensors.get(name).map(|(s, v)| {
+                if s.as_slice() == shape {
+                    Ok(v.clone())
+                } else {
+                    Err(format!("file {s:?}, model {shape:?}"))
+                }
+            }),
+        };
+        self.taken.insert(name.to_string());
+        match found {
+            None => {
+                self.missing.push(name.to_string());
+                vec![0.0; n]
+            }
+            Some(Err(why)) => {
+                self.mismatched.push(format!("{name}: {why}"));
+                vec![0.0; n]
+            }
+            Some(Ok(v)) => v,
+        }
+    }
+
+    /// A tensor `name` of shape `shape` on `device` (see [`TensorSource::take`]).
+    pub fn tensor<B: Backend, const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        fill: Fill,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        let v = self.take(name, &shape, fill);
+        Tensor::from_data(TensorData::new(v, shape), device)
+    }
+
+    /// A frozen `Linear` from `{name}.weight [out, in]` and, with `bias`, `{name}.bias [out]`.
+    pub fn linear<B: Backend>(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Linear<B> {
+        let w = self.take(&format!("{name}.weight"), &[d_out, d_in], Fill::Normal);
+        // PyTorch [out, in] → Burn [in, out], transposed here so the weight is contiguous.
+        let mut wt = vec![0f32; w.len()];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                wt[i * d_out + o] = w[o * d_in + i];
+            }
+        }
+        let mut linear = LinearConfig::new(d_in, d_out)
+            .with_bias(bias)
+            .init::<B>(device);
+        linear.weight = Param::from_tensor(Tensor::from_data(
+            TensorData::new(wt, [d_in, d_out]),
+            device,
+        ));
+        if bias {
+            let b = self.tensor(&format!("{name}.bias"), [d_out], Fill::Zeros, device);
+            linear.bias = Some(Param::from_tensor(b));
+        }
+        linear.no_grad()
+    }
+
+    /// A frozen `LayerNorm` from `{name}.weight` and `{name}.bias` (or the older `gamma`/`beta`).
+    pub fn layer_norm<B: Backend>(
+        &mut self,
+        name: &str,
+        d: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> LayerNorm<B> {
+        let (wn, bn) = if self.has(&format!("{name}.gamma")) {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        let g = self.tensor(&format!("{name}.{wn}"), [d], Fill::Ones, device);
+        let b = self.tensor(&format!("{name}.{bn}"), [d], Fill::Zeros, device);
+        let mut norm = LayerNormConfig::new(d).with_epsilon(eps).init::<B>(device);
+        norm.gamma = Param::from_tensor(g);
+        norm.beta = Some(Param::from_tensor(b));
+        norm.no_grad()
+    }
+
+    /// A frozen `Embedding` from `{name}.weight [n, d]`.
+    pub fn embedding<B: Backend>(
+        &mut self,
+        name: &str,
+        n: usize,
+        d: usize,
+        device: &B::Device,
+    ) -> Embedding<B> {
+        let w = self.tensor(&format!("{name}.weight"), [n, d], Fill::Normal, device);
+        let mut emb = EmbeddingConfig::new(n, d).init::<B>(device);
+        emb.weight = Param::from_tensor(w);
+        emb.no_grad()
+    }
+
+    /// Checks that the source held exactly what the model needed (besides the ignored names):
+    /// one error lists every missing key, unexpected key and shape or dtype mismatch.
+    pub fn finish(self) -> Result<(), AdapterError> {
+        let (path, names): (&Path, Vec<&String>) = match &self.kind {
+            Kind::Random(_) => return Ok(()),
+            Kind::Files { path, index, .. } => (path, index.keys().collect()),
+            Kind::Host { path, tensors } => (path, tensors.keys().collect()),
+        };
+        let unexpected: Vec<String> = names
+            .into_iter()
+            .filter(|k| !self.taken.contains(*k) && !self.ignored.contains(k))
+            .cloned()
+            .collect();
+        if self.missing.is_empty() && self.mismatched.is_empty() && unexpected.is_empty() {
+            return Ok(());
+        }
+        Err(AdapterError::PretrainedMismatch {
+            path: path.display().to_string(),
+            missing: self.missing,
+            unexpected,
+            mismatched: self.mismatched,
+        })
+    }
+}
