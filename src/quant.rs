@@ -129,7 +129,7 @@ impl QuantConfig {
     ) -> Option<QuantScheme> {
         let level = match self.level {
             Level::Tensor => QuantLevel::Tensor,
-            Level::Block(n) if n <= u8::MAX as usize && shape[1] % n == 0 => {
+            Level::Block(n) if n <= u8::MAX as usize && shape[1].is_multiple_of(n) => {
                 QuantLevel::block([n as u8])
             }
             _ => return None,

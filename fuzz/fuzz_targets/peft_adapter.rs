@@ -1,9 +1,11 @@
 //! PEFT folders: `adapter_config.json` parsing and `adapter_model.safetensors` header parsing
-//! and factor grouping must never panic. The input is split in two at a length given by its
-//! first two bytes.
+//! and factor grouping must never panic, and neither may export, quantization and merge of
+//! whatever parses. The input is split in two at a length given by its first two bytes.
 #![no_main]
 
-use kron_adapters::peft::{peft_files, PeftAdapter, PeftFileConfig};
+mod common;
+
+use kron_adapters::store::{PeftAdapter, PeftFileConfig};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,7 +16,6 @@ fuzz_target!(|data: &[u8]| {
     let (config, tensors) = data[2..].split_at(n);
     let _ = PeftFileConfig::from_json("fuzz", config);
     if let Ok(adapter) = PeftAdapter::from_bytes("fuzz", config, tensors) {
-        // Whatever parses must also export (or refuse to) without panicking.
-        let _ = peft_files(&adapter.adapters, None);
+        common::exercise(&adapter.adapters);
     }
 });

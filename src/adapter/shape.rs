@@ -11,7 +11,7 @@ pub fn divisors(d: usize) -> Vec<usize> {
     let mut large = Vec::new();
     let mut i = 1;
     while i * i <= d {
-        if d % i == 0 {
+        if d.is_multiple_of(i) {
             small.push(i);
             if i * i != d {
                 large.push(d / i);
@@ -35,7 +35,7 @@ pub fn divisors(d: usize) -> Vec<usize> {
 /// `(out_l, out_k) = factorization(d_out)`, `w1 [out_l, in_m]`, `w2 [out_k, in_n]`, so in
 /// Burn layout `a = [in_m, out_l]` and `b = [in_n, out_k]`.
 pub fn peft_factorization(dim: usize, factor: i64) -> (usize, usize) {
-    if factor > 0 && dim % (factor as usize) == 0 {
+    if factor > 0 && dim.is_multiple_of(factor as usize) {
         let m = factor as usize;
         return (m, dim / m);
     }
@@ -44,7 +44,7 @@ pub fn peft_factorization(dim: usize, factor: i64) -> (usize, usize) {
     let length = m + n;
     while m < n {
         let mut new_m = m + 1;
-        while dim % new_m != 0 {
+        while !dim.is_multiple_of(new_m) {
             new_m += 1;
         }
         let new_n = dim / new_m;
@@ -129,7 +129,7 @@ pub fn resolve_factor_shapes(
             example_b: [bi, bo],
         }))
     };
-    let divides = |x: usize, d: usize| x > 0 && d % x == 0;
+    let divides = |x: usize, d: usize| x > 0 && d.is_multiple_of(x);
     match (req.a, req.b) {
         (Some(a), Some(b)) => {
             if a[0] * b[0] == d_in && a[1] * b[1] == d_out && a.iter().chain(&b).all(|&v| v > 0) {

@@ -40,7 +40,7 @@ impl CompacterConfig {
     fn check(&self, layer: &str, d: usize) -> Result<usize, ConfigError> {
         let r = bottleneck(layer, d, self.reduction_factor, self.bottleneck)?;
         let n = self.n;
-        if n == 0 || d % n != 0 || r % n != 0 {
+        if n == 0 || !d.is_multiple_of(n) || r % n != 0 {
             return Err(ConfigError::invalid(
                 layer,
                 "n",

@@ -40,11 +40,34 @@ pub fn merge_checkpoint<B: Backend>(
     device: &B::Device,
 ) -> Result<MergeReport, AdapterError> {
     st::refuse_existing(out, overwrite)?;
-    adapters.validate("adapters")?;
     let base_bytes = std::fs::read(base).map_err(|e| AdapterError::io(base, e))?;
-    let shown = base.display().to_string();
-    let tensors = st::parse(&shown, &base_bytes)?;
-    let metadata = st::metadata(&shown, &base_bytes)?;
+    let (bytes, merged) = merge_bytes::<B>(
+        &base.display().to_string(),
+        &base_bytes,
+        adapters,
+        map,
+        device,
+    )?;
+    st::write_atomic(out, &bytes)?;
+    Ok(MergeReport {
+        merged,
+        bytes: bytes.len() as u64,
+    })
+}
+
+/// [`merge_checkpoint`] on bytes: the merged checkpoint's bytes and the tensors replaced.
+/// `name` names the base in errors.
+pub fn merge_bytes<B: Backend>(
+    name: &str,
+    base_bytes: &[u8],
+    adapters: &NativeAdapters,
+    map: &NameMap,
+    device: &B::Device,
+) -> Result<(Vec<u8>, Vec<String>), AdapterError> {
+    adapters.validate("adapters")?;
+    let shown = name;
+    let tensors = st::parse(shown, base_bytes)?;
+    let metadata = st::metadata(shown, base_bytes)?;
     let mut replaced: HashMap<String, Vec<u8>> = HashMap::new();
     for (name, spec) in &adapters.meta.layers {
         let key = format!("{}.weight", map.apply(name));
@@ -67,12 +90,11 @@ pub fn merge_checkpoint<B: Backend>(
                 ),
             });
         }
-        let w = HostTensor::from_view(&shown, &key, &view)?.transposed();
-        let mut linear = Linear {
+        let w = HostTensor::from_view(shown, &key, &view)?.transposed();
+        let linear = Linear {
             weight: Param::from_tensor(w.to_tensor::<B, 2>(device)),
             bias: None,
         };
-        linear = burn::module::Module::no_grad(linear);
         let mut layer = AdaptedLinear::frozen(linear);
         layer.set_adapter(adapters.adapter::<B>(name, device)?)?;
         let merged = layer.merge().map_err(|e| e.at(name))?;
@@ -89,12 +111,8 @@ pub fn merge_checkpoint<B: Backend>(
             (n.clone(), v.dtype(), v.shape().to_vec(), data)
         })
         .collect();
-    let bytes = st::serialize(&out.display().to_string(), &entries, metadata)?;
-    st::write_atomic(out, &bytes)?;
+    let bytes = st::serialize(shown, &entries, metadata)?;
     let mut merged: Vec<String> = replaced.into_keys().collect();
     merged.sort();
-    Ok(MergeReport {
-        merged,
-        bytes: bytes.len() as u64,
-    })
+    Ok((bytes, merged))
 }

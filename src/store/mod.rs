@@ -23,7 +23,7 @@ pub mod st;
 
 use std::path::Path;
 
-pub use merge::{merge_checkpoint, MergeReport};
+pub use merge::{merge_bytes, merge_checkpoint, MergeReport};
 pub use native::{
     attach, factor_key, load_adapters, save_adapters, CheckpointMeta, NativeAdapters, META_KEY,
 };
@@ -36,6 +36,7 @@ use crate::error::AdapterError;
 
 /// An adapter file or folder of any format, as read.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum AdapterFile {
     /// A native adapter file.
     Native(NativeAdapters),

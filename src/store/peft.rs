@@ -751,10 +751,15 @@ pub fn peft_files(
     Ok((text, bytes))
 }
 
-/// An `f64` ordered by its bits' total order, to count equal values.
-#[derive(Clone, Copy, PartialEq, PartialOrd)]
+/// An `f64` ordered by its total order, to count equal values.
+#[derive(Clone, Copy, PartialEq)]
 struct OrdF64(f64);
 impl Eq for OrdF64 {}
+impl PartialOrd for OrdF64 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 impl Ord for OrdF64 {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&other.0)

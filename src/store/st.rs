@@ -188,7 +188,7 @@ pub fn canonical_safetensors(bytes: &[u8]) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("bad safetensors header: {e}"))?;
     // serde_json's map is ordered by key, so this serialization is canonical.
     let mut json = serde_json::to_vec(&header).expect("a JSON value serializes");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);

@@ -337,3 +337,132 @@ fn metadata_is_json_with_specs() {
     let _ = layer.num_params();
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A valid adapter file's bytes with its `kron_adapters` metadata edited by `edit` (tensors
+/// untouched): well-formed tensors, inconsistent specs.
+pub fn with_edited_meta(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    use kron_adapters::store::st;
+    let mut meta = st::metadata("x", bytes).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&meta["kron_adapters"]).unwrap();
+    edit(&mut json);
+    meta.insert("kron_adapters".into(), json.to_string());
+    let tensors = st::parse("x", bytes).unwrap();
+    let entries: Vec<st::Entry<&[u8]>> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data()))
+        .collect();
+    st::serialize("x", &entries, meta).unwrap()
+}
+
+/// An edit of a file's metadata.
+pub type MetaEdit = Box<dyn Fn(&mut serde_json::Value)>;
+
+/// Specs a file can claim that no adapter has, each with the tensors left well formed.
+pub fn inconsistent_specs() -> Vec<(&'static str, MetaEdit)> {
+    vec![
+        (
+            "factor count",
+            Box::new(|m| {
+                m["layers"][""]["factors"].as_array_mut().unwrap().pop();
+            }),
+        ),
+        (
+            "factor names",
+            Box::new(|m| m["layers"][""]["factors"][0][0] = "z".into()),
+        ),
+        ("d_in", Box::new(|m| m["layers"][""]["d_in"] = 47.into())),
+        (
+            "method",
+            Box::new(|m| m["layers"][""]["method"] = "lora".into()),
+        ),
+        (
+            "scale NaN",
+            Box::new(|m| m["layers"][""]["scale"] = "NaN".into()),
+        ),
+        (
+            "scale absurd",
+            Box::new(|m| m["layers"][""]["scale"] = 1e300.into()),
+        ),
+        (
+            "huge layer",
+            Box::new(|m| {
+                m["layers"][""]["d_in"] = (1u64 << 40).into();
+                m["layers"][""]["factors"][0][1] = serde_json::json!([1u64 << 37, 8]);
+            }),
+        ),
+        (
+            "chain",
+            Box::new(|m| m["layers"][""]["factors"][2][1] = serde_json::json!([3, 12])),
+        ),
+    ]
+}
+
+/// Review defect: adapter files whose tensors are well formed but whose metadata is
+/// inconsistent reached `assert!`s and index panics in export and merge. Every reader now
+/// validates every spec and returns a typed error; export and merge never see such a spec.
+#[test]
+fn inconsistent_metadata_is_a_typed_error_in_every_reader() {
+    use kron_adapters::quant::{Level, QuantConfig};
+    use kron_adapters::store::{merge_checkpoint, peft_files, read_any, QuantizedAdapters};
+    let dir = tmpdir("inconsistent");
+    let dev = device();
+    let mut rng = Rng::new(33);
+    // A Kron-LoRA adapter on a lone 48 → 96 layer: factors a, b1, b2.
+    let cfg = AdapterConfig::KronLora(
+        KronLoraConfig::new([6, 8], [8, 12], 2).with_init(FactorInit::Normal),
+    );
+    let layer = AdaptedLinear::new(base(&mut rng, 48, 96), &cfg, &dev).unwrap();
+    let good = dir.join("good.safetensors");
+    save_adapters(&layer, &good).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let native = kron_adapters::NativeAdapters::from_bytes("good", &bytes).unwrap();
+    let q = QuantizedAdapters::quantize(&native, QuantConfig::new(8, Level::Tensor).unwrap())
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    for (what, edit) in inconsistent_specs() {
+        for (kind, src) in [("native", &bytes), ("quantized", &q)] {
+            let bad = with_edited_meta(src, &edit);
+            let path = dir.join(format!("bad-{kind}.safetensors"));
+            std::fs::write(&path, &bad).unwrap();
+            let e = kron_adapters::NativeAdapters::from_bytes("bad", &bad).unwrap_err();
+            // An invalid spec (or, for a NaN written as a string, metadata that does not parse).
+            assert!(
+                matches!(
+                    e,
+                    AdapterError::InvalidSpec { .. } | AdapterError::Format { .. }
+                ) && e.kind() == kron_adapters::ErrorKind::Malformed,
+                "{kind} {what}: {e:?}"
+            );
+            assert!(read_any(&path).is_err(), "{kind} {what}");
+            let fresh = AdaptedLinear::new(base(&mut rng, 48, 96), &cfg, &dev).unwrap();
+            assert!(load_adapters(fresh, &path).is_err(), "{kind} {what}");
+        }
+    }
+    // Hand-built adapters with an inconsistent spec are refused by export and merge too.
+    for (what, edit) in inconsistent_specs() {
+        let mut meta = serde_json::to_value(&native.meta).unwrap();
+        edit(&mut meta);
+        let Ok(meta) = serde_json::from_value(meta) else {
+            continue; // not even representable (a NaN string): nothing to export
+        };
+        let bad = kron_adapters::NativeAdapters {
+            meta,
+            factors: native.factors.clone(),
+        };
+        assert!(peft_files(&bad, None).is_err(), "export {what}");
+        assert!(bad.to_bytes().is_err(), "write {what}");
+        let out = dir.join("merged.safetensors");
+        let e = merge_checkpoint::<TB>(
+            &peft_fixture("lora_d48").join("base.safetensors"),
+            &bad,
+            &kron_adapters::NameMap::new(),
+            &out,
+            false,
+            &dev,
+        );
+        assert!(e.is_err() && !out.exists(), "merge {what}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

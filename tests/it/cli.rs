@@ -482,3 +482,64 @@ fn quantize_writes_a_file_that_inspect_merge_and_convert_accept() {
     assert!(!dir.join("x.safetensors").exists());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Every command refuses an adapter file with inconsistent metadata with exit code 3 (a typed
+/// error, not a panic: 101) and writes nothing.
+#[test]
+fn inconsistent_adapter_metadata_exits_3_in_every_command() {
+    use crate::checkpoint::{inconsistent_specs, with_edited_meta};
+    let dir = tmp("inconsistent");
+    let f = peft_fixture("lokr_kronlora_d48");
+    let native = dir.join("good.safetensors");
+    // One layer of the fixture as a lone-layer adapter file (path "").
+    let read = kron_adapters::store::PeftAdapter::read_dir(f.join("adapter")).unwrap();
+    let (name, spec) = read.adapters.meta.layers.iter().next().unwrap();
+    let lone = kron_adapters::NativeAdapters {
+        meta: kron_adapters::store::CheckpointMeta::new([(String::new(), spec.clone())]),
+        factors: [(String::new(), read.adapters.factors[name].clone())].into(),
+    };
+    lone.write(&native).unwrap();
+    let bytes = std::fs::read(&native).unwrap();
+    let base = f.join("base.safetensors");
+    for (what, edit) in inconsistent_specs() {
+        let bad = dir.join("bad.safetensors");
+        std::fs::write(&bad, with_edited_meta(&bytes, &edit)).unwrap();
+        let out = dir.join("out");
+        for args in [
+            vec!["inspect", s(&bad)],
+            vec![
+                "merge",
+                "--base",
+                s(&base),
+                "--adapter",
+                s(&bad),
+                "--out",
+                s(&out),
+            ],
+            vec![
+                "convert",
+                "--from",
+                "native",
+                "--to",
+                "peft",
+                s(&bad),
+                s(&out),
+            ],
+            vec![
+                "convert",
+                "--from",
+                "native",
+                "--to",
+                "native",
+                s(&bad),
+                s(&out),
+            ],
+            vec!["quantize", "--bits", "4", s(&bad), s(&out)],
+        ] {
+            let (code, _, err) = run(&args);
+            assert_eq!(code, 3, "{what}: {args:?}: {err}");
+            assert!(!out.exists(), "{what}: {args:?} wrote {}", out.display());
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use kron_adapters::block::{BlockAdapterConfig, KronABConfig};
-use kron_adapters::model::bert::{load_pretrained, mean_pool};
 use kron_adapters::model::{BertClassifier, BertConfig, BertEncoder, TensorSource};
 use kron_adapters::{
     AdapterConfig, AdapterError, AdapterLayers, ConfigError, KronAConfig, LoraConfig,
@@ -294,20 +293,21 @@ fn merged_encoder_gives_the_same_outputs() {
 
 /// The real all-MiniLM-L6-v2 from the asset cache against `transformers`' activations. CI fetches
 /// the model first; elsewhere the test says how to get it when it is absent.
+#[cfg(feature = "finetune")]
 #[test]
 fn pretrained_minilm_matches_pytorch() {
-    let cache = kron_adapters::finetune::AssetCache::default();
-    let Some(pkg) = cache.find(&kron_adapters::finetune::assets::MINILM) else {
-        eprintln!(
-            "SKIPPED: all-MiniLM-L6-v2 is not in {} — run `cargo run --example finetune -- --fetch-only` to fetch it",
-            cache.root.display()
-        );
+    let Some(pkg) = asset(&kron_adapters::finetune::assets::MINILM) else {
         return;
     };
     let dev = device();
     let model_dir = pkg.join(kron_adapters::finetune::assets::MINILM.prefix);
-    let (model, cfg) =
-        load_pretrained::<TB>(&model_dir, &PlacementConfig::default(), 2, &dev).unwrap();
+    let (model, cfg) = kron_adapters::model::bert::load_pretrained::<TB>(
+        &model_dir,
+        &PlacementConfig::default(),
+        2,
+        &dev,
+    )
+    .unwrap();
     assert_eq!((cfg.hidden_size, cfg.num_hidden_layers), (384, 6));
     let bytes = std::fs::read(fixture("minilm/reference.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -332,7 +332,8 @@ fn pretrained_minilm_matches_pytorch() {
     let h = model.encoder.forward(ints("input_ids"), mask.clone());
     let err = max_abs_diff(&to_vec(h.clone()), &floats("last_hidden_state"));
     assert!(err < 1e-4, "last_hidden_state max abs error {err}");
-    let err = max_abs_diff(&to_vec(mean_pool(h, mask)), &floats("mean_pooled"));
+    let pooled = kron_adapters::model::bert::mean_pool(h, mask);
+    let err = max_abs_diff(&to_vec(pooled), &floats("mean_pooled"));
     assert!(err < 1e-4, "mean_pooled max abs error {err}");
 }
 

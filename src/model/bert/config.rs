@@ -104,7 +104,7 @@ impl BertConfig {
         if self.hidden_size == 0 || self.num_attention_heads == 0 {
             return bad("hidden_size", "sizes must be non-zero".into());
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 format!(

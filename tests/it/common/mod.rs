@@ -168,3 +168,26 @@ pub fn scratch_dir(group: &str, name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A package from the asset cache, for the real-model tests. When it is absent the test says
+/// how to fetch it and is skipped — unless `KRON_ADAPTERS_REQUIRE_ASSETS=1` (CI sets it after
+/// fetching), where an absent asset fails the test: CI never skips one silently.
+#[cfg(feature = "finetune")]
+pub fn asset(pkg: &kron_adapters::finetune::assets::Package) -> Option<std::path::PathBuf> {
+    let cache = kron_adapters::finetune::AssetCache::default();
+    let found = cache.find(pkg);
+    if found.is_none() {
+        let msg = format!(
+            "{}=={} is not in {} — run `cargo run --features full --example finetune -- --fetch-only` \
+             (and `--example llm -- --fetch-only` for the decoder) to fetch it",
+            pkg.name,
+            pkg.version,
+            cache.root.display()
+        );
+        if std::env::var("KRON_ADAPTERS_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+    }
+    found
+}
