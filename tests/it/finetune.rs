@@ -455,3 +455,45 @@ fn a_few_training_steps_lower_the_loss_and_keep_the_best_checkpoint() {
     );
     std::fs::remove_dir_all(out).ok();
 }
+
+/// Review defect: `--config run.json` runs were written into a folder named after `--method`'s
+/// default (`krona-…`) whatever the config trained. The folder name now comes from the config.
+#[test]
+fn run_folders_are_named_after_what_the_config_trains() {
+    use kron_adapters::block::{BlockAdapterConfig, KronABConfig};
+    use kron_adapters::finetune::preset;
+    use kron_adapters::LoraConfig;
+    let name = |placement: PlacementConfig| {
+        FinetuneConfig::new()
+            .with_placement(placement)
+            .with_seed(3)
+            .run_name("rotten_tomatoes")
+    };
+    assert_eq!(
+        name(preset("lora").unwrap().placement),
+        "lora-rotten_tomatoes-seed3"
+    );
+    assert_eq!(
+        name(preset("krona-b-res").unwrap().placement),
+        "krona-b-res-rotten_tomatoes-seed3"
+    );
+    // Not a preset: named by its parts.
+    assert_eq!(
+        name(PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(7)))),
+        "lora-rotten_tomatoes-seed3"
+    );
+    assert_eq!(
+        name(
+            PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto()))
+                .with_block(BlockAdapterConfig::KronAB(KronABConfig::auto()))
+                .with_train(TrainMode::BitFit)
+        ),
+        "krona+krona-b+bitfit-rotten_tomatoes-seed3"
+    );
+    assert_eq!(name(PlacementConfig::default()), "frozen-rotten_tomatoes-seed3");
+    // Every preset key reads back, in any spelling.
+    for p in kron_adapters::finetune::presets() {
+        assert_eq!(preset(&p.key.replace('-', "_").to_uppercase()).unwrap(), p);
+    }
+    assert!(preset("dora").is_err());
+}
