@@ -3,14 +3,16 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
+use super::shape::kron_config;
 use super::{
-    checked_factors, exact_shapes, init_factors, layer_name, rank_scale, replace_values,
-    FactorInit, LinearAdapter, Method, MethodConfig, MethodInfo,
+    checked_factors, exact_shapes, init_factors, layer_name, replace_values, LinearAdapter, Method,
+    MethodConfig, MethodInfo,
 };
 use crate::error::ConfigError;
 use crate::kron::{kron, kron_apply, ContractionOrder, KronPlan};
 
-super::shape::kron_config! {
+super::rank_config! {
+    kron_config!
     /// Configuration of a [`KronLora`] adapter.
     ///
     /// The Kronecker shapes are chosen as for [`crate::KronAConfig`] (`b_shape` is the shape of
@@ -29,19 +31,8 @@ super::shape::kron_config! {
             /// rank above `min(b_in, b_out)` adds parameters, not expressiveness).
             rank: usize,
         }
-        optional {
-            /// `alpha` in `scale = alpha / r`; without it `alpha = r` (scale 1).
-            alpha: f64,
-            /// An explicit scale, overriding `alpha / r`.
-            scale: f64,
-        }
-        defaults {
-            /// Initialisation: `a` and `b1` Kaiming-uniform, `b2` zero.
-            init: FactorInit = FactorInit::KaimingZero,
-            /// Contraction order of the unmaterialized apply: by default the cheapest for the
-            /// shapes.
-            order: ContractionOrder = ContractionOrder::Auto,
-        }
+        optional {}
+        defaults {}
     }
 }
 
@@ -50,7 +41,10 @@ impl KronLoraConfig {
     pub fn new(a_shape: [usize; 2], b_shape: [usize; 2], rank: usize) -> Self {
         Self::auto(rank).with_a_shape(a_shape).with_b_shape(b_shape)
     }
+}
 
+impl super::shape::KronShapes for KronLoraConfig {
+    /// `a_in·a_out + r·(b_in + b_out)`.
     fn factor_params(&self, a: [usize; 2], b: [usize; 2]) -> usize {
         a[0] * a[1] + self.rank * (b[0] + b[1])
     }
@@ -109,7 +103,7 @@ impl MethodConfig for KronLoraConfig {
     fn num_params(&self, d_in: usize, d_out: usize) -> Result<usize, ConfigError> {
         let (a, b) = self.factor_shapes(d_in, d_out)?;
         check_rank(&layer_name(d_in, d_out), self.rank, b)?;
-        Ok(self.factor_params(a, b))
+        Ok(super::shape::KronShapes::factor_params(self, a, b))
     }
 
     fn init<B: Backend>(
@@ -121,7 +115,7 @@ impl MethodConfig for KronLoraConfig {
         let layer = layer_name(d_in, d_out);
         let (a_shape, b_shape) = self.factor_shapes(d_in, d_out)?;
         check_rank(&layer, self.rank, b_shape)?;
-        let scale = rank_scale(&layer, self.rank, self.alpha, self.scale)?;
+        let scale = self.rank_scale(&layer)?;
         let r = self.rank;
         let shapes = [a_shape, [b_shape[0], r], [r, b_shape[1]]];
         let mut f = init_factors(self.init, &shapes, d_in, device);
@@ -185,14 +179,6 @@ impl<B: Backend> KronLora<B> {
 }
 
 impl<B: Backend> LinearAdapter<B> for KronLora<B> {
-    fn d_in(&self) -> usize {
-        self.a.dims()[0] * self.b1.dims()[0]
-    }
-
-    fn d_out(&self) -> usize {
-        self.a.dims()[1] * self.b2.dims()[1]
-    }
-
     fn scale(&self) -> f64 {
         self.scale
     }

@@ -4,8 +4,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::{
-    check_finite, checked_factors, exact_shapes, init_factors, replace_values, FactorInit,
-    LinearAdapter, Method, MethodConfig, MethodInfo,
+    check_finite, checked_factors, exact_shapes, init_factors, replace_values, LinearAdapter,
+    Method, MethodConfig, MethodInfo,
 };
 use crate::error::ConfigError;
 use crate::kron::{kron, kron_apply, ContractionOrder, KronPlan};
@@ -32,11 +32,6 @@ super::shape::kron_config! {
         defaults {
             /// The scale `s` (the paper's setting is 1).
             scale: f64 = 1.0,
-            /// Initialisation: `a` Kaiming-uniform, `b` zero (paper, Table 4).
-            init: FactorInit = FactorInit::KaimingZero,
-            /// Contraction order of the unmaterialized apply: by default the cheaper for the
-            /// shapes.
-            order: ContractionOrder = ContractionOrder::Auto,
         }
     }
 }
@@ -48,15 +43,9 @@ impl KronAConfig {
     pub fn new(a_shape: [usize; 2], b_shape: [usize; 2]) -> Self {
         Self::auto().with_a_shape(a_shape).with_b_shape(b_shape)
     }
-
-    fn factor_params(&self, a: [usize; 2], b: [usize; 2]) -> usize {
-        a[0] * a[1] + b[0] * b[1]
-    }
-
-    fn admissible(&self, _: [usize; 2], _: [usize; 2]) -> bool {
-        true
-    }
 }
+
+impl super::shape::KronShapes for KronAConfig {}
 
 impl MethodConfig for KronAConfig {
     type Adapter<B: Backend> = KronA<B>;
@@ -76,7 +65,7 @@ impl MethodConfig for KronAConfig {
     /// `a_in·a_out + b_in·b_out`.
     fn num_params(&self, d_in: usize, d_out: usize) -> Result<usize, ConfigError> {
         let (a, b) = self.factor_shapes(d_in, d_out)?;
-        Ok(self.factor_params(a, b))
+        Ok(super::shape::KronShapes::factor_params(self, a, b))
     }
 
     fn init<B: Backend>(
@@ -127,14 +116,6 @@ impl<B: Backend> KronA<B> {
 }
 
 impl<B: Backend> LinearAdapter<B> for KronA<B> {
-    fn d_in(&self) -> usize {
-        self.a.dims()[0] * self.b.dims()[0]
-    }
-
-    fn d_out(&self) -> usize {
-        self.a.dims()[1] * self.b.dims()[1]
-    }
-
     fn scale(&self) -> f64 {
         self.scale
     }

@@ -4,12 +4,14 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::{
-    checked_factors, exact_shapes, init_factors, layer_name, rank_scale, replace_values,
-    FactorInit, LinearAdapter, Method, MethodConfig, MethodInfo,
+    checked_factors, exact_shapes, init_factors, layer_name, replace_values, FactorInit,
+    LinearAdapter, Method, MethodConfig, MethodInfo,
 };
 use crate::error::ConfigError;
+use crate::macros::config;
 
-crate::macros::config! {
+super::rank_config! {
+    config!
     /// Configuration of a [`Lora`] adapter.
     ///
     /// ```
@@ -23,13 +25,7 @@ crate::macros::config! {
             /// `1 ≤ r ≤ min(d_in, d_out)`.
             rank: usize,
         }
-        optional {
-            /// `alpha` in `scale = alpha / r`; without it `alpha = r` (scale 1, as in the KronA
-            /// paper).
-            alpha: f64,
-            /// An explicit scale, overriding `alpha / r`.
-            scale: f64,
-        }
+        optional {}
         defaults {
             /// Initialisation: `down` Kaiming-uniform, `up` zero.
             init: FactorInit = FactorInit::KaimingZero,
@@ -41,7 +37,7 @@ impl LoraConfig {
     fn check(&self, d_in: usize, d_out: usize) -> Result<f64, ConfigError> {
         let layer = layer_name(d_in, d_out);
         check_rank(&layer, self.rank, d_in, d_out)?;
-        rank_scale(&layer, self.rank, self.alpha, self.scale)
+        self.rank_scale(&layer)
     }
 }
 
@@ -137,14 +133,6 @@ impl<B: Backend> Lora<B> {
 }
 
 impl<B: Backend> LinearAdapter<B> for Lora<B> {
-    fn d_in(&self) -> usize {
-        self.down.dims()[0]
-    }
-
-    fn d_out(&self) -> usize {
-        self.up.dims()[1]
-    }
-
     fn scale(&self) -> f64 {
         self.scale
     }

@@ -155,10 +155,6 @@ impl AdapterSpec {
 
 /// The surface every linear adapter's module offers.
 pub trait LinearAdapter<B: Backend>: Sized {
-    /// Input size `d_in` of the adapted layer.
-    fn d_in(&self) -> usize;
-    /// Output size `d_out` of the adapted layer.
-    fn d_out(&self) -> usize;
     /// The scale `s` in `ΔW = s · …`.
     fn scale(&self) -> f64;
     /// Which method this is.
@@ -184,6 +180,24 @@ pub trait LinearAdapter<B: Backend>: Sized {
     /// the shapes must chain as [`MethodConfig::check_shapes`] requires and the scale be finite.
     /// (Each method also has a typed `from_factors`.)
     fn from_values(values: Vec<Tensor<B, 2>>, scale: f64) -> Result<Self, ConfigError>;
+
+    /// `(d_in, d_out)` of the adapted layer, from the factor shapes.
+    fn dims(&self) -> (usize, usize) {
+        let shapes: Vec<[usize; 2]> = self.factors().iter().map(|t| t.dims()).collect();
+        self.method()
+            .check_shapes(&shapes)
+            .expect("an adapter's factors are checked when it is built")
+    }
+
+    /// Input size `d_in` of the adapted layer.
+    fn d_in(&self) -> usize {
+        self.dims().0
+    }
+
+    /// Output size `d_out` of the adapted layer.
+    fn d_out(&self) -> usize {
+        self.dims().1
+    }
 
     /// A description of this adapter.
     fn spec(&self) -> AdapterSpec {
@@ -243,6 +257,45 @@ pub(crate) fn exact_shapes<const N: usize>(
     })
 }
 
+/// Adds the fields of a rank-scaled method (`alpha`, `scale`: `scale = alpha / rank` unless
+/// given) to a config declared with `$via!` (`config!` or `kron_config!`), and
+/// `rank_scale(layer)`, the scale they give.
+macro_rules! rank_config {
+    (
+        $via:ident!
+        $(#[$meta:meta])*
+        pub struct $name:ident($ctor:ident) {
+            required { $($req:tt)* }
+            optional { $($opt:tt)* }
+            defaults { $($def:tt)* }
+        }
+    ) => {
+        $via! {
+            $(#[$meta])*
+            pub struct $name($ctor) {
+                required { $($req)* }
+                optional {
+                    /// `alpha` in `scale = alpha / rank`; without it `alpha = rank` (scale 1,
+                    /// as the KronA paper sets it).
+                    alpha: f64,
+                    /// An explicit scale, overriding `alpha / rank`.
+                    scale: f64,
+                    $($opt)*
+                }
+                defaults { $($def)* }
+            }
+        }
+
+        impl $name {
+            /// The scale: `scale`, else `alpha / rank` (`alpha` defaults to `rank`).
+            fn rank_scale(&self, layer: &str) -> Result<f64, ConfigError> {
+                $crate::adapter::rank_scale(layer, self.rank, self.alpha, self.scale)
+            }
+        }
+    };
+}
+pub(crate) use rank_config;
+
 /// Derives, from the one list of linear methods, [`Method`], [`Adapter`] (the module enum),
 /// [`AdapterConfig`] (the config enum) and every dispatch between them.
 macro_rules! linear_methods {
@@ -286,12 +339,6 @@ macro_rules! linear_methods {
         }
 
         impl<B: Backend> LinearAdapter<B> for Adapter<B> {
-            fn d_in(&self) -> usize {
-                match self { $(Adapter::$variant(a) => a.d_in(),)+ }
-            }
-            fn d_out(&self) -> usize {
-                match self { $(Adapter::$variant(a) => a.d_out(),)+ }
-            }
             fn scale(&self) -> f64 {
                 match self { $(Adapter::$variant(a) => a.scale(),)+ }
             }

@@ -202,11 +202,23 @@ pub fn resolve_factor_shapes(
     }
 }
 
-/// Adds the Kronecker shape fields (`a_shape`, `b_shape`, `factor`, `budget`) to a config
-/// declared as with [`crate::macros::config!`], and the methods that resolve them:
-/// `factor_shapes(d_in, d_out)`. The config provides `fn factor_params(&self, a, b) -> usize`
-/// (what a budget is matched against) and `fn admissible(&self, a, b) -> bool` (which shapes
-/// the budget search may pick).
+/// What a budget search needs to know of a Kronecker config besides its shape fields.
+pub trait KronShapes {
+    /// Trainable parameters of factors `a`, `b` (what a budget is matched against): by default
+    /// `a_in·a_out + b_in·b_out`.
+    fn factor_params(&self, a: [usize; 2], b: [usize; 2]) -> usize {
+        a[0] * a[1] + b[0] * b[1]
+    }
+
+    /// May the budget search pick these shapes? By default any.
+    fn admissible(&self, _a: [usize; 2], _b: [usize; 2]) -> bool {
+        true
+    }
+}
+
+/// Adds the Kronecker shape fields (`a_shape`, `b_shape`, `factor`, `budget`, `init`, `order`)
+/// to a config declared as with [`crate::macros::config!`], and the method that resolves them:
+/// `factor_shapes(d_in, d_out)`. The config implements [`KronShapes`].
 macro_rules! kron_config {
     (
         $(#[$meta:meta])*
@@ -236,6 +248,13 @@ macro_rules! kron_config {
                     /// -1 splits each side near √d, a positive `f` makes `a_in` and `a_out` `f`
                     /// where it divides.
                     factor: i64 = -1,
+                    /// Initialisation: the first factors Kaiming-uniform, the last zero
+                    /// (`a` and `b`; for Kron-LoRA `a` and `b1`, then `b2`), so `ΔW = 0` at
+                    /// step 0 (the KronA paper's Table 4).
+                    init: $crate::FactorInit = $crate::FactorInit::KaimingZero,
+                    /// Contraction order of the unmaterialized apply: by default the cheapest
+                    /// for the shapes ([`crate::KronPlan::cheapest`]).
+                    order: $crate::ContractionOrder = $crate::ContractionOrder::Auto,
                     $($def)*
                 }
             }
@@ -260,8 +279,8 @@ macro_rules! kron_config {
                     d_in,
                     d_out,
                     &request,
-                    |a, b| self.factor_params(a, b),
-                    |a, b| self.admissible(a, b),
+                    |a, b| $crate::adapter::shape::KronShapes::factor_params(self, a, b),
+                    |a, b| $crate::adapter::shape::KronShapes::admissible(self, a, b),
                 )
             }
         }

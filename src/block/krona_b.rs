@@ -5,12 +5,12 @@ use burn::tensor::{activation, backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::BlockAdapter;
+use crate::adapter::shape::KronShapes;
 use crate::adapter::{
-    const_param, layer_name, zero_factor, FactorInit, KronA, KronAConfig, LinearAdapter,
-    MethodConfig,
+    const_param, layer_name, zero_factor, KronA, KronAConfig, LinearAdapter, MethodConfig,
 };
 use crate::error::ConfigError;
-use crate::kron::{ContractionOrder, KronIntermediate, KronPlan};
+use crate::kron::{KronIntermediate, KronPlan};
 
 /// The residual connection of KronA^B_res.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +24,8 @@ pub enum Residual {
     /// initialised to 1 (so the gate starts at sigmoid(1) ≈ 0.731).
     Sigmoid,
 }
+
+impl KronShapes for KronABConfig {}
 
 crate::adapter::shape::kron_config! {
     /// Configuration of a [`KronAB`] block adapter.
@@ -47,11 +49,8 @@ crate::adapter::shape::kron_config! {
             /// (also `bias_mid [b_out]` after the first, the `b` product).
             biases: usize = 1,
             /// KronA^B (`None`), KronA^B_res (`Learned`) or KronA^B_sigres (`Sigmoid`).
+            /// (With two biases the contraction order is fixed: `b` first, then `a`.)
             residual: Residual = Residual::None,
-            /// Initialisation of `a` and `b`: `a` Kaiming-uniform, `b` zero.
-            init: FactorInit = FactorInit::KaimingZero,
-            /// Contraction order (with two biases it is fixed: `b` first, then `a`).
-            order: ContractionOrder = ContractionOrder::Auto,
         }
     }
 }
@@ -60,14 +59,6 @@ impl KronABConfig {
     /// KronA^B with explicit factor shapes.
     pub fn new(a_shape: [usize; 2], b_shape: [usize; 2]) -> Self {
         Self::auto().with_a_shape(a_shape).with_b_shape(b_shape)
-    }
-
-    fn factor_params(&self, a: [usize; 2], b: [usize; 2]) -> usize {
-        a[0] * a[1] + b[0] * b[1]
-    }
-
-    fn admissible(&self, _: [usize; 2], _: [usize; 2]) -> bool {
-        true
     }
 
     /// The KronA part of this config.
@@ -93,7 +84,7 @@ impl KronABConfig {
             _ => d_out + b[1],
         };
         let res = usize::from(self.residual != Residual::None);
-        Ok(self.factor_params(a, b) + biases + res)
+        Ok(KronShapes::factor_params(self, a, b) + biases + res)
     }
 
     /// Builds the adapter for a `[d_in, d_out]` block.

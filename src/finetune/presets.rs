@@ -42,83 +42,88 @@ fn linear(method: Method) -> (AdapterConfig, &'static str) {
 /// Every method of the KronA paper's Table 1 plus Kron-LoRA and the frozen baseline, in the
 /// comparison's order.
 pub fn presets() -> Vec<Preset> {
+    let preset = |key, name, placement, lrs, lr| Preset {
+        key,
+        name,
+        placement,
+        lrs,
+        lr,
+    };
     let block = PlacementConfig::block;
     let kronab = KronABConfig::auto().with_budget(6200);
+    let adapter = HoulsbyConfig::new().with_bottleneck(8);
+    let compacter = CompacterConfig::new().with_reduction_factor(16);
     let mut out = vec![
-        Preset {
-            key: "full",
-            name: "Fine-tuning",
-            placement: PlacementConfig::mode(TrainMode::Full),
-            lrs: &[5e-5, 2e-4],
-            lr: 2e-4,
-        },
-        Preset {
-            key: "bitfit",
-            name: "BitFit",
-            placement: PlacementConfig::mode(TrainMode::BitFit),
-            lrs: &[1e-3, 5e-3],
-            lr: 5e-3,
-        },
-        Preset {
-            key: "adapter",
-            name: "Adapter (bottleneck 8)",
-            placement: block(BlockAdapterConfig::Adapter(
-                HoulsbyConfig::new().with_bottleneck(8),
-            )),
-            lrs: &[1e-3, 3e-3],
-            lr: 3e-3,
-        },
-        Preset {
-            key: "compacter",
-            name: "Compacter (n = 4, bottleneck 24)",
-            placement: block(BlockAdapterConfig::Compacter(
-                CompacterConfig::new().with_reduction_factor(16),
-            )),
-            lrs: &[3e-3, 1e-2],
-            lr: 1e-2,
-        },
-        Preset {
-            key: "pa",
-            name: "PA (r = 8, s = 16)",
-            placement: block(BlockAdapterConfig::ParallelAdapter(
+        preset(
+            "full",
+            "Fine-tuning",
+            PlacementConfig::mode(TrainMode::Full),
+            &[5e-5, 2e-4],
+            2e-4,
+        ),
+        preset(
+            "bitfit",
+            "BitFit",
+            PlacementConfig::mode(TrainMode::BitFit),
+            &[1e-3, 5e-3],
+            5e-3,
+        ),
+        preset(
+            "adapter",
+            "Adapter (bottleneck 8)",
+            block(BlockAdapterConfig::Adapter(adapter)),
+            &[1e-3, 3e-3],
+            3e-3,
+        ),
+        preset(
+            "compacter",
+            "Compacter (n = 4, bottleneck 24)",
+            block(BlockAdapterConfig::Compacter(compacter)),
+            &[3e-3, 1e-2],
+            1e-2,
+        ),
+        preset(
+            "pa",
+            "PA (r = 8, s = 16)",
+            block(BlockAdapterConfig::ParallelAdapter(
                 ParallelAdapterConfig::new(8),
             )),
-            lrs: &[3e-4, 1e-3],
-            lr: 1e-3,
-        },
-        Preset {
-            key: "krona-b",
-            name: "KronA^B (s = 16)",
-            placement: block(BlockAdapterConfig::KronAB(kronab.clone())),
-            lrs: &[3e-4, 1e-3],
-            lr: 3e-4,
-        },
-        Preset {
-            key: "krona-b-res",
-            name: "KronA^B_res (s = 16)",
-            placement: block(BlockAdapterConfig::KronAB(
+            &[3e-4, 1e-3],
+            1e-3,
+        ),
+        preset(
+            "krona-b",
+            "KronA^B (s = 16)",
+            block(BlockAdapterConfig::KronAB(kronab.clone())),
+            &[3e-4, 1e-3],
+            3e-4,
+        ),
+        preset(
+            "krona-b-res",
+            "KronA^B_res (s = 16)",
+            block(BlockAdapterConfig::KronAB(
                 kronab.with_residual(Residual::Learned),
             )),
-            lrs: &[3e-4, 1e-3],
-            lr: 3e-4,
-        },
-        Preset {
-            key: "frozen",
-            name: "Frozen encoder, head only",
-            placement: PlacementConfig::default(),
-            lrs: &[1e-2],
-            lr: 1e-2,
-        },
+            &[3e-4, 1e-3],
+            3e-4,
+        ),
+        preset(
+            "frozen",
+            "Frozen encoder, head only",
+            PlacementConfig::default(),
+            &[1e-2],
+            1e-2,
+        ),
     ];
     let linear_presets = Method::ALL.iter().map(|&m| {
         let (config, name) = linear(m);
-        Preset {
-            key: m.info().key,
+        preset(
+            m.info().key,
             name,
-            placement: PlacementConfig::linear(config),
-            lrs: &[3e-3, 1e-2],
-            lr: 1e-2,
-        }
+            PlacementConfig::linear(config),
+            &[3e-3, 1e-2],
+            1e-2,
+        )
     });
     out.splice(3..3, linear_presets);
     out

@@ -83,6 +83,11 @@ pub struct NativeAdapters {
     pub factors: BTreeMap<String, Vec<HostTensor>>,
 }
 
+st::file_io!(
+    NativeAdapters,
+    "an adapter file (native, or quantized read dequantized)"
+);
+
 impl NativeAdapters {
     /// The adapters of a model.
     pub fn from_model<B: Backend, M: AdapterLayers<B>>(model: &M) -> Self {
@@ -242,18 +247,6 @@ impl NativeAdapters {
             factors.entry(layer.to_string()).or_default().push(t);
         }
         Ok(Self { meta, factors })
-    }
-
-    /// Reads an adapter file (native or quantized).
-    pub fn read(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
-        st::read_file(path.as_ref(), Self::from_bytes)
-    }
-
-    /// Writes an adapter file (atomically). Returns its size in bytes.
-    pub fn write(&self, path: impl AsRef<Path>) -> Result<u64, AdapterError> {
-        let bytes = self.to_bytes()?;
-        st::write_atomic(path.as_ref(), &bytes)?;
-        Ok(bytes.len() as u64)
     }
 }
 

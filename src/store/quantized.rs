@@ -5,7 +5,6 @@
 //! dequantized.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 
 use ::safetensors::Dtype;
 
@@ -27,6 +26,8 @@ pub struct QuantizedAdapters {
     /// Each layer's quantized factors, in spec order.
     pub factors: BTreeMap<String, Vec<QuantizedTensor>>,
 }
+
+st::file_io!(QuantizedAdapters, "a quantized adapter file");
 
 impl QuantizedAdapters {
     /// Quantizes every factor of `adapters` with `config`.
@@ -165,18 +166,6 @@ impl QuantizedAdapters {
             config,
             factors,
         })
-    }
-
-    /// Reads a quantized adapter file.
-    pub fn read(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
-        st::read_file(path.as_ref(), Self::from_bytes)
-    }
-
-    /// Writes a quantized adapter file (atomically); returns its size in bytes.
-    pub fn write(&self, path: impl AsRef<Path>) -> Result<u64, AdapterError> {
-        let bytes = self.to_bytes()?;
-        st::write_atomic(path.as_ref(), &bytes)?;
-        Ok(bytes.len() as u64)
     }
 }
 

@@ -279,3 +279,24 @@ pub fn refuse_existing(path: &Path, overwrite: bool) -> Result<(), AdapterError>
     }
     Ok(())
 }
+
+/// Gives a file format with `from_bytes(path, bytes)` and `to_bytes()` its `read(path)` and
+/// `write(path)` (atomic; returns the size written).
+macro_rules! file_io {
+    ($ty:ty, $what:literal) => {
+        impl $ty {
+            #[doc = concat!("Reads ", $what, ".")]
+            pub fn read(path: impl AsRef<std::path::Path>) -> Result<Self, AdapterError> {
+                super::st::read_file(path.as_ref(), Self::from_bytes)
+            }
+
+            #[doc = concat!("Writes ", $what, " (atomically); returns its size in bytes.")]
+            pub fn write(&self, path: impl AsRef<std::path::Path>) -> Result<u64, AdapterError> {
+                let bytes = self.to_bytes()?;
+                super::st::write_atomic(path.as_ref(), &bytes)?;
+                Ok(bytes.len() as u64)
+            }
+        }
+    };
+}
+pub(crate) use file_io;

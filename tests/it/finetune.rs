@@ -479,7 +479,9 @@ fn run_folders_are_named_after_what_the_config_trains() {
     );
     // Not a preset: named by its parts.
     assert_eq!(
-        name(PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(7)))),
+        name(PlacementConfig::linear(AdapterConfig::Lora(
+            LoraConfig::new(7)
+        ))),
         "lora-rotten_tomatoes-seed3"
     );
     assert_eq!(
@@ -490,7 +492,10 @@ fn run_folders_are_named_after_what_the_config_trains() {
         ),
         "krona+krona-b+bitfit-rotten_tomatoes-seed3"
     );
-    assert_eq!(name(PlacementConfig::default()), "frozen-rotten_tomatoes-seed3");
+    assert_eq!(
+        name(PlacementConfig::default()),
+        "frozen-rotten_tomatoes-seed3"
+    );
     // Every preset key reads back, in any spelling.
     for p in kron_adapters::finetune::presets() {
         assert_eq!(preset(&p.key.replace('-', "_").to_uppercase()).unwrap(), p);
