@@ -42,6 +42,8 @@ mod error;
 pub mod finetune;
 pub mod kron;
 pub mod linear;
+#[cfg(feature = "finetune")]
+pub mod llm;
 pub mod model;
 pub mod params;
 pub mod place;

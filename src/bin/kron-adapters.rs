@@ -1,6 +1,8 @@
 //! `kron-adapters`: inspect, merge, convert and quantize adapters — Hugging Face PEFT folders
-//! (LoRA, LoKr) and this crate's adapter files — without writing Rust. Argument parsing and
-//! printing only: the work is the library's (`kron_adapters::store`).
+//! (LoRA, LoKr) and this crate's adapter files — and run decoders (`generate`, `eval`) with
+//! them, without writing Rust. Argument parsing and printing only: the work is the library's
+//! (`kron_adapters::store`, `kron_adapters::llm`). The backend is chosen by cargo feature, as
+//! for the examples (CPU by default; `--features cuda` or `wgpu` for a GPU).
 //!
 //! Exit codes follow the library's error kinds: 0 success; 1 I/O error (missing file, output
 //! exists without `--force`); 2 usage error (bad arguments or values); 3 malformed input (bad
@@ -15,17 +17,19 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use kron_adapters::finetune::AssetCache;
+use kron_adapters::llm::{self, GenerateConfig, Split, TaskKind, TextTokenizer};
+use kron_adapters::model::llama::{self, LlamaForCausalLM};
 use kron_adapters::quant::{Level, QuantConfig};
 use kron_adapters::store::{
-    merge_checkpoint, read_any, size_on_disk, st, write_peft_dir, AdapterFile, NativeAdapters,
-    PeftAdapter, QuantizedAdapters,
+    attach, merge_checkpoint, read_any, size_on_disk, st, write_peft_dir, AdapterFile,
+    NativeAdapters, PeftAdapter, QuantizedAdapters,
 };
-use kron_adapters::{AdapterError, ErrorKind, NameMap};
+use kron_adapters::{AdapterError, ErrorKind, NameMap, PlacementConfig};
 
-#[cfg(feature = "flex")]
-type Cpu = burn::backend::Flex;
-#[cfg(not(feature = "flex"))]
-type Cpu = burn::backend::NdArray;
+#[path = "../../examples/common/mod.rs"]
+mod common;
+use common::Inner as Cpu;
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +98,62 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Continue a prompt with a decoder (a .gguf file or a Hugging Face folder), optionally with
+    /// an adapter: the continuation only on stdout, progress and timing on stderr.
+    Generate {
+        /// A .gguf file or a Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter file or a PEFT folder made for this model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sampling temperature (greedy when not given).
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Nucleus sampling threshold.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// The sampler's seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in the model's chat template (one user turn).
+        #[arg(long)]
+        chat: bool,
+    },
+    /// Zero-shot multiple-choice accuracy on a task; the last stdout line is one JSON object
+    /// {"task", "split", "n", "acc", "acc_norm"}.
+    Eval {
+        /// A .gguf file or a Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter file or a PEFT folder made for this model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// arc_easy, arc_challenge, piqa, hellaswag, winogrande or boolq.
+        #[arg(long)]
+        task: String,
+        /// validation or test (test exists for the ARC tasks only).
+        #[arg(long, default_value = "validation")]
+        split: String,
+        /// Only the first N questions.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// The tasks folder (`oe_eval_tasks`); default: fetched into the asset cache.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Longest sequence in tokens (contexts are cut from the left).
+        #[arg(long, default_value_t = 1024)]
+        max_len: usize,
+        /// Tokens per scoring batch.
+        #[arg(long, default_value_t = 4096)]
+        batch_tokens: usize,
+    },
     /// Convert between PEFT folders and adapter files.
     Convert {
         /// The input's format.
@@ -140,6 +200,46 @@ fn exit_code(e: &AdapterError) -> u8 {
 fn run(cmd: Cmd) -> Result<(), AdapterError> {
     match cmd {
         Cmd::Inspect { path, json } => inspect(&path, json),
+        Cmd::Generate {
+            model,
+            adapter,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            chat,
+        } => {
+            let mut cfg = GenerateConfig::new()
+                .with_max_new_tokens(max_new_tokens)
+                .with_top_p(top_p)
+                .with_seed(seed);
+            cfg.temperature = temperature;
+            generate(&model, adapter.as_deref(), &prompt, &cfg, chat)
+        }
+        Cmd::Eval {
+            model,
+            adapter,
+            task,
+            split,
+            limit,
+            data,
+            max_len,
+            batch_tokens,
+        } => {
+            let task: TaskKind = task.parse()?;
+            let split: Split = split.parse()?;
+            evaluate(
+                &model,
+                adapter.as_deref(),
+                task,
+                split,
+                limit,
+                data,
+                max_len,
+                batch_tokens,
+            )
+        }
         Cmd::Merge {
             base,
             adapter,
@@ -302,4 +402,118 @@ fn emit(text: &str) {
         eprintln!("error: writing the output: {e}");
         std::process::exit(1);
     }
+}
+
+/// A decoder and its tokenizer, with an adapter attached by name when given.
+fn load_decoder(
+    model: &Path,
+    adapter: Option<&Path>,
+    device: &burn::tensor::Device<Cpu>,
+) -> Result<(LlamaForCausalLM<Cpu>, TextTokenizer), AdapterError> {
+    let t = std::time::Instant::now();
+    let tok = TextTokenizer::load(model)?;
+    let mut m = llama::load::<Cpu>(model, &PlacementConfig::new(), device)?;
+    if let Some(path) = adapter {
+        let file = read_any(path)?;
+        eprintln!("adapter: {} {}", file.describe(), path.display());
+        m = attach(m, &file.into_adapters(), &NameMap::new(), device)?;
+    }
+    eprintln!(
+        "loaded {} ({} layers) in {:.1} s on {}",
+        model.display(),
+        m.config().num_hidden_layers,
+        t.elapsed().as_secs_f64(),
+        common::backend_name()
+    );
+    Ok((m, tok))
+}
+
+fn generate(
+    model: &Path,
+    adapter: Option<&Path>,
+    prompt: &str,
+    cfg: &GenerateConfig,
+    chat: bool,
+) -> Result<(), AdapterError> {
+    let device = Default::default();
+    let (m, tok) = load_decoder(model, adapter, &device)?;
+    let text = if chat {
+        tok.chat_prompt(prompt)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = tok.encode(&text, true)?;
+    let t = std::time::Instant::now();
+    let mut out: Vec<u32> = Vec::new();
+    let mut shown = String::new();
+    let result = llm::generate(&m, &ids, cfg, &tok.eos, &device, |next| {
+        out.push(next);
+        // Print the text's new part: decoding the whole continuation keeps multi-byte
+        // characters split across tokens whole.
+        if let Ok(text) = tok.decode(&out, true) {
+            if text.len() > shown.len() && text.starts_with(&shown) && !text.ends_with('\u{fffd}') {
+                emit_partial(&text[shown.len()..]);
+                shown = text;
+            }
+        }
+    })?;
+    let text = tok.decode(&result, true)?;
+    if text.starts_with(&shown) {
+        emit_partial(&text[shown.len()..]);
+    }
+    emit("\n");
+    eprintln!(
+        "{} prompt tokens, {} new tokens in {:.2} s ({:.1} tokens/s)",
+        ids.len(),
+        result.len(),
+        t.elapsed().as_secs_f64(),
+        result.len() as f64 / t.elapsed().as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    model: &Path,
+    adapter: Option<&Path>,
+    task: TaskKind,
+    split: Split,
+    limit: Option<usize>,
+    data: Option<PathBuf>,
+    max_len: usize,
+    batch_tokens: usize,
+) -> Result<(), AdapterError> {
+    let dir = match data {
+        Some(d) => d,
+        None => AssetCache::default().olmo_tasks(&|m| eprintln!("{m}"))?,
+    };
+    let mut questions = llm::tasks::load(&dir, task, split)?;
+    if let Some(n) = limit {
+        questions.truncate(n);
+    }
+    let device = Default::default();
+    let (m, tok) = load_decoder(model, adapter, &device)?;
+    let t = std::time::Instant::now();
+    let r = llm::evaluate(&m, &tok, &questions, max_len, batch_tokens, &device)?;
+    eprintln!(
+        "{} {}: {} questions in {:.1} s",
+        task.name(),
+        split.name(),
+        r.n,
+        t.elapsed().as_secs_f64()
+    );
+    let line = serde_json::json!({
+        "task": task.name(),
+        "split": split.name(),
+        "n": r.n,
+        "acc": r.acc,
+        "acc_norm": r.acc_norm,
+    });
+    emit(&format!("{line}\n"));
+    Ok(())
+}
+
+/// Writes a piece of output at once (no newline), quietly ending on a closed pipe.
+fn emit_partial(text: &str) {
+    emit(text)
 }

