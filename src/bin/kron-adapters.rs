@@ -154,6 +154,23 @@ enum Cmd {
         #[arg(long, default_value_t = 4096)]
         batch_tokens: usize,
     },
+    /// Merge an adapter into a decoder and write a Hugging Face folder (config.json,
+    /// model.safetensors in float32 — a GGUF base dequantized —, tokenizer.json) that
+    /// transformers and other tools run.
+    ExportHf {
+        /// A .gguf file or a Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter file or a PEFT folder made for this model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Convert between PEFT folders and adapter files.
     Convert {
         /// The input's format.
@@ -216,6 +233,21 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
                 .with_seed(seed);
             cfg.temperature = temperature;
             generate(&model, adapter.as_deref(), &prompt, &cfg, chat)
+        }
+        Cmd::ExportHf {
+            model,
+            adapter,
+            out,
+            force,
+        } => {
+            st::refuse_existing(&out, force)?;
+            let device = Default::default();
+            let (m, tok) = load_decoder(&model, adapter.as_deref(), &device)?;
+            let files = tok.hf_files()?;
+            let extra: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+            let bytes = llama::save_hf(m, &out, &extra, force)?;
+            eprintln!("wrote {} (model.safetensors {bytes} bytes, merged)", out.display());
+            Ok(())
         }
         Cmd::Eval {
             model,

@@ -264,13 +264,29 @@ impl TextTokenizer {
         self.tokenizer.id_to_token(id)
     }
 
-    /// Saves a Hugging Face `tokenizer.json` (for a merged model that other tools run).
-    pub fn save(&self, path: &Path) -> Result<(), AdapterError> {
+    /// The Hugging Face files of this tokenizer, `tokenizer.json` and `tokenizer_config.json`
+    /// (special tokens, BOS handling, chat template), for a model folder other tools run.
+    pub fn hf_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>, AdapterError> {
         let json = self
             .tokenizer
             .to_string(true)
-            .map_err(|e| AdapterError::format(path.display().to_string(), e.to_string()))?;
-        crate::store::st::write_atomic(path, json.as_bytes())
+            .map_err(|e| AdapterError::format("tokenizer.json", e.to_string()))?;
+        let token = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i));
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": token(self.bos),
+            "eos_token": token(self.eos.first().copied()),
+            "add_bos_token": self.add_bos,
+            "add_eos_token": false,
+            "chat_template": self.chat_template,
+            "clean_up_tokenization_spaces": false,
+        });
+        let config = serde_json::to_vec_pretty(&config)
+            .map_err(|e| AdapterError::format("tokenizer_config.json", e.to_string()))?;
+        Ok(vec![
+            ("tokenizer.json", json.into_bytes()),
+            ("tokenizer_config.json", config),
+        ])
     }
 
     /// A single-turn chat prompt: ChatML (`<|im_start|>user\n…<|im_end|>\n<|im_start|>assistant\n`)

@@ -423,3 +423,94 @@ fn damaged_gguf_files_are_errors() {
         }
     }
 }
+
+/// A merged model written as a Hugging Face folder reloads with the same logits (float32,
+/// Hugging Face names and layout), from a GGUF base too; adapters trained here export as PEFT
+/// folders keyed by the Llama paths PEFT uses.
+#[test]
+fn merged_hugging_face_export_and_peft_export_of_decoder_adapters() {
+    let dev = device();
+    let reference = read_st(&fx("tiny_llama/reference.safetensors"));
+    let want = read_st(&fx("tiny_llama/reference_lora.safetensors"));
+    let (ids, mask, lengths) = inputs(&reference);
+    let lora = read_any(fx("tiny_llama/peft_lora")).unwrap().into_adapters();
+    let dir = scratch_dir("llama", "export");
+    for base in ["tiny_llama", "tiny_llama/tiny_llama.gguf"] {
+        let model = llama::load::<TB>(fx(base), &PlacementConfig::new(), &dev).unwrap();
+        let model = attach(model, &lora, &NameMap::new(), &dev).unwrap();
+        let out = dir.join("hf");
+        llama::save_hf(model, &out, &[("extra.txt", b"x")], true).unwrap();
+        assert!(out.join("extra.txt").exists());
+        let back = load_dir_at(&out);
+        assert!(back.adapter_specs().is_empty(), "merged");
+        let err = logits_error(back.forward(ids.clone(), Some(mask.clone())), &want["logits"], &lengths);
+        assert!(err <= 1e-4, "{base}: exported model logits {err}");
+    }
+    // An existing folder is refused without overwrite, and left as it was.
+    let model = llama::load::<TB>(fx("tiny_llama"), &PlacementConfig::new(), &dev).unwrap();
+    assert!(llama::save_hf(model, &dir.join("hf"), &[], false).is_err());
+    assert!(dir.join("hf/extra.txt").exists());
+    // Kron-LoRA trained here → a PEFT LoKr folder with PEFT's Llama keys → read back exactly.
+    let model: LlamaForCausalLM<TB> = LlamaForCausalLM::new(
+        &mut TensorSource::random(3),
+        &LlamaConfig::tiny(64),
+        &PlacementConfig::linear(AdapterConfig::KronLora(
+            KronLoraConfig::auto(2).with_init(kron_adapters::FactorInit::Normal),
+        )),
+        &dev,
+    )
+    .unwrap();
+    let native = kron_adapters::NativeAdapters::from_model(&model);
+    let (config, tensors) = kron_adapters::store::peft_files(&native, None).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&tensors).unwrap();
+    assert!(st.names().contains(&"base_model.model.model.layers.0.self_attn.q_proj.lokr_w1"));
+    assert!(st.names().contains(&"base_model.model.model.layers.1.mlp.down_proj.lokr_w2_a"));
+    let back = kron_adapters::store::PeftAdapter::from_bytes("x", config.as_bytes(), &tensors).unwrap();
+    assert_eq!(back.adapters.meta.layers, native.meta.layers);
+    assert_eq!(back.adapters.factors, native.factors);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn load_dir_at(dir: &Path) -> LlamaForCausalLM<TB> {
+    llama::load::<TB>(dir, &PlacementConfig::new(), &device()).unwrap()
+}
+
+/// Configs of the Llama family parse from their Hugging Face spellings.
+#[test]
+fn llama_family_configs_parse() {
+    let parse = |j: &str| LlamaConfig::from_hf("c", &serde_json::from_str(j).unwrap());
+    let base = r#""vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8"#;
+    // transformers 4: rope_theta at the top, Llama 3.1 scaling in rope_scaling; eos a list.
+    let c = parse(&format!(
+        r#"{{{base}, "model_type": "llama", "num_key_value_heads": 2, "rope_theta": 500000.0,
+           "rope_scaling": {{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+           "eos_token_id": [128001, 128009], "bos_token_id": 1}}"#
+    ));
+    // eos outside the vocabulary of 100: refused with a typed error.
+    assert!(matches!(c, Err(AdapterError::InvalidSpec { .. })), "{c:?}");
+    let c = parse(&format!(
+        r#"{{{base}, "model_type": "llama", "num_key_value_heads": 2, "rope_theta": 500000.0,
+           "rope_scaling": {{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}, "eos_token_id": [2, 3]}}"#
+    ))
+    .unwrap();
+    assert_eq!((c.rope_theta, c.eos_token_ids.clone(), c.head_dim), (500000.0, vec![2, 3], 8));
+    assert!(matches!(c.rope_scaling, llama::RopeScaling::Llama3 { .. }));
+    let inv = c.inv_freq();
+    assert!(inv[0] == 1.0 && inv[3] < 1.0 / 500000f64.powf(6.0 / 8.0) + 1e-12);
+    // Mistral and Qwen2; transformers 5's rope_parameters.
+    let m = parse(&format!(r#"{{{base}, "model_type": "mistral", "sliding_window": 4096, "rope_parameters": {{"rope_theta": 1000000.0, "rope_type": "default"}}}}"#)).unwrap();
+    assert_eq!((m.rope_theta, m.qkv_bias, m.num_key_value_heads), (1000000.0, false, 8));
+    let q = parse(&format!(r#"{{{base}, "model_type": "qwen2", "tie_word_embeddings": true}}"#)).unwrap();
+    assert!(q.qkv_bias && !q.o_bias && q.tie_word_embeddings);
+    let l = parse(&format!(r#"{{{base}, "rope_scaling": {{"type": "linear", "factor": 2.0}}}}"#)).unwrap();
+    assert_eq!(l.position_scale(), 0.5);
+    // What is not a Llama-family model, or not readable, is refused by name.
+    assert!(matches!(parse(&format!(r#"{{{base}, "model_type": "gemma3"}}"#)), Err(AdapterError::Unsupported { .. })));
+    assert!(matches!(parse(&format!(r#"{{{base}, "hidden_act": "gelu"}}"#)), Err(AdapterError::Unsupported { .. })));
+    assert!(matches!(parse(&format!(r#"{{{base}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#)), Err(AdapterError::Unsupported { .. })));
+    assert!(parse(r#"{"vocab_size": 100}"#).is_err());
+    assert!(parse(&format!(r#"{{{base}, "num_key_value_heads": 3}}"#)).is_err());
+    assert!(parse(&format!(r#"{{{base}, "hidden_size": -4}}"#)).is_err());
+}

@@ -611,3 +611,88 @@ pub fn load<B: Backend>(
     source.finish()?;
     Ok(model)
 }
+
+/// A Hugging Face `config.json` for `config` (float32 weights).
+pub fn hf_config_json(config: &LlamaConfig) -> serde_json::Value {
+    let c = config;
+    let arch = match c.model_type.as_str() {
+        "qwen2" => "Qwen2ForCausalLM",
+        "mistral" => "MistralForCausalLM",
+        _ => "LlamaForCausalLM",
+    };
+    let rope_scaling = match c.rope_scaling {
+        RopeScaling::None => serde_json::Value::Null,
+        other => serde_json::to_value(other).unwrap_or_default(),
+    };
+    serde_json::json!({
+        "architectures": [arch],
+        "model_type": if c.model_type == "qwen2" || c.model_type == "mistral" { c.model_type.as_str() } else { "llama" },
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.qkv_bias && c.model_type != "qwen2",
+        "mlp_bias": c.mlp_bias,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_ids.first(),
+        "torch_dtype": "float32",
+    })
+}
+
+/// Writes `model` as a Hugging Face folder that `transformers` (and llama.cpp's converter) can
+/// run: `config.json` and `model.safetensors` (float32, Hugging Face names and `[out, in]`
+/// layout), with every linear adapter merged into its base weight first (refusing NaN/Inf).
+/// `extra` files (a tokenizer's) are written into the folder too. The folder is written
+/// atomically; an existing one is replaced only when `overwrite`. Returns the bytes of
+/// `model.safetensors`.
+pub fn save_hf<B: Backend>(
+    model: LlamaForCausalLM<B>,
+    dir: &Path,
+    extra: &[(&str, &[u8])],
+    overwrite: bool,
+) -> Result<u64, AdapterError> {
+    use crate::linear::AdapterLayers;
+    use crate::store::st::{self, HostTensor};
+    st::refuse_existing(dir, overwrite)?;
+    let model = model.merge_adapters()?;
+    let mut entries: Vec<st::Entry> = Vec::new();
+    let mut push = |name: String, t: HostTensor| {
+        entries.push((name, ::safetensors::Dtype::F32, t.shape.clone(), t.f32_bytes()));
+    };
+    let host = |t: Tensor<B, 2>| HostTensor::from_tensor(t);
+    let vector = |t: Tensor<B, 1>| HostTensor::from_tensor(t);
+    push("model.embed_tokens.weight".into(), host(model.model.embed_tokens.weight.val()));
+    push("model.norm.weight".into(), vector(model.model.norm.gamma.val()));
+    if let Some(head) = &model.lm_head {
+        push("lm_head.weight".into(), host(head.weight.val()).transposed());
+    }
+    for (path, layer) in model.adapter_layers() {
+        push(format!("{path}.weight"), host(layer.base.weight.val()).transposed());
+        if let Some(b) = &layer.base.bias {
+            push(format!("{path}.bias"), vector(b.val()));
+        }
+    }
+    for (i, layer) in model.model.layers.iter().enumerate() {
+        let p = |n: &str| format!("model.layers.{i}.{n}.weight");
+        push(p("input_layernorm"), vector(layer.input_layernorm.gamma.val()));
+        push(p("post_attention_layernorm"), vector(layer.post_attention_layernorm.gamma.val()));
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let weights = st::serialize("model.safetensors", &entries, meta)?;
+    let config = serde_json::to_vec_pretty(&hf_config_json(model.config()))
+        .map_err(|e| AdapterError::format("config.json", e.to_string()))?;
+    let mut files: Vec<(&str, &[u8])> = vec![("config.json", &config), ("model.safetensors", &weights)];
+    files.extend_from_slice(extra);
+    st::write_dir_atomic(dir, &files, overwrite)?;
+    Ok(weights.len() as u64)
+}
