@@ -257,7 +257,7 @@ def check_gguf(path, sd, names, n_head, n_kv):
     # a spot check of the index map: GGUF row h*hd + 2i + j = HF row h*hd + j*half + i
     return {
         "gguf_file": os.path.basename(path),
-        "reader": f"gguf {gguf.__version__ if hasattr(gguf, '__version__') else '0.19'} GGUFReader",
+        "reader": "gguf 0.19 GGUFReader",
         "all_exact": all(e["unpermuted_equals_hf_exactly"] for e in entries),
         "n_head": n_head,
         "n_head_kv": n_kv,

@@ -21,6 +21,7 @@ use kron_adapters::finetune::AssetCache;
 use kron_adapters::llm::{self, GenerateConfig, Split, TaskKind, TextTokenizer};
 use kron_adapters::model::llama::{self, LlamaForCausalLM};
 use kron_adapters::quant::{Level, QuantConfig};
+use kron_adapters::store::gguf::GgufFile;
 use kron_adapters::store::{
     attach, merge_checkpoint, read_any, size_on_disk, st, write_peft_dir, AdapterFile,
     NativeAdapters, PeftAdapter, QuantizedAdapters,
@@ -243,7 +244,13 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             st::refuse_existing(&out, force)?;
             let device = Default::default();
             let (m, tok) = load_decoder(&model, adapter.as_deref(), &device)?;
-            let files = tok.hf_files()?;
+            let files = match tok {
+                Some(tok) => tok.hf_files()?,
+                None => {
+                    eprintln!("note: the model has no tokenizer; writing the weights and config only");
+                    Vec::new()
+                }
+            };
             let extra: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
             let bytes = llama::save_hf(m, &out, &extra, force)?;
             eprintln!("wrote {} (model.safetensors {bytes} bytes, merged)", out.display());
@@ -441,10 +448,26 @@ fn load_decoder(
     model: &Path,
     adapter: Option<&Path>,
     device: &burn::tensor::Device<Cpu>,
-) -> Result<(LlamaForCausalLM<Cpu>, TextTokenizer), AdapterError> {
+) -> Result<(LlamaForCausalLM<Cpu>, Option<TextTokenizer>), AdapterError> {
     let t = std::time::Instant::now();
-    let tok = TextTokenizer::load(model)?;
-    let mut m = llama::load::<Cpu>(model, &PlacementConfig::new(), device)?;
+    // A model may come without a tokenizer (export-hf needs none); a GGUF file is read once.
+    let (mut m, tok) = if model.is_dir() {
+        let tok = model
+            .join("tokenizer.json")
+            .exists()
+            .then(|| TextTokenizer::from_hf_dir(model))
+            .transpose()?;
+        (llama::load::<Cpu>(model, &PlacementConfig::new(), device)?, tok)
+    } else {
+        let file = GgufFile::read(model)?;
+        let shown = model.display().to_string();
+        let tok = file
+            .get("tokenizer.ggml.model")
+            .is_some()
+            .then(|| TextTokenizer::from_gguf(&file, &shown))
+            .transpose()?;
+        (llama::from_gguf::<Cpu>(&file, &shown, &PlacementConfig::new(), device)?, tok)
+    };
     if let Some(path) = adapter {
         let file = read_any(path)?;
         eprintln!("adapter: {} {}", file.describe(), path.display());
@@ -469,6 +492,7 @@ fn generate(
 ) -> Result<(), AdapterError> {
     let device = Default::default();
     let (m, tok) = load_decoder(model, adapter, &device)?;
+    let tok = tok.ok_or_else(|| no_tokenizer(model))?;
     let text = if chat {
         tok.chat_prompt(prompt)?
     } else {
@@ -525,6 +549,7 @@ fn evaluate(
     }
     let device = Default::default();
     let (m, tok) = load_decoder(model, adapter, &device)?;
+    let tok = tok.ok_or_else(|| no_tokenizer(model))?;
     let t = std::time::Instant::now();
     let r = llm::evaluate(&m, &tok, &questions, max_len, batch_tokens, &device)?;
     eprintln!(
@@ -548,4 +573,15 @@ fn evaluate(
 /// Writes a piece of output at once (no newline), quietly ending on a closed pipe.
 fn emit_partial(text: &str) {
     emit(text)
+}
+
+fn no_tokenizer(model: &Path) -> AdapterError {
+    AdapterError::Unsupported {
+        option: "tokenizer".into(),
+        message: format!(
+            "{}: the model has no tokenizer (no tokenizer.json, or no tokenizer.ggml metadata); \
+             this command needs one",
+            model.display()
+        ),
+    }
 }

@@ -363,21 +363,25 @@ pub fn attach<B: Backend, M: AdapterLayers<B>>(
         .find(|(target, _)| !layers.contains(target))
     {
         let known: Vec<&String> = layers.iter().take(12).collect();
-        return Err(crate::ConfigError::invalid(
-            *name,
-            "name",
-            format!(
-                "maps to `{target}`, which is not a layer of the model; its layers include \
-                 {known:?} (use a NameMap)"
+        return Err(AdapterError::Incompatible {
+            message: format!(
+                "the adapter's layer `{name}` maps to `{target}`, which is not a layer of the \
+                 model; its layers include {known:?} (rename with a NameMap / --map)"
             ),
-        )
-        .into());
+        });
     }
     let placed = place_with(model, |path, _| {
         by_target
             .get(path)
             .map(|name| adapters.adapter::<B>(name, device).map_err(|e| at(e, path)))
             .transpose()
+    })
+    .map_err(|e| match e {
+        // A layer whose size differs from its adapter's: the file was made for another model.
+        AdapterError::Config(c) => AdapterError::Incompatible {
+            message: format!("{c} (the adapter was made for another model)"),
+        },
+        other => other,
     })?;
     Ok(placed.model)
 }

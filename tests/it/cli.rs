@@ -543,3 +543,109 @@ fn inconsistent_adapter_metadata_exits_3_in_every_command() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `generate`, `eval` and `export-hf` on the real SmolLM2 (asset; CI fetches it): the greedy
+/// continuation is transformers' (tests/fixtures/smollm2/reference.json), only it is on stdout;
+/// eval's last line is its JSON; errors have their exit codes.
+#[test]
+fn decoder_commands_on_smollm2() {
+    let Some(pkg) = crate::common::asset(&kron_adapters::finetune::assets::SMOLLM2) else {
+        return;
+    };
+    let gguf = pkg.join(kron_adapters::finetune::assets::SMOLLM2.prefix);
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::common::fixture("smollm2/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &reference["greedy"]["cases"][0];
+    let (code, out, err) = run(&[
+        "generate",
+        "--model",
+        s(&gguf),
+        "--prompt",
+        case["prompt_text"].as_str().unwrap(),
+        "--max-new-tokens",
+        "20",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("{}\n", case["continuation_text"].as_str().unwrap()), "{err}");
+    assert!(err.contains("tokens/s"), "timing on stderr: {err}");
+    // With a PEFT LoRA adapter: transformers + PEFT's continuation.
+    let lora = &reference["adapters"]["lora"];
+    let (code, out, err) = run(&[
+        "generate",
+        "--model",
+        s(&gguf),
+        "--adapter",
+        s(&crate::common::fixture("smollm2/peft_lora")),
+        "--prompt",
+        case["prompt_text"].as_str().unwrap(),
+        "--max-new-tokens",
+        "20",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("{}\n", lora["plain"]["continuation_text"].as_str().unwrap()));
+    // eval: the last stdout line is one JSON object.
+    let (code, out, err) = run(&[
+        "eval", "--model", s(&gguf), "--task", "arc_easy", "--split", "test", "--limit", "12",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!((last["task"].as_str(), last["split"].as_str(), last["n"].as_u64()), (Some("arc_easy"), Some("test"), Some(12)));
+    let acc = last["acc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc) && last["acc_norm"].as_f64().is_some());
+    // Errors: a missing model (1), bad arguments (2), an adapter made for another model (5).
+    let (code, _, _) = run(&["generate", "--model", "/nonexistent.gguf", "--prompt", "x"]);
+    assert_eq!(code, 1);
+    let (code, _, err) = run(&["eval", "--model", s(&gguf), "--task", "mmlu"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(&["generate", "--model", s(&gguf), "--prompt", "x", "--temperature", "0"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(&["eval", "--model", s(&gguf), "--task", "piqa", "--split", "test"]);
+    assert_eq!(code, 2, "{err}");
+    let tiny_lora = crate::common::fixture("llama/tiny_llama/peft_lora");
+    let (code, _, err) = run(&["generate", "--model", s(&gguf), "--adapter", s(&tiny_lora), "--prompt", "x"]);
+    assert_eq!(code, 5, "{err}");
+    let mut bad = std::fs::read(&gguf).unwrap();
+    bad.truncate(5000);
+    let dir = tmp("decoder");
+    std::fs::write(dir.join("bad.gguf"), bad).unwrap();
+    let (code, _, err) = run(&["generate", "--model", s(&dir.join("bad.gguf")), "--prompt", "x"]);
+    assert_eq!(code, 3, "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `export-hf` merges an adapter into a model and writes a Hugging Face folder that loads
+/// back (here the tiny Llama fixture, which has no tokenizer: weights and config only).
+#[test]
+fn export_hf_writes_a_merged_folder() {
+    let dir = tmp("export-hf");
+    let out = dir.join("merged");
+    let f = crate::common::fixture("llama/tiny_llama");
+    let (code, _, err) = run(&[
+        "export-hf",
+        "--model",
+        s(&f.join("tiny_llama.gguf")),
+        "--adapter",
+        s(&f.join("peft_lora")),
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.join("config.json").exists() && out.join("model.safetensors").exists());
+    // The GGUF has no tokenizer metadata: generate needs one (4, unsupported), nothing written.
+    let (code, out_text, err) = run(&["generate", "--model", s(&f.join("tiny_llama.gguf")), "--prompt", "x"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(out_text.is_empty() && err.contains("no tokenizer"), "{err}");
+    // The exported folder runs: export it again (no adapter), the weights are the same.
+    let (code, _, err) = run(&["export-hf", "--model", s(&out), "--out", s(&dir.join("again"))]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(dir.join("again/model.safetensors")).unwrap()
+    );
+    // An existing output is refused (1) without --force.
+    let (code, _, _) = run(&["export-hf", "--model", s(&out), "--out", s(&dir.join("again"))]);
+    assert_eq!(code, 1);
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -594,20 +594,37 @@ pub fn load<B: Backend>(
     device: &B::Device,
 ) -> Result<LlamaForCausalLM<B>, AdapterError> {
     let path = path.as_ref();
-    let shown = path.display().to_string();
-    let (mut source, config) = if path.is_dir() {
+    if path.is_dir() {
         let config = LlamaConfig::from_json_file(path.join("config.json"))?;
-        (TensorSource::from_model_dir(path)?, config)
+        build(TensorSource::from_model_dir(path)?, &config, placement, device)
     } else {
-        let file = GgufFile::read(path)?;
-        gguf_source(&file, &shown)?
-    };
+        from_gguf(&GgufFile::read(path)?, &path.display().to_string(), placement, device)
+    }
+}
+
+/// A Llama-family model from a GGUF file already read (`path` names it in errors).
+pub fn from_gguf<B: Backend>(
+    file: &GgufFile,
+    path: &str,
+    placement: &PlacementConfig,
+    device: &B::Device,
+) -> Result<LlamaForCausalLM<B>, AdapterError> {
+    let (source, config) = gguf_source(file, path)?;
+    build(source, &config, placement, device)
+}
+
+fn build<B: Backend>(
+    mut source: TensorSource,
+    config: &LlamaConfig,
+    placement: &PlacementConfig,
+    device: &B::Device,
+) -> Result<LlamaForCausalLM<B>, AdapterError> {
     // Buffers some checkpoints carry.
     let rotary: Vec<String> = (0..config.num_hidden_layers)
         .map(|i| format!("model.layers.{i}.self_attn.rotary_emb.inv_freq"))
         .collect();
     source.ignore(&rotary.iter().map(String::as_str).collect::<Vec<_>>());
-    let model = LlamaForCausalLM::new(&mut source, &config, placement, device)?;
+    let model = LlamaForCausalLM::new(&mut source, config, placement, device)?;
     source.finish()?;
     Ok(model)
 }
