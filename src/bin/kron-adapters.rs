@@ -247,13 +247,18 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             let files = match tok {
                 Some(tok) => tok.hf_files()?,
                 None => {
-                    eprintln!("note: the model has no tokenizer; writing the weights and config only");
+                    eprintln!(
+                        "note: the model has no tokenizer; writing the weights and config only"
+                    );
                     Vec::new()
                 }
             };
             let extra: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
             let bytes = llama::save_hf(m, &out, &extra, force)?;
-            eprintln!("wrote {} (model.safetensors {bytes} bytes, merged)", out.display());
+            eprintln!(
+                "wrote {} (model.safetensors {bytes} bytes, merged)",
+                out.display()
+            );
             Ok(())
         }
         Cmd::Eval {
@@ -457,7 +462,10 @@ fn load_decoder(
             .exists()
             .then(|| TextTokenizer::from_hf_dir(model))
             .transpose()?;
-        (llama::load::<Cpu>(model, &PlacementConfig::new(), device)?, tok)
+        (
+            llama::load::<Cpu>(model, &PlacementConfig::new(), device)?,
+            tok,
+        )
     } else {
         let file = GgufFile::read(model)?;
         let shown = model.display().to_string();
@@ -466,7 +474,10 @@ fn load_decoder(
             .is_some()
             .then(|| TextTokenizer::from_gguf(&file, &shown))
             .transpose()?;
-        (llama::from_gguf::<Cpu>(&file, &shown, &PlacementConfig::new(), device)?, tok)
+        (
+            llama::from_gguf::<Cpu>(&file, &shown, &PlacementConfig::new(), device)?,
+            tok,
+        )
     };
     if let Some(path) = adapter {
         let file = read_any(path)?;

@@ -546,7 +546,9 @@ fn inconsistent_adapter_metadata_exits_3_in_every_command() {
 
 /// `generate`, `eval` and `export-hf` on the real SmolLM2 (asset; CI fetches it): the greedy
 /// continuation is transformers' (tests/fixtures/smollm2/reference.json), only it is on stdout;
-/// eval's last line is its JSON; errors have their exit codes.
+/// eval's last line is its JSON; errors have their exit codes. (The binary runs on the CPU
+/// whatever the test backend.)
+#[cfg(not(feature = "wgpu"))]
 #[test]
 fn decoder_commands_on_smollm2() {
     let Some(pkg) = crate::common::asset(&kron_adapters::finetune::assets::SMOLLM2) else {
@@ -568,7 +570,11 @@ fn decoder_commands_on_smollm2() {
         "20",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out, format!("{}\n", case["continuation_text"].as_str().unwrap()), "{err}");
+    assert_eq!(
+        out,
+        format!("{}\n", case["continuation_text"].as_str().unwrap()),
+        "{err}"
+    );
     assert!(err.contains("tokens/s"), "timing on stderr: {err}");
     // With a PEFT LoRA adapter: transformers + PEFT's continuation.
     let lora = &reference["adapters"]["lora"];
@@ -584,14 +590,32 @@ fn decoder_commands_on_smollm2() {
         "20",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out, format!("{}\n", lora["plain"]["continuation_text"].as_str().unwrap()));
+    assert_eq!(
+        out,
+        format!("{}\n", lora["plain"]["continuation_text"].as_str().unwrap())
+    );
     // eval: the last stdout line is one JSON object.
     let (code, out, err) = run(&[
-        "eval", "--model", s(&gguf), "--task", "arc_easy", "--split", "test", "--limit", "12",
+        "eval",
+        "--model",
+        s(&gguf),
+        "--task",
+        "arc_easy",
+        "--split",
+        "test",
+        "--limit",
+        "12",
     ]);
     assert_eq!(code, 0, "{err}");
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert_eq!((last["task"].as_str(), last["split"].as_str(), last["n"].as_u64()), (Some("arc_easy"), Some("test"), Some(12)));
+    assert_eq!(
+        (
+            last["task"].as_str(),
+            last["split"].as_str(),
+            last["n"].as_u64()
+        ),
+        (Some("arc_easy"), Some("test"), Some(12))
+    );
     let acc = last["acc"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc) && last["acc_norm"].as_f64().is_some());
     // Errors: a missing model (1), bad arguments (2), an adapter made for another model (5).
@@ -599,18 +623,48 @@ fn decoder_commands_on_smollm2() {
     assert_eq!(code, 1);
     let (code, _, err) = run(&["eval", "--model", s(&gguf), "--task", "mmlu"]);
     assert_eq!(code, 2, "{err}");
-    let (code, _, err) = run(&["generate", "--model", s(&gguf), "--prompt", "x", "--temperature", "0"]);
+    let (code, _, err) = run(&[
+        "generate",
+        "--model",
+        s(&gguf),
+        "--prompt",
+        "x",
+        "--temperature",
+        "0",
+    ]);
     assert_eq!(code, 2, "{err}");
-    let (code, _, err) = run(&["eval", "--model", s(&gguf), "--task", "piqa", "--split", "test"]);
+    let (code, _, err) = run(&[
+        "eval",
+        "--model",
+        s(&gguf),
+        "--task",
+        "piqa",
+        "--split",
+        "test",
+    ]);
     assert_eq!(code, 2, "{err}");
     let tiny_lora = crate::common::fixture("llama/tiny_llama/peft_lora");
-    let (code, _, err) = run(&["generate", "--model", s(&gguf), "--adapter", s(&tiny_lora), "--prompt", "x"]);
+    let (code, _, err) = run(&[
+        "generate",
+        "--model",
+        s(&gguf),
+        "--adapter",
+        s(&tiny_lora),
+        "--prompt",
+        "x",
+    ]);
     assert_eq!(code, 5, "{err}");
     let mut bad = std::fs::read(&gguf).unwrap();
     bad.truncate(5000);
     let dir = tmp("decoder");
     std::fs::write(dir.join("bad.gguf"), bad).unwrap();
-    let (code, _, err) = run(&["generate", "--model", s(&dir.join("bad.gguf")), "--prompt", "x"]);
+    let (code, _, err) = run(&[
+        "generate",
+        "--model",
+        s(&dir.join("bad.gguf")),
+        "--prompt",
+        "x",
+    ]);
     assert_eq!(code, 3, "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
@@ -634,18 +688,36 @@ fn export_hf_writes_a_merged_folder() {
     assert_eq!(code, 0, "{err}");
     assert!(out.join("config.json").exists() && out.join("model.safetensors").exists());
     // The GGUF has no tokenizer metadata: generate needs one (4, unsupported), nothing written.
-    let (code, out_text, err) = run(&["generate", "--model", s(&f.join("tiny_llama.gguf")), "--prompt", "x"]);
+    let (code, out_text, err) = run(&[
+        "generate",
+        "--model",
+        s(&f.join("tiny_llama.gguf")),
+        "--prompt",
+        "x",
+    ]);
     assert_eq!(code, 4, "{err}");
     assert!(out_text.is_empty() && err.contains("no tokenizer"), "{err}");
     // The exported folder runs: export it again (no adapter), the weights are the same.
-    let (code, _, err) = run(&["export-hf", "--model", s(&out), "--out", s(&dir.join("again"))]);
+    let (code, _, err) = run(&[
+        "export-hf",
+        "--model",
+        s(&out),
+        "--out",
+        s(&dir.join("again")),
+    ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         std::fs::read(out.join("model.safetensors")).unwrap(),
         std::fs::read(dir.join("again/model.safetensors")).unwrap()
     );
     // An existing output is refused (1) without --force.
-    let (code, _, _) = run(&["export-hf", "--model", s(&out), "--out", s(&dir.join("again"))]);
+    let (code, _, _) = run(&[
+        "export-hf",
+        "--model",
+        s(&out),
+        "--out",
+        s(&dir.join("again")),
+    ]);
     assert_eq!(code, 1);
     std::fs::remove_dir_all(dir).ok();
 }

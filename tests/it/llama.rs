@@ -433,7 +433,9 @@ fn merged_hugging_face_export_and_peft_export_of_decoder_adapters() {
     let reference = read_st(&fx("tiny_llama/reference.safetensors"));
     let want = read_st(&fx("tiny_llama/reference_lora.safetensors"));
     let (ids, mask, lengths) = inputs(&reference);
-    let lora = read_any(fx("tiny_llama/peft_lora")).unwrap().into_adapters();
+    let lora = read_any(fx("tiny_llama/peft_lora"))
+        .unwrap()
+        .into_adapters();
     let dir = scratch_dir("llama", "export");
     for base in ["tiny_llama", "tiny_llama/tiny_llama.gguf"] {
         let model = llama::load::<TB>(fx(base), &PlacementConfig::new(), &dev).unwrap();
@@ -443,7 +445,11 @@ fn merged_hugging_face_export_and_peft_export_of_decoder_adapters() {
         assert!(out.join("extra.txt").exists());
         let back = load_dir_at(&out);
         assert!(back.adapter_specs().is_empty(), "merged");
-        let err = logits_error(back.forward(ids.clone(), Some(mask.clone())), &want["logits"], &lengths);
+        let err = logits_error(
+            back.forward(ids.clone(), Some(mask.clone())),
+            &want["logits"],
+            &lengths,
+        );
         assert!(err <= 1e-4, "{base}: exported model logits {err}");
     }
     // An existing folder is refused without overwrite, and left as it was.
@@ -463,9 +469,14 @@ fn merged_hugging_face_export_and_peft_export_of_decoder_adapters() {
     let native = kron_adapters::NativeAdapters::from_model(&model);
     let (config, tensors) = kron_adapters::store::peft_files(&native, None).unwrap();
     let st = safetensors::SafeTensors::deserialize(&tensors).unwrap();
-    assert!(st.names().contains(&"base_model.model.model.layers.0.self_attn.q_proj.lokr_w1"));
-    assert!(st.names().contains(&"base_model.model.model.layers.1.mlp.down_proj.lokr_w2_a"));
-    let back = kron_adapters::store::PeftAdapter::from_bytes("x", config.as_bytes(), &tensors).unwrap();
+    assert!(st
+        .names()
+        .contains(&"base_model.model.model.layers.0.self_attn.q_proj.lokr_w1"));
+    assert!(st
+        .names()
+        .contains(&"base_model.model.model.layers.1.mlp.down_proj.lokr_w2_a"));
+    let back =
+        kron_adapters::store::PeftAdapter::from_bytes("x", config.as_bytes(), &tensors).unwrap();
     assert_eq!(back.adapters.meta.layers, native.meta.layers);
     assert_eq!(back.adapters.factors, native.factors);
     std::fs::remove_dir_all(dir).ok();
@@ -495,21 +506,44 @@ fn llama_family_configs_parse() {
            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}, "eos_token_id": [2, 3]}}"#
     ))
     .unwrap();
-    assert_eq!((c.rope_theta, c.eos_token_ids.clone(), c.head_dim), (500000.0, vec![2, 3], 8));
+    assert_eq!(
+        (c.rope_theta, c.eos_token_ids.clone(), c.head_dim),
+        (500000.0, vec![2, 3], 8)
+    );
     assert!(matches!(c.rope_scaling, llama::RopeScaling::Llama3 { .. }));
     let inv = c.inv_freq();
     assert!(inv[0] == 1.0 && inv[3] < 1.0 / 500000f64.powf(6.0 / 8.0) + 1e-12);
     // Mistral and Qwen2; transformers 5's rope_parameters.
     let m = parse(&format!(r#"{{{base}, "model_type": "mistral", "sliding_window": 4096, "rope_parameters": {{"rope_theta": 1000000.0, "rope_type": "default"}}}}"#)).unwrap();
-    assert_eq!((m.rope_theta, m.qkv_bias, m.num_key_value_heads), (1000000.0, false, 8));
-    let q = parse(&format!(r#"{{{base}, "model_type": "qwen2", "tie_word_embeddings": true}}"#)).unwrap();
+    assert_eq!(
+        (m.rope_theta, m.qkv_bias, m.num_key_value_heads),
+        (1000000.0, false, 8)
+    );
+    let q = parse(&format!(
+        r#"{{{base}, "model_type": "qwen2", "tie_word_embeddings": true}}"#
+    ))
+    .unwrap();
     assert!(q.qkv_bias && !q.o_bias && q.tie_word_embeddings);
-    let l = parse(&format!(r#"{{{base}, "rope_scaling": {{"type": "linear", "factor": 2.0}}}}"#)).unwrap();
+    let l = parse(&format!(
+        r#"{{{base}, "rope_scaling": {{"type": "linear", "factor": 2.0}}}}"#
+    ))
+    .unwrap();
     assert_eq!(l.position_scale(), 0.5);
     // What is not a Llama-family model, or not readable, is refused by name.
-    assert!(matches!(parse(&format!(r#"{{{base}, "model_type": "gemma3"}}"#)), Err(AdapterError::Unsupported { .. })));
-    assert!(matches!(parse(&format!(r#"{{{base}, "hidden_act": "gelu"}}"#)), Err(AdapterError::Unsupported { .. })));
-    assert!(matches!(parse(&format!(r#"{{{base}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#)), Err(AdapterError::Unsupported { .. })));
+    assert!(matches!(
+        parse(&format!(r#"{{{base}, "model_type": "gemma3"}}"#)),
+        Err(AdapterError::Unsupported { .. })
+    ));
+    assert!(matches!(
+        parse(&format!(r#"{{{base}, "hidden_act": "gelu"}}"#)),
+        Err(AdapterError::Unsupported { .. })
+    ));
+    assert!(matches!(
+        parse(&format!(
+            r#"{{{base}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#
+        )),
+        Err(AdapterError::Unsupported { .. })
+    ));
     assert!(parse(r#"{"vocab_size": 100}"#).is_err());
     assert!(parse(&format!(r#"{{{base}, "num_key_value_heads": 3}}"#)).is_err());
     assert!(parse(&format!(r#"{{{base}, "hidden_size": -4}}"#)).is_err());

@@ -387,7 +387,10 @@ fn sampling_is_seeded_and_respects_top_p() {
 
 /// The real SmolLM2-135M-Instruct against `transformers` on the same (dequantized) weights
 /// (tests/fixtures/smollm2, made by scripts/make_smollm2_reference.py): tokenizer ids, and the
-/// greedy continuation of fixed prompts with and without PEFT LoRA/LoKr adapters.
+/// greedy continuation of fixed prompts with and without PEFT LoRA/LoKr adapters. CPU only: on
+/// a software Vulkan device a 135M-parameter model is minutes a token; the wgpu suite checks the
+/// decoder on the tiny fixtures.
+#[cfg(not(feature = "wgpu"))]
 #[test]
 fn smollm2_tokenizer_and_greedy_continuations_match_transformers() {
     let Some(pkg) = asset(&kron_adapters::finetune::assets::SMOLLM2) else {
@@ -455,4 +458,69 @@ fn smollm2_tokenizer_and_greedy_continuations_match_transformers() {
         let want = ids_of(&case["continuation_ids"]);
         assert_eq!(greedy(&m, &prompt, want.len()), want, "{key}");
     }
+}
+
+/// Fine-tuning for multiple choice on a tiny model (any backend, the wgpu suite included): the
+/// training loss falls, only adapters change, the best dev evaluation's model is returned.
+#[test]
+fn multiple_choice_finetuning_lowers_the_loss_and_trains_only_adapters() {
+    use kron_adapters::llm::train::{finetune_mc, LlmFinetuneConfig};
+    let dev = device();
+    let tok = TextTokenizer::from_hf_dir(&fixture("minilm")).unwrap();
+    let m: LlamaForCausalLM<AB> = LlamaForCausalLM::new(
+        &mut TensorSource::random(2),
+        &LlamaConfig::tiny(tok.vocab_size()),
+        &PlacementConfig::linear(AdapterConfig::KronLora(KronLoraConfig::auto(2))),
+        &dev,
+    )
+    .unwrap();
+    // Questions whose answer is always "yes" after "is it": learnable by the adapters.
+    let q = |i: usize| Question {
+        id: i,
+        choices: vec![
+            (format!("question {i} : is it"), " yes".to_string()),
+            (format!("question {i} : is it"), " no".to_string()),
+        ],
+        gold: 0,
+    };
+    let train: Vec<Question> = (0..16).map(q).collect();
+    let dev_q: Vec<Question> = (16..20).map(q).collect();
+    let base_q = to_vec(m.model.layers[0].self_attn.q_proj.base.weight.val());
+    let cfg = LlmFinetuneConfig::new()
+        .with_lr(0.2)
+        .with_batch_size(4)
+        .with_epochs(6)
+        .with_evals(3);
+    let (trained, report) = finetune_mc(m, &tok, &train, &dev_q, &cfg, &dev, &|_| {}).unwrap();
+    assert_eq!(report.steps, 24);
+    let first: f64 = report.losses[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = report.losses[20..].iter().sum::<f64>() / 4.0;
+    // The frozen random head (N(0, 0.02) over 30,522 tokens) caps how far any logit can move
+    // (≈ 0.6 nats), so the loss falls little; the choice between " yes" and " no" is learnt.
+    assert!(last < first - 0.1, "loss {first} → {last}");
+    assert_eq!(report.evals.len(), 3);
+    assert_eq!(
+        report.best.acc,
+        report.evals.iter().map(|e| e.dev_acc).fold(0.0, f64::max)
+    );
+    assert_eq!(report.best.acc, 1.0, "the rule is learnt");
+    assert_eq!(
+        to_vec(trained.model.layers[0].self_attn.q_proj.base.weight.val()),
+        base_q,
+        "the base is frozen"
+    );
+    // Typed errors for bad runs.
+    let bad = LlmFinetuneConfig::new().with_lr(f64::NAN);
+    let m2: LlamaForCausalLM<AB> = model(tok.vocab_size(), &dev);
+    assert!(finetune_mc(m2.clone(), &tok, &train, &dev_q, &bad, &dev, &|_| {}).is_err());
+    assert!(finetune_mc(
+        m2,
+        &tok,
+        &[],
+        &dev_q,
+        &LlmFinetuneConfig::new(),
+        &dev,
+        &|_| {}
+    )
+    .is_err());
 }

@@ -596,9 +596,19 @@ pub fn load<B: Backend>(
     let path = path.as_ref();
     if path.is_dir() {
         let config = LlamaConfig::from_json_file(path.join("config.json"))?;
-        build(TensorSource::from_model_dir(path)?, &config, placement, device)
+        build(
+            TensorSource::from_model_dir(path)?,
+            &config,
+            placement,
+            device,
+        )
     } else {
-        from_gguf(&GgufFile::read(path)?, &path.display().to_string(), placement, device)
+        from_gguf(
+            &GgufFile::read(path)?,
+            &path.display().to_string(),
+            placement,
+            device,
+        )
     }
 }
 
@@ -683,32 +693,56 @@ pub fn save_hf<B: Backend>(
     let model = model.merge_adapters()?;
     let mut entries: Vec<st::Entry> = Vec::new();
     let mut push = |name: String, t: HostTensor| {
-        entries.push((name, ::safetensors::Dtype::F32, t.shape.clone(), t.f32_bytes()));
+        entries.push((
+            name,
+            ::safetensors::Dtype::F32,
+            t.shape.clone(),
+            t.f32_bytes(),
+        ));
     };
     let host = |t: Tensor<B, 2>| HostTensor::from_tensor(t);
     let vector = |t: Tensor<B, 1>| HostTensor::from_tensor(t);
-    push("model.embed_tokens.weight".into(), host(model.model.embed_tokens.weight.val()));
-    push("model.norm.weight".into(), vector(model.model.norm.gamma.val()));
+    push(
+        "model.embed_tokens.weight".into(),
+        host(model.model.embed_tokens.weight.val()),
+    );
+    push(
+        "model.norm.weight".into(),
+        vector(model.model.norm.gamma.val()),
+    );
     if let Some(head) = &model.lm_head {
-        push("lm_head.weight".into(), host(head.weight.val()).transposed());
+        push(
+            "lm_head.weight".into(),
+            host(head.weight.val()).transposed(),
+        );
     }
     for (path, layer) in model.adapter_layers() {
-        push(format!("{path}.weight"), host(layer.base.weight.val()).transposed());
+        push(
+            format!("{path}.weight"),
+            host(layer.base.weight.val()).transposed(),
+        );
         if let Some(b) = &layer.base.bias {
             push(format!("{path}.bias"), vector(b.val()));
         }
     }
     for (i, layer) in model.model.layers.iter().enumerate() {
         let p = |n: &str| format!("model.layers.{i}.{n}.weight");
-        push(p("input_layernorm"), vector(layer.input_layernorm.gamma.val()));
-        push(p("post_attention_layernorm"), vector(layer.post_attention_layernorm.gamma.val()));
+        push(
+            p("input_layernorm"),
+            vector(layer.input_layernorm.gamma.val()),
+        );
+        push(
+            p("post_attention_layernorm"),
+            vector(layer.post_attention_layernorm.gamma.val()),
+        );
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let weights = st::serialize("model.safetensors", &entries, meta)?;
     let config = serde_json::to_vec_pretty(&hf_config_json(model.config()))
         .map_err(|e| AdapterError::format("config.json", e.to_string()))?;
-    let mut files: Vec<(&str, &[u8])> = vec![("config.json", &config), ("model.safetensors", &weights)];
+    let mut files: Vec<(&str, &[u8])> =
+        vec![("config.json", &config), ("model.safetensors", &weights)];
     files.extend_from_slice(extra);
     st::write_dir_atomic(dir, &files, overwrite)?;
     Ok(weights.len() as u64)
