@@ -156,6 +156,85 @@ pub fn loglikelihoods<B: Backend>(
     out
 }
 
+/// The summed continuation log-probabilities of requests that share their context (the
+/// choices of one question): the context runs once into a KV cache, the continuations as one
+/// right-padded batch on copies of it. Equal to [`loglikelihoods`] on the same requests, with
+/// the context's cost paid once instead of once per choice.
+///
+/// # Panics
+/// If the requests' contexts differ (callers check [`shared_context`]).
+pub fn shared_loglikelihoods<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    requests: &[&Encoded],
+    device: &B::Device,
+) -> Vec<f64> {
+    let ctx = &requests[0].ids[..requests[0].start];
+    assert!(requests.iter().all(|e| &e.ids[..e.start] == ctx), "one shared context");
+    let ids = |v: &[u32], rows: usize, s: usize| {
+        Tensor::<B, 2, Int>::from_data(
+            TensorData::new(v.iter().map(|&t| t as i64).collect::<Vec<_>>(), [rows, s]),
+            device,
+        )
+    };
+    let mut cache = model.new_cache();
+    let h = model.model.forward(ids(ctx, 1, ctx.len()), None, Some(&mut cache));
+    let d = h.dims()[2];
+    let last = h.slice([0..1, ctx.len() - 1..ctx.len(), 0..d]).reshape([1, d]);
+    let first: Vec<f32> = activation::log_softmax(model.logits(last), 1)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32");
+    let mut out: Vec<f64> = requests
+        .iter()
+        .map(|e| first[e.ids[e.start] as usize] as f64)
+        .collect();
+    // The rest of each continuation: its tokens but the last fed, each predicting the next.
+    let n = requests.len();
+    let s = requests.iter().map(|e| e.ids.len() - e.start - 1).max().unwrap_or(0);
+    if s == 0 {
+        return out;
+    }
+    let mut fed = vec![0u32; n * s];
+    let (mut rows, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    let mut key_lengths = Vec::with_capacity(n);
+    for (r, e) in requests.iter().enumerate() {
+        let cont = e.continuation();
+        for (c, &t) in cont[..cont.len() - 1].iter().enumerate() {
+            fed[r * s + c] = t;
+            rows.push((r * s + c) as i64);
+            targets.push(cont[c + 1] as i64);
+            owner.push(r);
+        }
+        key_lengths.push(ctx.len() + cont.len() - 1);
+    }
+    let mut cache = cache.repeat(n);
+    let mask = padding_mask::<B>(&key_lengths, ctx.len() + s, device);
+    let h = model.model.forward(ids(&fed, n, s), Some(mask), Some(&mut cache));
+    let m = rows.len();
+    let picked = h
+        .reshape([n * s, d])
+        .select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), device));
+    let lp: Vec<f32> = activation::log_softmax(model.logits(picked), 1)
+        .gather(1, Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [m, 1]), device))
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32");
+    for (r, v) in owner.into_iter().zip(lp) {
+        out[r] += v as f64;
+    }
+    out
+}
+
+/// Do these requests share their context (so [`shared_loglikelihoods`] can score them)?
+pub fn shared_context(requests: &[Encoded]) -> bool {
+    requests.first().is_some_and(|first| {
+        let ctx = &first.ids[..first.start];
+        requests.iter().all(|e| &e.ids[..e.start] == ctx)
+    })
+}
+
 /// Accuracy on a multiple-choice task.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
@@ -170,7 +249,9 @@ pub struct EvalResult {
 }
 
 /// Evaluates `questions`: every choice scored, `acc` and `acc_norm`. Sequences are cut from
-/// the left at `max_len` tokens.
+/// the left at `max_len` tokens. Questions whose choices share their context (ARC, PIQA,
+/// HellaSwag, BoolQ) run it once ([`shared_loglikelihoods`]); the others (WinoGrande's options
+/// sit inside the context) are batched ([`loglikelihoods`]).
 pub fn evaluate<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tok: &TextTokenizer,
@@ -187,7 +268,24 @@ pub fn evaluate<B: Backend>(
             chars.push(cont.trim_start_matches(' ').chars().count().max(1) as f64);
         }
     }
-    let ll = loglikelihoods(model, &requests, batch_tokens, device);
+    // Score shared-context questions one by one, and batch the rest together.
+    let mut ll = vec![0f64; requests.len()];
+    let (mut rest, mut rest_at) = (Vec::new(), Vec::new());
+    let mut k = 0;
+    for q in questions {
+        let group = &requests[k..k + q.choices.len()];
+        if shared_context(group) {
+            let refs: Vec<&Encoded> = group.iter().collect();
+            ll[k..k + group.len()].copy_from_slice(&shared_loglikelihoods(model, &refs, device));
+        } else {
+            rest.extend_from_slice(group);
+            rest_at.extend(k..k + group.len());
+        }
+        k += q.choices.len();
+    }
+    for (i, v) in rest_at.into_iter().zip(loglikelihoods(model, &rest, batch_tokens, device)) {
+        ll[i] = v;
+    }
     let (mut hits, mut hits_norm, mut k) = (0usize, 0usize, 0usize);
     let mut predictions = Vec::with_capacity(questions.len());
     for q in questions {

@@ -77,6 +77,18 @@ fn continuation_scores_equal_full_logits_in_padded_batches() {
         &dev,
     ));
     assert_close(&got, &want, 1e-5, "batched continuation log-probs");
+    // Choices sharing a context: the context once, then the continuations on its cache.
+    let shared = vec![
+        Encoded { ids: vec![5, 9, 13, 2, 7], start: 3 },
+        Encoded { ids: vec![5, 9, 13, 30], start: 3 },
+        Encoded { ids: vec![5, 9, 13, 1, 1, 1, 4], start: 3 },
+    ];
+    let refs: Vec<&Encoded> = shared.iter().collect();
+    let once = kron_adapters::llm::score::shared_loglikelihoods(&m, &refs, &dev);
+    let each = loglikelihoods(&m, &shared, 4096, &dev);
+    for (g, w) in once.iter().zip(&each) {
+        assert!((g - w).abs() < 1e-4, "shared context: {g} vs {w}");
+    }
     // Summed per request, in any batch size.
     for tokens in [1, 8, 1000] {
         let sums = loglikelihoods(&m, &reqs, tokens, &dev);

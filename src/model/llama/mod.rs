@@ -69,6 +69,21 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The cache of a one-row batch repeated `n` times (to continue one prefix in `n` ways).
+    pub fn repeat(&self, n: usize) -> Self {
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.as_ref()
+                        .map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n)))
+                })
+                .collect(),
+            len: self.len,
+        }
+    }
 }
 
 /// RoPE's cosines and sines for a run of positions, `[seq, head_dim]` each (the halves
