@@ -45,10 +45,13 @@ pub mod linear;
 #[cfg(feature = "finetune")]
 pub mod llm;
 pub mod model;
+pub mod multi;
 pub mod params;
 pub mod place;
 pub mod quant;
 pub mod rng;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod store;
 pub mod training;
 

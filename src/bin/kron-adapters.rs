@@ -172,6 +172,32 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Serve many adapters over one frozen model over HTTP (docs/serving.md): an encoder (a BERT
+    /// folder; POST /v1/classify with run folders of the main job as adapters) or a decoder (a
+    /// .gguf file or a Hugging Face folder; POST /v1/generate). Prints `listening on
+    /// http://ADDR` on stdout when ready; SIGTERM or Ctrl-C stops it after requests in flight.
+    Serve {
+        /// The model: a path, or `minilm` / `smollm2` for the asset cache's copies (fetched
+        /// when missing).
+        #[arg(long)]
+        model: String,
+        /// An adapter to load at start, as NAME=PATH (a run folder, an adapter file or a PEFT
+        /// folder); repeat for more.
+        #[arg(long = "adapter", value_name = "NAME=PATH")]
+        adapters: Vec<String>,
+        /// The address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        /// Milliseconds the server waits for more requests to join a batch.
+        #[arg(long, default_value_t = 5)]
+        window_ms: u64,
+        /// Requests in one batch at most.
+        #[arg(long, default_value_t = 32)]
+        max_batch: usize,
+        /// Refuse loading and unloading adapters over HTTP.
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Convert between PEFT folders and adapter files.
     Convert {
         /// The input's format.
@@ -218,6 +244,14 @@ fn exit_code(e: &AdapterError) -> u8 {
 fn run(cmd: Cmd) -> Result<(), AdapterError> {
     match cmd {
         Cmd::Inspect { path, json } => inspect(&path, json),
+        Cmd::Serve {
+            model,
+            adapters,
+            addr,
+            window_ms,
+            max_batch,
+            read_only,
+        } => serve(&model, &adapters, &addr, window_ms, max_batch, read_only),
         Cmd::Generate {
             model,
             adapter,
@@ -363,6 +397,67 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             Ok(())
         }
     }
+}
+
+fn serve(
+    model: &str,
+    adapters: &[String],
+    addr: &str,
+    window_ms: u64,
+    max_batch: usize,
+    read_only: bool,
+) -> Result<(), AdapterError> {
+    let usage = |option: &str, reason: String| -> AdapterError {
+        kron_adapters::ConfigError::invalid("serve", option, reason).into()
+    };
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| usage("addr", format!("{addr:?}: {e} (use HOST:PORT, e.g. 127.0.0.1:8080)")))?;
+    if max_batch == 0 {
+        return Err(usage("max-batch", "0: use at least 1".into()));
+    }
+    let mut named = Vec::new();
+    for a in adapters {
+        let (name, path) = a
+            .split_once('=')
+            .ok_or_else(|| usage("adapter", format!("{a:?} is not NAME=PATH")))?;
+        named.push((name.to_string(), PathBuf::from(path)));
+    }
+    let cache = AssetCache::default();
+    let log = |m: &str| eprintln!("{m}");
+    let path = match model {
+        "minilm" if !Path::new(model).exists() => cache.minilm(&log)?,
+        "smollm2" if !Path::new(model).exists() => cache.smollm2(&log)?,
+        p => PathBuf::from(p),
+    };
+    let device = Default::default();
+    let t = std::time::Instant::now();
+    let m = kron_adapters::serve::Model::<Cpu>::load(&path, &device)?;
+    eprintln!(
+        "loaded {} ({}) in {:.1} s on {}",
+        path.display(),
+        m.describe()["kind"].as_str().unwrap_or("model"),
+        t.elapsed().as_secs_f64(),
+        common::backend_name()
+    );
+    let config = kron_adapters::serve::ServeConfig::new()
+        .with_window_ms(window_ms)
+        .with_max_batch(max_batch)
+        .with_read_only(read_only);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AdapterError::io("tokio runtime", e))?;
+    runtime.block_on(kron_adapters::serve::serve(
+        m,
+        named,
+        addr,
+        config,
+        &device,
+        |bound| emit(&format!("listening on http://{bound}\n")),
+    ))?;
+    eprintln!("stopped");
+    Ok(())
 }
 
 fn inspect(path: &Path, json: bool) -> Result<(), AdapterError> {

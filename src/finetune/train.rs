@@ -206,6 +206,9 @@ pub fn prepare_task(
 pub struct RunReport {
     /// The configuration.
     pub config: FinetuneConfig,
+    /// The task's class names, by index (what a served adapter answers with).
+    #[serde(default)]
+    pub labels: Vec<String>,
     /// Trainable and total parameters (head included).
     pub trainable: usize,
     /// All parameters.
@@ -573,6 +576,7 @@ impl<B: AutodiffBackend> Progress<B> {
         sorted.sort_by(f64::total_cmp);
         RunReport {
             config: cfg.clone(),
+            labels: data.task.labels.clone(),
             trainable,
             total,
             best_dev_acc,

@@ -156,3 +156,107 @@ pub fn generate<B: Backend>(
     }
     Ok(out)
 }
+
+/// Generates for several prompts at once, row `i` with `configs[i]` and the adapter `routing`
+/// gives it (see [`crate::multi`]): prompts are left-padded to one length (each row's positions
+/// start at its first real token), the KV cache is shared by the batch, and a row that reached
+/// an end-of-sequence token or its `max_new_tokens` stops contributing. Each row's tokens equal
+/// [`generate`] on that row alone with its adapter (greedy, or sampled from its own seed).
+pub fn generate_batch<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    prompts: &[Vec<u32>],
+    configs: &[GenerateConfig],
+    eos: &[u32],
+    routing: Option<&crate::multi::Routing<B>>,
+    device: &B::Device,
+) -> Result<Vec<Vec<u32>>, ConfigError> {
+    if prompts.len() != configs.len() || prompts.is_empty() {
+        return Err(ConfigError::invalid(
+            "generate",
+            "batch",
+            format!("{} prompts and {} configs", prompts.len(), configs.len()),
+        ));
+    }
+    let vocab = model.config().vocab_size;
+    let max_pos = model.config().max_position_embeddings;
+    for (p, c) in prompts.iter().zip(configs) {
+        c.validate()?;
+        if p.is_empty() {
+            return Err(ConfigError::invalid("generate", "prompt", "a prompt has no tokens"));
+        }
+        if let Some(&t) = p.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ConfigError::invalid("generate", "prompt", format!("token {t} is outside the vocabulary of {vocab}")));
+        }
+        if p.len() + c.max_new_tokens > max_pos {
+            return Err(ConfigError::invalid(
+                "generate",
+                "max_new_tokens",
+                format!("{} prompt tokens + {} new tokens exceed the model's context of {max_pos}", p.len(), c.max_new_tokens),
+            ));
+        }
+    }
+    let b = prompts.len();
+    let l = prompts.iter().map(Vec::len).max().unwrap_or(1);
+    let pads: Vec<usize> = prompts.iter().map(|p| l - p.len()).collect();
+    let mut ids = vec![0i64; b * l];
+    let mut keys: Vec<Vec<i64>> = Vec::with_capacity(b);
+    for (r, p) in prompts.iter().enumerate() {
+        for (c, &t) in p.iter().enumerate() {
+            ids[r * l + pads[r] + c] = t as i64;
+        }
+        keys.push((0..l).map(|c| i64::from(c >= pads[r])).collect());
+    }
+    let mask = |keys: &[Vec<i64>]| {
+        let n = keys[0].len();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(keys.concat(), [b, n]), device)
+    };
+    let mut cache = model.new_cache();
+    let h = model.model.forward_routed(
+        Tensor::from_data(TensorData::new(ids, [b, l]), device),
+        Some(mask(&keys)),
+        Some(&mut cache),
+        routing,
+        Some(&pads),
+    );
+    let d = h.dims()[2];
+    let mut logits = model.logits(h.slice([0..b, l - 1..l, 0..d]).reshape([b, d]));
+    let mut rngs: Vec<SplitMix64> = configs.iter().map(|c| SplitMix64::new(c.seed)).collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let longest = configs.iter().map(|c| c.max_new_tokens).max().unwrap_or(0);
+    for step in 0..longest {
+        let rows: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32 logits");
+        let mut next = vec![0i64; b];
+        for r in 0..b {
+            if done[r] || step >= configs[r].max_new_tokens {
+                done[r] = true;
+                continue;
+            }
+            let row = &rows[r * vocab..(r + 1) * vocab];
+            let t = match configs[r].temperature {
+                None => argmax(row),
+                Some(temp) => sample(row, temp, configs[r].top_p, &mut rngs[r]),
+            } as u32;
+            out[r].push(t);
+            next[r] = t as i64;
+            if eos.contains(&t) || out[r].len() >= configs[r].max_new_tokens {
+                done[r] = true;
+            }
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        for k in keys.iter_mut() {
+            k.push(1);
+        }
+        let h = model.model.forward_routed(
+            Tensor::from_data(TensorData::new(next, [b, 1]), device),
+            Some(mask(&keys)),
+            Some(&mut cache),
+            routing,
+            Some(&pads),
+        );
+        logits = model.logits(h.reshape([b, d]));
+    }
+    Ok(out)
+}

@@ -19,6 +19,7 @@ use crate::adapter_layers;
 use crate::block::BlockAdapters;
 use crate::error::{AdapterError, ConfigError};
 use crate::linear::AdaptedLinear;
+use crate::multi::Routing;
 use crate::place::{place, PlacementConfig, Targets};
 
 /// BERT's default targets: every linear of every layer (attention query, key, value, output;
@@ -86,17 +87,22 @@ pub struct Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, d]`, `mask`: additive, `[batch, 1, 1, seq]`; output `[batch, seq, d]`
-    pub fn forward(&self, x: Tensor<B, 3>, mask: Tensor<B, 4>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Tensor<B, 4>,
+        routing: Option<&Routing<B>>,
+    ) -> Tensor<B, 3> {
         let [batch, seq, d] = x.dims();
         let dh = d / self.heads;
         let split = |t: Tensor<B, 3>| t.reshape([batch, seq, self.heads, dh]).swap_dims(1, 2);
-        let q = split(self.query.forward(x.clone()));
-        let k = split(self.key.forward(x.clone()));
-        let v = split(self.value.forward(x.clone()));
+        let q = split(self.query.forward_routed(x.clone(), routing));
+        let k = split(self.key.forward_routed(x.clone(), routing));
+        let v = split(self.value.forward_routed(x.clone(), routing));
         let scores = q.matmul(k.transpose()).div_scalar((dh as f64).sqrt()) + mask;
         let probs = self.probs_dropout.forward(activation::softmax(scores, 3));
         let ctx = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, d]);
-        let out = self.dropout.forward(self.output.forward(ctx));
+        let out = self.dropout.forward(self.output.forward_routed(ctx, routing));
         self.norm.forward(out + x)
     }
 }
@@ -123,12 +129,12 @@ impl<B: Backend> BertLayer<B> {
         x: Tensor<B, 3>,
         mask: Tensor<B, 4>,
         block: Option<(&BlockAdapters<B>, usize)>,
+        routing: Option<&Routing<B>>,
     ) -> Tensor<B, 3> {
-        let h = self.attention.forward(x, mask);
+        let h = self.attention.forward(x, mask, routing);
         // The block f: the FFN without its residual and norm.
-        let fx = self
-            .output
-            .forward(activation::gelu(self.intermediate.forward(h.clone())));
+        let inner = activation::gelu(self.intermediate.forward_routed(h.clone(), routing));
+        let fx = self.output.forward_routed(inner, routing);
         let fx = match block {
             Some((adapters, i)) => adapters.forward(i, h.clone(), fx),
             None => fx,
@@ -228,6 +234,16 @@ impl<B: Backend> BertEncoder<B> {
     /// # Shapes
     /// - `ids`, `mask` (1 for tokens, 0 for padding): `[batch, seq]`; output `[batch, seq, d]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.forward_routed(ids, mask, None)
+    }
+
+    /// [`BertEncoder::forward`] with per-row adapters (see [`crate::multi`]).
+    pub fn forward_routed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mask: Tensor<B, 2, Int>,
+        routing: Option<&Routing<B>>,
+    ) -> Tensor<B, 3> {
         let [batch, seq] = ids.dims();
         let token_types = Tensor::<B, 2, Int>::zeros([batch, seq], &ids.device());
         let mut x = self.embeddings.forward(ids, token_types);
@@ -239,7 +255,7 @@ impl<B: Backend> BertEncoder<B> {
             .reshape([batch, 1, 1, seq]);
         for (i, layer) in self.layers.iter().enumerate() {
             let block = self.block_adapters.as_ref().map(|b| (b, i));
-            x = layer.forward(x, additive.clone(), block);
+            x = layer.forward(x, additive.clone(), block, routing);
         }
         x
     }

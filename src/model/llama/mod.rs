@@ -24,6 +24,7 @@ use super::source::{Fill, TensorSource};
 use crate::adapter_layers;
 use crate::error::{AdapterError, ConfigError};
 use crate::linear::AdaptedLinear;
+use crate::multi::Routing;
 use crate::place::{place, PlacementConfig, Targets};
 use crate::store::gguf::GgufFile;
 
@@ -94,24 +95,37 @@ struct Rope<B: Backend> {
 }
 
 impl<B: Backend> Rope<B> {
-    fn new(config: &LlamaConfig, start: usize, seq: usize, device: &B::Device) -> Self {
+    /// Positions `start..start + seq`, or per row `start + c - left_pad[r]` (left-padded
+    /// batches: each row's first real token at position 0).
+    fn new(
+        config: &LlamaConfig,
+        start: usize,
+        seq: usize,
+        left_pad: Option<&[usize]>,
+        device: &B::Device,
+    ) -> Self {
         let inv = config.inv_freq();
         let (half, hd) = (inv.len(), config.head_dim);
         let scale = config.position_scale();
-        let mut cos = vec![0f32; seq * hd];
-        let mut sin = vec![0f32; seq * hd];
-        for p in 0..seq {
-            let pos = (start + p) as f64 * scale;
-            for (i, f) in inv.iter().enumerate() {
-                let angle = (pos as f32) * (*f as f32);
-                let (s, c) = (angle.sin(), angle.cos());
-                for j in [i, i + half] {
-                    cos[p * hd + j] = c;
-                    sin[p * hd + j] = s;
+        let pads = left_pad.unwrap_or(&[0]);
+        let rows = pads.len();
+        let mut cos = vec![0f32; rows * seq * hd];
+        let mut sin = vec![0f32; rows * seq * hd];
+        for (r, &pad) in pads.iter().enumerate() {
+            for p in 0..seq {
+                let pos = (start + p).saturating_sub(pad) as f64 * scale;
+                let at = (r * seq + p) * hd;
+                for (i, f) in inv.iter().enumerate() {
+                    let angle = (pos as f32) * (*f as f32);
+                    let (s, c) = (angle.sin(), angle.cos());
+                    for j in [i, i + half] {
+                        cos[at + j] = c;
+                        sin[at + j] = s;
+                    }
                 }
             }
         }
-        let t = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [1, 1, seq, hd]), device);
+        let t = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [rows, 1, seq, hd]), device);
         Self {
             cos: t(cos),
             sin: t(sin),
@@ -157,13 +171,14 @@ impl<B: Backend> LlamaAttention<B> {
         rope: &Rope<B>,
         mask: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        routing: Option<&Routing<B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let split = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), h));
-        let mut k = rope.apply(split(self.k_proj.forward(x.clone()), kvh));
-        let mut v = split(self.v_proj.forward(x), kvh);
+        let q = rope.apply(split(self.q_proj.forward_routed(x.clone(), routing), h));
+        let mut k = rope.apply(split(self.k_proj.forward_routed(x.clone(), routing), kvh));
+        let mut v = split(self.v_proj.forward_routed(x, routing), kvh);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -181,7 +196,7 @@ impl<B: Backend> LlamaAttention<B> {
         let probs = activation::softmax(scores, 3);
         let ctx = probs.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2);
         let _ = total;
-        self.o_proj.forward(ctx.reshape([b, s, h * hd]))
+        self.o_proj.forward_routed(ctx.reshape([b, s, h * hd]), routing)
     }
 }
 
@@ -197,9 +212,10 @@ pub struct LlamaMlp<B: Backend> {
 }
 
 impl<B: Backend> LlamaMlp<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+    fn forward(&self, x: Tensor<B, 3>, routing: Option<&Routing<B>>) -> Tensor<B, 3> {
+        let gate = activation::silu(self.gate_proj.forward_routed(x.clone(), routing));
+        self.down_proj
+            .forward_routed(gate * self.up_proj.forward_routed(x, routing), routing)
     }
 }
 
@@ -295,12 +311,26 @@ impl<B: Backend> LlamaModel<B> {
         &self,
         ids: Tensor<B, 2, Int>,
         padding: Option<Tensor<B, 2, Int>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.forward_routed(ids, padding, cache, None, None)
+    }
+
+    /// [`LlamaModel::forward`] with per-row adapters (`routing`, see [`crate::multi`]) and,
+    /// for left-padded batches, each row's count of left padding (its first real token is at
+    /// position 0).
+    pub fn forward_routed(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        padding: Option<Tensor<B, 2, Int>>,
         mut cache: Option<&mut KvCache<B>>,
+        routing: Option<&Routing<B>>,
+        left_pad: Option<&[usize]>,
     ) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
         let device = ids.device();
         let past = cache.as_ref().map_or(0, |c| c.len);
-        let rope = Rope::new(&self.config, past, s, &device);
+        let rope = Rope::new(&self.config, past, s, left_pad, &device);
         let mask = attention_mask(padding, b, s, past, &device);
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {
@@ -311,8 +341,12 @@ impl<B: Backend> LlamaModel<B> {
                     &rope,
                     mask.clone(),
                     slot,
+                    routing,
                 );
-            x = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
+            x = h.clone()
+                + layer
+                    .mlp
+                    .forward(layer.post_attention_layernorm.forward(h), routing);
         }
         if let Some(c) = cache {
             c.len += s;
