@@ -44,7 +44,11 @@ use serde::{Deserialize, Serialize};
 #[command(about = "The Kron-LoRA paper's experiments on SmolLM2-135M")]
 struct Args {
     /// Parts to run: zero-shot, select, methods, sequential, quant, timing (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "zero-shot,select,methods,sequential,quant,timing")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "zero-shot,select,methods,sequential,quant,timing"
+    )]
     parts: Vec<String>,
     /// Full splits and 3 seeds (for a GPU); otherwise the CPU subsets below.
     #[arg(long)]
@@ -103,14 +107,23 @@ fn placement(method: &str, config: &LlamaConfig) -> PlacementConfig {
             "lora8" => AdapterConfig::Lora(LoraConfig::new(8).with_alpha(16.0)),
             "lora16" => AdapterConfig::Lora(LoraConfig::new(16).with_alpha(32.0)),
             "kron-lora" => AdapterConfig::KronLora(
-                KronLoraConfig::auto(8).with_alpha(16.0).with_budget(lora8(i, o) / 4),
+                KronLoraConfig::auto(8)
+                    .with_alpha(16.0)
+                    .with_budget(lora8(i, o) / 4),
             ),
             "krona" => AdapterConfig::KronA(KronAConfig::auto().with_budget(lora8(i, o))),
             other => panic!("unknown method {other}"),
         }
     };
-    let (d, hd, f) = (config.hidden_size, config.head_dim, config.intermediate_size);
-    let (q, kv) = (config.num_attention_heads * hd, config.num_key_value_heads * hd);
+    let (d, hd, f) = (
+        config.hidden_size,
+        config.head_dim,
+        config.intermediate_size,
+    );
+    let (q, kv) = (
+        config.num_attention_heads * hd,
+        config.num_key_value_heads * hd,
+    );
     let mut p = PlacementConfig::linear(one(d, q));
     for (name, i, o) in [
         ("k_proj", d, kv),
@@ -168,7 +181,13 @@ fn run() -> Res<()> {
     } else {
         (args.train, args.dev, args.test, args.seeds)
     };
-    let cut = |v: Vec<Question>, n: usize| if n == 0 { v } else { v.into_iter().take(n).collect() };
+    let cut = |v: Vec<Question>, n: usize| {
+        if n == 0 {
+            v
+        } else {
+            v.into_iter().take(n).collect()
+        }
+    };
     let mut data = BTreeMap::new();
     for task in TASKS {
         let validation = llm::tasks::load(&tasks_dir, task, Split::Validation)?;
@@ -182,8 +201,12 @@ fn run() -> Res<()> {
         data.insert(task, Data { train, dev, test });
     }
     let device = Default::default();
-    let base_config = llama::load::<Inner>(&gguf, &PlacementConfig::new(), &device)?.config().clone();
-    let cfg = LlmFinetuneConfig::new().with_max_len(256).with_batch_size(8);
+    let base_config = llama::load::<Inner>(&gguf, &PlacementConfig::new(), &device)?
+        .config()
+        .clone();
+    let cfg = LlmFinetuneConfig::new()
+        .with_max_len(256)
+        .with_batch_size(8);
     let mut sections = vec![header(&args, &data, &cfg)];
     let has = |p: &str| args.parts.iter().any(|x| x == p);
     let t0 = Instant::now();
@@ -191,12 +214,31 @@ fn run() -> Res<()> {
     // 1. Zero-shot.
     let mut zero = BTreeMap::new();
     for task in TASKS {
-        let path = args.runs.join("zero-shot").join(format!("{}.json", task.name()));
-        let r: EvalResult = cached(&path, || {
-            let m = llama::load::<Inner>(&gguf, &PlacementConfig::new(), &device)?;
-            Ok(llm::evaluate(&m, &tok, &data[&task].test, cfg.max_len, cfg.eval_batch_tokens, &device)?)
-        }, has("zero-shot"))?;
-        eprintln!("[{:.0} s] zero-shot {}: {:.4}", t0.elapsed().as_secs_f64(), task.name(), r.acc);
+        let path = args
+            .runs
+            .join("zero-shot")
+            .join(format!("{}.json", task.name()));
+        let r: EvalResult = cached(
+            &path,
+            || {
+                let m = llama::load::<Inner>(&gguf, &PlacementConfig::new(), &device)?;
+                Ok(llm::evaluate(
+                    &m,
+                    &tok,
+                    &data[&task].test,
+                    cfg.max_len,
+                    cfg.eval_batch_tokens,
+                    &device,
+                )?)
+            },
+            has("zero-shot"),
+        )?;
+        eprintln!(
+            "[{:.0} s] zero-shot {}: {:.4}",
+            t0.elapsed().as_secs_f64(),
+            task.name(),
+            r.acc
+        );
         zero.insert(task, r);
     }
     sections.push(zero_table(&zero));
@@ -206,7 +248,16 @@ fn run() -> Res<()> {
     let mut chosen = BTreeMap::new();
     let arc_e = &data[&TaskKind::ArcEasy];
     let select_data = Data {
-        train: if args.full { arc_e.train.clone() } else { arc_e.train.iter().take(args.select_train).cloned().collect() },
+        train: if args.full {
+            arc_e.train.clone()
+        } else {
+            arc_e
+                .train
+                .iter()
+                .take(args.select_train)
+                .cloned()
+                .collect()
+        },
         dev: arc_e.dev.clone(),
         test: Vec::new(),
     };
@@ -214,15 +265,37 @@ fn run() -> Res<()> {
         let mut best = (lrs[0], -1.0);
         for lr in lrs {
             let path = args.runs.join("select").join(format!("{m}-lr{lr}.json"));
-            let r: RunResult = cached(&path, || {
-                train_run(&gguf, &tok, m, TaskKind::ArcEasy, &select_data, lr, 0, &cfg, &base_config, &device, None, false)
+            let r: RunResult = cached(
+                &path,
+                || {
+                    train_run(
+                        &gguf,
+                        &tok,
+                        m,
+                        TaskKind::ArcEasy,
+                        &select_data,
+                        lr,
+                        0,
+                        &cfg,
+                        &base_config,
+                        &device,
+                        None,
+                        false,
+                    )
                     .map(|(r, _)| r)
-            }, has("select"))?;
+                },
+                has("select"),
+            )?;
             if r.report.best.acc > best.1 {
                 best = (lr, r.report.best.acc);
             }
         }
-        eprintln!("[{:.0} s] {m}: lr {} (dev {:.3})", t0.elapsed().as_secs_f64(), best.0, best.1);
+        eprintln!(
+            "[{:.0} s] {m}: lr {} (dev {:.3})",
+            t0.elapsed().as_secs_f64(),
+            best.0,
+            best.1
+        );
         chosen.insert(m, best.0);
     }
 
@@ -231,14 +304,39 @@ fn run() -> Res<()> {
     for (m, _) in methods() {
         for task in TASKS {
             for seed in 0..seeds {
-                let dir = args.runs.join("methods").join(format!("{m}-{}-seed{seed}", task.name()));
-                let r: RunResult = cached(&dir.join("result.json"), || {
-                    let (r, adapters) = train_run(&gguf, &tok, m, task, &data[&task], chosen[m], seed, &cfg, &base_config, &device, None, true)?;
-                    std::fs::create_dir_all(&dir)?;
-                    adapters.write(dir.join("adapter.safetensors"))?;
-                    Ok(r)
-                }, has("methods"))?;
-                eprintln!("[{:.0} s] {m} {}: {:.4}", t0.elapsed().as_secs_f64(), task.name(), r.test.acc);
+                let dir = args
+                    .runs
+                    .join("methods")
+                    .join(format!("{m}-{}-seed{seed}", task.name()));
+                let r: RunResult = cached(
+                    &dir.join("result.json"),
+                    || {
+                        let (r, adapters) = train_run(
+                            &gguf,
+                            &tok,
+                            m,
+                            task,
+                            &data[&task],
+                            chosen[m],
+                            seed,
+                            &cfg,
+                            &base_config,
+                            &device,
+                            None,
+                            true,
+                        )?;
+                        std::fs::create_dir_all(&dir)?;
+                        adapters.write(dir.join("adapter.safetensors"))?;
+                        Ok(r)
+                    },
+                    has("methods"),
+                )?;
+                eprintln!(
+                    "[{:.0} s] {m} {}: {:.4}",
+                    t0.elapsed().as_secs_f64(),
+                    task.name(),
+                    r.test.acc
+                );
                 results.entry((m, task)).or_default().push(r);
             }
         }
@@ -248,22 +346,53 @@ fn run() -> Res<()> {
     // 4. Sequential: ARC-Challenge, then ARC-Easy starting from that adapter.
     let mut sequential = Vec::new();
     for m in ["lora8", "kron-lora"] {
-        let first = args.runs.join("methods").join(format!("{m}-arc_challenge-seed0"));
+        let first = args
+            .runs
+            .join("methods")
+            .join(format!("{m}-arc_challenge-seed0"));
         let path = args.runs.join("sequential").join(format!("{m}.json"));
-        let r: SequentialResult = cached(&path, || {
-            let adapters = NativeAdapters::read(first.join("adapter.safetensors"))?;
-            let before: RunResult = serde_json::from_slice(&std::fs::read(first.join("result.json"))?)?;
-            let (after_e, adapters_e) = train_run(&gguf, &tok, m, TaskKind::ArcEasy, &data[&TaskKind::ArcEasy], chosen[m], 0, &cfg, &base_config, &device, Some(&adapters), true)?;
-            let model = with_adapters(&gguf, &adapters_e, &device)?;
-            let c_after = llm::evaluate(&model, &tok, &data[&TaskKind::ArcChallenge].test, cfg.max_len, cfg.eval_batch_tokens, &device)?;
-            Ok(SequentialResult {
-                method: m.into(),
-                arc_c_after_c: before.test.acc,
-                arc_e_after_e: after_e.test.acc,
-                arc_c_after_e: c_after.acc,
-            })
-        }, has("sequential"))?;
-        eprintln!("[{:.0} s] sequential {m}: {r:?}", t0.elapsed().as_secs_f64());
+        let r: SequentialResult = cached(
+            &path,
+            || {
+                let adapters = NativeAdapters::read(first.join("adapter.safetensors"))?;
+                let before: RunResult =
+                    serde_json::from_slice(&std::fs::read(first.join("result.json"))?)?;
+                let (after_e, adapters_e) = train_run(
+                    &gguf,
+                    &tok,
+                    m,
+                    TaskKind::ArcEasy,
+                    &data[&TaskKind::ArcEasy],
+                    chosen[m],
+                    0,
+                    &cfg,
+                    &base_config,
+                    &device,
+                    Some(&adapters),
+                    true,
+                )?;
+                let model = with_adapters(&gguf, &adapters_e, &device)?;
+                let c_after = llm::evaluate(
+                    &model,
+                    &tok,
+                    &data[&TaskKind::ArcChallenge].test,
+                    cfg.max_len,
+                    cfg.eval_batch_tokens,
+                    &device,
+                )?;
+                Ok(SequentialResult {
+                    method: m.into(),
+                    arc_c_after_c: before.test.acc,
+                    arc_e_after_e: after_e.test.acc,
+                    arc_c_after_e: c_after.acc,
+                })
+            },
+            has("sequential"),
+        )?;
+        eprintln!(
+            "[{:.0} s] sequential {m}: {r:?}",
+            t0.elapsed().as_secs_f64()
+        );
         sequential.push(r);
     }
     sections.push(sequential_table(&sequential, &zero));
@@ -278,22 +407,50 @@ fn run() -> Res<()> {
     let mut quant = Vec::new();
     for m in ["lora8", "kron-lora"] {
         for task in [TaskKind::ArcEasy, TaskKind::Piqa] {
-            let run = args.runs.join("methods").join(format!("{m}-{}-seed0", task.name()));
-            let path = args.runs.join("quant").join(format!("{m}-{}.json", task.name()));
-            let r: QuantResult = cached(&path, || {
-                let float = NativeAdapters::read(run.join("adapter.safetensors"))?;
-                let base: RunResult = serde_json::from_slice(&std::fs::read(run.join("result.json"))?)?;
-                let mut rows = Vec::new();
-                for s in schemes {
-                    let q = QuantizedAdapters::quantize(&float, s)?;
-                    let bytes = q.to_bytes()?.len();
-                    let model = with_adapters(&gguf, &q.dequantize(), &device)?;
-                    let e = llm::evaluate(&model, &tok, &data[&task].test, cfg.max_len, cfg.eval_batch_tokens, &device)?;
-                    rows.push((s.to_string(), e.acc, bytes));
-                }
-                Ok(QuantResult { method: m.into(), task: task.name().into(), float_acc: base.test.acc, float_bytes: float.to_bytes()?.len(), rows })
-            }, has("quant"))?;
-            eprintln!("[{:.0} s] quant {m} {}", t0.elapsed().as_secs_f64(), task.name());
+            let run = args
+                .runs
+                .join("methods")
+                .join(format!("{m}-{}-seed0", task.name()));
+            let path = args
+                .runs
+                .join("quant")
+                .join(format!("{m}-{}.json", task.name()));
+            let r: QuantResult = cached(
+                &path,
+                || {
+                    let float = NativeAdapters::read(run.join("adapter.safetensors"))?;
+                    let base: RunResult =
+                        serde_json::from_slice(&std::fs::read(run.join("result.json"))?)?;
+                    let mut rows = Vec::new();
+                    for s in schemes {
+                        let q = QuantizedAdapters::quantize(&float, s)?;
+                        let bytes = q.to_bytes()?.len();
+                        let model = with_adapters(&gguf, &q.dequantize(), &device)?;
+                        let e = llm::evaluate(
+                            &model,
+                            &tok,
+                            &data[&task].test,
+                            cfg.max_len,
+                            cfg.eval_batch_tokens,
+                            &device,
+                        )?;
+                        rows.push((s.to_string(), e.acc, bytes));
+                    }
+                    Ok(QuantResult {
+                        method: m.into(),
+                        task: task.name().into(),
+                        float_acc: base.test.acc,
+                        float_bytes: float.to_bytes()?.len(),
+                        rows,
+                    })
+                },
+                has("quant"),
+            )?;
+            eprintln!(
+                "[{:.0} s] quant {m} {}",
+                t0.elapsed().as_secs_f64(),
+                task.name()
+            );
             quant.push(r);
         }
     }
@@ -303,19 +460,35 @@ fn run() -> Res<()> {
     // with its table, when not asked for and not measured before).
     let mut timing = Vec::new();
     let measured_before = args.runs.join("timing").join("lora8-smollm2.json").exists();
-    for width in ["smollm2", "mistral7b-layer"].into_iter().filter(|_| has("timing") || measured_before) {
+    for width in ["smollm2", "mistral7b-layer"]
+        .into_iter()
+        .filter(|_| has("timing") || measured_before)
+    {
         for (m, _) in methods() {
             let path = args.runs.join("timing").join(format!("{m}-{width}.json"));
-            let r: Measured = cached(&path, || {
-                let out = std::process::Command::new(std::env::current_exe()?)
-                    .args(["--measure", &format!("{m}:{width}")])
-                    .output()?;
-                if !out.status.success() {
-                    return Err(format!("measure {m} {width}: {}", String::from_utf8_lossy(&out.stderr)).into());
-                }
-                Ok(serde_json::from_slice(&out.stdout)?)
-            }, has("timing"))?;
-            eprintln!("[{:.0} s] timing {m} {width}: {:.0} ms, {:.0} MB", t0.elapsed().as_secs_f64(), r.step_ms, r.peak_mb);
+            let r: Measured = cached(
+                &path,
+                || {
+                    let out = std::process::Command::new(std::env::current_exe()?)
+                        .args(["--measure", &format!("{m}:{width}")])
+                        .output()?;
+                    if !out.status.success() {
+                        return Err(format!(
+                            "measure {m} {width}: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        )
+                        .into());
+                    }
+                    Ok(serde_json::from_slice(&out.stdout)?)
+                },
+                has("timing"),
+            )?;
+            eprintln!(
+                "[{:.0} s] timing {m} {width}: {:.0} ms, {:.0} MB",
+                t0.elapsed().as_secs_f64(),
+                r.step_ms,
+                r.peak_mb
+            );
             timing.push((width, m, r));
         }
     }
@@ -323,8 +496,18 @@ fn run() -> Res<()> {
         sections.push(timing_table(&timing));
     }
 
-    common::write_between(&args.results, "# Results on a decoder", BEGIN, END, &sections.join("\n"))?;
-    eprintln!("wrote {} in {:.0} s", args.results.display(), t0.elapsed().as_secs_f64());
+    common::write_between(
+        &args.results,
+        "# Results on a decoder",
+        BEGIN,
+        END,
+        &sections.join("\n"),
+    )?;
+    eprintln!(
+        "wrote {} in {:.0} s",
+        args.results.display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -341,7 +524,11 @@ fn cached<T: Serialize + for<'de> Deserialize<'de>>(
         return Ok(serde_json::from_slice(&bytes)?);
     }
     if !allowed {
-        return Err(format!("{} is missing and its part was not asked for", path.display()).into());
+        return Err(format!(
+            "{} is missing and its part was not asked for",
+            path.display()
+        )
+        .into());
     }
     let value = f()?;
     if let Some(dir) = path.parent() {
@@ -352,7 +539,11 @@ fn cached<T: Serialize + for<'de> Deserialize<'de>>(
 }
 
 /// The base with `adapters` attached (inference backend).
-fn with_adapters(gguf: &Path, adapters: &NativeAdapters, device: &burn::tensor::Device<Inner>) -> Res<LlamaForCausalLM<Inner>> {
+fn with_adapters(
+    gguf: &Path,
+    adapters: &NativeAdapters,
+    device: &burn::tensor::Device<Inner>,
+) -> Res<LlamaForCausalLM<Inner>> {
     let m = llama::load::<Inner>(gguf, &PlacementConfig::new(), device)?;
     Ok(attach(m, adapters, &NameMap::new(), device)?)
 }
@@ -375,21 +566,47 @@ fn train_run(
     test: bool,
 ) -> Res<(RunResult, NativeAdapters)> {
     <Train as burn::tensor::backend::Backend>::seed(device, seed);
-    let cfg = cfg.clone().with_placement(placement(method, base)).with_lr(lr).with_seed(seed);
+    let cfg = cfg
+        .clone()
+        .with_placement(placement(method, base))
+        .with_lr(lr)
+        .with_seed(seed);
     let model = match start {
         None => llama::load::<Train>(gguf, &cfg.placement, device)?,
-        Some(a) => attach(llama::load::<Train>(gguf, &PlacementConfig::new(), device)?, a, &NameMap::new(), device)?,
+        Some(a) => attach(
+            llama::load::<Train>(gguf, &PlacementConfig::new(), device)?,
+            a,
+            &NameMap::new(),
+            device,
+        )?,
     };
-    let (model, report) = finetune_mc(model, tok, &data.train, &data.dev, &cfg, device, &|m| eprintln!("  {method} {}: {m}", task.name()))?;
+    let (model, report) = finetune_mc(model, tok, &data.train, &data.dev, &cfg, device, &|m| {
+        eprintln!("  {method} {}: {m}", task.name())
+    })?;
     let adapters = NativeAdapters::from_model(&model);
     let test = if test {
-        llm::evaluate(&model.valid(), tok, &data.test, cfg.max_len, cfg.eval_batch_tokens, device)?
+        llm::evaluate(
+            &model.valid(),
+            tok,
+            &data.test,
+            cfg.max_len,
+            cfg.eval_batch_tokens,
+            device,
+        )?
     } else {
         report.best.clone()
     };
     let trainable = adapters.num_params();
     Ok((
-        RunResult { method: method.into(), task: task.name().into(), seed, lr, trainable, test, report },
+        RunResult {
+            method: method.into(),
+            task: task.name().into(),
+            seed,
+            lr,
+            trainable,
+            test,
+            report,
+        },
         adapters,
     ))
 }
@@ -477,7 +694,9 @@ fn measure(spec: &str) -> Res<()> {
     let mut rng = kron_adapters::rng::SplitMix64::new(1);
     let batch: Vec<Encoded> = (0..batch)
         .map(|_| Encoded {
-            ids: (0..seq).map(|_| rng.below(config.vocab_size) as u32).collect(),
+            ids: (0..seq)
+                .map(|_| rng.below(config.vocab_size) as u32)
+                .collect(),
             start: seq / 2,
         })
         .collect();
@@ -496,7 +715,12 @@ fn measure(spec: &str) -> Res<()> {
         model = Some(m);
     }
     let step_ms = times[1..].iter().sum::<f64>() / (times.len() - 1) as f64;
-    let r = Measured { step_ms, peak_mb: peak_mb(), trainable, tokens: refs.len() * seq };
+    let r = Measured {
+        step_ms,
+        peak_mb: peak_mb(),
+        trainable,
+        tokens: refs.len() * seq,
+    };
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }
@@ -510,12 +734,24 @@ fn header(args: &Args, data: &BTreeMap<TaskKind, Data>, cfg: &LlmFinetuneConfig)
         .unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let sizes: Vec<String> = data
         .iter()
-        .map(|(t, d)| format!("{} {}/{}/{}", t.name(), d.train.len(), d.dev.len(), d.test.len()))
+        .map(|(t, d)| {
+            format!(
+                "{} {}/{}/{}",
+                t.name(),
+                d.train.len(),
+                d.dev.len(),
+                d.test.len()
+            )
+        })
         .collect();
     format!(
         "Produced by `cargo run --release --features full --example llm_compare{}` at commit `{commit}`, on {cpu} ({cores} cores), backend {}. SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32). Questions per task train/dev/eval: {}; evaluation on ARC's test split, elsewhere on validation questions after the dev ones. One epoch, batch {}, AdamW, warm-up 6% and linear decay, {} dev evaluations (the best kept), sequences cut at {} tokens; the learning rate of each method chosen from 1e-3 and 3e-3 on ARC-Easy's dev questions ({} training questions).\n",
@@ -546,7 +782,13 @@ fn mean_std(v: &[f64]) -> String {
 fn zero_table(zero: &BTreeMap<TaskKind, EvalResult>) -> String {
     let mut s = String::from("### Zero-shot (the floor)\n\n| task | questions | acc | acc_norm |\n| --- | ---: | ---: | ---: |\n");
     for (t, r) in zero {
-        s += &format!("| {} | {} | {} | {} |\n", t.name(), r.n, pct(r.acc), pct(r.acc_norm));
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            t.name(),
+            r.n,
+            pct(r.acc),
+            pct(r.acc_norm)
+        );
     }
     s
 }
@@ -556,7 +798,9 @@ fn methods_table(
     results: &BTreeMap<(&str, TaskKind), Vec<RunResult>>,
     chosen: &BTreeMap<&str, f64>,
 ) -> String {
-    let mut s = String::from("### Methods (accuracy %, mean ± std over seeds)\n\n| method | trainable params | lr |");
+    let mut s = String::from(
+        "### Methods (accuracy %, mean ± std over seeds)\n\n| method | trainable params | lr |",
+    );
     for t in TASKS {
         s += &format!(" {} |", t.name());
     }
@@ -568,31 +812,60 @@ fn methods_table(
     for t in TASKS {
         s += &format!(" {} |", pct(zero[&t].acc));
     }
-    s += &format!(" {} |\n", pct(TASKS.iter().map(|t| zero[t].acc).sum::<f64>() / TASKS.len() as f64));
+    s += &format!(
+        " {} |\n",
+        pct(TASKS.iter().map(|t| zero[t].acc).sum::<f64>() / TASKS.len() as f64)
+    );
     for (m, name) in methods() {
-        let params = results.get(&(m, TaskKind::ArcEasy)).and_then(|r| r.first()).map_or(0, |r| r.trainable);
+        let params = results
+            .get(&(m, TaskKind::ArcEasy))
+            .and_then(|r| r.first())
+            .map_or(0, |r| r.trainable);
         s += &format!("| {name} | {params} | {:e} |", chosen[m]);
         let mut means = Vec::new();
         for t in TASKS {
-            let accs: Vec<f64> = results.get(&(m, t)).map(|v| v.iter().map(|r| r.test.acc).collect()).unwrap_or_default();
+            let accs: Vec<f64> = results
+                .get(&(m, t))
+                .map(|v| v.iter().map(|r| r.test.acc).collect())
+                .unwrap_or_default();
             means.push(accs.iter().sum::<f64>() / accs.len().max(1) as f64);
             s += &format!(" {} |", mean_std(&accs));
         }
-        s += &format!(" {} |\n", pct(means.iter().sum::<f64>() / means.len() as f64));
+        s += &format!(
+            " {} |\n",
+            pct(means.iter().sum::<f64>() / means.len() as f64)
+        );
     }
     let step = |m: &str| {
-        let v: Vec<f64> = TASKS.iter().filter_map(|t| results.get(&(m, *t))).flatten().map(|r| r.report.median_step_ms).collect();
+        let v: Vec<f64> = TASKS
+            .iter()
+            .filter_map(|t| results.get(&(m, *t)))
+            .flatten()
+            .map(|r| r.report.median_step_ms)
+            .collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
     s += "\nMedian training step (ms, mean over the tasks): ";
-    s += &methods().iter().map(|(m, _)| format!("{m} {:.0}", step(m))).collect::<Vec<_>>().join(", ");
-    s += &format!(" — Kron-LoRA / LoRA-8 = {:.3}, KronA / LoRA-8 = {:.3}.\n", step("kron-lora") / step("lora8"), step("krona") / step("lora8"));
+    s += &methods()
+        .iter()
+        .map(|(m, _)| format!("{m} {:.0}", step(m)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    s += &format!(
+        " — Kron-LoRA / LoRA-8 = {:.3}, KronA / LoRA-8 = {:.3}.\n",
+        step("kron-lora") / step("lora8"),
+        step("krona") / step("lora8")
+    );
     s
 }
 
 fn sequential_table(seq: &[SequentialResult], zero: &BTreeMap<TaskKind, EvalResult>) -> String {
     let mut s = String::from("### Sequential fine-tuning: ARC-Challenge, then ARC-Easy\n\n| method | ARC-C after ARC-C | ARC-E after ARC-E | ARC-C after ARC-E (retained) | retained / after ARC-C |\n| --- | ---: | ---: | ---: | ---: |\n");
-    s += &format!("| zero-shot | {} | {} | — | — |\n", pct(zero[&TaskKind::ArcChallenge].acc), pct(zero[&TaskKind::ArcEasy].acc));
+    s += &format!(
+        "| zero-shot | {} | {} | — | — |\n",
+        pct(zero[&TaskKind::ArcChallenge].acc),
+        pct(zero[&TaskKind::ArcEasy].acc)
+    );
     for r in seq {
         s += &format!(
             "| {} | {} | {} | {} | {:.3} |\n",
@@ -608,7 +881,10 @@ fn sequential_table(seq: &[SequentialResult], zero: &BTreeMap<TaskKind, EvalResu
 
 fn quant_table(q: &[QuantResult]) -> String {
     let mut s = String::from("### Quantized adapters (accuracy %, change from float32; file bytes)\n\n| method | task | float32 |");
-    let names: Vec<String> = q.first().map(|r| r.rows.iter().map(|x| x.0.clone()).collect()).unwrap_or_default();
+    let names: Vec<String> = q
+        .first()
+        .map(|r| r.rows.iter().map(|x| x.0.clone()).collect())
+        .unwrap_or_default();
     for n in &names {
         s += &format!(" {n} |");
     }
@@ -618,9 +894,20 @@ fn quant_table(q: &[QuantResult]) -> String {
     }
     s += "\n";
     for r in q {
-        s += &format!("| {} | {} | {} ({} B) |", r.method, r.task, pct(r.float_acc), r.float_bytes);
+        s += &format!(
+            "| {} | {} | {} ({} B) |",
+            r.method,
+            r.task,
+            pct(r.float_acc),
+            r.float_bytes
+        );
         for (_, acc, bytes) in &r.rows {
-            s += &format!(" {} ({:+.2}; {} B) |", pct(*acc), 100.0 * (acc - r.float_acc), bytes);
+            s += &format!(
+                " {} ({:+.2}; {} B) |",
+                pct(*acc),
+                100.0 * (acc - r.float_acc),
+                bytes
+            );
         }
         s += "\n";
     }
@@ -630,7 +917,11 @@ fn quant_table(q: &[QuantResult]) -> String {
 fn timing_table(t: &[(&str, &str, Measured)]) -> String {
     let mut s = String::from("### Training step and peak memory against LoRA-8\n\nOne step (forward, loss on the second half of each sequence, backward, AdamW), mean of steps 2–3; peak resident memory of a process that builds the model and runs the steps. SmolLM2: the real model, batch 8 × 64 tokens. Mistral-7B layer: one decoder block at its widths (hidden 4096, 32/8 heads, FFN 14,336), random weights, 1 × 2,048 tokens.\n\n| width | method | trainable params | ms / step | × LoRA-8 | peak MB | × LoRA-8 |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
     for (w, m, r) in t {
-        let base = t.iter().find(|(w2, m2, _)| w2 == w && *m2 == "lora8").map(|x| &x.2).unwrap_or(r);
+        let base = t
+            .iter()
+            .find(|(w2, m2, _)| w2 == w && *m2 == "lora8")
+            .map(|x| &x.2)
+            .unwrap_or(r);
         s += &format!(
             "| {w} | {m} | {} | {:.0} | {:.3} | {:.0} | {:.3} |\n",
             r.trainable,

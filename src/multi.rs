@@ -109,12 +109,19 @@ impl<B: Backend> AdapterRegistry<B> {
 
     /// The resident adapters now (requests hold on to this snapshot).
     pub fn snapshot(&self) -> Arc<AdapterBank<B>> {
-        self.current.read().map(|b| b.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.current
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Builds a resident adapter from `adapters` (layer names mapped by `map` to the model's
     /// paths) without changing the resident set: every layer must exist with the adapter's size.
-    pub fn prepare(&self, adapters: &NativeAdapters, map: &NameMap) -> Result<Resident<B>, AdapterError> {
+    pub fn prepare(
+        &self,
+        adapters: &NativeAdapters,
+        map: &NameMap,
+    ) -> Result<Resident<B>, AdapterError> {
         adapters.validate("adapters")?;
         if adapters.meta.layers.is_empty() {
             return Err(AdapterError::Incompatible {
@@ -124,12 +131,15 @@ impl<B: Backend> AdapterRegistry<B> {
         let mut layers = HashMap::new();
         for (name, spec) in &adapters.meta.layers {
             let path = map.apply(name);
-            let info = self.layers.get(&path).ok_or_else(|| AdapterError::Incompatible {
-                message: format!(
+            let info = self
+                .layers
+                .get(&path)
+                .ok_or_else(|| AdapterError::Incompatible {
+                    message: format!(
                     "the adapter's layer `{name}` maps to `{path}`, which is not a layer of the \
                      model (rename with a NameMap)"
                 ),
-            })?;
+                })?;
             if (info.d_in, info.d_out) != (spec.d_in, spec.d_out) {
                 return Err(AdapterError::Incompatible {
                     message: format!(
@@ -162,7 +172,12 @@ impl<B: Backend> AdapterRegistry<B> {
 
     /// [`AdapterRegistry::prepare`] then [`AdapterRegistry::insert`]; returns the adapter's
     /// bytes. On error the resident set is unchanged.
-    pub fn load(&self, name: &str, adapters: &NativeAdapters, map: &NameMap) -> Result<usize, AdapterError> {
+    pub fn load(
+        &self,
+        name: &str,
+        adapters: &NativeAdapters,
+        map: &NameMap,
+    ) -> Result<usize, AdapterError> {
         check_name(name)?;
         let r = self.prepare(adapters, map)?;
         let bytes = r.bytes;
@@ -174,7 +189,12 @@ impl<B: Backend> AdapterRegistry<B> {
     pub fn unload(&self, name: &str) -> Result<(), AdapterError> {
         let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
         if !guard.adapters.contains_key(name) {
-            return Err(crate::ConfigError::invalid("registry", "adapter", format!("no adapter named {name:?}")).into());
+            return Err(crate::ConfigError::invalid(
+                "registry",
+                "adapter",
+                format!("no adapter named {name:?}"),
+            )
+            .into());
         }
         let mut next = (**guard).clone();
         next.adapters.remove(name);
@@ -187,7 +207,9 @@ impl<B: Backend> AdapterRegistry<B> {
 pub fn check_name(name: &str) -> Result<(), AdapterError> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok {
         Ok(())
     } else {
@@ -221,10 +243,17 @@ impl<B: Backend> Routing<B> {
         let mut groups = Vec::with_capacity(by_name.len());
         for (name, idx) in by_name {
             let resident = bank.get(name).ok_or_else(|| {
-                crate::ConfigError::invalid("routing", "adapter", format!("no resident adapter named {name:?}"))
+                crate::ConfigError::invalid(
+                    "routing",
+                    "adapter",
+                    format!("no resident adapter named {name:?}"),
+                )
             })?;
             let n = idx.len();
-            groups.push((resident.clone(), Tensor::from_data(TensorData::new(idx, [n]), device)));
+            groups.push((
+                resident.clone(),
+                Tensor::from_data(TensorData::new(idx, [n]), device),
+            ));
         }
         Ok(Self { groups })
     }
@@ -244,7 +273,12 @@ impl<B: Backend> Routing<B> {
                     .map(|(i, _)| i as i64)
                     .collect();
                 let n = new.len();
-                (n > 0).then(|| (r.clone(), Tensor::from_data(TensorData::new(new, [n]), device)))
+                (n > 0).then(|| {
+                    (
+                        r.clone(),
+                        Tensor::from_data(TensorData::new(new, [n]), device),
+                    )
+                })
             })
             .collect();
         Self { groups }

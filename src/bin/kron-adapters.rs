@@ -410,9 +410,12 @@ fn serve(
     let usage = |option: &str, reason: String| -> AdapterError {
         kron_adapters::ConfigError::invalid("serve", option, reason).into()
     };
-    let addr: std::net::SocketAddr = addr
-        .parse()
-        .map_err(|e| usage("addr", format!("{addr:?}: {e} (use HOST:PORT, e.g. 127.0.0.1:8080)")))?;
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| {
+        usage(
+            "addr",
+            format!("{addr:?}: {e} (use HOST:PORT, e.g. 127.0.0.1:8080)"),
+        )
+    })?;
     if max_batch == 0 {
         return Err(usage("max-batch", "0: use at least 1".into()));
     }

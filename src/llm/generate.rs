@@ -182,16 +182,28 @@ pub fn generate_batch<B: Backend>(
     for (p, c) in prompts.iter().zip(configs) {
         c.validate()?;
         if p.is_empty() {
-            return Err(ConfigError::invalid("generate", "prompt", "a prompt has no tokens"));
+            return Err(ConfigError::invalid(
+                "generate",
+                "prompt",
+                "a prompt has no tokens",
+            ));
         }
         if let Some(&t) = p.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ConfigError::invalid("generate", "prompt", format!("token {t} is outside the vocabulary of {vocab}")));
+            return Err(ConfigError::invalid(
+                "generate",
+                "prompt",
+                format!("token {t} is outside the vocabulary of {vocab}"),
+            ));
         }
         if p.len() + c.max_new_tokens > max_pos {
             return Err(ConfigError::invalid(
                 "generate",
                 "max_new_tokens",
-                format!("{} prompt tokens + {} new tokens exceed the model's context of {max_pos}", p.len(), c.max_new_tokens),
+                format!(
+                    "{} prompt tokens + {} new tokens exceed the model's context of {max_pos}",
+                    p.len(),
+                    c.max_new_tokens
+                ),
             ));
         }
     }
@@ -225,7 +237,11 @@ pub fn generate_batch<B: Backend>(
     let mut done = vec![false; b];
     let longest = configs.iter().map(|c| c.max_new_tokens).max().unwrap_or(0);
     for step in 0..longest {
-        let rows: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32 logits");
+        let rows: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32 logits");
         let mut next = vec![0i64; b];
         for r in 0..b {
             if done[r] || step >= configs[r].max_new_tokens {

@@ -169,7 +169,10 @@ pub fn shared_loglikelihoods<B: Backend>(
     device: &B::Device,
 ) -> Vec<f64> {
     let ctx = &requests[0].ids[..requests[0].start];
-    assert!(requests.iter().all(|e| &e.ids[..e.start] == ctx), "one shared context");
+    assert!(
+        requests.iter().all(|e| &e.ids[..e.start] == ctx),
+        "one shared context"
+    );
     let ids = |v: &[u32], rows: usize, s: usize| {
         Tensor::<B, 2, Int>::from_data(
             TensorData::new(v.iter().map(|&t| t as i64).collect::<Vec<_>>(), [rows, s]),
@@ -177,9 +180,13 @@ pub fn shared_loglikelihoods<B: Backend>(
         )
     };
     let mut cache = model.new_cache();
-    let h = model.model.forward(ids(ctx, 1, ctx.len()), None, Some(&mut cache));
+    let h = model
+        .model
+        .forward(ids(ctx, 1, ctx.len()), None, Some(&mut cache));
     let d = h.dims()[2];
-    let last = h.slice([0..1, ctx.len() - 1..ctx.len(), 0..d]).reshape([1, d]);
+    let last = h
+        .slice([0..1, ctx.len() - 1..ctx.len(), 0..d])
+        .reshape([1, d]);
     let first: Vec<f32> = activation::log_softmax(model.logits(last), 1)
         .into_data()
         .convert::<f32>()
@@ -191,7 +198,11 @@ pub fn shared_loglikelihoods<B: Backend>(
         .collect();
     // The rest of each continuation: its tokens but the last fed, each predicting the next.
     let n = requests.len();
-    let s = requests.iter().map(|e| e.ids.len() - e.start - 1).max().unwrap_or(0);
+    let s = requests
+        .iter()
+        .map(|e| e.ids.len() - e.start - 1)
+        .max()
+        .unwrap_or(0);
     if s == 0 {
         return out;
     }
@@ -210,13 +221,19 @@ pub fn shared_loglikelihoods<B: Backend>(
     }
     let mut cache = cache.repeat(n);
     let mask = padding_mask::<B>(&key_lengths, ctx.len() + s, device);
-    let h = model.model.forward(ids(&fed, n, s), Some(mask), Some(&mut cache));
+    let h = model
+        .model
+        .forward(ids(&fed, n, s), Some(mask), Some(&mut cache));
     let m = rows.len();
-    let picked = h
-        .reshape([n * s, d])
-        .select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), device));
+    let picked = h.reshape([n * s, d]).select(
+        0,
+        Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), device),
+    );
     let lp: Vec<f32> = activation::log_softmax(model.logits(picked), 1)
-        .gather(1, Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [m, 1]), device))
+        .gather(
+            1,
+            Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [m, 1]), device),
+        )
         .into_data()
         .convert::<f32>()
         .to_vec()
@@ -283,7 +300,10 @@ pub fn evaluate<B: Backend>(
         }
         k += q.choices.len();
     }
-    for (i, v) in rest_at.into_iter().zip(loglikelihoods(model, &rest, batch_tokens, device)) {
+    for (i, v) in rest_at
+        .into_iter()
+        .zip(loglikelihoods(model, &rest, batch_tokens, device))
+    {
         ll[i] = v;
     }
     let (mut hits, mut hits_norm, mut k) = (0usize, 0usize, 0usize);

@@ -50,7 +50,11 @@ impl Histogram {
         for (c, b) in self.counts.iter().zip(self.bounds) {
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
         let braces = if labels.is_empty() {
             String::new()
         } else {
@@ -143,31 +147,81 @@ impl Metrics {
     pub fn render(&self, resident: ResidentStats) -> String {
         let m = self.lock();
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP kron_requests_total Requests by endpoint and status.");
+        let _ = writeln!(
+            out,
+            "# HELP kron_requests_total Requests by endpoint and status."
+        );
         let _ = writeln!(out, "# TYPE kron_requests_total counter");
         for ((e, s), n) in &m.requests {
-            let _ = writeln!(out, "kron_requests_total{{endpoint=\"{e}\",status=\"{s}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "kron_requests_total{{endpoint=\"{e}\",status=\"{s}\"}} {n}"
+            );
         }
-        let _ = writeln!(out, "# HELP kron_request_seconds Request latency by endpoint.");
+        let _ = writeln!(
+            out,
+            "# HELP kron_request_seconds Request latency by endpoint."
+        );
         let _ = writeln!(out, "# TYPE kron_request_seconds histogram");
         for (e, h) in &m.latency {
-            h.render(&mut out, "kron_request_seconds", &format!("endpoint=\"{e}\""));
+            h.render(
+                &mut out,
+                "kron_request_seconds",
+                &format!("endpoint=\"{e}\""),
+            );
         }
         for (name, help, h) in [
-            ("kron_batch_requests", "Requests per batch.", &m.batch_requests),
-            ("kron_batch_rows", "Rows (texts, prompts) per batch.", &m.batch_rows),
-            ("kron_batch_adapters", "Distinct adapters per batch.", &m.batch_adapters),
+            (
+                "kron_batch_requests",
+                "Requests per batch.",
+                &m.batch_requests,
+            ),
+            (
+                "kron_batch_rows",
+                "Rows (texts, prompts) per batch.",
+                &m.batch_rows,
+            ),
+            (
+                "kron_batch_adapters",
+                "Distinct adapters per batch.",
+                &m.batch_adapters,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} histogram");
             h.render(&mut out, name, "");
         }
         for (name, kind, help, v) in [
-            ("kron_generated_tokens_total", "counter", "Tokens generated.", m.generated_tokens),
-            ("kron_failed_batches_total", "counter", "Batches whose inference failed.", m.failed_batches),
-            ("kron_adapters_resident", "gauge", "Adapters loaded.", resident.adapters as u64),
-            ("kron_adapter_params", "gauge", "Parameters of the loaded adapters.", resident.params as u64),
-            ("kron_adapter_bytes", "gauge", "Bytes the loaded adapters take on the device.", resident.bytes as u64),
+            (
+                "kron_generated_tokens_total",
+                "counter",
+                "Tokens generated.",
+                m.generated_tokens,
+            ),
+            (
+                "kron_failed_batches_total",
+                "counter",
+                "Batches whose inference failed.",
+                m.failed_batches,
+            ),
+            (
+                "kron_adapters_resident",
+                "gauge",
+                "Adapters loaded.",
+                resident.adapters as u64,
+            ),
+            (
+                "kron_adapter_params",
+                "gauge",
+                "Parameters of the loaded adapters.",
+                resident.params as u64,
+            ),
+            (
+                "kron_adapter_bytes",
+                "gauge",
+                "Bytes the loaded adapters take on the device.",
+                resident.bytes as u64,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");

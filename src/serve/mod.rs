@@ -122,7 +122,11 @@ fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> R
     let body = body.map_err(|r| {
         let status = r.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(status, "too_large", "the request body is larger than the server accepts")
+            ApiError::new(
+                status,
+                "too_large",
+                "the request body is larger than the server accepts",
+            )
         } else {
             ApiError::new(status, "invalid_request", r.body_text())
         }
@@ -152,9 +156,10 @@ pub struct GenerateRequest {
     /// The adapter (none: the base model).
     #[serde(default)]
     pub adapter: Option<String>,
-    /// Tokens to generate at most.
-    #[serde(default = "default_new_tokens")]
-    pub max_new_tokens: usize,
+    /// Tokens to generate at most (default: 32, or what the token limit leaves after the
+    /// prompt if less).
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
     /// Sampling temperature (none: greedy).
     #[serde(default)]
     pub temperature: Option<f64>,
@@ -169,9 +174,6 @@ pub struct GenerateRequest {
     pub chat: bool,
 }
 
-fn default_new_tokens() -> usize {
-    32
-}
 fn one() -> f64 {
     1.0
 }
@@ -186,7 +188,10 @@ pub struct LoadRequest {
     pub path: String,
 }
 
-async fn classify<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn classify<B: Backend>(
+    State(s): State<Arc<AppState<B>>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let t = Instant::now();
     let r = async {
         let req: ClassifyRequest = parse(body)?;
@@ -194,10 +199,27 @@ async fn classify<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Result<By
             return Err(ApiError::bad("`texts` is empty: send at least one text"));
         }
         if req.texts.len() > s.config.max_texts {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("{} texts; at most {} a request", req.texts.len(), s.config.max_texts)));
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "{} texts; at most {} a request",
+                    req.texts.len(),
+                    s.config.max_texts
+                ),
+            ));
         }
-        if let Some((i, t)) = req.texts.iter().enumerate().find(|(_, t)| t.trim().is_empty() || t.chars().count() > s.config.max_chars) {
-            return Err(ApiError::bad(format!("text {i} is empty or longer than {} characters ({} chars)", s.config.max_chars, t.chars().count())));
+        if let Some((i, t)) = req
+            .texts
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.trim().is_empty() || t.chars().count() > s.config.max_chars)
+        {
+            return Err(ApiError::bad(format!(
+                "text {i} is empty or longer than {} characters ({} chars)",
+                s.config.max_chars,
+                t.chars().count()
+            )));
         }
         s.worker.classify(req.texts, req.adapter).await
     }
@@ -205,7 +227,10 @@ async fn classify<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Result<By
     finish(&s, "classify", t, r)
 }
 
-async fn generate<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn generate<B: Backend>(
+    State(s): State<Arc<AppState<B>>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let t = Instant::now();
     let r = async {
         let req: GenerateRequest = parse(body)?;
@@ -213,10 +238,22 @@ async fn generate<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Result<By
             return Err(ApiError::bad("`prompt` is empty"));
         }
         if req.prompt.chars().count() > s.config.max_chars {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the prompt is longer than {} characters", s.config.max_chars)));
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the prompt is longer than {} characters",
+                    s.config.max_chars
+                ),
+            ));
         }
-        if req.max_new_tokens == 0 || req.max_new_tokens > s.config.max_tokens {
-            return Err(ApiError::bad(format!("`max_new_tokens` {} is not between 1 and {}", req.max_new_tokens, s.config.max_tokens)));
+        if let Some(n) = req.max_new_tokens {
+            if n == 0 || n > s.config.max_tokens {
+                return Err(ApiError::bad(format!(
+                    "`max_new_tokens` {n} is not between 1 and {}",
+                    s.config.max_tokens
+                )));
+            }
         }
         s.worker.generate(req, s.config.max_tokens).await
     }
@@ -230,7 +267,10 @@ async fn list_adapters<B: Backend>(State(s): State<Arc<AppState<B>>>) -> Respons
     finish(&s, "adapters", t, r)
 }
 
-async fn load_adapter<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn load_adapter<B: Backend>(
+    State(s): State<Arc<AppState<B>>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let t = Instant::now();
     let r = async {
         read_only(&s.config)?;
@@ -238,23 +278,36 @@ async fn load_adapter<B: Backend>(State(s): State<Arc<AppState<B>>>, body: Resul
         let worker = s.worker.clone();
         tokio::task::spawn_blocking(move || worker.load(&req.name, std::path::Path::new(&req.path)))
             .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?
     }
     .await;
     let r = r.map(|v| (StatusCode::CREATED, v));
-    s.metrics.request("adapters_load", r.as_ref().map_or_else(|e| e.status(), |(st, _)| *st), t.elapsed());
+    s.metrics.request(
+        "adapters_load",
+        r.as_ref().map_or_else(|e| e.status(), |(st, _)| *st),
+        t.elapsed(),
+    );
     match r {
         Ok((st, v)) => (st, axum::Json(v)).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn unload_adapter<B: Backend>(State(s): State<Arc<AppState<B>>>, Path(name): Path<String>) -> Response {
+async fn unload_adapter<B: Backend>(
+    State(s): State<Arc<AppState<B>>>,
+    Path(name): Path<String>,
+) -> Response {
     let t = Instant::now();
     let r = read_only(&s.config)
         .and_then(|_| s.worker.unload(&name))
         .map(|_| StatusCode::NO_CONTENT);
-    s.metrics.request("adapters_unload", r.as_ref().map_or_else(|e| e.status(), |st| *st), t.elapsed());
+    s.metrics.request(
+        "adapters_unload",
+        r.as_ref().map_or_else(|e| e.status(), |st| *st),
+        t.elapsed(),
+    );
     match r {
         Ok(st) => st.into_response(),
         Err(e) => e.into_response(),
@@ -276,7 +329,12 @@ async fn metrics_text<B: Backend>(State(s): State<Arc<AppState<B>>>) -> Response
 }
 
 async fn fallback() -> Response {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint: see /health, /metrics, /v1/classify, /v1/generate, /v1/adapters").into_response()
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint: see /health, /metrics, /v1/classify, /v1/generate, /v1/adapters",
+    )
+    .into_response()
 }
 
 fn read_only(config: &ServeConfig) -> Result<(), ApiError> {
@@ -290,7 +348,12 @@ fn read_only(config: &ServeConfig) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn finish<B: Backend>(s: &AppState<B>, endpoint: &str, t: Instant, r: Result<Value, ApiError>) -> Response {
+fn finish<B: Backend>(
+    s: &AppState<B>,
+    endpoint: &str,
+    t: Instant,
+    r: Result<Value, ApiError>,
+) -> Response {
     let status = r.as_ref().map_or_else(|e| e.status(), |_| StatusCode::OK);
     s.metrics.request(endpoint, status, t.elapsed());
     match r {
@@ -310,7 +373,10 @@ pub fn router<B: Backend>(worker: Worker<B>, metrics: Arc<Metrics>, config: Serv
     Router::new()
         .route("/v1/classify", post(classify::<B>))
         .route("/v1/generate", post(generate::<B>))
-        .route("/v1/adapters", get(list_adapters::<B>).post(load_adapter::<B>))
+        .route(
+            "/v1/adapters",
+            get(list_adapters::<B>).post(load_adapter::<B>),
+        )
         .route("/v1/adapters/{name}", delete(unload_adapter::<B>))
         .route("/health", get(health::<B>))
         .route("/metrics", get(metrics_text::<B>))
@@ -335,9 +401,7 @@ pub async fn serve<B: Backend>(
     let worker = Worker::start(model, metrics.clone(), window, config.max_batch, device);
     let result = async {
         for (name, path) in adapters {
-            worker.load(&name, &path).map_err(|e| AdapterError::Incompatible {
-                message: format!("--adapter {name}={}: {}", path.display(), e.message),
-            })?;
+            worker.load_adapter(&name, &path)?;
         }
         let listener = tokio::net::TcpListener::bind(addr)
             .await

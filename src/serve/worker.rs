@@ -26,6 +26,9 @@ use crate::store::gguf::GgufFile;
 use crate::store::{read_any, st, NativeAdapters};
 use crate::{ConfigError, NameMap, PlacementConfig};
 
+/// Tokens a generation request without `max_new_tokens` gets at most.
+const DEFAULT_NEW_TOKENS: usize = 32;
+
 /// Rows in one encoder forward pass at most (a batch of many long texts runs in chunks).
 const ENCODER_ROWS: usize = 64;
 
@@ -58,19 +61,23 @@ impl<B: Backend> Model<B> {
         let shown = path.display().to_string();
         if path.is_dir() {
             let cfg_path = path.join("config.json");
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::io(&cfg_path, e))?;
+            let text =
+                std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::io(&cfg_path, e))?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| AdapterError::format(cfg_path.display().to_string(), e.to_string()))?;
             let tok = path.join("tokenizer.json");
             if !tok.exists() {
                 return Err(AdapterError::Incompatible {
-                    message: format!("{shown} has no tokenizer.json: the server needs the model's tokenizer"),
+                    message: format!(
+                        "{shown} has no tokenizer.json: the server needs the model's tokenizer"
+                    ),
                 });
             }
             if v.get("model_type").and_then(Value::as_str) == Some("bert") {
                 let config = BertConfig::from_json_file(&cfg_path)?;
                 let mut source = TensorSource::from_model_dir(path)?;
-                let encoder = BertEncoder::new(&mut source, &config, &PlacementConfig::new(), device)?;
+                let encoder =
+                    BertEncoder::new(&mut source, &config, &PlacementConfig::new(), device)?;
                 source.finish()?;
                 let tokenizer = TextEncoder::from_file(&tok, config.max_position_embeddings)?;
                 return Ok(Self::Encoder {
@@ -86,7 +93,9 @@ impl<B: Backend> Model<B> {
         let file = GgufFile::read(path)?;
         if file.get("tokenizer.ggml.model").is_none() {
             return Err(AdapterError::Incompatible {
-                message: format!("{shown} holds no tokenizer: the server needs the model's tokenizer"),
+                message: format!(
+                    "{shown} holds no tokenizer: the server needs the model's tokenizer"
+                ),
             });
         }
         let tokenizer = TextTokenizer::from_gguf(&file, &shown)?;
@@ -133,12 +142,18 @@ impl Head {
     pub fn from_run(dir: &Path, d: usize) -> Result<Self, AdapterError> {
         let report_path = dir.join("report.json");
         let shown = report_path.display().to_string();
-        let text = std::fs::read_to_string(&report_path).map_err(|e| AdapterError::io(&report_path, e))?;
+        let text =
+            std::fs::read_to_string(&report_path).map_err(|e| AdapterError::io(&report_path, e))?;
         let report: Value =
             serde_json::from_str(&text).map_err(|e| AdapterError::format(&shown, e.to_string()))?;
-        let cfg = report.get("config").ok_or_else(|| AdapterError::format(&shown, "no `config`: not a report of the main job"))?;
+        let cfg = report.get("config").ok_or_else(|| {
+            AdapterError::format(&shown, "no `config`: not a report of the main job")
+        })?;
         let placement = cfg.get("placement");
-        if placement.and_then(|p| p.get("block")).is_some_and(|b| !b.is_null()) {
+        if placement
+            .and_then(|p| p.get("block"))
+            .is_some_and(|b| !b.is_null())
+        {
             return Err(AdapterError::Unsupported {
                 option: "placement.block".into(),
                 message: format!(
@@ -148,7 +163,10 @@ impl Head {
                 ),
             });
         }
-        let train = placement.and_then(|p| p.get("train")).and_then(Value::as_str).unwrap_or("Adapters");
+        let train = placement
+            .and_then(|p| p.get("train"))
+            .and_then(Value::as_str)
+            .unwrap_or("Adapters");
         if train != "Adapters" {
             return Err(AdapterError::Unsupported {
                 option: "placement.train".into(),
@@ -162,9 +180,13 @@ impl Head {
         let max_len = cfg
             .get("max_len")
             .and_then(Value::as_u64)
-            .ok_or_else(|| AdapterError::format(&shown, "`config.max_len` is missing"))? as usize;
+            .ok_or_else(|| AdapterError::format(&shown, "`config.max_len` is missing"))?
+            as usize;
         if max_len < 3 {
-            return Err(AdapterError::format(&shown, format!("`config.max_len` {max_len} is below 3")));
+            return Err(AdapterError::format(
+                &shown,
+                format!("`config.max_len` {max_len} is below 3"),
+            ));
         }
         let ckpt = dir.join("trainable.safetensors");
         let ckpt_shown = ckpt.display().to_string();
@@ -192,9 +214,15 @@ impl Head {
         let bias = st::decode_f32(&ckpt_shown, "head.bias", &b)?;
         let labels = match report.get("labels").and_then(Value::as_array) {
             Some(l) if !l.is_empty() => {
-                let l: Vec<String> = l.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect();
+                let l: Vec<String> = l
+                    .iter()
+                    .map(|v| v.as_str().unwrap_or_default().to_string())
+                    .collect();
                 if l.len() != classes {
-                    return Err(AdapterError::format(&shown, format!("{} labels for a head of {classes} classes", l.len())));
+                    return Err(AdapterError::format(
+                        &shown,
+                        format!("{} labels for a head of {classes} classes", l.len()),
+                    ));
                 }
                 l
             }
@@ -260,7 +288,10 @@ enum Engine<B: Backend> {
 
 enum Tokenizer {
     Encoder(TextEncoder),
-    Decoder { tokenizer: TextTokenizer, context: usize },
+    Decoder {
+        tokenizer: TextTokenizer,
+        context: usize,
+    },
 }
 
 struct Shared<B: Backend> {
@@ -320,11 +351,19 @@ impl<B: Backend> Worker<B> {
                 encoder,
                 tokenizer,
                 config,
-            } => (Engine::Encoder(encoder), Tokenizer::Encoder(tokenizer), config.hidden_size),
+            } => (
+                Engine::Encoder(encoder),
+                Tokenizer::Encoder(tokenizer),
+                config.hidden_size,
+            ),
             Model::Decoder { model, tokenizer } => {
                 let context = model.config().max_position_embeddings;
                 let d = model.config().hidden_size;
-                (Engine::Decoder(model), Tokenizer::Decoder { tokenizer, context }, d)
+                (
+                    Engine::Decoder(model),
+                    Tokenizer::Decoder { tokenizer, context },
+                    d,
+                )
             }
         };
         let registry = match &engine {
@@ -350,7 +389,10 @@ impl<B: Backend> Worker<B> {
         Self { tx, shared }
     }
 
-    fn send<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<oneshot::Receiver<Result<T, ApiError>>, ApiError> {
+    fn send<T>(
+        &self,
+        job: impl FnOnce(Reply<T>) -> Job,
+    ) -> Result<oneshot::Receiver<Result<T, ApiError>>, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(job(reply)).map_err(|_| gone())?;
         Ok(rx)
@@ -359,7 +401,9 @@ impl<B: Backend> Worker<B> {
     /// Class probabilities of `texts` with the adapter `adapter` (and its head).
     pub async fn classify(&self, texts: Vec<String>, adapter: String) -> Result<Value, ApiError> {
         let Tokenizer::Encoder(tok) = &self.shared.tokenizer else {
-            return Err(ApiError::bad("this server runs a decoder: use POST /v1/generate"));
+            return Err(ApiError::bad(
+                "this server runs a decoder: use POST /v1/generate",
+            ));
         };
         let bank = self.shared.registry.snapshot();
         let head = head_of(&bank, &adapter)?;
@@ -393,9 +437,15 @@ impl<B: Backend> Worker<B> {
     }
 
     /// A completion of the request's prompt (with its adapter, or the base model).
-    pub async fn generate(&self, req: GenerateRequest, max_tokens: usize) -> Result<Value, ApiError> {
+    pub async fn generate(
+        &self,
+        req: GenerateRequest,
+        max_tokens: usize,
+    ) -> Result<Value, ApiError> {
         let Tokenizer::Decoder { tokenizer, context } = &self.shared.tokenizer else {
-            return Err(ApiError::bad("this server runs an encoder: use POST /v1/classify"));
+            return Err(ApiError::bad(
+                "this server runs an encoder: use POST /v1/classify",
+            ));
         };
         if let Some(name) = &req.adapter {
             if self.shared.registry.snapshot().get(name).is_none() {
@@ -403,7 +453,9 @@ impl<B: Backend> Worker<B> {
             }
         }
         let text = if req.chat {
-            tokenizer.chat_prompt(&req.prompt).map_err(|e| ApiError::bad(e.to_string()))?
+            tokenizer
+                .chat_prompt(&req.prompt)
+                .map_err(|e| ApiError::bad(e.to_string()))?
         } else {
             req.prompt.clone()
         };
@@ -411,7 +463,10 @@ impl<B: Backend> Worker<B> {
             .encode(&text, true)
             .map_err(|e| ApiError::bad(e.to_string()))?;
         let limit = max_tokens.min(*context);
-        if prompt.is_empty() || prompt.len() + req.max_new_tokens > limit {
+        let new_tokens = req
+            .max_new_tokens
+            .unwrap_or_else(|| DEFAULT_NEW_TOKENS.min(limit.saturating_sub(prompt.len()).max(1)));
+        if prompt.is_empty() || prompt.len() + new_tokens > limit {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
@@ -419,16 +474,18 @@ impl<B: Backend> Worker<B> {
                     "{} prompt tokens + {} new tokens exceed the limit of {limit} tokens: shorten \
                      the prompt or ask for fewer tokens",
                     prompt.len(),
-                    req.max_new_tokens
+                    new_tokens
                 ),
             ));
         }
         let mut config = GenerateConfig::new()
-            .with_max_new_tokens(req.max_new_tokens)
+            .with_max_new_tokens(new_tokens)
             .with_top_p(req.top_p)
             .with_seed(req.seed);
         config.temperature = req.temperature;
-        config.validate().map_err(|e| ApiError::bad(e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| ApiError::bad(e.to_string()))?;
         let n_prompt = prompt.len();
         let rx = self.send(|reply| Job::Generate {
             prompt,
@@ -443,9 +500,9 @@ impl<B: Backend> Worker<B> {
         } else {
             "length"
         };
-        let text = tokenizer
-            .decode(&tokens, true)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+        let text = tokenizer.decode(&tokens, true).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
         Ok(json!({
             "adapter": req.adapter,
             "text": text,
@@ -460,17 +517,40 @@ impl<B: Backend> Worker<B> {
     /// `trainable.safetensors` for its head). Blocks while reading; the resident set is
     /// unchanged on error.
     pub fn load(&self, name: &str, path: &Path) -> Result<Value, ApiError> {
+        self.load_adapter(name, path).map_err(ApiError::from)
+    }
+
+    /// [`Worker::load`] with the library's error (for callers outside HTTP).
+    pub fn load_adapter(&self, name: &str, path: &Path) -> Result<Value, AdapterError> {
         check_name(name)?;
         if !path.exists() {
-            let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder on the server");
-            return Err(AdapterError::io(path, e).into());
+            let e = std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file or folder on the server",
+            );
+            return Err(AdapterError::io(path, e));
         }
         let encoder = matches!(self.shared.tokenizer, Tokenizer::Encoder(_));
         let run = path.is_dir() && path.join("report.json").exists();
-        let file = if run { path.join("adapter.safetensors") } else { path.to_path_buf() };
+        let file = if run {
+            path.join("adapter.safetensors")
+        } else {
+            path.to_path_buf()
+        };
+        if path.is_dir() && !run && !path.join("adapter_config.json").exists() {
+            return Err(AdapterError::format(
+                path.display().to_string(),
+                "a folder that is neither a PEFT adapter (adapter_config.json) nor a run folder \
+                 (report.json and adapter.safetensors)",
+            )
+            .into());
+        }
         if run && !file.exists() {
             return Err(AdapterError::Incompatible {
-                message: format!("{}: the run folder has no adapter.safetensors (it trained no linear adapters)", path.display()),
+                message: format!(
+                    "{}: the run folder has no adapter.safetensors (it trained no linear adapters)",
+                    path.display()
+                ),
             }
             .into());
         }
@@ -505,7 +585,10 @@ impl<B: Backend> Worker<B> {
 
     /// Unloads `name` (requests in flight keep it until they finish).
     pub fn unload(&self, name: &str) -> Result<(), ApiError> {
-        self.shared.registry.unload(name).map_err(|_| not_found(name))
+        self.shared
+            .registry
+            .unload(name)
+            .map_err(|_| not_found(name))
     }
 
     /// The resident adapters.
@@ -522,12 +605,14 @@ impl<B: Backend> Worker<B> {
     /// Totals of the resident adapters.
     pub fn resident(&self) -> ResidentStats {
         let bank = self.shared.registry.snapshot();
-        bank.list().into_iter().fold(ResidentStats::default(), |mut s, (_, p, b)| {
-            s.adapters += 1;
-            s.params += p;
-            s.bytes += b;
-            s
-        })
+        bank.list()
+            .into_iter()
+            .fold(ResidentStats::default(), |mut s, (_, p, b)| {
+                s.adapters += 1;
+                s.params += p;
+                s.bytes += b;
+                s
+            })
     }
 
     /// The model being served.
@@ -538,7 +623,12 @@ impl<B: Backend> Worker<B> {
     /// Stops the thread after the batch it is running, and waits for it.
     pub fn stop(&self) {
         let _ = self.tx.send(Job::Stop);
-        let handle = self.shared.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self
+            .shared
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(h) = handle {
             let _ = h.join();
         }
@@ -611,7 +701,11 @@ fn process<B: Backend>(engine: &Engine<B>, shared: &Shared<B>, jobs: Vec<Job>, d
     let mut generate = Vec::new();
     for job in jobs {
         match job {
-            Job::Classify { rows, adapter, reply } => match head_of(&bank, &adapter) {
+            Job::Classify {
+                rows,
+                adapter,
+                reply,
+            } => match head_of(&bank, &adapter) {
                 Ok(head) => classify.push((rows, adapter, head, reply)),
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -633,12 +727,16 @@ fn process<B: Backend>(engine: &Engine<B>, shared: &Shared<B>, jobs: Vec<Job>, d
     }
     match engine {
         Engine::Encoder(encoder) if !classify.is_empty() => {
-            let adapters: std::collections::BTreeSet<&str> = classify.iter().map(|j| j.1.as_str()).collect();
+            let adapters: std::collections::BTreeSet<&str> =
+                classify.iter().map(|j| j.1.as_str()).collect();
             let n_rows = classify.iter().map(|j| j.0.len()).sum();
             shared.metrics.batch(classify.len(), n_rows, adapters.len());
             let flat: Vec<(&[u32], &str, &Head)> = classify
                 .iter()
-                .flat_map(|(rows, name, head, _)| rows.iter().map(move |r| (r.as_slice(), name.as_str(), head.as_ref())))
+                .flat_map(|(rows, name, head, _)| {
+                    rows.iter()
+                        .map(move |r| (r.as_slice(), name.as_str(), head.as_ref()))
+                })
                 .collect();
             let mut probs = Vec::with_capacity(flat.len());
             for chunk in flat.chunks(ENCODER_ROWS) {
@@ -658,8 +756,11 @@ fn process<B: Backend>(engine: &Engine<B>, shared: &Shared<B>, jobs: Vec<Job>, d
             }
         }
         Engine::Decoder(model) if !generate.is_empty() => {
-            let adapters: std::collections::BTreeSet<&str> = generate.iter().filter_map(|j| j.1.as_deref()).collect();
-            shared.metrics.batch(generate.len(), generate.len(), adapters.len());
+            let adapters: std::collections::BTreeSet<&str> =
+                generate.iter().filter_map(|j| j.1.as_deref()).collect();
+            shared
+                .metrics
+                .batch(generate.len(), generate.len(), adapters.len());
             let eos = match &shared.tokenizer {
                 Tokenizer::Decoder { tokenizer, .. } => tokenizer.eos.clone(),
                 Tokenizer::Encoder(_) => Vec::new(),
@@ -669,7 +770,8 @@ fn process<B: Backend>(engine: &Engine<B>, shared: &Shared<B>, jobs: Vec<Job>, d
             let names: Vec<Option<&str>> = generate.iter().map(|j| j.1.as_deref()).collect();
             let result = Routing::new(&bank, &names, device)
                 .and_then(|routing| {
-                    generate_batch(model, &prompts, &configs, &eos, Some(&routing), device).map_err(AdapterError::from)
+                    generate_batch(model, &prompts, &configs, &eos, Some(&routing), device)
+                        .map_err(AdapterError::from)
                 })
                 .map_err(ApiError::from);
             match result {
@@ -715,7 +817,13 @@ fn classify_rows<B: Backend>(
         .into_data()
         .convert::<f32>()
         .to_vec()
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:?}")))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("{e:?}"),
+            )
+        })?;
     let d = pooled.len() / b;
     Ok(rows
         .iter()

@@ -721,3 +721,93 @@ fn export_hf_writes_a_merged_folder() {
     assert_eq!(code, 1);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `serve`: ready line on stdout, answers over HTTP, stops cleanly on SIGTERM; bad arguments
+/// get the usage exit code before anything loads.
+#[test]
+fn serve_answers_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    let dir = crate::serve::tiny_decoder_dir("cli");
+    let adapter = dir.join("a.safetensors");
+    let model: kron_adapters::model::LlamaForCausalLM<crate::common::TB> =
+        kron_adapters::model::llama::load(
+            &dir,
+            &kron_adapters::PlacementConfig::new(),
+            &crate::common::device(),
+        )
+        .unwrap();
+    crate::multi::adapters_for(&model, &crate::multi::every_method()[2].1)
+        .write(&adapter)
+        .unwrap();
+    let mut child = bin()
+        .args([
+            "serve",
+            "--model",
+            s(&dir),
+            "--adapter",
+            &format!("a={}", s(&adapter)),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .parse()
+        .unwrap();
+    let (st, v) = crate::serve::post(
+        addr,
+        "/v1/generate",
+        serde_json::json!({"prompt": "t3 t4", "adapter": "a", "max_new_tokens": 3}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(crate::serve::http(addr, "GET", "/health", b"").0, 200);
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped"));
+
+    let cases: [(&[&str], i32); 5] = [
+        (&["serve", "--model", s(&dir), "--addr", "nonsense"], 2),
+        (
+            &["serve", "--model", s(&dir), "--adapter", "no-equals-sign"],
+            2,
+        ),
+        (&["serve", "--model", s(&dir), "--max-batch", "0"], 2),
+        (&["serve", "--model", "/no/such/model"], 1),
+        (
+            &[
+                "serve",
+                "--model",
+                s(&dir),
+                "--addr",
+                "127.0.0.1:0",
+                "--adapter",
+                &format!("b={}", s(&dir.join("config.json"))),
+            ],
+            3,
+        ),
+    ];
+    for (args, code) in cases {
+        let (c, _, err) = run(args);
+        assert_eq!(c, code, "{args:?}: {err}");
+        assert!(err.contains("error"), "{err}");
+    }
+}

@@ -79,9 +79,18 @@ fn continuation_scores_equal_full_logits_in_padded_batches() {
     assert_close(&got, &want, 1e-5, "batched continuation log-probs");
     // Choices sharing a context: the context once, then the continuations on its cache.
     let shared = vec![
-        Encoded { ids: vec![5, 9, 13, 2, 7], start: 3 },
-        Encoded { ids: vec![5, 9, 13, 30], start: 3 },
-        Encoded { ids: vec![5, 9, 13, 1, 1, 1, 4], start: 3 },
+        Encoded {
+            ids: vec![5, 9, 13, 2, 7],
+            start: 3,
+        },
+        Encoded {
+            ids: vec![5, 9, 13, 30],
+            start: 3,
+        },
+        Encoded {
+            ids: vec![5, 9, 13, 1, 1, 1, 4],
+            start: 3,
+        },
     ];
     let refs: Vec<&Encoded> = shared.iter().collect();
     let once = kron_adapters::llm::score::shared_loglikelihoods(&m, &refs, &dev);

@@ -21,7 +21,10 @@ mod kron_math;
 mod llama;
 #[cfg(feature = "finetune")]
 mod llm;
+mod multi;
 mod peft_io;
 mod peft_parity;
 mod quant;
+#[cfg(feature = "serve")]
+mod serve;
 mod training;

@@ -102,7 +102,9 @@ impl<B: Backend> Attention<B> {
         let scores = q.matmul(k.transpose()).div_scalar((dh as f64).sqrt()) + mask;
         let probs = self.probs_dropout.forward(activation::softmax(scores, 3));
         let ctx = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, d]);
-        let out = self.dropout.forward(self.output.forward_routed(ctx, routing));
+        let out = self
+            .dropout
+            .forward(self.output.forward_routed(ctx, routing));
         self.norm.forward(out + x)
     }
 }

@@ -196,7 +196,8 @@ impl<B: Backend> LlamaAttention<B> {
         let probs = activation::softmax(scores, 3);
         let ctx = probs.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2);
         let _ = total;
-        self.o_proj.forward_routed(ctx.reshape([b, s, h * hd]), routing)
+        self.o_proj
+            .forward_routed(ctx.reshape([b, s, h * hd]), routing)
     }
 }
 

@@ -1,0 +1,854 @@
+//! The HTTP server (`kron_adapters::serve`) over real loopback sockets: answers equal the
+//! library's (generation with the adapter attached; the main job's classifier), requests batch
+//! across adapters, adapters load and unload while requests run, bad input gets a 4xx JSON
+//! error and never a panic.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use kron_adapters::finetune::tokenize::TextEncoder;
+use kron_adapters::llm::{generate, GenerateConfig, TextTokenizer};
+use kron_adapters::model::bert::{classifier_from_source, BertClassifier};
+use kron_adapters::model::{BertConfig, BertEncoder, LlamaForCausalLM, TensorSource};
+use kron_adapters::serve::{router, Metrics, Model, ServeConfig, Worker};
+use kron_adapters::store::{save_params_matching, CheckpointMeta};
+use kron_adapters::{attach, AdapterLayers, NameMap, NativeAdapters, PlacementConfig};
+use serde_json::{json, Value};
+
+use crate::common::{device, scratch_dir, TB};
+use crate::multi::{adapters_for, every_method};
+
+/// A WordLevel `tokenizer.json` over `vocab` (whitespace-split), with `[CLS] … [SEP]` around
+/// every text when `bert`.
+fn tokenizer_json(vocab: &[String], bert: bool) -> Value {
+    let map: serde_json::Map<String, Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let special = |t: &str| json!({"SpecialToken": {"id": t, "type_id": 0}});
+    let seq = |id: &str| json!({"Sequence": {"id": id, "type_id": 0}});
+    let post = if bert {
+        json!({
+            "type": "TemplateProcessing",
+            "single": [special("[CLS]"), seq("A"), special("[SEP]")],
+            "pair": [special("[CLS]"), seq("A"), special("[SEP]"), seq("B"), special("[SEP]")],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]},
+            }
+        })
+    } else {
+        Value::Null
+    };
+    let added: Vec<Value> = vocab
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.starts_with('[') || t.starts_with('<'))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": post,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": map, "unk_token": vocab[if bert { 1 } else { 0 }]},
+    })
+}
+
+/// The tiny Llama fixture as a served model folder, with a word-level tokenizer `t3 … t63`
+/// (`<unk>` 0, `<s>` 1, `</s>` 2 — the fixture's BOS and EOS).
+pub fn tiny_decoder_dir(name: &str) -> PathBuf {
+    let dir = scratch_dir("serve", name);
+    let fixture = crate::common::fixture("llama/tiny_llama");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    let mut vocab: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    vocab.extend((3..64).map(|i| format!("t{i}")));
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        tokenizer_json(&vocab, false).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}).to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+/// A server on a free loopback port, run on its own runtime until dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    worker: Worker<TB>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Server {
+    pub fn start(model: Model<TB>, config: ServeConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let window = Duration::from_millis(config.window_ms);
+        let worker = Worker::start(model, metrics.clone(), window, config.max_batch, &device());
+        let app = router(worker.clone(), metrics.clone(), config);
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        Self {
+            addr,
+            metrics,
+            worker,
+            runtime: Some(runtime),
+        }
+    }
+
+    pub fn worker(&self) -> &Worker<TB> {
+        &self.worker
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.worker.stop();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One HTTP/1.1 request; the status and the body.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let (status, text) = http(addr, "POST", path, body.to_string().as_bytes());
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// What the library alone generates for `prompt` with `adapter` (or none).
+fn library_generate(
+    dir: &Path,
+    adapter: Option<&NativeAdapters>,
+    prompt: &str,
+    cfg: &GenerateConfig,
+) -> String {
+    let dev = device();
+    let tok = TextTokenizer::from_hf_dir(dir).unwrap();
+    let mut model: LlamaForCausalLM<TB> =
+        kron_adapters::model::llama::load(dir, &PlacementConfig::new(), &dev).unwrap();
+    if let Some(a) = adapter {
+        model = attach(model, a, &NameMap::new(), &dev).unwrap();
+    }
+    let ids = tok.encode(prompt, true).unwrap();
+    let out = generate(&model, &ids, cfg, &tok.eos, &dev, |_| {}).unwrap();
+    tok.decode(&out, true).unwrap()
+}
+
+/// Writes an adapter file of every method for the model at `dir`; (name, file, adapters).
+fn decoder_adapters(dir: &Path) -> Vec<(String, PathBuf, NativeAdapters)> {
+    let model: LlamaForCausalLM<TB> =
+        kron_adapters::model::llama::load(dir, &PlacementConfig::new(), &device()).unwrap();
+    every_method()
+        .into_iter()
+        .map(|(name, cfg)| {
+            let a = adapters_for(&model, &cfg);
+            let path = dir.join(format!("{name}.safetensors"));
+            a.write(&path).unwrap();
+            (name.to_string(), path, a)
+        })
+        .collect()
+}
+
+#[test]
+fn generate_over_http_equals_the_library_for_every_adapter() {
+    let dir = tiny_decoder_dir("generate");
+    let adapters = decoder_adapters(&dir);
+    let server = Server::start(
+        Model::load(&dir, &device()).unwrap(),
+        ServeConfig::new().with_window_ms(20),
+    );
+    for (name, path, _) in &adapters {
+        let (st, v) = post(
+            server.addr,
+            "/v1/adapters",
+            json!({"name": name, "path": path}),
+        );
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["replaced"], json!(false));
+    }
+    // Concurrent requests over every adapter and none, greedy and sampled.
+    let prompts = ["t5 t9 t12", "t33", "t7 t7 t40 t41 t8"];
+    let mut cases = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        for a in [None, Some(0usize), Some(1), Some(2)] {
+            let sampled = (i + a.unwrap_or(3)) % 2 == 0;
+            cases.push((p.to_string(), a, sampled));
+        }
+    }
+    let handles: Vec<_> = cases
+        .iter()
+        .cloned()
+        .map(|(p, a, sampled)| {
+            let addr = server.addr;
+            let name = a.map(|i| adapters[i].0.clone());
+            std::thread::spawn(move || {
+                let mut body = json!({"prompt": p, "adapter": name, "max_new_tokens": 6});
+                if sampled {
+                    body["temperature"] = json!(0.8);
+                    body["seed"] = json!(4);
+                }
+                post(addr, "/v1/generate", body)
+            })
+        })
+        .collect();
+    for ((p, a, sampled), h) in cases.iter().zip(handles) {
+        let (st, v) = h.join().unwrap();
+        assert_eq!(st, 200, "{v}");
+        let mut cfg = GenerateConfig::new().with_max_new_tokens(6);
+        if *sampled {
+            cfg = cfg.with_temperature(0.8).with_seed(4);
+        }
+        let want = library_generate(&dir, a.map(|i| &adapters[i].2), p, &cfg);
+        assert_eq!(v["text"], json!(want), "{p} with {a:?}");
+        let n = v["tokens"].as_u64().unwrap();
+        assert!((1..=6).contains(&n), "{v}");
+    }
+    // The adapters differ from the base (else the comparison above proves little).
+    let base = library_generate(
+        &dir,
+        None,
+        prompts[2],
+        &GenerateConfig::new().with_max_new_tokens(6),
+    );
+    let adapted: Vec<String> = adapters
+        .iter()
+        .map(|(_, _, a)| {
+            library_generate(
+                &dir,
+                Some(a),
+                prompts[2],
+                &GenerateConfig::new().with_max_new_tokens(6),
+            )
+        })
+        .collect();
+    assert!(adapted.iter().any(|t| *t != base), "{base:?} {adapted:?}");
+    // Every request went through a batch; the metrics count them.
+    let (st, text) = http(server.addr, "GET", "/metrics", b"");
+    assert_eq!(st, 200);
+    let rows: f64 = metric(&text, "kron_batch_rows_sum");
+    assert_eq!(rows as usize, cases.len(), "{text}");
+    assert!(text.contains(&format!(
+        "kron_requests_total{{endpoint=\"generate\",status=\"200\"}} {}",
+        cases.len()
+    )));
+    assert!(text.contains("kron_adapters_resident 3"));
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[test]
+fn requests_within_the_window_run_as_one_batch() {
+    let dir = tiny_decoder_dir("window");
+    let adapters = decoder_adapters(&dir);
+    let metrics = Arc::new(Metrics::default());
+    let worker: Worker<TB> = Worker::start(
+        Model::load(&dir, &device()).unwrap(),
+        metrics.clone(),
+        Duration::from_secs(2),
+        8,
+        &device(),
+    );
+    for (name, path, _) in &adapters {
+        worker.load(name, path).unwrap();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let requests: Vec<_> = (0..8)
+        .map(|i| {
+            let req: kron_adapters::serve::GenerateRequest = serde_json::from_value(json!({
+                "prompt": format!("t{} t{}", 10 + i, 20 + i),
+                "adapter": if i % 4 == 3 { Value::Null } else { json!(adapters[i % 4].0) },
+                "max_new_tokens": 2 + i % 3,
+            }))
+            .unwrap();
+            let w = worker.clone();
+            async move { w.generate(req, 64).await }
+        })
+        .collect();
+    let results = rt.block_on(async {
+        let mut out = Vec::new();
+        let handles: Vec<_> = requests.into_iter().map(tokio::spawn).collect();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
+    });
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let text = metrics.render(worker.resident());
+    assert_eq!(metric(&text, "kron_batch_requests_count"), 1.0, "{text}");
+    assert_eq!(metric(&text, "kron_batch_rows_sum"), 8.0);
+    assert_eq!(metric(&text, "kron_batch_adapters_sum"), 3.0);
+    worker.stop();
+}
+
+#[test]
+fn adapters_load_and_unload_while_requests_run() {
+    let dir = tiny_decoder_dir("hot");
+    let adapters = decoder_adapters(&dir);
+    let server = Server::start(
+        Model::load(&dir, &device()).unwrap(),
+        ServeConfig::new().with_window_ms(2),
+    );
+    let addr = server.addr;
+    let (a_name, a_path, a) = &adapters[0];
+    assert_eq!(
+        post(
+            addr,
+            "/v1/adapters",
+            json!({"name": a_name, "path": a_path})
+        )
+        .0,
+        201
+    );
+    let want = library_generate(
+        &dir,
+        Some(a),
+        "t4 t5",
+        &GenerateConfig::new().with_max_new_tokens(3),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..2)
+        .map(|c| {
+            let (stop, a_name, want) = (stop.clone(), a_name.clone(), want.clone());
+            std::thread::spawn(move || {
+                let mut seen = (0, 0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (st, v) = post(
+                        addr,
+                        "/v1/generate",
+                        json!({"prompt": "t4 t5", "adapter": a_name, "max_new_tokens": 3}),
+                    );
+                    assert_eq!(st, 200, "{v}");
+                    assert_eq!(v["text"].as_str(), Some(want.as_str()));
+                    seen.0 += 1;
+                    // The adapter being swapped: served, or not found — never a server error.
+                    let (st, v) = post(
+                        addr,
+                        "/v1/generate",
+                        json!({"prompt": "t6", "adapter": "swapped", "max_new_tokens": 2 + c}),
+                    );
+                    match st {
+                        200 => seen.1 += 1,
+                        404 => {
+                            assert_eq!(v["error"]["type"], json!("adapter_not_found"));
+                            seen.2 += 1
+                        }
+                        _ => panic!("{st} {v}"),
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    for round in 0..12 {
+        let (_, path, _) = &adapters[1 + round % 2];
+        let (st, v) = post(
+            addr,
+            "/v1/adapters",
+            json!({"name": "swapped", "path": path}),
+        );
+        assert_eq!(st, 201, "{v}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(http(addr, "DELETE", "/v1/adapters/swapped", b"").0, 204);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let seen = c.join().unwrap();
+        total += seen.0;
+    }
+    assert!(total > 0);
+    let (_, list) = http(addr, "GET", "/v1/adapters", b"");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["adapters"].as_array().unwrap().len(), 1, "{list}");
+    assert!(
+        server.metrics.count("generate", 500) == 0 && server.metrics.count("generate", 503) == 0
+    );
+}
+
+#[test]
+fn bad_requests_get_a_json_error_and_the_server_goes_on() {
+    let dir = tiny_decoder_dir("bad");
+    let adapters = decoder_adapters(&dir);
+    let server = Server::start(
+        Model::load(&dir, &device()).unwrap(),
+        ServeConfig::new()
+            .with_max_chars(40)
+            .with_max_tokens(24)
+            .with_max_body_bytes(2000),
+    );
+    let addr = server.addr;
+    assert_eq!(
+        post(
+            addr,
+            "/v1/adapters",
+            json!({"name": "a", "path": adapters[0].1})
+        )
+        .0,
+        201
+    );
+    // Files that are not adapters, or not this model's.
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    let other = {
+        let mut cfg = kron_adapters::model::LlamaConfig::tiny(64);
+        cfg.hidden_size = 48;
+        let m = LlamaForCausalLM::<TB>::new(
+            &mut TensorSource::random(2),
+            &cfg,
+            &PlacementConfig::new(),
+            &device(),
+        )
+        .unwrap();
+        let p = dir.join("other.safetensors");
+        adapters_for(&m, &every_method()[0].1).write(&p).unwrap();
+        p
+    };
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "POST",
+            "/v1/generate",
+            b"{bad".to_vec(),
+            400,
+            "invalid_request",
+        ),
+        ("POST", "/v1/generate", b"".to_vec(), 400, "invalid_request"),
+        (
+            "POST",
+            "/v1/generate",
+            vec![0xff, 0xfe, 0x00],
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": 5}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": "t3", "colour": 1}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": "   "}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": "t3", "max_new_tokens": 0}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": "t3", "max_new_tokens": -4}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": "t3", "max_new_tokens": 25}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": "t3 t4 t5 t6 t7", "max_new_tokens": 20}"#.to_vec(),
+            413,
+            "too_large",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": "t3", "temperature": -1}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": "t3", "top_p": 2}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            br#"{"prompt": "t3", "adapter": "nope"}"#.to_vec(),
+            404,
+            "adapter_not_found",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            format!(r#"{{"prompt": "{}"}}"#, "t3 ".repeat(20)).into_bytes(),
+            413,
+            "too_large",
+        ),
+        (
+            "POST",
+            "/v1/generate",
+            format!(r#"{{"prompt": "{}"}}"#, "x".repeat(3000)).into_bytes(),
+            413,
+            "too_large",
+        ),
+        (
+            "POST",
+            "/v1/classify",
+            br#"{"texts": ["t3"], "adapter": "a"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        ("GET", "/v2/anything", b"".to_vec(), 404, "not_found"),
+        (
+            "POST",
+            "/v1/adapters",
+            br#"{"name": "b c", "path": "x"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/adapters",
+            br#"{"name": "b", "path": "/no/such/file"}"#.to_vec(),
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/v1/adapters",
+            json!({"name": "b", "path": garbage})
+                .to_string()
+                .into_bytes(),
+            422,
+            "malformed_file",
+        ),
+        (
+            "POST",
+            "/v1/adapters",
+            json!({"name": "b", "path": other}).to_string().into_bytes(),
+            409,
+            "incompatible",
+        ),
+        (
+            "POST",
+            "/v1/adapters",
+            json!({"name": "b", "path": dir}).to_string().into_bytes(),
+            422,
+            "malformed_file",
+        ),
+        (
+            "DELETE",
+            "/v1/adapters/nope",
+            b"".to_vec(),
+            404,
+            "adapter_not_found",
+        ),
+    ];
+    for (method, path, body, status, kind) in &cases {
+        let (st, text) = http(addr, method, path, body);
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{method} {path}: not JSON: {text}"));
+        assert_eq!(
+            (st, v["error"]["type"].as_str()),
+            (*status, Some(*kind)),
+            "{method} {path} {}: {v}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // A wrong method on a known path is 405.
+    assert_eq!(http(addr, "GET", "/v1/generate", b"").0, 405);
+    // Nothing changed, the server still serves.
+    let (st, v) = post(
+        addr,
+        "/v1/generate",
+        json!({"prompt": "t3 t4", "adapter": "a", "max_new_tokens": 2}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, health) = http(addr, "GET", "/health", b"");
+    assert_eq!(st, 200);
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["adapters"]["adapters"], json!(1));
+    assert_eq!(health["model"]["kind"], json!("decoder"));
+}
+
+#[test]
+fn a_read_only_server_refuses_changes() {
+    let dir = tiny_decoder_dir("ro");
+    let adapters = decoder_adapters(&dir);
+    let server = Server::start(
+        Model::load(&dir, &device()).unwrap(),
+        ServeConfig::new().with_read_only(true),
+    );
+    server.worker().load("a", &adapters[0].1).unwrap();
+    let (st, v) = post(
+        server.addr,
+        "/v1/adapters",
+        json!({"name": "b", "path": adapters[1].1}),
+    );
+    assert_eq!((st, v["error"]["type"].as_str()), (403, Some("read_only")));
+    assert_eq!(http(server.addr, "DELETE", "/v1/adapters/a", b"").0, 403);
+    assert_eq!(server.worker().resident().adapters, 1);
+}
+
+/// A tiny BERT with a word-level tokenizer (`w4 … w39`), and a run folder of the main job for it
+/// (KronA adapters, a 3-class head, `max_len` 8).
+fn encoder_and_run(name: &str) -> (Model<TB>, BertClassifier<TB>, PathBuf, TextEncoder) {
+    let dev = device();
+    let dir = scratch_dir("serve", name);
+    let cfg = BertConfig::tiny(40);
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    vocab.extend((4..40).map(|i| format!("w{i}")));
+    let tok_path = dir.join("tokenizer.json");
+    std::fs::write(&tok_path, tokenizer_json(&vocab, true).to_string()).unwrap();
+    let encoder = BertEncoder::new(
+        &mut TensorSource::random(5),
+        &cfg,
+        &PlacementConfig::new(),
+        &dev,
+    )
+    .unwrap();
+    let placement = PlacementConfig::linear(every_method()[1].1.clone());
+    let clf: BertClassifier<TB> =
+        classifier_from_source(TensorSource::random(5), &cfg, &placement, 3, &dev).unwrap();
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    NativeAdapters::from_model(&clf)
+        .write(run.join("adapter.safetensors"))
+        .unwrap();
+    save_params_matching(
+        &clf,
+        run.join("trainable.safetensors"),
+        &[r"^head\."],
+        &CheckpointMeta::new(clf.adapter_specs()),
+    )
+    .unwrap();
+    let report = json!({"config": {"max_len": 8, "placement": {"train": "Adapters"}}, "labels": ["neg", "neu", "pos"]});
+    std::fs::write(run.join("report.json"), report.to_string()).unwrap();
+    let model = Model::Encoder {
+        encoder,
+        tokenizer: TextEncoder::from_file(&tok_path, 64).unwrap(),
+        config: cfg,
+    };
+    (
+        model,
+        clf,
+        run,
+        TextEncoder::from_file(&tok_path, 8).unwrap(),
+    )
+}
+
+#[test]
+fn classify_over_http_equals_the_runs_classifier() {
+    let (model, clf, run, tok) = encoder_and_run("classify");
+    let server = Server::start(model, ServeConfig::new());
+    let (st, v) = post(
+        server.addr,
+        "/v1/adapters",
+        json!({"name": "rt", "path": run}),
+    );
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["labels"], json!(["neg", "neu", "pos"]));
+    // Texts of different lengths, one longer than the run's max_len (truncated as in training).
+    let texts = [
+        "w5 w9",
+        "w30 w31 w32 w33 w34 w35 w36 w37 w38 w4 w5",
+        "w7",
+        "w12 w12 w13 w20",
+    ];
+    let (st, v) = post(
+        server.addr,
+        "/v1/classify",
+        json!({"texts": texts, "adapter": "rt"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let dev = device();
+    let preds = v["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), texts.len());
+    for (t, p) in texts.iter().zip(preds) {
+        let ids: Vec<i64> = tok.encode(t).unwrap().into_iter().map(i64::from).collect();
+        assert!(ids.len() <= 8);
+        let n = ids.len();
+        let logits = clf.forward(
+            Tensor::<TB, 2, Int>::from_data(TensorData::new(ids, [1, n]), &dev),
+            Tensor::<TB, 2, Int>::ones([1, n], &dev),
+        );
+        let want = crate::common::to_vec(burn::tensor::activation::softmax(logits, 1));
+        let got: Vec<f32> = ["neg", "neu", "pos"]
+            .iter()
+            .map(|l| p["scores"][l].as_f64().unwrap() as f32)
+            .collect();
+        crate::common::assert_close(&got, &want, 1e-4, t);
+        let best = want
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, x)| if *x > want[b] { i } else { b });
+        assert_eq!(p["index"], json!(best));
+    }
+    // The encoder refuses generation and adapters without a head.
+    assert_eq!(
+        post(server.addr, "/v1/generate", json!({"prompt": "w5"})).0,
+        400
+    );
+    let (st, _) = post(
+        server.addr,
+        "/v1/adapters",
+        json!({"name": "x", "path": run.join("adapter.safetensors")}),
+    );
+    assert_eq!(st, 409);
+}
+
+#[test]
+fn run_folders_that_cannot_share_the_model_are_refused() {
+    let (model, _, run, _) = encoder_and_run("refused");
+    let server = Server::start(model, ServeConfig::new());
+    let cases = [
+        (
+            json!({"config": {"max_len": 8, "placement": {"train": "BitFit"}}}),
+            422,
+            "unsupported",
+        ),
+        (
+            json!({"config": {"max_len": 8, "placement": {"train": "Adapters", "block": {"KronAB": {}}}}}),
+            422,
+            "unsupported",
+        ),
+        (json!({"config": {"placement": {}}}), 422, "malformed_file"),
+        (
+            json!({"config": {"max_len": 8}, "labels": ["a", "b"]}),
+            422,
+            "malformed_file",
+        ),
+        (json!([1, 2]), 422, "malformed_file"),
+    ];
+    for (report, status, kind) in cases {
+        std::fs::write(run.join("report.json"), report.to_string()).unwrap();
+        let (st, v) = post(
+            server.addr,
+            "/v1/adapters",
+            json!({"name": "x", "path": run}),
+        );
+        assert_eq!(
+            (st, v["error"]["type"].as_str()),
+            (status, Some(kind)),
+            "{report}: {v}"
+        );
+    }
+    // A head for another width.
+    std::fs::write(
+        run.join("report.json"),
+        json!({"config": {"max_len": 8}}).to_string(),
+    )
+    .unwrap();
+    let bytes = kron_adapters::store::st::serialize(
+        "head",
+        &[
+            (
+                "head.weight".to_string(),
+                safetensors::Dtype::F32,
+                vec![5, 3],
+                vec![0u8; 60],
+            ),
+            (
+                "head.bias".to_string(),
+                safetensors::Dtype::F32,
+                vec![3],
+                vec![0u8; 12],
+            ),
+        ],
+        Default::default(),
+    )
+    .unwrap();
+    std::fs::write(run.join("trainable.safetensors"), bytes).unwrap();
+    let (st, v) = post(
+        server.addr,
+        "/v1/adapters",
+        json!({"name": "x", "path": run}),
+    );
+    assert_eq!(
+        (st, v["error"]["type"].as_str()),
+        (409, Some("incompatible")),
+        "{v}"
+    );
+    assert_eq!(server.worker().resident().adapters, 0);
+}
