@@ -18,7 +18,7 @@ pub use worker::{Head, Model, ResidentStats, Worker};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -57,8 +57,23 @@ crate::macros::config! {
             /// Loading reads files on the server's disk, so a server reachable by others should
             /// set this (or listen on localhost only, the default address).
             read_only: bool = false,
+            /// How a window's requests are batched (mixed adapters in one batch by default).
+            batching: Batching = Batching::Mixed,
         }
     }
+}
+
+/// How the worker batches the requests of one window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub enum Batching {
+    /// One batch for all, each row through its own adapter (the frozen product once).
+    #[default]
+    Mixed,
+    /// One batch per adapter, one after another (a server that switches adapters).
+    PerAdapter,
+    /// One batch per adapter on a copy of the model with that adapter merged, made when the
+    /// adapter loads (no adapter cost per token; the adapted layers' weights once per adapter).
+    Merged,
 }
 
 /// What the handlers share.
@@ -397,8 +412,7 @@ pub async fn serve<B: Backend>(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), AdapterError> {
     let metrics = Arc::new(Metrics::default());
-    let window = Duration::from_millis(config.window_ms);
-    let worker = Worker::start(model, metrics.clone(), window, config.max_batch, device);
+    let worker = Worker::start(model, metrics.clone(), &config, device);
     let result = async {
         for (name, path) in adapters {
             worker.load_adapter(&name, &path)?;

@@ -2,6 +2,7 @@
 //! arrive within a window into one batch, routes each row to its adapter
 //! ([`crate::multi::Routing`]) and answers each request on its own channel.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -13,7 +14,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use super::{ApiError, GenerateRequest};
+use super::{ApiError, Batching, GenerateRequest, ServeConfig};
 use crate::error::AdapterError;
 use crate::finetune::tokenize::TextEncoder;
 use crate::llm::generate::generate_batch;
@@ -281,6 +282,7 @@ enum Job {
 }
 
 /// The model's compute half, owned by the worker thread.
+#[derive(Clone)]
 enum Engine<B: Backend> {
     Encoder(BertEncoder<B>),
     Decoder(LlamaForCausalLM<B>),
@@ -294,8 +296,20 @@ enum Tokenizer {
     },
 }
 
+/// What the server keeps with a resident adapter besides its factors.
+struct Extra<B: Backend> {
+    /// An encoder adapter's classification head.
+    head: Option<Arc<Head>>,
+    /// The model with this adapter merged ([`Batching::Merged`]).
+    merged: Option<Engine<B>>,
+}
+
 struct Shared<B: Backend> {
     registry: AdapterRegistry<B>,
+    batching: Batching,
+    /// The frozen model, to merge adapters into ([`Batching::Merged`] only).
+    base: Option<Engine<B>>,
+    device: B::Device,
     tokenizer: Tokenizer,
     /// The encoder's width (for heads).
     width: usize,
@@ -336,15 +350,17 @@ fn gone() -> ApiError {
 }
 
 impl<B: Backend> Worker<B> {
-    /// Starts the inference thread for `model` on `device`: requests arriving within `window`
-    /// of a batch's first one join it, up to `max_batch` requests.
+    /// Starts the inference thread for `model` on `device`: requests arriving within
+    /// `config.window_ms` of a batch's first one join it, up to `config.max_batch` requests,
+    /// batched as `config.batching` says.
     pub fn start(
         model: Model<B>,
         metrics: Arc<super::Metrics>,
-        window: Duration,
-        max_batch: usize,
+        config: &ServeConfig,
         device: &B::Device,
     ) -> Self {
+        let window = Duration::from_millis(config.window_ms);
+        let max_batch = config.max_batch;
         let describe = model.describe();
         let (engine, tokenizer, width) = match model {
             Model::Encoder {
@@ -370,8 +386,12 @@ impl<B: Backend> Worker<B> {
             Engine::Encoder(m) => AdapterRegistry::new(m, device),
             Engine::Decoder(m) => AdapterRegistry::new(m, device),
         };
+        let base = (config.batching == Batching::Merged).then(|| engine.clone());
         let shared = Arc::new(Shared {
             registry,
+            batching: config.batching,
+            base,
+            device: device.clone(),
             tokenizer,
             width,
             describe,
@@ -572,11 +592,23 @@ impl<B: Backend> Worker<B> {
             "params": resident.params,
             "bytes": resident.bytes,
         });
-        if encoder {
+        let head = if encoder {
             let head = Head::from_run(path, self.shared.width)?;
             info["labels"] = json!(head.labels);
-            resident.extra = Some(Arc::new(head));
-        }
+            Some(Arc::new(head))
+        } else {
+            None
+        };
+        let merged = match &self.shared.base {
+            None => None,
+            Some(base) => {
+                let (merged, bytes) = merge_into(base, &adapters, &self.shared.device)?;
+                resident.bytes += bytes;
+                info["bytes"] = json!(resident.bytes);
+                Some(merged)
+            }
+        };
+        resident.extra = Some(Arc::new(Extra { head, merged }));
         let replaced = self.shared.registry.snapshot().get(name).is_some();
         self.shared.registry.insert(name, resident);
         info["replaced"] = json!(replaced);
@@ -635,12 +667,41 @@ impl<B: Backend> Worker<B> {
     }
 }
 
+/// `base` with `adapters` merged into its weights, and the bytes of the weights that differ
+/// from the base's (the adapted layers; the rest is shared).
+fn merge_into<B: Backend>(
+    base: &Engine<B>,
+    adapters: &NativeAdapters,
+    device: &B::Device,
+) -> Result<(Engine<B>, usize), AdapterError> {
+    use crate::AdapterLayers;
+    let map = NameMap::new();
+    let bytes: usize = adapters
+        .meta
+        .layers
+        .values()
+        .map(|s| s.d_in * s.d_out * 4)
+        .sum();
+    let merged = match base {
+        Engine::Encoder(m) => {
+            Engine::Encoder(crate::attach(m.clone(), adapters, &map, device)?.merge_adapters()?)
+        }
+        Engine::Decoder(m) => {
+            Engine::Decoder(crate::attach(m.clone(), adapters, &map, device)?.merge_adapters()?)
+        }
+    };
+    Ok((merged, bytes))
+}
+
+fn extra_of<B: Backend>(bank: &AdapterBank<B>, name: &str) -> Option<Arc<Extra<B>>> {
+    bank.get(name)?.extra.clone()?.downcast::<Extra<B>>().ok()
+}
+
 /// The head of a resident encoder adapter.
 fn head_of<B: Backend>(bank: &AdapterBank<B>, name: &str) -> Result<Arc<Head>, ApiError> {
-    let r = bank.get(name).ok_or_else(|| not_found(name))?;
-    r.extra
-        .clone()
-        .and_then(|e| e.downcast::<Head>().ok())
+    bank.get(name).ok_or_else(|| not_found(name))?;
+    extra_of(bank, name)
+        .and_then(|e| e.head.clone())
         .ok_or_else(|| ApiError::bad(format!("adapter {name:?} has no classification head")))
 }
 
@@ -695,10 +756,37 @@ fn run<B: Backend>(
     }
 }
 
+type ClassifyJob = (Vec<Vec<u32>>, String, Arc<Head>, Reply<Vec<Vec<f32>>>);
+type GenerateJob = (Vec<u32>, Option<String>, GenerateConfig, Reply<Vec<u32>>);
+
+/// Splits a window's jobs into the batches `batching` runs: all together ([`Batching::Mixed`]),
+/// or one batch per adapter in order of first arrival.
+fn batches<T>(
+    jobs: Vec<T>,
+    batching: Batching,
+    key: impl Fn(&T) -> Option<&str>,
+) -> Vec<(Option<String>, Vec<T>)> {
+    if jobs.is_empty() {
+        return Vec::new();
+    }
+    if batching == Batching::Mixed {
+        return vec![(None, jobs)];
+    }
+    let mut out: Vec<(Option<String>, Vec<T>)> = Vec::new();
+    for j in jobs {
+        let k = key(&j).map(str::to_string);
+        match out.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, group)) => group.push(j),
+            None => out.push((k, vec![j])),
+        }
+    }
+    out
+}
+
 fn process<B: Backend>(engine: &Engine<B>, shared: &Shared<B>, jobs: Vec<Job>, device: &B::Device) {
     let bank = shared.registry.snapshot();
-    let mut classify = Vec::new();
-    let mut generate = Vec::new();
+    let mut classify: Vec<ClassifyJob> = Vec::new();
+    let mut generate: Vec<GenerateJob> = Vec::new();
     for job in jobs {
         match job {
             Job::Classify {
@@ -725,76 +813,116 @@ fn process<B: Backend>(engine: &Engine<B>, shared: &Shared<B>, jobs: Vec<Job>, d
             Job::Stop => {}
         }
     }
-    match engine {
-        Engine::Encoder(encoder) if !classify.is_empty() => {
-            let adapters: std::collections::BTreeSet<&str> =
-                classify.iter().map(|j| j.1.as_str()).collect();
-            let n_rows = classify.iter().map(|j| j.0.len()).sum();
-            shared.metrics.batch(classify.len(), n_rows, adapters.len());
-            let flat: Vec<(&[u32], &str, &Head)> = classify
-                .iter()
-                .flat_map(|(rows, name, head, _)| {
-                    rows.iter()
-                        .map(move |r| (r.as_slice(), name.as_str(), head.as_ref()))
-                })
-                .collect();
-            let mut probs = Vec::with_capacity(flat.len());
-            for chunk in flat.chunks(ENCODER_ROWS) {
-                match classify_rows(encoder, &bank, chunk, device) {
-                    Ok(p) => probs.extend(p),
-                    Err(e) => {
-                        for (.., reply) in classify {
-                            let _ = reply.send(Err(e.clone()));
-                        }
-                        return;
-                    }
+    // Which model a batch runs on, and whether it routes rows to their adapters: the frozen
+    // model with routing, or (merged) the adapter's own merged model.
+    let model_for = |key: &Option<String>| -> (Cow<'_, Engine<B>>, bool) {
+        match (shared.batching, key) {
+            (Batching::Merged, Some(name)) => {
+                match extra_of(&bank, name).and_then(|e| e.merged.clone()) {
+                    Some(m) => (Cow::Owned(m), false),
+                    None => (Cow::Borrowed(engine), true),
                 }
             }
-            let mut probs = probs.into_iter();
-            for (rows, _, _, reply) in classify {
-                let _ = reply.send(Ok(probs.by_ref().take(rows.len()).collect()));
+            (Batching::Merged, None) => (Cow::Borrowed(engine), false),
+            _ => (Cow::Borrowed(engine), true),
+        }
+    };
+    for (key, group) in batches(classify, shared.batching, |j| Some(j.1.as_str())) {
+        let (m, route) = model_for(&key);
+        if let Engine::Encoder(encoder) = m.as_ref() {
+            classify_batch(encoder, route, shared, &bank, group, device);
+        }
+    }
+    for (key, group) in batches(generate, shared.batching, |j| j.1.as_deref()) {
+        let (m, route) = model_for(&key);
+        if let Engine::Decoder(model) = m.as_ref() {
+            generate_batch_jobs(model, route, shared, &bank, group, device);
+        }
+    }
+}
+
+fn classify_batch<B: Backend>(
+    encoder: &BertEncoder<B>,
+    route: bool,
+    shared: &Shared<B>,
+    bank: &AdapterBank<B>,
+    jobs: Vec<ClassifyJob>,
+    device: &B::Device,
+) {
+    let adapters: std::collections::BTreeSet<&str> = jobs.iter().map(|j| j.1.as_str()).collect();
+    let n_rows = jobs.iter().map(|j| j.0.len()).sum();
+    shared.metrics.batch(jobs.len(), n_rows, adapters.len());
+    let flat: Vec<(&[u32], &str, &Head)> = jobs
+        .iter()
+        .flat_map(|(rows, name, head, _)| {
+            rows.iter()
+                .map(move |r| (r.as_slice(), name.as_str(), head.as_ref()))
+        })
+        .collect();
+    let mut probs = Vec::with_capacity(flat.len());
+    for chunk in flat.chunks(ENCODER_ROWS) {
+        match classify_rows(encoder, route.then_some(bank), chunk, device) {
+            Ok(p) => probs.extend(p),
+            Err(e) => {
+                for (.., reply) in jobs {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                return;
             }
         }
-        Engine::Decoder(model) if !generate.is_empty() => {
-            let adapters: std::collections::BTreeSet<&str> =
-                generate.iter().filter_map(|j| j.1.as_deref()).collect();
-            shared
-                .metrics
-                .batch(generate.len(), generate.len(), adapters.len());
-            let eos = match &shared.tokenizer {
-                Tokenizer::Decoder { tokenizer, .. } => tokenizer.eos.clone(),
-                Tokenizer::Encoder(_) => Vec::new(),
-            };
-            let prompts: Vec<Vec<u32>> = generate.iter().map(|j| j.0.clone()).collect();
-            let configs: Vec<GenerateConfig> = generate.iter().map(|j| j.2.clone()).collect();
-            let names: Vec<Option<&str>> = generate.iter().map(|j| j.1.as_deref()).collect();
-            let result = Routing::new(&bank, &names, device)
-                .and_then(|routing| {
-                    generate_batch(model, &prompts, &configs, &eos, Some(&routing), device)
-                        .map_err(AdapterError::from)
-                })
-                .map_err(ApiError::from);
-            match result {
-                Ok(outs) => {
-                    for ((.., reply), out) in generate.into_iter().zip(outs) {
-                        let _ = reply.send(Ok(out));
-                    }
-                }
-                Err(e) => {
-                    for (.., reply) in generate {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
+    }
+    let mut probs = probs.into_iter();
+    for (rows, _, _, reply) in jobs {
+        let _ = reply.send(Ok(probs.by_ref().take(rows.len()).collect()));
+    }
+}
+
+fn generate_batch_jobs<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    route: bool,
+    shared: &Shared<B>,
+    bank: &AdapterBank<B>,
+    jobs: Vec<GenerateJob>,
+    device: &B::Device,
+) {
+    let adapters: std::collections::BTreeSet<&str> =
+        jobs.iter().filter_map(|j| j.1.as_deref()).collect();
+    shared.metrics.batch(jobs.len(), jobs.len(), adapters.len());
+    let eos = match &shared.tokenizer {
+        Tokenizer::Decoder { tokenizer, .. } => tokenizer.eos.clone(),
+        Tokenizer::Encoder(_) => Vec::new(),
+    };
+    let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.0.clone()).collect();
+    let configs: Vec<GenerateConfig> = jobs.iter().map(|j| j.2.clone()).collect();
+    let names: Vec<Option<&str>> = jobs.iter().map(|j| j.1.as_deref()).collect();
+    let result = (if route {
+        Routing::new(bank, &names, device).map(Some)
+    } else {
+        Ok(None)
+    })
+    .and_then(|routing| {
+        generate_batch(model, &prompts, &configs, &eos, routing.as_ref(), device)
+            .map_err(AdapterError::from)
+    })
+    .map_err(ApiError::from);
+    match result {
+        Ok(outs) => {
+            for ((.., reply), out) in jobs.into_iter().zip(outs) {
+                let _ = reply.send(Ok(out));
             }
         }
-        _ => {}
+        Err(e) => {
+            for (.., reply) in jobs {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
     }
 }
 
 /// Probabilities of a chunk of rows: one padded batch, each row through its adapter and head.
 fn classify_rows<B: Backend>(
     encoder: &BertEncoder<B>,
-    bank: &AdapterBank<B>,
+    bank: Option<&AdapterBank<B>>,
     rows: &[(&[u32], &str, &Head)],
     device: &B::Device,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
@@ -809,10 +937,13 @@ fn classify_rows<B: Backend>(
         }
     }
     let names: Vec<Option<&str>> = rows.iter().map(|r| Some(r.1)).collect();
-    let routing = Routing::new(bank, &names, device).map_err(ApiError::from)?;
+    let routing = bank
+        .map(|bank| Routing::new(bank, &names, device))
+        .transpose()
+        .map_err(ApiError::from)?;
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, l]), device);
     let mask = Tensor::<B, 2, Int>::from_data(TensorData::new(mask, [b, l]), device);
-    let hidden = encoder.forward_routed(ids, mask.clone(), Some(&routing));
+    let hidden = encoder.forward_routed(ids, mask.clone(), routing.as_ref());
     let pooled: Vec<f32> = mean_pool(hidden, mask)
         .into_data()
         .convert::<f32>()

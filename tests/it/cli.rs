@@ -748,6 +748,8 @@ fn serve_answers_and_stops_on_sigterm() {
             &format!("a={}", s(&adapter)),
             "--addr",
             "127.0.0.1:0",
+            "--window-ms",
+            "1500",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -770,11 +772,23 @@ fn serve_answers_and_stops_on_sigterm() {
     );
     assert_eq!(st, 200, "{v}");
     assert_eq!(crate::serve::http(addr, "GET", "/health", b"").0, 200);
+    // A request still in its batching window when SIGTERM arrives is answered before the
+    // server exits.
+    let in_flight = std::thread::spawn(move || {
+        crate::serve::post(
+            addr,
+            "/v1/generate",
+            serde_json::json!({"prompt": "t5", "adapter": "a", "max_new_tokens": 2}),
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
+    let (st, v) = in_flight.join().unwrap();
+    assert_eq!(st, 200, "{v}");
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),

@@ -14,7 +14,7 @@ use kron_adapters::finetune::tokenize::TextEncoder;
 use kron_adapters::llm::{generate, GenerateConfig, TextTokenizer};
 use kron_adapters::model::bert::{classifier_from_source, BertClassifier};
 use kron_adapters::model::{BertConfig, BertEncoder, LlamaForCausalLM, TensorSource};
-use kron_adapters::serve::{router, Metrics, Model, ServeConfig, Worker};
+use kron_adapters::serve::{router, Batching, Metrics, Model, ServeConfig, Worker};
 use kron_adapters::store::{save_params_matching, CheckpointMeta};
 use kron_adapters::{attach, AdapterLayers, NameMap, NativeAdapters, PlacementConfig};
 use serde_json::{json, Value};
@@ -106,8 +106,7 @@ impl Server {
             .build()
             .unwrap();
         let metrics = Arc::new(Metrics::default());
-        let window = Duration::from_millis(config.window_ms);
-        let worker = Worker::start(model, metrics.clone(), window, config.max_batch, &device());
+        let worker = Worker::start(model, metrics.clone(), &config, &device());
         let app = router(worker.clone(), metrics.clone(), config);
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -208,85 +207,92 @@ fn decoder_adapters(dir: &Path) -> Vec<(String, PathBuf, NativeAdapters)> {
 fn generate_over_http_equals_the_library_for_every_adapter() {
     let dir = tiny_decoder_dir("generate");
     let adapters = decoder_adapters(&dir);
-    let server = Server::start(
-        Model::load(&dir, &device()).unwrap(),
-        ServeConfig::new().with_window_ms(20),
-    );
-    for (name, path, _) in &adapters {
-        let (st, v) = post(
-            server.addr,
-            "/v1/adapters",
-            json!({"name": name, "path": path}),
-        );
-        assert_eq!(st, 201, "{v}");
-        assert_eq!(v["replaced"], json!(false));
-    }
-    // Concurrent requests over every adapter and none, greedy and sampled.
+    // Requests over every adapter and none, greedy and sampled, and what the library alone
+    // answers to each.
     let prompts = ["t5 t9 t12", "t33", "t7 t7 t40 t41 t8"];
     let mut cases = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         for a in [None, Some(0usize), Some(1), Some(2)] {
             let sampled = (i + a.unwrap_or(3)) % 2 == 0;
-            cases.push((p.to_string(), a, sampled));
+            let mut cfg = GenerateConfig::new().with_max_new_tokens(6);
+            if sampled {
+                cfg = cfg.with_temperature(0.8).with_seed(4);
+            }
+            let want = library_generate(&dir, a.map(|i| &adapters[i].2), p, &cfg);
+            cases.push((p.to_string(), a, sampled, want));
         }
     }
-    let handles: Vec<_> = cases
-        .iter()
-        .cloned()
-        .map(|(p, a, sampled)| {
-            let addr = server.addr;
-            let name = a.map(|i| adapters[i].0.clone());
-            std::thread::spawn(move || {
-                let mut body = json!({"prompt": p, "adapter": name, "max_new_tokens": 6});
-                if sampled {
-                    body["temperature"] = json!(0.8);
-                    body["seed"] = json!(4);
-                }
-                post(addr, "/v1/generate", body)
+    // The adapters change the answers (else the comparison proves little).
+    let differ = cases.iter().filter(|c| c.1.is_some() && !c.2).any(|c| {
+        cases
+            .iter()
+            .any(|b| b.0 == c.0 && b.1.is_none() && !b.2 && b.3 != c.3)
+    });
+    assert!(differ, "no adapter changed a greedy answer");
+    for batching in [Batching::Mixed, Batching::PerAdapter, Batching::Merged] {
+        let server = Server::start(
+            Model::load(&dir, &device()).unwrap(),
+            ServeConfig::new()
+                .with_window_ms(20)
+                .with_batching(batching),
+        );
+        for (name, path, _) in &adapters {
+            let (st, v) = post(
+                server.addr,
+                "/v1/adapters",
+                json!({"name": name, "path": path}),
+            );
+            assert_eq!(st, 201, "{v}");
+            assert_eq!(v["replaced"], json!(false));
+        }
+        let handles: Vec<_> = cases
+            .iter()
+            .cloned()
+            .map(|(p, a, sampled, _)| {
+                let addr = server.addr;
+                let name = a.map(|i| adapters[i].0.clone());
+                std::thread::spawn(move || {
+                    let mut body = json!({"prompt": p, "adapter": name, "max_new_tokens": 6});
+                    if sampled {
+                        body["temperature"] = json!(0.8);
+                        body["seed"] = json!(4);
+                    }
+                    post(addr, "/v1/generate", body)
+                })
             })
-        })
-        .collect();
-    for ((p, a, sampled), h) in cases.iter().zip(handles) {
-        let (st, v) = h.join().unwrap();
-        assert_eq!(st, 200, "{v}");
-        let mut cfg = GenerateConfig::new().with_max_new_tokens(6);
-        if *sampled {
-            cfg = cfg.with_temperature(0.8).with_seed(4);
+            .collect();
+        for ((p, a, _, want), h) in cases.iter().zip(handles) {
+            let (st, v) = h.join().unwrap();
+            assert_eq!(st, 200, "{v}");
+            assert_eq!(v["text"], json!(want), "{batching:?}: {p} with {a:?}");
+            let n = v["tokens"].as_u64().unwrap();
+            assert!((1..=6).contains(&n), "{v}");
         }
-        let want = library_generate(&dir, a.map(|i| &adapters[i].2), p, &cfg);
-        assert_eq!(v["text"], json!(want), "{p} with {a:?}");
-        let n = v["tokens"].as_u64().unwrap();
-        assert!((1..=6).contains(&n), "{v}");
+        // Every request went through a batch; the metrics count them.
+        let (st, text) = http(server.addr, "GET", "/metrics", b"");
+        assert_eq!(st, 200);
+        let rows: f64 = metric(&text, "kron_batch_rows_sum");
+        assert_eq!(rows as usize, cases.len(), "{text}");
+        assert!(text.contains(&format!(
+            "kron_requests_total{{endpoint=\"generate\",status=\"200\"}} {}",
+            cases.len()
+        )));
+        assert!(text.contains("kron_adapters_resident 3"));
+        // One adapter a batch, unless mixed.
+        let max_adapters = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("kron_batch_adapters_bucket{le=\"1\"} "))
+            .map(|v| v.parse::<f64>().unwrap())
+            .next()
+            .unwrap();
+        let batches = metric(&text, "kron_batch_adapters_count");
+        if batching != Batching::Mixed {
+            assert_eq!(
+                max_adapters, batches,
+                "{batching:?}: a batch held two adapters"
+            );
+        }
     }
-    // The adapters differ from the base (else the comparison above proves little).
-    let base = library_generate(
-        &dir,
-        None,
-        prompts[2],
-        &GenerateConfig::new().with_max_new_tokens(6),
-    );
-    let adapted: Vec<String> = adapters
-        .iter()
-        .map(|(_, _, a)| {
-            library_generate(
-                &dir,
-                Some(a),
-                prompts[2],
-                &GenerateConfig::new().with_max_new_tokens(6),
-            )
-        })
-        .collect();
-    assert!(adapted.iter().any(|t| *t != base), "{base:?} {adapted:?}");
-    // Every request went through a batch; the metrics count them.
-    let (st, text) = http(server.addr, "GET", "/metrics", b"");
-    assert_eq!(st, 200);
-    let rows: f64 = metric(&text, "kron_batch_rows_sum");
-    assert_eq!(rows as usize, cases.len(), "{text}");
-    assert!(text.contains(&format!(
-        "kron_requests_total{{endpoint=\"generate\",status=\"200\"}} {}",
-        cases.len()
-    )));
-    assert!(text.contains("kron_adapters_resident 3"));
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -303,8 +309,7 @@ fn requests_within_the_window_run_as_one_batch() {
     let worker: Worker<TB> = Worker::start(
         Model::load(&dir, &device()).unwrap(),
         metrics.clone(),
-        Duration::from_secs(2),
-        8,
+        &ServeConfig::new().with_window_ms(2000).with_max_batch(8),
         &device(),
     );
     for (name, path, _) in &adapters {
