@@ -10,6 +10,7 @@
 //! — gets a 4xx with a JSON error naming the problem; nothing a client sends makes the server
 //! panic. SIGTERM (or Ctrl-C) stops accepting connections and lets requests in flight finish.
 
+pub mod client;
 mod metrics;
 mod worker;
 
@@ -18,7 +19,7 @@ pub use worker::{Head, Model, ResidentStats, Worker};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -432,6 +433,75 @@ pub async fn serve<B: Backend>(
     .await;
     worker.stop();
     result
+}
+
+/// A server running on threads of its own (to embed one in a program, or in tests); it stops —
+/// letting requests in flight finish — when dropped.
+pub struct Running<B: Backend> {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its counters.
+    pub metrics: Arc<Metrics>,
+    /// Its worker (to load adapters without HTTP).
+    pub worker: Worker<B>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Starts serving `model` on `addr` (port 0: a free port) in the background.
+pub fn spawn<B: Backend>(
+    model: Model<B>,
+    addr: SocketAddr,
+    config: ServeConfig,
+    device: &B::Device,
+) -> Result<Running<B>, AdapterError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| AdapterError::io("tokio runtime", e))?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .map_err(|e| AdapterError::io(addr.to_string(), e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| AdapterError::io(addr.to_string(), e))?;
+    let metrics = Arc::new(Metrics::default());
+    let worker = Worker::start(model, metrics.clone(), &config, device);
+    let app = router(worker.clone(), metrics.clone(), config);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = runtime.spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    Ok(Running {
+        addr: bound,
+        metrics,
+        worker,
+        shutdown: Some(tx),
+        task: Some(task),
+        runtime: Some(runtime),
+    })
+}
+
+impl<B: Backend> Drop for Running<B> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        // Requests in flight finish (up to a minute) before the worker stops.
+        if let (Some(rt), Some(task)) = (&self.runtime, self.task.take()) {
+            let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), task).await });
+        }
+        self.worker.stop();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
 }
 
 async fn shutdown_signal() {

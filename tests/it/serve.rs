@@ -3,8 +3,7 @@
 //! across adapters, adapters load and unload while requests run, bad input gets a 4xx JSON
 //! error and never a panic.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,7 @@ use kron_adapters::finetune::tokenize::TextEncoder;
 use kron_adapters::llm::{generate, GenerateConfig, TextTokenizer};
 use kron_adapters::model::bert::{classifier_from_source, BertClassifier};
 use kron_adapters::model::{BertConfig, BertEncoder, LlamaForCausalLM, TensorSource};
-use kron_adapters::serve::{router, Batching, Metrics, Model, ServeConfig, Worker};
+use kron_adapters::serve::{client, spawn, Batching, Metrics, Model, Running, ServeConfig, Worker};
 use kron_adapters::store::{save_params_matching, CheckpointMeta};
 use kron_adapters::{attach, AdapterLayers, NameMap, NativeAdapters, PlacementConfig};
 use serde_json::{json, Value};
@@ -90,83 +89,18 @@ pub fn tiny_decoder_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A server on a free loopback port, run on its own runtime until dropped.
-pub struct Server {
-    pub addr: SocketAddr,
-    pub metrics: Arc<Metrics>,
-    worker: Worker<TB>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Server {
-    pub fn start(model: Model<TB>, config: ServeConfig) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let worker = Worker::start(model, metrics.clone(), &config, &device());
-        let app = router(worker.clone(), metrics.clone(), config);
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        runtime.spawn(async move { axum::serve(listener, app).await });
-        Self {
-            addr,
-            metrics,
-            worker,
-            runtime: Some(runtime),
-        }
-    }
-
-    pub fn worker(&self) -> &Worker<TB> {
-        &self.worker
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.worker.stop();
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
+/// A server on a free loopback port, until dropped.
+pub fn start(model: Model<TB>, config: ServeConfig) -> Running<TB> {
+    spawn(model, "127.0.0.1:0".parse().unwrap(), config, &device()).unwrap()
 }
 
 /// One HTTP/1.1 request; the status and the body.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status: u16 = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (status, body)
+    client::request(addr, method, path, body, Duration::from_secs(120)).unwrap()
 }
 
 pub fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
-    let (status, text) = http(addr, "POST", path, body.to_string().as_bytes());
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    client::post_json(addr, path, &body).unwrap()
 }
 
 /// What the library alone generates for `prompt` with `adapter` (or none).
@@ -230,7 +164,7 @@ fn generate_over_http_equals_the_library_for_every_adapter() {
     });
     assert!(differ, "no adapter changed a greedy answer");
     for batching in [Batching::Mixed, Batching::PerAdapter, Batching::Merged] {
-        let server = Server::start(
+        let server = start(
             Model::load(&dir, &device()).unwrap(),
             ServeConfig::new()
                 .with_window_ms(20)
@@ -353,7 +287,7 @@ fn requests_within_the_window_run_as_one_batch() {
 fn adapters_load_and_unload_while_requests_run() {
     let dir = tiny_decoder_dir("hot");
     let adapters = decoder_adapters(&dir);
-    let server = Server::start(
+    let server = start(
         Model::load(&dir, &device()).unwrap(),
         ServeConfig::new().with_window_ms(2),
     );
@@ -439,7 +373,7 @@ fn adapters_load_and_unload_while_requests_run() {
 fn bad_requests_get_a_json_error_and_the_server_goes_on() {
     let dir = tiny_decoder_dir("bad");
     let adapters = decoder_adapters(&dir);
-    let server = Server::start(
+    let server = start(
         Model::load(&dir, &device()).unwrap(),
         ServeConfig::new()
             .with_max_chars(40)
@@ -658,11 +592,11 @@ fn bad_requests_get_a_json_error_and_the_server_goes_on() {
 fn a_read_only_server_refuses_changes() {
     let dir = tiny_decoder_dir("ro");
     let adapters = decoder_adapters(&dir);
-    let server = Server::start(
+    let server = start(
         Model::load(&dir, &device()).unwrap(),
         ServeConfig::new().with_read_only(true),
     );
-    server.worker().load("a", &adapters[0].1).unwrap();
+    server.worker.load("a", &adapters[0].1).unwrap();
     let (st, v) = post(
         server.addr,
         "/v1/adapters",
@@ -670,7 +604,7 @@ fn a_read_only_server_refuses_changes() {
     );
     assert_eq!((st, v["error"]["type"].as_str()), (403, Some("read_only")));
     assert_eq!(http(server.addr, "DELETE", "/v1/adapters/a", b"").0, 403);
-    assert_eq!(server.worker().resident().adapters, 1);
+    assert_eq!(server.worker.resident().adapters, 1);
 }
 
 /// A tiny BERT with a word-level tokenizer (`w4 … w39`), and a run folder of the main job for it
@@ -726,7 +660,7 @@ fn encoder_and_run(name: &str) -> (Model<TB>, BertClassifier<TB>, PathBuf, TextE
 #[test]
 fn classify_over_http_equals_the_runs_classifier() {
     let (model, clf, run, tok) = encoder_and_run("classify");
-    let server = Server::start(model, ServeConfig::new());
+    let server = start(model, ServeConfig::new());
     let (st, v) = post(
         server.addr,
         "/v1/adapters",
@@ -786,7 +720,7 @@ fn classify_over_http_equals_the_runs_classifier() {
 #[test]
 fn run_folders_that_cannot_share_the_model_are_refused() {
     let (model, _, run, _) = encoder_and_run("refused");
-    let server = Server::start(model, ServeConfig::new());
+    let server = start(model, ServeConfig::new());
     let cases = [
         (
             json!({"config": {"max_len": 8, "placement": {"train": "BitFit"}}}),
@@ -855,5 +789,5 @@ fn run_folders_that_cannot_share_the_model_are_refused() {
         (409, Some("incompatible")),
         "{v}"
     );
-    assert_eq!(server.worker().resident().adapters, 0);
+    assert_eq!(server.worker.resident().adapters, 0);
 }
