@@ -225,6 +225,10 @@ pub fn check_name(name: &str) -> Result<(), AdapterError> {
 /// Which adapter each row of a batch uses: rows grouped by adapter.
 pub struct Routing<B: Backend> {
     groups: Vec<(Arc<Resident<B>>, Tensor<B, 1, Int>)>,
+    /// Rows in the batch.
+    batch: usize,
+    /// Group sizes (a group that covers the whole batch needs no gather and scatter).
+    sizes: Vec<usize>,
 }
 
 impl<B: Backend> Routing<B> {
@@ -241,6 +245,7 @@ impl<B: Backend> Routing<B> {
             }
         }
         let mut groups = Vec::with_capacity(by_name.len());
+        let mut sizes = Vec::with_capacity(by_name.len());
         for (name, idx) in by_name {
             let resident = bank.get(name).ok_or_else(|| {
                 crate::ConfigError::invalid(
@@ -250,38 +255,17 @@ impl<B: Backend> Routing<B> {
                 )
             })?;
             let n = idx.len();
+            sizes.push(n);
             groups.push((
                 resident.clone(),
                 Tensor::from_data(TensorData::new(idx, [n]), device),
             ));
         }
-        Ok(Self { groups })
-    }
-
-    /// The same routing for a batch whose rows are these rows of this one (`rows[i]` is the
-    /// old row of new row `i`).
-    pub fn rows(&self, keep: &[usize], device: &B::Device) -> Self {
-        let groups = self
-            .groups
-            .iter()
-            .filter_map(|(r, idx)| {
-                let old: Vec<i64> = idx.clone().into_data().convert::<i64>().to_vec().ok()?;
-                let new: Vec<i64> = keep
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, o)| old.contains(&(**o as i64)))
-                    .map(|(i, _)| i as i64)
-                    .collect();
-                let n = new.len();
-                (n > 0).then(|| {
-                    (
-                        r.clone(),
-                        Tensor::from_data(TensorData::new(new, [n]), device),
-                    )
-                })
-            })
-            .collect();
-        Self { groups }
+        Ok(Self {
+            groups,
+            batch: rows.len(),
+            sizes,
+        })
     }
 
     /// Adds each group's adapter contribution for layer `layer` to its rows of `y`.
@@ -294,8 +278,13 @@ impl<B: Backend> Routing<B> {
         x: Tensor<B, D>,
         mut y: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        for (resident, rows) in &self.groups {
+        for ((resident, rows), &n) in self.groups.iter().zip(&self.sizes) {
             if let Some(adapter) = resident.layers.get(layer) {
+                if n == self.batch {
+                    // Every row uses this adapter: no gather, no scatter.
+                    y = y + adapter.apply(x.clone());
+                    continue;
+                }
                 let delta = adapter.apply(x.clone().select(0, rows.clone()));
                 y = y.select_assign(0, rows.clone(), delta, IndexingUpdateOp::Add);
             }

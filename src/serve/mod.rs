@@ -495,7 +495,8 @@ impl<B: Backend> Drop for Running<B> {
         }
         // Requests in flight finish (up to a minute) before the worker stops.
         if let (Some(rt), Some(task)) = (&self.runtime, self.task.take()) {
-            let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), task).await });
+            let _ =
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), task).await });
         }
         self.worker.stop();
         if let Some(rt) = self.runtime.take() {

@@ -99,6 +99,22 @@ fn decoder_mixed_batch_rows_equal_each_adapter_alone() {
             &format!("row {r} ({p:?})"),
         );
     }
+    // A batch all of one adapter (no gather and scatter) equals it alone too.
+    let routing = Routing::new(&bank, &vec![Some(methods[2].0); rows.len()], &dev).unwrap();
+    let all = to_vec(base.logits(base.model.forward_routed(
+        ids(&rows),
+        None,
+        None,
+        Some(&routing),
+        None,
+    )));
+    let alone = attach(base.clone(), &files[2], &NameMap::new(), &dev).unwrap();
+    assert_close(
+        &all,
+        &to_vec(alone.forward(ids(&rows), None)),
+        1e-5,
+        "all rows one adapter",
+    );
     // The adapters change the output (the test would pass trivially otherwise).
     let plain = to_vec(base.forward(ids(&rows[..1]), None));
     assert!(crate::common::max_abs_diff(&got[..per_row], &plain) > 1e-3);
