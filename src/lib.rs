@@ -41,6 +41,8 @@ mod error;
 #[cfg(feature = "finetune")]
 pub mod finetune;
 pub mod kron;
+#[cfg(feature = "train")]
+pub mod learner;
 pub mod linear;
 #[cfg(feature = "finetune")]
 pub mod llm;

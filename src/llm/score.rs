@@ -80,13 +80,25 @@ fn truncate(ctx: Vec<u32>, cont: Vec<u32>, max_len: usize) -> Encoded {
     }
 }
 
-/// Log-probabilities of every continuation token of a batch (a flat tensor `[tokens]`, in
-/// batch order), computing the LM head only at the positions that predict them.
-pub fn continuation_logprobs<B: Backend>(
-    model: &LlamaForCausalLM<B>,
+/// A padded batch of (context, continuation) pairs and the positions that predict
+/// continuation tokens.
+#[derive(Clone, Debug)]
+pub struct ContinuationBatch<B: Backend> {
+    /// `[b, s]` token ids (right-padded with 0).
+    pub ids: Tensor<B, 2, Int>,
+    /// `[b, s]`, 1 for tokens, 0 for padding.
+    pub mask: Tensor<B, 2, Int>,
+    /// `[n]` flat positions (`row·s + t − 1`) whose hidden state predicts continuation token `t`.
+    pub rows: Tensor<B, 1, Int>,
+    /// `[n]` the continuation tokens, in batch order.
+    pub targets: Tensor<B, 1, Int>,
+}
+
+/// Pads `batch` into a [`ContinuationBatch`].
+pub fn continuation_batch<B: Backend>(
     batch: &[&Encoded],
     device: &B::Device,
-) -> Tensor<B, 1> {
+) -> ContinuationBatch<B> {
     let s = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let b = batch.len();
     let mut ids = vec![0i64; b * s];
@@ -101,15 +113,38 @@ pub fn continuation_logprobs<B: Backend>(
         }
     }
     let lengths: Vec<usize> = batch.iter().map(|e| e.ids.len()).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), device);
-    let mask = padding_mask::<B>(&lengths, s, device);
-    let hidden = model.model.forward(ids, Some(mask), None);
-    let d = hidden.dims()[2];
     let n = rows.len();
-    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), device);
-    let picked = hidden.reshape([b * s, d]).select(0, rows);
-    let logp = activation::log_softmax(model.logits(picked), 1);
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
+    ContinuationBatch {
+        ids: Tensor::from_data(TensorData::new(ids, [b, s]), device),
+        mask: padding_mask::<B>(&lengths, s, device),
+        rows: Tensor::from_data(TensorData::new(rows, [n]), device),
+        targets: Tensor::from_data(TensorData::new(targets, [n]), device),
+    }
+}
+
+/// The logits `[n, vocab]` at the positions that predict a batch's continuation tokens: the LM
+/// head runs on those positions only.
+pub fn continuation_logits<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    batch: ContinuationBatch<B>,
+) -> Tensor<B, 2> {
+    let [b, s] = batch.ids.dims();
+    let hidden = model.model.forward(batch.ids, Some(batch.mask), None);
+    let d = hidden.dims()[2];
+    model.logits(hidden.reshape([b * s, d]).select(0, batch.rows))
+}
+
+/// Log-probabilities of every continuation token of a batch (a flat tensor `[tokens]`, in
+/// batch order), computing the LM head only at the positions that predict them.
+pub fn continuation_logprobs<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    batch: &[&Encoded],
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let batch = continuation_batch(batch, device);
+    let n = batch.targets.dims()[0];
+    let targets = batch.targets.clone().reshape([n, 1]);
+    let logp = activation::log_softmax(continuation_logits(model, batch), 1);
     logp.gather(1, targets).reshape([n])
 }
 

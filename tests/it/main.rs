@@ -18,6 +18,8 @@ mod encoder;
 #[cfg(feature = "finetune")]
 mod finetune;
 mod kron_math;
+#[cfg(feature = "train")]
+mod learner;
 mod llama;
 #[cfg(feature = "finetune")]
 mod llm;

@@ -1,0 +1,255 @@
+//! Training inside Burn's own `burn-train` (feature `train`): the BERT classifier and the
+//! decoder implement `TrainStep` / `InferenceStep`, with batchers for Burn's data loaders, so
+//! adapters drop into `SupervisedTraining` with its metrics, loggers, checkpointer, early
+//! stopping and multi-device strategies (`examples/learner.rs`, docs/training.md).
+//!
+//! Both steps produce burn-train's `ClassificationOutput`: the classifier's class logits, and
+//! for the decoder the logits at the positions that predict answer tokens (the same masked loss
+//! as [`crate::llm::train`]), so loss, accuracy and perplexity metrics apply unchanged. Only
+//! trainable parameters (adapter factors, a head) get gradients: the frozen base is marked
+//! `no_grad`, so backward produces nothing for it and the optimizer keeps no state for it.
+//!
+//! ```ignore
+//! let batcher = ClassifierBatcher;
+//! let train = DataLoaderBuilder::new(batcher.clone()).batch_size(32).shuffle(0).build(InMemDataset::new(data.train.clone()));
+//! let valid = DataLoaderBuilder::new(batcher).batch_size(128).build(InMemDataset::new(data.dev.clone()));
+//! let result = SupervisedTraining::new("runs/learner", train, valid)
+//!     .metrics((AccuracyMetric::new(), LossMetric::new()))
+//!     .num_epochs(2)
+//!     .launch(Learner::new(model, AdamWConfig::new().init(), 1e-3));
+//! ```
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+use burn::train::metric::{MetricDefinition, MetricId};
+use burn::train::renderer::{
+    EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
+    MetricsRendererTraining, ProgressType, TrainingProgress,
+};
+use burn::train::{ClassificationOutput, InferenceStep, LearnerSummary, TrainOutput, TrainStep};
+
+use crate::finetune::tokenize::{batch_tensors, Encoded};
+use crate::llm::score::{continuation_batch, continuation_logits, ContinuationBatch};
+use crate::model::bert::BertClassifier;
+use crate::model::llama::LlamaForCausalLM;
+
+/// A padded classification batch.
+#[derive(Clone, Debug)]
+pub struct ClassifierBatch<B: Backend> {
+    /// `[batch, seq]` token ids.
+    pub ids: Tensor<B, 2, Int>,
+    /// `[batch, seq]`, 1 for tokens, 0 for padding.
+    pub mask: Tensor<B, 2, Int>,
+    /// `[batch]` classes.
+    pub labels: Tensor<B, 1, Int>,
+}
+
+/// Pads tokenized texts into a [`ClassifierBatch`] (to the batch's longest text).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClassifierBatcher;
+
+impl<B: Backend> Batcher<B, Encoded, ClassifierBatch<B>> for ClassifierBatcher {
+    fn batch(&self, items: Vec<Encoded>, device: &B::Device) -> ClassifierBatch<B> {
+        let refs: Vec<&Encoded> = items.iter().collect();
+        let (ids, mask, labels) = batch_tensors::<B>(&refs, device);
+        ClassifierBatch { ids, mask, labels }
+    }
+}
+
+impl<B: Backend> BertClassifier<B> {
+    /// Logits and the cross-entropy loss of a batch.
+    pub fn forward_classification(&self, batch: ClassifierBatch<B>) -> ClassificationOutput<B> {
+        let logits = self.forward(batch.ids, batch.mask);
+        let loss = CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits.clone(), batch.labels.clone());
+        ClassificationOutput::new(loss, logits, batch.labels)
+    }
+}
+
+impl<B: AutodiffBackend> TrainStep for BertClassifier<B> {
+    type Input = ClassifierBatch<B>;
+    type Output = ClassificationOutput<B>;
+
+    fn step(&self, batch: ClassifierBatch<B>) -> TrainOutput<ClassificationOutput<B>> {
+        let out = self.forward_classification(batch);
+        TrainOutput::new(self, out.loss.backward(), out)
+    }
+}
+
+impl<B: Backend> InferenceStep for BertClassifier<B> {
+    type Input = ClassifierBatch<B>;
+    type Output = ClassificationOutput<B>;
+
+    fn step(&self, batch: ClassifierBatch<B>) -> ClassificationOutput<B> {
+        self.forward_classification(batch)
+    }
+}
+
+/// Pads (context, answer) pairs into a [`ContinuationBatch`]: the loss covers answer tokens.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ContinuationBatcher;
+
+impl<B: Backend> Batcher<B, crate::llm::score::Encoded, ContinuationBatch<B>>
+    for ContinuationBatcher
+{
+    fn batch(
+        &self,
+        items: Vec<crate::llm::score::Encoded>,
+        device: &B::Device,
+    ) -> ContinuationBatch<B> {
+        let refs: Vec<&crate::llm::score::Encoded> = items.iter().collect();
+        continuation_batch(&refs, device)
+    }
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// The logits at the positions that predict answer tokens (`[tokens, vocab]`), their
+    /// targets, and the mean negative log-likelihood.
+    pub fn forward_continuation(&self, batch: ContinuationBatch<B>) -> ClassificationOutput<B> {
+        let targets = batch.targets.clone();
+        let logits = continuation_logits(self, batch);
+        let loss = CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits.clone(), targets.clone());
+        ClassificationOutput::new(loss, logits, targets)
+    }
+}
+
+impl<B: AutodiffBackend> TrainStep for LlamaForCausalLM<B> {
+    type Input = ContinuationBatch<B>;
+    type Output = ClassificationOutput<B>;
+
+    fn step(&self, batch: ContinuationBatch<B>) -> TrainOutput<ClassificationOutput<B>> {
+        let out = self.forward_continuation(batch);
+        TrainOutput::new(self, out.loss.backward(), out)
+    }
+}
+
+impl<B: Backend> InferenceStep for LlamaForCausalLM<B> {
+    type Input = ContinuationBatch<B>;
+    type Output = ClassificationOutput<B>;
+
+    fn step(&self, batch: ContinuationBatch<B>) -> ClassificationOutput<B> {
+        self.forward_continuation(batch)
+    }
+}
+
+/// A burn-train renderer that hands one line of text to `log` every `every` training
+/// iterations and at the end of every validation pass (the library never prints: pass
+/// `|l| eprintln!("{l}")` to see them). burn-train's own `CliMetricsRenderer` prints every
+/// iteration; its terminal UI needs the `tui` feature of `burn`.
+pub struct LineRenderer {
+    names: std::collections::HashMap<MetricId, String>,
+    train: std::collections::BTreeMap<String, String>,
+    valid: std::collections::BTreeMap<String, String>,
+    every: usize,
+    calls: usize,
+    log: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+impl LineRenderer {
+    /// A line every `every` iterations (0: validation lines only), to `log`.
+    pub fn new(every: usize, log: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Self {
+            names: Default::default(),
+            train: Default::default(),
+            valid: Default::default(),
+            every,
+            calls: 0,
+            log: Box::new(log),
+        }
+    }
+
+    fn remember(&self, into: &mut std::collections::BTreeMap<String, String>, state: MetricState) {
+        let entry = match state {
+            MetricState::Generic(e) | MetricState::Numeric(e, _) => e,
+        };
+        let name = self
+            .names
+            .get(&entry.metric_id)
+            .cloned()
+            .unwrap_or_else(|| "metric".into());
+        into.insert(name, entry.serialized_entry.formatted);
+    }
+
+    fn line(
+        split: &str,
+        item: &TrainingProgress,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> String {
+        let p = item.progress.as_ref();
+        let mut line = format!(
+            "epoch {}/{} {split} {}/{}:",
+            item.global_progress.items_processed,
+            item.global_progress.items_total,
+            p.map_or(0, |p| p.items_processed),
+            p.map_or(0, |p| p.items_total)
+        );
+        for (k, v) in values {
+            line.push_str(&format!(" {k} {v}"));
+        }
+        line
+    }
+}
+
+impl MetricsRendererTraining for LineRenderer {
+    fn update_train(&mut self, state: MetricState) {
+        let mut m = std::mem::take(&mut self.train);
+        self.remember(&mut m, state);
+        self.train = m;
+    }
+
+    fn update_valid(&mut self, state: MetricState) {
+        let mut m = std::mem::take(&mut self.valid);
+        self.remember(&mut m, state);
+        self.valid = m;
+    }
+
+    fn render_train(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {
+        self.calls += 1;
+        if self.every > 0 && self.calls % self.every == 0 {
+            (self.log)(&Self::line("train", &item, &self.train));
+        }
+    }
+
+    fn render_valid(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {
+        if item
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.items_processed >= p.items_total)
+        {
+            (self.log)(&Self::line("valid", &item, &self.valid));
+        }
+    }
+
+    fn on_train_end(
+        &mut self,
+        summary: Option<LearnerSummary>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        if let Some(s) = summary {
+            (self.log)(&s.to_string());
+        }
+        Ok(())
+    }
+}
+
+impl MetricsRendererEvaluation for LineRenderer {
+    fn update_test(&mut self, _: EvaluationName, state: MetricState) {
+        let mut m = std::mem::take(&mut self.valid);
+        self.remember(&mut m, state);
+        self.valid = m;
+    }
+
+    fn render_test(&mut self, _: EvaluationProgress, _: Vec<ProgressType>) {}
+}
+
+impl MetricsRenderer for LineRenderer {
+    fn manual_close(&mut self) {}
+
+    fn register_metric(&mut self, definition: MetricDefinition) {
+        self.names.insert(definition.metric_id, definition.name);
+    }
+}

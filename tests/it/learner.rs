@@ -1,0 +1,157 @@
+//! Training inside burn-train (`kron_adapters::learner`): the steps give gradients to the
+//! trainable parameters only, the optimizer keeps state for them only, and `SupervisedTraining`
+//! trains an adapter that learns a task.
+
+use std::collections::BTreeSet;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataset::InMemDataset;
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::optim::{AdamWConfig, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use burn::train::metric::{AccuracyMetric, LossMetric, PerplexityMetric};
+use burn::train::{Learner, SupervisedTraining, TrainStep};
+use kron_adapters::finetune::tokenize::Encoded;
+use kron_adapters::learner::{ClassifierBatcher, ContinuationBatcher};
+use kron_adapters::model::bert::classifier_from_source;
+use kron_adapters::model::{BertConfig, LlamaConfig, LlamaForCausalLM, TensorSource};
+use kron_adapters::{AdapterConfig, KronAConfig, KronLoraConfig, PlacementConfig};
+
+use crate::common::{device, scratch_dir, Rng, AB};
+
+/// Ids of the parameters that require a gradient.
+struct Trainable(BTreeSet<ParamId>, BTreeSet<ParamId>);
+
+impl<B: Backend> ModuleVisitor<B> for Trainable {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if param.is_require_grad() {
+            self.0.insert(param.id);
+        } else {
+            self.1.insert(param.id);
+        }
+    }
+}
+
+fn trainable<B: Backend, M: Module<B>>(m: &M) -> (BTreeSet<ParamId>, BTreeSet<ParamId>) {
+    let mut v = Trainable(BTreeSet::new(), BTreeSet::new());
+    m.visit(&mut v);
+    (v.0, v.1)
+}
+
+/// Two classes of texts over disjoint halves of a 40-token vocabulary.
+fn separable(n: usize, seed: u64) -> Vec<Encoded> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|i| {
+            let label = i % 2;
+            let len = 3 + (rng.next_u64() % 6) as usize;
+            let mut ids = vec![2u32];
+            ids.extend((0..len).map(|_| (4 + label * 18) as u32 + (rng.next_u64() % 18) as u32));
+            ids.push(3);
+            Encoded { ids, label }
+        })
+        .collect()
+}
+
+fn classifier() -> kron_adapters::model::BertClassifier<AB> {
+    let placement = PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto()));
+    classifier_from_source(
+        TensorSource::random(3),
+        &BertConfig::tiny(40),
+        &placement,
+        2,
+        &device(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_frozen_base_gets_no_gradient_and_no_optimizer_state() {
+    let dev = device();
+    let model = classifier();
+    let (train, frozen) = trainable::<AB, _>(&model);
+    assert!(!train.is_empty() && frozen.len() > train.len());
+    let batch = ClassifierBatcher.batch(separable(8, 1), &dev);
+    let out = TrainStep::step(&model, batch);
+    assert_eq!(
+        out.grads.len(),
+        train.len(),
+        "a gradient for every trainable parameter, no more"
+    );
+    let mut optim = AdamWConfig::new().init::<AB, _>();
+    let model = optim.step(1e-3, model, out.grads);
+    let state: BTreeSet<ParamId> = optim.to_record().keys().copied().collect();
+    assert_eq!(
+        state, train,
+        "AdamW moments for the trainable parameters only"
+    );
+    assert!(state.is_disjoint(&frozen));
+    // The decoder likewise (Kron-LoRA on every projection; the LM head and norms frozen).
+    let placement = PlacementConfig::linear(AdapterConfig::KronLora(KronLoraConfig::auto(2)));
+    let lm = LlamaForCausalLM::<AB>::new(
+        &mut TensorSource::random(2),
+        &LlamaConfig::tiny(50),
+        &placement,
+        &dev,
+    )
+    .unwrap();
+    let (train, frozen) = trainable::<AB, _>(&lm);
+    let items = vec![
+        kron_adapters::llm::score::Encoded {
+            ids: vec![1, 7, 9, 30, 31],
+            start: 3,
+        },
+        kron_adapters::llm::score::Encoded {
+            ids: vec![1, 5, 40],
+            start: 2,
+        },
+    ];
+    let out = TrainStep::step(&lm, ContinuationBatcher.batch(items, &dev));
+    assert_eq!(out.item.targets.dims(), [3], "answer tokens only");
+    assert_eq!(out.grads.len(), train.len());
+    let mut optim = AdamWConfig::new().init::<AB, _>();
+    let _ = optim.step(1e-3, lm, out.grads);
+    let state: BTreeSet<ParamId> = optim.to_record().keys().copied().collect();
+    assert_eq!(state, train);
+    assert!(state.is_disjoint(&frozen));
+    drop(model);
+}
+
+#[test]
+fn supervised_training_learns_a_task_with_burn_train() {
+    let dir = scratch_dir("learner", "classify");
+    let batcher = ClassifierBatcher;
+    let train = DataLoaderBuilder::new(batcher)
+        .batch_size(16)
+        .shuffle(7)
+        .build(InMemDataset::new(separable(192, 2)));
+    let valid = DataLoaderBuilder::new(batcher)
+        .batch_size(32)
+        .build(InMemDataset::new(separable(64, 3)));
+    let model = classifier();
+    let before = accuracy(&model.valid(), &separable(64, 3));
+    let result = SupervisedTraining::new(&dir, train, valid)
+        .metrics((AccuracyMetric::new(), LossMetric::new()))
+        .num_epochs(4)
+        .renderer(kron_adapters::learner::LineRenderer::new(0, |_| {}))
+        .with_application_logger(None)
+        .launch(Learner::new(model, AdamWConfig::new().init(), 1e-2));
+    let after = accuracy(&result.model, &separable(64, 3));
+    assert!(
+        after >= 0.9 && after > before,
+        "accuracy {before} → {after}"
+    );
+    // burn-train's file logger wrote the metrics of every epoch.
+    assert!(
+        dir.join("train/epoch-4/Accuracy.log").exists(),
+        "{:?}",
+        std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>()
+    );
+    let _ = PerplexityMetric::<crate::common::TB>::new();
+}
+
+fn accuracy<B: Backend>(model: &kron_adapters::model::BertClassifier<B>, data: &[Encoded]) -> f64 {
+    kron_adapters::finetune::train::evaluate(model, data, 64, &Default::default())
+}
