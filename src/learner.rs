@@ -253,3 +253,45 @@ impl MetricsRenderer for LineRenderer {
         self.names.insert(definition.metric_id, definition.name);
     }
 }
+
+/// The main job's learning-rate schedule as a burn-train scheduler: linear warm-up over
+/// `warmup` steps to `peak`, then linear decay to 0 at `total` ([`crate::finetune::train::lr_at`]).
+/// Its record is the step, so a resumed `SupervisedTraining` continues the schedule.
+#[derive(Clone, Debug)]
+pub struct WarmupLinear {
+    step: usize,
+    total: usize,
+    warmup: usize,
+    peak: f64,
+}
+
+impl WarmupLinear {
+    /// The schedule over `total` optimizer steps.
+    pub fn new(peak: f64, total: usize, warmup: usize) -> Self {
+        Self {
+            step: 0,
+            total,
+            warmup,
+            peak,
+        }
+    }
+}
+
+impl burn::lr_scheduler::LrScheduler for WarmupLinear {
+    type Record<B: Backend> = usize;
+
+    fn step(&mut self) -> burn::optim::LearningRate {
+        let lr = crate::finetune::train::lr_at(self.step, self.total, self.warmup, self.peak);
+        self.step += 1;
+        lr
+    }
+
+    fn to_record<B: Backend>(&self) -> usize {
+        self.step
+    }
+
+    fn load_record<B: Backend>(mut self, record: usize) -> Self {
+        self.step = record;
+        self
+    }
+}

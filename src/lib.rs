@@ -48,6 +48,8 @@ pub mod linear;
 pub mod llm;
 pub mod model;
 pub mod multi;
+#[cfg(feature = "collective")]
+pub mod parallel;
 pub mod params;
 pub mod place;
 pub mod quant;

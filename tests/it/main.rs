@@ -24,6 +24,8 @@ mod llama;
 #[cfg(feature = "finetune")]
 mod llm;
 mod multi;
+#[cfg(feature = "collective")]
+mod parallel;
 mod peft_io;
 mod peft_parity;
 mod quant;
