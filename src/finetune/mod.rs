@@ -17,6 +17,7 @@ pub mod assets;
 pub mod data;
 pub mod presets;
 pub mod report;
+pub mod resume;
 pub mod timing;
 pub mod tokenize;
 pub mod train;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -72,6 +72,13 @@ crate::macros::config! {
             eval_batch_size: usize = 128,
             /// Dev evaluations per epoch (the best one is kept).
             evals_per_epoch: usize = 2,
+            /// Micro-batches per optimizer step: each batch is split into this many parts whose
+            /// gradients are summed (weighted by size) before one update — the whole batch's
+            /// update, with one part's activations in memory at a time.
+            grad_accumulation: usize = 1,
+            /// Steps between resume checkpoints in the run's `resume/` folder (0: none); see
+            /// [`super::resume`].
+            checkpoint_every: usize = 50,
         }
     }
 }
@@ -109,6 +116,15 @@ impl FinetuneConfig {
             if !(0.0..1.0).contains(&p) {
                 return bad("dropout", format!("{p} is not a probability in [0, 1)"));
             }
+        }
+        if self.grad_accumulation == 0 || self.grad_accumulation > self.batch_size {
+            return bad(
+                "grad_accumulation",
+                format!(
+                    "{} micro-batches for batches of {}: use 1 to batch_size",
+                    self.grad_accumulation, self.batch_size
+                ),
+            );
         }
         if self.max_train == Some(0) {
             return bad("max_train", "0 examples: nothing to train on".into());
@@ -257,12 +273,22 @@ pub fn build_model<B: AutodiffBackend>(
     data: &Prepared,
     device: &B::Device,
 ) -> Result<BertClassifier<B>, AdapterError> {
+    let source = TensorSource::from_model_dir(&data.model_dir)?;
+    build_model_from(cfg, data, source, device)
+}
+
+/// [`build_model`] with the encoder's weights from `source` (random weights for tests).
+pub fn build_model_from<B: AutodiffBackend>(
+    cfg: &FinetuneConfig,
+    data: &Prepared,
+    source: TensorSource,
+    device: &B::Device,
+) -> Result<BertClassifier<B>, AdapterError> {
     let mut bert = data.bert.clone();
     if let Some(p) = cfg.dropout {
         bert.hidden_dropout_prob = p;
         bert.attention_probs_dropout_prob = p;
     }
-    let source = TensorSource::from_model_dir(&data.model_dir)?;
     let mut model = classifier_from_source::<B>(
         source,
         &bert,
@@ -334,31 +360,51 @@ struct Progress<B: AutodiffBackend> {
     window: (f64, usize, usize, usize, f64),
 }
 
-/// One optimizer step on a batch; returns the batch's loss and correct predictions.
+/// One optimizer step on a batch, in `micro` micro-batches whose gradients are summed, each
+/// weighted by its share of the batch (so the update is the whole batch's); returns the batch's
+/// mean loss and correct predictions.
 fn train_step<B: AutodiffBackend, O: Optimizer<BertClassifier<B>, B>>(
     model: BertClassifier<B>,
     optim: &mut O,
     items: &[&Encoded],
+    micro: usize,
     lr: f64,
     device: &B::Device,
 ) -> (BertClassifier<B>, f64, usize) {
-    let (ids, mask, labels) = batch_tensors::<B>(items, device);
-    let logits = model.forward(ids, mask);
-    let loss = CrossEntropyLossConfig::new()
-        .init(device)
-        .forward(logits.clone(), labels.clone());
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let model = optim.step(lr, model, grads);
-    let loss_v: f64 = loss.into_scalar().elem();
-    let hits: i64 = logits
-        .argmax(1)
-        .flatten::<1>(0, 1)
-        .equal(labels)
-        .int()
-        .sum()
-        .into_scalar()
-        .elem();
-    (model, loss_v, hits as usize)
+    let n = items.len();
+    let size = n.div_ceil(micro.clamp(1, n.max(1)));
+    let mut acc = GradientsAccumulator::<BertClassifier<B>>::new();
+    let (mut loss_sum, mut hits) = (0.0, 0usize);
+    for part in items.chunks(size) {
+        let (ids, mask, labels) = batch_tensors::<B>(part, device);
+        let logits = model.forward(ids, mask);
+        let loss = CrossEntropyLossConfig::new()
+            .init(device)
+            .forward(logits.clone(), labels.clone());
+        let weight = part.len() as f64 / n as f64;
+        let scaled = if part.len() == n {
+            loss.clone()
+        } else {
+            loss.clone().mul_scalar(weight)
+        };
+        acc.accumulate(
+            &model,
+            GradientsParams::from_grads(scaled.backward(), &model),
+        );
+        let l: f64 = loss.into_scalar().elem();
+        loss_sum += l * weight;
+        let h: i64 = logits
+            .argmax(1)
+            .flatten::<1>(0, 1)
+            .equal(labels)
+            .int()
+            .sum()
+            .into_scalar()
+            .elem();
+        hits += h as usize;
+    }
+    let model = optim.step(lr, model, acc.grads());
+    (model, loss_sum, hits)
 }
 
 /// Where the best checkpoint goes: every trainable parameter, and the linear adapters alone as
@@ -402,15 +448,50 @@ impl Checkpoints {
 
 /// The training loop on an already-built model (see [`finetune`]): [`train_step`] per batch,
 /// a dev evaluation `evals_per_epoch` times an epoch, the best model checkpointed, and the
-/// test accuracy of the best one.
+/// test accuracy of the best one. With `out_dir`, a resume checkpoint every
+/// `checkpoint_every` steps (see [`train_model_resumable`]).
 pub fn train_model<B: AutodiffBackend>(
+    cfg: &FinetuneConfig,
+    data: &Prepared,
+    model: BertClassifier<B>,
+    out_dir: Option<&Path>,
+    device: &B::Device,
+    show_progress: bool,
+) -> Result<RunReport, AdapterError> {
+    train_model_resumable(cfg, data, model, out_dir, device, show_progress, false)
+}
+
+/// The configuration a run folder's newest resume checkpoint was made with, if it has one.
+pub fn resume_config(out_dir: &Path) -> Result<Option<FinetuneConfig>, AdapterError> {
+    let Some(dir) = super::resume::latest(&out_dir.join("resume")) else {
+        return Ok(None);
+    };
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| AdapterError::io(&path, e))?;
+    let state: super::resume::RunState = serde_json::from_str(&text)
+        .map_err(|e| AdapterError::format(path.display().to_string(), e.to_string()))?;
+    Ok(Some(state.config))
+}
+
+/// The seed of the backend's generator (dropout) for `step`: reseeding every step makes a
+/// resumed run draw what the uninterrupted one drew.
+fn step_seed(seed: u64, step: usize) -> u64 {
+    SplitMix64::new(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
+}
+
+/// [`train_model`], continuing from the newest checkpoint in `out_dir/resume/` when `resume`
+/// (which `model` must be built for: same config, fresh). Without `resume`, an old checkpoint
+/// there is replaced.
+pub fn train_model_resumable<B: AutodiffBackend>(
     cfg: &FinetuneConfig,
     data: &Prepared,
     mut model: BertClassifier<B>,
     out_dir: Option<&Path>,
     device: &B::Device,
     show_progress: bool,
+    resume: bool,
 ) -> Result<RunReport, AdapterError> {
+    cfg.validate()?;
     let train: &[Encoded] = match cfg.max_train {
         Some(n) => &data.train[..n.min(data.train.len())],
         None => &data.train,
@@ -422,13 +503,15 @@ pub fn train_model<B: AutodiffBackend>(
     let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
     let total_steps = train.len().div_ceil(cfg.batch_size) * cfg.epochs;
     let warmup = ((cfg.warmup * total_steps as f64).ceil() as usize).min(total_steps);
-    let mut optim = AdamWConfig::new()
+    let mut optim: super::resume::Optim<B> = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay as f32)
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
         .init();
-    let bar = progress_bar(show_progress, total_steps);
     let checkpoints = Checkpoints::new(out_dir, &model);
-    let mut rng = SplitMix64::new(cfg.seed ^ 0x5eed);
+    let patterns = trainable_patterns(cfg.placement.train);
+    let resume_root = out_dir
+        .filter(|_| cfg.checkpoint_every > 0 || resume)
+        .map(|d| d.join("resume"));
     let mut p = Progress::<B> {
         history: Vec::new(),
         evals: Vec::new(),
@@ -437,16 +520,71 @@ pub fn train_model<B: AutodiffBackend>(
         best: None,
         window: (0.0, 0, 0, 0, 0.0),
     };
-    for epoch in 1..=cfg.epochs {
+    let (mut first_epoch, mut skip) = (1, 0);
+    let mut rng = SplitMix64::new(cfg.seed ^ 0x5eed);
+    match (&resume_root, resume) {
+        (Some(root), true) => {
+            let restored = super::resume::load(root, model, optim, &patterns, device)?;
+            let Some(r) = restored else {
+                return Err(AdapterError::io(
+                    root,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no resume checkpoint to continue from",
+                    ),
+                ));
+            };
+            if r.state.config != *cfg {
+                return Err(ConfigError::invalid(
+                    "finetune",
+                    "resume",
+                    "the checkpoint was made with another configuration: resume with the one \
+                     in its state.json (or start afresh elsewhere)",
+                )
+                .into());
+            }
+            (model, optim) = (r.model, r.optim);
+            p.best = match (r.state.best, r.best) {
+                (Some((acc, step)), Some(m)) => Some((acc, step, m)),
+                _ => None,
+            };
+            (p.history, p.evals, p.step_ms) = (r.state.history, r.state.evals, r.state.step_ms);
+            (p.sentences, p.window) = (r.state.sentences, r.state.window);
+            (first_epoch, skip) = (r.state.epoch, r.state.batch);
+            rng = SplitMix64::new(r.state.epoch_rng);
+        }
+        (None, true) => {
+            return Err(ConfigError::invalid(
+                "finetune",
+                "resume",
+                "resuming needs the run's output folder",
+            )
+            .into());
+        }
+        (Some(root), false) => {
+            let _ = std::fs::remove_dir_all(root);
+        }
+        (None, false) => {}
+    }
+    let bar = progress_bar(show_progress, total_steps);
+    bar.set_position(p.step_ms.len() as u64);
+    for epoch in first_epoch..=cfg.epochs {
+        let epoch_rng = rng.state();
         let batches = length_batches(&lengths, cfg.batch_size, &mut rng);
         let every = batches.len().div_ceil(cfg.evals_per_epoch);
         let n_batches = batches.len();
-        for (bi, batch) in batches.into_iter().enumerate() {
+        for (bi, batch) in batches
+            .into_iter()
+            .enumerate()
+            .skip(std::mem::take(&mut skip))
+        {
             let t0 = Instant::now();
             let items: Vec<&Encoded> = batch.iter().map(|&i| &train[i]).collect();
             let step = p.step_ms.len();
             let lr = lr_at(step, total_steps, warmup, cfg.lr);
-            let (next, loss, hits) = train_step(model, &mut optim, &items, lr, device);
+            B::seed(device, step_seed(cfg.seed, step));
+            let (next, loss, hits) =
+                train_step(model, &mut optim, &items, cfg.grad_accumulation, lr, device);
             model = next;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             if !loss.is_finite() {
@@ -473,12 +611,29 @@ pub fn train_model<B: AutodiffBackend>(
                 }
                 p.evals.push(row);
             }
+            let done = p.step_ms.len();
+            if let Some(root) = resume_root.as_ref().filter(|_| cfg.checkpoint_every > 0) {
+                if done % cfg.checkpoint_every == 0 && done < total_steps {
+                    let (epoch, batch, epoch_rng) = if bi + 1 == n_batches {
+                        (epoch + 1, 0, rng.state())
+                    } else {
+                        (epoch, bi + 1, epoch_rng)
+                    };
+                    let state = p.state(cfg, epoch, batch, epoch_rng);
+                    let best = p.best.as_ref().map(|b| &b.2);
+                    super::resume::save(root, &state, &model, best, &optim, &patterns)?;
+                }
+            }
         }
     }
     bar.finish_and_clear();
     let report = p.report(cfg, data, trainable, total, &checkpoints, device);
     if let Some(dir) = out_dir {
         super::report::write_outputs(dir, &report)?;
+    }
+    if let Some(root) = &resume_root {
+        // The run is complete: its outputs replace the resume checkpoints.
+        let _ = std::fs::remove_dir_all(root);
     }
     Ok(report)
 }
@@ -499,6 +654,29 @@ fn progress_bar(show: bool, total_steps: usize) -> ProgressBar {
 }
 
 impl<B: AutodiffBackend> Progress<B> {
+    /// Where the run is, for a resume checkpoint.
+    fn state(
+        &self,
+        cfg: &FinetuneConfig,
+        epoch: usize,
+        batch: usize,
+        epoch_rng: u64,
+    ) -> super::resume::RunState {
+        super::resume::RunState {
+            config: cfg.clone(),
+            step: self.step_ms.len(),
+            epoch,
+            batch,
+            epoch_rng,
+            history: self.history.clone(),
+            evals: self.evals.clone(),
+            step_ms: self.step_ms.clone(),
+            sentences: self.sentences,
+            window: self.window,
+            best: self.best.as_ref().map(|b| (b.0, b.1)),
+        }
+    }
+
     fn record(
         &mut self,
         epoch: usize,

@@ -343,7 +343,7 @@ fn asset_cache_checks_the_hash_and_unpacks_only_the_prefix() {
 }
 
 /// A learnable synthetic task for a tiny random encoder: the label says whether token 7 occurs.
-fn synthetic_prepared(rng: &mut Rng) -> Prepared {
+pub fn synthetic_prepared(rng: &mut Rng) -> Prepared {
     let make = |n: usize, rng: &mut Rng| -> Vec<Encoded> {
         (0..n)
             .map(|_| {

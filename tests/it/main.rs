@@ -29,6 +29,8 @@ mod parallel;
 mod peft_io;
 mod peft_parity;
 mod quant;
+#[cfg(all(feature = "finetune", feature = "flex"))]
+mod resume;
 #[cfg(feature = "serve")]
 mod serve;
 mod training;
