@@ -7,49 +7,15 @@
 //! cargo run --example memory
 //! ```
 
-use kron_adapters::model::llama::{LlamaConfig, RopeScaling};
+use kron_adapters::model::llama::LlamaConfig;
 use kron_adapters::{AdapterConfig, KronAConfig, KronLoraConfig, LoraConfig, MethodConfig};
 
-/// Mistral-7B-v0.1's configuration (a Llama-architecture decoder).
 fn mistral_7b() -> LlamaConfig {
-    LlamaConfig {
-        model_type: "mistral".into(),
-        vocab_size: 32000,
-        hidden_size: 4096,
-        intermediate_size: 14336,
-        num_hidden_layers: 32,
-        num_attention_heads: 32,
-        num_key_value_heads: 8,
-        head_dim: 128,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: RopeScaling::None,
-        max_position_embeddings: 32768,
-        tie_word_embeddings: false,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-    }
+    LlamaConfig::mistral_7b()
 }
 
-/// SmolLM2-135M's.
 fn smollm2() -> LlamaConfig {
-    LlamaConfig {
-        model_type: "llama".into(),
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rope_theta: 100000.0,
-        tie_word_embeddings: true,
-        max_position_embeddings: 8192,
-        ..mistral_7b()
-    }
+    LlamaConfig::smollm2_135m()
 }
 
 /// `[d_in, d_out]` of the seven projections of one layer.

@@ -106,8 +106,20 @@ impl<B: Backend> AdaptedLinear<B> {
     /// - output: `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.adapter {
-            Some(adapter) => self.base.forward(x.clone()) + adapter.apply(x),
-            None => self.base.forward(x),
+            Some(adapter) => self.base_forward(x.clone()) + adapter.apply(x),
+            None => self.base_forward(x),
+        }
+    }
+
+    /// `x·W + b` in the base's own precision: with a half-precision base
+    /// ([`AdapterLayers::cast_base`]) `x` is cast to it and the product back to `x`'s, so the
+    /// adapter, its gradients and the optimizer stay in `x`'s precision (float32).
+    pub fn base_forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let (xd, wd) = (x.dtype(), self.base.weight.dtype());
+        if xd == wd {
+            self.base.forward(x)
+        } else {
+            self.base.forward(x.cast(wd)).cast(xd)
         }
     }
 
@@ -130,7 +142,9 @@ impl<B: Backend> AdaptedLinear<B> {
         let Some(adapter) = &self.adapter else {
             return Ok(self.base.clone());
         };
-        let merged = self.base.weight.val() + adapter.delta_weight();
+        let weight = self.base.weight.val();
+        let dtype = weight.dtype();
+        let merged = weight + adapter.delta_weight().cast(dtype);
         let bad = merged
             .clone()
             .is_finite()
@@ -189,6 +203,24 @@ pub trait AdapterLayers<B: Backend> {
     /// every adapted layer.
     fn default_targets(&self) -> Option<Targets> {
         None
+    }
+
+    /// Casts every adapted layer's frozen base (weight and bias) to `dtype` — half precision
+    /// halves the frozen weights' memory — leaving the adapters, and everything else in the
+    /// model, as they are. Forward passes then run each base product in `dtype`
+    /// ([`AdaptedLinear::base_forward`]). Backends without the dtype (burn-ndarray has no
+    /// f16) fail at the cast.
+    fn cast_base(mut self, dtype: burn::tensor::FloatDType) -> Self
+    where
+        Self: Sized,
+    {
+        for (_, l) in self.adapter_layers_mut() {
+            l.base.weight = l.base.weight.clone().map(|w| w.cast(dtype));
+            if let Some(b) = l.base.bias.take() {
+                l.base.bias = Some(b.map(|b| b.cast(dtype)));
+            }
+        }
+        self
     }
 
     /// Every adapted linear layer, with its path.

@@ -28,6 +28,7 @@ mod multi;
 mod parallel;
 mod peft_io;
 mod peft_parity;
+mod precision;
 mod quant;
 #[cfg(all(feature = "finetune", feature = "flex"))]
 mod resume;

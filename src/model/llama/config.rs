@@ -332,6 +332,49 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
+    /// Mistral-7B-v0.1's configuration (a Llama-architecture decoder; for sizing and timing
+    /// without its weights).
+    pub fn mistral_7b() -> Self {
+        Self {
+            model_type: "mistral".into(),
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 32768,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+
+    /// SmolLM2-135M's configuration.
+    pub fn smollm2_135m() -> Self {
+        Self {
+            model_type: "llama".into(),
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rope_theta: 100000.0,
+            tie_word_embeddings: true,
+            max_position_embeddings: 8192,
+            ..Self::mistral_7b()
+        }
+    }
+
     /// A tiny random configuration for tests (GQA: 4 query heads over 2 key/value heads).
     pub fn tiny(vocab_size: usize) -> Self {
         Self {
