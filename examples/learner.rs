@@ -54,6 +54,11 @@ struct Args {
     /// are the same device).
     #[arg(long, default_value_t = 1)]
     devices: usize,
+    /// Distributed data parallel over this many CUDA devices (burn-train's `ddp` strategy,
+    /// NCCL all-reduce; needs `--no-default-features --features ddp`).
+    #[cfg(feature = "ddp")]
+    #[arg(long)]
+    ddp: Option<usize>,
     /// Use only this many training sentences.
     #[arg(long)]
     max_train: Option<usize>,
@@ -137,6 +142,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         training = training.with_training_strategy(
             ExecutionStrategy::multi(devices, MultiDeviceOptim::OptimMainDevice).into(),
         );
+    }
+    #[cfg(feature = "ddp")]
+    if let Some(n) = args.ddp {
+        use burn::tensor::backend::distributed::{DistributedConfig, ReduceOperation};
+        let devices = (0..n).map(burn::backend::cuda::CudaDevice::new).collect();
+        let config = DistributedConfig {
+            all_reduce_op: ReduceOperation::Mean,
+        };
+        training = training.with_training_strategy(ExecutionStrategy::ddp(devices, config).into());
     }
     let t = std::time::Instant::now();
     let result = training.launch(Learner::new(

@@ -545,3 +545,130 @@ fn multiple_choice_finetuning_lowers_the_loss_and_trains_only_adapters() {
     )
     .is_err());
 }
+
+/// The sequential experiment's mechanism: a second fine-tuning starts from the first stage's
+/// adapter file (not a fresh initialisation), trains those adapters only, and leaves the file
+/// it started from as it was.
+#[test]
+fn sequential_finetuning_continues_from_the_first_stages_adapters() {
+    use burn::module::AutodiffModule;
+    use kron_adapters::llm::train::{finetune_mc, LlmFinetuneConfig};
+    use kron_adapters::{attach, NameMap, NativeAdapters};
+    let dev = device();
+    let tok = TextTokenizer::from_hf_dir(&fixture("minilm")).unwrap();
+    let stage1: LlamaForCausalLM<TB> = model(tok.vocab_size(), &dev);
+    let file = crate::common::scratch_dir("llm", "sequential").join("stage1.safetensors");
+    NativeAdapters::from_model(&stage1).write(&file).unwrap();
+    let before = std::fs::read(&file).unwrap();
+    // Stage 2 builds the frozen base and attaches stage 1's adapters on the autodiff backend.
+    let base: LlamaForCausalLM<AB> = LlamaForCausalLM::new(
+        &mut TensorSource::random(11),
+        &LlamaConfig::tiny(tok.vocab_size()),
+        &PlacementConfig::new(),
+        &dev,
+    )
+    .unwrap();
+    let start = attach(
+        base,
+        &NativeAdapters::read(&file).unwrap(),
+        &NameMap::new(),
+        &dev,
+    )
+    .unwrap();
+    let ids = Tensor::<AB, 2, Int>::from_data(TensorData::new(vec![3i64, 9, 27, 4], [1, 4]), &dev);
+    let ids1 = Tensor::<TB, 2, Int>::from_data(TensorData::new(vec![3i64, 9, 27, 4], [1, 4]), &dev);
+    assert_eq!(
+        to_vec(start.valid().forward(ids1.clone(), None)),
+        to_vec(stage1.forward(ids1, None)),
+        "stage 2 starts where stage 1 ended"
+    );
+    let q = |i: usize| Question {
+        id: i,
+        choices: vec![
+            (format!("item {i} : is it"), " no".into()),
+            (format!("item {i} : is it"), " yes".into()),
+        ],
+        gold: 1,
+    };
+    let train: Vec<Question> = (0..8).map(q).collect();
+    let cfg = LlmFinetuneConfig::new()
+        .with_lr(0.05)
+        .with_batch_size(4)
+        .with_epochs(1)
+        .with_evals(1);
+    let (trained, report) =
+        finetune_mc(start, &tok, &train, &train[..2], &cfg, &dev, &|_| {}).unwrap();
+    assert_eq!(report.steps, 2);
+    assert_eq!(
+        report.trainable,
+        NativeAdapters::from_model(&stage1).num_params(),
+        "stage 1's adapters train, nothing else"
+    );
+    let stage2 = NativeAdapters::from_model(&trained);
+    assert_eq!(
+        stage2.meta.layers,
+        NativeAdapters::from_model(&stage1).meta.layers,
+        "the same layers and shapes"
+    );
+    assert_ne!(
+        to_vec(trained.forward(ids.clone(), None)),
+        to_vec(stage1.forward(ids.inner(), None))
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "stage 1's file is untouched"
+    );
+}
+
+/// Quantized adapters are evaluated from the file written and read back, not from memory:
+/// the reloaded model scores exactly as the dequantized adapters do.
+#[test]
+fn quantized_adapters_evaluate_from_their_reloaded_file() {
+    use kron_adapters::llm::score::{encode_pair, loglikelihoods, Encoded};
+    use kron_adapters::quant::{Level, QuantConfig};
+    use kron_adapters::store::{read_any, AdapterFile, QuantizedAdapters};
+    use kron_adapters::{attach, NameMap, NativeAdapters};
+    let dev = device();
+    let tok = TextTokenizer::from_hf_dir(&fixture("minilm")).unwrap();
+    let trained: LlamaForCausalLM<TB> = model(tok.vocab_size(), &dev);
+    let float = NativeAdapters::from_model(&trained);
+    let requests: Vec<Encoded> = (0..6)
+        .flat_map(|i| {
+            ["one", "two", "three"]
+                .map(|c| encode_pair(&tok, &format!("q {i} is"), &format!(" {c}"), 64).unwrap())
+        })
+        .collect();
+    let scores = |m: &LlamaForCausalLM<TB>| loglikelihoods(m, &requests, 512, &dev);
+    let base = || -> LlamaForCausalLM<TB> {
+        LlamaForCausalLM::new(
+            &mut TensorSource::random(11),
+            &LlamaConfig::tiny(tok.vocab_size()),
+            &PlacementConfig::new(),
+            &dev,
+        )
+        .unwrap()
+    };
+    let dir = crate::common::scratch_dir("llm", "quant_eval");
+    for (bits, level) in [(8, Level::Tensor), (4, Level::Block(32))] {
+        let cfg = QuantConfig::new(bits, level).unwrap();
+        let q = QuantizedAdapters::quantize(&float, cfg).unwrap();
+        let path = dir.join(format!("q{bits}.safetensors"));
+        kron_adapters::store::st::write_atomic(&path, &q.to_bytes().unwrap()).unwrap();
+        let file = read_any(&path).unwrap();
+        assert!(
+            matches!(file, AdapterFile::Quantized(_)),
+            "the file reads back as quantized"
+        );
+        let from_file = attach(base(), &file.into_adapters(), &NameMap::new(), &dev).unwrap();
+        let in_memory = attach(base(), &q.dequantize(), &NameMap::new(), &dev).unwrap();
+        let (a, b) = (scores(&from_file), scores(&in_memory));
+        assert_eq!(
+            a, b,
+            "{bits}-bit: reloaded and in-memory adapters score alike"
+        );
+        // The quantization changes the scores a little (else quantization went unmeasured).
+        let f = scores(&attach(base(), &float, &NameMap::new(), &dev).unwrap());
+        assert_ne!(a, f, "{bits}-bit");
+    }
+}
