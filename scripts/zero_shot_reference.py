@@ -22,7 +22,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-FOLDERS = {"validation": "validation_rc_5shot", "test": "test_rc_5shot"}
+FOLDERS = {"validation": "val_rc_5shot", "test": "test_rc_5shot"}
 
 
 def load(tasks, task, split):
