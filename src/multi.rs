@@ -164,6 +164,7 @@ impl<B: Backend> AdapterRegistry<B> {
     /// Makes `resident` available as `name` (replacing one of that name). Requests in flight
     /// keep the snapshot they hold.
     pub fn insert(&self, name: &str, resident: Resident<B>) {
+        settle::<B>(&self.device);
         let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
         let mut next = (**guard).clone();
         next.adapters.insert(name.to_string(), Arc::new(resident));
@@ -313,4 +314,13 @@ impl<B: Backend> AdaptedLinear<B> {
             }
         }
     }
+}
+
+/// Waits until the calling thread's work on `device` is done. CubeCL backends (wgpu, CUDA) run
+/// each thread's work on that thread's own stream, so tensors made here and read on another
+/// thread (the serving worker) must be computed first, or the reader can see stale memory. A
+/// no-op on the CPU backends. A failing device shows its error at the next use, so it is not
+/// reported here.
+pub(crate) fn settle<B: Backend>(device: &B::Device) {
+    let _ = B::sync(device);
 }

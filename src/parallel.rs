@@ -37,8 +37,8 @@ fn collective_error(rank: usize, e: impl std::fmt::Debug) -> AdapterError {
 /// gradients are averaged, and each rank's copy of `optim` steps with `lr(step)`. Returns rank
 /// 0's model (on `devices[0]`).
 ///
-/// `config` is burn-collective's (its `num_devices` is set to `devices.len()`); one run per
-/// backend at a time in a process (burn-collective's server is per backend type).
+/// `config` is burn-collective's (its `num_devices` is set to `devices.len()`). burn-collective's
+/// server is per backend type, so concurrent calls in one process run one after another.
 pub fn train_data_parallel<B, M, O>(
     model: M,
     optim: O,
@@ -57,6 +57,12 @@ where
         return Err(ConfigError::invalid("data parallel", "devices", "no devices").into());
     }
     let config = config.with_num_devices(devices.len());
+    // burn-collective keeps one server per backend type in a process: two runs at once would
+    // mix their all-reduces, so a second run waits for the first.
+    static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _running = ONE_RUN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     reset_collective::<B::InnerBackend>();
     let results: Vec<Result<M, AdapterError>> = std::thread::scope(|s| {
         let handles: Vec<_> = devices
@@ -69,14 +75,24 @@ where
                     register::<B::InnerBackend>(id, device.clone(), config)
                         .map_err(|e| collective_error(rank, e))?;
                     let mut model = model.fork(device);
+                    // CubeCL backends run each thread's work on the thread's own stream: a
+                    // tensor handed to another thread (the collective's server, the caller) must
+                    // be computed before it is read there, or the reader sees stale memory
+                    // (measured on wgpu: the returned adapters were garbage without these syncs).
+                    let sync = |what: &str| {
+                        B::sync(device)
+                            .map_err(|e| collective_error(rank, format!("{what}: {e:?}")))
+                    };
                     for step in 0..steps {
                         let out = TrainStep::step(&model, shard(step, rank, device));
+                        sync("gradients")?;
                         let grads = out
                             .grads
                             .all_reduce::<B::InnerBackend>(id, ReduceOperation::Mean)
                             .map_err(|e| collective_error(rank, e))?;
                         model = optim.step(lr(step), model, grads);
                     }
+                    sync("trained model")?;
                     finish_collective::<B::InnerBackend>(id)
                         .map_err(|e| collective_error(rank, e))?;
                     Ok(model)

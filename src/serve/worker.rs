@@ -400,6 +400,8 @@ impl<B: Backend> Worker<B> {
             metrics,
             thread: Mutex::new(None),
         });
+        // The model was built on this thread; the worker thread reads it.
+        crate::multi::settle::<B>(device);
         let (tx, rx) = mpsc::channel();
         let inner = shared.clone();
         let device = device.clone();

@@ -13,7 +13,7 @@ use kron_adapters::llm::score::{
 };
 use kron_adapters::llm::tasks::{question, TaskKind};
 use kron_adapters::llm::{self, GenerateConfig, Question, TextTokenizer};
-use kron_adapters::model::llama::{self, LlamaConfig, LlamaForCausalLM};
+use kron_adapters::model::llama::{LlamaConfig, LlamaForCausalLM};
 use kron_adapters::model::TensorSource;
 use kron_adapters::{AdapterConfig, FactorInit, KronLoraConfig, LinearAdapter, PlacementConfig};
 
@@ -443,7 +443,8 @@ fn smollm2_tokenizer_and_greedy_continuations_match_transformers() {
     assert!(!tok.add_bos, "SmolLM2 adds no BOS");
     assert_eq!(tok.eos, vec![2]);
     let dev = device();
-    let base = llama::load::<TB>(&gguf, &PlacementConfig::new(), &dev).unwrap();
+    let base =
+        kron_adapters::model::llama::load::<TB>(&gguf, &PlacementConfig::new(), &dev).unwrap();
     let greedy = |m: &LlamaForCausalLM<TB>, prompt: &[u32], n: usize| {
         llm::generate(
             m,
