@@ -1,0 +1,97 @@
+//! The `a` contraction of the Kronecker apply, two ways: the crate's (a broadcast batched
+//! product `aᵀ [1, p', p] · X [n, p, q]`, no copy of the intermediate; its backward for `a` is a
+//! batched product summed over `n`) against the layout whose backward for `a` is one GEMM over
+//! all rows (`X` transposed to `[n·q, p]`, one GEMM, transposed back: two copies of the
+//! intermediate). Prints a markdown table of medians (ms) measured in the same run
+//! (docs/benchmarks.md, "The `a` contraction's layout").
+//!
+//! ```text
+//! cargo bench --features finetune --bench kron_layouts
+//! ```
+
+#[path = "../examples/common/mod.rs"]
+mod common;
+
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+use common::{backend_name, Inner};
+use kron_adapters::kron::{kron_apply, KronPlan};
+
+type Grad = burn::backend::Autodiff<Inner>;
+
+fn time<F: FnMut()>(f: F) -> f64 {
+    kron_adapters::finetune::timing::median_ms(f, 2, 3.0)
+}
+
+/// `x·(a ⊗ b)` with the `a` axis contracted as one GEMM over `n·q` rows (`b_first`: `b` first).
+fn gemm_layout<B: Backend>(
+    x: Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    b_first: bool,
+) -> Tensor<B, 2> {
+    let [n, _] = x.dims();
+    let [p, p2] = a.dims();
+    let [q, q2] = b.dims();
+    let t = x.reshape([n, p, q]);
+    if b_first {
+        let t = t.reshape([n * p, q]).matmul(b).reshape([n, p, q2]);
+        let t = t.swap_dims(1, 2).reshape([n * q2, p]).matmul(a);
+        t.reshape([n, q2, p2]).swap_dims(1, 2).reshape([n, p2 * q2])
+    } else {
+        let t = t.swap_dims(1, 2).reshape([n * q, p]).matmul(a);
+        let t = t.reshape([n, q, p2]).swap_dims(1, 2).reshape([n * p2, q]);
+        t.matmul(b).reshape([n, p2 * q2])
+    }
+}
+
+fn main() {
+    kron_adapters::finetune::keep_freed_memory();
+    let dev = Default::default();
+    println!("backend: {}\n", backend_name());
+    println!("| rows × (p·q) | base GEMM fwd | apply fwd: batched | GEMM layout | apply fwd+bwd: batched | GEMM layout | max difference |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for &(n, p, q) in &[
+        (2048usize, 16usize, 24usize),
+        (2048, 24, 16),
+        (512, 64, 64),
+        (10, 16, 24),
+    ] {
+        let d = p * q;
+        let x =
+            Tensor::<Grad, 2>::random([n, d], Distribution::Normal(0., 1.), &dev).require_grad();
+        let a =
+            Tensor::<Grad, 2>::random([p, p], Distribution::Normal(0., 0.1), &dev).require_grad();
+        let b =
+            Tensor::<Grad, 2>::random([q, q], Distribution::Normal(0., 0.1), &dev).require_grad();
+        let w = Tensor::<Grad, 2>::random([d, d], Distribution::Normal(0., 0.05), &dev);
+        let plan = KronPlan::a_first(1, 1);
+        let ours = kron_apply(x.clone(), &[a.clone()], &[b.clone()], &plan, 1.0);
+        let other = gemm_layout(x.clone(), a.clone(), b.clone(), false);
+        let diff: f32 = (ours - other).abs().max().into_scalar();
+        let (xi, ai, bi) = (x.clone().inner(), a.clone().inner(), b.clone().inner());
+        let base = time(|| {
+            let _ = xi.clone().matmul(w.clone().inner()).into_data();
+        });
+        let fwd = time(|| {
+            let _ = kron_apply(xi.clone(), &[ai.clone()], &[bi.clone()], &plan, 1.0).into_data();
+        });
+        let fwd_gemm = time(|| {
+            let _ = gemm_layout(xi.clone(), ai.clone(), bi.clone(), false).into_data();
+        });
+        let both = time(|| {
+            let g = kron_apply(x.clone(), &[a.clone()], &[b.clone()], &plan, 1.0)
+                .sum()
+                .backward();
+            let _ = a.grad(&g).unwrap().into_data();
+        });
+        let both_gemm = time(|| {
+            let g = gemm_layout(x.clone(), a.clone(), b.clone(), false)
+                .sum()
+                .backward();
+            let _ = a.grad(&g).unwrap().into_data();
+        });
+        println!(
+            "| {n} × ({p}·{q}) | {base:.2} | {fwd:.2} | {fwd_gemm:.2} | {both:.2} | {both_gemm:.2} | {diff:.1e} |"
+        );
+    }
+}
