@@ -159,6 +159,26 @@ impl TensorSource {
         }
     }
 
+    /// An upper bound on the values the source holds (`None` for a random source): exact for
+    /// decoded tensors, the files' bytes for safetensors files (every value takes at least one
+    /// byte). A model whose configuration asks for more cannot come from this source; checking
+    /// that first keeps an absurd configuration from allocating what no file backs.
+    pub fn held_values(&self) -> Option<usize> {
+        match &self.kind {
+            Kind::Files { files, .. } => Some(files.iter().map(|(_, b)| b.len()).sum()),
+            Kind::Host { tensors, .. } => Some(tensors.values().map(|(_, v)| v.len()).sum()),
+            Kind::Random(_) => None,
+        }
+    }
+
+    /// The path the source was read from, as errors show it (empty for a random source).
+    pub fn path_shown(&self) -> String {
+        match &self.kind {
+            Kind::Files { path, .. } | Kind::Host { path, .. } => path.display().to_string(),
+            Kind::Random(_) => String::new(),
+        }
+    }
+
     /// The shape `name` has in the source, if it holds it.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match &self.kind {

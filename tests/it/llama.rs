@@ -424,6 +424,42 @@ fn damaged_gguf_files_are_errors() {
     }
 }
 
+/// Metadata that describe a model bigger than the file's tensors (found by fuzzing: a damaged
+/// `block_count` or `embedding_length` made the loader allocate gigabytes of zeros for the
+/// missing tensors) are refused before anything is allocated.
+#[test]
+fn gguf_metadata_bigger_than_its_tensors_is_refused_before_allocating() {
+    let bytes = std::fs::read(fixture("llama/tiny_llama/tiny_llama.gguf")).unwrap();
+    let dev = device();
+    let load = |b: Vec<u8>| {
+        let file = GgufFile::from_bytes("x.gguf", b).unwrap();
+        llama::from_gguf::<TB>(&file, "x.gguf", &PlacementConfig::new(), &dev)
+    };
+    assert!(load(bytes.clone()).is_ok());
+    for (key, value) in [
+        ("llama.block_count", 1u32 << 30),
+        ("llama.embedding_length", 1 << 24),
+        ("llama.feed_forward_length", u32::MAX),
+    ] {
+        let at = bytes
+            .windows(key.len())
+            .position(|w| w == key.as_bytes())
+            .unwrap()
+            + key.len();
+        assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "{key} is a u32");
+        let mut bad = bytes.clone();
+        bad[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+        let err = load(bad)
+            .err()
+            .unwrap_or_else(|| panic!("{key} = {value} loaded"));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("does not belong to these weights") || msg.contains("LlamaConfig"),
+            "{key}: {msg}"
+        );
+    }
+}
+
 /// A merged model written as a Hugging Face folder reloads with the same logits (float32,
 /// Hugging Face names and layout), from a GGUF base too; adapters trained here export as PEFT
 /// folders keyed by the Llama paths PEFT uses.

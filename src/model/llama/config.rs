@@ -126,6 +126,39 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The frozen model's parameters this configuration describes (embedding, every layer's
+    /// projections, norms and biases, the final norm and an untied head); `None` when the count
+    /// overflows.
+    pub fn num_params(&self) -> Option<usize> {
+        let (d, f) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim)?;
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        let attn = [mul(d, q)?, mul(d, kv)?, mul(d, kv)?, mul(q, d)?];
+        let mlp = [mul(d, f)?, mul(d, f)?, mul(f, d)?];
+        let mut layer = attn
+            .iter()
+            .chain(&mlp)
+            .try_fold(0usize, |a, &b| a.checked_add(b))?;
+        let biases = [
+            (self.qkv_bias, q + 2 * kv),
+            (self.o_bias, d),
+            (self.mlp_bias, 2 * f + d),
+        ];
+        for (on, n) in biases {
+            if on {
+                layer = layer.checked_add(n)?;
+            }
+        }
+        layer = layer.checked_add(mul(2, d)?)?; // the two RMSNorms
+        let embed = mul(self.vocab_size, d)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        mul(layer, self.num_hidden_layers)?
+            .checked_add(embed)?
+            .checked_add(head)?
+            .checked_add(d)
+    }
+
     /// Reads a Hugging Face `config.json`.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
         let path = path.as_ref();
