@@ -197,6 +197,12 @@ enum Cmd {
         /// Refuse loading and unloading adapters over HTTP.
         #[arg(long)]
         read_only: bool,
+        /// How a window's requests run: `mixed` (one batch, each row through its adapter),
+        /// `per-adapter` (one batch per adapter) or `merged` (one batch per adapter on a copy of
+        /// the model with it merged: fastest per token, the adapted weights once per adapter).
+        /// docs/serving.md measures the three.
+        #[arg(long, default_value = "mixed", value_parser = ["mixed", "per-adapter", "merged"])]
+        batching: String,
     },
     /// Convert between PEFT folders and adapter files.
     Convert {
@@ -251,7 +257,17 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             window_ms,
             max_batch,
             read_only,
-        } => serve(&model, &adapters, &addr, window_ms, max_batch, read_only),
+            batching,
+        } => {
+            let batching = match batching.as_str() {
+                "per-adapter" => kron_adapters::serve::Batching::PerAdapter,
+                "merged" => kron_adapters::serve::Batching::Merged,
+                _ => kron_adapters::serve::Batching::Mixed,
+            };
+            serve(
+                &model, &adapters, &addr, window_ms, max_batch, read_only, batching,
+            )
+        }
         Cmd::Generate {
             model,
             adapter,
@@ -406,6 +422,7 @@ fn serve(
     window_ms: u64,
     max_batch: usize,
     read_only: bool,
+    batching: kron_adapters::serve::Batching,
 ) -> Result<(), AdapterError> {
     let usage = |option: &str, reason: String| -> AdapterError {
         kron_adapters::ConfigError::invalid("serve", option, reason).into()
@@ -446,7 +463,8 @@ fn serve(
     let config = kron_adapters::serve::ServeConfig::new()
         .with_window_ms(window_ms)
         .with_max_batch(max_batch)
-        .with_read_only(read_only);
+        .with_read_only(read_only)
+        .with_batching(batching);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

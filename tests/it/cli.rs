@@ -750,6 +750,8 @@ fn serve_answers_and_stops_on_sigterm() {
             "127.0.0.1:0",
             "--window-ms",
             "1500",
+            "--batching",
+            "per-adapter",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -797,6 +799,13 @@ fn serve_answers_and_stops_on_sigterm() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped"));
+    // An unknown batching mode is a usage error naming the choices.
+    let out = bin()
+        .args(["serve", "--model", s(&dir), "--batching", "fastest"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("per-adapter"));
 
     let cases: [(&[&str], i32); 5] = [
         (&["serve", "--model", s(&dir), "--addr", "nonsense"], 2),
