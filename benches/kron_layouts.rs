@@ -65,7 +65,13 @@ fn main() {
             Tensor::<Grad, 2>::random([q, q], Distribution::Normal(0., 0.1), &dev).require_grad();
         let w = Tensor::<Grad, 2>::random([d, d], Distribution::Normal(0., 0.05), &dev);
         let plan = KronPlan::a_first(1, 1);
-        let ours = kron_apply(x.clone(), &[a.clone()], &[b.clone()], &plan, 1.0);
+        let ours = kron_apply(
+            x.clone(),
+            std::slice::from_ref(&a),
+            std::slice::from_ref(&b),
+            &plan,
+            1.0,
+        );
         let other = gemm_layout(x.clone(), a.clone(), b.clone(), false);
         let diff: f32 = (ours - other).abs().max().into_scalar();
         let (xi, ai, bi) = (x.clone().inner(), a.clone().inner(), b.clone().inner());
@@ -73,15 +79,28 @@ fn main() {
             let _ = xi.clone().matmul(w.clone().inner()).into_data();
         });
         let fwd = time(|| {
-            let _ = kron_apply(xi.clone(), &[ai.clone()], &[bi.clone()], &plan, 1.0).into_data();
+            let _ = kron_apply(
+                xi.clone(),
+                std::slice::from_ref(&ai),
+                std::slice::from_ref(&bi),
+                &plan,
+                1.0,
+            )
+            .into_data();
         });
         let fwd_gemm = time(|| {
             let _ = gemm_layout(xi.clone(), ai.clone(), bi.clone(), false).into_data();
         });
         let both = time(|| {
-            let g = kron_apply(x.clone(), &[a.clone()], &[b.clone()], &plan, 1.0)
-                .sum()
-                .backward();
+            let g = kron_apply(
+                x.clone(),
+                std::slice::from_ref(&a),
+                std::slice::from_ref(&b),
+                &plan,
+                1.0,
+            )
+            .sum()
+            .backward();
             let _ = a.grad(&g).unwrap().into_data();
         });
         let both_gemm = time(|| {

@@ -138,7 +138,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .renderer(LineRenderer::new(50, |l| eprintln!("{l}")))
         .with_application_logger(None);
     if args.devices > 1 {
-        let devices = vec![device.clone(); args.devices];
+        let devices: Vec<_> = std::iter::repeat_n(&device, args.devices)
+            .cloned()
+            .collect();
         training = training.with_training_strategy(
             ExecutionStrategy::multi(devices, MultiDeviceOptim::OptimMainDevice).into(),
         );

@@ -210,7 +210,7 @@ impl MetricsRendererTraining for LineRenderer {
 
     fn render_train(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {
         self.calls += 1;
-        if self.every > 0 && self.calls % self.every == 0 {
+        if self.every > 0 && self.calls.is_multiple_of(self.every) {
             (self.log)(&Self::line("train", &item, &self.train));
         }
     }

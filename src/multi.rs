@@ -223,9 +223,12 @@ pub fn check_name(name: &str) -> Result<(), AdapterError> {
     }
 }
 
+/// A resident adapter and the batch rows (indices) that use it.
+pub type RowGroup<B> = (Arc<Resident<B>>, Tensor<B, 1, Int>);
+
 /// Which adapter each row of a batch uses: rows grouped by adapter.
 pub struct Routing<B: Backend> {
-    groups: Vec<(Arc<Resident<B>>, Tensor<B, 1, Int>)>,
+    groups: Vec<RowGroup<B>>,
     /// Rows in the batch.
     batch: usize,
     /// Group sizes (a group that covers the whole batch needs no gather and scatter).
@@ -294,7 +297,7 @@ impl<B: Backend> Routing<B> {
     }
 
     /// The groups: each resident adapter and the batch rows that use it.
-    pub fn groups(&self) -> &[(Arc<Resident<B>>, Tensor<B, 1, Int>)] {
+    pub fn groups(&self) -> &[RowGroup<B>] {
         &self.groups
     }
 }

@@ -32,6 +32,10 @@ fn collective_error(rank: usize, e: impl std::fmt::Debug) -> AdapterError {
     .into()
 }
 
+/// The batch of a rank: `shard(step, rank, device)`.
+pub type Shard<'a, B, M> =
+    dyn Fn(usize, usize, &burn::tensor::Device<B>) -> <M as TrainStep>::Input + Sync + 'a;
+
 /// Trains `model` for `steps` optimizer steps on `devices` in parallel: rank `r` computes its
 /// step on `shard(step, r, device)` (the `r`-th equal part of global batch `step`), the ranks'
 /// gradients are averaged, and each rank's copy of `optim` steps with `lr(step)`. Returns rank
@@ -46,7 +50,7 @@ pub fn train_data_parallel<B, M, O>(
     config: CollectiveConfig,
     steps: usize,
     lr: &(dyn Fn(usize) -> f64 + Sync),
-    shard: &(dyn Fn(usize, usize, &B::Device) -> M::Input + Sync),
+    shard: &Shard<'_, B, M>,
 ) -> Result<M, AdapterError>
 where
     B: AutodiffBackend,

@@ -613,7 +613,7 @@ pub fn train_model_resumable<B: AutodiffBackend>(
             }
             let done = p.step_ms.len();
             if let Some(root) = resume_root.as_ref().filter(|_| cfg.checkpoint_every > 0) {
-                if done % cfg.checkpoint_every == 0 && done < total_steps {
+                if done.is_multiple_of(cfg.checkpoint_every) && done < total_steps {
                     let (epoch, batch, epoch_rng) = if bi + 1 == n_batches {
                         (epoch + 1, 0, rng.state())
                     } else {

@@ -435,7 +435,7 @@ impl<B: Backend> Worker<B> {
         for (i, t) in texts.iter().enumerate() {
             let mut ids = tok
                 .encode(t)
-                .map_err(|e| ApiError::bad(format!("text {i}: {}", AdapterError::from(e))))?;
+                .map_err(|e| ApiError::bad(format!("text {i}: {}", e)))?;
             truncate(&mut ids, head.max_len);
             rows.push(ids);
         }
@@ -566,8 +566,7 @@ impl<B: Backend> Worker<B> {
                 path.display().to_string(),
                 "a folder that is neither a PEFT adapter (adapter_config.json) nor a run folder \
                  (report.json and adapter.safetensors)",
-            )
-            .into());
+            ));
         }
         if run && !file.exists() {
             return Err(AdapterError::Incompatible {
@@ -575,8 +574,7 @@ impl<B: Backend> Worker<B> {
                     "{}: the run folder has no adapter.safetensors (it trained no linear adapters)",
                     path.display()
                 ),
-            }
-            .into());
+            });
         }
         if encoder && !run {
             return Err(AdapterError::Incompatible {
@@ -585,8 +583,7 @@ impl<B: Backend> Worker<B> {
                      the main job wrote (report.json, adapter.safetensors, trainable.safetensors)",
                     path.display()
                 ),
-            }
-            .into());
+            });
         }
         let adapters: NativeAdapters = read_any(&file)?.into_adapters();
         let mut resident = self.shared.registry.prepare(&adapters, &NameMap::new())?;

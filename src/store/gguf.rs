@@ -437,7 +437,7 @@ impl GgufFile {
             let size = match GgmlType::from_id(type_id) {
                 Some(t) => {
                     let (block, block_bytes) = t.block();
-                    if dims[0] as usize % block != 0 {
+                    if !(dims[0] as usize).is_multiple_of(block) {
                         return Err(r.err(format!(
                             "tensor `{name}`: its rows of {} do not fill {}'s blocks of {block}",
                             dims[0],

@@ -328,14 +328,14 @@ fn typed_errors_for_bad_configs_files_and_placements() {
         &PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(2))),
         &dev,
     );
-    let e = attach(
+    let Err(e) = attach(
         model,
         &kron_adapters::NativeAdapters::from_model(&other),
         &NameMap::new(),
         &dev,
-    )
-    .err()
-    .expect("a size mismatch");
+    ) else {
+        panic!("a size mismatch")
+    };
     assert!(
         e.to_string().contains("model.layers.0.self_attn.q_proj"),
         "{e}"

@@ -94,7 +94,10 @@ impl LlamaConfig {
         if let Some((f, _)) = sizes.iter().find(|(_, v)| *v == 0) {
             return bad(f, "must be at least 1".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -103,7 +106,7 @@ impl LlamaConfig {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(
                 "head_dim",
                 format!("{} is odd; RoPE rotates pairs", self.head_dim),
@@ -241,7 +244,7 @@ impl LlamaConfig {
             num_hidden_layers: need("num_hidden_layers")?,
             num_attention_heads: heads,
             num_key_value_heads: usize_of("num_key_value_heads")?.unwrap_or(heads),
-            head_dim: usize_of("head_dim")?.unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
+            head_dim: usize_of("head_dim")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
             rms_norm_eps: f64_of("rms_norm_eps", 1e-6),
             rope_theta,
             rope_scaling,
@@ -335,7 +338,7 @@ impl LlamaConfig {
             });
         }
         let head_dim =
-            int("attention.key_length")?.unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+            int("attention.key_length")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         let cfg = Self {
             model_type: "llama".into(),
             vocab_size: int("vocab_size")?.or(tokens).ok_or_else(|| {
