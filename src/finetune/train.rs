@@ -103,15 +103,7 @@ impl FinetuneConfig {
                 "must be at least 1".into(),
             );
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("lr", format!("{} is not a positive learning rate", self.lr));
-        }
-        if !(0.0..1.0).contains(&self.warmup) {
-            return bad(
-                "warmup",
-                format!("{} is not a fraction in [0, 1)", self.warmup),
-            );
-        }
+        check_schedule("finetune", self.lr, self.warmup)?;
         if let Some(p) = self.dropout {
             if !(0.0..1.0).contains(&p) {
                 return bad("dropout", format!("{p} is not a probability in [0, 1)"));
@@ -770,4 +762,24 @@ impl<B: AutodiffBackend> Progress<B> {
             adapter_file: checkpoints.adapters.clone(),
         }
     }
+}
+
+/// Checks a peak learning rate and a warm-up fraction (the main job's and the decoder's
+/// configs share the schedule); `owner` names the config in the error.
+pub(crate) fn check_schedule(owner: &str, lr: f64, warmup: f64) -> Result<(), ConfigError> {
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(ConfigError::invalid(
+            owner,
+            "lr",
+            format!("{lr} is not a positive learning rate"),
+        ));
+    }
+    if !(0.0..1.0).contains(&warmup) {
+        return Err(ConfigError::invalid(
+            owner,
+            "warmup",
+            format!("{warmup} is not a fraction in [0, 1)"),
+        ));
+    }
+    Ok(())
 }

@@ -68,15 +68,7 @@ impl LlmFinetuneConfig {
                 "must be at least 1 (max_len 2)".into(),
             );
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("lr", format!("{} is not a positive learning rate", self.lr));
-        }
-        if !(0.0..1.0).contains(&self.warmup) {
-            return bad(
-                "warmup",
-                format!("{} is not a fraction in [0, 1)", self.warmup),
-            );
-        }
+        crate::finetune::train::check_schedule("llm finetune", self.lr, self.warmup)?;
         self.placement.validate()
     }
 }
