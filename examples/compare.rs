@@ -66,10 +66,7 @@ struct Args {
 fn main() {
     // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
     kron_adapters::finetune::keep_freed_memory();
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    common::exit_on_error(run());
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

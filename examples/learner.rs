@@ -69,10 +69,7 @@ struct Args {
 
 fn main() {
     kron_adapters::finetune::keep_freed_memory();
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    common::exit_on_error(run());
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

@@ -68,10 +68,7 @@ struct Args {
 
 fn main() {
     kron_adapters::finetune::keep_freed_memory();
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    common::exit_on_error(run());
 }
 
 /// The adapters compared in the Kron-LoRA paper, at the sizes of docs/results-llm.md.

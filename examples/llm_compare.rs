@@ -30,7 +30,7 @@ use kron_adapters::finetune::AssetCache;
 use kron_adapters::llm::score::{masked_nll, Encoded};
 use kron_adapters::llm::train::{finetune_mc, LlmFinetuneConfig, LlmRunReport};
 use kron_adapters::llm::{self, EvalResult, Question, Split, TaskKind, TextTokenizer};
-use kron_adapters::model::llama::{self, LlamaConfig, LlamaForCausalLM, RopeScaling};
+use kron_adapters::model::llama::{self, LlamaConfig, LlamaForCausalLM};
 use kron_adapters::model::TensorSource;
 use kron_adapters::quant::{Level, QuantConfig};
 use kron_adapters::store::{attach, QuantizedAdapters};
@@ -158,10 +158,7 @@ struct Data {
 
 fn main() {
     kron_adapters::finetune::keep_freed_memory();
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    common::exit_on_error(run());
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -639,24 +636,12 @@ struct Measured {
 /// A Mistral-7B layer: one block at its widths, a small vocabulary.
 fn mistral_layer() -> LlamaConfig {
     LlamaConfig {
-        model_type: "mistral".into(),
         vocab_size: 256,
-        hidden_size: 4096,
-        intermediate_size: 14336,
         num_hidden_layers: 1,
-        num_attention_heads: 32,
-        num_key_value_heads: 8,
-        head_dim: 128,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: RopeScaling::None,
         max_position_embeddings: 4096,
-        tie_word_embeddings: false,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
         bos_token_id: None,
         eos_token_ids: vec![],
+        ..LlamaConfig::mistral_7b()
     }
 }
 

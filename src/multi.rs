@@ -231,8 +231,6 @@ pub struct Routing<B: Backend> {
     groups: Vec<RowGroup<B>>,
     /// Rows in the batch.
     batch: usize,
-    /// Group sizes (a group that covers the whole batch needs no gather and scatter).
-    sizes: Vec<usize>,
 }
 
 impl<B: Backend> Routing<B> {
@@ -249,7 +247,6 @@ impl<B: Backend> Routing<B> {
             }
         }
         let mut groups = Vec::with_capacity(by_name.len());
-        let mut sizes = Vec::with_capacity(by_name.len());
         for (name, idx) in by_name {
             let resident = bank.get(name).ok_or_else(|| {
                 crate::ConfigError::invalid(
@@ -259,7 +256,6 @@ impl<B: Backend> Routing<B> {
                 )
             })?;
             let n = idx.len();
-            sizes.push(n);
             groups.push((
                 resident.clone(),
                 Tensor::from_data(TensorData::new(idx, [n]), device),
@@ -268,7 +264,6 @@ impl<B: Backend> Routing<B> {
         Ok(Self {
             groups,
             batch: rows.len(),
-            sizes,
         })
     }
 
@@ -282,9 +277,10 @@ impl<B: Backend> Routing<B> {
         x: Tensor<B, D>,
         mut y: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        for ((resident, rows), &n) in self.groups.iter().zip(&self.sizes) {
+        for (resident, rows) in &self.groups {
             if let Some(adapter) = resident.layers.get(layer) {
-                if n == self.batch {
+                // A group that covers the whole batch needs no gather and scatter.
+                if rows.dims()[0] == self.batch {
                     // Every row uses this adapter: no gather, no scatter.
                     y = y + adapter.apply(x.clone());
                     continue;

@@ -90,3 +90,12 @@ pub fn write_between(
     };
     std::fs::write(path, new)
 }
+
+/// Ends the program with exit code 1 and the error on stderr when `result` is an error (the
+/// examples' `main` runs a `run()` that returns one).
+pub fn exit_on_error(result: Result<(), Box<dyn std::error::Error>>) {
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
