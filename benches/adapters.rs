@@ -8,6 +8,11 @@
 //! cargo bench --bench adapters --features wgpu   # the same on a GPU
 //! ```
 //!
+//! The adapters-alone table covers square widths and two LLM layers (SmolLM2-135M's FFN,
+//! 576 → 1536, and Mistral-7B's, 4096 → 14336); its peak-memory column runs each variant's
+//! forward + backward in a child process of this program (`--child`), so that the process's peak
+//! resident memory is that variant's alone.
+//!
 //! The encoder is all-MiniLM-L6-v2's architecture with random weights (no download needed):
 //! the cost of a step does not depend on the weights' values. Tables also go to
 //! `target/bench/adapters.md`, and a chart of the step times to `target/bench/steps.png`.
@@ -22,7 +27,7 @@ use kron_adapters::block::{
     BlockAdapterConfig, CompacterConfig, HoulsbyConfig, KronABConfig, ParallelAdapterConfig,
     Residual,
 };
-use kron_adapters::finetune::timing::{inference_ms, train_step_ms};
+use kron_adapters::finetune::timing::{inference_ms, memory_bytes, train_step_ms};
 use kron_adapters::kron::kron;
 use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
 use kron_adapters::{
@@ -44,62 +49,209 @@ struct Row {
     macs: u64,
     fwd: f64,
     fwd_bwd: f64,
+    /// Peak resident memory of a process running this variant's forward + backward, above
+    /// what it held before building the variant, MB.
+    peak_mb: f64,
 }
 
 /// One adapter variant: its name and a builder on any backend.
 type Build<B> = Box<dyn Fn(&burn::tensor::Device<B>) -> Adapter<B>>;
 
-fn variants<B: Backend>(d: usize) -> Vec<(String, Build<B>)> {
+/// The KronA factor shapes PEFT's LoKr picks for a `d_in × d_out` layer (Burn layout):
+/// `a` `[in_m, out_l]`, `b` `[in_n, out_k]`.
+fn peft_shapes(d_in: usize, d_out: usize) -> ([usize; 2], [usize; 2]) {
+    let (im, inn) = kron_adapters::adapter::shape::peft_factorization(d_in, -1);
+    let (ol, ok) = kron_adapters::adapter::shape::peft_factorization(d_out, -1);
+    ([im, ol], [inn, ok])
+}
+
+/// The adapter variants timed at width `d_in × d_out`: LoRA at KronA's budget, KronA with each
+/// contraction order (and with `a` `(2, d/2)` for square layers), Kron-LoRA r = 2.
+fn variants<B: Backend>(d_in: usize, d_out: usize) -> Vec<(String, Build<B>)> {
     let krona = |a: Option<[usize; 2]>, order: ContractionOrder| -> Build<B> {
         Box::new(move |dev: &B::Device| {
             let mut c = KronAConfig::auto()
                 .with_order(order)
                 .with_init(kron_adapters::FactorInit::Normal);
             c.a_shape = a;
-            AdapterConfig::KronA(c).init::<B>(d, d, dev).unwrap()
+            AdapterConfig::KronA(c).init::<B>(d_in, d_out, dev).unwrap()
         })
     };
-    let (m, _) = kron_adapters::adapter::shape::peft_factorization(d, -1);
-    let lora_rank = (m * m + (d / m) * (d / m)).div_ceil(2 * d).max(1);
+    let (a, b) = peft_shapes(d_in, d_out);
+    let lora_rank = (a[0] * a[1] + b[0] * b[1]).div_ceil(d_in + d_out).max(1);
     let kl_rank = 2;
-    vec![
+    let shown = if a[0] == a[1] {
+        format!("({},{})", a[0], a[1])
+    } else {
+        format!("[{},{}]", a[0], a[1])
+    };
+    let mut v = vec![
         (
             format!("LoRA r={lora_rank}"),
             Box::new(move |dev: &B::Device| {
                 AdapterConfig::Lora(
                     LoraConfig::new(lora_rank).with_init(kron_adapters::FactorInit::Normal),
                 )
-                .init::<B>(d, d, dev)
+                .init::<B>(d_in, d_out, dev)
                 .unwrap()
             }) as Build<B>,
         ),
         (
-            format!("KronA a ({m},{m}) auto"),
+            format!("KronA a {shown} auto"),
             krona(None, ContractionOrder::Auto),
         ),
         (
-            format!("KronA a ({m},{m}) a first"),
+            format!("KronA a {shown} a first"),
             krona(None, ContractionOrder::AFirst),
         ),
         (
-            format!("KronA a ({m},{m}) a last"),
+            format!("KronA a {shown} a last"),
             krona(None, ContractionOrder::ALast),
         ),
-        (
-            format!("KronA a (2,{})", d / 2),
-            krona(Some([2, d / 2]), ContractionOrder::Auto),
-        ),
-        (
-            format!("Kron-LoRA r={kl_rank}"),
-            Box::new(move |dev: &B::Device| {
-                AdapterConfig::KronLora(
-                    KronLoraConfig::auto(kl_rank).with_init(kron_adapters::FactorInit::Normal),
-                )
-                .init::<B>(d, d, dev)
-                .unwrap()
-            }),
-        ),
-    ]
+    ];
+    if d_in == d_out {
+        v.push((
+            format!("KronA a (2,{})", d_in / 2),
+            krona(Some([2, d_in / 2]), ContractionOrder::Auto),
+        ));
+    }
+    v.push((
+        format!("Kron-LoRA r={kl_rank}"),
+        Box::new(move |dev: &B::Device| {
+            AdapterConfig::KronLora(
+                KronLoraConfig::auto(kl_rank).with_init(kron_adapters::FactorInit::Normal),
+            )
+            .init::<B>(d_in, d_out, dev)
+            .unwrap()
+        }),
+    ));
+    v
+}
+
+/// What one timed variant runs: an adapter, PEFT's materialized `a ⊗ b`, or a dense layer.
+#[derive(Clone, Copy)]
+enum Variant {
+    Adapter(usize),
+    Materialized,
+    Dense,
+}
+
+impl Variant {
+    fn arg(self) -> String {
+        match self {
+            Variant::Adapter(i) => i.to_string(),
+            Variant::Materialized => "materialized".into(),
+            Variant::Dense => "dense".into(),
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "materialized" => Some(Variant::Materialized),
+            "dense" => Some(Variant::Dense),
+            i => i.parse().ok().map(Variant::Adapter),
+        }
+    }
+}
+
+/// Forward and forward + backward of one variant, median ms: the closures the table times,
+/// and what a `--child` process runs for the peak memory.
+fn time_variant(d_in: usize, d_out: usize, tokens: usize, v: Variant, budget: f64) -> (f64, f64) {
+    let dev = Default::default();
+    let x_inner = Tensor::<Inner, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), &dev);
+    let x = Tensor::<Train, 2>::from_inner(x_inner.clone()).require_grad();
+    match v {
+        Variant::Adapter(i) => {
+            let adapter = (variants::<Train>(d_in, d_out).swap_remove(i).1)(&dev);
+            let inner = adapter.valid();
+            let fwd = time(|| sync(inner.apply(x_inner.clone())), 2, budget);
+            let fwd_bwd = time(
+                || {
+                    let g = adapter.apply(x.clone()).sum().backward();
+                    let _ = x.grad(&g).map(sync);
+                },
+                2,
+                budget,
+            );
+            (fwd, fwd_bwd)
+        }
+        Variant::Materialized => {
+            let (sa, sb) = peft_shapes(d_in, d_out);
+            let a =
+                Tensor::<Train, 2>::random(sa, Distribution::Normal(0.0, 0.1), &dev).require_grad();
+            let b =
+                Tensor::<Train, 2>::random(sb, Distribution::Normal(0.0, 0.1), &dev).require_grad();
+            let fwd = time(
+                || {
+                    sync(
+                        x_inner
+                            .clone()
+                            .matmul(kron(a.clone().inner(), b.clone().inner())),
+                    )
+                },
+                2,
+                budget,
+            );
+            let fwd_bwd = time(
+                || {
+                    let g = x
+                        .clone()
+                        .matmul(kron(a.clone(), b.clone()))
+                        .sum()
+                        .backward();
+                    let _ = a.grad(&g).map(sync);
+                },
+                2,
+                budget,
+            );
+            (fwd, fwd_bwd)
+        }
+        Variant::Dense => {
+            let w =
+                Tensor::<Train, 2>::random([d_in, d_out], Distribution::Normal(0.0, 0.05), &dev)
+                    .require_grad();
+            let fwd = time(
+                || sync(x_inner.clone().matmul(w.clone().inner())),
+                2,
+                budget,
+            );
+            let fwd_bwd = time(
+                || {
+                    let g = x.clone().matmul(w.clone()).sum().backward();
+                    let _ = w.grad(&g).map(sync);
+                },
+                2,
+                budget,
+            );
+            (fwd, fwd_bwd)
+        }
+    }
+}
+
+/// Runs `--child D_IN D_OUT TOKENS VARIANT`: one variant's forward + backward, a few times,
+/// and prints the peak resident memory above the start, MB.
+fn child(args: &[String]) -> Option<()> {
+    let [d_in, d_out, tokens] = [0, 1, 2].map(|i| args.get(i).and_then(|v| v.parse().ok()));
+    let v = Variant::parse(args.get(3)?)?;
+    let start = memory_bytes()?.0;
+    let _ = time_variant(d_in?, d_out?, tokens?, v, 0.0);
+    let peak = memory_bytes()?.1;
+    println!("{}", peak.saturating_sub(start) as f64 / 1048576.0);
+    Some(())
+}
+
+/// The peak memory of `v` measured in a child process, MB (NaN if it could not be measured).
+fn child_peak_mb(d_in: usize, d_out: usize, tokens: usize, v: Variant) -> f64 {
+    let run = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .args(["--child", &d_in.to_string(), &d_out.to_string()])
+            .args([tokens.to_string(), v.arg()])
+            .output()
+    });
+    run.ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn adapter_macs(a: &Adapter<Inner>) -> u64 {
@@ -110,113 +262,75 @@ fn adapter_macs(a: &Adapter<Inner>) -> u64 {
     }
 }
 
-fn adapter_table(dims: &[usize], tokens: usize, budget: f64) -> String {
+fn adapter_table(widths: &[(usize, usize)], tokens: usize, budget: f64) -> String {
     let dev = Default::default();
     let mut out = format!(
-        "### Adapters alone, {tokens} tokens\n\nForward `x·ΔW` and forward + backward (gradients of the factors and of `x`), median ms. \
-         `materialized` is PEFT's approach: build `ΔW = a ⊗ b` (`d × d`) every call, then `x·ΔW`. `dense` is a full `d × d` weight \
+        "### Adapters alone, {tokens} tokens\n\nForward `x·ΔW` and forward + backward (gradients of the factors and of `x`), median ms; \
+         peak MB: the peak resident memory of a process running that forward + backward alone, above what it held before. \
+         `materialized` is PEFT's approach: build `ΔW = a ⊗ b` (`d_in × d_out`) every call, then `x·ΔW`. `dense` is a full `d_in × d_out` weight \
          (forward; forward + backward with its weight gradient, as full fine-tuning).\n\n"
     );
-    for &d in dims {
-        out += &format!("**d = {d}**\n\n| adapter | params | MACs/token | fwd ms | fwd+bwd ms | fwd+bwd vs LoRA |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
-        let x_inner = Tensor::<Inner, 2>::random([tokens, d], Distribution::Normal(0.0, 1.0), &dev);
+    for &(d_in, d_out) in widths {
+        let title = if d_in == d_out {
+            format!("d = {d_in}")
+        } else {
+            format!("{d_in} → {d_out}")
+        };
+        out += &format!("**{title}**\n\n| adapter | params | MACs/token | fwd ms | fwd+bwd ms | fwd+bwd vs LoRA | peak MB | peak vs LoRA |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         let mut rows = Vec::new();
-        for (name, build) in variants::<Train>(d) {
-            let adapter = build(&dev);
-            let inner = adapter.valid();
-            let macs = adapter_macs(&inner);
-            let params = inner.spec().num_params();
-            let fwd = time(|| sync(inner.apply(x_inner.clone())), 2, budget);
-            let x = Tensor::<Train, 2>::from_inner(x_inner.clone()).require_grad();
-            let fwd_bwd = time(
-                || {
-                    let g = adapter.apply(x.clone()).sum().backward();
-                    let _ = x.grad(&g).map(sync);
-                },
-                2,
-                budget,
-            );
+        let (sa, sb) = peft_shapes(d_in, d_out);
+        let mut timed: Vec<(String, usize, u64, Variant)> = variants::<Inner>(d_in, d_out)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, build))| {
+                let inner = build(&dev);
+                (
+                    name,
+                    inner.spec().num_params(),
+                    adapter_macs(&inner),
+                    Variant::Adapter(i),
+                )
+            })
+            .collect();
+        timed.push((
+            format!("materialized a ⊗ b [{},{}]", sa[0], sa[1]),
+            sa[0] * sa[1] + sb[0] * sb[1],
+            (d_in * d_out) as u64,
+            Variant::Materialized,
+        ));
+        timed.push((
+            "dense d_in × d_out".into(),
+            d_in * d_out,
+            (d_in * d_out) as u64,
+            Variant::Dense,
+        ));
+        for (name, params, macs, v) in timed {
+            let (fwd, fwd_bwd) = time_variant(d_in, d_out, tokens, v, budget);
             rows.push(Row {
                 name,
                 params,
                 macs,
                 fwd,
                 fwd_bwd,
+                peak_mb: child_peak_mb(d_in, d_out, tokens, v),
             });
         }
-        // PEFT's materialized ΔW, for the √d KronA shapes.
-        let (m, _) = kron_adapters::adapter::shape::peft_factorization(d, -1);
-        let a =
-            Tensor::<Train, 2>::random([m, m], Distribution::Normal(0.0, 0.1), &dev).require_grad();
-        let b = Tensor::<Train, 2>::random([d / m, d / m], Distribution::Normal(0.0, 0.1), &dev)
-            .require_grad();
-        let x = Tensor::<Train, 2>::from_inner(x_inner.clone()).require_grad();
-        let fwd = time(
-            || {
-                sync(
-                    x_inner
-                        .clone()
-                        .matmul(kron(a.clone().inner(), b.clone().inner())),
-                )
-            },
-            2,
-            budget,
-        );
-        let fwd_bwd = time(
-            || {
-                let g = x
-                    .clone()
-                    .matmul(kron(a.clone(), b.clone()))
-                    .sum()
-                    .backward();
-                let _ = a.grad(&g).map(sync);
-            },
-            2,
-            budget,
-        );
-        rows.push(Row {
-            name: format!("materialized a ⊗ b ({m},{m})"),
-            params: m * m + (d / m) * (d / m),
-            macs: (d * d) as u64,
-            fwd,
-            fwd_bwd,
-        });
-        let w = Tensor::<Train, 2>::random([d, d], Distribution::Normal(0.0, 0.05), &dev)
-            .require_grad();
-        let fwd = time(
-            || sync(x_inner.clone().matmul(w.clone().inner())),
-            2,
-            budget,
-        );
-        let fwd_bwd = time(
-            || {
-                let g = x.clone().matmul(w.clone()).sum().backward();
-                let _ = w.grad(&g).map(sync);
-            },
-            2,
-            budget,
-        );
-        rows.push(Row {
-            name: "dense d × d".into(),
-            params: d * d,
-            macs: (d * d) as u64,
-            fwd,
-            fwd_bwd,
-        });
-        let lora = rows[0].fwd_bwd;
+        let (lora, lora_mb) = (rows[0].fwd_bwd, rows[0].peak_mb);
         for r in &rows {
             out += &format!(
-                "| {} | {} | {} | {:.3} | {:.3} | {:.2} |\n",
+                "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.1} | {:.2} |\n",
                 r.name,
                 r.params,
                 r.macs,
                 r.fwd,
                 r.fwd_bwd,
-                r.fwd_bwd / lora
+                r.fwd_bwd / lora,
+                r.peak_mb,
+                r.peak_mb / lora_mb
             );
         }
         out += "\n";
-        eprintln!("adapters d = {d} done");
+        eprintln!("adapters {title} done");
     }
     out
 }
@@ -426,19 +540,33 @@ fn plot(path: &std::path::Path, rows: &[(String, f64)]) -> Result<(), Box<dyn st
 fn main() {
     // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
     kron_adapters::finetune::keep_freed_memory();
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        if child(&args[i + 1..]).is_none() {
+            std::process::exit(2);
+        }
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
     let budget = if quick { 0.5 } else { 2.0 };
     let mut md = format!(
         "## {} ({})\n\n",
         backend_name(),
         if quick { "--quick" } else { "full" }
     );
-    let dims: &[usize] = if quick {
-        &[384, 768]
+    let widths: &[(usize, usize)] = if quick {
+        &[(384, 384), (576, 1536)]
     } else {
-        &[384, 768, 1024, 4096]
+        &[
+            (384, 384),
+            (768, 768),
+            (1024, 1024),
+            (4096, 4096),
+            (576, 1536),
+            (4096, 14336),
+        ]
     };
-    md += &adapter_table(dims, if quick { 512 } else { 2048 }, budget);
+    md += &adapter_table(widths, if quick { 512 } else { 2048 }, budget);
     let (steps, rows) = step_table(32, if quick { 32 } else { 64 }, budget * 2.0);
     md += &steps;
     md += &inference_table(

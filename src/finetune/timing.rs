@@ -8,11 +8,16 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
+use burn::nn::LinearConfig;
+use burn::tensor::Distribution;
+
 use crate::error::AdapterError;
+use crate::linear::AdaptedLinear;
 use crate::model::{BertClassifier, BertConfig, TensorSource};
 use crate::params::count_params;
 use crate::place::PlacementConfig;
 use crate::rng::SplitMix64;
+use crate::AdapterConfig;
 
 /// Median milliseconds of `f` after `warmup` calls, over enough calls to fill about
 /// `budget_s` seconds (at least 3, at most 200).
@@ -94,6 +99,61 @@ pub fn train_step_ms<B: AutodiffBackend>(
         budget_s,
     );
     Ok((ms, trainable))
+}
+
+/// Median milliseconds of one training step of a single frozen `d_in × d_out` linear layer
+/// (no bias) with the adapter `adapter` describes, on `tokens` rows of random input: forward,
+/// a mean-squared loss, backward, AdamW on the trainable parameters; and their count. With
+/// `adapter` = `None` the layer itself is trained (full fine-tuning of the layer). For the
+/// cost of an adapter at an LLM's widths without the rest of the model.
+pub fn layer_step_ms<B: AutodiffBackend>(
+    d_in: usize,
+    d_out: usize,
+    adapter: Option<&AdapterConfig>,
+    tokens: usize,
+    budget_s: f64,
+    device: &B::Device,
+) -> Result<(f64, usize), AdapterError> {
+    let linear = LinearConfig::new(d_in, d_out)
+        .with_bias(false)
+        .init::<B>(device);
+    let layer = match adapter {
+        Some(config) => AdaptedLinear::new(linear, config, device)?,
+        None => AdaptedLinear {
+            base: linear,
+            adapter: None,
+        },
+    };
+    let trainable = count_params(&layer).trainable;
+    let x = Tensor::<B, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), device);
+    let mut optim = AdamWConfig::new().init();
+    let mut holder = Some(layer);
+    let ms = median_ms(
+        || {
+            let l = holder.take().expect("the layer is put back every step");
+            let loss = l.forward(x.clone()).powi_scalar(2).mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &l);
+            holder = Some(optim.step(1e-5, l, grads));
+            let _ = loss.into_data();
+        },
+        2,
+        budget_s,
+    );
+    Ok((ms, trainable))
+}
+
+/// This process's resident and peak resident memory in bytes (Linux's `VmRSS` and `VmHWM`;
+/// `None` where `/proc/self/status` does not exist). For peak-memory figures, measure one setup
+/// per process.
+pub fn memory_bytes() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((get("VmRSS:")?, get("VmHWM:")?))
 }
 
 /// Median milliseconds of the classifier's forward pass on a `[batch, seq]` batch.
