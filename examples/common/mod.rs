@@ -15,12 +15,23 @@ pub type Inner = burn::backend::Vulkan;
 ))]
 pub type Inner = burn::backend::Wgpu;
 #[cfg(all(
-    feature = "cpu",
+    feature = "tch",
     not(any(
         feature = "cuda",
         feature = "metal",
         feature = "vulkan",
         feature = "wgpu"
+    ))
+))]
+pub type Inner = burn::backend::LibTorch;
+#[cfg(all(
+    feature = "cpu",
+    not(any(
+        feature = "cuda",
+        feature = "metal",
+        feature = "vulkan",
+        feature = "wgpu",
+        feature = "tch"
     ))
 ))]
 pub type Inner = burn::backend::Cpu;
@@ -31,6 +42,7 @@ pub type Inner = burn::backend::Cpu;
         feature = "metal",
         feature = "vulkan",
         feature = "wgpu",
+        feature = "tch",
         feature = "cpu"
     ))
 ))]
@@ -40,6 +52,7 @@ pub type Inner = burn::backend::Flex;
     feature = "metal",
     feature = "vulkan",
     feature = "wgpu",
+    feature = "tch",
     feature = "cpu",
     feature = "flex"
 )))]
@@ -58,6 +71,8 @@ pub fn backend_name() -> &'static str {
         "vulkan"
     } else if cfg!(feature = "wgpu") {
         "wgpu"
+    } else if cfg!(feature = "tch") {
+        "libtorch (CPU)"
     } else if cfg!(feature = "cpu") {
         "cubecl cpu"
     } else if cfg!(feature = "flex") {

@@ -4,11 +4,14 @@
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
-/// The backend under test: NdArray by default, Wgpu with `--features wgpu`.
-#[cfg(not(feature = "wgpu"))]
+/// The backend under test: NdArray by default, Wgpu with `--features wgpu`, LibTorch with
+/// `--features tch` (see docs/benchmarks.md, "LibTorch", for building it).
+#[cfg(not(any(feature = "wgpu", feature = "tch")))]
 pub type TB = burn::backend::NdArray<f32>;
 #[cfg(feature = "wgpu")]
 pub type TB = burn::backend::Wgpu;
+#[cfg(all(feature = "tch", not(feature = "wgpu")))]
+pub type TB = burn::backend::LibTorch;
 
 /// Its autodiff wrapper.
 pub type AB = burn::backend::Autodiff<TB>;
