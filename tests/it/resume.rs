@@ -220,15 +220,26 @@ fn gradient_accumulation_gives_the_whole_batchs_update() {
         train_model(&cfg, &data, init.clone(), Some(&out), &dev, false).unwrap();
         got.push(values(&out.join("trainable.safetensors")));
     }
+    // Float32 sums in another order (four means of 8 rows against one of 32) differ at 1e-7;
+    // AdamW's first steps divide by √v, which amplifies that for near-zero gradient entries
+    // (1.7e-5 after a change of the attention's rounding). Checked below against the size of
+    // the update itself.
     crate::common::assert_close(
         &got[1],
         &got[0],
-        1e-5,
+        5e-5,
         "4 micro-batches vs one batch, 2 steps",
     );
     assert!(
         crate::common::max_abs_diff(&got[0], &values(&start)) > 1e-4,
         "the steps moved the adapters"
+    );
+    // The tolerance is small beside the update itself: a lost micro-batch or a wrong scale
+    // changes the update by a sizable fraction of it.
+    let update = crate::common::rel_err(&got[0], &values(&start));
+    assert!(
+        update > 100.0 * 5e-5,
+        "the update ({update:e}) dwarfs the tolerance"
     );
 }
 

@@ -96,10 +96,14 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, d] = x.dims();
         let dh = d / self.heads;
         let split = |t: Tensor<B, 3>| t.reshape([batch, seq, self.heads, dh]).swap_dims(1, 2);
-        let q = split(self.query.forward_routed(x.clone(), routing));
+        // 1/√d_head applied to the query projection's output (contiguous, half the size of the
+        // scores at 64 tokens) rather than to the scores: 5-17% faster attention forward +
+        // backward on flex (`benches/encoder_ops.rs`).
+        let q = self.query.forward_routed(x.clone(), routing);
+        let q = split(q.div_scalar((dh as f64).sqrt()));
         let k = split(self.key.forward_routed(x.clone(), routing));
         let v = split(self.value.forward_routed(x.clone(), routing));
-        let scores = q.matmul(k.transpose()).div_scalar((dh as f64).sqrt()) + mask;
+        let scores = q.matmul(k.transpose()) + mask;
         let probs = self.probs_dropout.forward(activation::softmax(scores, 3));
         let ctx = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, d]);
         let out = self

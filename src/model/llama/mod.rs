@@ -176,7 +176,10 @@ impl<B: Backend> LlamaAttention<B> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let split = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward_routed(x.clone(), routing), h));
+        // 1/√head_dim on the query projection's contiguous output (RoPE is linear, so this
+        // equals scaling the scores; cheaper, see the encoder's attention).
+        let q = self.q_proj.forward_routed(x.clone(), routing);
+        let q = rope.apply(split(q.div_scalar((hd as f64).sqrt()), h));
         let mut k = rope.apply(split(self.k_proj.forward_routed(x.clone(), routing), kvh));
         let mut v = split(self.v_proj.forward_routed(x, routing), kvh);
         if let Some(slot) = cache {
@@ -192,7 +195,7 @@ impl<B: Backend> LlamaAttention<B> {
         let g = h / kvh;
         let q = q.reshape([b, kvh, g * s, hd]);
         let mask = if g > 1 { mask.repeat_dim(2, g) } else { mask };
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt()) + mask;
+        let scores = q.matmul(k.swap_dims(2, 3)) + mask;
         let probs = activation::softmax(scores, 3);
         let ctx = probs.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2);
         let _ = total;
