@@ -130,13 +130,17 @@ fn main() {
             let _ = x.grad(&g).map(sync);
         })
     };
-    let current = |x| separate(x, false);
+    let before = |x| separate(x, false);
     let scaled_q = |x| separate(x, true);
     let rows: [(&str, Variant, f32); 3] = [
-        ("three projections, scores scaled (current)", &current, 0.0),
+        (
+            "three projections, scores scaled (the code before)",
+            &before,
+            0.0,
+        ),
         ("fused QKV base GEMM", &fused, diff),
         (
-            "three projections, q scaled before the head split",
+            "three projections, q scaled before the head split (the code now)",
             &scaled_q,
             diff_scale,
         ),
@@ -145,7 +149,7 @@ fn main() {
         "backend: {}, batch {BATCH} × {SEQ}, d = {D}, {HEADS} heads, LoRA r = 1 on q, k, v\n",
         backend_name()
     );
-    println!("| variant | fwd ms | fwd+bwd ms | max difference from current |");
+    println!("| variant | fwd ms | fwd+bwd ms | max difference from the first |");
     println!("|---|---:|---:|---:|");
     for (name, f, d) in rows {
         println!("| {name} | {:.2} | {:.2} | {d:.1e} |", fwd(f), fwd_bwd(f));
