@@ -82,8 +82,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = serde_json::Map::new();
     out.insert("backend".into(), backend_name().into());
     let wanted = |key: &str| args.methods.is_empty() || args.methods.iter().any(|m| m == key);
+    let layer_methods = [
+        ("full", None),
+        ("lora_r8", Some(AdapterConfig::Lora(LoraConfig::new(8)))),
+        ("krona", Some(AdapterConfig::KronA(KronAConfig::auto()))),
+        (
+            "kron_lora_r8",
+            Some(AdapterConfig::KronLora(KronLoraConfig::auto(8))),
+        ),
+    ];
     let known: Vec<&str> = match args.layer {
-        Some(_) => vec!["full", "lora_r8", "krona", "kron_lora_r8"],
+        Some(_) => layer_methods.iter().map(|m| m.0).collect(),
         None => methods.iter().map(|m| m.0).collect(),
     };
     if let Some(bad) = args.methods.iter().find(|m| !known.contains(&m.as_str())) {
@@ -95,15 +104,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut timed = Vec::new();
     if let Some((d_in, d_out)) = args.layer {
-        let layer_methods = [
-            ("full", None),
-            ("lora_r8", Some(AdapterConfig::Lora(LoraConfig::new(8)))),
-            ("krona", Some(AdapterConfig::KronA(KronAConfig::auto()))),
-            (
-                "kron_lora_r8",
-                Some(AdapterConfig::KronLora(KronLoraConfig::auto(8))),
-            ),
-        ];
         for (key, adapter) in layer_methods.into_iter().filter(|m| wanted(m.0)) {
             let (ms, trainable) = layer_step_ms::<Train>(
                 d_in,
