@@ -3,9 +3,9 @@
 //! a shared machine are noisy; ratios within one run are not).
 //!
 //! ```text
-//! cargo bench --bench adapters               # everything (~10 min on 2 CPU cores)
-//! cargo bench --bench adapters -- --quick    # smaller sizes (~2 min)
-//! cargo bench --bench adapters --features wgpu   # the same on a GPU
+//! cargo bench --features full --bench adapters               # everything (~12 min on 2 CPU cores)
+//! cargo bench --features full --bench adapters -- --quick    # smaller sizes (~3 min)
+//! cargo bench --features full,wgpu --bench adapters          # the same on a GPU
 //! ```
 //!
 //! The adapters-alone table covers square widths and two LLM layers (SmolLM2-135M's FFN,

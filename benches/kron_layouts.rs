@@ -44,6 +44,17 @@ fn gemm_layout<B: Backend>(
     }
 }
 
+/// The crate's apply with `a` contracted first (one `a`, one `b`, scale 1).
+fn ours<B: Backend>(x: Tensor<B, 2>, a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Tensor<B, 2> {
+    kron_apply(
+        x,
+        std::slice::from_ref(a),
+        std::slice::from_ref(b),
+        &KronPlan::a_first(1, 1),
+        1.0,
+    )
+}
+
 fn main() {
     kron_adapters::finetune::keep_freed_memory();
     let dev = Default::default();
@@ -64,43 +75,21 @@ fn main() {
         let b =
             Tensor::<Grad, 2>::random([q, q], Distribution::Normal(0., 0.1), &dev).require_grad();
         let w = Tensor::<Grad, 2>::random([d, d], Distribution::Normal(0., 0.05), &dev);
-        let plan = KronPlan::a_first(1, 1);
-        let ours = kron_apply(
-            x.clone(),
-            std::slice::from_ref(&a),
-            std::slice::from_ref(&b),
-            &plan,
-            1.0,
-        );
+        let mine = ours(x.clone(), &a, &b);
         let other = gemm_layout(x.clone(), a.clone(), b.clone(), false);
-        let diff: f32 = (ours - other).abs().max().into_scalar();
+        let diff: f32 = (mine - other).abs().max().into_scalar();
         let (xi, ai, bi) = (x.clone().inner(), a.clone().inner(), b.clone().inner());
         let base = time(|| {
             let _ = xi.clone().matmul(w.clone().inner()).into_data();
         });
         let fwd = time(|| {
-            let _ = kron_apply(
-                xi.clone(),
-                std::slice::from_ref(&ai),
-                std::slice::from_ref(&bi),
-                &plan,
-                1.0,
-            )
-            .into_data();
+            let _ = ours(xi.clone(), &ai, &bi).into_data();
         });
         let fwd_gemm = time(|| {
             let _ = gemm_layout(xi.clone(), ai.clone(), bi.clone(), false).into_data();
         });
         let both = time(|| {
-            let g = kron_apply(
-                x.clone(),
-                std::slice::from_ref(&a),
-                std::slice::from_ref(&b),
-                &plan,
-                1.0,
-            )
-            .sum()
-            .backward();
+            let g = ours(x.clone(), &a, &b).sum().backward();
             let _ = a.grad(&g).unwrap().into_data();
         });
         let both_gemm = time(|| {

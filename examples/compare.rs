@@ -6,10 +6,10 @@
 //! analysis around them stays) and every run's report under `runs/compare/`.
 //!
 //! ```text
-//! cargo run --release --example compare                 # everything (hours on 2 CPU cores)
-//! cargo run --release --example compare -- --no-timing  # skip the timing tables
-//! cargo run --release --example compare -- --ablation-seeds 2   # fewer seeds for the ablations
-//! cargo run --release --example compare -- --seeds 1 --max-train 1000   # a quick smoke run
+//! cargo run --release --features full --example compare                 # everything (hours on 2 CPU cores)
+//! cargo run --release --features full --example compare -- --no-timing  # skip the timing tables
+//! cargo run --release --features full --example compare -- --ablation-seeds 2   # fewer seeds for the ablations
+//! cargo run --release --features full --example compare -- --seeds 1 --max-train 1000   # a quick smoke run
 //! ```
 //!
 //! Runs are resumable: a run whose `report.json` exists with the same configuration is read
@@ -362,7 +362,7 @@ fn header(args: &Args, data: &Prepared) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     format!(
-        "Produced by `cargo run --release --example compare -- --seeds {} --ablation-seeds {} --max-train {} --epochs {}{}` at commit `{commit}`, on {cpu} ({cores} cores), backend {}. Task: Rotten Tomatoes ({} training sentences used of {}, dev {}, test {}); all-MiniLM-L6-v2. Learning rates chosen on dev per method ({} training sentences, seed 0).\n",
+        "Produced by `cargo run --release --features full --example compare -- --seeds {} --ablation-seeds {} --max-train {} --epochs {}{}` at commit `{commit}`, on {cpu} ({cores} cores), backend {}. Task: Rotten Tomatoes ({} training sentences used of {}, dev {}, test {}); all-MiniLM-L6-v2. Learning rates chosen on dev per method ({} training sentences, seed 0).\n",
         args.seeds,
         args.ablation_seeds.unwrap_or(args.seeds),
         args.max_train,

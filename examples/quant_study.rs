@@ -5,8 +5,8 @@
 //! sizes. Writes its tables into `docs/results.md` between its own markers.
 //!
 //! ```text
-//! cargo run --release --example compare       # first: trains the adapters
-//! cargo run --release --example quant_study
+//! cargo run --release --features full --example compare       # first: trains the adapters
+//! cargo run --release --features full --example quant_study
 //! ```
 
 mod common;
@@ -176,7 +176,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cols = heads.join(" | ");
     let seps = vec!["---:"; heads.len()].join(" | ");
     let tables = format!(
-        "Produced by `cargo run --release --example quant_study` on {} from the comparison's runs (`runs/compare/<method>-seed<n>`): each trained adapter's factors quantized (symmetric int8 or int4, one scale per factor or per block of 32 values), everything else float32, evaluated on the same test set.\n\n\
+        "Produced by `cargo run --release --features full --example quant_study` on {} from the comparison's runs (`runs/compare/<method>-seed<n>`): each trained adapter's factors quantized (symmetric int8 or int4, one scale per factor or per block of 32 values), everything else float32, evaluated on the same test set.\n\n\
          ### Test accuracy after quantizing the adapters (mean ± std over seeds; change from float32 in parentheses)\n\n| method | trainable params | float32 | {cols} | seeds |\n| --- | ---: | ---: | {seps} | ---: |\n{acc_rows}\n\
          ### Relative error of the update, ‖ΔW_q − ΔW‖ / ‖ΔW‖ over all layers (mean over seeds)\n\n| method | {cols} |\n| --- | {seps} |\n{err_rows}\n\
          ### Adapter file size, bytes (percent of float32)\n\n| method | float32 | {cols} |\n| --- | ---: | {seps} |\n{size_rows}",

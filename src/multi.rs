@@ -279,7 +279,6 @@ impl<B: Backend> Routing<B> {
     ) -> Tensor<B, D> {
         for (resident, rows) in &self.groups {
             if let Some(adapter) = resident.layers.get(layer) {
-                // A group that covers the whole batch needs no gather and scatter.
                 if rows.dims()[0] == self.batch {
                     // Every row uses this adapter: no gather, no scatter.
                     y = y + adapter.apply(x.clone());

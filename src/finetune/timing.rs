@@ -4,12 +4,10 @@
 use std::time::Instant;
 
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::LinearConfig;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
-
-use burn::nn::LinearConfig;
-use burn::tensor::Distribution;
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
 use crate::error::AdapterError;
 use crate::linear::AdaptedLinear;
