@@ -11,7 +11,9 @@
 //! The adapters-alone table covers square widths and two LLM layers (SmolLM2-135M's FFN,
 //! 576 → 1536, and Mistral-7B's, 4096 → 14336); its peak-memory column runs each variant's
 //! forward + backward in a child process of this program (`--child`), so that the process's peak
-//! resident memory is that variant's alone.
+//! resident memory is that variant's alone. The Kronecker variants' default order and Kron-LoRA
+//! also run with Burn's own differentiation of the `a` contraction ("Burn's backward") beside
+//! the crate's hand-written one (`kron::autodiff`, what the training loops use).
 //!
 //! The encoder is all-MiniLM-L6-v2's architecture with random weights (no download needed):
 //! the cost of a step does not depend on the weights' values. Tables also go to
@@ -28,6 +30,7 @@ use kron_adapters::block::{
     Residual,
 };
 use kron_adapters::finetune::timing::{inference_ms, memory_bytes, train_step_ms};
+use kron_adapters::kron::autodiff::{register_backward, unregister_backward};
 use kron_adapters::kron::kron;
 use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
 use kron_adapters::{
@@ -128,10 +131,12 @@ fn variants<B: Backend>(d_in: usize, d_out: usize) -> Vec<(String, Build<B>)> {
     v
 }
 
-/// What one timed variant runs: an adapter, PEFT's materialized `a ⊗ b`, or a dense layer.
+/// What one timed variant runs: an adapter (with the crate's backward of the `a` contraction,
+/// or with Burn's differentiation of it when `burn_backward`), PEFT's materialized `a ⊗ b`, or
+/// a dense layer.
 #[derive(Clone, Copy)]
 enum Variant {
-    Adapter(usize),
+    Adapter { index: usize, burn_backward: bool },
     Materialized,
     Dense,
 }
@@ -139,7 +144,10 @@ enum Variant {
 impl Variant {
     fn arg(self) -> String {
         match self {
-            Variant::Adapter(i) => i.to_string(),
+            Variant::Adapter {
+                index,
+                burn_backward,
+            } => format!("{index}{}", if burn_backward { ":burn" } else { "" }),
             Variant::Materialized => "materialized".into(),
             Variant::Dense => "dense".into(),
         }
@@ -149,7 +157,16 @@ impl Variant {
         match s {
             "materialized" => Some(Variant::Materialized),
             "dense" => Some(Variant::Dense),
-            i => i.parse().ok().map(Variant::Adapter),
+            v => {
+                let (index, burn_backward) = match v.strip_suffix(":burn") {
+                    Some(i) => (i, true),
+                    None => (v, false),
+                };
+                index.parse().ok().map(|index| Variant::Adapter {
+                    index,
+                    burn_backward,
+                })
+            }
         }
     }
 }
@@ -161,8 +178,16 @@ fn time_variant(d_in: usize, d_out: usize, tokens: usize, v: Variant, budget: f6
     let x_inner = Tensor::<Inner, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), &dev);
     let x = Tensor::<Train, 2>::from_inner(x_inner.clone()).require_grad();
     match v {
-        Variant::Adapter(i) => {
-            let adapter = (variants::<Train>(d_in, d_out).swap_remove(i).1)(&dev);
+        Variant::Adapter {
+            index,
+            burn_backward,
+        } => {
+            if burn_backward {
+                unregister_backward::<Train>();
+            } else {
+                register_backward::<Train>();
+            }
+            let adapter = (variants::<Train>(d_in, d_out).swap_remove(index).1)(&dev);
             let inner = adapter.valid();
             let fwd = time(|| sync(inner.apply(x_inner.clone())), 2, budget);
             let fwd_bwd = time(
@@ -279,19 +304,27 @@ fn adapter_table(widths: &[(usize, usize)], tokens: usize, budget: f64) -> Strin
         out += &format!("**{title}**\n\n| adapter | params | MACs/token | fwd ms | fwd+bwd ms | fwd+bwd vs LoRA | peak MB | peak vs LoRA |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         let mut rows = Vec::new();
         let (sa, sb) = peft_shapes(d_in, d_out);
-        let mut timed: Vec<(String, usize, u64, Variant)> = variants::<Inner>(d_in, d_out)
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, build))| {
-                let inner = build(&dev);
-                (
-                    name,
-                    inner.spec().num_params(),
-                    adapter_macs(&inner),
-                    Variant::Adapter(i),
-                )
-            })
-            .collect();
+        let mut timed: Vec<(String, usize, u64, Variant)> = Vec::new();
+        for (index, (name, build)) in variants::<Inner>(d_in, d_out).into_iter().enumerate() {
+            let inner = build(&dev);
+            let (params, macs) = (inner.spec().num_params(), adapter_macs(&inner));
+            // The Kronecker variants' default order and Kron-LoRA again with Burn's own
+            // differentiation of the `a` contraction, for the hand-written backward's gain.
+            let again = name.ends_with(" auto") || name.starts_with("Kron-LoRA");
+            let variant = |burn_backward| Variant::Adapter {
+                index,
+                burn_backward,
+            };
+            if again {
+                timed.push((
+                    format!("{name}, Burn's backward"),
+                    params,
+                    macs,
+                    variant(true),
+                ));
+            }
+            timed.push((name, params, macs, variant(false)));
+        }
         timed.push((
             format!("materialized a ⊗ b [{},{}]", sa[0], sa[1]),
             sa[0] * sa[1] + sb[0] * sb[1],
@@ -548,6 +581,8 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
+    // As the crate's training loops do (the adapter table switches it per variant).
+    register_backward::<Train>();
     let budget = if quick { 0.5 } else { 2.0 };
     let mut md = format!(
         "## {} ({})\n\n",

@@ -38,6 +38,10 @@ struct Args {
     /// Only these methods (comma-separated keys of the JSON); all when absent.
     #[arg(long, value_delimiter = ',')]
     methods: Vec<String>,
+    /// Differentiate the Kronecker apply's `a` contraction with Burn's generic backward instead
+    /// of the crate's hand-written one (which the training loops use).
+    #[arg(long)]
+    burn_backward: bool,
 }
 
 fn parse_width(s: &str) -> Result<(usize, usize), String> {
@@ -56,6 +60,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     kron_adapters::finetune::keep_freed_memory();
     let start = memory_bytes();
     let args = Args::parse();
+    if !args.burn_backward {
+        kron_adapters::kron::autodiff::register_backward::<Train>();
+    }
     let device = Default::default();
     // Dropout off, as the PyTorch side runs in eval mode.
     let bert = BertConfig {
@@ -81,6 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let mut out = serde_json::Map::new();
     out.insert("backend".into(), backend_name().into());
+    out.insert("burn_backward".into(), args.burn_backward.into());
     let wanted = |key: &str| args.methods.is_empty() || args.methods.iter().any(|m| m == key);
     let layer_methods = [
         ("full", None),

@@ -5,6 +5,8 @@
 //!   `B` may each be a chain of factors (`A = a1·a2·…`, `B = b1·b2·…`), following the KronA
 //!   paper's Eq. 2: with `x` reshaped to `X [n, a_in, b_in]`, `x·(A ⊗ B) = reshape(Aᵀ·X·B)`;
 //! * [`KronPlan`] is the order in which the factors are contracted, and its cost model;
+//! * [`autodiff`] gives the `a` contraction a hand-written backward on Burn's autodiff backend
+//!   (its gradient of `a` without the `[n, a_out, a_in]` tensor of the generic one);
 //!
 //! Choosing factor shapes for a layer is policy, not math: it lives beside the configs, in
 //! [`crate::adapter::shape`].
@@ -14,6 +16,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
+
+pub mod autodiff;
 
 /// Materializes the Kronecker product `a ⊗ b`.
 ///
@@ -213,7 +217,9 @@ pub fn kron_apply<B: Backend, const D: usize>(
 /// [`kron_apply`] drives it from a [`KronPlan`]; block adapters use it directly to add a bias
 /// between the two products. `T` is never transposed: a `b` factor contracts the last axis as
 /// one GEMM over all `n·p` rows, and an `a` factor contracts the middle axis as a batched
-/// product `mᵀ [1, p', p] · T [n, p, q]`, so no step copies the intermediate.
+/// product `mᵀ [1, p', p] · T [n, p, q]`, so no step copies the intermediate. The `a` step
+/// goes through [`autodiff::contract_a`], whose backward (where registered) accumulates `m`'s
+/// gradient over row chunks instead of building `[n, p', p]`.
 pub struct KronIntermediate<B: Backend> {
     /// `[n, p, q]`, contiguous.
     t: Tensor<B, 3>,
@@ -234,7 +240,7 @@ impl<B: Backend> KronIntermediate<B> {
 
     /// Contracts the `a` axis with `m [p, p']`: `T'[r] = mᵀ·T[r]` for every row `r`.
     pub fn apply_a(mut self, m: Tensor<B, 2>) -> Self {
-        self.t = m.transpose().unsqueeze::<3>().matmul(self.t);
+        self.t = autodiff::contract_a(m, self.t);
         self
     }
 

@@ -17,6 +17,7 @@ mod cli;
 mod encoder;
 #[cfg(feature = "finetune")]
 mod finetune;
+mod kron_backward;
 mod kron_math;
 #[cfg(feature = "train")]
 mod learner;

@@ -101,6 +101,9 @@ fn factor_grads(
 
 #[test]
 fn factor_and_input_gradients_match_finite_differences() {
+    // The Kronecker adapters' `a` contraction with its hand-written backward (the trainers
+    // register it; kron_backward:: checks it against Burn's own too).
+    assert!(kron_adapters::kron::autodiff::register_backward::<AB>());
     let mut rng = Rng::new(20);
     let dev = device();
     let base_data = base_linear::<TB>(&mut rng, &dev);

@@ -1,0 +1,197 @@
+//! The `a` contraction's hand-written backward (`kron::autodiff`): its gradients against exact
+//! host references (f64 loops) and against the materialized Kronecker product differentiated by
+//! Burn, on shapes that split the gradient of `m` into several row chunks; only tracked operands
+//! get gradients; the balanced-checkpointing backend; and what registration reports.
+
+use crate::common::*;
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use kron_adapters::kron::autodiff::{
+    contract_a, contract_a_composite, is_registered, register_backward,
+};
+use kron_adapters::kron::{kron, kron_apply, KronPlan};
+
+/// Host references for `out[r] = mᵀ·T[r]` under the loss `Σ out ⊙ R`:
+/// `∂m[i, o] = Σ_r Σ_k T[r, i, k]·R[r, o, k]` and `∂T[r, i, k] = Σ_o m[i, o]·R[r, o, k]`.
+fn host_grads(m: &[f32], t: &[f32], r: &[f32], [n, p, p2, q]: [usize; 4]) -> (Vec<f32>, Vec<f32>) {
+    let mut gm = vec![0f64; p * p2];
+    let mut gt = vec![0f64; n * p * q];
+    for row in 0..n {
+        for i in 0..p {
+            for o in 0..p2 {
+                for k in 0..q {
+                    let tv = t[(row * p + i) * q + k] as f64;
+                    let rv = r[(row * p2 + o) * q + k] as f64;
+                    gm[i * p2 + o] += tv * rv;
+                    gt[(row * p + i) * q + k] += m[i * p2 + o] as f64 * rv;
+                }
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    (f(gm), f(gt))
+}
+
+/// `contract_a`'s value and both gradients on autodiff backend `A`, for `Σ out ⊙ R`.
+fn contract_grads<A: AutodiffBackend>(
+    m: &[f32],
+    t: &[f32],
+    r: &[f32],
+    [n, p, p2, q]: [usize; 4],
+    dev: &A::Device,
+    composite: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mt = tensor::<A, 2>(m, [p, p2], dev).require_grad();
+    let tt = tensor::<A, 3>(t, [n, p, q], dev).require_grad();
+    let out = if composite {
+        contract_a_composite(mt.clone(), tt.clone())
+    } else {
+        contract_a(mt.clone(), tt.clone())
+    };
+    assert_eq!(out.dims(), [n, p2, q]);
+    let loss = (out.clone() * tensor::<A, 3>(r, [n, p2, q], dev)).sum();
+    let grads = loss.backward();
+    (
+        to_vec(out),
+        to_vec(mt.grad(&grads).expect("m has a gradient")),
+        to_vec(tt.grad(&grads).expect("T has a gradient")),
+    )
+}
+
+#[test]
+fn contract_a_gradients_match_host_references_over_several_chunks() {
+    assert!(register_backward::<AB>());
+    assert!(is_registered::<AB>());
+    let dev = device();
+    let mut rng = Rng::new(130);
+    // [n, p, p', q]: square factors with rows enough for several chunks of ∂m, a wide `a`
+    // (one chunk per row), a narrow one (one chunk in all), and a single row.
+    for dims @ [n, p, p2, q] in [[40, 3, 5, 4], [33, 6, 7, 1], [24, 2, 2, 16], [1, 4, 3, 5]] {
+        let m = rng.vec(p * p2);
+        let t = rng.vec(n * p * q);
+        let r = rng.vec(n * p2 * q);
+        let (gm_want, gt_want) = host_grads(&m, &t, &r, dims);
+        let (out, gm, gt) = contract_grads::<AB>(&m, &t, &r, dims, &dev, false);
+        // The value: out[r] = mᵀ·T[r], from the host.
+        let mt_host = transpose_ref(&m, p, p2);
+        let want: Vec<f32> = (0..n)
+            .flat_map(|row| matmul_ref(&mt_host, p2, p, &t[row * p * q..(row + 1) * p * q], q))
+            .collect();
+        assert_close(&out, &want, 1e-5, &format!("value {dims:?}"));
+        assert_close(&gm, &gm_want, 1e-5, &format!("∂m {dims:?}"));
+        assert_close(&gt, &gt_want, 1e-5, &format!("∂T {dims:?}"));
+        // Burn's own differentiation of the broadcast product agrees.
+        let (_, gm_c, gt_c) = contract_grads::<AB>(&m, &t, &r, dims, &dev, true);
+        assert_close(&gm, &gm_c, 1e-5, &format!("∂m vs composite {dims:?}"));
+        assert_close(&gt, &gt_c, 1e-5, &format!("∂T vs composite {dims:?}"));
+    }
+}
+
+#[test]
+fn balanced_checkpointing_backend_gets_the_same_gradients() {
+    type Balanced = Autodiff<TB, BalancedCheckpointing>;
+    assert!(register_backward::<Balanced>());
+    assert!(is_registered::<Balanced>());
+    let dev = device();
+    let mut rng = Rng::new(131);
+    let dims @ [n, p, p2, q] = [20, 4, 6, 3];
+    let (m, t, r) = (rng.vec(p * p2), rng.vec(n * p * q), rng.vec(n * p2 * q));
+    let (gm_want, gt_want) = host_grads(&m, &t, &r, dims);
+    let (_, gm, gt) = contract_grads::<Balanced>(&m, &t, &r, dims, &dev, false);
+    assert_close(&gm, &gm_want, 1e-5, "∂m, balanced checkpointing");
+    assert_close(&gt, &gt_want, 1e-5, "∂T, balanced checkpointing");
+}
+
+#[test]
+fn only_tracked_operands_get_gradients() {
+    assert!(register_backward::<AB>());
+    let dev = device();
+    let mut rng = Rng::new(132);
+    let dims @ [n, p, p2, q] = [9, 3, 4, 2];
+    let (m, t, r) = (rng.vec(p * p2), rng.vec(n * p * q), rng.vec(n * p2 * q));
+    let (gm_want, gt_want) = host_grads(&m, &t, &r, dims);
+    for (track_m, track_t) in [(true, false), (false, true)] {
+        let mut mt = tensor::<AB, 2>(&m, [p, p2], &dev);
+        let mut tt = tensor::<AB, 3>(&t, [n, p, q], &dev);
+        if track_m {
+            mt = mt.require_grad();
+        }
+        if track_t {
+            tt = tt.require_grad();
+        }
+        let out = contract_a(mt.clone(), tt.clone());
+        let grads = (out * tensor::<AB, 3>(&r, [n, p2, q], &dev))
+            .sum()
+            .backward();
+        match (mt.grad(&grads), tt.grad(&grads)) {
+            (Some(gm), None) if track_m => assert_close(&to_vec(gm), &gm_want, 1e-5, "∂m"),
+            (None, Some(gt)) if track_t => assert_close(&to_vec(gt), &gt_want, 1e-5, "∂T"),
+            (gm, gt) => panic!(
+                "tracked (m {track_m}, T {track_t}) but gradients (m {}, T {})",
+                gm.is_some(),
+                gt.is_some()
+            ),
+        }
+    }
+    // Neither tracked: the plain forward, the same value.
+    let out = contract_a(
+        tensor::<AB, 2>(&m, [p, p2], &dev),
+        tensor::<AB, 3>(&t, [n, p, q], &dev),
+    );
+    let want = contract_a_composite(
+        tensor::<TB, 2>(&m, [p, p2], &dev),
+        tensor::<TB, 3>(&t, [n, p, q], &dev),
+    );
+    assert_close(&to_vec(out), &to_vec(want), 1e-6, "untracked value");
+}
+
+#[test]
+fn kron_apply_gradients_match_the_materialized_product_in_both_orders() {
+    assert!(register_backward::<AB>());
+    let dev = device();
+    let mut rng = Rng::new(133);
+    let (n, sa, sb, scale) = (70, [4, 6], [5, 3], 0.7);
+    let (a, b) = (rng.vec(sa[0] * sa[1]), rng.vec(sb[0] * sb[1]));
+    let x = rng.vec(n * sa[0] * sb[0]);
+    let r = rng.vec(n * sa[1] * sb[1]);
+    // The gradients of x, a and b under Σ y ⊙ R, y from `kron_apply` with `plan` or, without
+    // one, from x·(a ⊗ b)·scale materialized (Burn's differentiation of `kron`).
+    let grads_of = |plan: Option<&KronPlan>| {
+        let xt = tensor::<AB, 2>(&x, [n, sa[0] * sb[0]], &dev).require_grad();
+        let at = tensor::<AB, 2>(&a, sa, &dev).require_grad();
+        let bt = tensor::<AB, 2>(&b, sb, &dev).require_grad();
+        let y = match plan {
+            Some(plan) => kron_apply(xt.clone(), &[at.clone()], &[bt.clone()], plan, scale),
+            None => xt
+                .clone()
+                .matmul(kron(at.clone(), bt.clone()).mul_scalar(scale)),
+        };
+        let g = (y * tensor::<AB, 2>(&r, [n, sa[1] * sb[1]], &dev))
+            .sum()
+            .backward();
+        [xt.grad(&g), at.grad(&g), bt.grad(&g)].map(|t| to_vec(t.expect("a gradient")))
+    };
+    let want = grads_of(None);
+    for plan in [KronPlan::a_first(1, 1), KronPlan::a_last(1, 1)] {
+        let got = grads_of(Some(&plan));
+        for (name, (g, w)) in ["x", "a", "b"].iter().zip(got.iter().zip(&want)) {
+            assert!(w.iter().any(|v| v.abs() > 1e-3), "∂{name} is not all zero");
+            assert_close(g, w, 1e-5, &format!("∂{name}, plan {:?}", plan.steps));
+        }
+    }
+}
+
+#[test]
+fn only_autodiff_backends_register() {
+    // Without autodiff there is no backward to register, and the forward is Burn's product.
+    assert!(!is_registered::<TB>());
+    let dev = device();
+    let mut rng = Rng::new(134);
+    let m = randn::<TB, 2>(&mut rng, [3, 2], &dev);
+    let t = randn::<TB, 3>(&mut rng, [4, 3, 5], &dev);
+    let got = contract_a(m.clone(), t.clone());
+    let want = contract_a_composite(m, t);
+    assert_close(&to_vec(got), &to_vec(want), 0.0, "no-autodiff value");
+}
