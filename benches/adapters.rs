@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --features full --bench adapters               # everything (~12 min on 2 CPU cores)
 //! cargo bench --features full --bench adapters -- --quick    # smaller sizes (~3 min)
+//! cargo bench --features full --bench adapters -- --width 4096,14336   # one width's adapters alone
 //! cargo bench --features full,wgpu --bench adapters          # the same on a GPU
 //! ```
 //!
@@ -583,6 +584,21 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     // As the crate's training loops do (the adapter table switches it per variant).
     register_backward::<Train>();
+    // `--width D_IN,D_OUT`: the adapters-alone table at that width only (2,048 tokens).
+    if let Some(w) = args.iter().position(|a| a == "--width") {
+        let width = args.get(w + 1).and_then(|v| {
+            let (a, b) = v.split_once(',')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        });
+        match width {
+            Some(width) => println!("{}", adapter_table(&[width], 2048, 2.0)),
+            None => {
+                eprintln!("--width takes D_IN,D_OUT, e.g. 4096,14336");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
     let budget = if quick { 0.5 } else { 2.0 };
     let mut md = format!(
         "## {} ({})\n\n",

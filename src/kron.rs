@@ -202,12 +202,15 @@ pub fn kron_apply<B: Backend, const D: usize>(
     let (a_chain, b_chain) = fold_scale(a_chain, b_chain, scale);
     let mut t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
     let (mut a, mut b) = (a_chain.into_iter(), b_chain.into_iter());
-    for side in &plan.steps {
-        t = match side {
-            Side::A => t.apply_a(a.next().expect("plan matches the a chain")),
-            Side::B => t.apply_b(b.next().expect("plan matches the b chain")),
-        };
-    }
+    let factors = plan
+        .steps
+        .iter()
+        .map(|side| match side {
+            Side::A => a.next().expect("plan matches the a chain"),
+            Side::B => b.next().expect("plan matches the b chain"),
+        })
+        .collect();
+    t.t = autodiff::apply_steps(t.t, factors, &plan.steps);
     t.finish()
 }
 
@@ -268,7 +271,7 @@ impl<B: Backend> KronIntermediate<B> {
 }
 
 /// `t [n, u, v] · m [v, w] → [n, u, w]` as one GEMM over `n·u` rows.
-fn matmul_last<B: Backend>(t: Tensor<B, 3>, m: Tensor<B, 2>) -> Tensor<B, 3> {
+pub(crate) fn matmul_last<B: Backend>(t: Tensor<B, 3>, m: Tensor<B, 2>) -> Tensor<B, 3> {
     let [n, u, v] = t.dims();
     let w = m.dims()[1];
     let t2: Tensor<B, 2> = t.reshape([n * u, v]);

@@ -54,6 +54,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
+use super::{matmul_last, Side};
+
 /// `out[r] = mᵀ·T[r]`: contracts the middle axis of `t` with `m`, with this module's backward
 /// where [`register_backward`] registered `B`, and Burn's otherwise.
 ///
@@ -62,12 +64,12 @@ use burn::tensor::{Tensor, TensorPrimitive};
 /// - `t`: `[n, p, q]`
 /// - output: `[n, p', q]`
 pub fn contract_a<B: Backend>(m: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor<B, 3> {
-    let Some(erased) = lookup(TypeId::of::<B>()) else {
+    let Some(registered) = lookup(TypeId::of::<B>()) else {
         return contract_a_composite(m, t);
     };
     match (m.into_primitive(), t.into_primitive()) {
         (TensorPrimitive::Float(m), TensorPrimitive::Float(t)) => {
-            let out = erased(Box::new(m), Box::new(t));
+            let out = (registered.contract)(Box::new(m), Box::new(t));
             let out = *out
                 .downcast::<FloatTensor<B>>()
                 .expect("the registered function is the one for B's TypeId");
@@ -88,6 +90,62 @@ pub fn contract_a_composite<B: Backend>(m: Tensor<B, 2>, t: Tensor<B, 3>) -> Ten
     m.transpose().unsqueeze::<3>().matmul(t)
 }
 
+/// Applies `factors` to `t` in order, `steps[i]` saying which axis `factors[i]` contracts
+/// (`Side::A`: the middle axis, `out[r] = fᵀ·T[r]`; `Side::B`: the last, `T·f`), as one
+/// autodiff node where [`register_backward`] registered `B` (for 2 to 4 factors): it keeps only
+/// `t` and the factors for the backward and recomputes the intermediates there, so a layer's
+/// Kronecker adapter holds no activation of its own between the forward and the backward.
+/// Elsewhere, one step at a time ([`contract_a`] for the `a` steps).
+///
+/// # Shapes
+/// - `t`: `[n, p, q]`
+/// - `factors[i]`: `[p, p']` for an `A` step, `[q, q']` for a `B` step, chaining
+/// - output: `[n, p_last, q_last]`
+pub fn apply_steps<B: Backend>(
+    t: Tensor<B, 3>,
+    factors: Vec<Tensor<B, 2>>,
+    steps: &[Side],
+) -> Tensor<B, 3> {
+    debug_assert_eq!(factors.len(), steps.len(), "one factor per step");
+    let registered = lookup(TypeId::of::<B>()).filter(|_| (2..=4).contains(&factors.len()));
+    let Some(registered) = registered else {
+        return apply_steps_composite(t, factors, steps);
+    };
+    let t = t.into_primitive();
+    let factors: Vec<_> = factors.into_iter().map(Tensor::into_primitive).collect();
+    let all_float = matches!(t, TensorPrimitive::Float(_))
+        && factors
+            .iter()
+            .all(|f| matches!(f, TensorPrimitive::Float(_)));
+    if !all_float {
+        // A quantized factor: Burn's own path handles it.
+        let factors = factors.into_iter().map(Tensor::from_primitive).collect();
+        return apply_steps_composite(Tensor::from_primitive(t), factors, steps);
+    }
+    let erase = |p: TensorPrimitive<B>| -> Box<dyn Any> { Box::new(p.tensor()) };
+    let out = (registered.apply)(erase(t), factors.into_iter().map(erase).collect(), steps);
+    let out = *out
+        .downcast::<FloatTensor<B>>()
+        .expect("the registered function is the one for B's TypeId");
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// [`apply_steps`] one step at a time, each differentiated on its own (the `a` steps by
+/// [`contract_a`]): every intermediate is kept for the backward.
+pub fn apply_steps_composite<B: Backend>(
+    t: Tensor<B, 3>,
+    factors: Vec<Tensor<B, 2>>,
+    steps: &[Side],
+) -> Tensor<B, 3> {
+    factors
+        .into_iter()
+        .zip(steps)
+        .fold(t, |t, (f, side)| match side {
+            Side::A => contract_a(f, t),
+            Side::B => matmul_last(t, f),
+        })
+}
+
 /// Registers the hand-written backward for the autodiff backend `AB`, so that [`contract_a`]
 /// (and with it every Kronecker adapter's apply) uses it. Returns `false`, registering
 /// nothing, when `AB` is not Burn's `Autodiff<I>` (with no checkpointing or balanced
@@ -95,10 +153,17 @@ pub fn contract_a_composite<B: Backend>(m: Tensor<B, 2>, t: Tensor<B, 3>) -> Ten
 /// again is a no-op.
 pub fn register_backward<AB: AutodiffBackend>() -> bool {
     let id = TypeId::of::<AB>();
-    let erased: ErasedContract = if id == TypeId::of::<Autodiff<AB::InnerBackend>>() {
-        contract_erased::<AB::InnerBackend, NoCheckpointing>
-    } else if id == TypeId::of::<Autodiff<AB::InnerBackend, BalancedCheckpointing>>() {
-        contract_erased::<AB::InnerBackend, BalancedCheckpointing>
+    type I<AB> = <AB as AutodiffBackend>::InnerBackend;
+    let erased = if id == TypeId::of::<Autodiff<I<AB>>>() {
+        Registered {
+            contract: contract_erased::<I<AB>, NoCheckpointing>,
+            apply: apply_erased::<I<AB>, NoCheckpointing>,
+        }
+    } else if id == TypeId::of::<Autodiff<I<AB>, BalancedCheckpointing>>() {
+        Registered {
+            contract: contract_erased::<I<AB>, BalancedCheckpointing>,
+            apply: apply_erased::<I<AB>, BalancedCheckpointing>,
+        }
     } else {
         return false;
     };
@@ -131,9 +196,19 @@ pub fn is_registered<B: Backend>() -> bool {
 /// the result are that backend's float primitives.
 type ErasedContract = fn(Box<dyn Any>, Box<dyn Any>) -> Box<dyn Any>;
 
-static REGISTRY: RwLock<Vec<(TypeId, ErasedContract)>> = RwLock::new(Vec::new());
+/// `apply_steps` on one registered backend: `T`, the factors in step order, and the steps.
+type ErasedApply = fn(Box<dyn Any>, Vec<Box<dyn Any>>, &[Side]) -> Box<dyn Any>;
 
-fn lookup(id: TypeId) -> Option<ErasedContract> {
+/// A registered backend's two operations.
+#[derive(Clone, Copy)]
+struct Registered {
+    contract: ErasedContract,
+    apply: ErasedApply,
+}
+
+static REGISTRY: RwLock<Vec<(TypeId, Registered)>> = RwLock::new(Vec::new());
+
+fn lookup(id: TypeId) -> Option<Registered> {
     let registry = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
     registry
         .iter()
@@ -200,9 +275,138 @@ impl<I: Backend> Backward<I, 2> for ContractA {
         }
         if let (Some(node), Some(id)) = (t_node, m_state) {
             let m = float::<I, 2>(ckpt.retrieve_node_output(id));
-            let grad = m.unsqueeze::<3>().matmul(g);
+            let grad = step_grad_input(g, m, Side::A);
             grads.register::<I>(node.id, grad.into_primitive().tensor());
         }
+    }
+}
+
+fn apply_erased<I: Backend, C: CheckpointStrategy>(
+    t: Box<dyn Any>,
+    factors: Vec<Box<dyn Any>>,
+    steps: &[Side],
+) -> Box<dyn Any> {
+    let down = |b: Box<dyn Any>| -> FloatTensor<Autodiff<I, C>> {
+        *b.downcast()
+            .expect("registered under Autodiff<I, C>'s TypeId, so its primitives are these")
+    };
+    let mut inputs = vec![down(t)];
+    inputs.extend(factors.into_iter().map(down));
+    let steps = steps.to_vec();
+    // `apply_steps` calls this with 2 to 4 factors: 3 to 5 inputs.
+    let out = match inputs.len() {
+        3 => apply_tracked::<I, C, 3>(array(inputs), steps),
+        4 => apply_tracked::<I, C, 4>(array(inputs), steps),
+        _ => apply_tracked::<I, C, 5>(array(inputs), steps),
+    };
+    Box::new(out)
+}
+
+fn array<T, const N: usize>(v: Vec<T>) -> [T; N] {
+    let Ok(a) = v.try_into() else {
+        unreachable!("apply_erased matched the length")
+    };
+    a
+}
+
+/// The autodiff node of [`apply_steps`]: `T` and the factors checkpointed, nothing in between.
+fn apply_tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
+    inputs: [FloatTensor<Autodiff<I, C>>; N],
+    steps: Vec<Side>,
+) -> FloatTensor<Autodiff<I, C>> {
+    let nodes = inputs.each_ref().map(|t| t.node.clone());
+    let forward = |inputs: [FloatTensor<Autodiff<I, C>>; N], steps: &[Side]| {
+        let mut primitives = inputs.into_iter().map(|x| x.primitive);
+        let t = float::<I, 3>(primitives.next().expect("N ≥ 3 inputs"));
+        let factors = primitives.map(float::<I, 2>).collect();
+        apply_steps_composite(t, factors, steps)
+            .into_primitive()
+            .tensor()
+    };
+    let op = ApplySteps {
+        steps: steps.clone(),
+    };
+    match <ApplySteps as Backward<I, N>>::prepare::<C>(op, nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let ids = inputs.iter().map(|x| prep.checkpoint(x)).collect();
+            prep.finish(ids, forward(inputs, &steps))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(inputs, &steps)),
+    }
+}
+
+/// [`apply_steps`]' backward: the intermediates recomputed from `T` and the factors, then
+/// the steps differentiated last to first, each intermediate dropped once used.
+#[derive(Debug)]
+struct ApplySteps {
+    steps: Vec<Side>,
+}
+
+impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
+    /// The checkpointed `T` and factors, in input order.
+    type State = Vec<NodeId>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let mut g = float::<I, 3>(grads.consume::<I>(&ops.node));
+        let mut ids = ops.state.into_iter();
+        let Some(t_id) = ids.next() else { return };
+        let t = float::<I, 3>(ckpt.retrieve_node_output(t_id));
+        let factors: Vec<Tensor<I, 2>> = ids
+            .map(|id| float::<I, 2>(ckpt.retrieve_node_output(id)))
+            .collect();
+        // The input of every step: T, then the recomputed intermediates.
+        let mut inputs = vec![t];
+        for (f, side) in factors.iter().zip(&self.steps).take(self.steps.len() - 1) {
+            let last = inputs.last().expect("starts with T").clone();
+            inputs.push(step_forward(last, f.clone(), *side));
+        }
+        let tracked: Vec<bool> = ops.parents.iter().map(Option::is_some).collect();
+        for (i, (f, side)) in factors.iter().zip(&self.steps).enumerate().rev() {
+            let input = inputs.pop().expect("one input per step");
+            if let Some(node) = &ops.parents[i + 1] {
+                let grad = step_grad_factor(input, g.clone(), *side);
+                grads.register::<I>(node.id, grad.into_primitive().tensor());
+            }
+            if !tracked[..=i].iter().any(|&t| t) {
+                return; // nothing before this step needs a gradient
+            }
+            g = step_grad_input(g, f.clone(), *side);
+        }
+        if let Some(node) = &ops.parents[0] {
+            grads.register::<I>(node.id, g.into_primitive().tensor());
+        }
+    }
+}
+
+fn step_forward<I: Backend>(t: Tensor<I, 3>, f: Tensor<I, 2>, side: Side) -> Tensor<I, 3> {
+    match side {
+        Side::A => contract_a_composite(f, t),
+        Side::B => matmul_last(t, f),
+    }
+}
+
+/// The gradient of a step's factor from the step's input `t` and output gradient `g`.
+fn step_grad_factor<I: Backend>(t: Tensor<I, 3>, g: Tensor<I, 3>, side: Side) -> Tensor<I, 2> {
+    match side {
+        Side::A => grad_m(t, g),
+        Side::B => {
+            // out = T₂·f over all n·p rows: ∂f = T₂ᵀ·G₂.
+            let [n, p, q] = t.dims();
+            let q2 = g.dims()[2];
+            let t2: Tensor<I, 2> = t.reshape([n * p, q]);
+            t2.transpose().matmul(g.reshape([n * p, q2]))
+        }
+    }
+}
+
+/// The gradient of a step's input from its output gradient `g` and factor `f`.
+fn step_grad_input<I: Backend>(g: Tensor<I, 3>, f: Tensor<I, 2>, side: Side) -> Tensor<I, 3> {
+    match side {
+        Side::A => f.unsqueeze::<3>().matmul(g),
+        Side::B => matmul_last(g, f.transpose()),
     }
 }
 

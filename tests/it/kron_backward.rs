@@ -1,17 +1,20 @@
-//! The `a` contraction's hand-written backward (`kron::autodiff`): its gradients against exact
-//! host references (f64 loops) and against the materialized Kronecker product differentiated by
-//! Burn, on shapes that split the gradient of `m` into several row chunks; only tracked operands
-//! get gradients; the balanced-checkpointing backend; and what registration reports.
+//! The Kronecker apply's hand-written backward (`kron::autodiff`): the `a` contraction's
+//! gradients against exact host references (f64 loops), on shapes that split the gradient of `m`
+//! into several row chunks; the whole apply (one node that recomputes its intermediates) against
+//! the materialized Kronecker product differentiated by Burn, for every plan of chains of 2 to 4
+//! factors and every combination of tracked inputs; the balanced-checkpointing backend; and what
+//! registration reports.
 
 use crate::common::*;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
 use kron_adapters::kron::autodiff::{
     contract_a, contract_a_composite, is_registered, register_backward,
 };
-use kron_adapters::kron::{kron, kron_apply, KronPlan};
+use kron_adapters::kron::{chain_product, kron, kron_apply, KronPlan};
 
 /// Host references for `out[r] = mᵀ·T[r]` under the loss `Σ out ⊙ R`:
 /// `∂m[i, o] = Σ_r Σ_k T[r, i, k]·R[r, o, k]` and `∂T[r, i, k] = Σ_o m[i, o]·R[r, o, k]`.
@@ -147,38 +150,89 @@ fn only_tracked_operands_get_gradients() {
     assert_close(&to_vec(out), &to_vec(want), 1e-6, "untracked value");
 }
 
-#[test]
-fn kron_apply_gradients_match_the_materialized_product_in_both_orders() {
-    assert!(register_backward::<AB>());
+/// `x·(A ⊗ B)·scale` under `Σ y ⊙ R` with `A`, `B` chains of factors: the gradients of `x` and
+/// of every factor (`None` where not tracked), through `kron_apply` with `plan` or, without one,
+/// through the materialized product (Burn's differentiation of `chain_product` and `kron`).
+fn chain_grads(
+    x: &[f32],
+    a: &[(Vec<f32>, [usize; 2])],
+    b: &[(Vec<f32>, [usize; 2])],
+    r: &[f32],
+    (track_x, track_factors): (bool, bool),
+    plan: Option<&KronPlan>,
+) -> Vec<Option<Vec<f32>>> {
     let dev = device();
-    let mut rng = Rng::new(133);
-    let (n, sa, sb, scale) = (70, [4, 6], [5, 3], 0.7);
-    let (a, b) = (rng.vec(sa[0] * sa[1]), rng.vec(sb[0] * sb[1]));
-    let x = rng.vec(n * sa[0] * sb[0]);
-    let r = rng.vec(n * sa[1] * sb[1]);
-    // The gradients of x, a and b under Σ y ⊙ R, y from `kron_apply` with `plan` or, without
-    // one, from x·(a ⊗ b)·scale materialized (Burn's differentiation of `kron`).
-    let grads_of = |plan: Option<&KronPlan>| {
-        let xt = tensor::<AB, 2>(&x, [n, sa[0] * sb[0]], &dev).require_grad();
-        let at = tensor::<AB, 2>(&a, sa, &dev).require_grad();
-        let bt = tensor::<AB, 2>(&b, sb, &dev).require_grad();
-        let y = match plan {
-            Some(plan) => kron_apply(xt.clone(), &[at.clone()], &[bt.clone()], plan, scale),
-            None => xt
-                .clone()
-                .matmul(kron(at.clone(), bt.clone()).mul_scalar(scale)),
-        };
-        let g = (y * tensor::<AB, 2>(&r, [n, sa[1] * sb[1]], &dev))
-            .sum()
-            .backward();
-        [xt.grad(&g), at.grad(&g), bt.grad(&g)].map(|t| to_vec(t.expect("a gradient")))
+    let (d_in, d_out) = (
+        a[0].1[0] * b[0].1[0],
+        a.last().unwrap().1[1] * b.last().unwrap().1[1],
+    );
+    let n = x.len() / d_in;
+    let track = |t: Tensor<AB, 2>, on: bool| if on { t.require_grad() } else { t };
+    let xt = track(tensor::<AB, 2>(x, [n, d_in], &dev), track_x);
+    let factor =
+        |(v, s): &(Vec<f32>, [usize; 2])| track(tensor::<AB, 2>(v, *s, &dev), track_factors);
+    let at: Vec<_> = a.iter().map(factor).collect();
+    let bt: Vec<_> = b.iter().map(factor).collect();
+    let scale = 0.7;
+    let y = match plan {
+        Some(plan) => kron_apply(xt.clone(), &at, &bt, plan, scale),
+        None => xt
+            .clone()
+            .matmul(kron(chain_product(&at), chain_product(&bt)).mul_scalar(scale)),
     };
-    let want = grads_of(None);
-    for plan in [KronPlan::a_first(1, 1), KronPlan::a_last(1, 1)] {
-        let got = grads_of(Some(&plan));
-        for (name, (g, w)) in ["x", "a", "b"].iter().zip(got.iter().zip(&want)) {
-            assert!(w.iter().any(|v| v.abs() > 1e-3), "∂{name} is not all zero");
-            assert_close(g, w, 1e-5, &format!("∂{name}, plan {:?}", plan.steps));
+    let g = (y * tensor::<AB, 2>(r, [n, d_out], &dev)).sum().backward();
+    std::iter::once(&xt)
+        .chain(&at)
+        .chain(&bt)
+        .map(|t| t.grad(&g).map(to_vec))
+        .collect()
+}
+
+#[test]
+fn kron_apply_gradients_match_the_materialized_product_for_every_plan_and_chain() {
+    assert!(register_backward::<AB>());
+    let mut rng = Rng::new(133);
+    let mut chain = |shapes: &[[usize; 2]]| -> Vec<(Vec<f32>, [usize; 2])> {
+        shapes.iter().map(|s| (rng.vec(s[0] * s[1]), *s)).collect()
+    };
+    // KronA (2 factors), Kron-LoRA (3), both sides low rank (4): one autodiff node each.
+    let cases = [
+        (chain(&[[4, 6]]), chain(&[[5, 3]])),
+        (chain(&[[4, 6]]), chain(&[[5, 2], [2, 3]])),
+        (chain(&[[4, 2], [2, 6]]), chain(&[[5, 2], [2, 3]])),
+    ];
+    let n = 70;
+    for (a, b) in &cases {
+        let d_in = a[0].1[0] * b[0].1[0];
+        let d_out = a.last().unwrap().1[1] * b.last().unwrap().1[1];
+        let x = rng.vec(n * d_in);
+        let r = rng.vec(n * d_out);
+        for tracking @ (track_x, track_factors) in [(true, true), (false, true), (true, false)] {
+            let want = chain_grads(&x, a, b, &r, tracking, None);
+            for plan in KronPlan::all(a.len(), b.len()) {
+                let got = chain_grads(&x, a, b, &r, tracking, Some(&plan));
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let what = format!(
+                        "input {i} (0 = x) of a {} × b {} factors, plan {:?}, tracked x {track_x} factors {track_factors}",
+                        a.len(),
+                        b.len(),
+                        plan.steps
+                    );
+                    let tracked = if i == 0 { track_x } else { track_factors };
+                    match (g, w) {
+                        (Some(g), Some(w)) if tracked => {
+                            assert!(w.iter().any(|v| v.abs() > 1e-3), "{what}: all zero");
+                            assert_close(g, w, 1e-5, &what);
+                        }
+                        (None, None) if !tracked => {}
+                        _ => panic!(
+                            "{what}: gradient present {} / reference {}",
+                            g.is_some(),
+                            w.is_some()
+                        ),
+                    }
+                }
+            }
         }
     }
 }
