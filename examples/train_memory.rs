@@ -1,7 +1,8 @@
 //! Peak memory and step time of one training setup — MiniLM with KronA or SmolLM2-135M with
 //! Kron-LoRA (random weights: cost does not depend on them), plain, with gradient accumulation
 //! (the batch in micro-batches), or with Burn's activation checkpointing
-//! (`Autodiff<_, BalancedCheckpointing>`: memory-bound ops recomputed in backward). Peak memory
+//! (`Autodiff<_, BalancedCheckpointing>`: memory-bound ops recomputed in backward), with the
+//! crate's backward of the Kronecker apply or (`--burn-backward`) Burn's. Peak memory
 //! is the process's peak resident set above what the built model takes, so run one setup per
 //! process; `scripts/train_memory.sh` runs them all and prints docs/training.md's table.
 //!
@@ -62,6 +63,10 @@ struct Args {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 4)]
     steps: usize,
+    /// Differentiate the Kronecker apply with Burn's generic backward instead of the crate's
+    /// (which keeps no intermediates; the training loops register it).
+    #[arg(long)]
+    burn_backward: bool,
 }
 
 /// Resident and peak resident memory of this process, bytes (Linux; zeros elsewhere).
@@ -79,6 +84,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn run<B: AutodiffBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    if !args.burn_backward {
+        kron_adapters::kron::autodiff::register_backward::<B>();
+    }
     let device: B::Device = Default::default();
     let micro = if args.mode == Mode::Accum {
         args.micro
@@ -183,6 +191,7 @@ fn run<B: AutodiffBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>
             "model": format!("{:?}", args.model).to_lowercase(),
             "mode": format!("{:?}", args.mode).to_lowercase(),
             "micro": micro,
+            "burn_backward": args.burn_backward,
             "backend": common::backend_name(),
             "median_step_ms": times[times.len() / 2],
             "model_mb": base as f64 / 1e6,

@@ -5,8 +5,9 @@
 //!   `B` may each be a chain of factors (`A = a1·a2·…`, `B = b1·b2·…`), following the KronA
 //!   paper's Eq. 2: with `x` reshaped to `X [n, a_in, b_in]`, `x·(A ⊗ B) = reshape(Aᵀ·X·B)`;
 //! * [`KronPlan`] is the order in which the factors are contracted, and its cost model;
-//! * [`autodiff`] gives the `a` contraction a hand-written backward on Burn's autodiff backend
-//!   (its gradient of `a` without the `[n, a_out, a_in]` tensor of the generic one);
+//! * [`autodiff`] gives the apply a hand-written backward on Burn's autodiff backend: one node
+//!   that recomputes its intermediates instead of keeping them, and the gradient of `a` without
+//!   the `[n, a_out, a_in]` tensor of the generic one;
 //!
 //! Choosing factor shapes for a layer is policy, not math: it lives beside the configs, in
 //! [`crate::adapter::shape`].
@@ -183,7 +184,9 @@ impl ContractionOrder {
 ///
 /// `x` is reshaped to `X [n, a_in, b_in]` and the factors are contracted in `plan`'s order:
 /// an `a` factor contracts the middle axis, a `b` factor the last. The scale is folded into the
-/// smallest factor, so it costs nothing per token.
+/// smallest factor, so it costs nothing per token. On an autodiff backend registered with
+/// [`autodiff::register_backward`] the steps are one autodiff node that recomputes its
+/// intermediates in the backward ([`autodiff::apply_steps`]).
 ///
 /// # Shapes
 /// - `x`: `[..., d_in]` with `d_in = a_in·b_in` (`a_in` = rows of `a_chain[0]`,
@@ -200,7 +203,7 @@ pub fn kron_apply<B: Backend, const D: usize>(
     scale: f64,
 ) -> Tensor<B, D> {
     let (a_chain, b_chain) = fold_scale(a_chain, b_chain, scale);
-    let mut t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
+    let t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
     let (mut a, mut b) = (a_chain.into_iter(), b_chain.into_iter());
     let factors = plan
         .steps
@@ -210,8 +213,7 @@ pub fn kron_apply<B: Backend, const D: usize>(
             Side::B => b.next().expect("plan matches the b chain"),
         })
         .collect();
-    t.t = autodiff::apply_steps(t.t, factors, &plan.steps);
-    t.finish()
+    t.apply_steps(factors, &plan.steps).finish()
 }
 
 /// The intermediate of a Kronecker apply: the input `[..., p·q]` viewed as `T [n, p, q]`
@@ -239,6 +241,13 @@ impl<B: Backend> KronIntermediate<B> {
             t: x.reshape([n, p, q]),
             lead,
         }
+    }
+
+    /// Contracts `factors[i]` on `steps[i]`'s axis, first to last, as one autodiff node where
+    /// registered ([`autodiff::apply_steps`]).
+    pub fn apply_steps(mut self, factors: Vec<Tensor<B, 2>>, steps: &[Side]) -> Self {
+        self.t = autodiff::apply_steps(self.t, factors, steps);
+        self
     }
 
     /// Contracts the `a` axis with `m [p, p']`: `T'[r] = mᵀ·T[r]` for every row `r`.

@@ -74,7 +74,7 @@ impl<B: AutodiffBackend> TrainStep for BertClassifier<B> {
     type Output = ClassificationOutput<B>;
 
     fn step(&self, batch: ClassifierBatch<B>) -> TrainOutput<ClassificationOutput<B>> {
-        crate::kron::autodiff::register_backward::<B>();
+        crate::kron::autodiff::register_default::<B>();
         let out = self.forward_classification(batch);
         TrainOutput::new(self, out.loss.backward(), out)
     }
@@ -124,7 +124,7 @@ impl<B: AutodiffBackend> TrainStep for LlamaForCausalLM<B> {
     type Output = ClassificationOutput<B>;
 
     fn step(&self, batch: ContinuationBatch<B>) -> TrainOutput<ClassificationOutput<B>> {
-        crate::kron::autodiff::register_backward::<B>();
+        crate::kron::autodiff::register_default::<B>();
         let out = self.forward_continuation(batch);
         TrainOutput::new(self, out.loss.backward(), out)
     }

@@ -61,7 +61,7 @@ where
         return Err(ConfigError::invalid("data parallel", "devices", "no devices").into());
     }
     let config = config.with_num_devices(devices.len());
-    crate::kron::autodiff::register_backward::<B>();
+    crate::kron::autodiff::register_default::<B>();
     // burn-collective keeps one server per backend type in a process: two runs at once would
     // mix their all-reduces, so a second run waits for the first.
     static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -484,7 +484,7 @@ pub fn train_model_resumable<B: AutodiffBackend>(
     resume: bool,
 ) -> Result<RunReport, AdapterError> {
     cfg.validate()?;
-    crate::kron::autodiff::register_backward::<B>();
+    crate::kron::autodiff::register_default::<B>();
     let train: &[Encoded] = match cfg.max_train {
         Some(n) => &data.train[..n.min(data.train.len())],
         None => &data.train,

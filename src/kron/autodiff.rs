@@ -1,43 +1,47 @@
-//! The `a` contraction of the Kronecker apply with a hand-written backward.
+//! The Kronecker apply's hand-written backward on Burn's autodiff backend.
 //!
-//! [`KronIntermediate::apply_a`](super::KronIntermediate::apply_a) contracts the middle axis of
-//! `T [n, p, q]` with a factor `m [p, p']`: `out[r] = mᵀ·T[r]`, one broadcast batched product.
-//! Burn's autodiff differentiates that product generically: the gradient of `m` is computed as
-//! `G [n, p', q] · Tᵀ [n, q, p]`, a `[n, p', p]` tensor, then summed over the `n` rows. At LLM
-//! widths (thousands of rows) that tensor is the whole memory excess of a KronA layer over a
-//! LoRA layer.
+//! Differentiated by Burn operation by operation, `x·(A ⊗ B)` keeps every intermediate of its
+//! contraction steps until the backward (one activation-sized `[n, p', q]` tensor per step but
+//! the last, per adapted layer), and the gradient of an `a` factor goes through a `[n, p', p]`
+//! tensor summed over the `n` rows. This module replaces both:
 //!
-//! [`contract_a`] computes the same forward with one autodiff node whose backward is this
-//! module's:
+//! * [`apply_steps`] runs the steps of a [`KronPlan`](super::KronPlan) as **one autodiff node**
+//!   that keeps only its input `T [n, p, q]` and the factors, and recomputes the intermediates
+//!   in its backward (one extra forward of every step but the last). A Kronecker adapter then
+//!   holds what a LoRA adapter holds between forward and backward: its input. Each step's
+//!   gradients, last step first, each intermediate dropped once used:
+//!   - `Side::B`, `out = T₂·f` (`T₂ [n·p, q]`): `∂f = T₂ᵀ·G₂`, `∂T = G·fᵀ`;
+//!   - `Side::A`, `out[r] = fᵀ·T[r]`: `∂T[r] = f·G[r]` and `∂f = Σ_r T[r]·G[r]ᵀ`.
+//! * [`contract_a`] is one `a` step as its own node (for the block adapters, which add a bias
+//!   between the steps), with the same `∂f`.
 //!
-//! * `∂T = m · G` (`[1, p, p'] · [n, p', q]`, one broadcast batched product), and
-//! * `∂m = Σ_r T[r] · G[r]ᵀ`, accumulated over row chunks sized so that a chunk's partial
-//!   products `[c, p, p']` stay within an eighth of `T` (and at most 16 chunks), so the
-//!   gradient never holds the `[n, p', p]` tensor.
+//! `∂f` of an `a` step is accumulated over row chunks sized so that a chunk's partial products
+//! `[c, p, p']` stay within an eighth of `T` (and at most 16 chunks): never the `[n, p', p]`
+//! tensor.
 //!
 //! # Why a registry
 //! A backward is registered on Burn's `Autodiff<I, C>` backend through its inner backend `I`,
 //! which generic code over `B: Backend` cannot name: Rust has no specialization, and a trait
 //! bound beyond `Backend` would change every adapter's `Module<B: Backend>` shape. So the
 //! backward is registered per autodiff backend type at run time by [`register_backward`]
-//! (generic over `AB: AutodiffBackend`, so the library names no backend), and [`contract_a`]
-//! looks the backend up by `TypeId`: registered, the hand-written node; not registered (any
-//! backend without autodiff, or an autodiff backend nobody registered), Burn's own
-//! differentiation of the same product ([`contract_a_composite`]). Both give the same values
-//! and gradients up to float rounding.
+//! (generic over `AB: AutodiffBackend`, so the library names no backend), and [`apply_steps`]
+//! and [`contract_a`] look the backend up by `TypeId`: registered, the hand-written node; not
+//! registered (any backend without autodiff, or an autodiff backend nobody registered), Burn's
+//! own differentiation of the same products ([`apply_steps_composite`],
+//! [`contract_a_composite`]). Both give the same values and gradients up to float rounding.
 //!
 //! The crate's training loops (`finetune`, `llm`, `learner`, `parallel`) register their
-//! backend themselves; a training loop of one's own calls [`register_backward`] once.
+//! backend themselves, unless [`unregister_backward`] opted it out (the recomputation costs
+//! about 5% of a MiniLM step for a fifth less memory); a training loop of one's own calls
+//! [`register_backward`] once.
 //!
 //! ```
-//! # #[cfg(feature = "ndarray")] {
 //! use burn::backend::{Autodiff, NdArray};
 //! use kron_adapters::kron::autodiff::{is_registered, register_backward};
 //!
 //! assert!(register_backward::<Autodiff<NdArray>>());
 //! assert!(is_registered::<Autodiff<NdArray>>());
 //! assert!(!is_registered::<NdArray>()); // no autodiff: nothing to register
-//! # }
 //! ```
 
 use std::any::{Any, TypeId};
@@ -146,12 +150,23 @@ pub fn apply_steps_composite<B: Backend>(
         })
 }
 
-/// Registers the hand-written backward for the autodiff backend `AB`, so that [`contract_a`]
-/// (and with it every Kronecker adapter's apply) uses it. Returns `false`, registering
-/// nothing, when `AB` is not Burn's `Autodiff<I>` (with no checkpointing or balanced
-/// checkpointing), the only autodiff backend whose graph this crate can extend. Registering
-/// again is a no-op.
+/// Registers the hand-written backward for the autodiff backend `AB`, so that [`apply_steps`]
+/// and [`contract_a`] (and with them every Kronecker adapter's apply) use it. Returns `false`,
+/// registering nothing, when `AB` is not Burn's `Autodiff<I>` (with no checkpointing or
+/// balanced checkpointing), the only autodiff backend whose graph this crate can extend.
+/// Registering again is a no-op.
 pub fn register_backward<AB: AutodiffBackend>() -> bool {
+    set::<AB>(true)
+}
+
+/// What the crate's training loops call: [`register_backward`], unless
+/// [`unregister_backward`] opted `AB` out.
+pub(crate) fn register_default<AB: AutodiffBackend>() -> bool {
+    set::<AB>(false)
+}
+
+/// Registers `AB` (`force`: also over an opt-out).
+fn set<AB: AutodiffBackend>(force: bool) -> bool {
     let id = TypeId::of::<AB>();
     type I<AB> = <AB as AutodiffBackend>::InnerBackend;
     let erased = if id == TypeId::of::<Autodiff<I<AB>>>() {
@@ -167,24 +182,29 @@ pub fn register_backward<AB: AutodiffBackend>() -> bool {
     } else {
         return false;
     };
-    if lookup(id).is_none() {
-        let mut registry = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
-        if !registry.iter().any(|(known, _)| *known == id) {
-            registry.push((id, erased));
-        }
+    let mut registry = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
+    match registry.iter_mut().find(|(known, _)| *known == id) {
+        Some((_, entry)) if force || entry.is_some() => *entry = Some(erased),
+        Some(_) => {} // opted out
+        None => registry.push((id, Some(erased))),
     }
     true
 }
 
-/// Removes `AB`'s registration, so that [`contract_a`] falls back to Burn's differentiation
-/// (for comparisons in one process; the values are the same). Returns whether it was
-/// registered.
+/// Opts `AB` out: [`apply_steps`] and [`contract_a`] fall back to Burn's differentiation (the
+/// same values and gradients up to rounding; the intermediates kept, about 5% less time per
+/// step on MiniLM, docs/benchmarks.md), also in the crate's training loops, until
+/// [`register_backward`]. Returns whether it was registered.
 pub fn unregister_backward<AB: AutodiffBackend>() -> bool {
     let id = TypeId::of::<AB>();
     let mut registry = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
-    let before = registry.len();
-    registry.retain(|(known, _)| *known != id);
-    registry.len() != before
+    match registry.iter_mut().find(|(known, _)| *known == id) {
+        Some((_, entry)) => entry.take().is_some(),
+        None => {
+            registry.push((id, None));
+            false
+        }
+    }
 }
 
 /// Does [`contract_a`] use the hand-written backward on backend `B`?
@@ -206,14 +226,15 @@ struct Registered {
     apply: ErasedApply,
 }
 
-static REGISTRY: RwLock<Vec<(TypeId, Registered)>> = RwLock::new(Vec::new());
+/// Backends registered (`Some`) or opted out (`None`).
+static REGISTRY: RwLock<Vec<(TypeId, Option<Registered>)>> = RwLock::new(Vec::new());
 
 fn lookup(id: TypeId) -> Option<Registered> {
     let registry = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
     registry
         .iter()
         .find(|(known, _)| *known == id)
-        .map(|(_, f)| *f)
+        .and_then(|(_, f)| *f)
 }
 
 fn contract_erased<I: Backend, C: CheckpointStrategy>(
@@ -435,7 +456,27 @@ pub(crate) fn chunk_rows(n: usize, p2: usize, q: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::chunk_rows;
+    use super::{chunk_rows, is_registered, register_backward, register_default};
+    use super::{unregister_backward, Autodiff};
+
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn an_opt_out_holds_against_the_training_loops_registration() {
+        // A backend type no other test registers (the registry is process-wide).
+        type AB = Autodiff<burn::backend::NdArray<f64>>;
+        assert!(!is_registered::<AB>());
+        assert!(register_default::<AB>());
+        assert!(is_registered::<AB>());
+        assert!(unregister_backward::<AB>());
+        assert!(!unregister_backward::<AB>(), "already opted out");
+        assert!(register_default::<AB>());
+        assert!(
+            !is_registered::<AB>(),
+            "a training loop must not undo the opt-out"
+        );
+        assert!(register_backward::<AB>());
+        assert!(is_registered::<AB>(), "an explicit registration does");
+    }
 
     #[test]
     fn chunks_bound_the_partial_products_and_their_count() {

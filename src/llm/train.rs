@@ -135,7 +135,7 @@ pub fn finetune_mc<B: AutodiffBackend>(
     log: &dyn Fn(&str),
 ) -> Result<(LlamaForCausalLM<B>, LlmRunReport), AdapterError> {
     cfg.validate()?;
-    crate::kron::autodiff::register_backward::<B>();
+    crate::kron::autodiff::register_default::<B>();
     if train.is_empty() || dev.is_empty() {
         return Err(
             ConfigError::invalid("llm finetune", "data", "no training or dev questions").into(),
