@@ -207,7 +207,7 @@ pub fn unregister_backward<AB: AutodiffBackend>() -> bool {
     }
 }
 
-/// Does [`contract_a`] use the hand-written backward on backend `B`?
+/// Do [`apply_steps`] and [`contract_a`] use the hand-written backward on backend `B`?
 pub fn is_registered<B: Backend>() -> bool {
     lookup(TypeId::of::<B>()).is_some()
 }
