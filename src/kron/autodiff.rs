@@ -161,6 +161,7 @@ pub fn register_backward<AB: AutodiffBackend>() -> bool {
 
 /// What the crate's training loops call: [`register_backward`], unless
 /// [`unregister_backward`] opted `AB` out.
+#[cfg_attr(not(feature = "finetune"), allow(dead_code))] // the loops need `finetune`
 pub(crate) fn register_default<AB: AutodiffBackend>() -> bool {
     set::<AB>(false)
 }
