@@ -169,6 +169,10 @@ pub(crate) fn register_default<AB: AutodiffBackend>() -> bool {
 /// Registers `AB` (`force`: also over an opt-out).
 fn set<AB: AutodiffBackend>(force: bool) -> bool {
     let id = TypeId::of::<AB>();
+    // The training loops call this every step: a read lock when it is already settled.
+    if !force && known(id) {
+        return true;
+    }
     type I<AB> = <AB as AutodiffBackend>::InnerBackend;
     let erased = if id == TypeId::of::<Autodiff<I<AB>>>() {
         Registered {
@@ -230,6 +234,12 @@ struct Registered {
 /// Backends registered (`Some`) or opted out (`None`).
 static REGISTRY: RwLock<Vec<(TypeId, Option<Registered>)>> = RwLock::new(Vec::new());
 
+/// Is `id` registered or opted out?
+fn known(id: TypeId) -> bool {
+    let registry = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
+    registry.iter().any(|(known, _)| *known == id)
+}
+
 fn lookup(id: TypeId) -> Option<Registered> {
     let registry = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
     registry
@@ -263,14 +273,29 @@ fn contract_tracked<I: Backend, C: CheckpointStrategy>(
             // ∂m needs T, ∂T needs m.
             let m_state = t_tracked.then(|| prep.checkpoint(&m));
             let t_state = m_tracked.then(|| prep.checkpoint(&t));
-            prep.finish((m_state, t_state), forward::<I>(m.primitive, t.primitive))
+            prep.finish(
+                (m_state, t_state),
+                forward::<I>(t.primitive, [m.primitive], &[Side::A]),
+            )
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward::<I>(m.primitive, t.primitive)),
+        OpsKind::UnTracked(prep) => {
+            prep.finish(forward::<I>(t.primitive, [m.primitive], &[Side::A]))
+        }
     }
 }
 
-fn forward<I: Backend>(m: FloatTensor<I>, t: FloatTensor<I>) -> FloatTensor<I> {
-    contract_a_composite(float::<I, 2>(m), float::<I, 3>(t))
+/// The forward of a node on the inner backend: `factors` applied to `t` by [`step_forward`].
+fn forward<I: Backend>(
+    t: FloatTensor<I>,
+    factors: impl IntoIterator<Item = FloatTensor<I>>,
+    steps: &[Side],
+) -> FloatTensor<I> {
+    factors
+        .into_iter()
+        .zip(steps)
+        .fold(float::<I, 3>(t), |t, (f, side)| {
+            step_forward(t, float::<I, 2>(f), *side)
+        })
         .into_primitive()
         .tensor()
 }
@@ -339,11 +364,8 @@ fn apply_tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
     let nodes = inputs.each_ref().map(|t| t.node.clone());
     let forward = |inputs: [FloatTensor<Autodiff<I, C>>; N], steps: &[Side]| {
         let mut primitives = inputs.into_iter().map(|x| x.primitive);
-        let t = float::<I, 3>(primitives.next().expect("N ≥ 3 inputs"));
-        let factors = primitives.map(float::<I, 2>).collect();
-        apply_steps_composite(t, factors, steps)
-            .into_primitive()
-            .tensor()
+        let t = primitives.next().expect("N ≥ 3 inputs");
+        forward::<I>(t, primitives, steps)
     };
     let op = ApplySteps {
         steps: steps.clone(),

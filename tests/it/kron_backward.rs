@@ -37,6 +37,13 @@ fn host_grads(m: &[f32], t: &[f32], r: &[f32], [n, p, p2, q]: [usize; 4]) -> (Ve
     (f(gm), f(gt))
 }
 
+/// Random `m`, `T`, `R` for `dims`, and the host references of `∂m` and `∂T`.
+fn random_case(rng: &mut Rng, dims @ [n, p, p2, q]: [usize; 4]) -> [Vec<f32>; 5] {
+    let (m, t, r) = (rng.vec(p * p2), rng.vec(n * p * q), rng.vec(n * p2 * q));
+    let (gm, gt) = host_grads(&m, &t, &r, dims);
+    [m, t, r, gm, gt]
+}
+
 /// `contract_a`'s value and both gradients on autodiff backend `A`, for `Σ out ⊙ R`.
 fn contract_grads<A: AutodiffBackend>(
     m: &[f32],
@@ -72,10 +79,7 @@ fn contract_a_gradients_match_host_references_over_several_chunks() {
     // [n, p, p', q]: square factors with rows enough for several chunks of ∂m, a wide `a`
     // (one chunk per row), a narrow one (one chunk in all), and a single row.
     for dims @ [n, p, p2, q] in [[40, 3, 5, 4], [33, 6, 7, 1], [24, 2, 2, 16], [1, 4, 3, 5]] {
-        let m = rng.vec(p * p2);
-        let t = rng.vec(n * p * q);
-        let r = rng.vec(n * p2 * q);
-        let (gm_want, gt_want) = host_grads(&m, &t, &r, dims);
+        let [m, t, r, gm_want, gt_want] = random_case(&mut rng, dims);
         let (out, gm, gt) = contract_grads::<AB>(&m, &t, &r, dims, &dev, false);
         // The value: out[r] = mᵀ·T[r], from the host.
         let mt_host = transpose_ref(&m, p, p2);
@@ -99,9 +103,8 @@ fn balanced_checkpointing_backend_gets_the_same_gradients() {
     assert!(is_registered::<Balanced>());
     let dev = device();
     let mut rng = Rng::new(131);
-    let dims @ [n, p, p2, q] = [20, 4, 6, 3];
-    let (m, t, r) = (rng.vec(p * p2), rng.vec(n * p * q), rng.vec(n * p2 * q));
-    let (gm_want, gt_want) = host_grads(&m, &t, &r, dims);
+    let dims = [20, 4, 6, 3];
+    let [m, t, r, gm_want, gt_want] = random_case(&mut rng, dims);
     let (_, gm, gt) = contract_grads::<Balanced>(&m, &t, &r, dims, &dev, false);
     assert_close(&gm, &gm_want, 1e-5, "∂m, balanced checkpointing");
     assert_close(&gt, &gt_want, 1e-5, "∂T, balanced checkpointing");
@@ -113,8 +116,7 @@ fn only_tracked_operands_get_gradients() {
     let dev = device();
     let mut rng = Rng::new(132);
     let dims @ [n, p, p2, q] = [9, 3, 4, 2];
-    let (m, t, r) = (rng.vec(p * p2), rng.vec(n * p * q), rng.vec(n * p2 * q));
-    let (gm_want, gt_want) = host_grads(&m, &t, &r, dims);
+    let [m, t, r, gm_want, gt_want] = random_case(&mut rng, dims);
     for (track_m, track_t) in [(true, false), (false, true)] {
         let mut mt = tensor::<AB, 2>(&m, [p, p2], &dev);
         let mut tt = tensor::<AB, 3>(&t, [n, p, q], &dev);
