@@ -7,6 +7,7 @@
 //! cargo bench --features full --bench adapters -- --quick    # smaller sizes (~3 min)
 //! cargo bench --features full --bench adapters -- --width 4096,14336   # one width's adapters alone
 //! cargo bench --features full,wgpu --bench adapters          # the same on a GPU
+//! cargo bench --features full,wgpu --bench adapters -- --fused-kernel   # with kron::cube's kernel
 //! ```
 //!
 //! The adapters-alone table covers square widths and two LLM layers (SmolLM2-135M's FFN,
@@ -266,12 +267,19 @@ fn child(args: &[String]) -> Option<()> {
     Some(())
 }
 
+/// `--fused-kernel`: the Kronecker apply through the fused CubeCL kernel (`kron::cube`; GPU
+/// backends without `fusion`), in the children too.
+fn fused_kernel() -> bool {
+    std::env::args().any(|a| a == "--fused-kernel")
+}
+
 /// The peak memory of `v` measured in a child process, MB (NaN if it could not be measured).
 fn child_peak_mb(d_in: usize, d_out: usize, tokens: usize, v: Variant) -> f64 {
     let run = std::env::current_exe().and_then(|exe| {
         std::process::Command::new(exe)
             .args(["--child", &d_in.to_string(), &d_out.to_string()])
             .args([tokens.to_string(), v.arg()])
+            .args(fused_kernel().then_some("--fused-kernel"))
             .output()
     });
     run.ok()
@@ -575,6 +583,10 @@ fn main() {
     // CPU backends: keep freed buffers instead of page-faulting fresh ones for every tensor.
     kron_adapters::finetune::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
+    if fused_kernel() && !common::register_fused_kernel() {
+        eprintln!("--fused-kernel: only on the GPU backends without `fusion`");
+        std::process::exit(2);
+    }
     if let Some(i) = args.iter().position(|a| a == "--child") {
         if child(&args[i + 1..]).is_none() {
             std::process::exit(2);

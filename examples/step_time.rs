@@ -6,6 +6,7 @@
 //! ```text
 //! cargo run --release --features full --example step_time -- --batch 32 --seq 64
 //! cargo run --release --features full --example step_time -- --layer 4096,14336 --tokens 2048 --methods kron_lora_r8
+//! cargo run --release --features full,cuda --example step_time -- --layer 4096,4096 --fused-kernel
 //! ```
 
 mod common;
@@ -42,6 +43,10 @@ struct Args {
     /// of the crate's hand-written one (which the training loops use).
     #[arg(long)]
     burn_backward: bool,
+    /// Run the Kronecker apply's adjacent `a`/`b` steps as one launch of the fused CubeCL kernel
+    /// (`kron::cube`; GPU backends without `fusion`).
+    #[arg(long)]
+    fused_kernel: bool,
 }
 
 fn parse_width(s: &str) -> Result<(usize, usize), String> {
@@ -62,6 +67,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     if !args.burn_backward {
         kron_adapters::kron::autodiff::register_backward::<Train>();
+    }
+    if args.fused_kernel && !common::register_fused_kernel() {
+        return Err(format!(
+            "--fused-kernel: the fused kernel runs on the GPU backends without `fusion` (built with `{}`)",
+            backend_name()
+        )
+        .into());
     }
     let device = Default::default();
     // Dropout off, as the PyTorch side runs in eval mode.
@@ -89,6 +101,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = serde_json::Map::new();
     out.insert("backend".into(), backend_name().into());
     out.insert("burn_backward".into(), args.burn_backward.into());
+    out.insert("fused_kernel".into(), args.fused_kernel.into());
     let wanted = |key: &str| args.methods.is_empty() || args.methods.iter().any(|m| m == key);
     let layer_methods = [
         ("full", None),

@@ -19,6 +19,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub mod autodiff;
+#[cfg(feature = "cube")]
+pub mod cube;
 
 /// Materializes the Kronecker product `a ⊗ b`.
 ///

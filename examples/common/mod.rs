@@ -61,6 +61,35 @@ pub type Inner = burn::backend::NdArray;
 /// The training backend: autodiff over [`Inner`].
 pub type Train = burn::backend::Autodiff<Inner>;
 
+/// Registers the fused CubeCL kernel for the Kronecker apply (`kron::cube`) on [`Inner`]: on the
+/// GPU backends without `fusion` (which wraps them in another backend type). Returns whether it
+/// could.
+pub fn register_fused_kernel() -> bool {
+    #[cfg(all(
+        any(
+            feature = "cuda",
+            feature = "metal",
+            feature = "vulkan",
+            feature = "wgpu"
+        ),
+        not(feature = "fusion")
+    ))]
+    {
+        kron_adapters::kron::cube::register_fused_kernel::<Inner>();
+        true
+    }
+    #[cfg(not(all(
+        any(
+            feature = "cuda",
+            feature = "metal",
+            feature = "vulkan",
+            feature = "wgpu"
+        ),
+        not(feature = "fusion")
+    )))]
+    false
+}
+
 /// A name for the selected backend, for printing.
 pub fn backend_name() -> &'static str {
     if cfg!(feature = "cuda") {

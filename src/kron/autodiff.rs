@@ -112,9 +112,10 @@ pub fn apply_steps<B: Backend>(
 ) -> Tensor<B, 3> {
     debug_assert_eq!(factors.len(), steps.len(), "one factor per step");
     let registered = lookup(TypeId::of::<B>()).filter(|_| (2..=4).contains(&factors.len()));
-    let Some(registered) = registered else {
+    let fused = registered.is_none() && lookup_pair(TypeId::of::<B>()).is_some();
+    if registered.is_none() && !fused {
         return apply_steps_composite(t, factors, steps);
-    };
+    }
     let t = t.into_primitive();
     let factors: Vec<_> = factors.into_iter().map(Tensor::into_primitive).collect();
     let all_float = matches!(t, TensorPrimitive::Float(_))
@@ -126,6 +127,11 @@ pub fn apply_steps<B: Backend>(
         let factors = factors.into_iter().map(Tensor::from_primitive).collect();
         return apply_steps_composite(Tensor::from_primitive(t), factors, steps);
     }
+    let Some(registered) = registered else {
+        // No autodiff node on `B`, but its fused kernel (`kron::cube`).
+        let out = forward::<B>(t.tensor(), factors.into_iter().map(|f| f.tensor()), steps);
+        return Tensor::from_primitive(TensorPrimitive::Float(out));
+    };
     let erase = |p: TensorPrimitive<B>| -> Box<dyn Any> { Box::new(p.tensor()) };
     let out = (registered.apply)(erase(t), factors.into_iter().map(erase).collect(), steps);
     let out = *out
@@ -248,6 +254,40 @@ fn lookup(id: TypeId) -> Option<Registered> {
         .and_then(|(_, f)| *f)
 }
 
+/// A fused kernel for one `a` step and one `b` step on one backend, its tensors type-erased:
+/// `T`, the `a` factor, the `b` factor, and the result, all that backend's float primitives.
+pub(crate) type ErasedPair = fn(Box<dyn Any>, Box<dyn Any>, Box<dyn Any>) -> Box<dyn Any>;
+
+/// Backends with a fused kernel for adjacent `a`/`b` steps (`kron::cube`), by their `TypeId`.
+static PAIRS: RwLock<Vec<(TypeId, ErasedPair)>> = RwLock::new(Vec::new());
+
+/// Sets (`Some`) or removes (`None`) backend `id`'s fused kernel; returns whether it had one.
+#[cfg_attr(not(feature = "cube"), allow(dead_code))] // set by `kron::cube`
+pub(crate) fn set_pair(id: TypeId, pair: Option<ErasedPair>) -> bool {
+    let mut pairs = PAIRS.write().unwrap_or_else(|e| e.into_inner());
+    let had = pairs.iter().position(|(known, _)| *known == id);
+    if let Some(at) = had {
+        pairs.remove(at);
+    }
+    if let Some(pair) = pair {
+        pairs.push((id, pair));
+    }
+    had.is_some()
+}
+
+#[cfg_attr(not(feature = "cube"), allow(dead_code))]
+pub(crate) fn has_pair(id: TypeId) -> bool {
+    lookup_pair(id).is_some()
+}
+
+fn lookup_pair(id: TypeId) -> Option<ErasedPair> {
+    let pairs = PAIRS.read().unwrap_or_else(|e| e.into_inner());
+    pairs
+        .iter()
+        .find(|(known, _)| *known == id)
+        .map(|(_, f)| *f)
+}
+
 fn contract_erased<I: Backend, C: CheckpointStrategy>(
     m: Box<dyn Any>,
     t: Box<dyn Any>,
@@ -284,20 +324,42 @@ fn contract_tracked<I: Backend, C: CheckpointStrategy>(
     }
 }
 
-/// The forward of a node on the inner backend: `factors` applied to `t` by [`step_forward`].
+/// The forward of a node on the inner backend: `factors` applied to `t` by [`step_forward`],
+/// or, where a fused kernel is registered for `I` ([`set_pair`]), adjacent `a`/`b` steps as one
+/// launch of it.
 fn forward<I: Backend>(
     t: FloatTensor<I>,
     factors: impl IntoIterator<Item = FloatTensor<I>>,
     steps: &[Side],
 ) -> FloatTensor<I> {
-    factors
-        .into_iter()
-        .zip(steps)
-        .fold(float::<I, 3>(t), |t, (f, side)| {
-            step_forward(t, float::<I, 2>(f), *side)
-        })
-        .into_primitive()
-        .tensor()
+    let pair = lookup_pair(TypeId::of::<I>());
+    let mut factors = factors.into_iter();
+    let mut t = float::<I, 3>(t);
+    let mut i = 0;
+    while let Some(f) = factors.next() {
+        let side = steps[i];
+        match pair {
+            Some(pair) if steps.get(i + 1).is_some_and(|&next| next != side) => {
+                let g = factors.next().expect("one factor per step");
+                let (fa, fb) = match side {
+                    Side::A => (f, g),
+                    Side::B => (g, f),
+                };
+                let erase = |p: FloatTensor<I>| -> Box<dyn Any> { Box::new(p) };
+                let out = pair(erase(t.into_primitive().tensor()), erase(fa), erase(fb));
+                let out = *out
+                    .downcast::<FloatTensor<I>>()
+                    .expect("the registered kernel is the one for I's TypeId");
+                t = float::<I, 3>(out);
+                i += 2;
+            }
+            _ => {
+                t = step_forward(t, float::<I, 2>(f), side);
+                i += 1;
+            }
+        }
+    }
+    t.into_primitive().tensor()
 }
 
 fn float<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {

@@ -18,6 +18,8 @@ mod encoder;
 #[cfg(feature = "finetune")]
 mod finetune;
 mod kron_backward;
+#[cfg(feature = "wgpu")]
+mod kron_cube;
 mod kron_math;
 #[cfg(feature = "train")]
 mod learner;
