@@ -12,6 +12,9 @@
 //!   gradients, last step first, each intermediate dropped once used:
 //!   - `Side::B`, `out = T₂·f` (`T₂ [n·p, q]`): `∂f = T₂ᵀ·G₂`, `∂T = G·fᵀ`;
 //!   - `Side::A`, `out[r] = fᵀ·T[r]`: `∂T[r] = f·G[r]` and `∂f = Σ_r T[r]·G[r]ᵀ`.
+//!
+//!   With no factor tracked (frozen factors, only `T` needs a gradient) nothing is recomputed:
+//!   `∂T` is the forward of the transposed factors in reverse order, applied to `G`.
 //! * [`contract_a`] is one `a` step as its own node (for the block adapters, which add a bias
 //!   between the steps), with the same `∂f`.
 //!
@@ -459,10 +462,22 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
         let mut g = float::<I, 3>(grads.consume::<I>(&ops.node));
         let mut ids = ops.state.into_iter();
         let Some(t_id) = ids.next() else { return };
-        let t = float::<I, 3>(ckpt.retrieve_node_output(t_id));
         let factors: Vec<Tensor<I, 2>> = ids
             .map(|id| float::<I, 2>(ckpt.retrieve_node_output(id)))
             .collect();
+        if ops.parents[1..].iter().all(Option::is_none) {
+            // Only `T` needs a gradient (frozen factors): the transposed factors applied in
+            // reverse order, no intermediate recomputed (a fused kernel where registered).
+            if let Some(node) = &ops.parents[0] {
+                let transposed = factors.into_iter().rev().map(|f| f.transpose());
+                let steps: Vec<Side> = self.steps.iter().rev().copied().collect();
+                let primitives = transposed.map(|f| f.into_primitive().tensor());
+                let grad = forward::<I>(g.into_primitive().tensor(), primitives, &steps);
+                grads.register::<I>(node.id, grad);
+            }
+            return;
+        }
+        let t = float::<I, 3>(ckpt.retrieve_node_output(t_id));
         // The input of every step: T, then the recomputed intermediates.
         let mut inputs = vec![t];
         for (f, side) in factors.iter().zip(&self.steps).take(self.steps.len() - 1) {

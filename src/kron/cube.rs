@@ -18,8 +18,10 @@
 //! the [`FusedKernel`] backends) and is **opt in**: [`register_fused_kernel`] makes
 //! [`autodiff::apply_steps`](super::autodiff::apply_steps) use it for the backend (directly
 //! for inference, and inside the apply's autodiff node when training on `Autodiff<backend>`).
-//! The backward is unchanged: it needs the intermediate of every step for the factors'
-//! gradients, so it recomputes them with Burn's products. Where the kernel cannot run (mixed
+//! In the backward, where only the input needs a gradient (frozen factors), `∂T` is this same
+//! kernel on the gradient with the factors transposed; where factors train, their gradients need
+//! the intermediate of every step, so the backward recomputes them with Burn's products. Where
+//! the kernel cannot run (mixed
 //! or quantized dtypes, or a `p × tile` block beyond the device's shared memory even at one
 //! column) the same products run as Burn's two steps.
 //!
@@ -69,13 +71,12 @@ mod sealed {
     use burn::tensor::ops::FloatTensor;
 
     pub trait Launch: Backend {
-        /// The fused pair on this backend's primitives, or the inputs back when it cannot run.
-        #[allow(clippy::type_complexity)]
+        /// The fused pair on this backend's primitives; `None` where it cannot run.
         fn launch_pair(
-            t: FloatTensor<Self>,
-            fa: FloatTensor<Self>,
-            fb: FloatTensor<Self>,
-        ) -> Result<FloatTensor<Self>, (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>)>;
+            t: &FloatTensor<Self>,
+            fa: &FloatTensor<Self>,
+            fb: &FloatTensor<Self>,
+        ) -> Option<FloatTensor<Self>>;
     }
 }
 
@@ -83,10 +84,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> sealed::La
     for CubeBackend<R, F, I, BT>
 {
     fn launch_pair(
-        t: CubeTensor<R>,
-        fa: CubeTensor<R>,
-        fb: CubeTensor<R>,
-    ) -> Result<CubeTensor<R>, (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>)> {
+        t: &CubeTensor<R>,
+        fa: &CubeTensor<R>,
+        fb: &CubeTensor<R>,
+    ) -> Option<CubeTensor<R>> {
         launch::<R>(t, fa, fb)
     }
 }
@@ -130,9 +131,9 @@ pub fn fused_pair<B: FusedKernel>(
         );
         return two_steps(t, fa, fb);
     };
-    match B::launch_pair(t, fa, fb) {
-        Ok(out) => Tensor::from_primitive(TensorPrimitive::Float(out)),
-        Err((t, fa, fb)) => two_steps(float(t), float(fa), float(fb)),
+    match B::launch_pair(&t, &fa, &fb) {
+        Some(out) => Tensor::from_primitive(TensorPrimitive::Float(out)),
+        None => two_steps(float(t), float(fa), float(fb)),
     }
 }
 
@@ -183,14 +184,13 @@ fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
-/// Picks the order and the tile, allocates the output and launches; the inputs back where the
-/// kernel cannot run.
-#[allow(clippy::type_complexity)]
+/// Picks the order and the tile, allocates the output and launches; `None` where the kernel
+/// cannot run. (A tensor here is a handle: cloning one shares its buffer.)
 fn launch<R: CubeRuntime>(
-    t: CubeTensor<R>,
-    fa: CubeTensor<R>,
-    fb: CubeTensor<R>,
-) -> Result<CubeTensor<R>, (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>)> {
+    t: &CubeTensor<R>,
+    fa: &CubeTensor<R>,
+    fb: &CubeTensor<R>,
+) -> Option<CubeTensor<R>> {
     let same_dtype = t.dtype == fa.dtype && t.dtype == fb.dtype;
     let float = matches!(
         t.dtype,
@@ -198,7 +198,7 @@ fn launch<R: CubeRuntime>(
     );
     let quantized = t.qparams.is_some() || fa.qparams.is_some() || fb.qparams.is_some();
     if !same_dtype || !float || quantized {
-        return Err((t, fa, fb));
+        return None;
     }
     let [n, p, q] = t.meta.shape().dims::<3>();
     let p2 = fa.meta.shape().dims::<2>()[1];
@@ -216,7 +216,7 @@ fn launch<R: CubeRuntime>(
         tile /= 2;
     }
     if kept_cap * tile * elem > hw.max_shared_memory_size {
-        return Err((t, fa, fb));
+        return None;
     }
     let dtype = t.dtype;
     let out = empty_device_contiguous_dtype(
@@ -226,19 +226,15 @@ fn launch<R: CubeRuntime>(
         dtype,
     );
     if n == 0 || p2 == 0 || q2 == 0 {
-        return Ok(out);
+        return Some(out);
     }
     // The `p`-first order is the `q`-first kernel on the transposed problem: T's last two axes,
     // the factors' roles and the output's last two axes swapped (views, no copy).
     let (t_arg, first, second, out_arg) = if q_first {
-        (t, fb, fa, out.clone())
+        (t.clone(), fb.clone(), fa.clone(), out.clone())
     } else {
-        (
-            permute(t, &[0, 2, 1]),
-            fa,
-            fb,
-            permute(out.clone(), &[0, 2, 1]),
-        )
+        let t = permute(t.clone(), &[0, 2, 1]);
+        (t, fa.clone(), fb.clone(), permute(out.clone(), &[0, 2, 1]))
     };
     let per_dim = MAX_CUBES_PER_DIM.min(hw.max_cube_count.0 as usize).max(1);
     let cubes_x = n.min(per_dim);
@@ -257,7 +253,7 @@ fn launch<R: CubeRuntime>(
         tile,
         dtype.into(),
     );
-    Ok(out)
+    Some(out)
 }
 
 /// The kernel, in CubeCL's language (kept apart: its prelude's `Tensor` and `Float` are not

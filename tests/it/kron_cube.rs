@@ -95,21 +95,32 @@ fn the_fused_pair_covers_more_rows_than_one_cube_count_dimension() {
     assert_close(&got[tail..], &want[tail..], 1e-5, "the last rows");
 }
 
+/// A chain of factors: each one's values and shape.
+type Chain = [(Vec<f32>, [usize; 2])];
+
 /// `x·(A ⊗ B)·scale` through `kron_apply` (with `plan`) or the materialized product (without),
-/// and, when `grads`, the gradients of `x` and every factor under `Σ y ⊙ R`.
+/// and the gradients under `Σ y ⊙ R` of `x` and, when `track_factors`, of every factor.
 fn apply(
     x: &[f32],
-    chains: (&[(Vec<f32>, [usize; 2])], &[(Vec<f32>, [usize; 2])]),
+    chains: (&Chain, &Chain),
     r: &[f32],
     plan: Option<&KronPlan>,
-) -> (Vec<f32>, Vec<Vec<f32>>) {
+    track_factors: bool,
+) -> (Vec<f32>, Vec<Option<Vec<f32>>>) {
     let dev = device();
     let (a, b) = chains;
     let d_in = a[0].1[0] * b[0].1[0];
     let d_out = a.last().unwrap().1[1] * b.last().unwrap().1[1];
     let n = x.len() / d_in;
     let xt = tensor::<AB, 2>(x, [n, d_in], &dev).require_grad();
-    let factor = |(v, s): &(Vec<f32>, [usize; 2])| tensor::<AB, 2>(v, *s, &dev).require_grad();
+    let factor = |(v, s): &(Vec<f32>, [usize; 2])| {
+        let f = tensor::<AB, 2>(v, *s, &dev);
+        if track_factors {
+            f.require_grad()
+        } else {
+            f
+        }
+    };
     let at: Vec<_> = a.iter().map(factor).collect();
     let bt: Vec<_> = b.iter().map(factor).collect();
     let y: Tensor<AB, 2> = match plan {
@@ -123,7 +134,7 @@ fn apply(
     let grads = std::iter::once(&xt)
         .chain(&at)
         .chain(&bt)
-        .map(|t| to_vec(t.grad(&g).expect("every input is tracked")))
+        .map(|t| t.grad(&g).map(to_vec))
         .collect();
     (value, grads)
 }
@@ -160,7 +171,7 @@ fn registered_the_kernel_serves_kron_apply_and_its_gradients() {
         let d_in = a[0].1[0] * b[0].1[0];
         let d_out = a.last().unwrap().1[1] * b.last().unwrap().1[1];
         let (x, r) = (rng.vec(n * d_in), rng.vec(n * d_out));
-        let (want_y, want_g) = apply(&x, (a, b), &r, None);
+        let (want_y, want_g) = apply(&x, (a, b), &r, None, true);
         for plan in plans {
             let what = format!("{} × {} factors, plan {:?}", a.len(), b.len(), plan.steps);
             // Inference on TB: no autodiff node, the kernel directly.
@@ -171,12 +182,25 @@ fn registered_the_kernel_serves_kron_apply_and_its_gradients() {
             let y = kron_apply(xt, &at, &bt, plan, 0.6);
             assert_close(&to_vec(y), &want_y, 1e-5, &format!("inference, {what}"));
             // Training on Autodiff<TB>: the kernel inside the apply's node.
-            let (y, grads) = apply(&x, (a, b), &r, Some(plan));
+            let (y, grads) = apply(&x, (a, b), &r, Some(plan), true);
             assert_close(&y, &want_y, 1e-5, &format!("training value, {what}"));
             for (i, (g, w)) in grads.iter().zip(&want_g).enumerate() {
+                let (Some(g), Some(w)) = (g, w) else {
+                    panic!("input {i} has no gradient, {what}")
+                };
                 assert_close(g, w, 1e-5, &format!("gradient of input {i}, {what}"));
             }
         }
+        // Frozen factors: x's gradient alone, the transposed factors through the kernel.
+        let (_, grads) = apply(&x, (a, b), &r, Some(&KronPlan::a_last(1, b.len())), false);
+        let what = format!("{} × {} frozen factors", a.len(), b.len());
+        assert!(
+            grads[1..].iter().all(Option::is_none),
+            "{what}: factor gradients"
+        );
+        let got = grads[0].as_ref().expect("x is tracked");
+        let want = want_g[0].as_ref().expect("x is tracked");
+        assert_close(got, want, 1e-5, &format!("gradient of x, {what}"));
     }
     assert!(unregister_fused_kernel::<TB>());
     assert!(!is_fused::<TB>());
