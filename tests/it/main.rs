@@ -31,6 +31,7 @@ mod multi;
 mod parallel;
 mod peft_io;
 mod peft_parity;
+#[cfg(any(feature = "flex", feature = "wgpu"))]
 mod precision;
 mod quant;
 #[cfg(all(feature = "finetune", feature = "flex"))]
