@@ -13,8 +13,9 @@
 //!   - `Side::B`, `out = T₂·f` (`T₂ [n·p, q]`): `∂f = T₂ᵀ·G₂`, `∂T = G·fᵀ`;
 //!   - `Side::A`, `out[r] = fᵀ·T[r]`: `∂T[r] = f·G[r]` and `∂f = Σ_r T[r]·G[r]ᵀ`.
 //!
-//!   With no factor tracked (frozen factors, only `T` needs a gradient) nothing is recomputed:
-//!   `∂T` is the forward of the transposed factors in reverse order, applied to `G`.
+//!   With no factor tracked (frozen factors, only `T` needs a gradient) the node keeps only the
+//!   factors and recomputes nothing: `∂T` is the forward of the transposed factors in reverse
+//!   order, applied to `G`.
 //! * [`contract_a`] is one `a` step as its own node (for the block adapters, which add a bias
 //!   between the steps), with the same `∂f`.
 //!
@@ -245,16 +246,20 @@ static REGISTRY: RwLock<Vec<(TypeId, Option<Registered>)>> = RwLock::new(Vec::ne
 
 /// Is `id` registered or opted out?
 fn known(id: TypeId) -> bool {
-    let registry = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
-    registry.iter().any(|(known, _)| *known == id)
+    find(&REGISTRY, id).is_some()
 }
 
 fn lookup(id: TypeId) -> Option<Registered> {
-    let registry = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
-    registry
+    find(&REGISTRY, id).flatten()
+}
+
+/// The entry for backend `id` in one of this module's registries.
+fn find<T: Copy>(table: &RwLock<Vec<(TypeId, T)>>, id: TypeId) -> Option<T> {
+    let table = table.read().unwrap_or_else(|e| e.into_inner());
+    table
         .iter()
         .find(|(known, _)| *known == id)
-        .and_then(|(_, f)| *f)
+        .map(|(_, entry)| *entry)
 }
 
 /// A fused kernel for one `a` step and one `b` step on one backend, its tensors type-erased:
@@ -284,11 +289,7 @@ pub(crate) fn has_pair(id: TypeId) -> bool {
 }
 
 fn lookup_pair(id: TypeId) -> Option<ErasedPair> {
-    let pairs = PAIRS.read().unwrap_or_else(|e| e.into_inner());
-    pairs
-        .iter()
-        .find(|(known, _)| *known == id)
-        .map(|(_, f)| *f)
+    find(&PAIRS, id)
 }
 
 fn contract_erased<I: Backend, C: CheckpointStrategy>(
@@ -365,7 +366,7 @@ fn forward<I: Backend>(
     t.into_primitive().tensor()
 }
 
-fn float<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
+pub(crate) fn float<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
@@ -440,8 +441,12 @@ fn apply_tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
         .stateful()
     {
         OpsKind::Tracked(mut prep) => {
-            let ids = inputs.iter().map(|x| prep.checkpoint(x)).collect();
-            prep.finish(ids, forward(inputs, &steps))
+            // `T` only matters to the factors' gradients: with every factor frozen, the
+            // backward needs the factors alone.
+            let factor_tracked = inputs[1..].iter().any(|x| x.is_tracked());
+            let t = factor_tracked.then(|| prep.checkpoint(&inputs[0]));
+            let factors = inputs[1..].iter().map(|x| prep.checkpoint(x)).collect();
+            prep.finish((t, factors), forward(inputs, &steps))
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(inputs, &steps)),
     }
@@ -455,17 +460,17 @@ struct ApplySteps {
 }
 
 impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
-    /// The checkpointed `T` and factors, in input order.
-    type State = Vec<NodeId>;
+    /// The checkpointed `T` (where a factor needs a gradient) and factors, in step order.
+    type State = (Option<NodeId>, Vec<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let mut g = float::<I, 3>(grads.consume::<I>(&ops.node));
-        let mut ids = ops.state.into_iter();
-        let Some(t_id) = ids.next() else { return };
-        let factors: Vec<Tensor<I, 2>> = ids
+        let (t_id, factor_ids) = ops.state;
+        let factors: Vec<Tensor<I, 2>> = factor_ids
+            .into_iter()
             .map(|id| float::<I, 2>(ckpt.retrieve_node_output(id)))
             .collect();
-        if ops.parents[1..].iter().all(Option::is_none) {
+        let Some(t_id) = t_id else {
             // Only `T` needs a gradient (frozen factors): the transposed factors applied in
             // reverse order, no intermediate recomputed (a fused kernel where registered).
             if let Some(node) = &ops.parents[0] {
@@ -476,7 +481,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
                 grads.register::<I>(node.id, grad);
             }
             return;
-        }
+        };
         let t = float::<I, 3>(ckpt.retrieve_node_output(t_id));
         // The input of every step: T, then the recomputed intermediates.
         let mut inputs = vec![t];
@@ -502,7 +507,11 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
     }
 }
 
-fn step_forward<I: Backend>(t: Tensor<I, 3>, f: Tensor<I, 2>, side: Side) -> Tensor<I, 3> {
+pub(crate) fn step_forward<I: Backend>(
+    t: Tensor<I, 3>,
+    f: Tensor<I, 2>,
+    side: Side,
+) -> Tensor<I, 3> {
     match side {
         Side::A => contract_a_composite(f, t),
         Side::B => matmul_last(t, f),

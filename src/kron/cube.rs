@@ -51,8 +51,8 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::{CubeCount, CubeDim};
 
-use super::autodiff;
-use super::matmul_last;
+use super::autodiff::{self, float, step_forward};
+use super::Side;
 
 /// Output columns per cube at most (fewer where the shared memory is short).
 const MAX_TILE: usize = 32;
@@ -176,12 +176,9 @@ fn pair_erased<B: FusedKernel>(
     Box::new(out.into_primitive().tensor())
 }
 
+/// The `b` step, then the `a` step, as Burn's products.
 fn two_steps<B: Backend>(t: Tensor<B, 3>, fa: Tensor<B, 2>, fb: Tensor<B, 2>) -> Tensor<B, 3> {
-    autodiff::contract_a_composite(fa, matmul_last(t, fb))
-}
-
-fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
+    step_forward(step_forward(t, fb, Side::B), fa, Side::A)
 }
 
 /// Picks the order and the tile, allocates the output and launches; `None` where the kernel
