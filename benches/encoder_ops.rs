@@ -7,6 +7,9 @@
 //! - **scaling `q`**: `1/√d_head` applied to the query projection's output (`[b, s, d]`, before
 //!   the head split, contiguous) instead of to the scores (`[b, h, s, s]`, twice as large at
 //!   64 tokens).
+//! - **the heads' copies as products** (`kron_adapters::model::heads`): the head merge, and the
+//!   head split's gradient, made contiguous by a product with the identity instead of the
+//!   backend's copy of a permuted view (on flex, element by element).
 //!
 //! Forward, and forward + backward of a sum (the input's gradient and the adapters'; the base
 //! is frozen), median ms. Prints a markdown table (docs/benchmarks.md, "The encoder's own
@@ -23,6 +26,7 @@ use burn::module::Module;
 use burn::nn::LinearConfig;
 use burn::tensor::{activation, backend::Backend, Distribution, ElementConversion, Tensor};
 use common::{backend_name, Train};
+use kron_adapters::model::heads;
 use kron_adapters::{AdaptedLinear, AdapterConfig, FactorInit, LinearAdapter, LoraConfig};
 
 const BATCH: usize = 32;
@@ -63,6 +67,19 @@ fn attend<B: Backend>(
     };
     let probs = activation::softmax(scores, 3);
     probs.matmul(v).swap_dims(1, 2).reshape([BATCH, SEQ, D])
+}
+
+/// As [`attend`] with `q` scaled, the head split and merge by `model::heads` (the merge, and
+/// the split's gradient, made contiguous by a product with the identity).
+fn attend_eye<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
+    let q = q.mul_scalar(1.0 / ((D / HEADS) as f64).sqrt());
+    let (q, k, v) = (
+        heads::split_heads(q, HEADS),
+        heads::split_heads(k, HEADS),
+        heads::split_heads(v, HEADS),
+    );
+    let probs = activation::softmax(q.matmul(k.transpose()), 3);
+    heads::merge_heads(probs.matmul(v))
 }
 
 fn adapted<B: Backend>(device: &B::Device) -> AdaptedLinear<B> {
@@ -122,6 +139,13 @@ fn main() {
         .into_scalar()
         .elem::<f32>();
 
+    let eyed =
+        |x: Tensor<Train, 3>| attend_eye(q.forward(x.clone()), k.forward(x.clone()), v.forward(x));
+    let diff_eye = (separate(x0.clone(), false) - eyed(x0.clone()))
+        .abs()
+        .max()
+        .into_scalar()
+        .elem::<f32>();
     let fwd = |f: Variant| time(|| sync(f(x0.clone())));
     let fwd_bwd = |f: Variant| {
         time(|| {
@@ -132,7 +156,7 @@ fn main() {
     };
     let before = |x| separate(x, false);
     let scaled_q = |x| separate(x, true);
-    let rows: [(&str, Variant, f32); 3] = [
+    let rows: [(&str, Variant, f32); 4] = [
         (
             "three projections, scores scaled (the code before)",
             &before,
@@ -140,9 +164,14 @@ fn main() {
         ),
         ("fused QKV base GEMM", &fused, diff),
         (
-            "three projections, q scaled before the head split (the code now)",
+            "three projections, q scaled before the head split (the code before the next)",
             &scaled_q,
             diff_scale,
+        ),
+        (
+            "as the last, the heads' copies as products with the identity (the code now)",
+            &eyed,
+            diff_eye,
         ),
     ];
     println!(

@@ -3,6 +3,7 @@
 //! weights come from ([`TensorSource`]).
 
 pub mod bert;
+pub mod heads;
 pub mod llama;
 pub mod source;
 

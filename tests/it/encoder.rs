@@ -5,6 +5,7 @@ use crate::common::*;
 
 use std::collections::HashMap;
 
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use kron_adapters::block::{BlockAdapterConfig, KronABConfig};
 use kron_adapters::model::{BertClassifier, BertConfig, BertEncoder, TensorSource};
@@ -434,4 +435,58 @@ fn peft_folders_apply_to_the_encoder_by_hugging_face_name() {
         "PEFT round trip",
     );
     std::fs::remove_dir_all(root).ok();
+}
+
+/// `[b, s, n·hd] → [b, n, s, hd]` on the host.
+fn split_ref(x: &[f32], [_, s, n, hd]: [usize; 4]) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for (i, o) in out.iter_mut().enumerate() {
+        let (bi, rest) = (i / (n * s * hd), i % (n * s * hd));
+        let (h, rest) = (rest / (s * hd), rest % (s * hd));
+        let (si, d) = (rest / hd, rest % hd);
+        *o = x[((bi * s + si) * n + h) * hd + d];
+    }
+    out
+}
+
+/// The heads' split and merge on backend `B` (inference) and `A` (its autodiff): the permute's
+/// values, and ∂/∂x of `Σ merge(split(x)·w)` equal to `w` permuted back.
+fn check_heads<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device) {
+    use kron_adapters::model::heads::{contiguous, merge_heads, split_heads};
+    let dims = [2, 5, 3, 4]; // b, s, heads, head size
+    let [b, s, n, hd] = dims;
+    let mut rng = Rng::new(41);
+    let xv = rng.vec(b * s * n * hd);
+    let wv = rng.vec(b * s * n * hd);
+    let want = split_ref(&xv, dims);
+    let x = tensor::<B, 3>(&xv, [b, s, n * hd], dev);
+    let split = split_heads(x, n);
+    assert_eq!(split.dims(), [b, n, s, hd]);
+    assert_eq!(to_vec(split.clone()), want);
+    assert_eq!(to_vec(contiguous(split.clone())), want, "a copy, exact");
+    assert_eq!(to_vec(merge_heads(split)), xv, "the merge undoes the split");
+    let x = tensor::<A, 3>(&xv, [b, s, n * hd], adev).require_grad();
+    let w = tensor::<A, 4>(&wv, [b, n, s, hd], adev);
+    let split = split_heads(x.clone(), n);
+    assert_eq!(to_vec(split.clone()), want);
+    let grads = merge_heads(split * w).sum().backward();
+    let got = to_vec(x.grad(&grads).expect("x's gradient"));
+    // Where the split sends element i of x, w's value there is i's gradient.
+    let index: Vec<f32> = (0..xv.len()).map(|i| i as f32).collect();
+    let mut grad_ref = vec![0.0; wv.len()];
+    for (at, &i) in split_ref(&index, dims).iter().enumerate() {
+        grad_ref[i as usize] = wv[at];
+    }
+    assert_eq!(got, grad_ref);
+}
+
+#[test]
+fn head_split_and_merge_are_the_permute_with_its_gradient() {
+    check_heads::<TB, AB>(&device(), &device());
+    // flex copies through products (`model::heads`): that path too, whatever the suite's backend.
+    #[cfg(feature = "flex")]
+    {
+        type F = burn::backend::Flex;
+        check_heads::<F, burn::backend::Autodiff<F>>(&Default::default(), &Default::default());
+    }
 }

@@ -1,0 +1,71 @@
+//! The attention heads' split and merge, `[b, s, n·hd] ↔ [b, n, s, hd]`, and on `burn-flex` the
+//! copies they imply done as products with the identity.
+//!
+//! A permuted view is free, but the next reshape (the merge) or the backward of the split (the
+//! gradient arrives as `[b, n, s, hd]` and must become `[b, s, n·hd]`) copies it. On `burn-flex`,
+//! Burn 0.21's default CPU backend, a 4-D permute that does not collapse to a 2-D transpose is
+//! copied one element at a time (its generic strided iterator): about 6 ms for one MiniLM
+//! activation (2,048 × 384 floats), 50× an element-wise add of the same size. Its GEMM, on the
+//! other hand, reads strided operands directly and writes a contiguous result. So there the copy
+//! is `t·I` (`I` the `hd × hd` identity, broadcast over the heads): `hd` multiply-adds per
+//! element, exact (every product but one is `0·x`), and 15-20% faster for MiniLM's attention
+//! forward + backward (`cargo bench --features full --bench encoder_ops`, docs/benchmarks.md).
+//!
+//! Only there: the other backends copy a permute well, and a GPU's matmul may round `f32`
+//! inputs (TF32), so on them these are the plain permutes and reshapes. The choice is by the
+//! backend's reported name ([`Backend::name`]), the one place this crate looks at it: a
+//! workaround for one backend's copy, measured on that backend, not a property of the model.
+//!
+//! On a backend without autodiff (inference) the split adds no product: it only matters to the
+//! backward.
+//!
+//! The BERT encoder uses them. The Llama decoder does not: with its 128-wide heads (Mistral-7B)
+//! the product costs twice as much per element, and at SmolLM2's and a Mistral-7B layer's width
+//! the decoder's training step measured no faster (docs/benchmarks.md).
+
+use burn::tensor::{backend::Backend, Tensor};
+
+/// Does `B` copy permuted views element by element, so that a product is the faster copy?
+fn by_product<B: Backend>(device: &B::Device) -> bool {
+    matches!(B::name(device).as_str(), "flex" | "autodiff<flex>")
+}
+
+/// `t [.., hd]` made contiguous where the backend's copy of a permuted view is slow (`t·I` on
+/// `burn-flex`, see the module docs); elsewhere `t` unchanged (the next reshape copies it).
+pub fn contiguous<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
+    if !by_product::<B>(&t.device()) {
+        return t;
+    }
+    let hd = t.dims()[3];
+    let eye = Tensor::<B, 2>::eye(hd, &t.device()).reshape([1, 1, hd, hd]);
+    t.matmul(eye)
+}
+
+/// `[b, s, n·hd] → [b, n, s, hd]` (a strided view). On `burn-flex` with autodiff the split's
+/// gradient comes back contiguous through a product instead of a strided copy.
+///
+/// # Shapes
+/// - `t`: `[b, s, n·hd]`
+/// - output: `[b, n, s, hd]`
+pub fn split_heads<B: Backend>(t: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, s, d] = t.dims();
+    let t = t.reshape([b, s, heads, d / heads]);
+    let t = if B::ad_enabled(&t.device()) {
+        contiguous(t)
+    } else {
+        t
+    };
+    t.swap_dims(1, 2)
+}
+
+/// `[b, n, s, hd] → [b, s, n·hd]`, contiguous; on `burn-flex` through a product instead of a
+/// strided copy (its backward is a product too, whose result the attention's products read as a
+/// strided view).
+///
+/// # Shapes
+/// - `t`: `[b, n, s, hd]`
+/// - output: `[b, s, n·hd]`
+pub fn merge_heads<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, n, s, hd] = t.dims();
+    contiguous(t.swap_dims(1, 2)).reshape([b, s, n * hd])
+}
