@@ -16,7 +16,7 @@
 //! operations").
 //!
 //! ```text
-//! cargo bench --features finetune --bench encoder_ops
+//! cargo bench --features full --bench encoder_ops
 //! ```
 
 #[path = "../examples/common/mod.rs"]

@@ -6,7 +6,7 @@
 //! (docs/benchmarks.md, "The `a` contraction's layout").
 //!
 //! ```text
-//! cargo bench --features finetune --bench kron_layouts
+//! cargo bench --features full --bench kron_layouts
 //! ```
 
 #[path = "../examples/common/mod.rs"]
