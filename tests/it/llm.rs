@@ -173,7 +173,10 @@ fn masked_loss_ignores_prompt_tokens_and_trains_only_adapters() {
     assert_close(
         &ga,
         &to_vec(a.b1.val().grad(&g2).unwrap()),
-        1e-4,
+        // f32 gradients through two layers summed in different orders (a padded batch against
+        // one row at a time), with adapter factors drawn afresh each run: 1.2e-4 and 1.4e-4 seen
+        // (1e-4 failed about one run in four); a prompt token left in the loss is O(1).
+        1e-3,
         "masked vs weighted gradient",
     );
     // Only adapters have gradients.
