@@ -6,6 +6,7 @@
 //! cargo bench --features full --bench adapters               # everything (~12 min on 2 CPU cores)
 //! cargo bench --features full --bench adapters -- --quick    # smaller sizes (~3 min)
 //! cargo bench --features full --bench adapters -- --width 4096,14336   # one width's adapters alone
+//! cargo bench --features full --bench adapters -- --inference          # the inference table alone
 //! cargo bench --features full,wgpu --bench adapters          # the same on a GPU
 //! cargo bench --features full,wgpu --bench adapters -- --fused-kernel   # with kron::cube's kernel
 //! ```
@@ -612,6 +613,11 @@ fn main() {
         return;
     }
     let budget = if quick { 0.5 } else { 2.0 };
+    // `--inference`: the inference table alone.
+    if args.iter().any(|a| a == "--inference") {
+        println!("{}", inference_table(&[(1, 10), (32, 64)], budget));
+        return;
+    }
     let mut md = format!(
         "## {} ({})\n\n",
         backend_name(),
