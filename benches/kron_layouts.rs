@@ -3,7 +3,8 @@
 //! batched product summed over `n`) against the layout whose backward for `a` is one GEMM over
 //! all rows (`X` transposed to `[n·q, p]`, one GEMM, transposed back: two copies of the
 //! intermediate). Prints a markdown table of medians (ms) measured in the same run
-//! (docs/benchmarks.md, "The `a` contraction's layout").
+//! (docs/benchmarks.md, "The `a` contraction's layout"), and a second for the materialized
+//! `a ⊗ b`: a broadcast multiply against `kron::kron` ("Unmerged inference, folded").
 //!
 //! ```text
 //! cargo bench --features full --bench kron_layouts
@@ -14,7 +15,7 @@ mod common;
 
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use common::{backend_name, Inner};
-use kron_adapters::kron::{kron_apply, KronPlan};
+use kron_adapters::kron::{kron, kron_apply, KronPlan};
 
 type Grad = burn::backend::Autodiff<Inner>;
 
@@ -100,6 +101,41 @@ fn main() {
         });
         println!(
             "| {n} × ({p}·{q}) | {base:.2} | {fwd:.2} | {fwd_gemm:.2} | {both:.2} | {both_gemm:.2} | {diff:.1e} |"
+        );
+    }
+    kron_table(&dev);
+}
+
+/// The materialized `a ⊗ b` (merging, export, the folded inference forward): a broadcast
+/// multiply, against `kron::kron` (which on flex is batched outer products, `quirks`).
+fn kron_table(dev: &burn::tensor::Device<Inner>) {
+    println!("\n| a ⊗ b | broadcast multiply | `kron::kron` | equal |");
+    println!("|---|---:|---:|---|");
+    for &(a_in, a_out, b_in, b_out) in &[
+        (16usize, 16usize, 24usize, 24usize),
+        (16, 16, 24, 96),
+        (16, 16, 96, 24),
+        (64, 64, 64, 64),
+    ] {
+        let a = Tensor::<Inner, 2>::random([a_in, a_out], Distribution::Normal(0., 1.), dev);
+        let b = Tensor::<Inner, 2>::random([b_in, b_out], Distribution::Normal(0., 1.), dev);
+        let broadcast = |a: Tensor<Inner, 2>, b: Tensor<Inner, 2>| {
+            let a4: Tensor<Inner, 4> = a.reshape([a_in, 1, a_out, 1]);
+            let b4: Tensor<Inner, 4> = b.reshape([1, b_in, 1, b_out]);
+            (a4 * b4).reshape([a_in * b_in, a_out * b_out])
+        };
+        let equal = broadcast(a.clone(), b.clone())
+            .equal(kron(a.clone(), b.clone()))
+            .all()
+            .into_scalar();
+        let t_broadcast = time(|| {
+            let _ = broadcast(a.clone(), b.clone()).into_data();
+        });
+        let t_kron = time(|| {
+            let _ = kron(a.clone(), b.clone()).into_data();
+        });
+        println!(
+            "| ({a_in}, {a_out}) ⊗ ({b_in}, {b_out}) | {t_broadcast:.3} | {t_kron:.3} | {equal} |"
         );
     }
 }

@@ -24,6 +24,10 @@ pub mod cube;
 
 /// Materializes the Kronecker product `a ⊗ b`.
 ///
+/// Each entry is one product `a[i, j]·b[k, l]`, on every backend: a broadcast multiply, or on
+/// `burn-flex` (whose broadcast element-wise operations go one element at a time) the same
+/// products as GEMMs with an inner dimension of 1, batched over `(i, k)`.
+///
 /// # Shapes
 /// - `a`: `[a_in, a_out]`, `b`: `[b_in, b_out]`
 /// - output: `[a_in·b_in, a_out·b_out]` with `out[i·b_in + k, j·b_out + l] = a[i, j]·b[k, l]`
@@ -32,7 +36,13 @@ pub fn kron<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let [b_in, b_out] = b.dims();
     let a4: Tensor<B, 4> = a.reshape([a_in, 1, a_out, 1]);
     let b4: Tensor<B, 4> = b.reshape([1, b_in, 1, b_out]);
-    (a4 * b4).reshape([a_in * b_in, a_out * b_out])
+    let out = if crate::quirks::products_beat_copies::<B>(&a4.device()) {
+        // [a_in, b_in] products of [a_out, 1] · [1, b_out]
+        a4.matmul(b4)
+    } else {
+        a4 * b4
+    };
+    out.reshape([a_in * b_in, a_out * b_out])
 }
 
 /// The product of a chain of matrices, `m1·m2·…` (a single factor is returned as is).

@@ -53,6 +53,7 @@ pub mod parallel;
 pub mod params;
 pub mod place;
 pub mod quant;
+mod quirks;
 pub mod rng;
 #[cfg(feature = "serve")]
 pub mod serve;

@@ -2,19 +2,12 @@
 //! copies they imply done as products with the identity.
 //!
 //! A permuted view is free, but the next reshape (the merge) or the backward of the split (the
-//! gradient arrives as `[b, n, s, hd]` and must become `[b, s, n·hd]`) copies it. On `burn-flex`,
-//! Burn 0.21's default CPU backend, a 4-D permute that does not collapse to a 2-D transpose is
-//! copied one element at a time (its generic strided iterator): about 6 ms for one MiniLM
-//! activation (2,048 × 384 floats), 50× an element-wise add of the same size. Its GEMM, on the
-//! other hand, reads strided operands directly and writes a contiguous result. So there the copy
-//! is `t·I` (`I` the `hd × hd` identity, broadcast over the heads): `hd` multiply-adds per
-//! element, exact (every product but one is `0·x`), and 15-20% faster for MiniLM's attention
-//! forward + backward (`cargo bench --features full --bench encoder_ops`, docs/benchmarks.md).
-//!
-//! Only there: the other backends copy a permute well, and a GPU's matmul may round `f32`
-//! inputs (TF32), so on them these are the plain permutes and reshapes. The choice is by the
-//! backend's reported name ([`Backend::name`]), the one place this crate looks at it: a
-//! workaround for one backend's copy, measured on that backend, not a property of the model.
+//! gradient arrives as `[b, n, s, hd]` and must become `[b, s, n·hd]`) copies it. On `burn-flex`
+//! that copy goes one element at a time (about 6 ms for one MiniLM activation, 50× an add; see
+//! `crate::quirks`), so there it is `t·I` (`I` the `hd × hd` identity, broadcast over the heads):
+//! `hd` multiply-adds per element, exact (every product but one is `0·x`), and 15-20% faster for
+//! MiniLM's attention forward + backward (`cargo bench --features full --bench encoder_ops`,
+//! docs/benchmarks.md). The other backends get the plain permutes and reshapes.
 //!
 //! On a backend without autodiff (inference) the split adds no product: it only matters to the
 //! backward.
@@ -25,15 +18,10 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-/// Does `B` copy permuted views element by element, so that a product is the faster copy?
-fn by_product<B: Backend>(device: &B::Device) -> bool {
-    matches!(B::name(device).as_str(), "flex" | "autodiff<flex>")
-}
-
 /// `t [.., hd]` made contiguous where the backend's copy of a permuted view is slow (`t·I` on
 /// `burn-flex`, see the module docs); elsewhere `t` unchanged (the next reshape copies it).
 pub fn contiguous<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
-    if !by_product::<B>(&t.device()) {
+    if !crate::quirks::products_beat_copies::<B>(&t.device()) {
         return t;
     }
     let hd = t.dims()[3];

@@ -3,6 +3,8 @@
 
 use crate::common::*;
 
+use burn::tensor::backend::Backend;
+
 use kron_adapters::adapter::shape::{
     divisors, lycoris_factorization, peft_factorization, resolve_factor_shapes, ShapeRequest,
 };
@@ -11,24 +13,66 @@ use kron_adapters::{ConfigError, ContractionOrder, KronLoraConfig, MethodConfig}
 
 #[test]
 fn kron_matches_index_formula() {
-    let dev = device();
+    check_kron::<TB>(&device());
+    // flex builds it as batched outer products (`quirks`): that path too.
+    #[cfg(feature = "flex")]
+    check_kron::<burn::backend::Flex>(&Default::default());
+}
+
+fn check_kron<B: Backend>(dev: &B::Device) {
     let mut rng = Rng::new(1);
     for (sa, sb) in [
         ([2, 3], [4, 5]),
         ([3, 3], [2, 2]),
         ([1, 4], [5, 1]),
         ([6, 8], [8, 12]),
+        ([16, 16], [24, 96]),
     ] {
         let a: Vec<f32> = rng.vec(sa[0] * sa[1]);
         let b: Vec<f32> = rng.vec(sb[0] * sb[1]);
         let got = to_vec(kron(
-            tensor::<TB, 2>(&a, sa, &dev),
-            tensor::<TB, 2>(&b, sb, &dev),
+            tensor::<B, 2>(&a, sa, dev),
+            tensor::<B, 2>(&b, sb, dev),
         ));
         let want = kron_ref(&a, sa, &b, sb);
         // Products of two floats are exact to rounding: the same single multiplication.
         assert_eq!(got, want, "kron {sa:?} ⊗ {sb:?}");
     }
+}
+
+#[test]
+fn kron_gradient_matches_index_formula() {
+    check_kron_gradient::<AB>(&device());
+    #[cfg(feature = "flex")]
+    check_kron_gradient::<burn::backend::Autodiff<burn::backend::Flex>>(&Default::default());
+}
+
+/// `∂/∂a Σ G ⊙ (a ⊗ b)` and `∂/∂b` against loops: `Σ_kl G[ik, jl]·b[k, l]` and
+/// `Σ_ij G[ik, jl]·a[i, j]`.
+fn check_kron_gradient<B: burn::tensor::backend::AutodiffBackend>(dev: &B::Device) {
+    let mut rng = Rng::new(2);
+    let ([ai, ao], [bi, bo]) = ([3, 4], [5, 2]);
+    let (a, b) = (rng.vec(ai * ao), rng.vec(bi * bo));
+    let g = rng.vec(ai * bi * ao * bo);
+    let at = tensor::<B, 2>(&a, [ai, ao], dev).require_grad();
+    let bt = tensor::<B, 2>(&b, [bi, bo], dev).require_grad();
+    let loss = (kron(at.clone(), bt.clone()) * tensor::<B, 2>(&g, [ai * bi, ao * bo], dev)).sum();
+    let grads = loss.backward();
+    let (mut ga, mut gb) = (vec![0f64; ai * ao], vec![0f64; bi * bo]);
+    for i in 0..ai {
+        for j in 0..ao {
+            for k in 0..bi {
+                for l in 0..bo {
+                    let gv = g[(i * bi + k) * ao * bo + j * bo + l] as f64;
+                    ga[i * ao + j] += gv * b[k * bo + l] as f64;
+                    gb[k * bo + l] += gv * a[i * ao + j] as f64;
+                }
+            }
+        }
+    }
+    let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<_>>();
+    assert_close(&to_vec(at.grad(&grads).unwrap()), &f32s(ga), 1e-5, "∂a");
+    assert_close(&to_vec(bt.grad(&grads).unwrap()), &f32s(gb), 1e-5, "∂b");
 }
 
 /// `x·(A ⊗ B)·scale` by a plan, against the reference `x · kron_ref(A, B) · scale`.
