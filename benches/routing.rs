@@ -5,7 +5,7 @@
 //! measured in the same run (docs/serving.md).
 //!
 //! ```text
-//! cargo bench --features finetune --bench routing
+//! cargo bench --features full --bench routing
 //! ```
 
 #[path = "../examples/common/mod.rs"]

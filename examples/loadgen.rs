@@ -7,7 +7,7 @@
 //! model and adapters take.
 //!
 //! ```text
-//! cargo run --release --features serve --example loadgen -- --adapters 1,10,100,1000
+//! cargo run --release --features serve,flex --example loadgen -- --adapters 1,10,100,1000
 //! ```
 
 #[path = "common/mod.rs"]

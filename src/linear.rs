@@ -124,7 +124,7 @@ impl<B: Backend> AdaptedLinear<B> {
     }
 
     /// Whether [`Self::forward`] takes `x` through [`Self::forward_folded`].
-    fn folds<const D: usize>(&self, x: &Tensor<B, D>) -> bool {
+    pub(crate) fn folds<const D: usize>(&self, x: &Tensor<B, D>) -> bool {
         let weight = &self.base.weight;
         if B::ad_enabled(&x.device()) || x.dtype() != weight.dtype() {
             return false;
@@ -158,11 +158,24 @@ impl<B: Backend> AdaptedLinear<B> {
     /// - `x`: `[..., d_in]`
     /// - output: `[..., d_out]`
     pub fn forward_folded<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.adapter {
+            Some(adapter) => self.folded_with(adapter, x),
+            None => self.base_forward(x),
+        }
+    }
+
+    /// `x·(W + ΔW) + b` with `adapter`'s `ΔW` (this layer's own, or a routed one); a base that is
+    /// not a float tensor gets `x·W + b + adapter(x)`.
+    pub(crate) fn folded_with<const D: usize>(
+        &self,
+        adapter: &Adapter<B>,
+        x: Tensor<B, D>,
+    ) -> Tensor<B, D> {
         let weight = self.base.weight.val();
         let wd = weight.dtype();
-        let Some(adapter) = self.adapter.as_ref().filter(|_| wd.is_float()) else {
-            return self.forward_factorized(x);
-        };
+        if !wd.is_float() {
+            return self.base_forward(x.clone()) + adapter.apply(x);
+        }
         let weight = weight + adapter.delta_weight().cast(wd);
         let bias = self.base.bias.as_ref().map(|b| b.val());
         let xd = x.dtype();

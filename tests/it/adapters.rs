@@ -142,13 +142,8 @@ fn forward_equals_materialized_reference_2d_and_3d() {
 
 #[test]
 fn forward_folds_delta_into_the_weight_for_many_rows_in_inference_only() {
-    check_fold::<TB, AB>(&device(), &device());
-    // On flex `ΔW` is built by `kron`'s product path (`quirks`): that path too.
-    #[cfg(feature = "flex")]
-    {
-        type F = burn::backend::Flex;
-        check_fold::<F, burn::backend::Autodiff<F>>(&Default::default(), &Default::default());
-    }
+    // On flex `ΔW` is built by `kron`'s product path: that path too.
+    on_suite_and_flex!(check_fold);
 }
 
 /// `forward` at 48 → 96: with 5 rows the factorized path, with 64 (`64·144 ≥ 2·48·96`) the folded

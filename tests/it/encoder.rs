@@ -482,11 +482,6 @@ fn check_heads<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device
 
 #[test]
 fn head_split_and_merge_are_the_permute_with_its_gradient() {
-    check_heads::<TB, AB>(&device(), &device());
-    // flex copies through products (`model::heads`): that path too, whatever the suite's backend.
-    #[cfg(feature = "flex")]
-    {
-        type F = burn::backend::Flex;
-        check_heads::<F, burn::backend::Autodiff<F>>(&Default::default(), &Default::default());
-    }
+    // flex copies through products (`model::heads`): that path too.
+    on_suite_and_flex!(check_heads);
 }

@@ -7,6 +7,7 @@
 //! their features (`--features full` builds everything; `--no-default-features --features
 //! ndarray` builds and runs the adapters-only part).
 
+#[macro_use]
 mod common;
 
 mod adapters;

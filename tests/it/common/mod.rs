@@ -16,6 +16,20 @@ pub type TB = burn::backend::LibTorch;
 /// Its autodiff wrapper.
 pub type AB = burn::backend::Autodiff<TB>;
 
+/// Runs `check::<Inner, Autodiff>(&inner_device, &autodiff_device)` on the suite's backend and,
+/// with `flex`, on flex explicitly: the paths `burn-flex` takes alone (the crate's `quirks`)
+/// are tested whatever the suite's backend.
+macro_rules! on_suite_and_flex {
+    ($check:ident) => {{
+        $check::<TB, AB>(&device(), &device());
+        #[cfg(feature = "flex")]
+        {
+            type F = burn::backend::Flex;
+            $check::<F, burn::backend::Autodiff<F>>(&Default::default(), &Default::default());
+        }
+    }};
+}
+
 pub fn device() -> burn::tensor::Device<TB> {
     Default::default()
 }
