@@ -87,7 +87,8 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// # Shapes
-    /// - `x`: `[batch, seq, d]`, `mask`: additive, `[batch, 1, 1, seq]`; output `[batch, seq, d]`
+    /// - `x`: `[batch, seq, d]`, `mask`: additive, `[batch, 1, 1, seq]` or already broadcast
+    ///   to `[batch, heads, seq, seq]`; output `[batch, seq, d]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -259,6 +260,10 @@ impl<B: Backend> BertEncoder<B> {
             .sub_scalar(1.0)
             .mul_scalar(1e9)
             .reshape([batch, 1, 1, seq]);
+        // Broadcast to the scores' shape once rather than in every layer's add where that is
+        // slow (burn-flex, `quirks`).
+        let heads = self.layers.first().map_or(1, |l| l.attention.heads);
+        let additive = crate::quirks::expand_for_adds(additive, [batch, heads, seq, seq]);
         for (i, layer) in self.layers.iter().enumerate() {
             let block = self.block_adapters.as_ref().map(|b| (b, i));
             x = layer.forward(x, additive.clone(), block, routing);

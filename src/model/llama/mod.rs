@@ -164,7 +164,9 @@ pub struct LlamaAttention<B: Backend> {
 
 impl<B: Backend> LlamaAttention<B> {
     /// # Shapes
-    /// - `x`: `[b, s, d]`; `mask`: additive `[b, 1, s, past + s]`; output `[b, s, d]`
+    /// - `x`: `[b, s, d]`; `mask`: additive `[b, 1, g·s, past + s]` (the `[b, 1, s, past + s]`
+    ///   mask repeated for the `g = heads / kv_heads` query heads of a group, see
+    ///   [`layer_mask`]) or that broadcast to `[b, kv_heads, g·s, past + s]`; output `[b, s, d]`
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -194,7 +196,6 @@ impl<B: Backend> LlamaAttention<B> {
         // of a group as one longer sequence instead of repeating k and v.
         let g = h / kvh;
         let q = q.reshape([b, kvh, g * s, hd]);
-        let mask = if g > 1 { mask.repeat_dim(2, g) } else { mask };
         let scores = q.matmul(k.swap_dims(2, 3)) + mask;
         let probs = activation::softmax(scores, 3);
         let ctx = probs.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2);
@@ -305,6 +306,18 @@ fn attention_mask<B: Backend>(
     }
 }
 
+/// The mask every layer adds to its scores, built once per forward: `mask [b, 1, s, total]`
+/// repeated for the `g` query heads that share a key/value head (the attention views them as
+/// one sequence of `g·s` queries), and on backends whose broadcast adds are slow broadcast to
+/// the scores' `[b, kv_heads, g·s, total]` (`quirks`).
+fn layer_mask<B: Backend>(mask: Tensor<B, 4>, config: &LlamaConfig) -> Tensor<B, 4> {
+    let [b, _, s, total] = mask.dims();
+    let kvh = config.num_key_value_heads;
+    let g = config.num_attention_heads / kvh;
+    let mask = if g > 1 { mask.repeat_dim(2, g) } else { mask };
+    crate::quirks::expand_for_adds(mask, [b, kvh, g * s, total])
+}
+
 impl<B: Backend> LlamaModel<B> {
     /// The last hidden state.
     ///
@@ -335,7 +348,7 @@ impl<B: Backend> LlamaModel<B> {
         let device = ids.device();
         let past = cache.as_ref().map_or(0, |c| c.len);
         let rope = Rope::new(&self.config, past, s, left_pad, &device);
-        let mask = attention_mask(padding, b, s, past, &device);
+        let mask = layer_mask(attention_mask(padding, b, s, past, &device), &self.config);
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
