@@ -488,9 +488,10 @@ fn head_split_and_merge_are_the_permute_with_its_gradient() {
 
 #[cfg(feature = "flex")]
 #[test]
-fn masks_expanded_on_flex_give_the_broadcast_results() {
-    // flex adds the attention masks expanded once per forward (`quirks`), the suite's backend
-    // broadcast in every layer: the same padded batch through the same weights, both ways.
+fn masks_and_rope_on_flex_give_the_broadcast_results() {
+    // flex adds the attention masks expanded once per forward and applies RoPE before the head
+    // split with a product for `rotate_half` (`quirks`); the suite's backend broadcasts in
+    // every layer: the same padded batch through the same weights, both ways.
     type F = burn::backend::Flex;
     let (fdev, dev) = (Default::default(), device());
     let lengths = [5usize, 2, 7];

@@ -87,11 +87,22 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// RoPE's cosines and sines for a run of positions, `[seq, head_dim]` each (the halves
-/// repeated, as `transformers` builds them).
+/// RoPE's cosines and sines for a run of positions, `[rows, 1, seq, head_dim]` each (`rows` 1
+/// or one per batch row; the halves repeated, as `transformers` builds them).
+///
+/// On burn-flex, whose element-wise operations on a broadcast or permuted operand go one
+/// element at a time (`quirks`), RoPE runs on the projections' contiguous `[b, seq, n, hd]`
+/// outputs instead, before the head split: the cosines and sines broadcast to that shape once
+/// per forward for the query and the key/value head counts, and `rotate_half` a product with
+/// the `hd × hd` signed permutation (exact). 10.8 against 0.4 ms for SmolLM2's queries at
+/// 8 × 64 tokens.
 struct Rope<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
+    /// flex only: `(heads, cos, sin)` broadcast to `[b, seq, heads, hd]`, per head count.
+    expanded: Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)>,
+    /// flex only: `rotate_half` as `x·r` (`[hd, hd]`).
+    rotation: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> Rope<B> {
@@ -100,7 +111,7 @@ impl<B: Backend> Rope<B> {
     fn new(
         config: &LlamaConfig,
         start: usize,
-        seq: usize,
+        (batch, seq): (usize, usize),
         left_pad: Option<&[usize]>,
         device: &B::Device,
     ) -> Self {
@@ -126,9 +137,53 @@ impl<B: Backend> Rope<B> {
             }
         }
         let t = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [rows, 1, seq, hd]), device);
+        let (cos, sin) = (t(cos), t(sin));
+        if !crate::quirks::products_beat_copies::<B>(device) {
+            return Self {
+                cos,
+                sin,
+                expanded: Vec::new(),
+                rotation: None,
+            };
+        }
+        let mut heads = vec![config.num_attention_heads, config.num_key_value_heads];
+        heads.dedup();
+        let expanded = heads
+            .into_iter()
+            .map(|n| {
+                let grow = |t: Tensor<B, 4>| {
+                    let t = t.reshape([rows, seq, 1, hd]);
+                    crate::quirks::expand_for_adds(t, [batch, seq, n, hd])
+                };
+                (n, grow(cos.clone()), grow(sin.clone()))
+            })
+            .collect();
+        // (x·r)[j] = -x[j + half] for j < half, x[j - half] after.
+        let mut r = vec![0f32; hd * hd];
+        for j in 0..half {
+            r[(j + half) * hd + j] = -1.0;
+            r[j * hd + j + half] = 1.0;
+        }
         Self {
-            cos: t(cos),
-            sin: t(sin),
+            cos,
+            sin,
+            expanded,
+            rotation: Some(Tensor::from_data(TensorData::new(r, [hd, hd]), device)),
+        }
+    }
+
+    /// RoPE on a projection's output `p [b, seq, n·hd]`, split into `n` heads:
+    /// `[b, n, seq, hd]` (a view where the heads are split after RoPE).
+    fn apply_heads(&self, p: Tensor<B, 3>, n: usize, hd: usize) -> Tensor<B, 4> {
+        let [b, s, _] = p.dims();
+        let x = p.reshape([b, s, n, hd]);
+        let found = self.expanded.iter().find(|(heads, ..)| *heads == n);
+        match (found, &self.rotation) {
+            (Some((_, cos, sin)), Some(r)) => {
+                let rotated = x.clone().reshape([b * s * n, hd]).matmul(r.clone());
+                (x * cos.clone() + rotated.reshape([b, s, n, hd]) * sin.clone()).swap_dims(1, 2)
+            }
+            _ => self.apply(x.swap_dims(1, 2)),
         }
     }
 
@@ -181,8 +236,9 @@ impl<B: Backend> LlamaAttention<B> {
         // 1/√head_dim on the query projection's contiguous output (RoPE is linear, so this
         // equals scaling the scores; cheaper, see the encoder's attention).
         let q = self.q_proj.forward_routed(x.clone(), routing);
-        let q = rope.apply(split(q.div_scalar((hd as f64).sqrt()), h));
-        let mut k = rope.apply(split(self.k_proj.forward_routed(x.clone(), routing), kvh));
+        let q = rope.apply_heads(q.div_scalar((hd as f64).sqrt()), h, hd);
+        let k = self.k_proj.forward_routed(x.clone(), routing);
+        let mut k = rope.apply_heads(k, kvh, hd);
         let mut v = split(self.v_proj.forward_routed(x, routing), kvh);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
@@ -347,7 +403,7 @@ impl<B: Backend> LlamaModel<B> {
         let [b, s] = ids.dims();
         let device = ids.device();
         let past = cache.as_ref().map_or(0, |c| c.len);
-        let rope = Rope::new(&self.config, past, s, left_pad, &device);
+        let rope = Rope::new(&self.config, past, (b, s), left_pad, &device);
         let mask = layer_mask(attention_mask(padding, b, s, past, &device), &self.config);
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {
