@@ -486,59 +486,32 @@ fn head_split_and_merge_are_the_permute_with_its_gradient() {
     on_suite_and_flex!(check_heads);
 }
 
+/// The tiny BERT's and tiny Llama's outputs for a padded batch (rows of 5, 2 and 7 tokens).
+#[cfg(feature = "flex")]
+fn padded_outputs<B: Backend>(dev: &B::Device) -> (Vec<f32>, Vec<f32>) {
+    use kron_adapters::model::{llama::padding_mask, LlamaConfig, LlamaForCausalLM};
+    let mut rng = Rng::new(41);
+    let rows: Vec<i64> = (0..3 * 7).map(|_| (rng.next_u64() % 40) as i64).collect();
+    let ids = || Tensor::<B, 2, Int>::from_data(TensorData::new(rows.clone(), [3, 7]), dev);
+    let mask = padding_mask::<B>(&[5, 2, 7], 7, dev);
+    let none = Default::default();
+    let bert = BertEncoder::<B>::new(&mut TensorSource::random(5), &tiny(), &none, dev).unwrap();
+    let cfg = LlamaConfig::tiny(50);
+    let llama = LlamaForCausalLM::<B>::new(&mut TensorSource::random(7), &cfg, &none, dev).unwrap();
+    (
+        to_vec(bert.forward(ids(), mask.clone())),
+        to_vec(llama.forward(ids(), Some(mask))),
+    )
+}
+
 #[cfg(feature = "flex")]
 #[test]
 fn masks_and_rope_on_flex_give_the_broadcast_results() {
     // flex adds the attention masks expanded once per forward and applies RoPE before the head
     // split with a product for `rotate_half` (`quirks`); the suite's backend broadcasts in
     // every layer: the same padded batch through the same weights, both ways.
-    type F = burn::backend::Flex;
-    let (fdev, dev) = (Default::default(), device());
-    let lengths = [5usize, 2, 7];
-    let mut rng = Rng::new(41);
-    let rows: Vec<i64> = (0..3 * 7).map(|_| (rng.next_u64() % 40) as i64).collect();
-    fn ids<B: Backend>(rows: &[i64], d: &B::Device) -> Tensor<B, 2, Int> {
-        Tensor::from_data(TensorData::new(rows.to_vec(), [3, 7]), d)
-    }
-    let a: BertEncoder<F> = BertEncoder::new(
-        &mut TensorSource::random(5),
-        &tiny(),
-        &Default::default(),
-        &fdev,
-    )
-    .unwrap();
-    let b: BertEncoder<TB> = BertEncoder::new(
-        &mut TensorSource::random(5),
-        &tiny(),
-        &Default::default(),
-        &dev,
-    )
-    .unwrap();
-    let mask_f = kron_adapters::model::llama::padding_mask::<F>(&lengths, 7, &fdev);
-    let mask_t = kron_adapters::model::llama::padding_mask::<TB>(&lengths, 7, &dev);
-    let (got, want) = (
-        to_vec(a.forward(ids::<F>(&rows, &fdev), mask_f.clone())),
-        to_vec(b.forward(ids::<TB>(&rows, &dev), mask_t.clone())),
-    );
-    assert_close(&got, &want, 1e-4, "BERT, padded");
-    let cfg = kron_adapters::model::LlamaConfig::tiny(50);
-    let la = kron_adapters::model::LlamaForCausalLM::<F>::new(
-        &mut TensorSource::random(7),
-        &cfg,
-        &Default::default(),
-        &fdev,
-    )
-    .unwrap();
-    let lb = kron_adapters::model::LlamaForCausalLM::<TB>::new(
-        &mut TensorSource::random(7),
-        &cfg,
-        &Default::default(),
-        &dev,
-    )
-    .unwrap();
-    let (got, want) = (
-        to_vec(la.forward(ids::<F>(&rows, &fdev), Some(mask_f))),
-        to_vec(lb.forward(ids::<TB>(&rows, &dev), Some(mask_t))),
-    );
-    assert_close(&got, &want, 1e-4, "Llama, padded");
+    let (bert, llama) = padded_outputs::<burn::backend::Flex>(&Default::default());
+    let (bert_ref, llama_ref) = padded_outputs::<TB>(&device());
+    assert_close(&bert, &bert_ref, 1e-4, "BERT, padded");
+    assert_close(&llama, &llama_ref, 1e-4, "Llama, padded");
 }
