@@ -520,48 +520,6 @@ fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
     out + "\n"
 }
 
-/// One adapted layer at MiniLM's widths on the inference backend: the factorized forward, the
-/// folded one (`x·(W + ΔW)` with `ΔW` built per call) and what `AdaptedLinear::forward` picks,
-/// each against the base layer alone.
-fn layer_inference_table(budget: f64) -> String {
-    let dev = Default::default();
-    let mut out = String::from(
-        "### Inference: one adapted layer, factorized and folded\n\nMedian time against the base layer's; `forward` is `AdaptedLinear::forward`'s choice (folded when `n·(d_in + d_out) ≥ 2·d_in·d_out`).\n\n| adapter | layer | rows | base ms | factorized vs base | folded vs base | forward vs base |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
-    );
-    for (d_in, d_out) in [(384, 384), (384, 1536), (1536, 384)] {
-        for rows in [10, 2048] {
-            for (name, cfg) in [
-                ("LoRA r=1", AdapterConfig::Lora(LoraConfig::new(1))),
-                ("KronA a (16,16)", AdapterConfig::KronA(KronAConfig::auto())),
-            ] {
-                let linear = burn::nn::LinearConfig::new(d_in, d_out).init::<Inner>(&dev);
-                let layer = kron_adapters::AdaptedLinear::new(linear, &cfg, &dev).unwrap();
-                // Non-zero factors (LoRA's up factor starts at zero).
-                let adapter = layer.adapter.clone().unwrap();
-                let values = adapter
-                    .factors()
-                    .iter()
-                    .map(|f| Tensor::random(f.dims(), Distribution::Default, &dev))
-                    .collect();
-                let mut layer = layer;
-                layer.adapter = Some(adapter.with_factors(values));
-                let x = Tensor::<Inner, 2>::random([rows, d_in], Distribution::Default, &dev);
-                let base = time(|| sync(layer.base.forward(x.clone())), 3, budget);
-                let fac = time(|| sync(layer.forward_factorized(x.clone())), 3, budget);
-                let fold = time(|| sync(layer.forward_folded(x.clone())), 3, budget);
-                let auto = time(|| sync(layer.forward(x.clone())), 3, budget);
-                out += &format!(
-                    "| {name} | {d_in} → {d_out} | {rows} | {base:.3} | {:.2} | {:.2} | {:.2} |\n",
-                    fac / base,
-                    fold / base,
-                    auto / base
-                );
-            }
-        }
-    }
-    out + "\n"
-}
-
 fn plot(path: &std::path::Path, rows: &[(String, f64)]) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     for font in [
@@ -658,7 +616,6 @@ fn main() {
     // `--inference`: the inference table alone.
     if args.iter().any(|a| a == "--inference") {
         println!("{}", inference_table(&[(1, 10), (32, 64)], budget));
-        println!("{}", layer_inference_table(budget));
         return;
     }
     let mut md = format!(
@@ -689,7 +646,6 @@ fn main() {
         },
         budget,
     );
-    md += &layer_inference_table(budget);
     println!("{md}");
     let dir = std::path::Path::new("target/bench");
     std::fs::create_dir_all(dir).ok();

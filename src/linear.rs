@@ -4,7 +4,7 @@
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{backend::Backend, module::linear, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 use crate::adapter::{layer_name, Adapter, AdapterConfig, AdapterSpec, LinearAdapter};
 use crate::error::ConfigError;
@@ -13,10 +13,8 @@ use crate::place::Targets;
 
 /// A frozen [`Linear`] layer with an optional trainable adapter.
 ///
-/// `forward` computes `x·W + b + x·ΔW`, in training the adapter's part from its factors (never
-/// building `ΔW`; for inference over many rows `x·(W + ΔW)` with `ΔW` built for the call, see
-/// [`AdaptedLinear::forward`]); `merge` folds `ΔW` into `W` for good and gives back a plain
-/// `Linear` with the base model's cost.
+/// `forward` computes `x·W + b + x·ΔW`, the adapter's part from its factors (never building
+/// `ΔW`); `merge` folds `ΔW` into `W` and gives back a plain `Linear` with the base model's cost.
 ///
 /// ```
 /// use burn::backend::{Autodiff, NdArray};
@@ -103,86 +101,13 @@ impl<B: Backend> AdaptedLinear<B> {
 
     /// `x·W + b + x·ΔW`.
     ///
-    /// In training (an autodiff backend), and for few rows, as [`Self::forward_factorized`]: the
-    /// adapter's part from its factors, never building `ΔW`. On a backend without autodiff
-    /// (inference), with a float base in `x`'s precision and many rows — `n` rows with
-    /// `n·(d_in + d_out) ≥ 2·d_in·d_out`, the activations at least twice the weight's size, such
-    /// as 32 × 64 tokens through a 384-wide layer — as [`Self::forward_folded`]: `ΔW` built for
-    /// this call and added to a temporary copy of `W`, so the layer costs one GEMM at the base's
-    /// cost plus `O(d_in·d_out)`, instead of the adapter's own operations over every row. The two
-    /// agree to `f32` rounding; neither changes the layer, and the adapter stays swappable.
-    ///
     /// # Shapes
     /// - `x`: `[..., d_in]`
     /// - output: `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        if self.adapter.is_some() && self.folds(&x) {
-            self.forward_folded(x)
-        } else {
-            self.forward_factorized(x)
-        }
-    }
-
-    /// Whether [`Self::forward`] takes `x` through [`Self::forward_folded`].
-    pub(crate) fn folds<const D: usize>(&self, x: &Tensor<B, D>) -> bool {
-        let weight = &self.base.weight;
-        if B::ad_enabled(&x.device()) || x.dtype() != weight.dtype() {
-            return false;
-        }
-        let [d_in, d_out] = weight.dims();
-        let rows = x.shape().num_elements() / d_in.max(1);
-        rows.saturating_mul(d_in + d_out) >= 2 * d_in * d_out
-    }
-
-    /// `x·W + b + x·ΔW` with the adapter's part computed from its factors (`ΔW` never built):
-    /// what training differentiates, and [`Self::forward`]'s path for few rows.
-    ///
-    /// # Shapes
-    /// - `x`: `[..., d_in]`
-    /// - output: `[..., d_out]`
-    pub fn forward_factorized<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.adapter {
             Some(adapter) => self.base_forward(x.clone()) + adapter.apply(x),
             None => self.base_forward(x),
-        }
-    }
-
-    /// `x·(W + ΔW) + b`, with `ΔW` built for this call ([`LinearAdapter::delta_weight`]) and
-    /// dropped after it: for inference over many rows, where one GEMM at the base's cost beats
-    /// the adapter's operations on every row ([`Self::forward`] chooses it there). The stored
-    /// `W` is not changed. A base that is not a float tensor (Burn-quantized) keeps
-    /// [`Self::forward_factorized`]. On an autodiff backend the factors' gradients would flow
-    /// through the materialized `ΔW`, which is what training here avoids.
-    ///
-    /// # Shapes
-    /// - `x`: `[..., d_in]`
-    /// - output: `[..., d_out]`
-    pub fn forward_folded<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match &self.adapter {
-            Some(adapter) => self.folded_with(adapter, x),
-            None => self.base_forward(x),
-        }
-    }
-
-    /// `x·(W + ΔW) + b` with `adapter`'s `ΔW` (this layer's own, or a routed one); a base that is
-    /// not a float tensor gets `x·W + b + adapter(x)`.
-    pub(crate) fn folded_with<const D: usize>(
-        &self,
-        adapter: &Adapter<B>,
-        x: Tensor<B, D>,
-    ) -> Tensor<B, D> {
-        let weight = self.base.weight.val();
-        let wd = weight.dtype();
-        if !wd.is_float() {
-            return self.base_forward(x.clone()) + adapter.apply(x);
-        }
-        let weight = weight + adapter.delta_weight().cast(wd);
-        let bias = self.base.bias.as_ref().map(|b| b.val());
-        let xd = x.dtype();
-        if xd == wd {
-            linear(x, weight, bias)
-        } else {
-            linear(x.cast(wd), weight, bias).cast(xd)
         }
     }
 

@@ -10,9 +10,7 @@
 //! A [`Routing`] says which adapter each batch row uses (or none). A layer's routed forward
 //! ([`AdaptedLinear::forward_routed`]) computes the frozen base product once for the whole batch,
 //! then each adapter's `x·ΔW` on its rows only (never building `ΔW`), added back into those rows.
-//! Every row equals running its adapter alone. A batch routed to one adapter throughout runs as
-//! if that adapter were attached: over many rows on an inference backend, one GEMM with a
-//! temporary `W + ΔW` ([`AdaptedLinear::forward`]).
+//! Every row equals running its adapter alone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -293,14 +291,6 @@ impl<B: Backend> Routing<B> {
         y
     }
 
-    /// Layer `layer`'s adapter when one group covers the whole batch and adapts that layer.
-    fn whole_batch(&self, layer: &ParamId) -> Option<&Adapter<B>> {
-        match self.groups.as_slice() {
-            [(resident, rows)] if rows.dims()[0] == self.batch => resident.layers.get(layer),
-            _ => None,
-        }
-    }
-
     /// The groups: each resident adapter and the batch rows that use it.
     pub fn groups(&self) -> &[RowGroup<B>] {
         &self.groups
@@ -308,10 +298,7 @@ impl<B: Backend> Routing<B> {
 }
 
 impl<B: Backend> AdaptedLinear<B> {
-    /// `forward` plus, with a routing, each routed adapter's contribution on its rows. A
-    /// routing whose one adapter covers the whole batch runs as that adapter attached would,
-    /// folded into a temporary `W + ΔW` for many rows on an inference backend
-    /// ([`AdaptedLinear::forward`]'s rule).
+    /// `forward` plus, with a routing, each routed adapter's contribution on its rows.
     pub fn forward_routed<const D: usize>(
         &self,
         x: Tensor<B, D>,
@@ -320,13 +307,6 @@ impl<B: Backend> AdaptedLinear<B> {
         match routing {
             None => self.forward(x),
             Some(r) => {
-                // One adapter for every row, none of the layer's own: as `forward` would run it
-                // attached (folded into a temporary `W + ΔW` for many rows on inference).
-                if self.adapter.is_none() && self.folds(&x) {
-                    if let Some(adapter) = r.whole_batch(&self.base.weight.id) {
-                        return self.folded_with(adapter, x);
-                    }
-                }
                 let y = self.forward(x.clone());
                 r.apply(&self.base.weight.id, x, y)
             }

@@ -5,7 +5,7 @@ use crate::common::*;
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::Tensor;
 use kron_adapters::{
     AdaptedLinear, Adapter, AdapterConfig, ConfigError, ContractionOrder, FactorInit, KronA,
     KronAConfig, KronLora, KronLoraConfig, LinearAdapter, Lora, LoraConfig, Method, MethodConfig,
@@ -13,21 +13,14 @@ use kron_adapters::{
 
 /// A Linear with random non-zero weight and bias.
 fn linear(rng: &mut Rng, d_in: usize, d_out: usize) -> (Linear<TB>, Vec<f32>, Vec<f32>) {
-    linear_on::<TB>(rng, d_in, d_out, &device())
-}
-
-/// The same on any backend.
-fn linear_on<B: Backend>(
-    rng: &mut Rng,
-    d_in: usize,
-    d_out: usize,
-    dev: &B::Device,
-) -> (Linear<B>, Vec<f32>, Vec<f32>) {
+    let dev = device();
     let w = rng.vec(d_in * d_out);
     let b = rng.vec(d_out);
-    let mut l = LinearConfig::new(d_in, d_out).init::<B>(dev);
-    l.weight = l.weight.map(|_| tensor::<B, 2>(&w, [d_in, d_out], dev));
-    l.bias = l.bias.map(|p| p.map(|_| tensor::<B, 1>(&b, [d_out], dev)));
+    let mut l = LinearConfig::new(d_in, d_out).init::<TB>(&dev);
+    l.weight = l.weight.map(|_| tensor::<TB, 2>(&w, [d_in, d_out], &dev));
+    l.bias = l
+        .bias
+        .map(|p| p.map(|_| tensor::<TB, 1>(&b, [d_out], &dev)));
     (l, w, b)
 }
 
@@ -53,26 +46,23 @@ fn reference(
 
 /// Adapters with random non-zero factors, and their reference ΔW.
 fn random_adapters(rng: &mut Rng) -> Vec<(Adapter<TB>, Vec<f32>, &'static str)> {
-    random_adapters_on::<TB>(rng, &device())
-}
-
-/// The same on any backend.
-fn random_adapters_on<B: Backend>(
-    rng: &mut Rng,
-    dev: &B::Device,
-) -> Vec<(Adapter<B>, Vec<f32>, &'static str)> {
+    let dev = device();
     let mut out = Vec::new();
     // LoRA 48 → 96, rank 4, scale 2.
     let (down, up) = (rng.vec(48 * 4), rng.vec(4 * 96));
     let dw = scale_ref(&matmul_ref(&down, 48, 4, &up, 96), 2.0);
-    let a =
-        Lora::from_factors(tensor(&down, [48, 4], dev), tensor(&up, [4, 96], dev), 2.0).unwrap();
+    let a = Lora::from_factors(
+        tensor(&down, [48, 4], &dev),
+        tensor(&up, [4, 96], &dev),
+        2.0,
+    )
+    .unwrap();
     out.push((Adapter::Lora(a), dw, "lora"));
     // KronA 48 → 96, rectangular factors, scale 0.25, both orders.
     let (a, b) = (rng.vec(6 * 8), rng.vec(8 * 12));
     let dw = scale_ref(&kron_ref(&a, [6, 8], &b, [8, 12]), 0.25);
     for order in [ContractionOrder::AFirst, ContractionOrder::ALast] {
-        let k = KronA::from_factors(tensor(&a, [6, 8], dev), tensor(&b, [8, 12], dev), 0.25)
+        let k = KronA::from_factors(tensor(&a, [6, 8], &dev), tensor(&b, [8, 12], &dev), 0.25)
             .unwrap()
             .with_order(order);
         out.push((Adapter::KronA(k), dw.clone(), "krona"));
@@ -83,9 +73,9 @@ fn random_adapters_on<B: Backend>(
     let dw = scale_ref(&kron_ref(&a, [6, 8], &bfull, [8, 12]), 1.5);
     for plan in kron_adapters::KronPlan::all(1, 2) {
         let k = KronLora::from_factors(
-            tensor(&a, [6, 8], dev),
-            tensor(&b1, [8, 3], dev),
-            tensor(&b2, [3, 12], dev),
+            tensor(&a, [6, 8], &dev),
+            tensor(&b1, [8, 3], &dev),
+            tensor(&b2, [3, 12], &dev),
             1.5,
         )
         .unwrap()
@@ -138,60 +128,6 @@ fn forward_equals_materialized_reference_2d_and_3d() {
             .apply(tensor::<TB, 2>(&x, [3, 48], &dev));
         assert_close(&to_vec(only), &matmul_ref(&x, 3, 48, &dw, 96), 1e-5, what);
     }
-}
-
-#[test]
-fn forward_folds_delta_into_the_weight_for_many_rows_in_inference_only() {
-    // On flex `ΔW` is built by `kron`'s product path: that path too.
-    on_suite_and_flex!(check_fold);
-}
-
-/// `forward` at 48 → 96: with 5 rows the factorized path, with 64 (`64·144 ≥ 2·48·96`) the folded
-/// one on the inference backend, the factorized one under autodiff; each against the loop
-/// reference, the stored weight untouched.
-fn check_fold<I: Backend, A: Backend>(dev: &I::Device, dev_ad: &A::Device) {
-    let mut rng = Rng::new(19);
-    for (adapter, dw, what) in random_adapters_on::<I>(&mut rng, dev) {
-        let (lin, w, b) = linear_on::<I>(&mut rng, 48, 96, dev);
-        let layer = AdaptedLinear::with_adapter(lin, adapter).unwrap();
-        for (rows, folds) in [(5, false), (64, true)] {
-            let x = rng.vec(rows * 48);
-            let want = reference(&x, rows, 48, &w, &b, &dw, 96);
-            let xt = tensor::<I, 3>(&x, [1, rows, 48], dev);
-            let got = to_vec(layer.forward(xt.clone()));
-            let factorized = to_vec(layer.forward_factorized(xt.clone()));
-            let folded = to_vec(layer.forward_folded(xt));
-            assert_close(&got, &want, 1e-5, &format!("{what} forward, {rows} rows"));
-            assert_close(&factorized, &want, 1e-5, &format!("{what} factorized"));
-            assert_close(&folded, &want, 1e-5, &format!("{what} folded"));
-            // The two paths round differently: `forward` is bit for bit the one it chose.
-            assert_ne!(
-                factorized, folded,
-                "{what}: the paths should differ in rounding"
-            );
-            let chosen = if folds { &folded } else { &factorized };
-            assert_eq!(&got, chosen, "{what}: {rows} rows should fold: {folds}");
-            assert_eq!(to_vec(layer.base.weight.val()), w, "{what}: W changed");
-        }
-    }
-    // Under autodiff 64 rows stay factorized (training never builds ΔW).
-    for (adapter, _, what) in random_adapters_on::<A>(&mut rng, dev_ad) {
-        let (lin, _, _) = linear_on::<A>(&mut rng, 48, 96, dev_ad);
-        let layer = AdaptedLinear::with_adapter(lin, adapter).unwrap();
-        let x = randn::<A, 2>(&mut rng, [64, 48], dev_ad);
-        assert_eq!(
-            to_vec(layer.forward(x.clone())),
-            to_vec(layer.forward_factorized(x)),
-            "{what}: autodiff must not fold"
-        );
-    }
-    // No adapter: every path is the base layer.
-    let (lin, _, _) = linear_on::<I>(&mut rng, 48, 96, dev);
-    let frozen = AdaptedLinear::frozen(lin);
-    let x = randn::<I, 2>(&mut rng, [64, 48], dev);
-    let base = to_vec(frozen.base.forward(x.clone()));
-    assert_eq!(to_vec(frozen.forward(x.clone())), base);
-    assert_eq!(to_vec(frozen.forward_folded(x)), base);
 }
 
 #[test]

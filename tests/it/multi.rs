@@ -109,29 +109,11 @@ fn decoder_mixed_batch_rows_equal_each_adapter_alone() {
         None,
     )));
     let alone = attach(base.clone(), &files[2], &NameMap::new(), &dev).unwrap();
-    let alone_all = to_vec(alone.forward(ids(&rows), None));
-    assert_close(&all, &alone_all, 1e-5, "all rows one adapter");
-    // At 42 rows every layer of the tiny model folds `ΔW` into a temporary `W + ΔW`, attached or
-    // routed to the whole batch alike: the same bits. With one more row of none, the group's
-    // rows go through the factorized gather and scatter instead, equal only to rounding.
-    assert_eq!(all, alone_all, "a whole-batch routing runs as attached");
-    let mut names_plus = vec![Some(methods[2].0); rows.len()];
-    names_plus.push(None);
-    let mut rows_plus = rows.clone();
-    rows_plus.push(rows[0].clone());
-    let routing = Routing::new(&bank, &names_plus, &dev).unwrap();
-    let plus = to_vec(base.logits(base.model.forward_routed(
-        ids(&rows_plus),
-        None,
-        None,
-        Some(&routing),
-        None,
-    )));
-    assert_close(&plus[..all.len()], &all, 1e-5, "factorized rows");
-    assert_ne!(
-        &plus[..all.len()],
-        &all[..],
-        "the partial group is factorized"
+    assert_close(
+        &all,
+        &to_vec(alone.forward(ids(&rows), None)),
+        1e-5,
+        "all rows one adapter",
     );
     // The adapters change the output (the test would pass trivially otherwise).
     let plain = to_vec(base.forward(ids(&rows[..1]), None));

@@ -174,8 +174,9 @@ impl<B: Backend> Rope<B> {
 
     /// RoPE on a projection's output `p [b, seq, n·hd]`, split into `n` heads:
     /// `[b, n, seq, hd]` (a view where the heads are split after RoPE).
-    fn apply_heads(&self, p: Tensor<B, 3>, n: usize, hd: usize) -> Tensor<B, 4> {
+    fn apply_heads(&self, p: Tensor<B, 3>, n: usize) -> Tensor<B, 4> {
         let [b, s, _] = p.dims();
+        let hd = self.cos.dims()[3];
         let x = p.reshape([b, s, n, hd]);
         let found = self.expanded.iter().find(|(heads, ..)| *heads == n);
         match (found, &self.rotation) {
@@ -236,9 +237,9 @@ impl<B: Backend> LlamaAttention<B> {
         // 1/√head_dim on the query projection's contiguous output (RoPE is linear, so this
         // equals scaling the scores; cheaper, see the encoder's attention).
         let q = self.q_proj.forward_routed(x.clone(), routing);
-        let q = rope.apply_heads(q.div_scalar((hd as f64).sqrt()), h, hd);
+        let q = rope.apply_heads(q.div_scalar((hd as f64).sqrt()), h);
         let k = self.k_proj.forward_routed(x.clone(), routing);
-        let mut k = rope.apply_heads(k, kvh, hd);
+        let mut k = rope.apply_heads(k, kvh);
         let mut v = split(self.v_proj.forward_routed(x, routing), kvh);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
