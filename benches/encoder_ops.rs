@@ -13,7 +13,9 @@
 //!
 //! Forward, and forward + backward of a sum (the input's gradient and the adapters'; the base
 //! is frozen), median ms. Prints a markdown table (docs/benchmarks.md, "The encoder's own
-//! operations").
+//! operations"), and a second for inference (no autodiff): the attention core as the encoder
+//! computes it, against Burn's fused `attention` op (`burn::tensor::module::attention`) fed the
+//! heads as strided views or made contiguous first.
 //!
 //! ```text
 //! cargo bench --features full --bench encoder_ops
@@ -24,8 +26,9 @@ mod common;
 
 use burn::module::Module;
 use burn::nn::LinearConfig;
-use burn::tensor::{activation, backend::Backend, Distribution, ElementConversion, Tensor};
-use common::{backend_name, Train};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{activation, backend::Backend, module, Distribution, ElementConversion, Tensor};
+use common::{backend_name, Inner, Train};
 use kron_adapters::model::heads;
 use kron_adapters::{AdaptedLinear, AdapterConfig, FactorInit, LinearAdapter, LoraConfig};
 
@@ -185,4 +188,85 @@ fn main() {
     }
     // The layers are used through their module API above; keep them alive and counted.
     let _ = q.num_params() + k.num_params() + v.num_params();
+    inference_table(&dev);
+}
+
+/// The attention core for inference (`q`, `k`, `v` already projected, an additive padding mask
+/// expanded to the scores' shape as the encoder does on flex): the encoder's operations, against
+/// Burn's fused op with the heads as strided views, or made contiguous first by
+/// `heads::contiguous`.
+fn inference_table(dev: &burn::tensor::Device<Inner>) {
+    let input = || Tensor::<Inner, 3>::random([BATCH, SEQ, D], Distribution::Normal(0.0, 1.0), dev);
+    let (q, k, v) = (input(), input(), input());
+    let mask =
+        Tensor::<Inner, 4>::random([BATCH, 1, 1, SEQ], Distribution::Uniform(-1.0, 0.0), dev);
+    let mask = mask
+        .expand([BATCH, 1, SEQ, SEQ])
+        .reshape([BATCH, 1, SEQ, SEQ]);
+    let full_mask = mask.clone().expand([BATCH, HEADS, SEQ, SEQ]);
+    let full_mask = full_mask.reshape([BATCH, HEADS, SEQ, SEQ]);
+    let scale = 1.0 / ((D / HEADS) as f64).sqrt();
+    let split = |t: Tensor<Inner, 3>| heads::split_heads(t, HEADS);
+    let ours = || {
+        let (q, k, v) = (
+            split(q.clone().mul_scalar(scale)),
+            split(k.clone()),
+            split(v.clone()),
+        );
+        let probs = activation::softmax(q.matmul(k.transpose()) + full_mask.clone(), 3);
+        heads::merge_heads(probs.matmul(v))
+    };
+    let fused = |contiguous: bool| {
+        let (q, k, v) = (split(q.clone()), split(k.clone()), split(v.clone()));
+        let (q, k, v) = if contiguous {
+            (
+                heads::contiguous(q),
+                heads::contiguous(k),
+                heads::contiguous(v),
+            )
+        } else {
+            (q, k, v)
+        };
+        let options = AttentionModuleOptions {
+            scale: Some(scale),
+            softcap: None,
+            is_causal: false,
+        };
+        heads::merge_heads(module::attention(
+            q,
+            k,
+            v,
+            None,
+            Some(mask.clone()),
+            options,
+        ))
+    };
+    let reference = ours();
+    let differs = |t: Tensor<Inner, 3>| {
+        (t - reference.clone())
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>()
+    };
+    println!("\nInference (no autodiff), the attention core from projected q, k, v:\n");
+    println!("| variant | ms | max difference from the first |");
+    println!("|---|---:|---:|");
+    println!(
+        "| the encoder's (q scaled, scores + mask, softmax, merge) | {:.2} | 0 |",
+        time(|| sync(ours()))
+    );
+    for (name, contiguous) in [
+        ("Burn's fused `attention`, heads as strided views", false),
+        (
+            "Burn's fused `attention`, heads made contiguous first",
+            true,
+        ),
+    ] {
+        let d = differs(fused(contiguous));
+        println!(
+            "| {name} | {:.2} | {d:.1e} |",
+            time(|| sync(fused(contiguous)))
+        );
+    }
 }

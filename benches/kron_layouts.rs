@@ -3,8 +3,12 @@
 //! batched product summed over `n`) against the layout whose backward for `a` is one GEMM over
 //! all rows (`X` transposed to `[n·q, p]`, one GEMM, transposed back: two copies of the
 //! intermediate). Prints a markdown table of medians (ms) measured in the same run
-//! (docs/benchmarks.md, "The `a` contraction's layout"), and a second for the materialized
-//! `a ⊗ b`: a broadcast multiply against `kron::kron` ("Unmerged inference, folded").
+//! (docs/benchmarks.md, "The `a` contraction's layout"), a second for the materialized
+//! `a ⊗ b`: a broadcast multiply against `kron::kron` ("Unmerged inference, folded"), and a
+//! third for the `a` step's forward batched per row (the crate's, `[n]` products
+//! `aᵀ [p', p] · X[r] [p, q]`) against `G` rows per product through the block-diagonal
+//! `I_G ⊗ aᵀ` (`[n/G]` products `[G·p', G·p] · [G·p, q]`: fewer, larger products, `G×` the
+//! multiply-adds).
 //!
 //! ```text
 //! cargo bench --features full --bench kron_layouts
@@ -104,6 +108,45 @@ fn main() {
         );
     }
     kron_table(&dev);
+    grouped_table(&dev);
+}
+
+/// The `a` step's forward (inference), batched per row against `G` rows per product through
+/// the block-diagonal `I_G ⊗ aᵀ`.
+fn grouped_table(dev: &burn::tensor::Device<Inner>) {
+    println!("\n| rows × (p·q), p' | per row | G = 2 | G = 4 | G = 8 | max difference |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for &(n, p, q, p2) in &[
+        (2048usize, 16usize, 24usize, 16usize),
+        (2048, 16, 24, 64),
+        (2048, 24, 24, 32),
+    ] {
+        let t = Tensor::<Inner, 3>::random([n, p, q], Distribution::Normal(0., 1.), dev);
+        let a = Tensor::<Inner, 2>::random([p, p2], Distribution::Normal(0., 1.), dev);
+        let per_row = || a.clone().transpose().unsqueeze::<3>().matmul(t.clone());
+        let grouped = |g: usize| {
+            let block = kron(Tensor::<Inner, 2>::eye(g, dev), a.clone().transpose());
+            let t = t.clone().reshape([n / g, g * p, q]);
+            block.unsqueeze::<3>().matmul(t).reshape([n, p2, q])
+        };
+        let want = per_row();
+        let diff: f32 = [2, 4, 8]
+            .map(|g| (grouped(g) - want.clone()).abs().max().into_scalar())
+            .into_iter()
+            .fold(0.0, f32::max);
+        let ms = |f: &dyn Fn() -> Tensor<Inner, 3>| {
+            time(|| {
+                let _ = f().into_data();
+            })
+        };
+        println!(
+            "| {n} × ({p}·{q}), {p2} | {:.3} | {:.3} | {:.3} | {:.3} | {diff:.1e} |",
+            ms(&per_row),
+            ms(&|| grouped(2)),
+            ms(&|| grouped(4)),
+            ms(&|| grouped(8)),
+        );
+    }
 }
 
 /// The materialized `a ⊗ b` (merging, export, the folded inference forward): a broadcast
