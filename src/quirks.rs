@@ -18,13 +18,49 @@
 //!
 //! The other backends keep the plain operations: they copy and broadcast well, and a GPU's
 //! matmul may round `f32` inputs (TF32), which a copy must not.
+//!
+//! One quirk is about exactness, not speed: Burn 0.21's default `gelu_backward`, which every
+//! backend but flex and LibTorch inherits (ndarray, the CubeCL backends behind wgpu and CUDA,
+//! fusion), is the derivative of GELU's tanh approximation while the forward is the exact,
+//! erf-based GELU: the gradient is off by up to 8.7e-4 (near `|x| = 2`). [`gelu`] gives those
+//! backends the exact derivative.
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{activation, backend::Backend, Tensor};
 
 /// Is `B` burn-flex (or autodiff over it), whose strided copies and broadcast element-wise
 /// operations are slower than a GEMM computing the same values?
 pub(crate) fn products_beat_copies<B: Backend>(device: &B::Device) -> bool {
     matches!(B::name(device).as_str(), "flex" | "autodiff<flex>")
+}
+
+/// GELU, `x·Φ(x)` with `Φ(x) = (1 + erf(x/√2))/2`, whose gradient is the exact derivative
+/// `Φ(x) + x·φ(x)` on every backend. Where the backend's own GELU backward is exact (flex,
+/// LibTorch), or there is no autodiff, Burn's fused `gelu`; elsewhere under autodiff the same
+/// formula from `erf`, `mul` and scalars, which Burn differentiates exactly (at the cost of
+/// keeping `x/√2` and `Φ(x)` for the backward, where the fused op keeps `x`).
+pub(crate) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let device = x.device();
+    if !B::ad_enabled(&device) || gelu_backward_is_exact::<B>(&device) {
+        return activation::gelu(x);
+    }
+    let cdf = x
+        .clone()
+        .div_scalar(std::f64::consts::SQRT_2)
+        .erf()
+        .add_scalar(1.0)
+        .mul_scalar(0.5);
+    x * cdf
+}
+
+/// Does `B` (or the backend under its autodiff) implement `gelu_backward` itself, exactly?
+/// Only flex and LibTorch do in Burn 0.21; an unknown backend is taken not to.
+fn gelu_backward_is_exact<B: Backend>(device: &B::Device) -> bool {
+    let name = B::name(device);
+    let inner = name
+        .strip_prefix("autodiff<")
+        .and_then(|n| n.strip_suffix('>'))
+        .unwrap_or(&name);
+    inner == "flex" || inner.starts_with("libtorch")
 }
 
 /// `t` made ready to be added to several tensors of `shape` (its dimensions of size 1

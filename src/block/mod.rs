@@ -41,7 +41,8 @@ use crate::error::ConfigError;
 pub enum Activation {
     /// `max(0, x)`.
     Relu,
-    /// Gaussian error linear unit.
+    /// Gaussian error linear unit, `x·Φ(x)` (erf-based), with the exact derivative as its
+    /// gradient on every backend.
     Gelu,
     /// `x · sigmoid(x)` ("swish").
     Silu,
@@ -52,7 +53,7 @@ impl Activation {
     pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Activation::Relu => activation::relu(x),
-            Activation::Gelu => activation::gelu(x),
+            Activation::Gelu => crate::quirks::gelu(x),
             Activation::Silu => activation::silu(x),
         }
     }

@@ -6,7 +6,11 @@ use crate::common::*;
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{
+    activation,
+    backend::{AutodiffBackend, Backend},
+    Tensor,
+};
 use kron_adapters::block::{
     Activation, BlockAdapterConfig, BlockAdapters, CompacterConfig, HoulsbyConfig, KronABConfig,
     ParallelAdapterConfig, Residual,
@@ -543,6 +547,60 @@ fn activation_choice_is_used() {
     assert!((s[0] - silu_ref(-1.0)).abs() < 1e-6 && (s[2] - silu_ref(2.0)).abs() < 1e-6);
     let g = to_vec(Activation::Gelu.apply(x));
     assert!((g[2] - 1.9545).abs() < 1e-3 && (g[0] + 0.1587).abs() < 1e-3);
+}
+
+/// `Φ(x)`, the standard normal CDF, in f64 from erf's Taylor series (converges to f64 precision
+/// for the `|x| ≤ 4` used here): a reference independent of any backend's `erf`.
+fn normal_cdf(x: f64) -> f64 {
+    let z = x / std::f64::consts::SQRT_2;
+    let (mut term, mut sum) = (z, z);
+    for n in 1..100 {
+        term *= -z * z / n as f64;
+        sum += term / (2 * n + 1) as f64;
+    }
+    0.5 * (1.0 + sum * 2.0 / std::f64::consts::PI.sqrt())
+}
+
+/// GELU is `x·Φ(x)` and its gradient the exact derivative `Φ(x) + x·φ(x)`, not the tanh
+/// approximation's (Burn 0.21's default backward, which ndarray and the CubeCL backends
+/// inherit: off by up to 8.7e-4 near |x| = 2, well above the tolerance).
+fn check_gelu<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device) {
+    let xs: Vec<f32> = (0..161).map(|i| -4.0 + 0.05 * i as f32).collect();
+    let mut rng = Rng::new(29);
+    let ws: Vec<f32> = xs.iter().map(|_| 0.5 + rng.uniform() as f32).collect();
+    let n = xs.len();
+    let y = to_vec(Activation::Gelu.apply(tensor::<B, 1>(&xs, [n], dev)));
+    let ya = to_vec(Activation::Gelu.apply(tensor::<A, 1>(&xs, [n], adev)));
+    let x = tensor::<A, 1>(&xs, [n], adev).require_grad();
+    let w = tensor::<A, 1>(&ws, [n], adev);
+    let grads = (Activation::Gelu.apply(x.clone()) * w).sum().backward();
+    let got = to_vec(x.grad(&grads).expect("x's gradient"));
+    let pdf = |x: f64| (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    for i in 0..n {
+        let x = xs[i] as f64;
+        let want = x * normal_cdf(x);
+        assert!(
+            (y[i] as f64 - want).abs() < 1e-5,
+            "gelu({x}) = {}, want {want}",
+            y[i]
+        );
+        assert!(
+            (ya[i] as f64 - want).abs() < 1e-5,
+            "autodiff gelu({x}) = {}",
+            ya[i]
+        );
+        let dwant = ws[i] as f64 * (normal_cdf(x) + x * pdf(x));
+        assert!(
+            (got[i] as f64 - dwant).abs() < 2e-5,
+            "gradient at x = {x}: {}, want {dwant}",
+            got[i]
+        );
+    }
+}
+
+#[test]
+fn gelu_is_exact_with_the_exact_gradient() {
+    on_suite_and_flex!(check_gelu);
 }
 
 /// A small model with adapted linears and a LayerNorm, for the training modes.

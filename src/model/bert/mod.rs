@@ -140,7 +140,8 @@ impl<B: Backend> BertLayer<B> {
     ) -> Tensor<B, 3> {
         let h = self.attention.forward(x, mask, routing);
         // The block f: the FFN without its residual and norm.
-        let inner = activation::gelu(self.intermediate.forward_routed(h.clone(), routing));
+        // Exact GELU, with its exact derivative on every backend (`quirks::gelu`).
+        let inner = crate::quirks::gelu(self.intermediate.forward_routed(h.clone(), routing));
         let fx = self.output.forward_routed(inner, routing);
         let fx = match block {
             Some((adapters, i)) => adapters.forward(i, h.clone(), fx),
