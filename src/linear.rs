@@ -4,12 +4,49 @@
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, module::linear, Tensor};
 
 use crate::adapter::{layer_name, Adapter, AdapterConfig, AdapterSpec, LinearAdapter};
 use crate::error::ConfigError;
 use crate::params::ParamCount;
 use crate::place::Targets;
+
+/// `linear.forward(x)` with `x` viewed as rows `[n, d_in]` ([`linear_rows`]).
+pub(crate) fn linear_on_rows<B: Backend, const D: usize>(
+    linear: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let bias = linear.bias.as_ref().map(|b| b.val());
+    linear_rows(x, linear.weight.val(), bias)
+}
+
+/// `x·weight + bias` (Burn's `linear` op) with `x` viewed as rows `[n, d_in]` (free for a
+/// contiguous `x`).
+///
+/// Burn 0.21's `linear` op differentiates a 3-D or higher input against the weight broadcast to
+/// `[1, .., d_in, d_out]`: the input's gradient reshapes the transposed weight, which copies
+/// it (on flex a full copy of every layer's weight, freshly allocated, at every step), and a
+/// trainable weight's gradient is built as `[batch, d_in, d_out]` and then summed over the
+/// batch. On rows both are one GEMM that reads `weight` where it is.
+///
+/// # Shapes
+/// - `x`: `[..., d_in]`, `weight`: `[d_in, d_out]`, `bias`: `[d_out]`
+/// - output: `[..., d_out]`
+pub(crate) fn linear_rows<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    if D <= 2 {
+        return linear(x, weight, bias);
+    }
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    let y: Tensor<B, 2> = linear(x.reshape([rows, d_in]), weight, bias);
+    dims[D - 1] = y.dims()[1];
+    y.reshape(dims)
+}
 
 /// A frozen [`Linear`] layer with an optional trainable adapter.
 ///
@@ -117,9 +154,9 @@ impl<B: Backend> AdaptedLinear<B> {
     pub fn base_forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let (xd, wd) = (x.dtype(), self.base.weight.dtype());
         if xd == wd {
-            self.base.forward(x)
+            linear_on_rows(&self.base, x)
         } else {
-            self.base.forward(x.cast(wd)).cast(xd)
+            linear_on_rows(&self.base, x.cast(wd)).cast(xd)
         }
     }
 

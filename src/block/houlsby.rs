@@ -1,11 +1,12 @@
 //! Adapter (Houlsby et al. 2019): a bottleneck after the block, `h + act(h·down)·up`.
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, module::linear, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 use super::{square, Activation, BlockAdapter};
 use crate::adapter::{init_factors, layer_name, zero_factor, FactorInit};
 use crate::error::ConfigError;
+use crate::linear::linear_rows;
 
 /// The bottleneck size of a sequential adapter for blocks of size `d`.
 pub(crate) fn bottleneck(
@@ -115,8 +116,8 @@ impl<B: Backend> BlockAdapter<B> for HoulsbyAdapter<B> {
 
     /// The adapted output from the block output `h = fx` (the block input is not used).
     fn forward<const D: usize>(&self, _x: Tensor<B, D>, h: Tensor<B, D>, _: &()) -> Tensor<B, D> {
-        let z = linear(h.clone(), self.down.val(), Some(self.bias_down.val()));
-        h + linear(
+        let z = linear_rows(h.clone(), self.down.val(), Some(self.bias_down.val()));
+        h + linear_rows(
             self.activation.apply(z),
             self.up.val(),
             Some(self.bias_up.val()),

@@ -1,11 +1,12 @@
 //! Parallel Adapter (He et al. 2022): `y = f(x) + s · relu(x·down)·up`.
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, module::linear, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 use super::{Activation, BlockAdapter};
 use crate::adapter::{check_finite, init_factors, layer_name, zero_factor, FactorInit};
 use crate::error::ConfigError;
+use crate::linear::linear_rows;
 
 crate::macros::config! {
     /// Configuration of a [`ParallelAdapter`].
@@ -94,12 +95,12 @@ impl<B: Backend> BlockAdapter<B> for ParallelAdapter<B> {
     type Shared = ();
 
     fn forward<const D: usize>(&self, x: Tensor<B, D>, fx: Tensor<B, D>, _: &()) -> Tensor<B, D> {
-        let h = linear(x, self.down.val(), self.bias_down.as_ref().map(|b| b.val()));
+        let h = linear_rows(x, self.down.val(), self.bias_down.as_ref().map(|b| b.val()));
         let h = self.activation.apply(h).mul_scalar(self.scale);
         let bias_up = self
             .bias_up
             .as_ref()
             .map(|b| b.val().mul_scalar(self.scale));
-        fx + linear(h, self.up.val(), bias_up)
+        fx + linear_rows(h, self.up.val(), bias_up)
     }
 }

@@ -3,8 +3,9 @@
 
 use crate::common::*;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use kron_adapters::{
     AdaptedLinear, Adapter, AdapterConfig, ConfigError, ContractionOrder, FactorInit, KronA,
@@ -128,6 +129,64 @@ fn forward_equals_materialized_reference_2d_and_3d() {
             .apply(tensor::<TB, 2>(&x, [3, 48], &dev));
         assert_close(&to_vec(only), &matmul_ref(&x, 3, 48, &dw, 96), 1e-5, what);
     }
+}
+
+/// A 3-D input through a trainable base (full fine-tuning) with a LoRA adapter: the output and
+/// the gradients of the input, the base weight and bias equal row-wise loop references
+/// (`∂x = G·(W + ΔW)ᵀ`, `∂W = Σ_rows xᵀ·G`, `∂b = Σ_rows G`). The base's product runs over the
+/// rows (`linear_rows`), where Burn's op differentiates a 3-D input against a broadcast weight.
+fn check_rows<B: Backend, A: AutodiffBackend>(_: &B::Device, dev: &A::Device) {
+    let mut rng = Rng::new(61);
+    let (batch, seq, d_in, d_out, r) = (2, 5, 12, 8, 2);
+    let n = batch * seq;
+    let (wv, bv) = (rng.vec(d_in * d_out), rng.vec(d_out));
+    let (down, up) = (rng.vec(d_in * r), rng.vec(r * d_out));
+    let mut base = LinearConfig::new(d_in, d_out).init::<A>(dev);
+    base.weight = Param::from_tensor(tensor::<A, 2>(&wv, [d_in, d_out], dev));
+    base.bias = Some(Param::from_tensor(tensor::<A, 1>(&bv, [d_out], dev)));
+    let lora = Lora::from_factors(
+        tensor::<A, 2>(&down, [d_in, r], dev),
+        tensor::<A, 2>(&up, [r, d_out], dev),
+        1.0,
+    )
+    .unwrap();
+    let layer = AdaptedLinear::with_adapter(base, Adapter::Lora(lora)).unwrap();
+    let layer = kron_adapters::training::full_finetune(layer);
+    let (xv, gv) = (rng.vec(n * d_in), rng.vec(n * d_out));
+    let x = tensor::<A, 3>(&xv, [batch, seq, d_in], dev).require_grad();
+    let y = layer.forward(x.clone());
+    let dw = matmul_ref(&down, d_in, r, &up, d_out);
+    let want = reference(&xv, n, d_in, &wv, &bv, &dw, d_out);
+    assert_close(&to_vec(y.clone()), &want, 1e-5, "output");
+    let grads = (y * tensor::<A, 3>(&gv, [batch, seq, d_out], dev))
+        .sum()
+        .backward();
+    let full: Vec<f32> = wv.iter().zip(&dw).map(|(a, c)| a + c).collect();
+    let (mut gx, mut gw, mut gb) = (
+        vec![0.0; n * d_in],
+        vec![0.0; d_in * d_out],
+        vec![0.0; d_out],
+    );
+    for row in 0..n {
+        for o in 0..d_out {
+            let g = gv[row * d_out + o];
+            gb[o] += g;
+            for i in 0..d_in {
+                gx[row * d_in + i] += g * full[i * d_out + o];
+                gw[i * d_out + o] += xv[row * d_in + i] * g;
+            }
+        }
+    }
+    let grad = |p: &Param<Tensor<A, 2>>| to_vec(p.grad(&grads).expect("a gradient"));
+    assert_close(&to_vec(x.grad(&grads).unwrap()), &gx, 1e-5, "∂x");
+    assert_close(&grad(&layer.base.weight), &gw, 1e-5, "∂W");
+    let bias = layer.base.bias.as_ref().unwrap();
+    assert_close(&to_vec(bias.grad(&grads).unwrap()), &gb, 1e-5, "∂b");
+}
+
+#[test]
+fn three_d_input_gradients_equal_the_row_references() {
+    on_suite_and_flex!(check_rows);
 }
 
 #[test]

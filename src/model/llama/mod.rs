@@ -552,7 +552,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// - `hidden`: `[..., d]`; output `[..., vocab]`
     pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => crate::linear::linear_on_rows(head, hidden),
             None => {
                 let w = self.model.embed_tokens.weight.val(); // [vocab, d]
                 let mut dims = hidden.dims();
