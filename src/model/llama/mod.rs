@@ -20,6 +20,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::{activation, backend::Backend, Bool, Int, Tensor, TensorData};
 
+use super::heads;
 use super::source::{Fill, TensorSource};
 use crate::adapter_layers;
 use crate::error::{AdapterError, ConfigError};
@@ -182,7 +183,15 @@ impl<B: Backend> Rope<B> {
         match (found, &self.rotation) {
             (Some((_, cos, sin)), Some(r)) => {
                 let rotated = x.clone().reshape([b * s * n, hd]).matmul(r.clone());
-                (x * cos.clone() + rotated.reshape([b, s, n, hd]) * sin.clone()).swap_dims(1, 2)
+                let t = x * cos.clone() + rotated.reshape([b, s, n, hd]) * sin.clone();
+                // The head split's gradient comes back as a permuted view: made contiguous by
+                // a product before RoPE's products see it (`heads`).
+                let t = if B::ad_enabled(&t.device()) {
+                    heads::contiguous(t)
+                } else {
+                    t
+                };
+                t.swap_dims(1, 2)
             }
             _ => self.apply(x.swap_dims(1, 2)),
         }
@@ -233,14 +242,13 @@ impl<B: Backend> LlamaAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let split = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
         // 1/√head_dim on the query projection's contiguous output (RoPE is linear, so this
         // equals scaling the scores; cheaper, see the encoder's attention).
         let q = self.q_proj.forward_routed(x.clone(), routing);
         let q = rope.apply_heads(q.div_scalar((hd as f64).sqrt()), h);
         let k = self.k_proj.forward_routed(x.clone(), routing);
         let mut k = rope.apply_heads(k, kvh);
-        let mut v = split(self.v_proj.forward_routed(x, routing), kvh);
+        let mut v = heads::split_heads(self.v_proj.forward_routed(x, routing), kvh);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -252,13 +260,19 @@ impl<B: Backend> LlamaAttention<B> {
         // Heads h share key/value head h / g (transformers' repeat_kv): view the g query heads
         // of a group as one longer sequence instead of repeating k and v.
         let g = h / kvh;
-        let q = q.reshape([b, kvh, g * s, hd]);
+        // The regrouping copies q; on flex as a product (`heads`).
+        let q = heads::contiguous(q).reshape([b, kvh, g * s, hd]);
         let scores = q.matmul(k.swap_dims(2, 3)) + mask;
         let probs = activation::softmax(scores, 3);
-        let ctx = probs.matmul(v).reshape([b, h, s, hd]).swap_dims(1, 2);
+        let ctx = probs.matmul(v).reshape([b, h, s, hd]);
+        // The merge's gradient, a permuted view, is regrouped by a reshape: contiguous first.
+        let ctx = if B::ad_enabled(&ctx.device()) {
+            heads::contiguous(ctx)
+        } else {
+            ctx
+        };
         let _ = total;
-        self.o_proj
-            .forward_routed(ctx.reshape([b, s, h * hd]), routing)
+        self.o_proj.forward_routed(heads::merge_heads(ctx), routing)
     }
 }
 
