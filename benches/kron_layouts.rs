@@ -23,6 +23,12 @@ use kron_adapters::kron::{kron, kron_apply, KronPlan};
 
 type Grad = burn::backend::Autodiff<Inner>;
 
+/// A markdown table's header after a blank line, the first column left-aligned.
+fn header(cells: &[&str]) {
+    println!("\n| {} |", cells.join(" | "));
+    println!("|---|{}", "---:|".repeat(cells.len() - 1));
+}
+
 fn time<F: FnMut()>(f: F) -> f64 {
     kron_adapters::finetune::timing::median_ms(f, 2, 3.0)
 }
@@ -114,8 +120,14 @@ fn main() {
 /// The `a` step's forward (inference), batched per row against `G` rows per product through
 /// the block-diagonal `I_G ⊗ aᵀ`.
 fn grouped_table(dev: &burn::tensor::Device<Inner>) {
-    println!("\n| rows × (p·q), p' | per row | G = 2 | G = 4 | G = 8 | max difference |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    header(&[
+        "rows × (p·q), p'",
+        "per row",
+        "G = 2",
+        "G = 4",
+        "G = 8",
+        "max difference",
+    ]);
     for &(n, p, q, p2) in &[
         (2048usize, 16usize, 24usize, 16usize),
         (2048, 16, 24, 64),
@@ -152,8 +164,7 @@ fn grouped_table(dev: &burn::tensor::Device<Inner>) {
 /// The materialized `a ⊗ b` (merging, export, the folded inference forward): a broadcast
 /// multiply, against `kron::kron` (which on flex is batched outer products, `quirks`).
 fn kron_table(dev: &burn::tensor::Device<Inner>) {
-    println!("\n| a ⊗ b | broadcast multiply | `kron::kron` | equal |");
-    println!("|---|---:|---:|---|");
+    header(&["a ⊗ b", "broadcast multiply", "`kron::kron`", "equal"]);
     for &(a_in, a_out, b_in, b_out) in &[
         (16usize, 16usize, 24usize, 24usize),
         (16, 16, 24, 96),
