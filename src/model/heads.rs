@@ -12,9 +12,9 @@
 //! On a backend without autodiff (inference) the split adds no product: it only matters to the
 //! backward.
 //!
-//! The BERT encoder uses them. The Llama decoder does not: with its 128-wide heads (Mistral-7B)
-//! the product costs twice as much per element, and at SmolLM2's and a Mistral-7B layer's width
-//! the decoder's training step measured no faster (docs/benchmarks.md).
+//! The BERT encoder and the Llama decoder use them (the decoder also for its grouped-query
+//! regrouping, and before its RoPE products so that they see a contiguous gradient: SmolLM2's
+//! training step 7% faster, docs/benchmarks.md).
 
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -37,13 +37,19 @@ pub fn contiguous<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
 /// - output: `[b, n, s, hd]`
 pub fn split_heads<B: Backend>(t: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     let [b, s, d] = t.dims();
-    let t = t.reshape([b, s, heads, d / heads]);
-    let t = if B::ad_enabled(&t.device()) {
+    contiguous_gradient(t.reshape([b, s, heads, d / heads])).swap_dims(1, 2)
+}
+
+/// `t` itself; on `burn-flex` with autodiff through a product with the identity, so that a
+/// gradient arriving as a permuted view (the next operation is a permute) leaves it
+/// contiguous, for the element-wise operations or reshapes before it. Without autodiff `t`
+/// unchanged.
+pub fn contiguous_gradient<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
+    if B::ad_enabled(&t.device()) {
         contiguous(t)
     } else {
         t
-    };
-    t.swap_dims(1, 2)
+    }
 }
 
 /// `[b, n, s, hd] → [b, s, n·hd]`, contiguous; on `burn-flex` through a product instead of a

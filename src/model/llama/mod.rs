@@ -184,14 +184,9 @@ impl<B: Backend> Rope<B> {
             (Some((_, cos, sin)), Some(r)) => {
                 let rotated = x.clone().reshape([b * s * n, hd]).matmul(r.clone());
                 let t = x * cos.clone() + rotated.reshape([b, s, n, hd]) * sin.clone();
-                // The head split's gradient comes back as a permuted view: made contiguous by
-                // a product before RoPE's products see it (`heads`).
-                let t = if B::ad_enabled(&t.device()) {
-                    heads::contiguous(t)
-                } else {
-                    t
-                };
-                t.swap_dims(1, 2)
+                // The head split's gradient comes back as a permuted view: made contiguous
+                // before RoPE's products see it.
+                heads::contiguous_gradient(t).swap_dims(1, 2)
             }
             _ => self.apply(x.swap_dims(1, 2)),
         }
@@ -266,11 +261,7 @@ impl<B: Backend> LlamaAttention<B> {
         let probs = activation::softmax(scores, 3);
         let ctx = probs.matmul(v).reshape([b, h, s, hd]);
         // The merge's gradient, a permuted view, is regrouped by a reshape: contiguous first.
-        let ctx = if B::ad_enabled(&ctx.device()) {
-            heads::contiguous(ctx)
-        } else {
-            ctx
-        };
+        let ctx = heads::contiguous_gradient(ctx);
         let _ = total;
         self.o_proj.forward_routed(heads::merge_heads(ctx), routing)
     }
