@@ -30,7 +30,19 @@ use burn::tensor::{activation, backend::Backend, Tensor};
 /// Is `B` burn-flex (or autodiff over it), whose strided copies and broadcast element-wise
 /// operations are slower than a GEMM computing the same values?
 pub(crate) fn products_beat_copies<B: Backend>(device: &B::Device) -> bool {
-    matches!(B::name(device).as_str(), "flex" | "autodiff<flex>")
+    inner_name::<B>(device) == "flex"
+}
+
+/// `B`'s name ([`Backend::name`]), or that of the backend under its autodiff.
+fn inner_name<B: Backend>(device: &B::Device) -> String {
+    let name = B::name(device);
+    match name
+        .strip_prefix("autodiff<")
+        .and_then(|n| n.strip_suffix('>'))
+    {
+        Some(inner) => inner.to_string(),
+        None => name,
+    }
 }
 
 /// GELU, `x·Φ(x)` with `Φ(x) = (1 + erf(x/√2))/2`, whose gradient is the exact derivative
@@ -55,11 +67,7 @@ pub(crate) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
 /// Does `B` (or the backend under its autodiff) implement `gelu_backward` itself, exactly?
 /// Only flex and LibTorch do in Burn 0.21; an unknown backend is taken not to.
 fn gelu_backward_is_exact<B: Backend>(device: &B::Device) -> bool {
-    let name = B::name(device);
-    let inner = name
-        .strip_prefix("autodiff<")
-        .and_then(|n| n.strip_suffix('>'))
-        .unwrap_or(&name);
+    let inner = inner_name::<B>(device);
     inner == "flex" || inner.starts_with("libtorch")
 }
 

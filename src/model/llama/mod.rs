@@ -100,10 +100,16 @@ impl<B: Backend> KvCache<B> {
 struct Rope<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
-    /// flex only: `(heads, cos, sin)` broadcast to `[b, seq, heads, hd]`, per head count.
+    /// flex only: RoPE before the head split ([`FlexRope`]).
+    flex: Option<FlexRope<B>>,
+}
+
+/// RoPE's tables for the projections' `[b, seq, n, hd]` outputs on flex.
+struct FlexRope<B: Backend> {
+    /// `(heads, cos, sin)` broadcast to `[b, seq, heads, hd]`, per head count.
     expanded: Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)>,
-    /// flex only: `rotate_half` as `x·r` (`[hd, hd]`).
-    rotation: Option<Tensor<B, 2>>,
+    /// `rotate_half` as `x·r` (`[hd, hd]`).
+    rotation: Tensor<B, 2>,
 }
 
 impl<B: Backend> Rope<B> {
@@ -143,8 +149,7 @@ impl<B: Backend> Rope<B> {
             return Self {
                 cos,
                 sin,
-                expanded: Vec::new(),
-                rotation: None,
+                flex: None,
             };
         }
         let mut heads = vec![config.num_attention_heads, config.num_key_value_heads];
@@ -165,11 +170,11 @@ impl<B: Backend> Rope<B> {
             r[(j + half) * hd + j] = -1.0;
             r[j * hd + j + half] = 1.0;
         }
+        let rotation = Tensor::from_data(TensorData::new(r, [hd, hd]), device);
         Self {
             cos,
             sin,
-            expanded,
-            rotation: Some(Tensor::from_data(TensorData::new(r, [hd, hd]), device)),
+            flex: Some(FlexRope { expanded, rotation }),
         }
     }
 
@@ -179,9 +184,12 @@ impl<B: Backend> Rope<B> {
         let [b, s, _] = p.dims();
         let hd = self.cos.dims()[3];
         let x = p.reshape([b, s, n, hd]);
-        let found = self.expanded.iter().find(|(heads, ..)| *heads == n);
-        match (found, &self.rotation) {
-            (Some((_, cos, sin)), Some(r)) => {
+        let found = self.flex.as_ref().and_then(|f| {
+            let (_, cos, sin) = f.expanded.iter().find(|(heads, ..)| *heads == n)?;
+            Some((cos, sin, &f.rotation))
+        });
+        match found {
+            Some((cos, sin, r)) => {
                 let rotated = x.clone().reshape([b * s * n, hd]).matmul(r.clone());
                 let t = x * cos.clone() + rotated.reshape([b, s, n, hd]) * sin.clone();
                 // The head split's gradient comes back as a permuted view: made contiguous
@@ -251,7 +259,6 @@ impl<B: Backend> LlamaAttention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let total = k.dims()[2];
         // Heads h share key/value head h / g (transformers' repeat_kv): view the g query heads
         // of a group as one longer sequence instead of repeating k and v.
         let g = h / kvh;
@@ -262,7 +269,6 @@ impl<B: Backend> LlamaAttention<B> {
         let ctx = probs.matmul(v).reshape([b, h, s, hd]);
         // The merge's gradient, a permuted view, is regrouped by a reshape: contiguous first.
         let ctx = heads::contiguous_gradient(ctx);
-        let _ = total;
         self.o_proj.forward_routed(heads::merge_heads(ctx), routing)
     }
 }
