@@ -442,9 +442,11 @@ fn step_table(b: usize, t: usize, budget: f64) -> (String, Vec<(String, f64)>) {
         attention_probs_dropout_prob: 0.0,
         ..BertConfig::minilm_l6()
     };
+    let parts = kron_adapters::shards::default_parts::<Train>(&dev);
     let mut rows = Vec::new();
     for (name, peft) in methods() {
-        let (ms, trainable) = train_step_ms::<Train>(&cfg, &peft, b, t, budget, &dev).unwrap();
+        let (ms, trainable) =
+            train_step_ms::<Train>(&cfg, &peft, b, t, parts, budget, &dev).unwrap();
         eprintln!("step {name}: {ms:.0} ms");
         rows.push((name.to_string(), trainable, ms));
     }

@@ -295,8 +295,9 @@ fn timing_tables(
     let bert = BertConfig::minilm_l6();
     let mut steps = Vec::new();
     let mut latency = Vec::new();
+    let parts = kron_adapters::shards::default_parts::<Train>(device);
     for m in methods {
-        let (ms, _) = train_step_ms::<Train>(&bert, &m.placement, 32, 64, 8.0, device)?;
+        let (ms, _) = train_step_ms::<Train>(&bert, &m.placement, 32, 64, parts, 8.0, device)?;
         let model = BertClassifier::<Inner>::new(
             &mut TensorSource::random(2),
             &bert,

@@ -36,6 +36,10 @@ struct Args {
     /// Rows of the layer's input with `--layer`.
     #[arg(long, default_value_t = 2048)]
     tokens: usize,
+    /// Parts of each batch (or the layer's rows) computed at once (`kron_adapters::shards`);
+    /// the training loops' default when absent (2 on flex and ndarray, 1 elsewhere).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    parts: Option<u64>,
     /// Only these methods (comma-separated keys of the JSON); all when absent.
     #[arg(long, value_delimiter = ',')]
     methods: Vec<String>,
@@ -76,6 +80,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into());
     }
     let device = Default::default();
+    let parts = args.parts.map_or_else(
+        || kron_adapters::shards::default_parts::<Train>(&device),
+        |p| p as usize,
+    );
     // Dropout off, as the PyTorch side runs in eval mode.
     let bert = BertConfig {
         hidden_dropout_prob: 0.0,
@@ -102,6 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     out.insert("backend".into(), backend_name().into());
     out.insert("burn_backward".into(), args.burn_backward.into());
     out.insert("fused_kernel".into(), args.fused_kernel.into());
+    out.insert("parts".into(), parts.into());
     let wanted = |key: &str| args.methods.is_empty() || args.methods.iter().any(|m| m == key);
     let layer_methods = [
         ("full", None),
@@ -131,6 +140,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 d_out,
                 adapter.as_ref(),
                 args.tokens,
+                parts,
                 args.budget,
                 &device,
             )?;
@@ -138,8 +148,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     } else {
         for (key, peft) in methods.into_iter().filter(|m| wanted(m.0)) {
-            let (ms, trainable) =
-                train_step_ms::<Train>(&bert, &peft, args.batch, args.seq, args.budget, &device)?;
+            let (ms, trainable) = train_step_ms::<Train>(
+                &bert,
+                &peft,
+                args.batch,
+                args.seq,
+                parts,
+                args.budget,
+                &device,
+            )?;
             timed.push((key, ms, trainable));
         }
     }

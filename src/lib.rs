@@ -57,6 +57,7 @@ mod quirks;
 pub mod rng;
 #[cfg(feature = "serve")]
 pub mod serve;
+pub mod shards;
 pub mod store;
 pub mod training;
 

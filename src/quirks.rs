@@ -19,6 +19,10 @@
 //! The other backends keep the plain operations: they copy and broadcast well, and a GPU's
 //! matmul may round `f32` inputs (TF32), which a copy must not.
 //!
+//! One is about threads: flex and ndarray run element-wise operations on the calling thread,
+//! so training steps compute two parts of a batch at once there ([`element_wise_on_one_thread`],
+//! [`crate::shards`]).
+//!
 //! One quirk is about exactness, not speed: Burn 0.21's default `gelu_backward`, which every
 //! backend but flex and LibTorch inherits (ndarray, the CubeCL backends behind wgpu and CUDA,
 //! fusion), is the derivative of GELU's tanh approximation while the forward is the exact,
@@ -31,6 +35,14 @@ use burn::tensor::{activation, backend::Backend, Tensor};
 /// operations are slower than a GEMM computing the same values?
 pub(crate) fn products_beat_copies<B: Backend>(device: &B::Device) -> bool {
     inner_name::<B>(device) == "flex"
+}
+
+/// Does `B` (or the backend under its autodiff) run its element-wise operations on the calling
+/// thread? burn-flex and burn-ndarray do (only their large GEMMs and reductions use rayon's
+/// other threads), so a training step computing two parts of its batch at once keeps more
+/// cores busy ([`crate::shards`]).
+pub(crate) fn element_wise_on_one_thread<B: Backend>(device: &B::Device) -> bool {
+    matches!(inner_name::<B>(device).as_str(), "flex" | "ndarray")
 }
 
 /// `B`'s name ([`Backend::name`]), or that of the backend under its autodiff.

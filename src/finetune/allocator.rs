@@ -9,14 +9,18 @@
 //! training step.
 
 /// Tells glibc's `malloc` to keep freed memory for reuse: buffers up to 32 MiB come from the
-/// heap rather than fresh `mmap`s, and the heap is not trimmed back to the operating system.
+/// heap rather than fresh `mmap`s, the heap is not trimmed back to the operating system, and
+/// every thread allocates from the one heap (the threads of a batch's parts,
+/// [`crate::shards`], would otherwise each keep an arena of freed buffers: 1.29 GB instead of
+/// 0.90 GB peak for a MiniLM LoRA step in two parts).
 ///
 /// Call it once, at the start of `main`, in a binary that trains or runs inference on a CPU
 /// backend. The price is memory: the process keeps its peak heap until it exits. It does not
 /// change any result, only where buffers come from. Returns `true` when the settings were
 /// applied; on other platforms or C libraries (which have their own policies) it does nothing
 /// and returns `false`. The same settings can be given from outside the program with the
-/// environment variables `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647`.
+/// environment variables `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647
+/// MALLOC_ARENA_MAX=1`.
 ///
 /// ```
 /// let applied = kron_adapters::finetune::keep_freed_memory();
@@ -35,6 +39,7 @@ pub fn keep_freed_memory() -> bool {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+                && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

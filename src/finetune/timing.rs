@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::LinearConfig;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
@@ -15,6 +15,7 @@ use crate::model::{BertClassifier, BertConfig, TensorSource};
 use crate::params::count_params;
 use crate::place::PlacementConfig;
 use crate::rng::SplitMix64;
+use crate::shards;
 use crate::AdapterConfig;
 
 /// Median milliseconds of `f` after `warmup` calls, over enough calls to fill about
@@ -59,7 +60,8 @@ pub fn random_batch<B: Backend>(
     )
 }
 
-/// Median milliseconds of one training step (forward, backward, AdamW) of a classifier with
+/// Median milliseconds of one training step (forward, backward, AdamW), the batch computed in
+/// `parts` parts at once ([`crate::shards`]; 1: whole), of a classifier with
 /// `placement`'s adapters and mode on an encoder of `bert`'s size (random weights: the cost does not
 /// depend on their values), on a `[batch, seq]` batch; and its trainable parameters.
 pub fn train_step_ms<B: AutodiffBackend>(
@@ -67,6 +69,7 @@ pub fn train_step_ms<B: AutodiffBackend>(
     placement: &PlacementConfig,
     batch: usize,
     seq: usize,
+    parts: usize,
     budget_s: f64,
     device: &B::Device,
 ) -> Result<(f64, usize), AdapterError> {
@@ -84,24 +87,48 @@ pub fn train_step_ms<B: AutodiffBackend>(
     );
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut optim = AdamWConfig::new().init();
+    let ranges = shards::split(batch, parts);
     let mut holder = Some(model);
+    let mut failed = None;
     let ms = median_ms(
         || {
             let m = holder.take().expect("the model is put back every step");
-            let loss = loss_fn.forward(m.forward(ids.clone(), mask.clone()), labels.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &m);
-            holder = Some(optim.step(1e-5, m, grads));
-            let _ = loss.into_data();
+            let result = shards::gradients(&m, ranges.len(), 0, |m, i| {
+                let r = ranges[i].clone();
+                let share = r.len() as f64 / batch as f64;
+                let (ids, mask) = (ids.clone().slice(r.clone()), mask.clone().slice(r.clone()));
+                let loss = loss_fn.forward(m.forward(ids, mask), labels.clone().slice(r));
+                let _ = loss.clone().into_data();
+                (
+                    if share < 1.0 {
+                        loss.mul_scalar(share)
+                    } else {
+                        loss
+                    },
+                    (),
+                )
+            });
+            holder = Some(match result {
+                Ok((grads, _)) => optim.step(1e-5, m, grads),
+                Err(e) => {
+                    failed = Some(e);
+                    m
+                }
+            });
         },
         2,
         budget_s,
     );
-    Ok((ms, trainable))
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((ms, trainable)),
+    }
 }
 
 /// Median milliseconds of one training step of a single frozen `d_in × d_out` linear layer
 /// (no bias) with the adapter `adapter` describes, on `tokens` rows of random input: forward,
-/// a mean-squared loss, backward, AdamW on the trainable parameters; and their count. With
+/// a mean-squared loss, backward, AdamW on the trainable parameters, the rows computed in
+/// `parts` parts at once ([`crate::shards`]; 1: whole); and their count. With
 /// `adapter` = `None` the layer itself is trained (full fine-tuning of the layer). For the
 /// cost of an adapter at an LLM's widths without the rest of the model.
 pub fn layer_step_ms<B: AutodiffBackend>(
@@ -109,6 +136,7 @@ pub fn layer_step_ms<B: AutodiffBackend>(
     d_out: usize,
     adapter: Option<&AdapterConfig>,
     tokens: usize,
+    parts: usize,
     budget_s: f64,
     device: &B::Device,
 ) -> Result<(f64, usize), AdapterError> {
@@ -125,19 +153,34 @@ pub fn layer_step_ms<B: AutodiffBackend>(
     let trainable = count_params(&layer).trainable;
     let x = Tensor::<B, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), device);
     let mut optim = AdamWConfig::new().init();
+    let ranges = shards::split(tokens, parts);
+    let elements = (tokens * d_out) as f64;
     let mut holder = Some(layer);
+    let mut failed = None;
     let ms = median_ms(
         || {
             let l = holder.take().expect("the layer is put back every step");
-            let loss = l.forward(x.clone()).powi_scalar(2).mean();
-            let grads = GradientsParams::from_grads(loss.backward(), &l);
-            holder = Some(optim.step(1e-5, l, grads));
-            let _ = loss.into_data();
+            let result = shards::gradients(&l, ranges.len(), 0, |l, i| {
+                let y = l.forward(x.clone().slice(ranges[i].clone()));
+                let loss = y.powi_scalar(2).sum().div_scalar(elements);
+                let _ = loss.clone().into_data();
+                (loss, ())
+            });
+            holder = Some(match result {
+                Ok((grads, _)) => optim.step(1e-5, l, grads),
+                Err(e) => {
+                    failed = Some(e);
+                    l
+                }
+            });
         },
         2,
         budget_s,
     );
-    Ok((ms, trainable))
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((ms, trainable)),
+    }
 }
 
 /// This process's resident and peak resident memory in bytes (Linux's `VmRSS` and `VmHWM`;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,6 +26,7 @@ use crate::model::TensorSource;
 use crate::params::{count_params, ParamCount};
 use crate::place::PlacementConfig;
 use crate::rng::SplitMix64;
+use crate::shards;
 use crate::store::{save_params_matching, CheckpointMeta, NativeAdapters, ADAPTER_PATTERN};
 use crate::training::TrainMode;
 
@@ -40,6 +41,11 @@ crate::macros::config! {
             /// Dropout on hidden states and attention probabilities; without it the model's
             /// (0.1).
             dropout: f64,
+            /// Parts of each (micro-)batch computed at once, forward and backward, on rayon's
+            /// threads ([`crate::shards`]); without it [`crate::shards::default_parts`]: 2 on
+            /// flex and ndarray (whose element-wise operations run on one thread), 1 elsewhere.
+            /// The update is the whole batch's either way; the dropout masks differ.
+            batch_parts: usize,
         }
         defaults {
             /// The task.
@@ -115,6 +121,16 @@ impl FinetuneConfig {
                 format!(
                     "{} micro-batches for batches of {}: use 1 to batch_size",
                     self.grad_accumulation, self.batch_size
+                ),
+            );
+        }
+        if self.batch_parts == Some(0) || self.batch_parts.is_some_and(|p| p > self.batch_size) {
+            return bad(
+                "batch_parts",
+                format!(
+                    "{} parts for batches of {}: use 1 to batch_size",
+                    self.batch_parts.unwrap_or(0),
+                    self.batch_size
                 ),
             );
         }
@@ -353,50 +369,59 @@ struct Progress<B: AutodiffBackend> {
 }
 
 /// One optimizer step on a batch, in `micro` micro-batches whose gradients are summed, each
-/// weighted by its share of the batch (so the update is the whole batch's); returns the batch's
-/// mean loss and correct predictions.
+/// weighted by its share of the batch (so the update is the whole batch's), each micro-batch
+/// computed in `parts` parts at once ([`crate::shards`], dropout drawn from `seed`); returns the
+/// model, the batch's mean loss and correct predictions.
+#[allow(clippy::too_many_arguments)]
 fn train_step<B: AutodiffBackend, O: Optimizer<BertClassifier<B>, B>>(
     model: BertClassifier<B>,
     optim: &mut O,
     items: &[&Encoded],
     micro: usize,
+    parts: usize,
+    seed: u64,
     lr: f64,
     device: &B::Device,
-) -> (BertClassifier<B>, f64, usize) {
+) -> Result<(BertClassifier<B>, f64, usize), AdapterError> {
     let n = items.len();
     let size = n.div_ceil(micro.clamp(1, n.max(1)));
     let mut acc = GradientsAccumulator::<BertClassifier<B>>::new();
     let (mut loss_sum, mut hits) = (0.0, 0usize);
-    for part in items.chunks(size) {
-        let (ids, mask, labels) = batch_tensors::<B>(part, device);
-        let logits = model.forward(ids, mask);
-        let loss = CrossEntropyLossConfig::new()
-            .init(device)
-            .forward(logits.clone(), labels.clone());
-        let weight = part.len() as f64 / n as f64;
-        let scaled = if part.len() == n {
-            loss.clone()
-        } else {
-            loss.clone().mul_scalar(weight)
-        };
-        acc.accumulate(
-            &model,
-            GradientsParams::from_grads(scaled.backward(), &model),
-        );
-        let l: f64 = loss.into_scalar().elem();
-        loss_sum += l * weight;
-        let h: i64 = logits
-            .argmax(1)
-            .flatten::<1>(0, 1)
-            .equal(labels)
-            .int()
-            .sum()
-            .into_scalar()
-            .elem();
-        hits += h as usize;
+    for (m, chunk) in items.chunks(size).enumerate() {
+        let ranges = shards::split(chunk.len(), parts);
+        let micro_seed = seed ^ (m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let (grads, outs) = shards::gradients(&model, ranges.len(), micro_seed, |model, i| {
+            let part = &chunk[ranges[i].clone()];
+            let (ids, mask, labels) = batch_tensors::<B>(part, device);
+            let logits = model.forward(ids, mask);
+            let loss = CrossEntropyLossConfig::new()
+                .init(device)
+                .forward(logits.clone(), labels.clone());
+            let weight = part.len() as f64 / n as f64;
+            let scaled = if part.len() == n {
+                loss.clone()
+            } else {
+                loss.clone().mul_scalar(weight)
+            };
+            let l: f64 = loss.into_scalar().elem();
+            let h: i64 = logits
+                .argmax(1)
+                .flatten::<1>(0, 1)
+                .equal(labels)
+                .int()
+                .sum()
+                .into_scalar()
+                .elem();
+            (scaled, (l * weight, h as usize))
+        })?;
+        acc.accumulate(&model, grads);
+        for (l, h) in outs {
+            loss_sum += l;
+            hits += h;
+        }
     }
     let model = optim.step(lr, model, acc.grads());
-    (model, loss_sum, hits)
+    Ok((model, loss_sum, hits))
 }
 
 /// Where the best checkpoint goes: every trainable parameter, and the linear adapters alone as
@@ -496,6 +521,9 @@ pub fn train_model_resumable<B: AutodiffBackend>(
     let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
     let total_steps = train.len().div_ceil(cfg.batch_size) * cfg.epochs;
     let warmup = ((cfg.warmup * total_steps as f64).ceil() as usize).min(total_steps);
+    let parts = cfg
+        .batch_parts
+        .unwrap_or_else(|| shards::default_parts::<B>(device));
     let mut optim: super::resume::Optim<B> = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay as f32)
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
@@ -575,9 +603,18 @@ pub fn train_model_resumable<B: AutodiffBackend>(
             let items: Vec<&Encoded> = batch.iter().map(|&i| &train[i]).collect();
             let step = p.step_ms.len();
             let lr = lr_at(step, total_steps, warmup, cfg.lr);
-            B::seed(device, step_seed(cfg.seed, step));
-            let (next, loss, hits) =
-                train_step(model, &mut optim, &items, cfg.grad_accumulation, lr, device);
+            let seed = step_seed(cfg.seed, step);
+            B::seed(device, seed);
+            let (next, loss, hits) = train_step(
+                model,
+                &mut optim,
+                &items,
+                cfg.grad_accumulation,
+                parts,
+                seed,
+                lr,
+                device,
+            )?;
             model = next;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             if !loss.is_finite() {

@@ -158,6 +158,21 @@ pub fn masked_nll<B: Backend>(
     continuation_logprobs(model, batch, device).mean().neg()
 }
 
+/// A part's share of a batch's [`masked_nll`]: the negative sum of the part's continuation
+/// log-probabilities over the whole batch's `batch_tokens` continuation tokens, so that the
+/// parts' shares add up to the batch's loss ([`crate::shards::gradients`]).
+pub fn masked_nll_share<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    part: &[&Encoded],
+    batch_tokens: usize,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    continuation_logprobs(model, part, device)
+        .sum()
+        .div_scalar(batch_tokens.max(1) as f64)
+        .neg()
+}
+
 /// The summed continuation log-probability of each request, computed in batches of about
 /// `batch_tokens` tokens (longest first, so padding is small).
 pub fn loglikelihoods<B: Backend>(

@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::score::{encode_pair, evaluate, masked_nll, Encoded, EvalResult};
+use super::score::{encode_pair, evaluate, masked_nll, masked_nll_share, Encoded, EvalResult};
 use super::tasks::Question;
 use super::tokenizer::TextTokenizer;
 use crate::adapter::{AdapterConfig, KronLoraConfig};
@@ -24,12 +24,19 @@ use crate::model::llama::LlamaForCausalLM;
 use crate::params::count_params;
 use crate::place::PlacementConfig;
 use crate::rng::SplitMix64;
+use crate::shards;
+use burn::tensor::ElementConversion;
 
 crate::macros::config! {
     /// A multiple-choice fine-tuning run of a decoder.
     pub struct LlmFinetuneConfig(new) {
         required {}
-        optional {}
+        optional {
+            /// Parts of each batch computed at once, forward and backward, on rayon's threads
+            /// ([`crate::shards`]); without it [`crate::shards::default_parts`]: 2 on flex and
+            /// ndarray, 1 elsewhere. The update is the whole batch's either way.
+            batch_parts: usize,
+        }
         defaults {
             /// Adapters: Kron-LoRA (rank 2, shapes near √d) on the seven projections.
             placement: PlacementConfig =
@@ -66,6 +73,16 @@ impl LlmFinetuneConfig {
             return bad(
                 "epochs/batch_size/max_len",
                 "must be at least 1 (max_len 2)".into(),
+            );
+        }
+        if self.batch_parts == Some(0) || self.batch_parts.is_some_and(|p| p > self.batch_size) {
+            return bad(
+                "batch_parts",
+                format!(
+                    "{} parts for batches of {}: use 1 to batch_size",
+                    self.batch_parts.unwrap_or(0),
+                    self.batch_size
+                ),
             );
         }
         crate::finetune::train::check_schedule("llm finetune", self.lr, self.warmup)?;
@@ -155,6 +172,9 @@ pub fn finetune_mc<B: AutodiffBackend>(
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
         .init();
     let trainable = count_params(&model).trainable;
+    let parts = cfg
+        .batch_parts
+        .unwrap_or_else(|| shards::default_parts::<B>(device));
     let mut rng = SplitMix64::new(cfg.seed ^ 0x11a);
     let (mut losses, mut step_ms, mut evals) = (Vec::new(), Vec::new(), Vec::new());
     let mut best: Option<(EvalResult, usize, LlamaForCausalLM<B>)> = None;
@@ -165,10 +185,19 @@ pub fn finetune_mc<B: AutodiffBackend>(
             let items: Vec<&Encoded> = batch.iter().map(|&i| &examples[i]).collect();
             let step = step_ms.len();
             let lr = lr_at(step, total_steps, warmup, cfg.lr);
-            let loss = masked_nll(&model, &items, device);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let ranges = shards::split(items.len(), parts);
+            let tokens: usize = items.iter().map(|e| e.continuation().len()).sum();
+            let (grads, shares) =
+                shards::gradients(&model, ranges.len(), cfg.seed ^ step as u64, |model, i| {
+                    let loss = match ranges.len() {
+                        1 => masked_nll(model, &items, device),
+                        _ => masked_nll_share(model, &items[ranges[i].clone()], tokens, device),
+                    };
+                    let value: f64 = loss.clone().into_scalar().elem();
+                    (loss, value)
+                })?;
             model = optim.step(lr, model, grads);
-            let loss: f64 = burn::tensor::ElementConversion::elem(loss.into_scalar());
+            let loss: f64 = shares.iter().sum();
             step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
             if !loss.is_finite() {
                 return Err(ConfigError::invalid(

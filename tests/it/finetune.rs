@@ -275,6 +275,14 @@ fn finetune_config_json_defaults_and_validation() {
             max_train: Some(0),
             ..d.clone()
         },
+        FinetuneConfig {
+            batch_parts: Some(0),
+            ..d.clone()
+        },
+        FinetuneConfig {
+            batch_parts: Some(d.batch_size + 1),
+            ..d.clone()
+        },
     ] {
         assert!(
             matches!(bad.validate(), Err(ConfigError::Invalid { .. })),

@@ -550,6 +550,64 @@ fn multiple_choice_finetuning_lowers_the_loss_and_trains_only_adapters() {
     .is_err());
 }
 
+/// The decoder's loss in parts: the parts' shares of the masked NLL add up to the batch's loss,
+/// and their summed gradients are the batch's (what `finetune_mc` trains with on flex and
+/// ndarray); bad part counts are rejected.
+#[test]
+fn decoder_parts_give_the_whole_batchs_gradients() {
+    use burn::optim::GradientsParams;
+    use kron_adapters::llm::score::{encode_pair, masked_nll, masked_nll_share};
+    use kron_adapters::llm::train::LlmFinetuneConfig;
+    use kron_adapters::shards;
+    let dev = device();
+    let tok = TextTokenizer::from_hf_dir(&fixture("minilm")).unwrap();
+    let m: LlamaForCausalLM<AB> =
+        kron_adapters::training::full_finetune(model(tok.vocab_size(), &dev));
+    let conts = [
+        " yes",
+        " no it is not",
+        " maybe so",
+        " yes",
+        " a longer answer here",
+    ];
+    let enc: Vec<_> = conts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| encode_pair(&tok, &format!("question {i} : is it"), c, 64).unwrap())
+        .collect();
+    let items: Vec<_> = enc.iter().collect();
+    let tokens: usize = items.iter().map(|e| e.continuation().len()).sum();
+    let whole_loss = masked_nll(&m, &items, &dev);
+    let whole_value = to_vec(whole_loss.clone())[0] as f64;
+    let whole = crate::shards::collect(&m, &GradientsParams::from_grads(whole_loss.backward(), &m));
+    assert!(whole.len() > 10);
+    for parts in [2, 3] {
+        let ranges = shards::split(items.len(), parts);
+        let (grads, shares) = shards::gradients(&m, parts, 0, |m, i| {
+            let loss = masked_nll_share(m, &items[ranges[i].clone()], tokens, &dev);
+            let v = to_vec(loss.clone())[0] as f64;
+            (loss, v)
+        })
+        .unwrap();
+        let total: f64 = shares.iter().sum();
+        assert!(
+            (total - whole_value).abs() < 1e-5 * whole_value.abs(),
+            "{total} vs {whole_value}"
+        );
+        // f32 rounding through the tiny random decoder differs between batch sizes (~1e-4, as
+        // for the encoder in `shards::`); a wrong share or a lost part is off by 20% or more.
+        let got = crate::shards::collect(&m, &grads);
+        crate::shards::assert_gradients_close(&got, &whole, &format!("{parts} parts"));
+    }
+    for bad in [0, 9] {
+        let cfg = LlmFinetuneConfig {
+            batch_parts: Some(bad),
+            ..LlmFinetuneConfig::new()
+        };
+        assert!(cfg.validate().is_err(), "{bad} parts for batches of 8");
+    }
+}
+
 /// The sequential experiment's mechanism: a second fine-tuning starts from the first stage's
 /// adapter file (not a fresh initialisation), trains those adapters only, and leaves the file
 /// it started from as it was.

@@ -39,4 +39,5 @@ mod quant;
 mod resume;
 #[cfg(feature = "serve")]
 mod serve;
+mod shards;
 mod training;

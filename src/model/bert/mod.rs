@@ -22,6 +22,7 @@ use crate::error::{AdapterError, ConfigError};
 use crate::linear::AdaptedLinear;
 use crate::multi::Routing;
 use crate::place::{place, PlacementConfig, Targets};
+use crate::shards::dropout;
 
 /// BERT's default targets: every linear of every layer (attention query, key, value, output;
 /// FFN intermediate and output).
@@ -60,7 +61,7 @@ impl<B: Backend> Embeddings<B> {
         let x = self.word.forward(ids)
             + self.position.forward(positions)
             + self.token_type.forward(token_types);
-        self.dropout.forward(self.norm.forward(x))
+        dropout(&self.dropout, self.norm.forward(x))
     }
 }
 
@@ -105,11 +106,9 @@ impl<B: Backend> Attention<B> {
         let k = split(self.key.forward_routed(x.clone(), routing));
         let v = split(self.value.forward_routed(x.clone(), routing));
         let scores = q.matmul(k.transpose()) + mask;
-        let probs = self.probs_dropout.forward(activation::softmax(scores, 3));
+        let probs = dropout(&self.probs_dropout, activation::softmax(scores, 3));
         let ctx = merge_heads(probs.matmul(v));
-        let out = self
-            .dropout
-            .forward(self.output.forward_routed(ctx, routing));
+        let out = dropout(&self.dropout, self.output.forward_routed(ctx, routing));
         self.norm.forward(out + x)
     }
 }
@@ -147,7 +146,7 @@ impl<B: Backend> BertLayer<B> {
             Some((adapters, i)) => adapters.forward(i, h.clone(), fx),
             None => fx,
         };
-        self.norm.forward(self.dropout.forward(fx) + h)
+        self.norm.forward(dropout(&self.dropout, fx) + h)
     }
 }
 
@@ -345,7 +344,8 @@ impl<B: Backend> BertClassifier<B> {
     /// - `ids`, `mask`: `[batch, seq]`; output `[batch, classes]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         let h = self.encoder.forward(ids, mask.clone());
-        self.head.forward(self.dropout.forward(mean_pool(h, mask)))
+        self.head
+            .forward(dropout(&self.dropout, mean_pool(h, mask)))
     }
 }
 

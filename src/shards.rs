@@ -1,0 +1,225 @@
+//! One batch's gradient from parts computed at once on one device: each part's forward and
+//! backward runs as its own task on rayon's thread pool, on its own copy of the model, and the
+//! parts' gradients are summed.
+//!
+//! Why: Burn 0.21's CPU backends run every element-wise operation (adds, products, activations,
+//! masks, the softmax's passes) on the calling thread; only large GEMMs use the other cores. A
+//! MiniLM training step on flex keeps 1.25 of 2 cores busy. Two parts of the batch at once
+//! keep both busy — the element-wise work of one part runs while the other part's GEMM does,
+//! and a waiting part's thread helps with the other's GEMM (rayon's work stealing). Measured on
+//! 2 cores (docs/benchmarks.md, "Parts of a batch at once"): a MiniLM LoRA step 1.4–1.7×
+//! faster, full fine-tuning 1.2–1.5×; 4 parts gain nothing over 2 there.
+//!
+//! The update is the whole batch's: the caller builds each part's loss so that the parts'
+//! losses add up to the batch's (a mean over `n` examples: each part's mean times its share
+//! `n_part / n`), and gradients add like losses. Dropout stays reproducible: in a part, the
+//! crate's models draw their dropout masks with [`dropout`] from a generator of the part's own
+//! (seeded by the caller's seed and the part's index), not from the backend's one generator,
+//! whose draws two threads would take in a different order in every run.
+//!
+//! On a GPU backend the parts would only split the device's queue: [`default_parts`] is 1
+//! there, and a part's work is synchronized before its gradients leave its thread (CubeCL
+//! backends run each thread's work on that thread's own stream).
+
+use std::cell::Cell;
+use std::ops::Range;
+
+use burn::module::AutodiffModule;
+use burn::nn::Dropout;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::error::{AdapterError, ConfigError};
+use crate::rng::SplitMix64;
+
+/// Parts of each batch computed at once when a training loop is not told: 2 on the CPU
+/// backends whose element-wise operations run on one thread (flex, ndarray; under autodiff or
+/// not), 1 on every other backend (a GPU's queue, LibTorch's own threads). A fixed number, not
+/// the core count, so that a run gives the same result on any machine (the parts decide how
+/// dropout masks are drawn and how the gradients' sums are rounded).
+pub fn default_parts<B: Backend>(device: &B::Device) -> usize {
+    if crate::quirks::element_wise_on_one_thread::<B>(device) {
+        2
+    } else {
+        1
+    }
+}
+
+/// `0..n` in `parts` contiguous ranges whose sizes differ by at most one (the first `n % parts`
+/// are the longer ones); fewer ranges when `n < parts` (no empty range), none when `n = 0`.
+pub fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    let (base, extra) = (n / parts, n % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// The gradients of a batch's loss from `parts` parts computed at once, and each part's
+/// output `R` in order.
+///
+/// `part(model, i)` returns part `i`'s loss *contribution* (the parts' losses must add up to
+/// the batch's loss, see the module's docs) and anything else the caller wants back (its loss
+/// value, its correct predictions). With `parts = 1` it runs once on `model` on this thread,
+/// drawing dropout from the backend's generator as Burn's `Dropout` does. With more, part `i`
+/// runs on a fork of `model` (the same weights, its own autodiff graph) as a rayon task, and
+/// [`dropout`] in it draws from a generator seeded by `seed` and `i`. The gradients are summed
+/// in part order, so a run is reproducible.
+///
+/// Errors: `parts = 0`, or a backend failing to synchronize a part's work.
+pub fn gradients<B, M, R, F>(
+    model: &M,
+    parts: usize,
+    seed: u64,
+    part: F,
+) -> Result<(GradientsParams, Vec<R>), AdapterError>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + Send + Sync,
+    R: Send,
+    F: Fn(&M, usize) -> (Tensor<B, 1>, R) + Sync,
+{
+    if parts == 0 {
+        return Err(ConfigError::invalid(
+            "batch parts",
+            "parts",
+            "0 parts: use 1 (one at a time) or more",
+        )
+        .into());
+    }
+    if parts == 1 {
+        let (loss, out) = part(model, 0);
+        return Ok((
+            GradientsParams::from_grads(loss.backward(), model),
+            vec![out],
+        ));
+    }
+    let device =
+        model.devices().into_iter().next().ok_or_else(|| {
+            ConfigError::invalid("batch parts", "model", "the model has no tensors")
+        })?;
+    // Each part runs in a thread pool of its own: a thread waiting inside one part's parallel
+    // GEMM may run any queued job of its pool, and a part run that way inside another part's
+    // backward pass deadlocks (Burn's autodiff holds the graph's lock through the backward
+    // pass, and a finished backward pass locks every graph to clean them up). With a pool per
+    // part, only that part's own jobs are there to run.
+    let threads = (rayon::current_num_threads() / parts).max(1);
+    let run = |i: usize| -> Result<(GradientsParams, R), AdapterError> {
+        let copy = model.clone().fork(&device);
+        let _stream = DropoutStream::enter(part_seed(seed, i));
+        let (loss, out) = part(&copy, i);
+        let grads = GradientsParams::from_grads(loss.backward(), &copy);
+        // A CubeCL backend computes this thread's work on its own stream: finish it before
+        // another thread reads the gradients.
+        B::sync(&device).map_err(|e| {
+            ConfigError::invalid(
+                "batch parts",
+                "backend",
+                format!("part {i}: synchronizing the device failed: {e:?}"),
+            )
+        })?;
+        Ok((grads, out))
+    };
+    let results: Vec<Result<(GradientsParams, R), AdapterError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..parts)
+            .map(|i| {
+                let run = &run;
+                s.spawn(move || {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(move |t| format!("batch-part-{i}-{t}"))
+                        .build()
+                        .map_err(|e| {
+                            ConfigError::invalid(
+                                "batch parts",
+                                "threads",
+                                format!("part {i}: no thread pool: {e}"),
+                            )
+                        })?;
+                    pool.install(|| run(i))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut acc = GradientsAccumulator::<M>::new();
+    let mut outs = Vec::with_capacity(parts);
+    for r in results {
+        let (grads, out) = r?;
+        acc.accumulate(model, grads);
+        outs.push(out);
+    }
+    Ok((acc.grads(), outs))
+}
+
+/// The seed of part `i`'s dropout generator.
+fn part_seed(seed: u64, i: usize) -> u64 {
+    SplitMix64::new(seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64()
+}
+
+thread_local! {
+    /// The dropout generator of the part this thread is computing, if any.
+    static STREAM: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Sets this thread's dropout generator for the part being computed, and restores the previous
+/// one when dropped (a thread waiting inside one part's GEMM may run another part to the end).
+struct DropoutStream(Option<u64>);
+
+impl DropoutStream {
+    fn enter(seed: u64) -> Self {
+        Self(STREAM.with(|s| s.replace(Some(seed))))
+    }
+}
+
+impl Drop for DropoutStream {
+    fn drop(&mut self) {
+        STREAM.with(|s| s.set(self.0));
+    }
+}
+
+/// `dropout`'s forward (Burn's `Dropout`: with autodiff, each element kept with probability
+/// `1 − prob` and scaled by `1 / (1 − prob)`; without, unchanged), drawing its mask from the
+/// current part's generator inside [`gradients`] and from the backend's generator (Burn's own
+/// `Dropout::forward`) everywhere else. A model whose dropout goes through this function
+/// trains reproducibly with parts computed at once.
+///
+/// Shapes: `x` any, output the same.
+pub fn dropout<B: Backend, const D: usize>(dropout: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
+    let device = x.device();
+    if !B::ad_enabled(&device) || dropout.prob == 0.0 {
+        return x;
+    }
+    let Some(state) = STREAM.with(Cell::get) else {
+        return dropout.forward(x);
+    };
+    let keep = 1.0 - dropout.prob;
+    // Kept when a uniform 32-bit draw is below keep · 2³², two draws per 64 random bits.
+    let threshold = (keep * 4_294_967_296.0) as u64;
+    let scale = (1.0 / keep) as f32;
+    let shape = x.shape();
+    let n = shape.num_elements();
+    let mut rng = SplitMix64::new(state);
+    let mut mask = Vec::with_capacity(n + 1);
+    while mask.len() < n {
+        let bits = rng.next_u64();
+        for half in [bits & 0xFFFF_FFFF, bits >> 32] {
+            mask.push(if half < threshold { scale } else { 0.0 });
+        }
+    }
+    mask.truncate(n);
+    STREAM.with(|s| s.set(Some(rng.state())));
+    let mask = TensorData::new(mask, shape).convert_dtype(x.dtype());
+    x * Tensor::from_data(mask, &device)
+}
