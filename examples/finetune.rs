@@ -64,6 +64,10 @@ struct Args {
     /// Split each batch into this many micro-batches (the same update, less memory).
     #[arg(long)]
     grad_accumulation: Option<usize>,
+    /// Compute each (micro-)batch in this many parts at once on rayon's threads (the same
+    /// update; default 2 on flex and ndarray, 1 on GPUs; docs/training.md).
+    #[arg(long)]
+    batch_parts: Option<usize>,
     /// Steps between resume checkpoints (0: none).
     #[arg(long)]
     checkpoint_every: Option<usize>,
@@ -124,6 +128,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if resumed.is_none() {
         if let Some(n) = args.grad_accumulation {
             cfg.grad_accumulation = n;
+        }
+        if let Some(n) = args.batch_parts {
+            cfg.batch_parts = Some(n);
         }
         if let Some(n) = args.checkpoint_every {
             cfg.checkpoint_every = n;
