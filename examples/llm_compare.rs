@@ -23,11 +23,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, Optimizer};
 use clap::Parser;
 use common::{backend_name, Inner, Train};
 use kron_adapters::finetune::AssetCache;
-use kron_adapters::llm::score::{masked_nll, Encoded};
+use kron_adapters::llm::score::{masked_nll, masked_nll_share, Encoded};
 use kron_adapters::llm::train::{finetune_mc, LlmFinetuneConfig, LlmRunReport};
 use kron_adapters::llm::{self, EvalResult, Question, Split, TaskKind, TextTokenizer};
 use kron_adapters::model::llama::{self, LlamaConfig, LlamaForCausalLM};
@@ -78,6 +78,10 @@ struct Args {
     /// (`METHOD:WIDTH`), print JSON, exit.
     #[arg(long)]
     measure: Option<String>,
+    /// With `--measure`: compute each batch in this many parts at once
+    /// (`kron_adapters::shards`; default: the training loops', 2 on flex and ndarray).
+    #[arg(long)]
+    batch_parts: Option<usize>,
 }
 
 const TASKS: [TaskKind; 5] = [
@@ -166,7 +170,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 fn run() -> Res<()> {
     let args = Args::parse();
     if let Some(spec) = &args.measure {
-        return measure(spec);
+        return measure(spec, args.batch_parts);
     }
     let cache = AssetCache::default();
     let log = |m: &str| eprintln!("{m}");
@@ -651,7 +655,7 @@ fn peak_mb() -> f64 {
 }
 
 /// Times training steps (forward, masked loss, backward, AdamW) of one method at one width.
-fn measure(spec: &str) -> Res<()> {
+fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
     let (method, width) = spec.split_once(':').ok_or("METHOD:WIDTH")?;
     let device = Default::default();
     let (config, source, batch, seq) = match width {
@@ -678,16 +682,24 @@ fn measure(spec: &str) -> Res<()> {
         })
         .collect();
     let refs: Vec<&Encoded> = batch.iter().collect();
+    let parts = parts.unwrap_or_else(|| kron_adapters::shards::default_parts::<Train>(&device));
+    let ranges = kron_adapters::shards::split(refs.len(), parts);
+    let tokens: usize = refs.iter().map(|e| e.continuation().len()).sum();
     let mut optim = AdamWConfig::new().init();
     let mut model = Some(model);
     let mut times = Vec::new();
     for _ in 0..3 {
         let m = model.take().expect("put back");
         let t = Instant::now();
-        let loss = masked_nll(&m, &refs, &device);
-        let grads = GradientsParams::from_grads(loss.backward(), &m);
+        let (grads, _) = kron_adapters::shards::gradients(&m, ranges.len(), 0, |m, i| {
+            let loss = match ranges.len() {
+                1 => masked_nll(m, &refs, &device),
+                _ => masked_nll_share(m, &refs[ranges[i].clone()], tokens, &device),
+            };
+            let _ = loss.clone().into_data();
+            (loss, ())
+        })?;
         let m = optim.step(1e-4, m, grads);
-        let _ = loss.into_data();
         times.push(t.elapsed().as_secs_f64() * 1e3);
         model = Some(m);
     }

@@ -46,6 +46,23 @@ pub fn default_parts<B: Backend>(device: &B::Device) -> usize {
     }
 }
 
+/// Checks a configuration's `batch_parts` (`None`: the default) against its `batch_size`: a
+/// typed error for 0 parts or more parts than examples, naming `owner`'s field.
+pub fn check_parts(
+    owner: &str,
+    parts: Option<usize>,
+    batch_size: usize,
+) -> Result<(), ConfigError> {
+    match parts {
+        Some(p) if p == 0 || p > batch_size => Err(ConfigError::invalid(
+            owner,
+            "batch_parts",
+            format!("{p} parts for batches of {batch_size}: use 1 to batch_size"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `0..n` in `parts` contiguous ranges whose sizes differ by at most one (the first `n % parts`
 /// are the longer ones); fewer ranges when `n < parts` (no empty range), none when `n = 0`.
 pub fn split(n: usize, parts: usize) -> Vec<Range<usize>> {

@@ -124,16 +124,7 @@ impl FinetuneConfig {
                 ),
             );
         }
-        if self.batch_parts == Some(0) || self.batch_parts.is_some_and(|p| p > self.batch_size) {
-            return bad(
-                "batch_parts",
-                format!(
-                    "{} parts for batches of {}: use 1 to batch_size",
-                    self.batch_parts.unwrap_or(0),
-                    self.batch_size
-                ),
-            );
-        }
+        crate::shards::check_parts("finetune", self.batch_parts, self.batch_size)?;
         if self.max_train == Some(0) {
             return bad("max_train", "0 examples: nothing to train on".into());
         }

@@ -75,16 +75,7 @@ impl LlmFinetuneConfig {
                 "must be at least 1 (max_len 2)".into(),
             );
         }
-        if self.batch_parts == Some(0) || self.batch_parts.is_some_and(|p| p > self.batch_size) {
-            return bad(
-                "batch_parts",
-                format!(
-                    "{} parts for batches of {}: use 1 to batch_size",
-                    self.batch_parts.unwrap_or(0),
-                    self.batch_size
-                ),
-            );
-        }
+        crate::shards::check_parts("llm finetune", self.batch_parts, self.batch_size)?;
         crate::finetune::train::check_schedule("llm finetune", self.lr, self.warmup)?;
         self.placement.validate()
     }
