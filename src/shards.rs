@@ -7,8 +7,9 @@
 //! MiniLM training step on flex keeps 1.25 of 2 cores busy. Two parts of the batch at once
 //! keep both busy — the element-wise work of one part runs while the other part's GEMM does,
 //! and a waiting part's thread helps with the other's GEMM (rayon's work stealing). Measured on
-//! 2 cores (docs/benchmarks.md, "Parts of a batch at once"): a MiniLM LoRA step 1.4–1.7×
-//! faster, full fine-tuning 1.2–1.5×; 4 parts gain nothing over 2 there.
+//! 2 cores (docs/benchmarks.md, "Parts of a batch at once"): a MiniLM LoRA step 1.4–1.8×
+//! faster, KronA 1.4–1.6×, full fine-tuning 1.06–1.6×, SmolLM2's LoRA step 1.2–1.5×; 4 parts
+//! gain nothing over 2 there.
 //!
 //! The update is the whole batch's: the caller builds each part's loss so that the parts'
 //! losses add up to the batch's (a mean over `n` examples: each part's mean times its share
