@@ -8,6 +8,8 @@
 //! as [`crate::llm::train`]), so loss, accuracy and perplexity metrics apply unchanged. Only
 //! trainable parameters (adapter factors, a head) get gradients: the frozen base is marked
 //! `no_grad`, so backward produces nothing for it and the optimizer keeps no state for it.
+//! On flex and ndarray the classifier's step computes its batch in two parts at once
+//! ([`crate::shards`]), as the main job's loop does; the decoder's step computes whole batches.
 //!
 //! ```ignore
 //! let batcher = ClassifierBatcher;
@@ -22,7 +24,7 @@
 use burn::data::dataloader::batcher::Batcher;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Distribution, Int, Tensor};
 use burn::train::metric::{MetricDefinition, MetricId};
 use burn::train::renderer::{
     EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation,
@@ -34,6 +36,7 @@ use crate::finetune::tokenize::{batch_tensors, Encoded};
 use crate::llm::score::{continuation_batch, continuation_logits, ContinuationBatch};
 use crate::model::bert::BertClassifier;
 use crate::model::llama::LlamaForCausalLM;
+use crate::shards;
 
 /// A padded classification batch.
 #[derive(Clone, Debug)]
@@ -73,10 +76,59 @@ impl<B: AutodiffBackend> TrainStep for BertClassifier<B> {
     type Input = ClassifierBatch<B>;
     type Output = ClassificationOutput<B>;
 
+    /// One step on `batch`, computed in [`shards::default_parts`] parts at once (2 on flex and
+    /// ndarray: [`crate::shards`]); the gradients are the whole batch's, and the output joins
+    /// the parts' logits and loss. The parts' dropout generators are seeded from the backend's
+    /// generator, so a seeded run repeats.
+    ///
+    /// Panics if the device fails to synchronize a part's work (burn-train's `step` has no
+    /// error path; Burn itself panics on device failures).
     fn step(&self, batch: ClassifierBatch<B>) -> TrainOutput<ClassificationOutput<B>> {
         crate::kron::autodiff::register_default::<B>();
-        let out = self.forward_classification(batch);
-        TrainOutput::new(self, out.loss.backward(), out)
+        let device = batch.ids.device();
+        let n = batch.labels.dims()[0];
+        let ranges = shards::split(n, shards::default_parts::<B>(&device));
+        if ranges.len() <= 1 {
+            let out = self.forward_classification(batch);
+            return TrainOutput::new(self, out.loss.backward(), out);
+        }
+        let bits: Vec<f32> = Tensor::<B, 1>::random([2], Distribution::Default, &device)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap_or_default();
+        let seed = bits
+            .iter()
+            .fold(0u64, |acc, v| (acc << 32) | u64::from(v.to_bits()));
+        let (grads, parts) = shards::gradients(self, ranges.len(), seed, |model, i| {
+            let r = ranges[i].clone();
+            let out = model.forward_classification(ClassifierBatch {
+                ids: batch.ids.clone().slice(r.clone()),
+                mask: batch.mask.clone().slice(r.clone()),
+                labels: batch.labels.clone().slice(r.clone()),
+            });
+            let share = out.loss.mul_scalar(r.len() as f64 / n as f64);
+            (
+                share.clone(),
+                (share.detach(), out.output.detach(), out.targets),
+            )
+        })
+        .unwrap_or_else(|e| panic!("the classifier's step in parts: {e}"));
+        let mut loss = None;
+        let (mut logits, mut targets) = (Vec::new(), Vec::new());
+        for (l, o, t) in parts {
+            loss = Some(match loss {
+                None => l,
+                Some(sum) => sum + l,
+            });
+            logits.push(o);
+            targets.push(t);
+        }
+        let loss = loss.expect("at least two parts");
+        TrainOutput {
+            grads,
+            item: ClassificationOutput::new(loss, Tensor::cat(logits, 0), Tensor::cat(targets, 0)),
+        }
     }
 }
 
