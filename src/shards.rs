@@ -1,15 +1,14 @@
 //! One batch's gradient from parts computed at once on one device: each part's forward and
-//! backward runs as its own task on rayon's thread pool, on its own copy of the model, and the
-//! parts' gradients are summed.
+//! backward runs in a rayon thread pool of its own (the cores shared out between the parts), on
+//! its own copy of the model, and the parts' gradients are summed.
 //!
 //! Why: Burn 0.21's CPU backends run every element-wise operation (adds, products, activations,
 //! masks, the softmax's passes) on the calling thread; only large GEMMs use the other cores. A
 //! MiniLM training step on flex keeps 1.25 of 2 cores busy. Two parts of the batch at once
-//! keep both busy — the element-wise work of one part runs while the other part's GEMM does,
-//! and a waiting part's thread helps with the other's GEMM (rayon's work stealing). Measured on
-//! 2 cores (docs/benchmarks.md, "Parts of a batch at once"): a MiniLM LoRA step 1.4–1.8×
-//! faster, KronA 1.4–1.6×, full fine-tuning 1.06–1.6×, SmolLM2's LoRA step 1.2–1.5×; 4 parts
-//! gain nothing over 2 there.
+//! keep both busy: the element-wise work of one part runs while the other part's GEMM does.
+//! Measured on 2 cores (docs/benchmarks.md, "Parts of a batch at once"): a MiniLM LoRA
+//! step 1.4–1.8× faster, KronA 1.4–1.6×, full fine-tuning 1.06–1.6×, SmolLM2's LoRA step
+//! 1.2–1.5×; 4 parts gain nothing over 2 there.
 //!
 //! The update is the whole batch's: the caller builds each part's loss so that the parts'
 //! losses add up to the batch's (a mean over `n` examples: each part's mean times its share
@@ -88,7 +87,8 @@ pub fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
 /// the batch's loss, see the module's docs) and anything else the caller wants back (its loss
 /// value, its correct predictions). With `parts = 1` it runs once on `model` on this thread,
 /// drawing dropout from the backend's generator as Burn's `Dropout` does. With more, part `i`
-/// runs on a fork of `model` (the same weights, its own autodiff graph) as a rayon task, and
+/// runs on a fork of `model` (the same weights, its own autodiff graph) in a rayon thread pool
+/// of its own (the global pool's threads divided between the parts, at least one each), and
 /// [`dropout`] in it draws from a generator seeded by `seed` and `i`. The gradients are summed
 /// in part order, so a run is reproducible.
 ///
