@@ -27,7 +27,7 @@ use burn::optim::{AdamWConfig, Optimizer};
 use clap::Parser;
 use common::{backend_name, Inner, Train};
 use kron_adapters::finetune::AssetCache;
-use kron_adapters::llm::score::{masked_nll, masked_nll_share, Encoded};
+use kron_adapters::llm::score::{masked_nll_share, Encoded};
 use kron_adapters::llm::train::{finetune_mc, LlmFinetuneConfig, LlmRunReport};
 use kron_adapters::llm::{self, EvalResult, Question, Split, TaskKind, TextTokenizer};
 use kron_adapters::model::llama::{self, LlamaConfig, LlamaForCausalLM};
@@ -683,7 +683,6 @@ fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
         .collect();
     let refs: Vec<&Encoded> = batch.iter().collect();
     let parts = parts.unwrap_or_else(|| kron_adapters::shards::default_parts::<Train>(&device));
-    let ranges = kron_adapters::shards::split(refs.len(), parts);
     let tokens: usize = refs.iter().map(|e| e.continuation().len()).sum();
     let mut optim = AdamWConfig::new().init();
     let mut model = Some(model);
@@ -691,11 +690,8 @@ fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
     for _ in 0..3 {
         let m = model.take().expect("put back");
         let t = Instant::now();
-        let (grads, _) = kron_adapters::shards::gradients(&m, ranges.len(), 0, |m, i| {
-            let loss = match ranges.len() {
-                1 => masked_nll(m, &refs, &device),
-                _ => masked_nll_share(m, &refs[ranges[i].clone()], tokens, &device),
-            };
+        let (grads, _) = kron_adapters::shards::gradients(&m, refs.len(), parts, 0, |m, p| {
+            let loss = masked_nll_share(m, &refs[p.range.clone()], tokens, &device);
             let _ = loss.clone().into_data();
             (loss, ())
         })?;

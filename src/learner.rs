@@ -87,8 +87,8 @@ impl<B: AutodiffBackend> TrainStep for BertClassifier<B> {
         crate::kron::autodiff::register_default::<B>();
         let device = batch.ids.device();
         let n = batch.labels.dims()[0];
-        let ranges = shards::split(n, shards::default_parts::<B>(&device));
-        if ranges.len() <= 1 {
+        let parts = shards::default_parts::<B>(&device);
+        if parts <= 1 || n <= 1 {
             let out = self.forward_classification(batch);
             return TrainOutput::new(self, out.loss.backward(), out);
         }
@@ -100,14 +100,14 @@ impl<B: AutodiffBackend> TrainStep for BertClassifier<B> {
         let seed = bits
             .iter()
             .fold(0u64, |acc, v| (acc << 32) | u64::from(v.to_bits()));
-        let (grads, parts) = shards::gradients(self, ranges.len(), seed, |model, i| {
-            let r = ranges[i].clone();
+        let (grads, parts) = shards::gradients(self, n, parts, seed, |model, p| {
+            let r = p.range.clone();
             let out = model.forward_classification(ClassifierBatch {
                 ids: batch.ids.clone().slice(r.clone()),
                 mask: batch.mask.clone().slice(r.clone()),
-                labels: batch.labels.clone().slice(r.clone()),
+                labels: batch.labels.clone().slice(r),
             });
-            let share = out.loss.mul_scalar(r.len() as f64 / n as f64);
+            let share = out.loss.mul_scalar(p.share);
             (
                 share.clone(),
                 (share.detach(), out.output.detach(), out.targets),

@@ -80,21 +80,33 @@ pub fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// The gradients of a batch's loss from `parts` parts computed at once, and each part's
-/// output `R` in order.
+/// One part of a batch, as [`gradients`] hands it to the caller.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Part {
+    /// The part's examples (rows) in the batch: one of [`split`]`(len, parts)`.
+    pub range: Range<usize>,
+    /// Its share of the batch, `range.len() / len`: what a mean over the batch's examples
+    /// weighs the part's own mean by.
+    pub share: f64,
+}
+
+/// The gradients of the loss of a batch of `len` examples (rows) from `parts` parts computed
+/// at once, and each part's output `R` in order.
 ///
-/// `part(model, i)` returns part `i`'s loss *contribution* (the parts' losses must add up to
-/// the batch's loss, see the module's docs) and anything else the caller wants back (its loss
-/// value, its correct predictions). With `parts = 1` it runs once on `model` on this thread,
-/// drawing dropout from the backend's generator as Burn's `Dropout` does. With more, part `i`
-/// runs on a fork of `model` (the same weights, its own autodiff graph) in a rayon thread pool
-/// of its own (the global pool's threads divided between the parts, at least one each), and
-/// [`dropout`] in it draws from a generator seeded by `seed` and `i`. The gradients are summed
-/// in part order, so a run is reproducible.
+/// The batch is cut by [`split`]; `part(model, p)` computes the loss *contribution* of the
+/// examples `p.range` (the parts' losses must add up to the batch's loss: a mean over the
+/// examples is the part's mean times `p.share`, see the module's docs) and anything else the
+/// caller wants back (its loss value, its correct predictions). With one part it runs once on
+/// `model` on this thread, drawing dropout from the backend's generator as Burn's `Dropout`
+/// does. With more, part `i` runs on a fork of `model` (the same weights, its own autodiff
+/// graph) in a rayon thread pool of its own (the global pool's threads divided between the
+/// parts, at least one each), and [`dropout`] in it draws from a generator seeded by `seed` and
+/// `i`. The gradients are summed in part order, so a run is reproducible.
 ///
-/// Errors: `parts = 0`, or a backend failing to synchronize a part's work.
+/// Errors: `parts = 0`, an empty batch, or a backend failing to synchronize a part's work.
 pub fn gradients<B, M, R, F>(
     model: &M,
+    len: usize,
     parts: usize,
     seed: u64,
     part: F,
@@ -103,18 +115,25 @@ where
     B: AutodiffBackend,
     M: AutodiffModule<B> + Send + Sync,
     R: Send,
-    F: Fn(&M, usize) -> (Tensor<B, 1>, R) + Sync,
+    F: Fn(&M, &Part) -> (Tensor<B, 1>, R) + Sync,
 {
-    if parts == 0 {
+    if parts == 0 || len == 0 {
         return Err(ConfigError::invalid(
             "batch parts",
             "parts",
-            "0 parts: use 1 (one at a time) or more",
+            format!("{parts} parts of a batch of {len}: use 1 (one at a time) or more, of a non-empty batch"),
         )
         .into());
     }
-    if parts == 1 {
-        let (loss, out) = part(model, 0);
+    let parts: Vec<Part> = split(len, parts)
+        .into_iter()
+        .map(|range| Part {
+            share: range.len() as f64 / len as f64,
+            range,
+        })
+        .collect();
+    if parts.len() == 1 {
+        let (loss, out) = part(model, &parts[0]);
         return Ok((
             GradientsParams::from_grads(loss.backward(), model),
             vec![out],
@@ -129,11 +148,11 @@ where
     // backward pass deadlocks (Burn's autodiff holds the graph's lock through the backward
     // pass, and a finished backward pass locks every graph to clean them up). With a pool per
     // part, only that part's own jobs are there to run.
-    let threads = (rayon::current_num_threads() / parts).max(1);
+    let threads = (rayon::current_num_threads() / parts.len()).max(1);
     let run = |i: usize| -> Result<(GradientsParams, R), AdapterError> {
         let copy = model.clone().fork(&device);
         let _stream = DropoutStream::enter(part_seed(seed, i));
-        let (loss, out) = part(&copy, i);
+        let (loss, out) = part(&copy, &parts[i]);
         let grads = GradientsParams::from_grads(loss.backward(), &copy);
         // A CubeCL backend computes this thread's work on its own stream: finish it before
         // another thread reads the gradients.
@@ -147,7 +166,7 @@ where
         Ok((grads, out))
     };
     let results: Vec<Result<(GradientsParams, R), AdapterError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..parts)
+        let handles: Vec<_> = (0..parts.len())
             .map(|i| {
                 let run = &run;
                 s.spawn(move || {
@@ -172,7 +191,7 @@ where
             .collect()
     });
     let mut acc = GradientsAccumulator::<M>::new();
-    let mut outs = Vec::with_capacity(parts);
+    let mut outs = Vec::with_capacity(parts.len());
     for r in results {
         let (grads, out) = r?;
         acc.accumulate(model, grads);

@@ -87,26 +87,17 @@ pub fn train_step_ms<B: AutodiffBackend>(
     );
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut optim = AdamWConfig::new().init();
-    let ranges = shards::split(batch, parts);
     let mut holder = Some(model);
     let mut failed = None;
     let ms = median_ms(
         || {
             let m = holder.take().expect("the model is put back every step");
-            let result = shards::gradients(&m, ranges.len(), 0, |m, i| {
-                let r = ranges[i].clone();
-                let share = r.len() as f64 / batch as f64;
+            let result = shards::gradients(&m, batch, parts, 0, |m, p| {
+                let r = p.range.clone();
                 let (ids, mask) = (ids.clone().slice(r.clone()), mask.clone().slice(r.clone()));
                 let loss = loss_fn.forward(m.forward(ids, mask), labels.clone().slice(r));
                 let _ = loss.clone().into_data();
-                (
-                    if share < 1.0 {
-                        loss.mul_scalar(share)
-                    } else {
-                        loss
-                    },
-                    (),
-                )
+                (loss.mul_scalar(p.share), ())
             });
             holder = Some(match result {
                 Ok((grads, _)) => optim.step(1e-5, m, grads),
@@ -153,15 +144,14 @@ pub fn layer_step_ms<B: AutodiffBackend>(
     let trainable = count_params(&layer).trainable;
     let x = Tensor::<B, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), device);
     let mut optim = AdamWConfig::new().init();
-    let ranges = shards::split(tokens, parts);
     let elements = (tokens * d_out) as f64;
     let mut holder = Some(layer);
     let mut failed = None;
     let ms = median_ms(
         || {
             let l = holder.take().expect("the layer is put back every step");
-            let result = shards::gradients(&l, ranges.len(), 0, |l, i| {
-                let y = l.forward(x.clone().slice(ranges[i].clone()));
+            let result = shards::gradients(&l, tokens, parts, 0, |l, p| {
+                let y = l.forward(x.clone().slice(p.range.clone()));
                 let loss = y.powi_scalar(2).sum().div_scalar(elements);
                 let _ = loss.clone().into_data();
                 (loss, ())

@@ -379,32 +379,29 @@ fn train_step<B: AutodiffBackend, O: Optimizer<BertClassifier<B>, B>>(
     let mut acc = GradientsAccumulator::<BertClassifier<B>>::new();
     let (mut loss_sum, mut hits) = (0.0, 0usize);
     for (m, chunk) in items.chunks(size).enumerate() {
-        let ranges = shards::split(chunk.len(), parts);
         let micro_seed = seed ^ (m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let (grads, outs) = shards::gradients(&model, ranges.len(), micro_seed, |model, i| {
-            let part = &chunk[ranges[i].clone()];
-            let (ids, mask, labels) = batch_tensors::<B>(part, device);
-            let logits = model.forward(ids, mask);
-            let loss = CrossEntropyLossConfig::new()
-                .init(device)
-                .forward(logits.clone(), labels.clone());
-            let weight = part.len() as f64 / n as f64;
-            let scaled = if part.len() == n {
-                loss.clone()
-            } else {
-                loss.clone().mul_scalar(weight)
-            };
-            let l: f64 = loss.into_scalar().elem();
-            let h: i64 = logits
-                .argmax(1)
-                .flatten::<1>(0, 1)
-                .equal(labels)
-                .int()
-                .sum()
-                .into_scalar()
-                .elem();
-            (scaled, (l * weight, h as usize))
-        })?;
+        let (grads, outs) =
+            shards::gradients(&model, chunk.len(), parts, micro_seed, |model, p| {
+                let part = &chunk[p.range.clone()];
+                let (ids, mask, labels) = batch_tensors::<B>(part, device);
+                let logits = model.forward(ids, mask);
+                let loss = CrossEntropyLossConfig::new()
+                    .init(device)
+                    .forward(logits.clone(), labels.clone());
+                // The part's share of the whole batch (of every micro-batch together).
+                let weight = part.len() as f64 / n as f64;
+                let scaled = loss.clone().mul_scalar(weight);
+                let l: f64 = loss.into_scalar().elem();
+                let h: i64 = logits
+                    .argmax(1)
+                    .flatten::<1>(0, 1)
+                    .equal(labels)
+                    .int()
+                    .sum()
+                    .into_scalar()
+                    .elem();
+                (scaled, (l * weight, h as usize))
+            })?;
         acc.accumulate(&model, grads);
         for (l, h) in outs {
             loss_sum += l;

@@ -13,7 +13,7 @@ use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::score::{encode_pair, evaluate, masked_nll, masked_nll_share, Encoded, EvalResult};
+use super::score::{encode_pair, evaluate, masked_nll_share, Encoded, EvalResult};
 use super::tasks::Question;
 use super::tokenizer::TextTokenizer;
 use crate::adapter::{AdapterConfig, KronLoraConfig};
@@ -176,14 +176,11 @@ pub fn finetune_mc<B: AutodiffBackend>(
             let items: Vec<&Encoded> = batch.iter().map(|&i| &examples[i]).collect();
             let step = step_ms.len();
             let lr = lr_at(step, total_steps, warmup, cfg.lr);
-            let ranges = shards::split(items.len(), parts);
             let tokens: usize = items.iter().map(|e| e.continuation().len()).sum();
+            let seed = cfg.seed ^ step as u64;
             let (grads, shares) =
-                shards::gradients(&model, ranges.len(), cfg.seed ^ step as u64, |model, i| {
-                    let loss = match ranges.len() {
-                        1 => masked_nll(model, &items, device),
-                        _ => masked_nll_share(model, &items[ranges[i].clone()], tokens, device),
-                    };
+                shards::gradients(&model, items.len(), parts, seed, |model, p| {
+                    let loss = masked_nll_share(model, &items[p.range.clone()], tokens, device);
                     let value: f64 = loss.clone().into_scalar().elem();
                     (loss, value)
                 })?;

@@ -582,9 +582,8 @@ fn decoder_parts_give_the_whole_batchs_gradients() {
     let whole = crate::shards::collect(&m, &GradientsParams::from_grads(whole_loss.backward(), &m));
     assert!(whole.len() > 10);
     for parts in [2, 3] {
-        let ranges = shards::split(items.len(), parts);
-        let (grads, shares) = shards::gradients(&m, parts, 0, |m, i| {
-            let loss = masked_nll_share(m, &items[ranges[i].clone()], tokens, &dev);
+        let (grads, shares) = shards::gradients(&m, items.len(), parts, 0, |m, p| {
+            let loss = masked_nll_share(m, &items[p.range.clone()], tokens, &dev);
             let v = to_vec(loss.clone())[0] as f64;
             (loss, v)
         })

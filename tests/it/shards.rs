@@ -92,11 +92,10 @@ fn part_gradients<A: AutodiffBackend>(
     dev: &A::Device,
 ) -> (Vec<Vec<f32>>, Vec<f64>) {
     let (ids, mask, labels) = batch::<A>(dev);
-    let ranges = split(5, parts);
     let loss_fn = CrossEntropyLossConfig::new().init(dev);
-    let (grads, losses) = shards::gradients(model, ranges.len(), seed, |m, i| {
-        let r = ranges[i].clone();
-        let share = r.len() as f64 / 5.0;
+    let (grads, losses) = shards::gradients(model, 5, parts, seed, |m, p| {
+        assert_eq!(p.share, p.range.len() as f64 / 5.0);
+        let (r, share) = (p.range.clone(), p.share);
         let logits = m.forward(ids.clone().slice(r.clone()), mask.clone().slice(r.clone()));
         let loss = loss_fn
             .forward(logits, labels.clone().slice(r))
@@ -220,10 +219,10 @@ fn dropout_in_a_part_keeps_and_scales_like_dropout() {
     let n = 200_000;
     let x = Tensor::<AB, 1>::from_data(TensorData::new(vec![3.0f32; n], [n]), &dev);
     let model = classifier::<AB>(0.0, &dev);
-    let (_, outs) = shards::gradients(&model, 2, 11, |m, i| {
+    let (_, outs) = shards::gradients(&model, 2, 2, 11, |m, p| {
         let y = to_vec(shards::dropout(&layer, x.clone()));
         let zero = (m.head.weight.val().sum() * 0.0).reshape([1]);
-        (zero, (i, y))
+        (zero, (p.range.start, y))
     })
     .unwrap();
     let scaled = 3.0 / (1.0 - p as f32);
@@ -246,11 +245,13 @@ fn dropout_in_a_part_keeps_and_scales_like_dropout() {
 fn bad_part_counts_are_typed_errors() {
     let dev = device();
     let model = classifier::<AB>(0.0, &dev);
-    let err = shards::gradients(&model, 0, 0, |m, _| {
-        (m.head.weight.val().sum().reshape([1]), ())
-    })
-    .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Usage, "{err}");
-    assert!(err.to_string().contains("parts"), "{err}");
+    for (len, parts) in [(4, 0), (0, 2)] {
+        let err = shards::gradients(&model, len, parts, 0, |m, _| {
+            (m.head.weight.val().sum().reshape([1]), ())
+        })
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Usage, "{err}");
+        assert!(err.to_string().contains("parts"), "{err}");
+    }
     assert!(shards::default_parts::<AB>(&dev) >= 1);
 }
