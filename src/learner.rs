@@ -9,7 +9,8 @@
 //! trainable parameters (adapter factors, a head) get gradients: the frozen base is marked
 //! `no_grad`, so backward produces nothing for it and the optimizer keeps no state for it.
 //! On flex and ndarray the classifier's step computes its batch in two parts at once
-//! ([`crate::shards`]), as the main job's loop does; the decoder's step computes whole batches.
+//! ([`crate::shards`]), as the main job's loop does, and the decoder's step likewise (its parts'
+//! losses weighed by their answer tokens).
 //!
 //! ```ignore
 //! let batcher = ClassifierBatcher;
@@ -92,14 +93,7 @@ impl<B: AutodiffBackend> TrainStep for BertClassifier<B> {
             let out = self.forward_classification(batch);
             return TrainOutput::new(self, out.loss.backward(), out);
         }
-        let bits: Vec<f32> = Tensor::<B, 1>::random([2], Distribution::Default, &device)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap_or_default();
-        let seed = bits
-            .iter()
-            .fold(0u64, |acc, v| (acc << 32) | u64::from(v.to_bits()));
+        let seed = backend_seed::<B>(&device);
         let (grads, parts) = shards::gradients(self, n, parts, seed, |model, p| {
             let r = p.range.clone();
             let out = model.forward_classification(ClassifierBatch {
@@ -107,29 +101,59 @@ impl<B: AutodiffBackend> TrainStep for BertClassifier<B> {
                 mask: batch.mask.clone().slice(r.clone()),
                 labels: batch.labels.clone().slice(r),
             });
-            let share = out.loss.mul_scalar(p.share);
-            (
-                share.clone(),
-                (share.detach(), out.output.detach(), out.targets),
-            )
+            detached_share(out, p.share)
         })
         .unwrap_or_else(|e| panic!("the classifier's step in parts: {e}"));
-        let mut loss = None;
-        let (mut logits, mut targets) = (Vec::new(), Vec::new());
-        for (l, o, t) in parts {
-            loss = Some(match loss {
-                None => l,
-                Some(sum) => sum + l,
-            });
-            logits.push(o);
-            targets.push(t);
-        }
-        let loss = loss.expect("at least two parts");
         TrainOutput {
             grads,
-            item: ClassificationOutput::new(loss, Tensor::cat(logits, 0), Tensor::cat(targets, 0)),
+            item: joined(parts),
         }
     }
+}
+
+/// A seed for the parts' dropout generators, drawn from the backend's generator (so a seeded
+/// burn-train run repeats).
+fn backend_seed<B: Backend>(device: &B::Device) -> u64 {
+    let bits: Vec<f32> = Tensor::<B, 1>::random([2], Distribution::Default, device)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default();
+    bits.iter()
+        .fold(0u64, |acc, v| (acc << 32) | u64::from(v.to_bits()))
+}
+
+/// A part's weighed loss, logits and targets, detached from the part's graph.
+type PartOutput<B> = (Tensor<B, 1>, Tensor<B, 2>, Tensor<B, 1, Int>);
+
+/// A part's loss weighed by its `share` of the batch (to differentiate), and its output detached
+/// (to join with the other parts').
+fn detached_share<B: AutodiffBackend>(
+    out: ClassificationOutput<B>,
+    share: f64,
+) -> (Tensor<B, 1>, PartOutput<B>) {
+    let share = out.loss.mul_scalar(share);
+    (
+        share.clone(),
+        (share.detach(), out.output.detach(), out.targets),
+    )
+}
+
+/// The parts' outputs as one: the losses summed (the batch's loss), logits and targets joined
+/// in batch order.
+fn joined<B: Backend>(parts: Vec<PartOutput<B>>) -> ClassificationOutput<B> {
+    let mut loss = None;
+    let (mut logits, mut targets) = (Vec::new(), Vec::new());
+    for (l, o, t) in parts {
+        loss = Some(match loss {
+            None => l,
+            Some(sum) => sum + l,
+        });
+        logits.push(o);
+        targets.push(t);
+    }
+    let loss = loss.expect("shards::gradients returns every part, at least one");
+    ClassificationOutput::new(loss, Tensor::cat(logits, 0), Tensor::cat(targets, 0))
 }
 
 impl<B: Backend> InferenceStep for BertClassifier<B> {
@@ -175,10 +199,42 @@ impl<B: AutodiffBackend> TrainStep for LlamaForCausalLM<B> {
     type Input = ContinuationBatch<B>;
     type Output = ClassificationOutput<B>;
 
+    /// One step on `batch`, computed in [`shards::default_parts`] parts (sequences) at once on
+    /// flex and ndarray, as the classifier's; each part's mean loss is weighed by its share of
+    /// the batch's answer tokens, so the gradients are the whole batch's. A batch that cannot
+    /// be cut into parts that each hold an answer token is computed whole.
+    ///
+    /// Panics if the device fails to synchronize a part's work (burn-train's `step` has no
+    /// error path; Burn itself panics on device failures).
     fn step(&self, batch: ContinuationBatch<B>) -> TrainOutput<ClassificationOutput<B>> {
         crate::kron::autodiff::register_default::<B>();
-        let out = self.forward_continuation(batch);
-        TrainOutput::new(self, out.loss.backward(), out)
+        let device = batch.ids.device();
+        let b = batch.ids.dims()[0];
+        let ranges = shards::split(b, shards::default_parts::<B>(&device));
+        let counts = match ranges.len() {
+            1 => None,
+            _ => batch.token_counts().filter(|c| {
+                ranges
+                    .iter()
+                    .all(|r| c[r.clone()].iter().sum::<usize>() > 0)
+            }),
+        };
+        let Some(counts) = counts else {
+            let out = self.forward_continuation(batch);
+            return TrainOutput::new(self, out.loss.backward(), out);
+        };
+        let total: usize = counts.iter().sum();
+        let seed = backend_seed::<B>(&device);
+        let (grads, parts) = shards::gradients(self, b, ranges.len(), seed, |model, p| {
+            let tokens: usize = counts[p.range.clone()].iter().sum();
+            let out = model.forward_continuation(batch.sequences(p.range.clone(), &counts));
+            detached_share(out, tokens as f64 / total as f64)
+        })
+        .unwrap_or_else(|e| panic!("the decoder's step in parts: {e}"));
+        TrainOutput {
+            grads,
+            item: joined(parts),
+        }
     }
 }
 

@@ -94,6 +94,40 @@ pub struct ContinuationBatch<B: Backend> {
     pub targets: Tensor<B, 1, Int>,
 }
 
+impl<B: Backend> ContinuationBatch<B> {
+    /// How many continuation tokens each sequence has (`[b]`, read back from `rows`), or
+    /// `None` if the device cannot hand `rows` back.
+    pub(crate) fn token_counts(&self) -> Option<Vec<usize>> {
+        let [b, s] = self.ids.dims();
+        let rows = self.rows.to_data().convert::<i64>().to_vec::<i64>().ok()?;
+        let mut counts = vec![0usize; b];
+        for r in rows {
+            *counts.get_mut(usize::try_from(r).ok()? / s.max(1))? += 1;
+        }
+        Some(counts)
+    }
+
+    /// The sequences `range` as a batch of their own (`counts` from [`Self::token_counts`]):
+    /// their ids and mask, and their continuation positions re-indexed into the smaller batch.
+    /// The padded length stays the batch's, so each sequence's logits are the same.
+    pub(crate) fn sequences(&self, range: std::ops::Range<usize>, counts: &[usize]) -> Self {
+        let s = self.ids.dims()[1];
+        let first: usize = counts[..range.start].iter().sum();
+        let taken: usize = counts[range.clone()].iter().sum();
+        let at = first..first + taken;
+        ContinuationBatch {
+            ids: self.ids.clone().slice(range.clone()),
+            mask: self.mask.clone().slice(range.clone()),
+            rows: self
+                .rows
+                .clone()
+                .slice(at.clone())
+                .sub_scalar((range.start * s) as i64),
+            targets: self.targets.clone().slice(at),
+        }
+    }
+}
+
 /// Pads `batch` into a [`ContinuationBatch`].
 pub fn continuation_batch<B: Backend>(
     batch: &[&Encoded],

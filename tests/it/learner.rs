@@ -191,6 +191,96 @@ fn the_classifier_step_in_parts_is_the_whole_batchs() {
     }
 }
 
+/// burn-train's decoder step computes its batch in parts (sequences) on flex and ndarray, each
+/// part's mean loss weighed by its answer tokens: the whole batch's loss, logits and targets,
+/// gradients bit for bit those of the same parts batched on their own one after another, and
+/// the whole batch's up to `f32` rounding. A batch whose parts cannot each hold an answer token
+/// is computed whole.
+#[test]
+fn the_decoder_step_in_parts_is_the_whole_batchs() {
+    use burn::optim::GradientsParams;
+    use kron_adapters::llm::score::Encoded as Pair;
+    let dev = device();
+    let placement = PlacementConfig::linear(AdapterConfig::KronLora(KronLoraConfig::auto(2)));
+    let lm = LlamaForCausalLM::<AB>::new(
+        &mut TensorSource::random(4),
+        &LlamaConfig::tiny(50),
+        &placement,
+        &dev,
+    )
+    .unwrap();
+    let lm = kron_adapters::training::full_finetune(lm);
+    let pair = |ids: &[u32], start| Pair {
+        ids: ids.to_vec(),
+        start,
+    };
+    // Parts [0, 3) and [3, 5) (`shards::split`); each holds a longest sequence (7 tokens), so
+    // each part batched on its own pads to the batch's length; the first sequence has no
+    // answer token, the others 2 to 4 (6 and 5 in the parts).
+    let items = vec![
+        pair(&[1, 7, 9], 3),
+        pair(&[1, 5, 40, 41, 42, 43, 44], 3),
+        pair(&[1, 11, 12, 13, 14], 3),
+        pair(&[1, 20, 21, 22, 23, 24, 25], 5),
+        pair(&[1, 30, 31, 32, 33], 2),
+    ];
+    let batch = ContinuationBatcher.batch(items.clone(), &dev);
+    let out = TrainStep::step(&lm, batch.clone());
+    let whole = lm.forward_continuation(batch);
+    let whole_loss = to_vec(whole.loss.clone())[0];
+    let got_loss = to_vec(out.item.loss.clone())[0];
+    assert!(
+        (got_loss - whole_loss).abs() <= 1e-5 * whole_loss.abs(),
+        "{got_loss} vs {whole_loss}"
+    );
+    assert_eq!(out.item.output.dims(), [11, 50], "11 answer tokens");
+    assert_close(
+        &to_vec(out.item.output.clone()),
+        &to_vec(whole.output.clone()),
+        1e-4,
+        "logits",
+    );
+    let ints = |t: Tensor<AB, 1, burn::tensor::Int>| t.into_data().convert::<i64>().to_vec::<i64>();
+    assert_eq!(
+        ints(out.item.targets.clone()).unwrap(),
+        ints(whole.targets.clone()).unwrap()
+    );
+    let got = crate::shards::collect(&lm, &out.grads);
+    if kron_adapters::shards::default_parts::<AB>(&dev) == 2 {
+        let mut acc = burn::optim::GradientsAccumulator::new();
+        for (range, tokens) in [(0..3, 6.0), (3..5, 5.0)] {
+            let part =
+                lm.forward_continuation(ContinuationBatcher.batch(items[range].to_vec(), &dev));
+            let loss = part.loss.mul_scalar(tokens / 11.0);
+            acc.accumulate(&lm, GradientsParams::from_grads(loss.backward(), &lm));
+        }
+        assert_eq!(
+            got,
+            crate::shards::collect(&lm, &acc.grads()),
+            "the step's parts"
+        );
+    }
+    let want = GradientsParams::from_grads(whole.loss.backward(), &lm);
+    crate::shards::assert_gradients_close(
+        &got,
+        &crate::shards::collect(&lm, &want),
+        "decoder step",
+    );
+    // The second part has no answer token: the batch is computed whole.
+    let items = vec![pair(&[1, 7, 9, 30], 2), pair(&[1, 5, 40], 3)];
+    let batch = ContinuationBatcher.batch(items, &dev);
+    let out = TrainStep::step(&lm, batch.clone());
+    let whole = lm.forward_continuation(batch);
+    assert_eq!(to_vec(out.item.loss), to_vec(whole.loss.clone()));
+    assert_eq!(
+        crate::shards::collect(&lm, &out.grads),
+        crate::shards::collect(
+            &lm,
+            &GradientsParams::from_grads(whole.loss.backward(), &lm)
+        )
+    );
+}
+
 #[test]
 fn supervised_training_learns_a_task_with_burn_train() {
     let dir = scratch_dir("learner", "classify");
@@ -221,7 +311,74 @@ fn supervised_training_learns_a_task_with_burn_train() {
         "{:?}",
         std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>()
     );
-    let _ = PerplexityMetric::<crate::common::TB>::new();
+}
+
+/// The decoder trains inside `SupervisedTraining` too (its step in parts on flex and ndarray):
+/// Kron-LoRA adapters on a tiny random Llama learn answers that follow from the context, with
+/// burn-train's loss and perplexity metrics logged.
+#[test]
+fn supervised_training_fits_the_decoder_with_burn_train() {
+    use kron_adapters::llm::score::{masked_nll, Encoded as Pair};
+    let dir = scratch_dir("learner", "decoder");
+    let dev = device();
+    // The answer is token 44 after a context ending in 4..22, token 45 after one ending in
+    // 22..40.
+    let pairs = |n: usize, seed: u64| -> Vec<Pair> {
+        let mut rng = Rng::new(seed);
+        (0..n)
+            .map(|_| {
+                let x = 4 + (rng.next_u64() % 36) as u32;
+                let y = 4 + (rng.next_u64() % 36) as u32;
+                Pair {
+                    ids: vec![1, x, y, 44 + u32::from(y >= 22)],
+                    start: 3,
+                }
+            })
+            .collect()
+    };
+    let placement = PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto()));
+    let lm = LlamaForCausalLM::<AB>::new(
+        &mut TensorSource::random(5),
+        &LlamaConfig::tiny(50),
+        &placement,
+        &dev,
+    )
+    .unwrap();
+    // The adapters and the LM head train (PEFT's `modules_to_save`): the random base's head
+    // (N(0, 0.02)) is too small for any hidden state to move its logits by more than ~0.6.
+    let lm = kron_adapters::training::set_trainable(lm, |p| {
+        kron_adapters::training::is_adapter(p) || p.starts_with("lm_head")
+    });
+    let valid_pairs = pairs(64, 9);
+    let nll = |m: &LlamaForCausalLM<crate::common::TB>| {
+        let refs: Vec<&Pair> = valid_pairs.iter().collect();
+        to_vec(masked_nll(m, &refs, &dev))[0]
+    };
+    let before = nll(&lm.valid());
+    let train = DataLoaderBuilder::new(ContinuationBatcher)
+        .batch_size(16)
+        .shuffle(3)
+        .build(InMemDataset::new(pairs(256, 8)));
+    let valid = DataLoaderBuilder::new(ContinuationBatcher)
+        .batch_size(32)
+        .build(InMemDataset::new(valid_pairs.clone()));
+    let result = SupervisedTraining::new(&dir, train, valid)
+        .metrics((LossMetric::new(), PerplexityMetric::new()))
+        .num_epochs(4)
+        .renderer(kron_adapters::learner::LineRenderer::new(0, |_| {}))
+        .with_application_logger(None)
+        .launch(Learner::new(lm, AdamWConfig::new().init(), 3e-2));
+    let after = nll(&result.model);
+    // Chance between the two answers is ln 2 = 0.69; the random model starts near ln 50 = 3.9.
+    assert!(
+        after < 0.5 && after < before / 5.0,
+        "validation NLL {before} → {after}"
+    );
+    assert!(
+        dir.join("valid/epoch-4/Perplexity.log").exists(),
+        "{:?}",
+        std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>()
+    );
 }
 
 fn accuracy<B: Backend>(model: &kron_adapters::model::BertClassifier<B>, data: &[Encoded]) -> f64 {
