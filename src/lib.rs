@@ -40,6 +40,7 @@ pub mod block;
 mod error;
 #[cfg(feature = "finetune")]
 pub mod finetune;
+mod gelu;
 pub mod kron;
 #[cfg(feature = "train")]
 pub mod learner;

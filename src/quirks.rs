@@ -23,6 +23,11 @@
 //! so training steps compute two parts of a batch at once there ([`element_wise_on_one_thread`],
 //! [`crate::shards`]).
 //!
+//! One is about a function: flex's GELU and its backward call libm's scalar `erff` per element
+//! (12% of a MiniLM step's CPU time); on flex [`gelu`] runs the crate's vectorized host kernel
+//! instead (`crate::gelu`, correctly rounded to `f32`), as an autodiff node where the crate's
+//! backward is registered.
+//!
 //! One quirk is about exactness, not speed: Burn 0.21's default `gelu_backward`, which every
 //! backend but flex and LibTorch inherits (ndarray, the CubeCL backends behind wgpu and CUDA,
 //! fusion), is the derivative of GELU's tanh approximation while the forward is the exact,
@@ -58,12 +63,26 @@ fn inner_name<B: Backend>(device: &B::Device) -> String {
 }
 
 /// GELU, `x·Φ(x)` with `Φ(x) = (1 + erf(x/√2))/2`, whose gradient is the exact derivative
-/// `Φ(x) + x·φ(x)` on every backend. Where the backend's own GELU backward is exact (flex,
-/// LibTorch), or there is no autodiff, Burn's fused `gelu`; elsewhere under autodiff the same
-/// formula from `erf`, `mul` and scalars, which Burn differentiates exactly (at the cost of
-/// keeping `x/√2` and `Φ(x)` for the backward, where the fused op keeps `x`).
+/// `Φ(x) + x·φ(x)` on every backend. On flex (`f32`) the host kernels of [`crate::gelu`]:
+/// directly without autodiff, as one autodiff node where the crate's backward is registered
+/// (`kron::autodiff::register_backward`, which the training loops call). Where the backend's
+/// own GELU backward is exact (flex otherwise, LibTorch), or there is no autodiff, Burn's fused
+/// `gelu`; elsewhere under autodiff the same formula from `erf`, `mul` and scalars, which Burn
+/// differentiates exactly (at the cost of keeping `x/√2` and `Φ(x)` for the backward, where
+/// the fused op keeps `x`).
 pub(crate) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let device = x.device();
+    if inner_name::<B>(&device) == "flex" && crate::gelu::is_f32(&x) {
+        if !B::ad_enabled(&device) {
+            return crate::gelu::forward(x);
+        }
+        if crate::kron::autodiff::is_registered::<B>() {
+            // `x` moved in whole, so flex hands its buffer over without a copy.
+            let dims = x.dims();
+            let flat = x.reshape([dims.iter().product::<usize>()]);
+            return crate::kron::autodiff::gelu_host(flat).reshape(dims);
+        }
+    }
     if !B::ad_enabled(&device) || gelu_backward_is_exact::<B>(&device) {
         return activation::gelu(x);
     }

@@ -34,6 +34,10 @@
 //! own differentiation of the same products ([`apply_steps_composite`],
 //! [`contract_a_composite`]). Both give the same values and gradients up to float rounding.
 //!
+//! The same registration gives burn-flex's GELU a node of its own (`gelu_host`, used by
+//! `quirks::gelu`): forward and backward by the crate's vectorized host kernel (`crate::gelu`)
+//! instead of flex's scalar `erff` per element, the input's values kept for the backward.
+//!
 //! The crate's training loops (`finetune`, `llm`, `learner`, `parallel`) register their
 //! backend themselves, unless [`unregister_backward`] opted it out (the recomputation costs
 //! about 5% of a MiniLM step for a fifth less memory); a training loop of one's own calls
@@ -161,7 +165,8 @@ pub fn apply_steps_composite<B: Backend>(
 }
 
 /// Registers the hand-written backward for the autodiff backend `AB`, so that [`apply_steps`]
-/// and [`contract_a`] (and with them every Kronecker adapter's apply) use it. Returns `false`,
+/// and [`contract_a`] (and with them every Kronecker adapter's apply) use it, and on flex the
+/// host GELU node. Returns `false`,
 /// registering nothing, when `AB` is not Burn's `Autodiff<I>` (with no checkpointing or
 /// balanced checkpointing), the only autodiff backend whose graph this crate can extend.
 /// Registering again is a no-op.
@@ -188,11 +193,13 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
         Registered {
             contract: contract_erased::<I<AB>, NoCheckpointing>,
             apply: apply_erased::<I<AB>, NoCheckpointing>,
+            gelu: gelu_erased::<I<AB>, NoCheckpointing>,
         }
     } else if id == TypeId::of::<Autodiff<I<AB>, BalancedCheckpointing>>() {
         Registered {
             contract: contract_erased::<I<AB>, BalancedCheckpointing>,
             apply: apply_erased::<I<AB>, BalancedCheckpointing>,
+            gelu: gelu_erased::<I<AB>, BalancedCheckpointing>,
         }
     } else {
         return false;
@@ -234,11 +241,16 @@ type ErasedContract = fn(Box<dyn Any>, Box<dyn Any>) -> Box<dyn Any>;
 /// `apply_steps` on one registered backend: `T`, the factors in step order, and the steps.
 type ErasedApply = fn(Box<dyn Any>, Vec<Box<dyn Any>>, &[Side]) -> Box<dyn Any>;
 
-/// A registered backend's two operations.
+/// GELU through the host kernel (`crate::gelu`) on one registered backend: `x` and the result
+/// are that backend's float primitives.
+type ErasedUnary = fn(Box<dyn Any>) -> Box<dyn Any>;
+
+/// A registered backend's operations.
 #[derive(Clone, Copy)]
 struct Registered {
     contract: ErasedContract,
     apply: ErasedApply,
+    gelu: ErasedUnary,
 }
 
 /// Backends registered (`Some`) or opted out (`None`).
@@ -389,6 +401,63 @@ impl<I: Backend> Backward<I, 2> for ContractA {
         if let (Some(node), Some(id)) = (t_node, m_state) {
             let m = float::<I, 2>(ckpt.retrieve_node_output(id));
             let grad = step_grad_input(g, m, Side::A);
+            grads.register::<I>(node.id, grad.into_primitive().tensor());
+        }
+    }
+}
+
+/// GELU as one autodiff node whose forward and backward run `crate::gelu`'s host kernels on the
+/// inner backend. Only for backends registered ([`is_registered`]) whose values live in host
+/// memory (`quirks::gelu` decides).
+///
+/// # Panics
+/// If `B` is not registered.
+pub(crate) fn gelu_host<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+    let registered = lookup(TypeId::of::<B>()).expect("quirks::gelu checks is_registered");
+    let out = (registered.gelu)(Box::new(x.into_primitive().tensor()));
+    let out = *out
+        .downcast::<FloatTensor<B>>()
+        .expect("registered under B's TypeId, so its primitives are these");
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+fn gelu_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>) -> Box<dyn Any> {
+    let x = *x
+        .downcast::<FloatTensor<Autodiff<I, C>>>()
+        .expect("registered under Autodiff<I, C>'s TypeId, so its primitives are these");
+    let device = I::float_device(&x.primitive);
+    let out = match <HostGelu as Backward<I, 1>>::prepare::<C>(HostGelu, [x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            // The node keeps the values it read (on flex without a copy: `x` is moved in).
+            let xs = crate::gelu::values(float::<I, 1>(x.primitive));
+            let out = crate::gelu::forward_kept::<I>(&xs, &device);
+            prep.finish(xs, out.into_primitive().tensor())
+        }
+        OpsKind::UnTracked(prep) => prep.finish(
+            crate::gelu::forward(float::<I, 1>(x.primitive))
+                .into_primitive()
+                .tensor(),
+        ),
+    };
+    Box::new(out)
+}
+
+/// [`gelu_host`]'s node: keeps `x`'s values, and computes `g·gelu'(x)` on the host in place.
+#[derive(Debug)]
+struct HostGelu;
+
+impl<I: Backend> Backward<I, 1> for HostGelu {
+    /// The input's values.
+    type State = burn::tensor::TensorData;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = float::<I, 1>(grads.consume::<I>(&ops.node));
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            let grad = crate::gelu::backward(&ops.state, g);
             grads.register::<I>(node.id, grad.into_primitive().tensor());
         }
     }

@@ -563,17 +563,34 @@ fn normal_cdf(x: f64) -> f64 {
 
 /// GELU is `x·Φ(x)` and its gradient the exact derivative `Φ(x) + x·φ(x)`, not the tanh
 /// approximation's (Burn 0.21's default backward, which ndarray and the CubeCL backends
-/// inherit: off by up to 8.7e-4 near |x| = 2, well above the tolerance).
+/// inherit: off by up to 8.7e-4 near |x| = 2, well above the tolerance). Also with the crate's
+/// backward registered, which on flex computes GELU with its host kernel (`src/gelu.rs`),
+/// on a 2-D input (the node works on the flattened values) inside a larger graph.
 fn check_gelu<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device) {
+    check_gelu_once::<B, A>(dev, adev, false);
+    check_gelu_once::<B, A>(dev, adev, true);
+}
+
+fn check_gelu_once<B: Backend, A: AutodiffBackend>(
+    dev: &B::Device,
+    adev: &A::Device,
+    registered: bool,
+) {
+    if registered {
+        kron_adapters::kron::autodiff::register_backward::<A>();
+    }
     let xs: Vec<f32> = (0..161).map(|i| -4.0 + 0.05 * i as f32).collect();
     let mut rng = Rng::new(29);
     let ws: Vec<f32> = xs.iter().map(|_| 0.5 + rng.uniform() as f32).collect();
     let n = xs.len();
     let y = to_vec(Activation::Gelu.apply(tensor::<B, 1>(&xs, [n], dev)));
     let ya = to_vec(Activation::Gelu.apply(tensor::<A, 1>(&xs, [n], adev)));
-    let x = tensor::<A, 1>(&xs, [n], adev).require_grad();
-    let w = tensor::<A, 1>(&ws, [n], adev);
-    let grads = (Activation::Gelu.apply(x.clone()) * w).sum().backward();
+    let x = tensor::<A, 2>(&xs, [7, 23], adev).require_grad();
+    let w = tensor::<A, 2>(&ws, [7, 23], adev);
+    // `x·2` before and `·w` after: the gradient goes through GELU's node into the graph.
+    let h = Activation::Gelu.apply(x.clone().mul_scalar(2.0).div_scalar(2.0));
+    assert_eq!(h.dims(), [7, 23]);
+    let grads = (h * w).sum().backward();
     let got = to_vec(x.grad(&grads).expect("x's gradient"));
     let pdf = |x: f64| (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
     for i in 0..n {

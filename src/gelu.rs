@@ -1,0 +1,301 @@
+//! GELU and its derivative computed on the host, for burn-flex, whose own GELU calls libm's
+//! scalar `erff` element by element (with its backward, 12% of a MiniLM training step's CPU
+//! time, docs/benchmarks.md).
+//!
+//! `gelu(x) = x·Φ(x)` and `gelu'(x) = Φ(x) + x·φ(x)`, with `φ(x) = exp(−x²/2)/√(2π)` and
+//! `Φ(x) = E/2` for `x < 0`, `1 − E/2` otherwise, where `E = erfc(|x|/√2)`. Everything is
+//! computed in `f64` and rounded once to `f32`: with `z = |x|/√2` and `t = 1/(1 + z/2)`,
+//! `E = t·Q(t)·exp(−z²)`, `Q` a degree-11 polynomial fitted to `erfc(z)·exp(z²)/t` on
+//! `z ∈ [0, 6]` (`scripts/fit_gelu.py`: relative error of `E` under 1e-10 there; beyond, `E`
+//! and `φ` are taken as 0, as `f32`'s erf rounds to ±1 long before), and `exp` by range
+//! reduction to `|r| ≤ ln 2 / 2` and a degree-8 Taylor polynomial (relative error under 3e-10).
+//! The same `exp(−z²)` serves `E` and `φ`. No branches and no calls, so the loops vectorize:
+//! compiled for AVX2 and FMA where the CPU has them (chosen at run time), for the baseline
+//! target elsewhere. The tests check every result against libm's `f64` `erfc` to half an
+//! `f32` ulp (plus 1e-9 relative).
+//!
+//! On burn-flex, reading a tensor's values and wrapping a new buffer are copies at most (a
+//! contiguous, unshared tensor is handed over without one), so [`forward`] and the autodiff
+//! node of `kron::autodiff` (registered with the Kronecker apply's) run one pass each way
+//! instead of flex's element-by-element maps. `quirks::gelu` decides where it is used.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+/// `Q`'s coefficients, lowest degree first, in `u = (8t − 5)/3` (`t ∈ [1/4, 1]` mapped to
+/// `[−1, 1]`), from `scripts/fit_gelu.py`.
+const Q: [f64; 12] = [
+    0.6056598670464737,
+    0.31210421337133143,
+    0.08378962039179119,
+    0.0025157211228875958,
+    -0.0041818571948038195,
+    -0.00015552529290111745,
+    0.0003071917397530857,
+    -2.3232101170164623e-05,
+    -2.2652117268862094e-05,
+    6.3599141470345366e-06,
+    9.657006954089403e-07,
+    -6.726278123367625e-07,
+];
+
+/// `z` beyond which `E` and `φ` are taken as 0 (the fit's range).
+const Z_MAX: f64 = 6.0;
+
+/// `exp(a)` for `a ∈ [−36, 0]` (`−z²`).
+#[inline(always)]
+fn exp(a: f64) -> f64 {
+    // Round to nearest by adding and subtracting 1.5·2⁵² (no rounding instruction needed).
+    const SHIFTER: f64 = 6_755_399_441_055_744.0;
+    let shifted = a.mul_add(std::f64::consts::LOG2_E, SHIFTER);
+    let k = shifted - SHIFTER;
+    let r = (-k).mul_add(std::f64::consts::LN_2, a);
+    // e^r, |r| ≤ ln 2 / 2, Taylor to degree 8, by Horner.
+    let mut p: f64 = 1.0 / 40_320.0;
+    for c in [
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    // 2^k from k's bits in the shifted value's low mantissa bits (k ∈ [−52, 0]).
+    let two_k =
+        f64::from_bits((shifted.to_bits().wrapping_add(1023) << 52) & 0x7ff0_0000_0000_0000);
+    p * two_k
+}
+
+/// `(Φ(x), exp(−x²/2))` in `f64`.
+#[inline(always)]
+fn phi_and_gauss(x: f32) -> (f64, f64) {
+    let x = f64::from(x);
+    let z = x.abs() * std::f64::consts::FRAC_1_SQRT_2;
+    let beyond = z > Z_MAX;
+    let z = z.min(Z_MAX);
+    let t = 1.0 / 0.5f64.mul_add(z, 1.0);
+    let u = t.mul_add(8.0 / 3.0, -5.0 / 3.0);
+    let mut q = Q[11];
+    for &c in Q[..11].iter().rev() {
+        q = q.mul_add(u, c);
+    }
+    let gauss = if beyond { 0.0 } else { exp(-z * z) };
+    let e = t * q * gauss;
+    let cdf = if x < 0.0 {
+        0.5 * e
+    } else {
+        (-0.5f64).mul_add(e, 1.0)
+    };
+    (cdf, gauss)
+}
+
+/// `x·Φ(x)`.
+#[inline(always)]
+fn gelu_one(x: f32) -> f32 {
+    (f64::from(x) * phi_and_gauss(x).0) as f32
+}
+
+/// `g·(Φ(x) + x·φ(x))`.
+#[inline(always)]
+fn gelu_grad_one(x: f32, g: f32) -> f32 {
+    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+    let (cdf, gauss) = phi_and_gauss(x);
+    (f64::from(g) * (f64::from(x) * INV_SQRT_2PI).mul_add(gauss, cdf)) as f32
+}
+
+/// Runs `$body` (a loop over slices) compiled for AVX2 and FMA where the CPU has them, and for
+/// the baseline target otherwise (where `mul_add` may be a library call: correct, slower).
+macro_rules! dispatch {
+    ($name:ident, ($($arg:ident: $ty:ty),*), $body:expr) => {{
+        #[inline(always)]
+        fn body($($arg: $ty),*) {
+            $body
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn $name($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA, the features the function was compiled for.
+                unsafe { $name($($arg),*) };
+                return;
+            }
+        }
+        body($($arg),*)
+    }};
+}
+
+/// `out[i] = gelu(x[i])`.
+pub(crate) fn gelu_slice(x: &[f32], out: &mut [f32]) {
+    dispatch!(gelu_avx2, (x: &[f32], out: &mut [f32]), {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = gelu_one(v);
+        }
+    })
+}
+
+/// `x[i] = gelu(x[i])`.
+fn gelu_in_place(x: &mut [f32]) {
+    dispatch!(gelu_in_place_avx2, (x: &mut [f32]), {
+        for v in x.iter_mut() {
+            *v = gelu_one(*v);
+        }
+    })
+}
+
+/// `g[i] = g[i]·gelu'(x[i])`.
+pub(crate) fn gelu_grad_in_place(x: &[f32], g: &mut [f32]) {
+    dispatch!(gelu_grad_avx2, (x: &[f32], g: &mut [f32]), {
+        for (d, &v) in g.iter_mut().zip(x) {
+            *d = gelu_grad_one(v, *d);
+        }
+    })
+}
+
+/// Does this tensor hold `f32` (the kernels' type)?
+pub(crate) fn is_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    t.dtype() == burn::tensor::DType::F32
+}
+
+/// A tensor's values, `f32` (checked by the callers, [`is_f32`]): on flex handed over without a
+/// copy when the tensor is contiguous and not shared.
+pub(crate) fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
+    t.into_data()
+}
+
+fn slice(data: &TensorData) -> &[f32] {
+    data.as_slice::<f32>()
+        .expect("the host GELU runs on f32 tensors only (quirks::gelu checks)")
+}
+
+fn slice_mut(data: &mut TensorData) -> &mut [f32] {
+    data.as_mut_slice::<f32>()
+        .expect("the host GELU runs on f32 tensors only (quirks::gelu checks)")
+}
+
+/// GELU of `x` through the host kernel, in place on its values (no autodiff: the result is a
+/// new leaf).
+pub(crate) fn forward<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let device = x.device();
+    let mut data = values(x);
+    gelu_in_place(slice_mut(&mut data));
+    Tensor::from_data(data, &device)
+}
+
+/// GELU of the values `x` into a new tensor (the autodiff node's forward, which keeps `x`).
+pub(crate) fn forward_kept<B: Backend>(x: &TensorData, device: &B::Device) -> Tensor<B, 1> {
+    let xs = slice(x);
+    let mut out = vec![0f32; xs.len()];
+    gelu_slice(xs, &mut out);
+    Tensor::from_data(TensorData::new(out, [xs.len()]), device)
+}
+
+/// `g·gelu'(x)` through the host kernel, in place on `g`'s values.
+pub(crate) fn backward<B: Backend>(x: &TensorData, g: Tensor<B, 1>) -> Tensor<B, 1> {
+    let device = g.device();
+    let mut gd = values(g);
+    gelu_grad_in_place(slice(x), slice_mut(&mut gd));
+    Tensor::from_data(gd, &device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{exp, gelu_grad_in_place, gelu_in_place, gelu_slice};
+
+    #[test]
+    fn exp_matches_std_over_its_range() {
+        let mut worst = 0f64;
+        for i in 0..=36_000 {
+            let a = -36.0 + i as f64 * 1e-3;
+            worst = worst.max((exp(a) - a.exp()).abs() / a.exp());
+        }
+        assert!(worst < 3e-10, "relative error {worst}");
+    }
+
+    /// `x·Φ(x)`, and the two terms of `Φ(x) + x·φ(x)`, in `f64` from libm's `erfc` (fdlibm,
+    /// under 1 ulp).
+    fn reference(x: f32) -> (f64, f64, f64) {
+        let x = f64::from(x);
+        let cdf = 0.5 * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2);
+        let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        (x * cdf, cdf, x * pdf)
+    }
+
+    /// `got` is `want` rounded to `f32` (half an `f32` ulp, and 1e-9 of `want` for the `f64`
+    /// evaluation's own error), plus `slack`.
+    fn assert_close(got: f32, want: f64, slack: f64, what: &str, x: f32) {
+        let tol = want.abs() * (0.5 * f64::from(f32::EPSILON) + 1e-9) + slack;
+        assert!(
+            (f64::from(got) - want).abs() <= tol.max(1e-37),
+            "{what}({x}) = {got}, exact {want}"
+        );
+    }
+
+    #[test]
+    fn gelu_and_its_derivative_are_correctly_rounded() {
+        let mut xs: Vec<f32> = (0..=400_000).map(|i| -20.0 + i as f32 * 1e-4).collect();
+        // Random finite floats of every magnitude too.
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        xs.extend((0..200_000).filter_map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let v = f32::from_bits((s >> 32) as u32);
+            (v.is_finite() && v.abs() < 1e30).then_some(v)
+        }));
+        let gs: Vec<f32> = xs.iter().map(|x| 0.5 + (x * 7.0).sin()).collect();
+        let mut y = vec![0f32; xs.len()];
+        gelu_slice(&xs, &mut y);
+        let mut in_place = xs.clone();
+        gelu_in_place(&mut in_place);
+        assert_eq!(in_place, y, "in place and into a new buffer alike");
+        let mut d = gs.clone();
+        gelu_grad_in_place(&xs, &mut d);
+        for i in 0..xs.len() {
+            let (x, g) = (xs[i], f64::from(gs[i]));
+            let (f, cdf, xpdf) = reference(x);
+            // Far left (|x|/√2 > 6, x < −8.48) the kernel gives 0 for values under 1e-15.
+            let tail = if x < -8.4 { 1e-15 } else { 0.0 };
+            assert_close(y[i], f, tail, "gelu", x);
+            // The derivative's two terms cancel near x = −0.75: the f64 evaluation's own
+            // error (1e-10 of the terms) can show there, far below f32's resolution of them.
+            let terms = g.abs() * (cdf.abs() + xpdf.abs());
+            assert_close(d[i], g * (cdf + xpdf), tail + 1e-9 * terms, "g·gelu'", x);
+        }
+    }
+
+    #[test]
+    fn special_values_behave_like_the_formula() {
+        let xs = [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -20.0,
+            20.0,
+        ];
+        let mut y = [0f32; 7];
+        gelu_slice(&xs, &mut y);
+        assert_eq!(y[0], 0.0);
+        assert_eq!(y[1], 0.0);
+        assert_eq!(y[2], f32::INFINITY);
+        assert!(y[3].is_nan(), "−∞·Φ(−∞) = −∞·0, as flex's own GELU");
+        assert!(y[4].is_nan());
+        assert_eq!(y[5], 0.0);
+        assert_eq!(y[6], 20.0);
+        let mut d = [1f32; 7];
+        gelu_grad_in_place(&xs, &mut d);
+        assert_eq!(d[0], 0.5);
+        assert_eq!(d[5], 0.0);
+        assert_eq!(d[6], 1.0);
+    }
+}
