@@ -657,6 +657,9 @@ fn peak_mb() -> f64 {
 /// Times training steps (forward, masked loss, backward, AdamW) of one method at one width.
 fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
     let (method, width) = spec.split_once(':').ok_or("METHOD:WIDTH")?;
+    // As the training loops (`finetune_mc`) do: the Kronecker apply's own backward and, on
+    // flex, the host GELU/SiLU nodes.
+    kron_adapters::kron::autodiff::register_backward::<Train>();
     let device = Default::default();
     let (config, source, batch, seq) = match width {
         "smollm2" => {

@@ -35,12 +35,12 @@
 
 mod macros;
 
+mod act;
 pub mod adapter;
 pub mod block;
 mod error;
 #[cfg(feature = "finetune")]
 pub mod finetune;
-mod gelu;
 pub mod kron;
 #[cfg(feature = "train")]
 pub mod learner;

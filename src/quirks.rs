@@ -24,9 +24,10 @@
 //! [`crate::shards`]).
 //!
 //! One is about a function: flex's GELU and its backward call libm's scalar `erff` per element
-//! (12% of a MiniLM step's CPU time); on flex [`gelu`] runs the crate's vectorized host kernel
-//! instead (`crate::gelu`, correctly rounded to `f32`), as an autodiff node where the crate's
-//! backward is registered.
+//! (12% of a MiniLM step's CPU time), and its SiLU is a sigmoid by scalar `expf` and a
+//! product; on flex [`gelu`] and [`silu`] run the crate's vectorized host kernels instead
+//! (`crate::act`, correctly rounded to `f32`), as autodiff nodes where the crate's backward is
+//! registered.
 //!
 //! One quirk is about exactness, not speed: Burn 0.21's default `gelu_backward`, which every
 //! backend but flex and LibTorch inherits (ndarray, the CubeCL backends behind wgpu and CUDA,
@@ -35,6 +36,8 @@
 //! backends the exact derivative.
 
 use burn::tensor::{activation, backend::Backend, Tensor};
+
+use crate::act::HostFn;
 
 /// Is `B` burn-flex (or autodiff over it), whose strided copies and broadcast element-wise
 /// operations are slower than a GEMM computing the same values?
@@ -63,7 +66,7 @@ fn inner_name<B: Backend>(device: &B::Device) -> String {
 }
 
 /// GELU, `x·Φ(x)` with `Φ(x) = (1 + erf(x/√2))/2`, whose gradient is the exact derivative
-/// `Φ(x) + x·φ(x)` on every backend. On flex (`f32`) the host kernels of [`crate::gelu`]:
+/// `Φ(x) + x·φ(x)` on every backend. On flex (`f32`) the host kernel of [`crate::act`]:
 /// directly without autodiff, as one autodiff node where the crate's backward is registered
 /// (`kron::autodiff::register_backward`, which the training loops call). Where the backend's
 /// own GELU backward is exact (flex otherwise, LibTorch), or there is no autodiff, Burn's fused
@@ -72,17 +75,10 @@ fn inner_name<B: Backend>(device: &B::Device) -> String {
 /// the fused op keeps `x`).
 pub(crate) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let device = x.device();
-    if inner_name::<B>(&device) == "flex" && crate::gelu::is_f32(&x) {
-        if !B::ad_enabled(&device) {
-            return crate::gelu::forward(x);
-        }
-        if crate::kron::autodiff::is_registered::<B>() {
-            // `x` moved in whole, so flex hands its buffer over without a copy.
-            let dims = x.dims();
-            let flat = x.reshape([dims.iter().product::<usize>()]);
-            return crate::kron::autodiff::gelu_host(flat).reshape(dims);
-        }
-    }
+    let x = match on_host(HostFn::Gelu, x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     if !B::ad_enabled(&device) || gelu_backward_is_exact::<B>(&device) {
         return activation::gelu(x);
     }
@@ -93,6 +89,37 @@ pub(crate) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
         .add_scalar(1.0)
         .mul_scalar(0.5);
     x * cdf
+}
+
+/// SiLU, `x·σ(x)`: on flex (`f32`) the host kernel of [`crate::act`] (as one autodiff node
+/// where the crate's backward is registered), elsewhere Burn's `silu` (a sigmoid and a product).
+pub(crate) fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match on_host(HostFn::Silu, x) {
+        Ok(y) => y,
+        Err(x) => activation::silu(x),
+    }
+}
+
+/// `f(x)` by the host kernel where it applies (flex, `f32`; under autodiff only where the
+/// crate's backward is registered); `Err(x)` elsewhere.
+fn on_host<B: Backend, const D: usize>(
+    f: HostFn,
+    x: Tensor<B, D>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let device = x.device();
+    if inner_name::<B>(&device) != "flex" || !crate::act::is_f32(&x) {
+        return Err(x);
+    }
+    if !B::ad_enabled(&device) {
+        return Ok(crate::act::forward(f, x));
+    }
+    if !crate::kron::autodiff::is_registered::<B>() {
+        return Err(x);
+    }
+    // `x` moved in whole, so flex hands its buffer over without a copy.
+    let dims = x.dims();
+    let flat = x.reshape([dims.iter().product::<usize>()]);
+    Ok(crate::kron::autodiff::host_unary(f, flat).reshape(dims))
 }
 
 /// Does `B` (or the backend under its autodiff) implement `gelu_backward` itself, exactly?

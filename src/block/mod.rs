@@ -54,7 +54,7 @@ impl Activation {
         match self {
             Activation::Relu => activation::relu(x),
             Activation::Gelu => crate::quirks::gelu(x),
-            Activation::Silu => activation::silu(x),
+            Activation::Silu => crate::quirks::silu(x),
         }
     }
 }

@@ -34,9 +34,10 @@
 //! own differentiation of the same products ([`apply_steps_composite`],
 //! [`contract_a_composite`]). Both give the same values and gradients up to float rounding.
 //!
-//! The same registration gives burn-flex's GELU a node of its own (`gelu_host`, used by
-//! `quirks::gelu`): forward and backward by the crate's vectorized host kernel (`crate::gelu`)
-//! instead of flex's scalar `erff` per element, the input's values kept for the backward.
+//! The same registration gives burn-flex's GELU and SiLU a node of their own (`host_unary`,
+//! used by `quirks::gelu` and `quirks::silu`): forward and backward by the crate's vectorized
+//! host kernels (`crate::act`) instead of flex's scalar `erff`/`expf` per element, the input's
+//! values kept for the backward.
 //!
 //! The crate's training loops (`finetune`, `llm`, `learner`, `parallel`) register their
 //! backend themselves, unless [`unregister_backward`] opted it out (the recomputation costs
@@ -67,6 +68,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::{matmul_last, Side};
+use crate::act::HostFn;
 
 /// `out[r] = mᵀ·T[r]`: contracts the middle axis of `t` with `m`, with this module's backward
 /// where [`register_backward`] registered `B`, and Burn's otherwise.
@@ -166,7 +168,7 @@ pub fn apply_steps_composite<B: Backend>(
 
 /// Registers the hand-written backward for the autodiff backend `AB`, so that [`apply_steps`]
 /// and [`contract_a`] (and with them every Kronecker adapter's apply) use it, and on flex the
-/// host GELU node. Returns `false`,
+/// host GELU and SiLU nodes. Returns `false`,
 /// registering nothing, when `AB` is not Burn's `Autodiff<I>` (with no checkpointing or
 /// balanced checkpointing), the only autodiff backend whose graph this crate can extend.
 /// Registering again is a no-op.
@@ -193,13 +195,13 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
         Registered {
             contract: contract_erased::<I<AB>, NoCheckpointing>,
             apply: apply_erased::<I<AB>, NoCheckpointing>,
-            gelu: gelu_erased::<I<AB>, NoCheckpointing>,
+            unary: unary_erased::<I<AB>, NoCheckpointing>,
         }
     } else if id == TypeId::of::<Autodiff<I<AB>, BalancedCheckpointing>>() {
         Registered {
             contract: contract_erased::<I<AB>, BalancedCheckpointing>,
             apply: apply_erased::<I<AB>, BalancedCheckpointing>,
-            gelu: gelu_erased::<I<AB>, BalancedCheckpointing>,
+            unary: unary_erased::<I<AB>, BalancedCheckpointing>,
         }
     } else {
         return false;
@@ -241,16 +243,16 @@ type ErasedContract = fn(Box<dyn Any>, Box<dyn Any>) -> Box<dyn Any>;
 /// `apply_steps` on one registered backend: `T`, the factors in step order, and the steps.
 type ErasedApply = fn(Box<dyn Any>, Vec<Box<dyn Any>>, &[Side]) -> Box<dyn Any>;
 
-/// GELU through the host kernel (`crate::gelu`) on one registered backend: `x` and the result
-/// are that backend's float primitives.
-type ErasedUnary = fn(Box<dyn Any>) -> Box<dyn Any>;
+/// An activation through its host kernel (`crate::act`) on one registered backend: `x` and
+/// the result are that backend's float primitives.
+type ErasedUnary = fn(Box<dyn Any>, HostFn) -> Box<dyn Any>;
 
 /// A registered backend's operations.
 #[derive(Clone, Copy)]
 struct Registered {
     contract: ErasedContract,
     apply: ErasedApply,
-    gelu: ErasedUnary,
+    unary: ErasedUnary,
 }
 
 /// Backends registered (`Some`) or opted out (`None`).
@@ -406,38 +408,39 @@ impl<I: Backend> Backward<I, 2> for ContractA {
     }
 }
 
-/// GELU as one autodiff node whose forward and backward run `crate::gelu`'s host kernels on the
-/// inner backend. Only for backends registered ([`is_registered`]) whose values live in host
-/// memory (`quirks::gelu` decides).
+/// The activation `f` as one autodiff node whose forward and backward run `crate::act`'s host
+/// kernels on the inner backend. Only for backends registered ([`is_registered`]) whose values
+/// live in host memory (`quirks` decides).
 ///
 /// # Panics
 /// If `B` is not registered.
-pub(crate) fn gelu_host<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
-    let registered = lookup(TypeId::of::<B>()).expect("quirks::gelu checks is_registered");
-    let out = (registered.gelu)(Box::new(x.into_primitive().tensor()));
+pub(crate) fn host_unary<B: Backend>(f: HostFn, x: Tensor<B, 1>) -> Tensor<B, 1> {
+    let registered = lookup(TypeId::of::<B>()).expect("quirks checks is_registered");
+    let out = (registered.unary)(Box::new(x.into_primitive().tensor()), f);
     let out = *out
         .downcast::<FloatTensor<B>>()
         .expect("registered under B's TypeId, so its primitives are these");
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-fn gelu_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>) -> Box<dyn Any> {
+fn unary_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>, f: HostFn) -> Box<dyn Any> {
     let x = *x
         .downcast::<FloatTensor<Autodiff<I, C>>>()
         .expect("registered under Autodiff<I, C>'s TypeId, so its primitives are these");
     let device = I::float_device(&x.primitive);
-    let out = match <HostGelu as Backward<I, 1>>::prepare::<C>(HostGelu, [x.node.clone()])
+    let node = HostUnary(f);
+    let out = match <HostUnary as Backward<I, 1>>::prepare::<C>(node, [x.node.clone()])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
             // The node keeps the values it read (on flex without a copy: `x` is moved in).
-            let xs = crate::gelu::values(float::<I, 1>(x.primitive));
-            let out = crate::gelu::forward_kept::<I>(&xs, &device);
+            let xs = crate::act::values(float::<I, 1>(x.primitive));
+            let out = crate::act::forward_kept::<I>(f, &xs, &device);
             prep.finish(xs, out.into_primitive().tensor())
         }
         OpsKind::UnTracked(prep) => prep.finish(
-            crate::gelu::forward(float::<I, 1>(x.primitive))
+            crate::act::forward(f, float::<I, 1>(x.primitive))
                 .into_primitive()
                 .tensor(),
         ),
@@ -445,11 +448,11 @@ fn gelu_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>) -> Box<dyn An
     Box::new(out)
 }
 
-/// [`gelu_host`]'s node: keeps `x`'s values, and computes `g·gelu'(x)` on the host in place.
+/// [`host_unary`]'s node: keeps `x`'s values, and computes `g·f'(x)` on the host in place.
 #[derive(Debug)]
-struct HostGelu;
+struct HostUnary(HostFn);
 
-impl<I: Backend> Backward<I, 1> for HostGelu {
+impl<I: Backend> Backward<I, 1> for HostUnary {
     /// The input's values.
     type State = burn::tensor::TensorData;
 
@@ -457,7 +460,7 @@ impl<I: Backend> Backward<I, 1> for HostGelu {
         let g = float::<I, 1>(grads.consume::<I>(&ops.node));
         let [parent] = ops.parents;
         if let Some(node) = parent {
-            let grad = crate::gelu::backward(&ops.state, g);
+            let grad = crate::act::backward(self.0, &ops.state, g);
             grads.register::<I>(node.id, grad.into_primitive().tensor());
         }
     }

@@ -563,61 +563,81 @@ fn normal_cdf(x: f64) -> f64 {
 
 /// GELU is `x·Φ(x)` and its gradient the exact derivative `Φ(x) + x·φ(x)`, not the tanh
 /// approximation's (Burn 0.21's default backward, which ndarray and the CubeCL backends
-/// inherit: off by up to 8.7e-4 near |x| = 2, well above the tolerance). Also with the crate's
-/// backward registered, which on flex computes GELU with its host kernel (`src/gelu.rs`),
-/// on a 2-D input (the node works on the flattened values) inside a larger graph.
+/// inherit: off by up to 8.7e-4 near |x| = 2, well above the tolerance).
 fn check_gelu<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device) {
-    check_gelu_once::<B, A>(dev, adev, false);
-    check_gelu_once::<B, A>(dev, adev, true);
+    let pdf = |x: f64| (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    let f = |x: f64| x * normal_cdf(x);
+    let df = |x: f64| normal_cdf(x) + x * pdf(x);
+    check_activation::<B, A>(Activation::Gelu, &f, &df, dev, adev);
 }
 
-fn check_gelu_once<B: Backend, A: AutodiffBackend>(
+/// SiLU is `x·σ(x)`, its gradient `σ(x)·(1 + x·(1 − σ(x)))`.
+fn check_silu<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device) {
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let f = |x: f64| x * sigmoid(x);
+    let df = |x: f64| sigmoid(x) * (1.0 + x * (1.0 - sigmoid(x)));
+    check_activation::<B, A>(Activation::Silu, &f, &df, dev, adev);
+}
+
+/// `act` against `f` and its gradient against `df` (`f64` references), without and with the
+/// crate's backward registered (with it, on flex, the host kernels of `src/act.rs` run as one
+/// autodiff node on the flattened values): on a 2-D input inside a larger graph.
+fn check_activation<B: Backend, A: AutodiffBackend>(
+    act: Activation,
+    f: &dyn Fn(f64) -> f64,
+    df: &dyn Fn(f64) -> f64,
     dev: &B::Device,
     adev: &A::Device,
-    registered: bool,
 ) {
-    if registered {
-        kron_adapters::kron::autodiff::register_backward::<A>();
-    }
-    let xs: Vec<f32> = (0..161).map(|i| -4.0 + 0.05 * i as f32).collect();
-    let mut rng = Rng::new(29);
-    let ws: Vec<f32> = xs.iter().map(|_| 0.5 + rng.uniform() as f32).collect();
-    let n = xs.len();
-    let y = to_vec(Activation::Gelu.apply(tensor::<B, 1>(&xs, [n], dev)));
-    let ya = to_vec(Activation::Gelu.apply(tensor::<A, 1>(&xs, [n], adev)));
-    let x = tensor::<A, 2>(&xs, [7, 23], adev).require_grad();
-    let w = tensor::<A, 2>(&ws, [7, 23], adev);
-    // `x·2` before and `·w` after: the gradient goes through GELU's node into the graph.
-    let h = Activation::Gelu.apply(x.clone().mul_scalar(2.0).div_scalar(2.0));
-    assert_eq!(h.dims(), [7, 23]);
-    let grads = (h * w).sum().backward();
-    let got = to_vec(x.grad(&grads).expect("x's gradient"));
-    let pdf = |x: f64| (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
-    for i in 0..n {
-        let x = xs[i] as f64;
-        let want = x * normal_cdf(x);
-        assert!(
-            (y[i] as f64 - want).abs() < 1e-5,
-            "gelu({x}) = {}, want {want}",
-            y[i]
-        );
-        assert!(
-            (ya[i] as f64 - want).abs() < 1e-5,
-            "autodiff gelu({x}) = {}",
-            ya[i]
-        );
-        let dwant = ws[i] as f64 * (normal_cdf(x) + x * pdf(x));
-        assert!(
-            (got[i] as f64 - dwant).abs() < 2e-5,
-            "gradient at x = {x}: {}, want {dwant}",
-            got[i]
-        );
+    for registered in [false, true] {
+        if registered {
+            kron_adapters::kron::autodiff::register_backward::<A>();
+        }
+        let xs: Vec<f32> = (0..161).map(|i| -4.0 + 0.05 * i as f32).collect();
+        let mut rng = Rng::new(29);
+        let ws: Vec<f32> = xs.iter().map(|_| 0.5 + rng.uniform() as f32).collect();
+        let n = xs.len();
+        let y = to_vec(act.apply(tensor::<B, 1>(&xs, [n], dev)));
+        let ya = to_vec(act.apply(tensor::<A, 1>(&xs, [n], adev)));
+        let x = tensor::<A, 2>(&xs, [7, 23], adev).require_grad();
+        let w = tensor::<A, 2>(&ws, [7, 23], adev);
+        // `x·2/2` before and `·w` after: the gradient goes through the node into the graph.
+        let h = act.apply(x.clone().mul_scalar(2.0).div_scalar(2.0));
+        assert_eq!(h.dims(), [7, 23]);
+        let grads = (h * w).sum().backward();
+        let got = to_vec(x.grad(&grads).expect("x's gradient"));
+        let what = format!("{act:?} (registered: {registered})");
+        for i in 0..n {
+            let x = xs[i] as f64;
+            let want = f(x);
+            assert!(
+                (y[i] as f64 - want).abs() < 1e-5,
+                "{what}({x}) = {}, want {want}",
+                y[i]
+            );
+            assert!(
+                (ya[i] as f64 - want).abs() < 1e-5,
+                "{what}, autodiff, ({x}) = {}",
+                ya[i]
+            );
+            let dwant = ws[i] as f64 * df(x);
+            assert!(
+                (got[i] as f64 - dwant).abs() < 2e-5,
+                "{what}: gradient at x = {x}: {}, want {dwant}",
+                got[i]
+            );
+        }
     }
 }
 
 #[test]
 fn gelu_is_exact_with_the_exact_gradient() {
     on_suite_and_flex!(check_gelu);
+}
+
+#[test]
+fn silu_and_its_gradient() {
+    on_suite_and_flex!(check_silu);
 }
 
 /// A small model with adapted linears and a LayerNorm, for the training modes.

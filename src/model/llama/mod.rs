@@ -286,7 +286,7 @@ pub struct LlamaMlp<B: Backend> {
 
 impl<B: Backend> LlamaMlp<B> {
     fn forward(&self, x: Tensor<B, 3>, routing: Option<&Routing<B>>) -> Tensor<B, 3> {
-        let gate = activation::silu(self.gate_proj.forward_routed(x.clone(), routing));
+        let gate = crate::quirks::silu(self.gate_proj.forward_routed(x.clone(), routing));
         self.down_proj
             .forward_routed(gate * self.up_proj.forward_routed(x, routing), routing)
     }

@@ -1,8 +1,9 @@
-//! GELU and its derivative computed on the host, for burn-flex, whose own GELU calls libm's
-//! scalar `erff` element by element (with its backward, 12% of a MiniLM training step's CPU
-//! time, docs/benchmarks.md).
+//! Activation functions and their derivatives computed on the host, for burn-flex, whose own
+//! GELU calls libm's scalar `erff` element by element (with its backward, 12% of a MiniLM
+//! training step's CPU time, docs/benchmarks.md) and whose SiLU is a sigmoid by scalar `expf`
+//! and a product, two operations each way.
 //!
-//! `gelu(x) = x·Φ(x)` and `gelu'(x) = Φ(x) + x·φ(x)`, with `φ(x) = exp(−x²/2)/√(2π)` and
+//! **GELU.** //! `gelu(x) = x·Φ(x)` and `gelu'(x) = Φ(x) + x·φ(x)`, with `φ(x) = exp(−x²/2)/√(2π)` and
 //! `Φ(x) = E/2` for `x < 0`, `1 − E/2` otherwise, where `E = erfc(|x|/√2)`. Everything is
 //! computed in `f64` and rounded once to `f32`: with `z = |x|/√2` and `t = 1/(1 + z/2)`,
 //! `E = t·Q(t)·exp(−z²)`, `Q` a degree-11 polynomial fitted to `erfc(z)·exp(z²)/t` on
@@ -14,10 +15,15 @@
 //! target elsewhere. The tests check every result against libm's `f64` `erfc` to half an
 //! `f32` ulp (plus 1e-9 relative).
 //!
+//! **SiLU.** `silu(x) = x·s` and `silu'(x) = s·(1 + x·(1 − s))` with `s = σ(x) = 1/(1 + e)`
+//! for `x ≥ 0` and `e/(1 + e)` otherwise, `e = exp(−|x|)` (the same `exp`; 0 beyond
+//! `|x| = 700`), in `f64`, rounded once; checked against `f64` `exp` from std likewise.
+//!
 //! On burn-flex, reading a tensor's values and wrapping a new buffer are copies at most (a
 //! contiguous, unshared tensor is handed over without one), so [`forward`] and the autodiff
 //! node of `kron::autodiff` (registered with the Kronecker apply's) run one pass each way
-//! instead of flex's element-by-element maps. `quirks::gelu` decides where it is used.
+//! instead of flex's element-by-element maps. `quirks::gelu` and `quirks::silu` decide where
+//! they are used.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -42,7 +48,7 @@ const Q: [f64; 12] = [
 /// `z` beyond which `E` and `φ` are taken as 0 (the fit's range).
 const Z_MAX: f64 = 6.0;
 
-/// `exp(a)` for `a ∈ [−36, 0]` (`−z²`).
+/// `exp(a)` for `a ∈ [−700, 0]`.
 #[inline(always)]
 fn exp(a: f64) -> f64 {
     // Round to nearest by adding and subtracting 1.5·2⁵² (no rounding instruction needed).
@@ -64,7 +70,7 @@ fn exp(a: f64) -> f64 {
     ] {
         p = p.mul_add(r, c);
     }
-    // 2^k from k's bits in the shifted value's low mantissa bits (k ∈ [−52, 0]).
+    // 2^k from k's bits in the shifted value's low mantissa bits (k ∈ [−1010, 0]).
     let two_k =
         f64::from_bits((shifted.to_bits().wrapping_add(1023) << 52) & 0x7ff0_0000_0000_0000);
     p * two_k
@@ -107,6 +113,43 @@ fn gelu_grad_one(x: f32, g: f32) -> f32 {
     (f64::from(g) * (f64::from(x) * INV_SQRT_2PI).mul_add(gauss, cdf)) as f32
 }
 
+/// `(σ(x), x)` in `f64`.
+#[inline(always)]
+fn sigmoid(x: f32) -> (f64, f64) {
+    let x = f64::from(x);
+    // Beyond |x| = 700, e (under 1e-304) is taken as 0: σ(−∞) = 0, as in x·sigmoid(x).
+    let e = if x.abs() > 700.0 {
+        0.0
+    } else {
+        exp((-x.abs()).max(-700.0))
+    };
+    let s = if x < 0.0 { e } else { 1.0 } / (1.0 + e);
+    (s, x)
+}
+
+/// `x·σ(x)`.
+#[inline(always)]
+fn silu_one(x: f32) -> f32 {
+    let (s, x) = sigmoid(x);
+    (x * s) as f32
+}
+
+/// `g·σ(x)·(1 + x·(1 − σ(x)))`.
+#[inline(always)]
+fn silu_grad_one(x: f32, g: f32) -> f32 {
+    let (s, x) = sigmoid(x);
+    (f64::from(g) * s * x.mul_add(1.0 - s, 1.0)) as f32
+}
+
+/// The activation functions with a host kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HostFn {
+    /// `x·Φ(x)`, exact (erf-based).
+    Gelu,
+    /// `x·σ(x)`.
+    Silu,
+}
+
 /// Runs `$body` (a loop over slices) compiled for AVX2 and FMA where the CPU has them, and for
 /// the baseline target otherwise (where `mul_add` may be a library call: correct, slower).
 macro_rules! dispatch {
@@ -133,29 +176,32 @@ macro_rules! dispatch {
     }};
 }
 
-/// `out[i] = gelu(x[i])`.
-pub(crate) fn gelu_slice(x: &[f32], out: &mut [f32]) {
-    dispatch!(gelu_avx2, (x: &[f32], out: &mut [f32]), {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = gelu_one(v);
+/// `out[i] = f(x[i])`.
+pub(crate) fn apply_slice(f: HostFn, x: &[f32], out: &mut [f32]) {
+    dispatch!(apply_avx2, (f: HostFn, x: &[f32], out: &mut [f32]), {
+        match f {
+            HostFn::Gelu => out.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu_one(v)),
+            HostFn::Silu => out.iter_mut().zip(x).for_each(|(o, &v)| *o = silu_one(v)),
         }
     })
 }
 
-/// `x[i] = gelu(x[i])`.
-fn gelu_in_place(x: &mut [f32]) {
-    dispatch!(gelu_in_place_avx2, (x: &mut [f32]), {
-        for v in x.iter_mut() {
-            *v = gelu_one(*v);
+/// `x[i] = f(x[i])`.
+fn apply_in_place(f: HostFn, x: &mut [f32]) {
+    dispatch!(apply_in_place_avx2, (f: HostFn, x: &mut [f32]), {
+        match f {
+            HostFn::Gelu => x.iter_mut().for_each(|v| *v = gelu_one(*v)),
+            HostFn::Silu => x.iter_mut().for_each(|v| *v = silu_one(*v)),
         }
     })
 }
 
-/// `g[i] = g[i]·gelu'(x[i])`.
-pub(crate) fn gelu_grad_in_place(x: &[f32], g: &mut [f32]) {
-    dispatch!(gelu_grad_avx2, (x: &[f32], g: &mut [f32]), {
-        for (d, &v) in g.iter_mut().zip(x) {
-            *d = gelu_grad_one(v, *d);
+/// `g[i] = g[i]·f'(x[i])`.
+pub(crate) fn grad_in_place(f: HostFn, x: &[f32], g: &mut [f32]) {
+    dispatch!(grad_avx2, (f: HostFn, x: &[f32], g: &mut [f32]), {
+        match f {
+            HostFn::Gelu => g.iter_mut().zip(x).for_each(|(d, &v)| *d = gelu_grad_one(v, *d)),
+            HostFn::Silu => g.iter_mut().zip(x).for_each(|(d, &v)| *d = silu_grad_one(v, *d)),
         }
     })
 }
@@ -173,48 +219,52 @@ pub(crate) fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData 
 
 fn slice(data: &TensorData) -> &[f32] {
     data.as_slice::<f32>()
-        .expect("the host GELU runs on f32 tensors only (quirks::gelu checks)")
+        .expect("the host kernels run on f32 tensors only (quirks checks)")
 }
 
 fn slice_mut(data: &mut TensorData) -> &mut [f32] {
     data.as_mut_slice::<f32>()
-        .expect("the host GELU runs on f32 tensors only (quirks::gelu checks)")
+        .expect("the host kernels run on f32 tensors only (quirks checks)")
 }
 
-/// GELU of `x` through the host kernel, in place on its values (no autodiff: the result is a
-/// new leaf).
-pub(crate) fn forward<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+/// `f(x)` through the host kernel, in place on `x`'s values (no autodiff: the result is a new
+/// leaf).
+pub(crate) fn forward<B: Backend, const D: usize>(f: HostFn, x: Tensor<B, D>) -> Tensor<B, D> {
     let device = x.device();
     let mut data = values(x);
-    gelu_in_place(slice_mut(&mut data));
+    apply_in_place(f, slice_mut(&mut data));
     Tensor::from_data(data, &device)
 }
 
-/// GELU of the values `x` into a new tensor (the autodiff node's forward, which keeps `x`).
-pub(crate) fn forward_kept<B: Backend>(x: &TensorData, device: &B::Device) -> Tensor<B, 1> {
+/// `f` of the values `x` into a new tensor (the autodiff node's forward, which keeps `x`).
+pub(crate) fn forward_kept<B: Backend>(
+    f: HostFn,
+    x: &TensorData,
+    device: &B::Device,
+) -> Tensor<B, 1> {
     let xs = slice(x);
     let mut out = vec![0f32; xs.len()];
-    gelu_slice(xs, &mut out);
+    apply_slice(f, xs, &mut out);
     Tensor::from_data(TensorData::new(out, [xs.len()]), device)
 }
 
-/// `g·gelu'(x)` through the host kernel, in place on `g`'s values.
-pub(crate) fn backward<B: Backend>(x: &TensorData, g: Tensor<B, 1>) -> Tensor<B, 1> {
+/// `g·f'(x)` through the host kernel, in place on `g`'s values.
+pub(crate) fn backward<B: Backend>(f: HostFn, x: &TensorData, g: Tensor<B, 1>) -> Tensor<B, 1> {
     let device = g.device();
     let mut gd = values(g);
-    gelu_grad_in_place(slice(x), slice_mut(&mut gd));
+    grad_in_place(f, slice(x), slice_mut(&mut gd));
     Tensor::from_data(gd, &device)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{exp, gelu_grad_in_place, gelu_in_place, gelu_slice};
+    use super::{apply_in_place, apply_slice, exp, grad_in_place, HostFn};
 
     #[test]
     fn exp_matches_std_over_its_range() {
         let mut worst = 0f64;
-        for i in 0..=36_000 {
-            let a = -36.0 + i as f64 * 1e-3;
+        for i in 0..=700_000 {
+            let a = -700.0 + i as f64 * 1e-3;
             worst = worst.max((exp(a) - a.exp()).abs() / a.exp());
         }
         assert!(worst < 3e-10, "relative error {worst}");
@@ -239,10 +289,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn gelu_and_its_derivative_are_correctly_rounded() {
+    /// A dense sweep of `[−20, 20]` and random finite floats of every magnitude, with random
+    /// output gradients.
+    fn samples() -> (Vec<f32>, Vec<f32>) {
         let mut xs: Vec<f32> = (0..=400_000).map(|i| -20.0 + i as f32 * 1e-4).collect();
-        // Random finite floats of every magnitude too.
         let mut s = 0x9e37_79b9_7f4a_7c15u64;
         xs.extend((0..200_000).filter_map(|_| {
             s ^= s << 13;
@@ -252,13 +302,57 @@ mod tests {
             (v.is_finite() && v.abs() < 1e30).then_some(v)
         }));
         let gs: Vec<f32> = xs.iter().map(|x| 0.5 + (x * 7.0).sin()).collect();
+        (xs, gs)
+    }
+
+    /// `f(x)` (checked equal in place and into a new buffer) and `g·f'(x)`.
+    fn run(f: HostFn, xs: &[f32], gs: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let mut y = vec![0f32; xs.len()];
-        gelu_slice(&xs, &mut y);
-        let mut in_place = xs.clone();
-        gelu_in_place(&mut in_place);
-        assert_eq!(in_place, y, "in place and into a new buffer alike");
-        let mut d = gs.clone();
-        gelu_grad_in_place(&xs, &mut d);
+        apply_slice(f, xs, &mut y);
+        let mut in_place = xs.to_vec();
+        apply_in_place(f, &mut in_place);
+        assert_eq!(in_place, y, "{f:?} in place and into a new buffer alike");
+        let mut d = gs.to_vec();
+        grad_in_place(f, xs, &mut d);
+        (y, d)
+    }
+
+    #[test]
+    fn silu_and_its_derivative_are_correctly_rounded() {
+        let (xs, gs) = samples();
+        let (y, d) = run(HostFn::Silu, &xs, &gs);
+        for i in 0..xs.len() {
+            let (x, g) = (f64::from(xs[i]), f64::from(gs[i]));
+            let s = 1.0 / (1.0 + (-x).exp());
+            assert_close(y[i], x * s, 0.0, "silu", xs[i]);
+            // The derivative's terms cancel near x = −1.28, as GELU's near −0.75.
+            let terms = g.abs() * s * (1.0 + (x * (1.0 - s)).abs());
+            assert_close(
+                d[i],
+                g * s * (1.0 + x * (1.0 - s)),
+                1e-9 * terms,
+                "g·silu'",
+                xs[i],
+            );
+        }
+        let mut y = [0f32; 4];
+        apply_slice(
+            HostFn::Silu,
+            &[f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -0.0],
+            &mut y,
+        );
+        assert_eq!(y[0], f32::INFINITY);
+        assert!(
+            y[1].is_nan() && y[2].is_nan(),
+            "−∞·σ(−∞) = −∞·0, as x·sigmoid(x)"
+        );
+        assert_eq!(y[3], 0.0);
+    }
+
+    #[test]
+    fn gelu_and_its_derivative_are_correctly_rounded() {
+        let (xs, gs) = samples();
+        let (y, d) = run(HostFn::Gelu, &xs, &gs);
         for i in 0..xs.len() {
             let (x, g) = (xs[i], f64::from(gs[i]));
             let (f, cdf, xpdf) = reference(x);
@@ -284,7 +378,7 @@ mod tests {
             20.0,
         ];
         let mut y = [0f32; 7];
-        gelu_slice(&xs, &mut y);
+        apply_slice(HostFn::Gelu, &xs, &mut y);
         assert_eq!(y[0], 0.0);
         assert_eq!(y[1], 0.0);
         assert_eq!(y[2], f32::INFINITY);
@@ -293,7 +387,7 @@ mod tests {
         assert_eq!(y[5], 0.0);
         assert_eq!(y[6], 20.0);
         let mut d = [1f32; 7];
-        gelu_grad_in_place(&xs, &mut d);
+        grad_in_place(HostFn::Gelu, &xs, &mut d);
         assert_eq!(d[0], 0.5);
         assert_eq!(d[5], 0.0);
         assert_eq!(d[6], 1.0);
