@@ -89,14 +89,7 @@ fn the_frozen_base_gets_no_gradient_and_no_optimizer_state() {
     );
     assert!(state.is_disjoint(&frozen));
     // The decoder likewise (Kron-LoRA on every projection; the LM head and norms frozen).
-    let placement = PlacementConfig::linear(AdapterConfig::KronLora(KronLoraConfig::auto(2)));
-    let lm = LlamaForCausalLM::<AB>::new(
-        &mut TensorSource::random(2),
-        &LlamaConfig::tiny(50),
-        &placement,
-        &dev,
-    )
-    .unwrap();
+    let lm = tiny_lm(2, AdapterConfig::KronLora(KronLoraConfig::auto(2)));
     let (train, frozen) = trainable::<AB, _>(&lm);
     let items = vec![
         kron_adapters::llm::score::Encoded {
@@ -117,6 +110,44 @@ fn the_frozen_base_gets_no_gradient_and_no_optimizer_state() {
     assert_eq!(state, train);
     assert!(state.is_disjoint(&frozen));
     drop(model);
+}
+
+/// A tiny random Llama (vocabulary 50) with `adapter` on every projection.
+fn tiny_lm(seed: u64, adapter: AdapterConfig) -> LlamaForCausalLM<AB> {
+    let placement = PlacementConfig::linear(adapter);
+    LlamaForCausalLM::<AB>::new(
+        &mut TensorSource::random(seed),
+        &LlamaConfig::tiny(50),
+        &placement,
+        &device(),
+    )
+    .unwrap()
+}
+
+/// A step's joined output is the whole batch's: its loss to 1e-5, logits to `tol`, the same
+/// targets in the same order.
+fn assert_same_output(
+    got: &burn::train::ClassificationOutput<AB>,
+    whole: &burn::train::ClassificationOutput<AB>,
+    tol: f64,
+) {
+    let whole_loss = to_vec(whole.loss.clone())[0];
+    let got_loss = to_vec(got.loss.clone())[0];
+    assert!(
+        (got_loss - whole_loss).abs() <= 1e-5 * whole_loss.abs(),
+        "{got_loss} vs {whole_loss}"
+    );
+    assert_close(
+        &to_vec(got.output.clone()),
+        &to_vec(whole.output.clone()),
+        tol,
+        "logits",
+    );
+    let ints = |t: Tensor<AB, 1, burn::tensor::Int>| t.into_data().convert::<i64>().to_vec::<i64>();
+    assert_eq!(
+        ints(got.targets.clone()).unwrap(),
+        ints(whole.targets.clone()).unwrap()
+    );
 }
 
 /// burn-train's classifier step computes the batch in parts on flex and ndarray
@@ -140,23 +171,7 @@ fn the_classifier_step_in_parts_is_the_whole_batchs() {
         ClassifierBatcher.batch(separable(7, 5), &dev);
     let out = TrainStep::step(&model, batch.clone());
     let whole = model.forward_classification(batch.clone());
-    let whole_loss = to_vec(whole.loss.clone())[0];
-    let got_loss = to_vec(out.item.loss.clone())[0];
-    assert!(
-        (got_loss - whole_loss).abs() <= 1e-5 * whole_loss.abs(),
-        "{got_loss} vs {whole_loss}"
-    );
-    assert_close(
-        &to_vec(out.item.output.clone()),
-        &to_vec(whole.output.clone()),
-        1e-5,
-        "logits",
-    );
-    let ints = |t: Tensor<AB, 1, burn::tensor::Int>| t.into_data().convert::<i64>().to_vec::<i64>();
-    assert_eq!(
-        ints(out.item.targets.clone()).unwrap(),
-        ints(whole.targets.clone()).unwrap()
-    );
+    assert_same_output(&out.item, &whole, 1e-5);
     // Exactly what the same two parts give one after another on the model itself...
     let ranges = kron_adapters::shards::split(7, 2);
     let mut acc = burn::optim::GradientsAccumulator::new();
@@ -201,14 +216,7 @@ fn the_decoder_step_in_parts_is_the_whole_batchs() {
     use burn::optim::GradientsParams;
     use kron_adapters::llm::score::Encoded as Pair;
     let dev = device();
-    let placement = PlacementConfig::linear(AdapterConfig::KronLora(KronLoraConfig::auto(2)));
-    let lm = LlamaForCausalLM::<AB>::new(
-        &mut TensorSource::random(4),
-        &LlamaConfig::tiny(50),
-        &placement,
-        &dev,
-    )
-    .unwrap();
+    let lm = tiny_lm(4, AdapterConfig::KronLora(KronLoraConfig::auto(2)));
     let lm = kron_adapters::training::full_finetune(lm);
     let pair = |ids: &[u32], start| Pair {
         ids: ids.to_vec(),
@@ -227,24 +235,8 @@ fn the_decoder_step_in_parts_is_the_whole_batchs() {
     let batch = ContinuationBatcher.batch(items.clone(), &dev);
     let out = TrainStep::step(&lm, batch.clone());
     let whole = lm.forward_continuation(batch);
-    let whole_loss = to_vec(whole.loss.clone())[0];
-    let got_loss = to_vec(out.item.loss.clone())[0];
-    assert!(
-        (got_loss - whole_loss).abs() <= 1e-5 * whole_loss.abs(),
-        "{got_loss} vs {whole_loss}"
-    );
     assert_eq!(out.item.output.dims(), [11, 50], "11 answer tokens");
-    assert_close(
-        &to_vec(out.item.output.clone()),
-        &to_vec(whole.output.clone()),
-        1e-4,
-        "logits",
-    );
-    let ints = |t: Tensor<AB, 1, burn::tensor::Int>| t.into_data().convert::<i64>().to_vec::<i64>();
-    assert_eq!(
-        ints(out.item.targets.clone()).unwrap(),
-        ints(whole.targets.clone()).unwrap()
-    );
+    assert_same_output(&out.item, &whole, 1e-4);
     let got = crate::shards::collect(&lm, &out.grads);
     if kron_adapters::shards::default_parts::<AB>(&dev) == 2 {
         let mut acc = burn::optim::GradientsAccumulator::new();
@@ -336,14 +328,7 @@ fn supervised_training_fits_the_decoder_with_burn_train() {
             })
             .collect()
     };
-    let placement = PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto()));
-    let lm = LlamaForCausalLM::<AB>::new(
-        &mut TensorSource::random(5),
-        &LlamaConfig::tiny(50),
-        &placement,
-        &dev,
-    )
-    .unwrap();
+    let lm = tiny_lm(5, AdapterConfig::KronA(KronAConfig::auto()));
     // The adapters and the LM head train (PEFT's `modules_to_save`): the random base's head
     // (N(0, 0.02)) is too small for any hidden state to move its logits by more than ~0.6.
     let lm = kron_adapters::training::set_trainable(lm, |p| {
