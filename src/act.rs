@@ -3,8 +3,8 @@
 //! training step's CPU time, docs/benchmarks.md) and whose SiLU is a sigmoid by scalar `expf`
 //! and a product, two operations each way.
 //!
-//! **GELU.** //! `gelu(x) = x·Φ(x)` and `gelu'(x) = Φ(x) + x·φ(x)`, with `φ(x) = exp(−x²/2)/√(2π)` and
-//! `Φ(x) = E/2` for `x < 0`, `1 − E/2` otherwise, where `E = erfc(|x|/√2)`. Everything is
+//! **GELU.** `gelu(x) = x·Φ(x)` and `gelu'(x) = Φ(x) + x·φ(x)`, with `φ(x) = exp(−x²/2)/√(2π)`
+//! and `Φ(x) = E/2` for `x < 0`, `1 − E/2` otherwise, where `E = erfc(|x|/√2)`. Everything is
 //! computed in `f64` and rounded once to `f32`: with `z = |x|/√2` and `t = 1/(1 + z/2)`,
 //! `E = t·Q(t)·exp(−z²)`, `Q` a degree-11 polynomial fitted to `erfc(z)·exp(z²)/t` on
 //! `z ∈ [0, 6]` (`scripts/fit_gelu.py`: relative error of `E` under 1e-10 there; beyond, `E`
