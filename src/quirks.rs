@@ -122,6 +122,17 @@ fn on_host<B: Backend, const D: usize>(
     Ok(crate::kron::autodiff::host_unary(f, flat).reshape(dims))
 }
 
+/// Do the host loops of `kron::host` compute the Kronecker apply's `a` step `out[r] = fᵀ·T[r]`
+/// and its gradients for tensors `x` and `y` (two of `f`, `T` and the output's gradient `G`)?
+/// On flex itself, `f32`: not on autodiff over flex, whose graph the loops are not part of (the
+/// registered autodiff node calls them on the inner backend).
+pub(crate) fn a_steps_on_host<B: Backend, const D: usize, const E: usize>(
+    x: &Tensor<B, D>,
+    y: &Tensor<B, E>,
+) -> bool {
+    B::name(&x.device()) == "flex" && crate::act::is_f32(x) && crate::act::is_f32(y)
+}
+
 /// Does `B` (or the backend under its autodiff) implement `gelu_backward` itself, exactly?
 /// Only flex and LibTorch do in Burn 0.21; an unknown backend is taken not to.
 fn gelu_backward_is_exact<B: Backend>(device: &B::Device) -> bool {

@@ -67,8 +67,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::{matmul_last, Side};
+use super::{host, matmul_last, Side};
 use crate::act::HostFn;
+use crate::quirks;
 
 /// `out[r] = mᵀ·T[r]`: contracts the middle axis of `t` with `m`, with this module's backward
 /// where [`register_backward`] registered `B`, and Burn's otherwise.
@@ -79,7 +80,7 @@ use crate::act::HostFn;
 /// - output: `[n, p', q]`
 pub fn contract_a<B: Backend>(m: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor<B, 3> {
     let Some(registered) = lookup(TypeId::of::<B>()) else {
-        return contract_a_composite(m, t);
+        return a_step(m, t);
     };
     match (m.into_primitive(), t.into_primitive()) {
         (TensorPrimitive::Float(m), TensorPrimitive::Float(t)) => {
@@ -395,14 +396,14 @@ impl<I: Backend> Backward<I, 2> for ContractA {
         let [m_node, t_node] = ops.parents;
         let g = float::<I, 3>(grads.consume::<I>(&ops.node));
         let (m_state, t_state) = ops.state;
-        if let (Some(node), Some(id)) = (m_node, t_state) {
-            let t = float::<I, 3>(ckpt.retrieve_node_output(id));
-            let grad = grad_m(t, g.clone());
+        // ∂m needs T (kept where m is tracked), ∂T needs m (kept where T is tracked).
+        let t = t_state.map(|id| float::<I, 3>(ckpt.retrieve_node_output(id)));
+        let m = m_state.map(|id| float::<I, 2>(ckpt.retrieve_node_output(id)));
+        let (grad_m, grad_t) = a_step_grads(t, g, m);
+        if let (Some(node), Some(grad)) = (m_node, grad_m) {
             grads.register::<I>(node.id, grad.into_primitive().tensor());
         }
-        if let (Some(node), Some(id)) = (t_node, m_state) {
-            let m = float::<I, 2>(ckpt.retrieve_node_output(id));
-            let grad = step_grad_input(g, m, Side::A);
+        if let (Some(node), Some(grad)) = (t_node, grad_t) {
             grads.register::<I>(node.id, grad.into_primitive().tensor());
         }
     }
@@ -564,14 +565,29 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
         let tracked: Vec<bool> = ops.parents.iter().map(Option::is_some).collect();
         for (i, (f, side)) in factors.iter().zip(&self.steps).enumerate().rev() {
             let input = inputs.pop().expect("one input per step");
-            if let Some(node) = &ops.parents[i + 1] {
-                let grad = step_grad_factor(input, g.clone(), *side);
+            let factor_node = &ops.parents[i + 1];
+            // Nothing before this step needing a gradient, `g` stops here.
+            let earlier = tracked[..=i].iter().any(|&t| t);
+            let (grad_f, grad_in) = match side {
+                Side::A => a_step_grads(
+                    factor_node.is_some().then_some(input),
+                    g,
+                    earlier.then(|| f.clone()),
+                ),
+                Side::B => (
+                    factor_node
+                        .is_some()
+                        .then(|| step_grad_factor(input, g.clone(), Side::B)),
+                    earlier.then(|| step_grad_input(g, f.clone(), Side::B)),
+                ),
+            };
+            if let (Some(node), Some(grad)) = (factor_node, grad_f) {
                 grads.register::<I>(node.id, grad.into_primitive().tensor());
             }
-            if !tracked[..=i].iter().any(|&t| t) {
-                return; // nothing before this step needs a gradient
+            match grad_in {
+                Some(grad) => g = grad,
+                None => return,
             }
-            g = step_grad_input(g, f.clone(), *side);
         }
         if let Some(node) = &ops.parents[0] {
             grads.register::<I>(node.id, g.into_primitive().tensor());
@@ -585,9 +601,48 @@ pub(crate) fn step_forward<I: Backend>(
     side: Side,
 ) -> Tensor<I, 3> {
     match side {
-        Side::A => contract_a_composite(f, t),
+        Side::A => a_step(f, t),
         Side::B => matmul_last(t, f),
     }
+}
+
+/// `out[r] = fᵀ·T[r]` outside autodiff: on flex by the host loops of `kron::host` (Burn's
+/// batched product runs one `gemm` call per row there), elsewhere [`contract_a_composite`].
+fn a_step<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor<B, 3> {
+    if quirks::a_steps_on_host(&f, &t) {
+        host::contract_a(f, t)
+    } else {
+        contract_a_composite(f, t)
+    }
+}
+
+/// The gradients through an `a` step, `out[r] = fᵀ·T[r]`, from its output gradient `g`: of
+/// the factor where `t` (the step's input) is given, of the input where `f` is given. On flex
+/// (`kron::host`) both from one read of `g`, the factor's by Burn's products beyond the host
+/// loop's size.
+fn a_step_grads<I: Backend>(
+    t: Option<Tensor<I, 3>>,
+    g: Tensor<I, 3>,
+    f: Option<Tensor<I, 2>>,
+) -> (Option<Tensor<I, 2>>, Option<Tensor<I, 3>>) {
+    let host = f.as_ref().is_none_or(|f| quirks::a_steps_on_host(f, &g))
+        && t.as_ref().is_none_or(|t| quirks::a_steps_on_host(t, &g));
+    if !host {
+        let grad_f = t.map(|t| grad_m(t, g.clone()));
+        return (grad_f, f.map(|f| step_grad_input(g, f, Side::A)));
+    }
+    let p2 = g.dims()[1];
+    let small = |t: &Tensor<I, 3>| {
+        let [_, p, q] = t.dims();
+        p * p2 * q <= host::FACTOR_GRAD_MAX
+    };
+    // A large factor's gradient by Burn's products, before `g` is read (so it is read whole).
+    let (grad_f, t) = match t {
+        Some(t) if !small(&t) => (Some(grad_m(t, g.clone())), None),
+        t => (None, t),
+    };
+    let (host_f, grad_t) = host::contract_a_grads(t, g, f);
+    (grad_f.or(host_f), grad_t)
 }
 
 /// The gradient of a step's factor from the step's input `t` and output gradient `g`.
@@ -612,7 +667,8 @@ fn step_grad_input<I: Backend>(g: Tensor<I, 3>, f: Tensor<I, 2>, side: Side) -> 
     }
 }
 
-/// `∂m = Σ_r T[r]·G[r]ᵀ` (`[p, p']`), over chunks of rows (see the module docs).
+/// `∂m = Σ_r T[r]·G[r]ᵀ` (`[p, p']`) by Burn's batched products, over chunks of rows (see the
+/// module docs).
 fn grad_m<I: Backend>(t: Tensor<I, 3>, g: Tensor<I, 3>) -> Tensor<I, 2> {
     let [n, p, q] = t.dims();
     let p2 = g.dims()[1];

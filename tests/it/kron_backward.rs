@@ -9,7 +9,7 @@ use crate::common::*;
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use kron_adapters::kron::autodiff::{
     contract_a, contract_a_composite, is_registered, register_backward,
@@ -72,27 +72,49 @@ fn contract_grads<A: AutodiffBackend>(
 
 #[test]
 fn contract_a_gradients_match_host_references_over_several_chunks() {
-    assert!(register_backward::<AB>());
-    assert!(is_registered::<AB>());
-    let dev = device();
+    on_suite_and_flex!(check_contract_a);
+}
+
+/// `contract_a` on backend `B` (without autodiff: the value) and on `A` registered (value and
+/// both gradients) against host references, and Burn's differentiation of the broadcast
+/// product on `A`. On flex the registered node runs the crate's host loops (`kron::host`), and
+/// the factor's gradient Burn's products beyond their size (the 64 × 32 × 40 case).
+fn check_contract_a<B: Backend, A: AutodiffBackend>(bdev: &B::Device, dev: &A::Device) {
+    assert!(register_backward::<A>());
+    assert!(is_registered::<A>());
     let mut rng = Rng::new(130);
     // [n, p, p', q]: square factors with rows enough for several chunks of ∂m, a wide `a`
-    // (one chunk per row), a narrow one (one chunk in all), and a single row.
-    for dims @ [n, p, p2, q] in [[40, 3, 5, 4], [33, 6, 7, 1], [24, 2, 2, 16], [1, 4, 3, 5]] {
+    // (one chunk per row), a narrow one (one chunk in all), a single row, MiniLM's
+    // 16 × 16 × 24 (every register block of the host loops), and a large factor.
+    for dims @ [n, p, p2, q] in [
+        [40, 3, 5, 4],
+        [33, 6, 7, 1],
+        [24, 2, 2, 16],
+        [1, 4, 3, 5],
+        [70, 16, 16, 24],
+        [3, 64, 32, 40],
+    ] {
         let [m, t, r, gm_want, gt_want] = random_case(&mut rng, dims);
-        let (out, gm, gt) = contract_grads::<AB>(&m, &t, &r, dims, &dev, false);
+        let (out, gm, gt) = contract_grads::<A>(&m, &t, &r, dims, dev, false);
         // The value: out[r] = mᵀ·T[r], from the host.
         let mt_host = transpose_ref(&m, p, p2);
         let want: Vec<f32> = (0..n)
             .flat_map(|row| matmul_ref(&mt_host, p2, p, &t[row * p * q..(row + 1) * p * q], q))
             .collect();
-        assert_close(&out, &want, 1e-5, &format!("value {dims:?}"));
-        assert_close(&gm, &gm_want, 1e-5, &format!("∂m {dims:?}"));
-        assert_close(&gt, &gt_want, 1e-5, &format!("∂T {dims:?}"));
+        let what = |name: &str| format!("{name} {dims:?} on {}", A::name(dev));
+        assert_close(&out, &want, 1e-5, &what("value"));
+        assert_close(&gm, &gm_want, 1e-5, &what("∂m"));
+        assert_close(&gt, &gt_want, 1e-5, &what("∂T"));
         // Burn's own differentiation of the broadcast product agrees.
-        let (_, gm_c, gt_c) = contract_grads::<AB>(&m, &t, &r, dims, &dev, true);
-        assert_close(&gm, &gm_c, 1e-5, &format!("∂m vs composite {dims:?}"));
-        assert_close(&gt, &gt_c, 1e-5, &format!("∂T vs composite {dims:?}"));
+        let (_, gm_c, gt_c) = contract_grads::<A>(&m, &t, &r, dims, dev, true);
+        assert_close(&gm, &gm_c, 1e-5, &what("∂m vs composite"));
+        assert_close(&gt, &gt_c, 1e-5, &what("∂T vs composite"));
+        // Without autodiff, the value alone.
+        let plain = contract_a(
+            tensor::<B, 2>(&m, [p, p2], bdev),
+            tensor::<B, 3>(&t, [n, p, q], bdev),
+        );
+        assert_close(&to_vec(plain), &want, 1e-5, &what("value without autodiff"));
     }
 }
 
@@ -112,14 +134,17 @@ fn balanced_checkpointing_backend_gets_the_same_gradients() {
 
 #[test]
 fn only_tracked_operands_get_gradients() {
-    assert!(register_backward::<AB>());
-    let dev = device();
+    on_suite_and_flex!(check_only_tracked);
+}
+
+fn check_only_tracked<B: Backend, A: AutodiffBackend>(bdev: &B::Device, dev: &A::Device) {
+    assert!(register_backward::<A>());
     let mut rng = Rng::new(132);
     let dims @ [n, p, p2, q] = [9, 3, 4, 2];
     let [m, t, r, gm_want, gt_want] = random_case(&mut rng, dims);
     for (track_m, track_t) in [(true, false), (false, true)] {
-        let mut mt = tensor::<AB, 2>(&m, [p, p2], &dev);
-        let mut tt = tensor::<AB, 3>(&t, [n, p, q], &dev);
+        let mut mt = tensor::<A, 2>(&m, [p, p2], dev);
+        let mut tt = tensor::<A, 3>(&t, [n, p, q], dev);
         if track_m {
             mt = mt.require_grad();
         }
@@ -127,9 +152,7 @@ fn only_tracked_operands_get_gradients() {
             tt = tt.require_grad();
         }
         let out = contract_a(mt.clone(), tt.clone());
-        let grads = (out * tensor::<AB, 3>(&r, [n, p2, q], &dev))
-            .sum()
-            .backward();
+        let grads = (out * tensor::<A, 3>(&r, [n, p2, q], dev)).sum().backward();
         match (mt.grad(&grads), tt.grad(&grads)) {
             (Some(gm), None) if track_m => assert_close(&to_vec(gm), &gm_want, 1e-5, "∂m"),
             (None, Some(gt)) if track_t => assert_close(&to_vec(gt), &gt_want, 1e-5, "∂T"),
@@ -142,37 +165,36 @@ fn only_tracked_operands_get_gradients() {
     }
     // Neither tracked: the plain forward, the same value.
     let out = contract_a(
-        tensor::<AB, 2>(&m, [p, p2], &dev),
-        tensor::<AB, 3>(&t, [n, p, q], &dev),
+        tensor::<A, 2>(&m, [p, p2], dev),
+        tensor::<A, 3>(&t, [n, p, q], dev),
     );
     let want = contract_a_composite(
-        tensor::<TB, 2>(&m, [p, p2], &dev),
-        tensor::<TB, 3>(&t, [n, p, q], &dev),
+        tensor::<B, 2>(&m, [p, p2], bdev),
+        tensor::<B, 3>(&t, [n, p, q], bdev),
     );
-    assert_close(&to_vec(out), &to_vec(want), 1e-6, "untracked value");
+    assert_close(&to_vec(out), &to_vec(want), 1e-5, "untracked value");
 }
 
 /// `x·(A ⊗ B)·scale` under `Σ y ⊙ R` with `A`, `B` chains of factors: the gradients of `x` and
 /// of every factor (`None` where not tracked), through `kron_apply` with `plan` or, without one,
 /// through the materialized product (Burn's differentiation of `chain_product` and `kron`).
-fn chain_grads(
+fn chain_grads<A: AutodiffBackend>(
     x: &[f32],
     a: &[(Vec<f32>, [usize; 2])],
     b: &[(Vec<f32>, [usize; 2])],
     r: &[f32],
     (track_x, track_factors): (bool, bool),
     plan: Option<&KronPlan>,
+    dev: &A::Device,
 ) -> Vec<Option<Vec<f32>>> {
-    let dev = device();
     let (d_in, d_out) = (
         a[0].1[0] * b[0].1[0],
         a.last().unwrap().1[1] * b.last().unwrap().1[1],
     );
     let n = x.len() / d_in;
-    let track = |t: Tensor<AB, 2>, on: bool| if on { t.require_grad() } else { t };
-    let xt = track(tensor::<AB, 2>(x, [n, d_in], &dev), track_x);
-    let factor =
-        |(v, s): &(Vec<f32>, [usize; 2])| track(tensor::<AB, 2>(v, *s, &dev), track_factors);
+    let track = |t: Tensor<A, 2>, on: bool| if on { t.require_grad() } else { t };
+    let xt = track(tensor::<A, 2>(x, [n, d_in], dev), track_x);
+    let factor = |(v, s): &(Vec<f32>, [usize; 2])| track(tensor::<A, 2>(v, *s, dev), track_factors);
     let at: Vec<_> = a.iter().map(factor).collect();
     let bt: Vec<_> = b.iter().map(factor).collect();
     let scale = 0.7;
@@ -182,7 +204,7 @@ fn chain_grads(
             .clone()
             .matmul(kron(chain_product(&at), chain_product(&bt)).mul_scalar(scale)),
     };
-    let g = (y * tensor::<AB, 2>(r, [n, d_out], &dev)).sum().backward();
+    let g = (y * tensor::<A, 2>(r, [n, d_out], dev)).sum().backward();
     std::iter::once(&xt)
         .chain(&at)
         .chain(&bt)
@@ -192,7 +214,13 @@ fn chain_grads(
 
 #[test]
 fn kron_apply_gradients_match_the_materialized_product_for_every_plan_and_chain() {
-    assert!(register_backward::<AB>());
+    on_suite_and_flex!(check_every_plan);
+}
+
+/// [`chain_grads`] through `kron_apply` on `A` registered (on flex: the host loops for the `a`
+/// steps) against the materialized product, for every plan.
+fn check_every_plan<B: Backend, A: AutodiffBackend>(_: &B::Device, dev: &A::Device) {
+    assert!(register_backward::<A>());
     let mut rng = Rng::new(133);
     let mut chain = |shapes: &[[usize; 2]]| -> Vec<(Vec<f32>, [usize; 2])> {
         shapes.iter().map(|s| (rng.vec(s[0] * s[1]), *s)).collect()
@@ -216,15 +244,16 @@ fn kron_apply_gradients_match_the_materialized_product_for_every_plan_and_chain(
             _ => &[(true, true)],
         };
         for &tracking @ (track_x, track_factors) in subsets {
-            let want = chain_grads(&x, a, b, &r, tracking, None);
+            let want = chain_grads::<A>(&x, a, b, &r, tracking, None, dev);
             for plan in KronPlan::all(a.len(), b.len()) {
-                let got = chain_grads(&x, a, b, &r, tracking, Some(&plan));
+                let got = chain_grads::<A>(&x, a, b, &r, tracking, Some(&plan), dev);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     let what = format!(
-                        "input {i} (0 = x) of a {} × b {} factors, plan {:?}, tracked x {track_x} factors {track_factors}",
+                        "input {i} (0 = x) of a {} × b {} factors, plan {:?}, tracked x {track_x} factors {track_factors}, on {}",
                         a.len(),
                         b.len(),
-                        plan.steps
+                        plan.steps,
+                        A::name(dev)
                     );
                     let tracked = if i == 0 { track_x } else { track_factors };
                     match (g, w) {

@@ -196,6 +196,17 @@ fn cost_model_counts_multiply_adds_and_picks_the_cheaper_order() {
     assert_eq!(a_last.cost(&a, &b), 32 * 24 * 32 + 32 * 32 * 24);
     assert_eq!(KronPlan::cheapest(&a, &b), a_first);
 
+    // MiniLM's 1536 → 384 with PEFT's factors: a first is cheaper, but b first is within a
+    // quarter of it, and starts with one GEMM over the layer's input: taken.
+    let (a, b) = ([[32, 16]], [[48, 24]]);
+    assert_eq!(a_first.cost(&a, &b), 48 * 16 * (32 + 24));
+    assert_eq!(a_last.cost(&a, &b), 32 * 24 * (48 + 16));
+    assert_eq!(KronPlan::cheapest(&a, &b), a_last);
+    // Equal costs (a square layer with square factors): b first.
+    let (a, b) = ([[16, 16]], [[24, 24]]);
+    assert_eq!(a_first.cost(&a, &b), a_last.cost(&a, &b));
+    assert_eq!(KronPlan::cheapest(&a, &b), a_last);
+
     // (2, 384) ⊗ (384, 2): b first is 192× cheaper.
     let (a, b) = ([[2, 384]], [[384, 2]]);
     assert_eq!(a_first.cost(&a, &b), 2 * 384 * 384 + 384 * 384 * 2);
