@@ -8,7 +8,8 @@
 //! third for the `a` step's forward batched per row (the crate's, `[n]` products
 //! `aᵀ [p', p] · X[r] [p, q]`) against `G` rows per product through the block-diagonal
 //! `I_G ⊗ aᵀ` (`[n/G]` products `[G·p', G·p] · [G·p, q]`: fewer, larger products, `G×` the
-//! multiply-adds).
+//! multiply-adds), and a fourth for the `a` step as Burn's product against the crate's
+//! `contract_a` (on flex the host loops of `kron::host`), forward and forward plus backward.
 //!
 //! ```text
 //! cargo bench --features full --bench kron_layouts
@@ -19,6 +20,7 @@ mod common;
 
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use common::{backend_name, Inner};
+use kron_adapters::kron::autodiff::{contract_a, contract_a_composite};
 use kron_adapters::kron::{kron, kron_apply, KronPlan};
 
 type Grad = burn::backend::Autodiff<Inner>;
@@ -115,6 +117,73 @@ fn main() {
     }
     kron_table(&dev);
     grouped_table(&dev);
+    host_table(&dev);
+}
+
+/// The `a` step `out[r] = aᵀ·T[r]` as Burn's broadcast batched product (`contract_a_composite`,
+/// differentiated by Burn) against the crate's `contract_a` (on flex the host loops of
+/// `kron::host`; under autodiff the registered node, whose backward runs them too): the
+/// forward alone (inference), and forward plus both gradients. `T` is made afresh in each
+/// timed call (`T·1`, in both columns), as an adapter's intermediate is; one column times
+/// `contract_a` on a `T` held elsewhere too (an adapter's input, which its layer shares), which
+/// flex's `into_data` copies before the host loops read it.
+fn host_table(dev: &burn::tensor::Device<Inner>) {
+    kron_adapters::kron::autodiff::register_backward::<Grad>();
+    header(&[
+        "rows × (p·q), p'",
+        "fwd: Burn's product",
+        "`contract_a`",
+        "`contract_a`, `T` shared",
+        "fwd+bwd: Burn's",
+        "`contract_a`",
+        "max difference",
+    ]);
+    for &(n, p, q, p2) in &[
+        (2048usize, 16usize, 24usize, 16usize),
+        (2048, 16, 48, 32),
+        (2048, 32, 48, 16),
+        (2048, 24, 24, 24),
+        (2048, 64, 64, 64),
+        (2048, 64, 128, 112),
+    ] {
+        let t = Tensor::<Grad, 3>::random([n, p, q], Distribution::Normal(0., 1.), dev);
+        let a = Tensor::<Grad, 2>::random([p, p2], Distribution::Normal(0., 0.1), dev);
+        let (t, a) = (t.require_grad(), a.require_grad());
+        let (ti, ai) = (t.clone().inner(), a.clone().inner());
+        let diff: f32 = (contract_a(ai.clone(), ti.clone())
+            - contract_a_composite(ai.clone(), ti.clone()))
+        .abs()
+        .max()
+        .into_scalar();
+        type Fwd = fn(Tensor<Inner, 2>, Tensor<Inner, 3>) -> Tensor<Inner, 3>;
+        let fwd = |f: Fwd, fresh: bool| {
+            time(|| {
+                let t = if fresh {
+                    ti.clone().mul_scalar(1.0)
+                } else {
+                    ti.clone()
+                };
+                let _ = f(ai.clone(), t).into_data();
+            })
+        };
+        let both = |f: fn(Tensor<Grad, 2>, Tensor<Grad, 3>) -> Tensor<Grad, 3>| {
+            time(|| {
+                let g = f(a.clone(), t.clone().mul_scalar(1.0)).sum().backward();
+                let _ = (
+                    a.grad(&g).unwrap().into_data(),
+                    t.grad(&g).unwrap().into_data(),
+                );
+            })
+        };
+        println!(
+            "| {n} × ({p}·{q}), {p2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {diff:.1e} |",
+            fwd(contract_a_composite, true),
+            fwd(contract_a, true),
+            fwd(contract_a, false),
+            both(contract_a_composite),
+            both(contract_a),
+        );
+    }
 }
 
 /// The `a` step's forward (inference), batched per row against `G` rows per product through

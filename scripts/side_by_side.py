@@ -1,7 +1,9 @@
 """Side by side: training steps in PyTorch + PEFT and in this crate, on the same machine, in one
 run; prints tables of medians and ratios. Optional, not part of CI.
 
-1. One AdamW step of all-MiniLM-L6-v2 (batch 32 × 64 tokens, dropout off), per method.
+1. One AdamW step of all-MiniLM-L6-v2 (batch 32 × 64 tokens, dropout off), per method, each
+   method in its own process on both sides (in one process a method's time depended on what
+   ran before it: this crate's KronA after full fine-tuning took 1.5 s, alone 1.0–1.1 s).
 2. LLM widths: one AdamW step of a single frozen linear layer (SmolLM2's 576 → 1536, a square
    4096 layer, a Mistral-7B FFN's 4096 → 14336) on 2,048 rows with LoRA r = 8, KronA, Kron-LoRA
    r = 8, PEFT's LoKr (which builds the d_in × d_out product every step) with the same factors,
@@ -194,11 +196,17 @@ def ours(cmd, args):
 def minilm_block(a, cmd):
     rows = []
     for m in ["full", "lora_r1", "peft_lokr_krona", "torch_factorized_krona"]:
-        ms, trainable = time_step(m, a.model_dir, a.batch, a.seq, a.budget)
-        print(f"pytorch {m}: {ms:.0f} ms", flush=True)
-        rows.append((f"PyTorch {torch.__version__}: {m}", trainable, ms))
-    res = ours(cmd, ["--batch", str(a.batch), "--seq", str(a.seq), "--budget", str(a.budget)])
+        out = subprocess.run(
+            [sys.executable, __file__, a.model_dir, "--child-minilm", m, "--batch", str(a.batch),
+             "--seq", str(a.seq), "--budget", str(a.budget), "--threads", str(a.threads)],
+            check=True, capture_output=True, text=True,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"pytorch {m}: {r['ms']:.0f} ms", flush=True)
+        rows.append((f"PyTorch {torch.__version__}: {m}", r["trainable"], r["ms"]))
     for k in ["full", "lora_r1", "krona", "krona_2x192", "kron_lora_r12"]:
+        res = ours(cmd, ["--batch", str(a.batch), "--seq", str(a.seq), "--budget", str(a.budget), "--methods", k])
+        print(f"ours {k}: {res[k]['ms']:.0f} ms", flush=True)
         rows.append((f"kron-adapters ({res['backend']}): {k}", res[k]["trainable"], res[k]["ms"]))
     full_pt = rows[0][2]
     lokr = rows[2][2]
@@ -253,11 +261,16 @@ def main():
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--step-time", help="this crate's step_time binary (default: build it with cargo)")
     p.add_argument("--child-layer", help=argparse.SUPPRESS)
+    p.add_argument("--child-minilm", help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.child_layer:
         d_in, d_out, m = a.child_layer.split(",")
         print(json.dumps(layer_step(m, int(d_in), int(d_out), a.tokens, a.budget)))
+        return
+    if a.child_minilm:
+        ms, trainable = time_step(a.child_minilm, a.model_dir, a.batch, a.seq, a.budget)
+        print(json.dumps({"ms": ms, "trainable": trainable}))
         return
     if a.step_time:
         cmd = [a.step_time]

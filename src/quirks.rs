@@ -29,6 +29,12 @@
 //! (`crate::act`, correctly rounded to `f32`), as autodiff nodes where the crate's backward is
 //! registered.
 //!
+//! One is about many small products: the Kronecker apply's `a` step is a broadcast batched
+//! product (`n` products of `[p', p]·[p, q]`, 16 × 16 × 24 at MiniLM's width), and flex makes
+//! one `gemm` call per row for it; on flex (`f32`, outside autodiff: the registered node calls
+//! it on the inner backend) [`a_steps_on_host`] sends the step and its gradients to the crate's
+//! host loops (`crate::kron::host`).
+//!
 //! One quirk is about exactness, not speed: Burn 0.21's default `gelu_backward`, which every
 //! backend but flex and LibTorch inherits (ndarray, the CubeCL backends behind wgpu and CUDA,
 //! fusion), is the derivative of GELU's tanh approximation while the forward is the exact,

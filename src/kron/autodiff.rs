@@ -21,7 +21,9 @@
 //!
 //! `∂f` of an `a` step is accumulated over row chunks sized so that a chunk's partial products
 //! `[c, p, p']` stay within an eighth of `T` (and at most 16 chunks): never the `[n, p', p]`
-//! tensor.
+//! tensor. On burn-flex the `a` steps and their gradients run the host loops of `kron::host`
+//! instead (where `quirks::a_steps_on_host` says; the factor's gradient only up to
+//! `host::FACTOR_GRAD_MAX`), both gradients of a step from one read of its `G`.
 //!
 //! # Why a registry
 //! A backward is registered on Burn's `Autodiff<I, C>` backend through its inner backend `I`,
@@ -566,7 +568,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
         for (i, (f, side)) in factors.iter().zip(&self.steps).enumerate().rev() {
             let input = inputs.pop().expect("one input per step");
             let factor_node = &ops.parents[i + 1];
-            // Nothing before this step needing a gradient, `g` stops here.
+            // Does anything before this step need a gradient? If not, `g` stops here.
             let earlier = tracked[..=i].iter().any(|&t| t);
             let (grad_f, grad_in) = match side {
                 Side::A => a_step_grads(
@@ -577,7 +579,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
                 Side::B => (
                     factor_node
                         .is_some()
-                        .then(|| step_grad_factor(input, g.clone(), Side::B)),
+                        .then(|| b_factor_grad(input, g.clone())),
                     earlier.then(|| step_grad_input(g, f.clone(), Side::B)),
                 ),
             };
@@ -636,7 +638,8 @@ fn a_step_grads<I: Backend>(
         let [_, p, q] = t.dims();
         p * p2 * q <= host::FACTOR_GRAD_MAX
     };
-    // A large factor's gradient by Burn's products, before `g` is read (so it is read whole).
+    // A large factor's gradient by Burn's products first: its clone of `g` is dropped before
+    // the host loops read `g`, which flex then hands over without a copy.
     let (grad_f, t) = match t {
         Some(t) if !small(&t) => (Some(grad_m(t, g.clone())), None),
         t => (None, t),
@@ -645,18 +648,13 @@ fn a_step_grads<I: Backend>(
     (grad_f.or(host_f), grad_t)
 }
 
-/// The gradient of a step's factor from the step's input `t` and output gradient `g`.
-fn step_grad_factor<I: Backend>(t: Tensor<I, 3>, g: Tensor<I, 3>, side: Side) -> Tensor<I, 2> {
-    match side {
-        Side::A => grad_m(t, g),
-        Side::B => {
-            // out = T₂·f over all n·p rows: ∂f = T₂ᵀ·G₂.
-            let [n, p, q] = t.dims();
-            let q2 = g.dims()[2];
-            let t2: Tensor<I, 2> = t.reshape([n * p, q]);
-            t2.transpose().matmul(g.reshape([n * p, q2]))
-        }
-    }
+/// The gradient of a `b` step's factor from the step's input `t` and output gradient `g`:
+/// `out = T₂·f` over all `n·p` rows, so `∂f = T₂ᵀ·G₂`.
+fn b_factor_grad<I: Backend>(t: Tensor<I, 3>, g: Tensor<I, 3>) -> Tensor<I, 2> {
+    let [n, p, q] = t.dims();
+    let q2 = g.dims()[2];
+    let t2: Tensor<I, 2> = t.reshape([n * p, q]);
+    t2.transpose().matmul(g.reshape([n * p, q2]))
 }
 
 /// The gradient of a step's input from its output gradient `g` and factor `f`.

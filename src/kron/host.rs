@@ -4,9 +4,10 @@
 //! An `a` factor contracts the middle axis of `T [n, p, q]`. As Burn operations that is a
 //! batched product of `n` small matrices (`[p', p]·[p, q]` each, 16 × 16 × 24 on a MiniLM
 //! projection with KronA's √d factors), and burn-flex makes one `gemm` call per row, each with
-//! its own dispatch, packing and allocation. A KronA training step on MiniLM spent 16% of its
-//! CPU time there for about a twentieth of its multiply-adds (docs/benchmarks.md). Here each is
-//! one pass over the rows, a row's values in the L1 cache:
+//! its own dispatch and packing. A KronA training step on MiniLM spent 16.5% of its CPU time in
+//! these products and their gradients, for under a tenth of its multiply-adds
+//! (docs/benchmarks.md, "The `a` step by host loops"). Here each is one pass over the rows, a
+//! row's values in the L1 cache:
 //!
 //! * [`contract`]: `out[r, j, :] = Σ_i f[i, j]·T[r, i, :]`: four output rows at a time share
 //!   each load of `T`, sixteen (or eight) columns in registers, summed over `i`; rows split
@@ -19,8 +20,9 @@
 //!   then amortize), so [`FACTOR_GRAD_MAX`] bounds where this one is used.
 //!
 //! With AVX2 and FMA (chosen at run time) the loops are written with their intrinsics; elsewhere
-//! (other CPUs, other architectures) the same blocking in plain Rust, which the compiler
-//! vectorizes for the baseline target (NEON on aarch64). The two differ in rounding (fused
+//! (other CPUs, other architectures) plain Rust loops of the same shape (`contract`'s blocks of
+//! four rows, `grad_factor`'s eight-lane dot products), which the compiler vectorizes for the
+//! baseline target (NEON on aarch64). The two differ in rounding (fused
 //! against separate multiply and add) and both from `gemm`'s order of summation; the tests
 //! check each against `f64` references.
 //!
