@@ -1,7 +1,7 @@
 //! Choosing Kronecker factor shapes for a `[d_in, d_out]` layer: explicit shapes, one shape
 //! with the other derived, a parameter budget, or PEFT's `factorization` near √d — the policy
 //! shared by KronA, Kron-LoRA and KronA^B, whose configs get their shape fields from
-//! [`kron_config!`] so that the fields, their defaults and their resolution are written once.
+//! `kron_config!` so that the fields, their defaults and their resolution are written once.
 
 use crate::error::{ConfigError, FactorShapeError};
 

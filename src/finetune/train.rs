@@ -60,7 +60,7 @@ crate::macros::config! {
             /// Peak learning rate, right for the default KronA in a one- or two-epoch budget
             /// (1e-3, the KronA paper's for 20 epochs, reaches 77.6% instead of 80.1% test on
             /// 4,000 Rotten Tomatoes sentences in one epoch); see `docs/results.md` and
-            /// [`super::presets`] for other methods.
+            /// [`super::presets`](mod@super::presets) for other methods.
             lr: f64 = 1e-2,
             /// Fraction of the steps spent warming up linearly from 0.
             warmup: f64 = 0.06,
@@ -451,7 +451,7 @@ impl Checkpoints {
     }
 }
 
-/// The training loop on an already-built model (see [`finetune`]): [`train_step`] per batch,
+/// The training loop on an already-built model (see [`finetune`]): `train_step` per batch,
 /// a dev evaluation `evals_per_epoch` times an epoch, the best model checkpointed, and the
 /// test accuracy of the best one. With `out_dir`, a resume checkpoint every
 /// `checkpoint_every` steps (see [`train_model_resumable`]).

@@ -74,7 +74,8 @@ use crate::act::HostFn;
 use crate::quirks;
 
 /// `out[r] = mᵀ·T[r]`: contracts the middle axis of `t` with `m`, with this module's backward
-/// where [`register_backward`] registered `B`, and Burn's otherwise.
+/// where [`register_backward`] registered `B`, and Burn's otherwise. On burn-flex (`f32`) the
+/// products run the crate's host loops: inside the registered node, and without autodiff.
 ///
 /// # Shapes
 /// - `m`: `[p, p']`

@@ -1,7 +1,7 @@
 //! A BERT encoder (all-MiniLM-L6-v2, BERT) whose linear layers are [`AdaptedLinear`]s named
 //! with Hugging Face's module paths (`encoder.layer.0.attention.self.query`) and whose FFN
 //! blocks take a block adapter, a sequence classifier on top of it, and the loader for
-//! pretrained Hugging Face folders. Adapters are placed by the generic [`crate::place`]; BERT
+//! pretrained Hugging Face folders. Adapters are placed by the generic [`crate::place`](mod@crate::place); BERT
 //! only says which layers exist and which it targets by default ([`bert_targets`]).
 
 mod config;
@@ -168,7 +168,7 @@ fn hf(i: usize, rest: &str) -> String {
 
 impl<B: Backend> BertEncoder<B> {
     /// Builds the encoder from `source` (a pretrained file, or random weights), frozen, with the
-    /// adapters `placement` describes, placed by [`crate::place`] (the training mode is applied
+    /// adapters `placement` describes, placed by [`crate::place()`] (the training mode is applied
     /// by the trainer, on the autodiff backend).
     pub fn new(
         source: &mut TensorSource,

@@ -442,7 +442,7 @@ impl<B: Backend> LlamaModel<B> {
 
 impl<B: Backend> LlamaForCausalLM<B> {
     /// Builds the model from `source` (Hugging Face names and layout, or random weights),
-    /// frozen, with the adapters `placement` describes (placed by [`crate::place`]).
+    /// frozen, with the adapters `placement` describes (placed by [`crate::place()`]).
     pub fn new(
         source: &mut TensorSource,
         config: &LlamaConfig,
