@@ -25,6 +25,8 @@
 //! instead of flex's element-by-element maps. `quirks::gelu` and `quirks::silu` decide where
 //! they are used.
 
+use std::borrow::Cow;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
@@ -150,6 +152,18 @@ pub(crate) enum HostFn {
     Silu,
 }
 
+/// Does this CPU have AVX2 and FMA (the kernels compiled for them, here and in `kron::host`)?
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Runs `$body` (a loop over slices) compiled for AVX2 and FMA where the CPU has them, and for
 /// the baseline target otherwise (where `mul_add` may be a library call: correct, slower).
 macro_rules! dispatch {
@@ -164,9 +178,7 @@ macro_rules! dispatch {
             unsafe fn $name($($arg: $ty),*) {
                 body($($arg),*)
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if $crate::act::has_avx2_fma() {
                 // SAFETY: the CPU has AVX2 and FMA, the features the function was compiled for.
                 unsafe { $name($($arg),*) };
                 return;
@@ -217,9 +229,16 @@ pub(crate) fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData 
     t.into_data()
 }
 
-fn slice(data: &TensorData) -> &[f32] {
-    data.as_slice::<f32>()
-        .expect("the host kernels run on f32 tensors only (quirks checks)")
+/// The values of `data` as `f32` (the callers check the type), borrowed where the buffer is
+/// aligned for them (flex's always is), copied otherwise.
+pub(crate) fn floats(data: &TensorData) -> Cow<'_, [f32]> {
+    match data.as_slice::<f32>() {
+        Ok(values) => Cow::Borrowed(values),
+        Err(_) => Cow::Owned(
+            data.to_vec::<f32>()
+                .expect("the host kernels run on f32 tensors only (quirks checks)"),
+        ),
+    }
 }
 
 fn slice_mut(data: &mut TensorData) -> &mut [f32] {
@@ -242,9 +261,9 @@ pub(crate) fn forward_kept<B: Backend>(
     x: &TensorData,
     device: &B::Device,
 ) -> Tensor<B, 1> {
-    let xs = slice(x);
+    let xs = floats(x);
     let mut out = vec![0f32; xs.len()];
-    apply_slice(f, xs, &mut out);
+    apply_slice(f, &xs, &mut out);
     Tensor::from_data(TensorData::new(out, [xs.len()]), device)
 }
 
@@ -252,7 +271,7 @@ pub(crate) fn forward_kept<B: Backend>(
 pub(crate) fn backward<B: Backend>(f: HostFn, x: &TensorData, g: Tensor<B, 1>) -> Tensor<B, 1> {
     let device = g.device();
     let mut gd = values(g);
-    grad_in_place(f, slice(x), slice_mut(&mut gd));
+    grad_in_place(f, &floats(x), slice_mut(&mut gd));
     Tensor::from_data(gd, &device)
 }
 

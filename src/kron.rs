@@ -159,9 +159,9 @@ impl KronPlan {
         out
     }
 
-    /// The plan with the fewest multiply-adds (ties to the fewest side switches, then to a plan
-    /// starting with a `b` step, then to the plan that applies `a` earliest), unless a plan
-    /// starting with a `b` step costs at most a quarter more: then the cheapest of those.
+    /// The plan with the fewest multiply-adds (ties to the fewest side switches, then to the
+    /// plan that applies `a` earliest), unless a plan starting with a `b` step costs at most a
+    /// quarter more (ties included): then the cheapest of those.
     ///
     /// A `b` step first reads the layer's input as one GEMM where it lies, and the `a` steps
     /// then contract an intermediate of the adapter's own; an `a` step first is a batched
@@ -171,18 +171,16 @@ impl KronPlan {
     /// the 14% more multiply-adds of starting with `b`. The rule is the same on every backend,
     /// so a plan, and with it the rounding, does not depend on the backend.
     pub fn cheapest(a_shapes: &[[usize; 2]], b_shapes: &[[usize; 2]]) -> Self {
-        let by_cost = |plans: Vec<Self>| {
-            plans.into_iter().min_by_key(|p| {
-                let a_first = p.steps.first() == Some(&Side::A);
-                (p.cost(a_shapes, b_shapes), p.transposes(), a_first)
-            })
-        };
         let all = Self::all(a_shapes.len(), b_shapes.len());
-        let best = by_cost(all.clone()).expect("at least one plan");
-        let b_first = all.into_iter().filter(|p| p.steps[0] == Side::B).collect();
-        match by_cost(b_first) {
-            Some(b) if 4 * b.cost(a_shapes, b_shapes) <= 5 * best.cost(a_shapes, b_shapes) => b,
-            _ => best,
+        let key = |p: &&Self| (p.cost(a_shapes, b_shapes), p.transposes());
+        let best = all.iter().min_by_key(key).expect("at least one plan");
+        let b_first = all
+            .iter()
+            .filter(|p| p.steps.first() == Some(&Side::B))
+            .min_by_key(key);
+        match b_first {
+            Some(b) if 4 * key(&b).0 <= 5 * key(&best).0 => b.clone(),
+            _ => best.clone(),
         }
     }
 }

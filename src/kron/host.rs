@@ -29,11 +29,11 @@
 //! `kron::autodiff` decides where they run (`quirks::a_steps_on_host`: flex, `f32`, and not on
 //! autodiff tensors: inside the registered autodiff node, and in inference).
 
-use std::borrow::Cow;
-
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+
+use crate::act::{floats, has_avx2_fma, values};
 
 /// Floats of `T` and `G` per row block of [`grad_factor`] (32 KB).
 const BLOCK_FLOATS: usize = 8 * 1024;
@@ -47,18 +47,6 @@ const PARALLEL_MACS: usize = 1 << 21;
 /// shapes against 64 × 64 × 64, docs/benchmarks.md).
 pub(crate) const FACTOR_GRAD_MAX: usize = 1 << 16;
 
-/// Are AVX2 and FMA available (the intrinsics kernels)?
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `out[r] = fᵀ·T[r]` for every row `r`.
 ///
 /// # Shapes
@@ -69,7 +57,7 @@ fn simd() -> bool {
 /// # Panics
 /// If the lengths do not match the shapes.
 pub(crate) fn contract(f: &[f32], p: usize, p2: usize, t: &[f32], q: usize, out: &mut [f32]) {
-    contract_with(simd(), f, p, p2, t, q, out)
+    contract_with(has_avx2_fma(), f, p, p2, t, q, out)
 }
 
 fn contract_with(simd: bool, f: &[f32], p: usize, p2: usize, t: &[f32], q: usize, out: &mut [f32]) {
@@ -84,7 +72,7 @@ fn contract_with(simd: bool, f: &[f32], p: usize, p2: usize, t: &[f32], q: usize
     let rows = |t: &[f32], out: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: the CPU has AVX2 and FMA (`simd()`), and the lengths were checked above.
+            // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked above.
             unsafe { x86::contract(f, p, p2, t, q, out) };
             return;
         }
@@ -111,7 +99,7 @@ fn contract_with(simd: bool, f: &[f32], p: usize, p2: usize, t: &[f32], q: usize
 /// # Panics
 /// If the lengths do not match the shapes.
 pub(crate) fn grad_factor(t: &[f32], g: &[f32], p: usize, p2: usize, q: usize) -> Vec<f32> {
-    grad_factor_with(simd(), t, g, p, p2, q)
+    grad_factor_with(has_avx2_fma(), t, g, p, p2, q)
 }
 
 fn grad_factor_with(simd: bool, t: &[f32], g: &[f32], p: usize, p2: usize, q: usize) -> Vec<f32> {
@@ -126,7 +114,7 @@ fn grad_factor_with(simd: bool, t: &[f32], g: &[f32], p: usize, p2: usize, q: us
     for (tb, gb) in t.chunks(rows * row_t).zip(g.chunks(rows * row_g)) {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: the CPU has AVX2 and FMA (`simd()`), and the lengths were checked above.
+            // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked above.
             unsafe { x86::grad_block(tb, gb, p, p2, q, &mut out) };
             continue;
         }
@@ -392,23 +380,6 @@ mod x86 {
     }
 }
 
-/// A tensor's values (`f32`: the callers check): flex hands over a contiguous tensor's buffer
-/// without a copy when nothing else holds it.
-fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
-    t.into_data()
-}
-
-/// The values of `data` as `f32`, borrowed where the buffer is aligned for them.
-fn floats(data: &TensorData) -> Cow<'_, [f32]> {
-    match data.as_slice::<f32>() {
-        Ok(values) => Cow::Borrowed(values),
-        Err(_) => Cow::Owned(
-            data.to_vec::<f32>()
-                .expect("the host steps run on f32 tensors only (quirks checks)"),
-        ),
-    }
-}
-
 /// `out[r] = fᵀ·T[r]` through [`contract`].
 ///
 /// # Shapes
@@ -419,7 +390,7 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
     let device = t.device();
     let [n, p, q] = t.dims();
     let p2 = f.dims()[1];
-    let (f, t) = (data(f), data(t));
+    let (f, t) = (values(f), values(t));
     let mut out = vec![0f32; n * p2 * q];
     contract(&floats(&f), p, p2, &floats(&t), q, &mut out);
     Tensor::from_data(TensorData::new(out, [n, p2, q]), &device)
@@ -439,19 +410,22 @@ pub(crate) fn contract_a_grads<B: Backend>(
     g: Tensor<B, 3>,
     f: Option<Tensor<B, 2>>,
 ) -> (Option<Tensor<B, 2>>, Option<Tensor<B, 3>>) {
+    if t.is_none() && f.is_none() {
+        return (None, None);
+    }
     let device = g.device();
     let [n, p2, q] = g.dims();
-    let g = data(g);
+    let g = values(g);
     let g = floats(&g);
     let grad_f = t.map(|t| {
         let p = t.dims()[1];
-        let t = data(t);
+        let t = values(t);
         let out = grad_factor(&floats(&t), &g, p, p2, q);
         Tensor::from_data(TensorData::new(out, [p, p2]), &device)
     });
     let grad_t = f.map(|f| {
         let p = f.dims()[0];
-        let ft = data(f.transpose());
+        let ft = values(f.transpose());
         let mut out = vec![0f32; n * p * q];
         contract(&floats(&ft), p2, p, &g, q, &mut out);
         Tensor::from_data(TensorData::new(out, [n, p, q]), &device)
@@ -461,7 +435,7 @@ pub(crate) fn contract_a_grads<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    use super::{contract_with, grad_factor_with, simd, PARALLEL_MACS};
+    use super::{contract_with, grad_factor_with, has_avx2_fma, PARALLEL_MACS};
 
     /// Deterministic values in [−1, 1), none zero.
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -504,7 +478,11 @@ mod tests {
     fn the_a_step_and_its_gradients_match_f64_loops() {
         // One case splits its rows over threads.
         const { assert!(600 * 16 * 16 * 24 > PARALLEL_MACS) };
-        let kernels: &[bool] = if simd() { &[true, false] } else { &[false] };
+        let kernels: &[bool] = if has_avx2_fma() {
+            &[true, false]
+        } else {
+            &[false]
+        };
         for &with_simd in kernels {
             for (s, dims @ [n, p, p2, q]) in SHAPES.into_iter().enumerate() {
                 let what = |name: &str| format!("{name} {dims:?}, intrinsics {with_simd}");
@@ -554,7 +532,7 @@ mod tests {
     /// No rows, or an empty axis: zeros wherever the output has entries.
     #[test]
     fn empty_shapes_give_zeros() {
-        for with_simd in [true, false].into_iter().filter(|&s| !s || simd()) {
+        for with_simd in [true, false].into_iter().filter(|&s| !s || has_avx2_fma()) {
             let mut out = vec![];
             contract_with(with_simd, &[1.0; 6], 2, 3, &[], 4, &mut out);
             assert_eq!(grad_factor_with(with_simd, &[], &[], 2, 3, 4), vec![0.0; 6]);
