@@ -659,11 +659,15 @@ fn b_factor_grad<I: Backend>(t: Tensor<I, 3>, g: Tensor<I, 3>) -> Tensor<I, 2> {
     t2.transpose().matmul(g.reshape([n * p, q2]))
 }
 
-/// The gradient of a `b` step's input, `∂T = G·fᵀ`: on flex by the host loops (over `g`'s own
-/// values for a square factor; flex's product allocates its output as cleared bytes and then
-/// copies it to realign it); elsewhere [`step_grad_input`].
+/// The gradient of a `b` step's input, `∂T = G·fᵀ`: on flex, for a square factor, by the host
+/// loops over `g`'s own values (flex's product allocates its output as cleared bytes and then
+/// copies it to realign it); elsewhere [`step_grad_input`]. Not for other factors: written into
+/// a new buffer the loops gained nothing measurable at KronA's 24 × 48 factors, and a rank-12
+/// Kron-LoRA factor's 12 columns leave four to the kernel's scalar tail (MiniLM's Kron-LoRA
+/// r = 12 step took 8% longer).
 fn b_step_grad_input<I: Backend>(g: Tensor<I, 3>, f: Tensor<I, 2>) -> Tensor<I, 3> {
-    if quirks::a_steps_on_host(&f, &g) {
+    let [q, q2] = f.dims();
+    if q == q2 && quirks::a_steps_on_host(&f, &g) {
         host::b_step_grad_input(g, f)
     } else {
         step_grad_input(g, f, Side::B)
