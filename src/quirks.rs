@@ -33,9 +33,7 @@
 //! product (`n` products of `[p', p]·[p, q]`, 16 × 16 × 24 at MiniLM's width), and flex makes
 //! one `gemm` call per row for it; on flex (`f32`, outside autodiff: the registered node calls
 //! it on the inner backend) [`a_steps_on_host`] sends the step and its gradients to the crate's
-//! host loops (`crate::kron::host`), and with them the gradient through a `b` step (one GEMM
-//! over all rows, but flex allocates a GEMM's output as cleared bytes and copies it again to
-//! align it; the loops write over the gradient they are handed).
+//! host loops (`crate::kron::host`).
 //!
 //! One quirk is about exactness, not speed: Burn 0.21's default `gelu_backward`, which every
 //! backend but flex and LibTorch inherits (ndarray, the CubeCL backends behind wgpu and CUDA,
@@ -131,8 +129,7 @@ fn on_host<B: Backend, const D: usize>(
 }
 
 /// Do the host loops of `kron::host` compute the Kronecker apply's `a` step `out[r] = fᵀ·T[r]`
-/// and its gradients, and the gradient through a `b` step, for tensors `x` and `y` (two of a
-/// factor `f`, `T` and the output's gradient `G`)?
+/// and its gradients for tensors `x` and `y` (two of `f`, `T` and the output's gradient `G`)?
 /// On flex itself, `f32`: not on autodiff over flex, whose graph the loops are not part of (the
 /// registered autodiff node calls them on the inner backend).
 pub(crate) fn a_steps_on_host<B: Backend, const D: usize, const E: usize>(

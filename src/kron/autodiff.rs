@@ -23,8 +23,7 @@
 //! `[c, p, p']` stay within an eighth of `T` (and at most 16 chunks): never the `[n, p', p]`
 //! tensor. On burn-flex the `a` steps and their gradients run the host loops of `kron::host`
 //! instead (where `quirks::a_steps_on_host` says; the factor's gradient only up to
-//! `host::FACTOR_GRAD_MAX`), both gradients of a step from one read of its `G`, and so does the
-//! gradient through a `b` step, `∂T = G·fᵀ`.
+//! `host::FACTOR_GRAD_MAX`), both gradients of a step from one read of its `G`.
 //!
 //! # Why a registry
 //! A backward is registered on Burn's `Autodiff<I, C>` backend through its inner backend `I`,
@@ -582,7 +581,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
                     factor_node
                         .is_some()
                         .then(|| b_factor_grad(input, g.clone())),
-                    earlier.then(|| b_step_grad_input(g, f.clone())),
+                    earlier.then(|| step_grad_input(g, f.clone(), Side::B)),
                 ),
             };
             if let (Some(node), Some(grad)) = (factor_node, grad_f) {
@@ -657,21 +656,6 @@ fn b_factor_grad<I: Backend>(t: Tensor<I, 3>, g: Tensor<I, 3>) -> Tensor<I, 2> {
     let q2 = g.dims()[2];
     let t2: Tensor<I, 2> = t.reshape([n * p, q]);
     t2.transpose().matmul(g.reshape([n * p, q2]))
-}
-
-/// The gradient of a `b` step's input, `∂T = G·fᵀ`: on flex, for a square factor, by the host
-/// loops over `g`'s own values (flex's product allocates its output as cleared bytes and then
-/// copies it to realign it); elsewhere [`step_grad_input`]. Not for other factors: written into
-/// a new buffer the loops gained nothing measurable at KronA's 24 × 48 factors, and a rank-12
-/// Kron-LoRA factor's 12 columns leave four to the kernel's scalar tail (MiniLM's Kron-LoRA
-/// r = 12 step took 8% longer).
-fn b_step_grad_input<I: Backend>(g: Tensor<I, 3>, f: Tensor<I, 2>) -> Tensor<I, 3> {
-    let [q, q2] = f.dims();
-    if q == q2 && quirks::a_steps_on_host(&f, &g) {
-        host::b_step_grad_input(g, f)
-    } else {
-        step_grad_input(g, f, Side::B)
-    }
 }
 
 /// The gradient of a step's input from its output gradient `g` and factor `f`.
