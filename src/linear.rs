@@ -218,8 +218,8 @@ impl<B: Backend> AdaptedLinear<B> {
 }
 
 /// A model whose adapted linear layers can be visited by their full paths — the only thing the
-/// generic placement ([`crate::place`](mod@crate::place)), adapter files, PEFT import/export and merging need to
-/// know about a model (as PEFT's `inject_adapter` needs only `named_modules`).
+/// generic placement ([`crate::place`](mod@crate::place)), adapter files, PEFT import/export and
+/// merging need to know about a model (as PEFT's `inject_adapter` needs only `named_modules`).
 ///
 /// Implement it with [`adapter_layers!`](crate::adapter_layers), naming each field's path
 /// segment; `Vec`s number their items, `Option`s pass through. Paths follow Hugging Face's

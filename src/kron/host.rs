@@ -72,7 +72,8 @@ fn contract_with(simd: bool, f: &[f32], p: usize, p2: usize, t: &[f32], q: usize
     let rows = |t: &[f32], out: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked above.
+            // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked
+            // above.
             unsafe { x86::contract(f, p, p2, t, q, out) };
             return;
         }
@@ -114,7 +115,8 @@ fn grad_factor_with(simd: bool, t: &[f32], g: &[f32], p: usize, p2: usize, q: us
     for (tb, gb) in t.chunks(rows * row_t).zip(g.chunks(rows * row_g)) {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked above.
+            // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked
+            // above.
             unsafe { x86::grad_block(tb, gb, p, p2, q, &mut out) };
             continue;
         }

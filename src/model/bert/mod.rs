@@ -1,8 +1,9 @@
 //! A BERT encoder (all-MiniLM-L6-v2, BERT) whose linear layers are [`AdaptedLinear`]s named
 //! with Hugging Face's module paths (`encoder.layer.0.attention.self.query`) and whose FFN
 //! blocks take a block adapter, a sequence classifier on top of it, and the loader for
-//! pretrained Hugging Face folders. Adapters are placed by the generic [`crate::place`](mod@crate::place); BERT
-//! only says which layers exist and which it targets by default ([`bert_targets`]).
+//! pretrained Hugging Face folders. Adapters are placed by the generic
+//! [`crate::place`](mod@crate::place); BERT only says which layers exist and which it targets
+//! by default ([`bert_targets`]).
 
 mod config;
 
