@@ -29,6 +29,8 @@
 //! `kron::autodiff` decides where they run (`quirks::a_steps_on_host`: flex, `f32`, and not on
 //! autodiff tensors: inside the registered autodiff node, and in inference).
 
+use std::mem::MaybeUninit;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
@@ -47,29 +49,50 @@ const PARALLEL_MACS: usize = 1 << 21;
 /// shapes against 64 × 64 × 64, docs/benchmarks.md).
 pub(crate) const FACTOR_GRAD_MAX: usize = 1 << 16;
 
-/// `out[r] = fᵀ·T[r]` for every row `r`.
+/// `out[r] = fᵀ·T[r]` for every row `r`, into a new buffer that only the kernels write (a
+/// zeroed one would cost a pass over the output before they overwrite it).
 ///
 /// # Shapes
 /// - `f`: `[p, p2]`, row-major
 /// - `t`: `[n, p, q]`
-/// - `out`: `[n, p2, q]`
+/// - output: `[n, p2, q]`
 ///
 /// # Panics
 /// If the lengths do not match the shapes.
-pub(crate) fn contract(f: &[f32], p: usize, p2: usize, t: &[f32], q: usize, out: &mut [f32]) {
-    contract_with(has_avx2_fma(), f, p, p2, t, q, out)
+pub(crate) fn contract(f: &[f32], p: usize, p2: usize, t: &[f32], n: usize, q: usize) -> Vec<f32> {
+    let len = n * p2 * q;
+    let mut out = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    contract_into(has_avx2_fma(), f, p, p2, t, n, q, spare);
+    // SAFETY: `contract_into` wrote each of the first `len` entries.
+    unsafe { out.set_len(len) };
+    out
 }
 
-fn contract_with(simd: bool, f: &[f32], p: usize, p2: usize, t: &[f32], q: usize, out: &mut [f32]) {
+/// [`contract`] into `out` (`[n, p2, q]`), every entry of which it writes.
+#[allow(clippy::too_many_arguments)]
+fn contract_into(
+    simd: bool,
+    f: &[f32],
+    p: usize,
+    p2: usize,
+    t: &[f32],
+    n: usize,
+    q: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
     let (row_t, row_o) = (p * q, p2 * q);
     assert_eq!(f.len(), p * p2, "f is [p, p2]");
+    assert_eq!(t.len(), n * row_t, "t is [n, p, q]");
+    assert_eq!(out.len(), n * row_o, "out is [n, p2, q]");
     if row_t == 0 || row_o == 0 {
-        out.fill(0.0);
+        // Sums of no terms (p = 0), or nothing to write.
+        out.iter_mut().for_each(|o| {
+            o.write(0.0);
+        });
         return;
     }
-    assert_eq!(t.len() % row_t, 0, "t is [n, p, q]");
-    assert_eq!(out.len(), t.len() / row_t * row_o, "out is [n, p2, q]");
-    let rows = |t: &[f32], out: &mut [f32]| {
+    let rows = |t: &[f32], out: &mut [MaybeUninit<f32>]| {
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked
@@ -128,8 +151,17 @@ fn grad_factor_with(simd: bool, t: &[f32], g: &[f32], p: usize, p2: usize, q: us
 
 /// The kernels in plain Rust, for CPUs without AVX2 and FMA.
 mod portable {
+    use std::mem::MaybeUninit;
+
     /// [`super::contract`] over whole rows.
-    pub(super) fn contract(f: &[f32], p: usize, p2: usize, t: &[f32], q: usize, out: &mut [f32]) {
+    pub(super) fn contract(
+        f: &[f32],
+        p: usize,
+        p2: usize,
+        t: &[f32],
+        q: usize,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         for (tr, or) in t.chunks_exact(p * q).zip(out.chunks_exact_mut(p2 * q)) {
             let mut j = 0;
             while j + 4 <= p2 {
@@ -152,7 +184,7 @@ mod portable {
         j: usize,
         tr: &[f32],
         q: usize,
-        or: &mut [f32],
+        or: &mut [MaybeUninit<f32>],
     ) {
         let mut k = 0;
         while k + 8 <= q {
@@ -176,7 +208,7 @@ mod portable {
         tr: &[f32],
         q: usize,
         k: usize,
-        or: &mut [f32],
+        or: &mut [MaybeUninit<f32>],
     ) {
         let mut acc = [[0f32; W]; J];
         for i in 0..p {
@@ -189,7 +221,10 @@ mod portable {
             }
         }
         for (jj, a) in acc.iter().enumerate() {
-            or[(j + jj) * q + k..(j + jj) * q + k + W].copy_from_slice(a);
+            let o = &mut or[(j + jj) * q + k..(j + jj) * q + k + W];
+            for (o, &v) in o.iter_mut().zip(a) {
+                o.write(v);
+            }
         }
     }
 
@@ -230,8 +265,9 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
-    /// [`super::contract`] over whole rows.
+    /// [`super::contract`] over whole rows: writes every entry of `out`.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; `f` is `[p, p2]`, `t` `[n, p, q]`, `out` `[n, p2, q]` (checked
@@ -243,11 +279,12 @@ mod x86 {
         p2: usize,
         t: &[f32],
         q: usize,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         let (q16, q8) = (q / 16 * 16, q / 8 * 8);
         for (tr, or) in t.chunks_exact(p * q).zip(out.chunks_exact_mut(p2 * q)) {
-            let (tp, op, fp) = (tr.as_ptr(), or.as_mut_ptr(), f.as_ptr());
+            let (tp, fp) = (tr.as_ptr(), f.as_ptr());
+            let op = or.as_mut_ptr().cast::<f32>();
             let mut j = 0;
             while j < p2 {
                 let jb = (p2 - j).min(4);
@@ -290,7 +327,7 @@ mod x86 {
                         for i in 0..p {
                             s = f[i * p2 + j + jj].mul_add(tr[i * q + k], s);
                         }
-                        or[(j + jj) * q + k] = s;
+                        or[(j + jj) * q + k].write(s);
                     }
                 }
                 j += jb;
@@ -393,8 +430,7 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
     let [n, p, q] = t.dims();
     let p2 = f.dims()[1];
     let (f, t) = (values(f), values(t));
-    let mut out = vec![0f32; n * p2 * q];
-    contract(&floats(&f), p, p2, &floats(&t), q, &mut out);
+    let out = contract(&floats(&f), p, p2, &floats(&t), n, q);
     Tensor::from_data(TensorData::new(out, [n, p2, q]), &device)
 }
 
@@ -428,8 +464,7 @@ pub(crate) fn contract_a_grads<B: Backend>(
     let grad_t = f.map(|f| {
         let p = f.dims()[0];
         let ft = values(f.transpose());
-        let mut out = vec![0f32; n * p * q];
-        contract(&floats(&ft), p2, p, &g, q, &mut out);
+        let out = contract(&floats(&ft), p2, p, &g, n, q);
         Tensor::from_data(TensorData::new(out, [n, p, q]), &device)
     });
     (grad_f, grad_t)
@@ -437,7 +472,26 @@ pub(crate) fn contract_a_grads<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    use super::{contract_with, grad_factor_with, has_avx2_fma, PARALLEL_MACS};
+    use std::mem::MaybeUninit;
+
+    use super::{contract_into, grad_factor_with, has_avx2_fma, PARALLEL_MACS};
+
+    /// [`contract_into`] over a buffer of NaNs, so that an entry the kernel skips shows.
+    #[allow(clippy::too_many_arguments)]
+    fn contract_nan(
+        simd: bool,
+        f: &[f32],
+        p: usize,
+        p2: usize,
+        t: &[f32],
+        n: usize,
+        q: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![MaybeUninit::new(f32::NAN); n * p2 * q];
+        contract_into(simd, f, p, p2, t, n, q, &mut out);
+        // SAFETY: every entry was initialized (with NaN) before the call.
+        out.iter().map(|v| unsafe { v.assume_init() }).collect()
+    }
 
     /// Deterministic values in [−1, 1), none zero.
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -491,11 +545,9 @@ mod tests {
                 let f = values(p * p2, 3 * s as u64 + 1);
                 let t = values(n * p * q, 3 * s as u64 + 2);
                 let g = values(n * p2 * q, 3 * s as u64 + 3);
-                let mut out = vec![f32::NAN; n * p2 * q];
-                contract_with(with_simd, &f, p, p2, &t, q, &mut out);
+                let out = contract_nan(with_simd, &f, p, p2, &t, n, q);
                 let ft: Vec<f32> = (0..p2 * p).map(|x| f[(x % p) * p2 + x / p]).collect();
-                let mut gt = vec![f32::NAN; n * p * q];
-                contract_with(with_simd, &ft, p2, p, &g, q, &mut gt);
+                let gt = contract_nan(with_simd, &ft, p2, p, &g, n, q);
                 let gf = grad_factor_with(with_simd, &t, &g, p, p2, q);
                 let (tv, gv) = (
                     |r, i, k| t[(r * p + i) * q + k] as f64,
@@ -535,14 +587,13 @@ mod tests {
     #[test]
     fn empty_shapes_give_zeros() {
         for with_simd in [true, false].into_iter().filter(|&s| !s || has_avx2_fma()) {
-            let mut out = vec![];
-            contract_with(with_simd, &[1.0; 6], 2, 3, &[], 4, &mut out);
+            assert!(contract_nan(with_simd, &[1.0; 6], 2, 3, &[], 0, 4).is_empty());
             assert_eq!(grad_factor_with(with_simd, &[], &[], 2, 3, 4), vec![0.0; 6]);
             // q = 0: rows of no columns; p = 0: nothing to sum.
-            contract_with(with_simd, &[1.0; 6], 2, 3, &[], 0, &mut out);
+            assert!(contract_nan(with_simd, &[1.0; 6], 2, 3, &[], 5, 0).is_empty());
             assert_eq!(grad_factor_with(with_simd, &[], &[], 2, 3, 0), vec![0.0; 6]);
-            let mut out = vec![f32::NAN; 2 * 3 * 4];
-            contract_with(with_simd, &[], 0, 3, &[], 4, &mut out);
+            let out = contract_nan(with_simd, &[], 0, 3, &[], 2, 4);
+            assert_eq!(out.len(), 2 * 3 * 4);
             assert!(out.iter().all(|&v| v == 0.0));
         }
     }
