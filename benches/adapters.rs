@@ -472,13 +472,22 @@ fn step_table(b: usize, t: usize, budget: f64) -> (String, Vec<(String, f64)>) {
     )
 }
 
-fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
+/// The inference table's batches: one sequence of 10 tokens, and 32 of 64 in one part and in
+/// flex's default two.
+const INFERENCE_SHAPES: &[(usize, usize, usize)] = &[(1, 10, 1), (32, 64, 1), (32, 64, 2)];
+
+/// `shapes`: batch, tokens per sequence, and parts of the batch computed at once
+/// (`shards::forward`).
+fn inference_table(shapes: &[(usize, usize, usize)], budget: f64) -> String {
     let dev = Default::default();
     let cfg = BertConfig::minilm_l6();
     let mut out = String::from(
-        "### Inference: the base encoder, merged and unmerged adapters\n\nForward of the classifier on the inference backend, median ms; merged = linear adapters folded into the weights.\n\n| method | tokens | base ms | unmerged ms | merged ms | unmerged vs base | merged vs base |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "### Inference: the base encoder, merged and unmerged adapters\n\nForward of the classifier on the inference backend, median ms; merged = linear adapters folded into the weights; parts = parts of the batch computed at once (`shards::forward`).\n\n| method | tokens | parts | base ms | unmerged ms | merged ms | unmerged vs base | merged vs base |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
-    for &(b, t) in shapes {
+    let ms = |m: &BertClassifier<Inner>, b, t, parts| {
+        inference_ms(m, cfg.vocab_size, b, t, parts, budget, &dev).expect("valid parts")
+    };
+    for &(b, t, parts) in shapes {
         let base = BertClassifier::<Inner>::new(
             &mut TensorSource::random(2),
             &cfg,
@@ -487,7 +496,7 @@ fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
             &dev,
         )
         .unwrap();
-        let base_ms = inference_ms(&base, cfg.vocab_size, b, t, budget, &dev);
+        let base_ms = ms(&base, b, t, parts);
         for (name, peft) in [
             (
                 "LoRA r=1",
@@ -507,17 +516,17 @@ fn inference_table(shapes: &[(usize, usize)], budget: f64) -> String {
             let m =
                 BertClassifier::<Inner>::new(&mut TensorSource::random(2), &cfg, &peft, 2, &dev)
                     .unwrap();
-            let un = inference_ms(&m, cfg.vocab_size, b, t, budget, &dev);
+            let un = ms(&m, b, t, parts);
             let mut merged = m.clone();
             merged.encoder = merged.encoder.merge().unwrap();
-            let me = inference_ms(&merged, cfg.vocab_size, b, t, budget, &dev);
+            let me = ms(&merged, b, t, parts);
             out += &format!(
-                "| {name} | {b} × {t} | {base_ms:.2} | {un:.2} | {me:.2} | {:.2} | {:.2} |\n",
+                "| {name} | {b} × {t} | {parts} | {base_ms:.2} | {un:.2} | {me:.2} | {:.2} | {:.2} |\n",
                 un / base_ms,
                 me / base_ms
             );
         }
-        eprintln!("inference {b} × {t} done");
+        eprintln!("inference {b} × {t} in {parts} part(s) done");
     }
     out + "\n"
 }
@@ -617,7 +626,7 @@ fn main() {
     let budget = if quick { 0.5 } else { 2.0 };
     // `--inference`: the inference table alone.
     if args.iter().any(|a| a == "--inference") {
-        println!("{}", inference_table(&[(1, 10), (32, 64)], budget));
+        println!("{}", inference_table(INFERENCE_SHAPES, budget));
         return;
     }
     let mut md = format!(
@@ -642,9 +651,9 @@ fn main() {
     md += &steps;
     md += &inference_table(
         if quick {
-            &[(1, 10)]
+            &INFERENCE_SHAPES[..1]
         } else {
-            &[(1, 10), (32, 64)]
+            INFERENCE_SHAPES
         },
         budget,
     );

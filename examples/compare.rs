@@ -305,10 +305,10 @@ fn timing_tables(
             2,
             device,
         )?;
-        let unmerged = inference_ms(&model, bert.vocab_size, 1, 10, 3.0, device);
+        let unmerged = inference_ms(&model, bert.vocab_size, 1, 10, 1, 3.0, device)?;
         let mut merged = model.clone();
         merged.encoder = merged.encoder.merge()?;
-        let merged_ms = inference_ms(&merged, bert.vocab_size, 1, 10, 3.0, device);
+        let merged_ms = inference_ms(&merged, bert.vocab_size, 1, 10, 1, 3.0, device)?;
         eprintln!(
             "timing {}: step {ms:.0} ms, latency {unmerged:.2} / {merged_ms:.2} ms",
             m.name

@@ -159,8 +159,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     ));
     let seconds = t.elapsed().as_secs_f64();
     let model = result.model;
-    let dev_acc = evaluate(&model, &data.dev, cfg.eval_batch_size, &device);
-    let test_acc = evaluate(&model, &data.test, cfg.eval_batch_size, &device);
+    let dev_acc = evaluate(&model, &data.dev, cfg.eval_batch_size, &device)?;
+    let test_acc = evaluate(&model, &data.test, cfg.eval_batch_size, &device)?;
     println!(
         "burn-train {}: {seconds:.0} s with validation ({:.1} training sentences/s overall), dev accuracy {dev_acc:.4}",
         args.method,

@@ -115,7 +115,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &trainable_patterns(cfg.placement.train),
             )?;
             let model = model.valid();
-            let acc = evaluate(&model, &data.test, cfg.eval_batch_size, &device);
+            let acc = evaluate(&model, &data.test, cfg.eval_batch_size, &device)?;
             assert!(
                 (acc - report.test_acc).abs() < 1e-9,
                 "{}: reloaded {acc} vs reported {}",
@@ -133,7 +133,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let quantized_model =
                     apply_adapters(model.clone(), &deq, &NameMap::new(), &device)?;
                 q_acc[i].push(
-                    100.0 * evaluate(&quantized_model, &data.test, cfg.eval_batch_size, &device),
+                    100.0 * evaluate(&quantized_model, &data.test, cfg.eval_batch_size, &device)?,
                 );
                 q_err[i].push(relative_error(&native, &deq, delta)?);
             }

@@ -1,6 +1,8 @@
-//! One batch's gradient from parts computed at once on one device: each part's forward and
-//! backward runs in a rayon thread pool of its own (the cores shared out between the parts), on
-//! its own copy of the model, and the parts' gradients are summed.
+//! One batch's gradient from parts computed at once on one device ([`gradients`]): each part's
+//! forward and backward runs in a rayon thread pool of its own (the cores shared out between
+//! the parts), on its own copy of the model, and the parts' gradients are summed. The same for
+//! inference ([`forward`]): each part's forward pass in a pool of its own, the outputs in order
+//! (the crate's evaluation loops use it).
 //!
 //! Why: Burn 0.21's CPU backends run every element-wise operation (adds, products, activations,
 //! masks, the softmax's passes) on the calling thread; only large GEMMs use the other cores. A
@@ -8,7 +10,8 @@
 //! keep both busy: the element-wise work of one part runs while the other part's GEMM does.
 //! Measured on 2 cores (docs/benchmarks.md, "Parts of a batch at once"): a MiniLM LoRA
 //! step 1.4–1.8× faster, KronA 1.4–1.6×, full fine-tuning 1.06–1.6×, SmolLM2's LoRA step
-//! 1.2–1.5×; 4 parts gain nothing over 2 there.
+//! 1.2–1.5×; 4 parts gain nothing over 2 there. A MiniLM forward pass over 32 × 64 tokens:
+//! 1.47× faster in two parts ("Inference in parts").
 //!
 //! The update is the whole batch's: the caller builds each part's loss so that the parts'
 //! losses add up to the batch's (a mean over `n` examples: each part's mean times its share
@@ -117,21 +120,7 @@ where
     R: Send,
     F: Fn(&M, &Part) -> (Tensor<B, 1>, R) + Sync,
 {
-    if parts == 0 || len == 0 {
-        return Err(ConfigError::invalid(
-            "batch parts",
-            "parts",
-            format!("{parts} parts of a batch of {len}: use 1 (one at a time) or more, of a non-empty batch"),
-        )
-        .into());
-    }
-    let parts: Vec<Part> = split(len, parts)
-        .into_iter()
-        .map(|range| Part {
-            share: range.len() as f64 / len as f64,
-            range,
-        })
-        .collect();
+    let parts = parts_of("batch parts", len, parts)?;
     if parts.len() == 1 {
         let (loss, out) = part(model, &parts[0]);
         return Ok((
@@ -143,30 +132,111 @@ where
         model.devices().into_iter().next().ok_or_else(|| {
             ConfigError::invalid("batch parts", "model", "the model has no tensors")
         })?;
-    // Each part runs in a thread pool of its own: a thread waiting inside one part's parallel
-    // GEMM may run any queued job of its pool, and a part run that way inside another part's
-    // backward pass deadlocks (Burn's autodiff holds the graph's lock through the backward
-    // pass, and a finished backward pass locks every graph to clean them up). With a pool per
-    // part, only that part's own jobs are there to run.
-    let threads = (rayon::current_num_threads() / parts.len()).max(1);
-    let run = |i: usize| -> Result<(GradientsParams, R), AdapterError> {
+    let results = in_pools("batch parts", parts.len(), |i| {
         let copy = model.clone().fork(&device);
         let _stream = DropoutStream::enter(part_seed(seed, i));
         let (loss, out) = part(&copy, &parts[i]);
         let grads = GradientsParams::from_grads(loss.backward(), &copy);
-        // A CubeCL backend computes this thread's work on its own stream: finish it before
-        // another thread reads the gradients.
-        B::sync(&device).map_err(|e| {
-            ConfigError::invalid(
-                "batch parts",
-                "backend",
-                format!("part {i}: synchronizing the device failed: {e:?}"),
-            )
-        })?;
+        synced::<B>("batch parts", &device, i)?;
         Ok((grads, out))
-    };
-    let results: Vec<Result<(GradientsParams, R), AdapterError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..parts.len())
+    });
+    let mut acc = GradientsAccumulator::<M>::new();
+    let mut outs = Vec::with_capacity(parts.len());
+    for r in results {
+        let (grads, out) = r?;
+        acc.accumulate(model, grads);
+        outs.push(out);
+    }
+    Ok((acc.grads(), outs))
+}
+
+/// Each part's output of a batch of `len` examples (rows) computed at once, in part order: the
+/// inference counterpart of [`gradients`], for the same reason (Burn's CPU backends run
+/// element-wise work on the calling thread; a second part keeps the other core busy).
+///
+/// The batch is cut by [`split`]; `part(p)` computes the examples `p.range` (typically a
+/// forward pass over `x.slice(p.range)`), and the caller joins the outputs (e.g.
+/// `Tensor::cat(outs, 0)`). With one part it runs on this thread; with more, part `i` runs in a
+/// rayon thread pool of its own (the global pool's threads divided between the parts), its
+/// work synchronized on `device` before its output leaves the thread. A model's output for an
+/// example depends only on that example, so the parts change no result beyond float rounding
+/// (a backend may block a product differently for fewer rows).
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use kron_adapters::shards;
+///
+/// type B = NdArray;
+/// let device = Default::default();
+/// let x = Tensor::<B, 2>::random([5, 3], Distribution::Default, &device);
+/// let outs = shards::forward::<B, _, _>(&device, 5, 2, |p| x.clone().slice(p.range.clone()).exp())
+///     .unwrap();
+/// assert_eq!(outs.len(), 2);
+/// let y = Tensor::cat(outs, 0);
+/// assert_eq!(y.into_data(), x.exp().into_data());
+/// ```
+///
+/// Errors: `parts = 0`, an empty batch, no thread pool, or a backend failing to synchronize a
+/// part's work.
+pub fn forward<B, R, F>(
+    device: &B::Device,
+    len: usize,
+    parts: usize,
+    part: F,
+) -> Result<Vec<R>, ConfigError>
+where
+    B: Backend,
+    R: Send,
+    F: Fn(&Part) -> R + Sync,
+{
+    let parts = parts_of("forward parts", len, parts)?;
+    if parts.len() == 1 {
+        return Ok(vec![part(&parts[0])]);
+    }
+    in_pools("forward parts", parts.len(), |i| {
+        let out = part(&parts[i]);
+        synced::<B>("forward parts", device, i)?;
+        Ok(out)
+    })
+    .into_iter()
+    .collect()
+}
+
+/// `split(len, parts)` with each part's share; a typed error for `parts = 0` or `len = 0`.
+fn parts_of(what: &str, len: usize, parts: usize) -> Result<Vec<Part>, ConfigError> {
+    if parts == 0 || len == 0 {
+        return Err(ConfigError::invalid(
+            what,
+            "parts",
+            format!("{parts} parts of a batch of {len}: use 1 (one at a time) or more, of a non-empty batch"),
+        ));
+    }
+    Ok(split(len, parts)
+        .into_iter()
+        .map(|range| Part {
+            share: range.len() as f64 / len as f64,
+            range,
+        })
+        .collect())
+}
+
+/// `run(i)` for `i` in `0..n`, each on a thread of its own in a rayon pool of its own (the
+/// global pool's threads divided between them, at least one each); the results in order.
+///
+/// A pool per part: a thread waiting inside one part's parallel GEMM may run any queued job of
+/// its pool, and a part run that way inside another part's backward pass deadlocks (Burn's
+/// autodiff holds the graph's lock through the backward pass, and a finished backward pass
+/// locks every graph to clean them up). With a pool per part, only that part's own jobs are
+/// there to run.
+fn in_pools<T, F>(what: &str, n: usize, run: F) -> Vec<Result<T, ConfigError>>
+where
+    T: Send,
+    F: Fn(usize) -> Result<T, ConfigError> + Sync,
+{
+    let threads = (rayon::current_num_threads() / n.max(1)).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
             .map(|i| {
                 let run = &run;
                 s.spawn(move || {
@@ -176,7 +246,7 @@ where
                         .build()
                         .map_err(|e| {
                             ConfigError::invalid(
-                                "batch parts",
+                                what,
                                 "threads",
                                 format!("part {i}: no thread pool: {e}"),
                             )
@@ -189,15 +259,19 @@ where
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
-    });
-    let mut acc = GradientsAccumulator::<M>::new();
-    let mut outs = Vec::with_capacity(parts.len());
-    for r in results {
-        let (grads, out) = r?;
-        acc.accumulate(model, grads);
-        outs.push(out);
-    }
-    Ok((acc.grads(), outs))
+    })
+}
+
+/// Finishes the work this thread queued on `device` (a CubeCL backend computes each thread's
+/// work on its own stream) before another thread reads part `i`'s results.
+fn synced<B: Backend>(what: &str, device: &B::Device, i: usize) -> Result<(), ConfigError> {
+    B::sync(device).map_err(|e| {
+        ConfigError::invalid(
+            what,
+            "backend",
+            format!("part {i}: synchronizing the device failed: {e:?}"),
+        )
+    })
 }
 
 /// The seed of part `i`'s dropout generator.

@@ -187,21 +187,34 @@ pub fn memory_bytes() -> Option<(u64, u64)> {
     Some((get("VmRSS:")?, get("VmHWM:")?))
 }
 
-/// Median milliseconds of the classifier's forward pass on a `[batch, seq]` batch.
+/// Median milliseconds of the classifier's forward pass on a `[batch, seq]` batch, computed
+/// in `parts` parts at once ([`shards::forward`]; 1: one forward pass on this thread).
+///
+/// Errors: `parts = 0`, or a part failing ([`shards::forward`]).
 pub fn inference_ms<B: Backend>(
     model: &BertClassifier<B>,
     vocab: usize,
     batch: usize,
     seq: usize,
+    parts: usize,
     budget_s: f64,
     device: &B::Device,
-) -> f64 {
+) -> Result<f64, AdapterError> {
     let (ids, mask) = random_batch::<B>(3, batch, seq, vocab, device);
-    median_ms(
+    let run = || {
+        shards::forward::<B, _, _>(device, batch, parts, |p| {
+            let rows = p.range.clone();
+            let ids = ids.clone().slice(rows.clone());
+            model.forward(ids, mask.clone().slice(rows)).into_data()
+        })
+    };
+    // A failure shows on the first call; the timed ones then run the same way.
+    run()?;
+    Ok(median_ms(
         || {
-            let _ = model.forward(ids.clone(), mask.clone()).into_data();
+            let _ = run();
         },
         10,
         budget_s,
-    )
+    ))
 }

@@ -310,26 +310,44 @@ pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64) -> f64 {
     }
 }
 
-/// Accuracy of `model` on `data`.
+/// Accuracy of `model` on `data`, in batches of `batch_size` examples, each computed in
+/// [`shards::default_parts`] parts at once (2 on flex and ndarray: a batch's forward pass keeps
+/// both cores busy; 1 elsewhere).
+///
+/// Errors: a part failing to synchronize its device ([`shards::forward`]).
 pub fn evaluate<B: Backend>(
     model: &BertClassifier<B>,
     data: &[Encoded],
     batch_size: usize,
     device: &B::Device,
-) -> f64 {
+) -> Result<f64, ConfigError> {
     if data.is_empty() {
-        return 0.0;
+        return Ok(0.0);
     }
     let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
+    let parts = shards::default_parts::<B>(device);
     let mut correct = 0usize;
     for batch in sorted_batches(&lengths, batch_size) {
         let items: Vec<&Encoded> = batch.iter().map(|&i| &data[i]).collect();
         let (ids, mask, labels) = batch_tensors::<B>(&items, device);
-        let pred = model.forward(ids, mask).argmax(1).flatten::<1>(0, 1);
-        let hits: i64 = pred.equal(labels).int().sum().into_scalar().elem();
-        correct += hits as usize;
+        let hits = shards::forward::<B, _, _>(device, items.len(), parts, |p| {
+            let rows = p.range.clone();
+            let logits = model.forward(
+                ids.clone().slice(rows.clone()),
+                mask.clone().slice(rows.clone()),
+            );
+            let pred = logits.argmax(1).flatten::<1>(0, 1);
+            let hits: i64 = pred
+                .equal(labels.clone().slice(rows))
+                .int()
+                .sum()
+                .into_scalar()
+                .elem();
+            hits as usize
+        })?;
+        correct += hits.iter().sum::<usize>();
     }
-    correct as f64 / data.len() as f64
+    Ok(correct as f64 / data.len() as f64)
 }
 
 /// Fine-tunes a fresh model on `data` with `cfg`. With `out_dir`, writes the best checkpoint
@@ -618,7 +636,7 @@ pub fn train_model_resumable<B: AutodiffBackend>(
             bar.set_position(p.step_ms.len() as u64);
             bar.set_message(p.window_message(epoch));
             if (bi + 1) % every == 0 || bi + 1 == n_batches {
-                let row = p.evaluate(epoch, &model, data, cfg, device);
+                let row = p.evaluate(epoch, &model, data, cfg, device)?;
                 bar.println(format!(
                     "epoch {epoch} step {}/{total_steps}: train loss {:.4} acc {:.4}, dev acc {:.4}",
                     row.step, row.train_loss, row.train_acc, row.dev_acc,
@@ -645,7 +663,7 @@ pub fn train_model_resumable<B: AutodiffBackend>(
         }
     }
     bar.finish_and_clear();
-    let report = p.report(cfg, data, trainable, total, &checkpoints, device);
+    let report = p.report(cfg, data, trainable, total, &checkpoints, device)?;
     if let Some(dir) = out_dir {
         super::report::write_outputs(dir, &report)?;
     }
@@ -744,16 +762,17 @@ impl<B: AutodiffBackend> Progress<B> {
         data: &Prepared,
         cfg: &FinetuneConfig,
         device: &B::Device,
-    ) -> EvalRow {
+    ) -> Result<EvalRow, ConfigError> {
+        let dev_acc = evaluate(&model.valid(), &data.dev, cfg.eval_batch_size, device)?;
         let (loss, hits, n, ..) = std::mem::take(&mut self.window);
-        EvalRow {
+        Ok(EvalRow {
             epoch,
             step: self.step_ms.len(),
             train_loss: loss / n as f64,
             train_acc: hits as f64 / n as f64,
-            dev_acc: evaluate(&model.valid(), &data.dev, cfg.eval_batch_size, device),
+            dev_acc,
             train_seconds: self.step_ms.iter().sum::<f64>() / 1e3,
-        }
+        })
     }
 
     fn report(
@@ -764,13 +783,13 @@ impl<B: AutodiffBackend> Progress<B> {
         total: usize,
         checkpoints: &Checkpoints,
         device: &B::Device,
-    ) -> RunReport {
+    ) -> Result<RunReport, ConfigError> {
         let (best_dev_acc, best_step, best) = self.best.expect("at least one evaluation");
         let train_seconds = self.step_ms.iter().sum::<f64>() / 1e3;
-        let test_acc = evaluate(&best.valid(), &data.test, cfg.eval_batch_size, device);
+        let test_acc = evaluate(&best.valid(), &data.test, cfg.eval_batch_size, device)?;
         let mut sorted = self.step_ms.clone();
         sorted.sort_by(f64::total_cmp);
-        RunReport {
+        Ok(RunReport {
             config: cfg.clone(),
             labels: data.task.labels.clone(),
             trainable,
@@ -786,7 +805,7 @@ impl<B: AutodiffBackend> Progress<B> {
             evals: self.evals,
             checkpoint: checkpoints.trainable.clone(),
             adapter_file: checkpoints.adapters.clone(),
-        }
+        })
     }
 }
 

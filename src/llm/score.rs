@@ -13,6 +13,7 @@ use super::tasks::Question;
 use super::tokenizer::TextTokenizer;
 use crate::error::ConfigError;
 use crate::model::llama::{padding_mask, LlamaForCausalLM};
+use crate::shards;
 
 /// A tokenized (context, continuation) pair: the whole sequence and where the continuation
 /// starts (`ids[start..]`, `start ≥ 1`).
@@ -352,7 +353,11 @@ pub struct EvalResult {
 /// Evaluates `questions`: every choice scored, `acc` and `acc_norm`. Sequences are cut from
 /// the left at `max_len` tokens. Questions whose choices share their context (ARC, PIQA,
 /// HellaSwag, BoolQ) run it once ([`shared_loglikelihoods`]); the others (WinoGrande's options
-/// sit inside the context) are batched ([`loglikelihoods`]).
+/// sit inside the context) are batched ([`loglikelihoods`]). The questions are scored in
+/// [`shards::default_parts`] parts at once (2 on flex and ndarray, whose element-wise work runs
+/// on one thread; 1 elsewhere); a question's scores do not depend on the others'.
+///
+/// Errors: a question that cannot be encoded, or a part failing to synchronize its device.
 pub fn evaluate<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tok: &TextTokenizer,
@@ -363,33 +368,26 @@ pub fn evaluate<B: Backend>(
 ) -> Result<EvalResult, ConfigError> {
     let mut requests = Vec::new();
     let mut chars = Vec::new();
+    // `starts[i]`: question `i`'s first request.
+    let mut starts = vec![0];
     for q in questions {
         for (ctx, cont) in &q.choices {
             requests.push(encode_pair(tok, ctx, cont, max_len)?);
             chars.push(cont.trim_start_matches(' ').chars().count().max(1) as f64);
         }
+        starts.push(requests.len());
     }
-    // Score shared-context questions one by one, and batch the rest together.
-    let mut ll = vec![0f64; requests.len()];
-    let (mut rest, mut rest_at) = (Vec::new(), Vec::new());
-    let mut k = 0;
-    for q in questions {
-        let group = &requests[k..k + q.choices.len()];
-        if shared_context(group) {
-            let refs: Vec<&Encoded> = group.iter().collect();
-            ll[k..k + group.len()].copy_from_slice(&shared_loglikelihoods(model, &refs, device));
-        } else {
-            rest.extend_from_slice(group);
-            rest_at.extend(k..k + group.len());
-        }
-        k += q.choices.len();
-    }
-    for (i, v) in rest_at
-        .into_iter()
-        .zip(loglikelihoods(model, &rest, batch_tokens, device))
-    {
-        ll[i] = v;
-    }
+    let ll: Vec<f64> = if questions.is_empty() {
+        Vec::new()
+    } else {
+        let parts = shards::default_parts::<B>(device);
+        shards::forward::<B, _, _>(device, questions.len(), parts, |p| {
+            let (qs, at) = (&questions[p.range.clone()], starts[p.range.start]);
+            let requests = &requests[at..starts[p.range.end]];
+            question_loglikelihoods(model, qs, requests, batch_tokens, device)
+        })?
+        .concat()
+    };
     let (mut hits, mut hits_norm, mut k) = (0usize, 0usize, 0usize);
     let mut predictions = Vec::with_capacity(questions.len());
     for q in questions {
@@ -413,6 +411,38 @@ pub fn evaluate<B: Backend>(
         acc_norm: hits_norm as f64 / n,
         predictions,
     })
+}
+
+/// The log-likelihood of every request of `questions` (`requests`: their choices in order):
+/// shared-context questions one by one, the others batched together.
+fn question_loglikelihoods<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    questions: &[Question],
+    requests: &[Encoded],
+    batch_tokens: usize,
+    device: &B::Device,
+) -> Vec<f64> {
+    let mut ll = vec![0f64; requests.len()];
+    let (mut rest, mut rest_at) = (Vec::new(), Vec::new());
+    let mut k = 0;
+    for q in questions {
+        let group = &requests[k..k + q.choices.len()];
+        if shared_context(group) {
+            let refs: Vec<&Encoded> = group.iter().collect();
+            ll[k..k + group.len()].copy_from_slice(&shared_loglikelihoods(model, &refs, device));
+        } else {
+            rest.extend_from_slice(group);
+            rest_at.extend(k..k + group.len());
+        }
+        k += q.choices.len();
+    }
+    for (i, v) in rest_at
+        .into_iter()
+        .zip(loglikelihoods(model, &rest, batch_tokens, device))
+    {
+        ll[i] = v;
+    }
+    ll
 }
 
 /// The index of the largest value, the first of ties (as `numpy.argmax`).

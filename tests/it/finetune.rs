@@ -455,7 +455,7 @@ fn a_few_training_steps_lower_the_loss_and_keep_the_best_checkpoint() {
         "the run's config is in the file"
     );
     use burn::module::AutodiffModule;
-    let acc = evaluate(&loaded.valid(), &data.dev, 32, &dev);
+    let acc = evaluate(&loaded.valid(), &data.dev, 32, &dev).unwrap();
     assert!(
         (acc - report.best_dev_acc).abs() < 1e-9,
         "reloaded checkpoint: {acc} vs {}",

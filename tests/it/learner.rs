@@ -367,5 +367,5 @@ fn supervised_training_fits_the_decoder_with_burn_train() {
 }
 
 fn accuracy<B: Backend>(model: &kron_adapters::model::BertClassifier<B>, data: &[Encoded]) -> f64 {
-    kron_adapters::finetune::train::evaluate(model, data, 64, &Default::default())
+    kron_adapters::finetune::train::evaluate(model, data, 64, &Default::default()).unwrap()
 }

@@ -261,6 +261,36 @@ fn acc_and_acc_norm_on_hand_computed_scores() {
     // metrics are computed from different numbers.
     assert!(ll[1] < ll[0] && ll[1] < ll[2], "{ll:?}");
     assert_eq!(first_max(&[1.0, 3.0, 3.0]), 1, "ties go to the first");
+    // Several questions at once (in parts on the CPU backends), with shared contexts and
+    // without (options inside the context, as WinoGrande's), of two and three choices: each
+    // scores as it does alone.
+    let pair = |id, a: &str, b: &str, x: &str, y: &str, gold| Question {
+        id,
+        choices: vec![(a.into(), x.into()), (b.into(), y.into())],
+        gold,
+    };
+    let qs = [
+        q.clone(),
+        pair(1, "a dog ran", "a cat ran", " home", " home", 0),
+        pair(2, "one two", "one two", " three", " four", 1),
+        pair(3, "the sky is", "the sky is", " blue", " made of cheese", 0),
+        q.clone(),
+    ];
+    let all = llm::evaluate(&m, &tok, &qs, 64, 4096, &dev).unwrap();
+    let alone: Vec<_> = qs
+        .iter()
+        .map(|x| llm::evaluate(&m, &tok, std::slice::from_ref(x), 64, 4096, &dev).unwrap())
+        .collect();
+    assert_eq!(all.n, 5);
+    let preds: Vec<usize> = alone.iter().map(|r| r.predictions[0]).collect();
+    assert_eq!(all.predictions, preds);
+    assert_eq!(all.acc, alone.iter().map(|r| r.acc).sum::<f64>() / 5.0);
+    assert_eq!(
+        all.acc_norm,
+        alone.iter().map(|r| r.acc_norm).sum::<f64>() / 5.0
+    );
+    let none = llm::evaluate(&m, &tok, &[], 64, 4096, &dev).unwrap();
+    assert_eq!((none.n, none.predictions.len()), (0, 0));
 }
 
 #[test]

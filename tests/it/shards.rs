@@ -1,8 +1,9 @@
 //! Parts of a batch computed at once (`kron_adapters::shards`): the summed gradients are the
 //! whole batch's, on the suite's backend and on flex (whose default is 2 parts); dropout inside
-//! the parts is reproducible and is dropout; bad part counts are typed errors.
+//! the parts is reproducible and is dropout; a forward pass in parts is the whole batch's; bad
+//! part counts are typed errors.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::DropoutConfig;
 use burn::optim::GradientsParams;
@@ -10,7 +11,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use kron_adapters::model::{BertClassifier, BertConfig, TensorSource};
 use kron_adapters::shards::{self, split};
-use kron_adapters::{AdapterConfig, ErrorKind, LoraConfig, PlacementConfig, TrainMode};
+use kron_adapters::{
+    AdapterConfig, AdapterError, ErrorKind, LoraConfig, PlacementConfig, TrainMode,
+};
 
 use crate::common::*;
 
@@ -254,4 +257,50 @@ fn bad_part_counts_are_typed_errors() {
         assert!(err.to_string().contains("parts"), "{err}");
     }
     assert!(shards::default_parts::<AB>(&dev) >= 1);
+    for (len, parts) in [(4, 0), (0, 2)] {
+        let err =
+            AdapterError::from(shards::forward::<TB, _, _>(&dev, len, parts, |_| ()).unwrap_err());
+        assert_eq!(err.kind(), ErrorKind::Usage, "{err}");
+        assert!(err.to_string().contains("parts"), "{err}");
+    }
+}
+
+/// The classifier's logits for the batch in `parts` parts at once ([`shards::forward`]), joined
+/// in order, against the same parts one after another and the whole batch at once.
+fn forward_parts_are_the_whole<I: Backend, A: AutodiffBackend>(_: &I::Device, dev: &A::Device) {
+    let model = classifier::<A>(0.0, dev).valid();
+    let (ids, mask, _) = batch::<A::InnerBackend>(dev);
+    let logits = |r: std::ops::Range<usize>| {
+        model.forward(ids.clone().slice(r.clone()), mask.clone().slice(r))
+    };
+    let whole = to_vec(logits(0..5));
+    assert_eq!(whole.len(), 5 * 3);
+    for parts in [1, 2, 3, 5] {
+        let outs = shards::forward::<A::InnerBackend, _, _>(dev, 5, parts, |p| {
+            (p.range.clone(), to_vec(logits(p.range.clone())))
+        })
+        .unwrap();
+        let ranges: Vec<_> = outs.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(ranges, split(5, parts), "{parts} parts, in order");
+        let got: Vec<f32> = outs.iter().flat_map(|(_, v)| v.clone()).collect();
+        let sequential: Vec<f32> = split(5, parts)
+            .into_iter()
+            .flat_map(|r| to_vec(logits(r)))
+            .collect();
+        assert_eq!(
+            got, sequential,
+            "{parts} concurrent parts = one after another"
+        );
+        assert_close(
+            &got,
+            &whole,
+            1e-5,
+            &format!("{parts} parts against the whole batch"),
+        );
+    }
+}
+
+#[test]
+fn a_forward_in_parts_is_the_whole_batchs() {
+    on_suite_and_flex!(forward_parts_are_the_whole);
 }
