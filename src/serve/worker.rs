@@ -23,6 +23,7 @@ use crate::model::bert::mean_pool;
 use crate::model::llama;
 use crate::model::{BertConfig, BertEncoder, LlamaForCausalLM, TensorSource};
 use crate::multi::{check_name, AdapterBank, AdapterRegistry, Routing};
+use crate::shards;
 use crate::store::gguf::GgufFile;
 use crate::store::{read_any, st, NativeAdapters};
 use crate::{ConfigError, NameMap, PlacementConfig};
@@ -34,6 +35,11 @@ const DEFAULT_NEW_TOKENS: usize = 32;
 const ENCODER_ROWS: usize = 64;
 /// Padded tokens in one encoder forward pass at most.
 const ENCODER_TOKENS: usize = 2048;
+/// The fewest padded tokens worth a part of their own ([`classify_parts`]): a forward pass over
+/// a few rows streams the whole model's weights for little arithmetic, and two parts would
+/// stream them twice (measured with examples/loadgen.rs: batches of one or two rows, one adapter
+/// each, 128–138 requests/s in one part, 118–123 split).
+const PART_TOKENS: usize = 128;
 
 /// A frozen model to serve, with its tokenizer.
 pub enum Model<B: Backend> {
@@ -877,7 +883,7 @@ fn classify_batch<B: Backend>(
         }
         let chunk: Vec<(&[u32], &str, &Head)> =
             order[start..end].iter().map(|&i| flat[i]).collect();
-        match classify_rows(encoder, route.then_some(bank), &chunk, device) {
+        match classify_parts(encoder, route.then_some(bank), &chunk, device) {
             Ok(p) => {
                 for (&i, row) in order[start..end].iter().zip(p) {
                     probs[i] = row;
@@ -938,6 +944,29 @@ fn generate_batch_jobs<B: Backend>(
             }
         }
     }
+}
+
+/// [`classify_rows`] over a chunk in [`shards::default_parts`] parts at once (2 on flex and
+/// ndarray, whose element-wise work runs on one thread; 1 elsewhere) when it holds at least
+/// [`PART_TOKENS`] padded tokens per part, the rows in order.
+fn classify_parts<B: Backend>(
+    encoder: &BertEncoder<B>,
+    bank: Option<&AdapterBank<B>>,
+    rows: &[(&[u32], &str, &Head)],
+    device: &B::Device,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    let padded = rows.len() * rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let parts = shards::default_parts::<B>(device)
+        .min(padded / PART_TOKENS)
+        .max(1);
+    let outs = shards::forward::<B, _, _>(device, rows.len(), parts, |p| {
+        classify_rows(encoder, bank, &rows[p.range.clone()], device)
+    })?;
+    let mut probs = Vec::with_capacity(rows.len());
+    for out in outs {
+        probs.extend(out?);
+    }
+    Ok(probs)
 }
 
 /// Probabilities of a chunk of rows: one padded batch, each row through its adapter and head.

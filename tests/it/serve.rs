@@ -682,28 +682,48 @@ fn classify_over_http_equals_the_runs_classifier() {
     );
     assert_eq!(st, 200, "{v}");
     let dev = device();
-    let preds = v["predictions"].as_array().unwrap();
-    assert_eq!(preds.len(), texts.len());
-    for (t, p) in texts.iter().zip(preds) {
-        let ids: Vec<i64> = tok.encode(t).unwrap().into_iter().map(i64::from).collect();
-        assert!(ids.len() <= 8);
-        let n = ids.len();
-        let logits = clf.forward(
-            Tensor::<TB, 2, Int>::from_data(TensorData::new(ids, [1, n]), &dev),
-            Tensor::<TB, 2, Int>::ones([1, n], &dev),
-        );
-        let want = crate::common::to_vec(burn::tensor::activation::softmax(logits, 1));
-        let got: Vec<f32> = ["neg", "neu", "pos"]
-            .iter()
-            .map(|l| p["scores"][l].as_f64().unwrap() as f32)
-            .collect();
-        crate::common::assert_close(&got, &want, 1e-4, t);
-        let best = want
-            .iter()
-            .enumerate()
-            .fold(0, |b, (i, x)| if *x > want[b] { i } else { b });
-        assert_eq!(p["index"], json!(best));
-    }
+    let check = |texts: &[String], v: &Value| {
+        let preds = v["predictions"].as_array().unwrap();
+        assert_eq!(preds.len(), texts.len());
+        for (t, p) in texts.iter().zip(preds) {
+            let ids: Vec<i64> = tok.encode(t).unwrap().into_iter().map(i64::from).collect();
+            assert!(ids.len() <= 8);
+            let n = ids.len();
+            let logits = clf.forward(
+                Tensor::<TB, 2, Int>::from_data(TensorData::new(ids, [1, n]), &dev),
+                Tensor::<TB, 2, Int>::ones([1, n], &dev),
+            );
+            let want = crate::common::to_vec(burn::tensor::activation::softmax(logits, 1));
+            let got: Vec<f32> = ["neg", "neu", "pos"]
+                .iter()
+                .map(|l| p["scores"][l].as_f64().unwrap() as f32)
+                .collect();
+            crate::common::assert_close(&got, &want, 1e-4, t);
+            let best = want
+                .iter()
+                .enumerate()
+                .fold(0, |b, (i, x)| if *x > want[b] { i } else { b });
+            assert_eq!(p["index"], json!(best));
+        }
+    };
+    check(&texts.map(String::from), &v);
+    // Enough rows for the worker to compute the chunk in parts (on the CPU backends): 40 texts
+    // of 1 to 8 tokens, each still its own classifier's answer, in order.
+    let many: Vec<String> = (0..40)
+        .map(|i| {
+            (0..1 + i % 7)
+                .map(|j| format!("w{}", 4 + (i * 7 + j * 3) % 36))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let (st, v) = post(
+        server.addr,
+        "/v1/classify",
+        json!({"texts": many, "adapter": "rt"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    check(&many, &v);
     // The encoder refuses generation and adapters without a head.
     assert_eq!(
         post(server.addr, "/v1/generate", json!({"prompt": "w5"})).0,
