@@ -152,7 +152,7 @@ fn joined<B: Backend>(parts: Vec<PartOutput<B>>) -> ClassificationOutput<B> {
         logits.push(o);
         targets.push(t);
     }
-    let loss = loss.expect("shards::gradients returns every part, at least one");
+    let loss = loss.expect("shards returns every part, at least one");
     ClassificationOutput::new(loss, Tensor::cat(logits, 0), Tensor::cat(targets, 0))
 }
 
@@ -160,8 +160,30 @@ impl<B: Backend> InferenceStep for BertClassifier<B> {
     type Input = ClassifierBatch<B>;
     type Output = ClassificationOutput<B>;
 
+    /// The batch's logits and loss (burn-train's validation), computed in
+    /// [`shards::default_parts`] parts at once ([`shards::forward`]; 2 on flex and ndarray) and
+    /// joined as the training step's are.
+    ///
+    /// Panics if the device fails to synchronize a part's work (burn-train's `step` has no
+    /// error path).
     fn step(&self, batch: ClassifierBatch<B>) -> ClassificationOutput<B> {
-        self.forward_classification(batch)
+        let device = batch.ids.device();
+        let n = batch.labels.dims()[0];
+        let parts = shards::default_parts::<B>(&device);
+        if parts <= 1 || n <= 1 {
+            return self.forward_classification(batch);
+        }
+        let parts = shards::forward::<B, _, _>(&device, n, parts, |p| {
+            let r = p.range.clone();
+            let out = self.forward_classification(ClassifierBatch {
+                ids: batch.ids.clone().slice(r.clone()),
+                mask: batch.mask.clone().slice(r.clone()),
+                labels: batch.labels.clone().slice(r),
+            });
+            (out.loss.mul_scalar(p.share), out.output, out.targets)
+        })
+        .unwrap_or_else(|e| panic!("the classifier's validation step in parts: {e}"));
+        joined(parts)
     }
 }
 

@@ -12,14 +12,14 @@ use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use burn::train::metric::{AccuracyMetric, LossMetric, PerplexityMetric};
-use burn::train::{Learner, SupervisedTraining, TrainStep};
+use burn::train::{InferenceStep, Learner, SupervisedTraining, TrainStep};
 use kron_adapters::finetune::tokenize::Encoded;
 use kron_adapters::learner::{ClassifierBatcher, ContinuationBatcher};
 use kron_adapters::model::bert::classifier_from_source;
 use kron_adapters::model::{BertConfig, LlamaConfig, LlamaForCausalLM, TensorSource};
 use kron_adapters::{AdapterConfig, KronAConfig, KronLoraConfig, PlacementConfig};
 
-use crate::common::{assert_close, device, scratch_dir, to_vec, Rng, AB};
+use crate::common::{assert_close, device, scratch_dir, to_vec, Rng, AB, TB};
 
 /// Ids of the parameters that require a gradient.
 struct Trainable(BTreeSet<ParamId>, BTreeSet<ParamId>);
@@ -124,11 +124,29 @@ fn tiny_lm(seed: u64, adapter: AdapterConfig) -> LlamaForCausalLM<AB> {
     .unwrap()
 }
 
+/// `lm` with its adapters' random factors replaced by seeded draws from the same distribution
+/// (Kaiming-uniform, `U(−1/√fan_in, 1/√fan_in)`; zero factors stay zero). The crate draws them
+/// from the backend's generator, which the tests running alongside draw from too, so a training
+/// run's result would depend on the tests around it.
+fn seeded_adapters(lm: LlamaForCausalLM<AB>, seed: u64) -> LlamaForCausalLM<AB> {
+    let mut native = kron_adapters::NativeAdapters::from_model(&lm);
+    let mut rng = Rng::new(seed);
+    for f in native.factors.values_mut().flatten() {
+        if f.data.iter().any(|&v| v != 0.0) {
+            let bound = 1.0 / (f.shape[0] as f64).sqrt();
+            for v in &mut f.data {
+                *v = ((2.0 * rng.uniform() - 1.0) * bound) as f32;
+            }
+        }
+    }
+    kron_adapters::store::attach(lm, &native, &kron_adapters::NameMap::new(), &device()).unwrap()
+}
+
 /// A step's joined output is the whole batch's: its loss to 1e-5, logits to `tol`, the same
 /// targets in the same order.
-fn assert_same_output(
-    got: &burn::train::ClassificationOutput<AB>,
-    whole: &burn::train::ClassificationOutput<AB>,
+fn assert_same_output<B: Backend>(
+    got: &burn::train::ClassificationOutput<B>,
+    whole: &burn::train::ClassificationOutput<B>,
     tol: f64,
 ) {
     let whole_loss = to_vec(whole.loss.clone())[0];
@@ -143,7 +161,7 @@ fn assert_same_output(
         tol,
         "logits",
     );
-    let ints = |t: Tensor<AB, 1, burn::tensor::Int>| t.into_data().convert::<i64>().to_vec::<i64>();
+    let ints = |t: Tensor<B, 1, burn::tensor::Int>| t.into_data().convert::<i64>().to_vec::<i64>();
     assert_eq!(
         ints(got.targets.clone()).unwrap(),
         ints(whole.targets.clone()).unwrap()
@@ -153,7 +171,7 @@ fn assert_same_output(
 /// burn-train's classifier step computes the batch in parts on flex and ndarray
 /// (`shards::default_parts`): the same loss, logits and targets as the whole batch, gradients
 /// bit for bit those of the same parts one after another, and the whole batch's up to `f32`
-/// rounding.
+/// rounding. Its validation step likewise gives the whole batch's output.
 #[test]
 fn the_classifier_step_in_parts_is_the_whole_batchs() {
     use burn::optim::GradientsParams;
@@ -172,6 +190,14 @@ fn the_classifier_step_in_parts_is_the_whole_batchs() {
     let out = TrainStep::step(&model, batch.clone());
     let whole = model.forward_classification(batch.clone());
     assert_same_output(&out.item, &whole, 1e-5);
+    let inner = model.valid();
+    let inner_batch: kron_adapters::learner::ClassifierBatch<TB> =
+        ClassifierBatcher.batch(separable(7, 5), &dev);
+    assert_same_output(
+        &InferenceStep::step(&inner, inner_batch.clone()),
+        &inner.forward_classification(inner_batch),
+        1e-5,
+    );
     // Exactly what the same two parts give one after another on the model itself...
     let ranges = kron_adapters::shards::split(7, 2);
     let mut acc = burn::optim::GradientsAccumulator::new();
@@ -328,7 +354,7 @@ fn supervised_training_fits_the_decoder_with_burn_train() {
             })
             .collect()
     };
-    let lm = tiny_lm(5, AdapterConfig::KronA(KronAConfig::auto()));
+    let lm = seeded_adapters(tiny_lm(5, AdapterConfig::KronA(KronAConfig::auto())), 5);
     // The adapters and the LM head train (PEFT's `modules_to_save`): the random base's head
     // (N(0, 0.02)) is too small for any hidden state to move its logits by more than ~0.6.
     let lm = kron_adapters::training::set_trainable(lm, |p| {
