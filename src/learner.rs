@@ -232,22 +232,13 @@ impl<B: AutodiffBackend> TrainStep for LlamaForCausalLM<B> {
         crate::kron::autodiff::register_default::<B>();
         let device = batch.ids.device();
         let b = batch.ids.dims()[0];
-        let ranges = shards::split(b, shards::default_parts::<B>(&device));
-        let counts = match ranges.len() {
-            1 => None,
-            _ => batch.token_counts().filter(|c| {
-                ranges
-                    .iter()
-                    .all(|r| c[r.clone()].iter().sum::<usize>() > 0)
-            }),
-        };
-        let Some(counts) = counts else {
+        let Some((parts, counts)) = decoder_parts(&batch, &device) else {
             let out = self.forward_continuation(batch);
             return TrainOutput::new(self, out.loss.backward(), out);
         };
         let total: usize = counts.iter().sum();
         let seed = backend_seed::<B>(&device);
-        let (grads, parts) = shards::gradients(self, b, ranges.len(), seed, |model, p| {
+        let (grads, parts) = shards::gradients(self, b, parts, seed, |model, p| {
             let tokens: usize = counts[p.range.clone()].iter().sum();
             let out = model.forward_continuation(batch.sequences(p.range.clone(), &counts));
             detached_share(out, tokens as f64 / total as f64)
@@ -264,9 +255,45 @@ impl<B: Backend> InferenceStep for LlamaForCausalLM<B> {
     type Input = ContinuationBatch<B>;
     type Output = ClassificationOutput<B>;
 
+    /// The batch's answer-token logits and loss (burn-train's validation), in parts as the
+    /// training step's ([`shards::forward`]; each part's mean loss weighed by its answer tokens).
+    ///
+    /// Panics if the device fails to synchronize a part's work (burn-train's `step` has no
+    /// error path).
     fn step(&self, batch: ContinuationBatch<B>) -> ClassificationOutput<B> {
-        self.forward_continuation(batch)
+        let device = batch.ids.device();
+        let b = batch.ids.dims()[0];
+        let Some((parts, counts)) = decoder_parts(&batch, &device) else {
+            return self.forward_continuation(batch);
+        };
+        let total: usize = counts.iter().sum();
+        let parts = shards::forward::<B, _, _>(&device, b, parts, |p| {
+            let tokens: usize = counts[p.range.clone()].iter().sum();
+            let out = self.forward_continuation(batch.sequences(p.range.clone(), &counts));
+            let share = tokens as f64 / total as f64;
+            (out.loss.mul_scalar(share), out.output, out.targets)
+        })
+        .unwrap_or_else(|e| panic!("the decoder's validation step in parts: {e}"));
+        joined(parts)
     }
+}
+
+/// How many parts a decoder batch is computed in, with each sequence's answer-token count:
+/// [`shards::default_parts`], or `None` (the batch whole) where that is one part or a part
+/// would hold no answer token.
+fn decoder_parts<B: Backend>(
+    batch: &ContinuationBatch<B>,
+    device: &B::Device,
+) -> Option<(usize, Vec<usize>)> {
+    let ranges = shards::split(batch.ids.dims()[0], shards::default_parts::<B>(device));
+    if ranges.len() == 1 {
+        return None;
+    }
+    let counts = batch.token_counts()?;
+    ranges
+        .iter()
+        .all(|r| counts[r.clone()].iter().sum::<usize>() > 0)
+        .then_some((ranges.len(), counts))
 }
 
 /// A burn-train renderer that hands one line of text to `log` every `every` training

@@ -236,7 +236,8 @@ fn the_classifier_step_in_parts_is_the_whole_batchs() {
 /// part's mean loss weighed by its answer tokens: the whole batch's loss, logits and targets,
 /// gradients bit for bit those of the same parts batched on their own one after another, and
 /// the whole batch's up to `f32` rounding. A batch whose parts cannot each hold an answer token
-/// is computed whole.
+/// is computed whole. Its validation step likewise gives the whole batch's output, its loss the
+/// parts' losses weighed by their answer tokens.
 #[test]
 fn the_decoder_step_in_parts_is_the_whole_batchs() {
     use burn::optim::GradientsParams;
@@ -263,6 +264,33 @@ fn the_decoder_step_in_parts_is_the_whole_batchs() {
     let whole = lm.forward_continuation(batch);
     assert_eq!(out.item.output.dims(), [11, 50], "11 answer tokens");
     assert_same_output(&out.item, &whole, 1e-4);
+    let inner = lm.valid();
+    let inner_batch = |items: Vec<Pair>| -> kron_adapters::llm::score::ContinuationBatch<TB> {
+        ContinuationBatcher.batch(items, &dev)
+    };
+    let valid = InferenceStep::step(&inner, inner_batch(items.clone()));
+    assert_eq!(valid.output.dims(), [11, 50]);
+    assert_same_output(
+        &valid,
+        &inner.forward_continuation(inner_batch(items.clone())),
+        1e-4,
+    );
+    if kron_adapters::shards::default_parts::<TB>(&dev) == 2 {
+        // The random model's per-token losses are all near ln 50, so the whole batch's loss
+        // barely tells weights apart: check the weighing against the parts' own losses.
+        let part = |r: std::ops::Range<usize>| {
+            f64::from(
+                to_vec(
+                    inner
+                        .forward_continuation(inner_batch(items[r].to_vec()))
+                        .loss,
+                )[0],
+            )
+        };
+        let want = (6.0 * part(0..3) + 5.0 * part(3..5)) / 11.0;
+        let got = f64::from(to_vec(valid.loss.clone())[0]);
+        assert!((got - want).abs() <= 3e-7 * want, "{got} against {want}");
+    }
     let got = crate::shards::collect(&lm, &out.grads);
     if kron_adapters::shards::default_parts::<AB>(&dev) == 2 {
         let mut acc = burn::optim::GradientsAccumulator::new();
@@ -286,10 +314,14 @@ fn the_decoder_step_in_parts_is_the_whole_batchs() {
     );
     // The second part has no answer token: the batch is computed whole.
     let items = vec![pair(&[1, 7, 9, 30], 2), pair(&[1, 5, 40], 3)];
-    let batch = ContinuationBatcher.batch(items, &dev);
+    let batch = ContinuationBatcher.batch(items.clone(), &dev);
     let out = TrainStep::step(&lm, batch.clone());
     let whole = lm.forward_continuation(batch);
     assert_eq!(to_vec(out.item.loss), to_vec(whole.loss.clone()));
+    assert_eq!(
+        to_vec(InferenceStep::step(&inner, inner_batch(items.clone())).loss),
+        to_vec(inner.forward_continuation(inner_batch(items)).loss)
+    );
     assert_eq!(
         crate::shards::collect(&lm, &out.grads),
         crate::shards::collect(
