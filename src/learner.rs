@@ -50,6 +50,17 @@ pub struct ClassifierBatch<B: Backend> {
     pub labels: Tensor<B, 1, Int>,
 }
 
+impl<B: Backend> ClassifierBatch<B> {
+    /// The examples `range` as a batch of their own (padded as the whole batch is).
+    fn rows(&self, range: std::ops::Range<usize>) -> Self {
+        ClassifierBatch {
+            ids: self.ids.clone().slice(range.clone()),
+            mask: self.mask.clone().slice(range.clone()),
+            labels: self.labels.clone().slice(range),
+        }
+    }
+}
+
 /// Pads tokenized texts into a [`ClassifierBatch`] (to the batch's longest text).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClassifierBatcher;
@@ -95,12 +106,7 @@ impl<B: AutodiffBackend> TrainStep for BertClassifier<B> {
         }
         let seed = backend_seed::<B>(&device);
         let (grads, parts) = shards::gradients(self, n, parts, seed, |model, p| {
-            let r = p.range.clone();
-            let out = model.forward_classification(ClassifierBatch {
-                ids: batch.ids.clone().slice(r.clone()),
-                mask: batch.mask.clone().slice(r.clone()),
-                labels: batch.labels.clone().slice(r),
-            });
+            let out = model.forward_classification(batch.rows(p.range.clone()));
             detached_share(out, p.share)
         })
         .unwrap_or_else(|e| panic!("the classifier's step in parts: {e}"));
@@ -174,12 +180,7 @@ impl<B: Backend> InferenceStep for BertClassifier<B> {
             return self.forward_classification(batch);
         }
         let parts = shards::forward::<B, _, _>(&device, n, parts, |p| {
-            let r = p.range.clone();
-            let out = self.forward_classification(ClassifierBatch {
-                ids: batch.ids.clone().slice(r.clone()),
-                mask: batch.mask.clone().slice(r.clone()),
-                labels: batch.labels.clone().slice(r),
-            });
+            let out = self.forward_classification(batch.rows(p.range.clone()));
             (out.loss.mul_scalar(p.share), out.output, out.targets)
         })
         .unwrap_or_else(|e| panic!("the classifier's validation step in parts: {e}"));

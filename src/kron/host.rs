@@ -477,7 +477,6 @@ mod tests {
     use super::{contract_into, grad_factor_with, has_avx2_fma, PARALLEL_MACS};
 
     /// [`contract_into`] over a buffer of NaNs, so that an entry the kernel skips shows.
-    #[allow(clippy::too_many_arguments)]
     fn contract_nan(
         simd: bool,
         f: &[f32],
