@@ -241,7 +241,7 @@ pub(crate) fn floats(data: &TensorData) -> Cow<'_, [f32]> {
     }
 }
 
-fn slice_mut(data: &mut TensorData) -> &mut [f32] {
+pub(crate) fn slice_mut(data: &mut TensorData) -> &mut [f32] {
     data.as_mut_slice::<f32>()
         .expect("the host kernels run on f32 tensors only (quirks checks)")
 }

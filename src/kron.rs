@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub mod autodiff;
 #[cfg(feature = "cube")]
 pub mod cube;
-mod host;
+pub(crate) mod host;
 
 /// Materializes the Kronecker product `a ⊗ b`.
 ///
@@ -215,7 +215,9 @@ impl ContractionOrder {
 /// an `a` factor contracts the middle axis, a `b` factor the last. The scale is folded into the
 /// smallest factor, so it costs nothing per token. On an autodiff backend registered with
 /// [`autodiff::register_backward`] the steps are one autodiff node that recomputes its
-/// intermediates in the backward ([`autodiff::apply_steps`]).
+/// intermediates in the backward ([`autodiff::apply_steps`]). In inference on burn-flex (`f32`)
+/// each row goes through every factor on the host, its intermediates in the L1 cache
+/// ([`host::apply_rows`]; factors of up to 4,096 values).
 ///
 /// # Shapes
 /// - `x`: `[..., d_in]` with `d_in = a_in·b_in` (`a_in` = rows of `a_chain[0]`,
@@ -231,10 +233,55 @@ pub fn kron_apply<B: Backend, const D: usize>(
     plan: &KronPlan,
     scale: f64,
 ) -> Tensor<B, D> {
+    apply_then_add(x, a_chain, b_chain, plan, scale, None)
+}
+
+/// `y + scale · x·(A ⊗ B)`: [`kron_apply`] added to `y` (an adapted layer's frozen product), the
+/// same sum bit for bit.
+///
+/// In inference on burn-flex (`f32`, no autodiff) both run each row through the factors on the
+/// host ([`host::apply_rows`]), and here the last step adds into `y`'s buffer: the adapter's
+/// output has no tensor of its own and the add no pass. Elsewhere `kron_apply(…) + y`.
+///
+/// # Shapes
+/// As [`kron_apply`]; `y`: `[..., d_out]`, with `x`'s leading dimensions.
+///
+/// # Panics
+/// As [`kron_apply`], and if `y`'s shape is not the output's.
+pub fn kron_apply_add<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    a_chain: &[Tensor<B, 2>],
+    b_chain: &[Tensor<B, 2>],
+    plan: &KronPlan,
+    scale: f64,
+    y: Tensor<B, D>,
+) -> Tensor<B, D> {
+    apply_then_add(x, a_chain, b_chain, plan, scale, Some(y))
+}
+
+/// The largest factor, in values, that [`host::apply_rows`] takes (64 × 64): a row's factors
+/// and intermediates then stay in the L1 and L2 caches; beyond it Burn's products.
+const HOST_ROW_MAX: usize = 1 << 12;
+/// The largest row intermediate, in values, that [`host::apply_rows`] takes (a 14,336-wide
+/// layer's row fits).
+const HOST_INTERMEDIATE_MAX: usize = 1 << 14;
+/// The fewest columns (the `b` axis) of a row intermediate that [`host::apply_rows`] takes: its
+/// kernel works on eight columns at a time, and narrower rows run its scalar tail (KronA with
+/// `a` (2, 192) on MiniLM: 1.38× the base's inference against 1.25× by Burn's products).
+const HOST_COLUMNS_MIN: usize = 8;
+
+fn apply_then_add<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    a_chain: &[Tensor<B, 2>],
+    b_chain: &[Tensor<B, 2>],
+    plan: &KronPlan,
+    scale: f64,
+    y: Option<Tensor<B, D>>,
+) -> Tensor<B, D> {
     let (a_chain, b_chain) = fold_scale(a_chain, b_chain, scale);
     let t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
     let (mut a, mut b) = (a_chain.into_iter(), b_chain.into_iter());
-    let factors = plan
+    let factors: Vec<_> = plan
         .steps
         .iter()
         .map(|side| match side {
@@ -242,7 +289,52 @@ pub fn kron_apply<B: Backend, const D: usize>(
             Side::B => b.next().expect("plan matches the b chain"),
         })
         .collect();
-    t.apply_steps(factors, &plan.steps).finish()
+    let y_on_host = y
+        .as_ref()
+        .is_none_or(|y| crate::quirks::a_steps_on_host(&t.t, y));
+    if y_on_host && on_host_rows(&t.t, &factors, &plan.steps) {
+        let KronIntermediate { t, lead } = t;
+        let [n, p, q] = t.dims();
+        let (pl, ql) =
+            (factors.iter().zip(&plan.steps)).fold((p, q), |(p, q), (f, side)| match side {
+                Side::A => (f.dims()[1], q),
+                Side::B => (p, f.dims()[1]),
+            });
+        let y = y.map(|y| y.reshape([n, pl, ql]));
+        let out = host::apply_rows(t, factors, &plan.steps, y);
+        return KronIntermediate { t: out, lead }.finish();
+    }
+    let out = t.apply_steps(factors, &plan.steps).finish();
+    match y {
+        Some(y) => out + y,
+        None => out,
+    }
+}
+
+/// Does [`host::apply_rows`] take this apply: flex, `f32` values, no autodiff, no factor or row
+/// intermediate empty or beyond [`HOST_ROW_MAX`] / [`HOST_INTERMEDIATE_MAX`], and none narrower
+/// than [`HOST_COLUMNS_MIN`]?
+fn on_host_rows<B: Backend>(t: &Tensor<B, 3>, factors: &[Tensor<B, 2>], steps: &[Side]) -> bool {
+    let fits = |n: usize, max: usize| n > 0 && n <= max;
+    if !crate::quirks::a_steps_on_host(t, t)
+        || factors
+            .iter()
+            .any(|f| !crate::quirks::a_steps_on_host(f, t))
+    {
+        return false;
+    }
+    let [_, mut p, mut q] = t.dims();
+    let mut ok = fits(p * q, HOST_INTERMEDIATE_MAX) && q >= HOST_COLUMNS_MIN;
+    for (f, side) in factors.iter().zip(steps) {
+        let [rows, cols] = f.dims();
+        ok &= fits(rows * cols, HOST_ROW_MAX);
+        match side {
+            Side::A => p = cols,
+            Side::B => q = cols,
+        }
+        ok &= fits(p * q, HOST_INTERMEDIATE_MAX) && q >= HOST_COLUMNS_MIN;
+    }
+    ok
 }
 
 /// The intermediate of a Kronecker apply: the input `[..., p·q]` viewed as `T [n, p, q]`

@@ -143,12 +143,13 @@ impl<B: Backend> AdaptedLinear<B> {
     /// - output: `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.adapter {
-            // The adapter's term on the left (the sum is the same either way): Burn's autodiff
-            // then runs the base product's backward before the adapter's, and the output
-            // gradient the two share is the adapter's alone when it reads it. On burn-flex the
-            // host loops of a Kronecker adapter's last `a` step read it without a copy; on
-            // the right, a copy of it per layer was 2% of a MiniLM KronA step.
-            Some(adapter) => adapter.apply(x.clone()) + self.base_forward(x),
+            // `apply(x) + base(x)`, the adapter's term on the left (the sum is the same either
+            // way): Burn's autodiff then runs the base product's backward before the
+            // adapter's, and the output gradient the two share is the adapter's alone when it
+            // reads it. On burn-flex the host loops of a Kronecker adapter's last `a` step read
+            // it without a copy; on the right, a copy of it per layer was 2% of a MiniLM KronA
+            // step. The base first, so that in inference the adapter can add into its output.
+            Some(adapter) => adapter.apply_add(x.clone(), self.base_forward(x)),
             None => self.base_forward(x),
         }
     }

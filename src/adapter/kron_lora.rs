@@ -9,7 +9,7 @@ use super::{
     MethodConfig, MethodInfo,
 };
 use crate::error::ConfigError;
-use crate::kron::{kron, kron_apply, ContractionOrder, KronPlan};
+use crate::kron::{kron, kron_apply, kron_apply_add, ContractionOrder, KronPlan};
 
 super::rank_config! {
     kron_config!
@@ -195,6 +195,11 @@ impl<B: Backend> LinearAdapter<B> for KronLora<B> {
             &self.plan,
             self.scale,
         )
+    }
+
+    fn apply_add<const D: usize>(&self, x: Tensor<B, D>, y: Tensor<B, D>) -> Tensor<B, D> {
+        let (a, b) = ([self.a.val()], [self.b1.val(), self.b2.val()]);
+        kron_apply_add(x, &a, &b, &self.plan, self.scale, y)
     }
 
     fn delta_weight(&self) -> Tensor<B, 2> {

@@ -8,7 +8,7 @@ use super::{
     Method, MethodConfig, MethodInfo,
 };
 use crate::error::ConfigError;
-use crate::kron::{kron, kron_apply, ContractionOrder, KronPlan};
+use crate::kron::{kron, kron_apply, kron_apply_add, ContractionOrder, KronPlan};
 
 super::shape::kron_config! {
     /// Configuration of a [`KronA`] adapter.
@@ -126,6 +126,11 @@ impl<B: Backend> LinearAdapter<B> for KronA<B> {
 
     fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         kron_apply(x, &[self.a.val()], &[self.b.val()], &self.plan, self.scale)
+    }
+
+    fn apply_add<const D: usize>(&self, x: Tensor<B, D>, y: Tensor<B, D>) -> Tensor<B, D> {
+        let (a, b) = (self.a.val(), self.b.val());
+        kron_apply_add(x, &[a], &[b], &self.plan, self.scale, y)
     }
 
     fn delta_weight(&self) -> Tensor<B, 2> {

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::error::ConfigError;
 use crate::macros::config;
+use crate::quirks;
 
 super::rank_config! {
     config!
@@ -130,6 +131,18 @@ impl<B: Backend> Lora<B> {
     pub fn rank(&self) -> usize {
         self.down.dims()[1]
     }
+
+    /// `x·down·scale` as `[n, r]` rows (the scale on the smallest tensor on the way).
+    fn hidden<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, 2> {
+        let d_in = x.dims()[D - 1];
+        let n = x.shape().num_elements() / d_in.max(1);
+        let h = x.reshape([n, d_in]).matmul(self.down.val());
+        if self.scale != 1.0 {
+            h.mul_scalar(self.scale)
+        } else {
+            h
+        }
+    }
 }
 
 impl<B: Backend> LinearAdapter<B> for Lora<B> {
@@ -143,17 +156,24 @@ impl<B: Backend> LinearAdapter<B> for Lora<B> {
 
     fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let mut dims = x.dims();
-        let d_in = dims[D - 1];
-        let n = x.shape().num_elements() / d_in.max(1);
-        let x2: Tensor<B, 2> = x.reshape([n, d_in]);
-        // The scale goes on the [n, r] intermediate, the smallest tensor on the way.
-        let mut h = x2.matmul(self.down.val());
-        if self.scale != 1.0 {
-            h = h.mul_scalar(self.scale);
-        }
-        let y = h.matmul(self.up.val());
+        let y = self.hidden(x).matmul(self.up.val());
         dims[D - 1] = self.d_out();
         y.reshape(dims)
+    }
+
+    /// On burn-flex in inference (`f32`, no autodiff) `(x·down)·up` is added into `y`'s buffer
+    /// on the host (`kron::host::product_add`): no `[n, d_out]` tensor for the adapter's term
+    /// and no pass for the add. Elsewhere `apply(x) + y`.
+    fn apply_add<const D: usize>(&self, x: Tensor<B, D>, y: Tensor<B, D>) -> Tensor<B, D> {
+        let up = self.up.val();
+        let on_host = quirks::a_steps_on_host(&x, &y) && quirks::a_steps_on_host(&up, &y);
+        if !on_host || self.rank() == 0 {
+            return self.apply(x) + y;
+        }
+        let dims = y.dims();
+        let h = self.hidden(x);
+        let n = h.dims()[0];
+        crate::kron::host::product_add(h, up, y.reshape([n, dims[D - 1]])).reshape(dims)
     }
 
     fn delta_weight(&self) -> Tensor<B, 2> {

@@ -166,6 +166,17 @@ pub trait LinearAdapter<B: Backend>: Sized {
     /// - `x`: `[..., d_in]`
     /// - output: `[..., d_out]`
     fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
+    /// `apply(x) + y`: the adapter's contribution added to `y` (the adapted layer's frozen
+    /// product), in that order, so that autodiff sees the same graph. A method may compute it
+    /// without a tensor for its contribution: the Kronecker adapters do on burn-flex in
+    /// inference ([`crate::kron::kron_apply_add`]), with the same result bit for bit.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., d_in]`
+    /// - `y`, output: `[..., d_out]`
+    fn apply_add<const D: usize>(&self, x: Tensor<B, D>, y: Tensor<B, D>) -> Tensor<B, D> {
+        self.apply(x) + y
+    }
     /// `ΔW`, materialized, scale included (for merging and export only).
     ///
     /// # Shapes
@@ -347,6 +358,9 @@ macro_rules! linear_methods {
             }
             fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
                 match self { $(Adapter::$variant(a) => a.apply(x),)+ }
+            }
+            fn apply_add<const D: usize>(&self, x: Tensor<B, D>, y: Tensor<B, D>) -> Tensor<B, D> {
+                match self { $(Adapter::$variant(a) => a.apply_add(x, y),)+ }
             }
             fn delta_weight(&self) -> Tensor<B, 2> {
                 match self { $(Adapter::$variant(a) => a.delta_weight(),)+ }

@@ -35,7 +35,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::act::{floats, has_avx2_fma, values};
+use super::Side;
+use crate::act::{floats, has_avx2_fma, slice_mut, values};
 
 /// Floats of `T` and `G` per row block of [`grad_factor`] (32 KB).
 const BLOCK_FLOATS: usize = 8 * 1024;
@@ -63,15 +64,16 @@ pub(crate) fn contract(f: &[f32], p: usize, p2: usize, t: &[f32], n: usize, q: u
     let len = n * p2 * q;
     let mut out = Vec::with_capacity(len);
     let spare = &mut out.spare_capacity_mut()[..len];
-    contract_into(has_avx2_fma(), f, p, p2, t, n, q, spare);
+    contract_into::<false>(has_avx2_fma(), f, p, p2, t, n, q, spare);
     // SAFETY: `contract_into` wrote each of the first `len` entries.
     unsafe { out.set_len(len) };
     out
 }
 
-/// [`contract`] into `out` (`[n, p2, q]`), every entry of which it writes.
+/// [`contract`] into `out` (`[n, p2, q]`), every entry of which it writes; with `ADD` (where
+/// `out` is initialized) each entry's sum is added to the value there instead.
 #[allow(clippy::too_many_arguments)]
-fn contract_into(
+fn contract_into<const ADD: bool>(
     simd: bool,
     f: &[f32],
     p: usize,
@@ -81,15 +83,38 @@ fn contract_into(
     q: usize,
     out: &mut [MaybeUninit<f32>],
 ) {
-    let (row_t, row_o) = (p * q, p2 * q);
     assert_eq!(f.len(), p * p2, "f is [p, p2]");
+    contract_strided::<ADD>(simd, f, p, p2, [p2, 1], t, n, q, out);
+}
+
+/// [`contract_into`] with `f[i, j]` at `f[i·fs[0] + j·fs[1]]` (`fs = [p2, 1]`: row-major `[p,
+/// p2]`; `[1, p]`: `fᵀ` stored row-major as `[p2, p]`).
+#[allow(clippy::too_many_arguments)]
+fn contract_strided<const ADD: bool>(
+    simd: bool,
+    f: &[f32],
+    p: usize,
+    p2: usize,
+    fs: [usize; 2],
+    t: &[f32],
+    n: usize,
+    q: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (row_t, row_o) = (p * q, p2 * q);
+    if p > 0 && p2 > 0 {
+        let last = (p - 1) * fs[0] + (p2 - 1) * fs[1];
+        assert!(last < f.len(), "f's strides stay inside it");
+    }
     assert_eq!(t.len(), n * row_t, "t is [n, p, q]");
     assert_eq!(out.len(), n * row_o, "out is [n, p2, q]");
     if row_t == 0 || row_o == 0 {
         // Sums of no terms (p = 0), or nothing to write.
-        out.iter_mut().for_each(|o| {
-            o.write(0.0);
-        });
+        if !ADD {
+            out.iter_mut().for_each(|o| {
+                o.write(0.0);
+            });
+        }
         return;
     }
     let rows = |t: &[f32], out: &mut [MaybeUninit<f32>]| {
@@ -97,11 +122,11 @@ fn contract_into(
         if simd {
             // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked
             // above.
-            unsafe { x86::contract(f, p, p2, t, q, out) };
+            unsafe { x86::contract::<ADD>(f, p, p2, fs, t, q, out) };
             return;
         }
         let _ = simd;
-        portable::contract(f, p, p2, t, q, out)
+        portable::contract::<ADD>(f, p, p2, fs, t, q, out)
     };
     let chunk = (PARALLEL_MACS / (row_t * p2).max(1)).max(1);
     if t.len() / row_t > chunk {
@@ -110,6 +135,155 @@ fn contract_into(
             .for_each(|(t, out)| rows(t, out));
     } else {
         rows(t, out)
+    }
+}
+
+/// `out` as a buffer the kernels write into (with `ADD`, add into).
+fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, every entry is initialized, and the kernels
+    // write only initialized values back.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// Writes `v` into `o`, or with `ADD` adds it to the (initialized) value there.
+#[inline(always)]
+fn put<const ADD: bool>(o: &mut MaybeUninit<f32>, v: f32) {
+    if ADD {
+        // SAFETY: with `ADD` the caller passes initialized entries.
+        let old = unsafe { o.assume_init() };
+        o.write(old + v);
+    } else {
+        o.write(v);
+    }
+}
+
+/// One step of [`rows_into`]: a factor's values, row-major, its shape and the axis it contracts.
+pub(crate) struct HostStep<'a> {
+    pub f: &'a [f32],
+    pub dims: [usize; 2],
+    pub side: Side,
+}
+
+/// The `[p, q]` of a row after `steps`, from its `[p, q]` before.
+fn chain_dims(p: usize, q: usize, steps: &[HostStep]) -> (usize, usize) {
+    steps.iter().fold((p, q), |(p, q), s| match s.side {
+        Side::A => (s.dims[1], q),
+        Side::B => (p, s.dims[1]),
+    })
+}
+
+/// `out[r] = T[r]` through `steps` for every row `r` (with `ADD`, added to `out`), each row's
+/// intermediates in two buffers of the chunk's own: an `a` step `fᵀ·T[r]` is [`contract`]'s
+/// kernel; a `b` step `T[r]·f` is the same kernel with the row as its factor (`T[r]ᵀ` read
+/// through strides) and `f` as its one row. Rows split over rayon's threads in fixed chunks
+/// when the work is large, as in [`contract_into`].
+///
+/// # Panics
+/// If the shapes do not chain or the lengths do not match them.
+fn rows_into<const ADD: bool>(
+    simd: bool,
+    t: &[f32],
+    n: usize,
+    p: usize,
+    q: usize,
+    steps: &[HostStep],
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (pl, ql) = chain_dims(p, q, steps);
+    let (row_t, row_o) = (p * q, pl * ql);
+    assert_eq!(t.len(), n * row_t, "t is [n, p, q]");
+    assert_eq!(out.len(), n * row_o, "out is [n, p_last, q_last]");
+    let (mut pp, mut qq, mut macs, mut scratch) = (p, q, 0, 0);
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(
+            s.f.len(),
+            s.dims[0] * s.dims[1],
+            "a factor's values match its shape"
+        );
+        let (inner, out_dims) = match s.side {
+            Side::A => (pp, (s.dims[1], qq)),
+            Side::B => (qq, (pp, s.dims[1])),
+        };
+        assert_eq!(s.dims[0], inner, "the factors chain");
+        macs += pp * qq * s.dims[1];
+        (pp, qq) = out_dims;
+        if i + 1 < steps.len() {
+            scratch = scratch.max(pp * qq);
+        }
+    }
+    assert!(
+        row_t > 0 && !steps.is_empty(),
+        "rows of some input, and some step"
+    );
+    if n == 0 || row_o == 0 {
+        return;
+    }
+    let chunk_rows = |t: &[f32], out: &mut [MaybeUninit<f32>]| {
+        let mut bufs = [vec![0f32; scratch], vec![0f32; scratch]];
+        for (tr, or) in t.chunks_exact(row_t).zip(out.chunks_exact_mut(row_o)) {
+            row::<ADD>(simd, tr, p, q, steps, or, &mut bufs);
+        }
+    };
+    let chunk = (PARALLEL_MACS / macs.max(1)).max(1);
+    if n > chunk {
+        t.par_chunks(chunk * row_t)
+            .zip(out.par_chunks_mut(chunk * row_o))
+            .for_each(|(t, out)| chunk_rows(t, out));
+    } else {
+        chunk_rows(t, out)
+    }
+}
+
+/// One row of [`rows_into`]: `tr` (`[p, q]`) through `steps` into `or`, the intermediates in
+/// `bufs` (each at least as large as any of them).
+fn row<const ADD: bool>(
+    simd: bool,
+    tr: &[f32],
+    p: usize,
+    q: usize,
+    steps: &[HostStep],
+    or: &mut [MaybeUninit<f32>],
+    bufs: &mut [Vec<f32>; 2],
+) {
+    let (mut pp, mut qq) = (p, q);
+    // Where the current intermediate is: the input row, or `bufs[i]`.
+    let mut cur: Option<usize> = None;
+    for (i, s) in steps.iter().enumerate() {
+        let last = i + 1 == steps.len();
+        let w = cur.map_or(0, |c| 1 - c);
+        let [b0, b1] = &mut *bufs;
+        let (read, write) = if w == 0 { (&*b1, b0) } else { (&*b0, b1) };
+        let src: &[f32] = match cur {
+            None => tr,
+            Some(_) => &read[..pp * qq],
+        };
+        let (p2, q2) = match s.side {
+            Side::A => (s.dims[1], qq),
+            Side::B => (pp, s.dims[1]),
+        };
+        let dst: &mut [MaybeUninit<f32>] = if last {
+            &mut *or
+        } else {
+            as_uninit(&mut write[..p2 * q2])
+        };
+        match (s.side, last && ADD) {
+            // `fᵀ·T`: the factor `[pp, p2]` row-major.
+            (Side::A, true) => {
+                contract_strided::<true>(simd, s.f, pp, p2, [p2, 1], src, 1, qq, dst)
+            }
+            (Side::A, false) => {
+                contract_strided::<false>(simd, s.f, pp, p2, [p2, 1], src, 1, qq, dst)
+            }
+            // `T·f`: the row `[pp, qq]` as the factor, `T[i, k]` at `k + i·qq`, `f` one row.
+            (Side::B, true) => {
+                contract_strided::<true>(simd, src, qq, pp, [1, qq], s.f, 1, q2, dst)
+            }
+            (Side::B, false) => {
+                contract_strided::<false>(simd, src, qq, pp, [1, qq], s.f, 1, q2, dst)
+            }
+        }
+        (pp, qq) = (p2, q2);
+        cur = Some(w);
     }
 }
 
@@ -153,11 +327,12 @@ fn grad_factor_with(simd: bool, t: &[f32], g: &[f32], p: usize, p2: usize, q: us
 mod portable {
     use std::mem::MaybeUninit;
 
-    /// [`super::contract`] over whole rows.
-    pub(super) fn contract(
+    /// [`super::contract`] over whole rows, `f[i, j]` at `f[i·fs[0] + j·fs[1]]`.
+    pub(super) fn contract<const ADD: bool>(
         f: &[f32],
         p: usize,
         p2: usize,
+        fs: [usize; 2],
         t: &[f32],
         q: usize,
         out: &mut [MaybeUninit<f32>],
@@ -165,11 +340,11 @@ mod portable {
         for (tr, or) in t.chunks_exact(p * q).zip(out.chunks_exact_mut(p2 * q)) {
             let mut j = 0;
             while j + 4 <= p2 {
-                rows::<4>(f, p, p2, j, tr, q, or);
+                rows::<ADD, 4>(f, p, fs, j, tr, q, or);
                 j += 4;
             }
             while j < p2 {
-                rows::<1>(f, p, p2, j, tr, q, or);
+                rows::<ADD, 1>(f, p, fs, j, tr, q, or);
                 j += 1;
             }
         }
@@ -177,10 +352,10 @@ mod portable {
 
     /// Output rows `j..j + J` of one row `tr`.
     #[inline(always)]
-    fn rows<const J: usize>(
+    fn rows<const ADD: bool, const J: usize>(
         f: &[f32],
         p: usize,
-        p2: usize,
+        fs: [usize; 2],
         j: usize,
         tr: &[f32],
         q: usize,
@@ -188,11 +363,11 @@ mod portable {
     ) {
         let mut k = 0;
         while k + 8 <= q {
-            cols::<J, 8>(f, p, p2, j, tr, q, k, or);
+            cols::<ADD, J, 8>(f, p, fs, j, tr, q, k, or);
             k += 8;
         }
         while k < q {
-            cols::<J, 1>(f, p, p2, j, tr, q, k, or);
+            cols::<ADD, J, 1>(f, p, fs, j, tr, q, k, or);
             k += 1;
         }
     }
@@ -200,10 +375,10 @@ mod portable {
     /// Columns `k..k + W` of output rows `j..j + J`, summed over `i`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn cols<const J: usize, const W: usize>(
+    fn cols<const ADD: bool, const J: usize, const W: usize>(
         f: &[f32],
         p: usize,
-        p2: usize,
+        fs: [usize; 2],
         j: usize,
         tr: &[f32],
         q: usize,
@@ -213,8 +388,8 @@ mod portable {
         let mut acc = [[0f32; W]; J];
         for i in 0..p {
             let tv = &tr[i * q + k..i * q + k + W];
-            let fv = &f[i * p2 + j..i * p2 + j + J];
-            for (a, &fj) in acc.iter_mut().zip(fv) {
+            for (jj, a) in acc.iter_mut().enumerate() {
+                let fj = f[i * fs[0] + (j + jj) * fs[1]];
                 for (a, &tl) in a.iter_mut().zip(tv) {
                     *a += fj * tl;
                 }
@@ -223,7 +398,7 @@ mod portable {
         for (jj, a) in acc.iter().enumerate() {
             let o = &mut or[(j + jj) * q + k..(j + jj) * q + k + W];
             for (o, &v) in o.iter_mut().zip(a) {
-                o.write(v);
+                super::put::<ADD>(o, v);
             }
         }
     }
@@ -267,16 +442,19 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
-    /// [`super::contract`] over whole rows: writes every entry of `out`.
+    /// [`super::contract`] over whole rows: writes every entry of `out` (with `ADD`, adds to
+    /// it).
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `f` is `[p, p2]`, `t` `[n, p, q]`, `out` `[n, p2, q]` (checked
-    /// by the caller), so every pointer below stays inside its slice.
+    /// The CPU has AVX2 and FMA; `f[i, j]` (at `i·fs[0] + j·fs[1]`) lies in `f` for `i < p`,
+    /// `j < p2`, `t` is `[n, p, q]`, `out` `[n, p2, q]` (checked by the caller, and initialized
+    /// with `ADD`), so every pointer below stays inside its slice.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn contract(
+    pub(super) unsafe fn contract<const ADD: bool>(
         f: &[f32],
         p: usize,
         p2: usize,
+        fs: [usize; 2],
         t: &[f32],
         q: usize,
         out: &mut [MaybeUninit<f32>],
@@ -294,16 +472,16 @@ mod x86 {
                     for i in 0..p {
                         let t0 = _mm256_loadu_ps(tp.add(i * q + k));
                         let t1 = _mm256_loadu_ps(tp.add(i * q + k + 8));
-                        let fr = fp.add(i * p2 + j);
+                        let fr = fp.add(i * fs[0] + j * fs[1]);
                         for (jj, a) in acc.iter_mut().enumerate().take(jb) {
-                            let b = _mm256_broadcast_ss(&*fr.add(jj));
+                            let b = _mm256_broadcast_ss(&*fr.add(jj * fs[1]));
                             a[0] = _mm256_fmadd_ps(b, t0, a[0]);
                             a[1] = _mm256_fmadd_ps(b, t1, a[1]);
                         }
                     }
                     for (jj, a) in acc.iter().enumerate().take(jb) {
-                        _mm256_storeu_ps(op.add((j + jj) * q + k), a[0]);
-                        _mm256_storeu_ps(op.add((j + jj) * q + k + 8), a[1]);
+                        store::<ADD>(op.add((j + jj) * q + k), a[0]);
+                        store::<ADD>(op.add((j + jj) * q + k + 8), a[1]);
                     }
                     k += 16;
                 }
@@ -311,13 +489,14 @@ mod x86 {
                     let mut acc = [_mm256_setzero_ps(); 4];
                     for i in 0..p {
                         let t0 = _mm256_loadu_ps(tp.add(i * q + k));
-                        let fr = fp.add(i * p2 + j);
+                        let fr = fp.add(i * fs[0] + j * fs[1]);
                         for (jj, a) in acc.iter_mut().enumerate().take(jb) {
-                            *a = _mm256_fmadd_ps(_mm256_broadcast_ss(&*fr.add(jj)), t0, *a);
+                            let b = _mm256_broadcast_ss(&*fr.add(jj * fs[1]));
+                            *a = _mm256_fmadd_ps(b, t0, *a);
                         }
                     }
                     for (jj, a) in acc.iter().enumerate().take(jb) {
-                        _mm256_storeu_ps(op.add((j + jj) * q + k), *a);
+                        store::<ADD>(op.add((j + jj) * q + k), *a);
                     }
                     k += 8;
                 }
@@ -325,13 +504,27 @@ mod x86 {
                     for jj in 0..jb {
                         let mut s = 0f32;
                         for i in 0..p {
-                            s = f[i * p2 + j + jj].mul_add(tr[i * q + k], s);
+                            s = f[i * fs[0] + (j + jj) * fs[1]].mul_add(tr[i * q + k], s);
                         }
-                        or[(j + jj) * q + k].write(s);
+                        super::put::<ADD>(&mut or[(j + jj) * q + k], s);
                     }
                 }
                 j += jb;
             }
+        }
+    }
+
+    /// Stores the eight lanes `v` at `p`, or with `ADD` adds them to the eight values there.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `p` points at eight floats (initialized with `ADD`).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store<const ADD: bool>(p: *mut f32, v: __m256) {
+        if ADD {
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), v));
+        } else {
+            _mm256_storeu_ps(p, v);
         }
     }
 
@@ -434,6 +627,96 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
     Tensor::from_data(TensorData::new(out, [n, p2, q]), &device)
 }
 
+/// A Kronecker apply on the host, `T [n, p, q]` through every factor in turn (`steps[i]`: the
+/// axis `factors[i]` contracts), each row's intermediates in buffers of the thread's own that
+/// stay in its L1 cache; with `y` (`[n, p_last, q_last]`) the last step adds into `y`'s buffer
+/// (without a copy where `y` is not shared). One pass over the input and one over the output,
+/// and no tensor between: in inference on flex, Burn's products would allocate (and clear, and
+/// realign) each step's output, and the adapter's add would take a pass and a tensor of its own.
+///
+/// # Shapes
+/// - `t`: `[n, p, q]`
+/// - `factors[i]`: `[p, p']` for an `A` step, `[q, q']` for a `B` step, chaining
+/// - `y`, output: `[n, p_last, q_last]`
+pub(crate) fn apply_rows<B: Backend>(
+    t: Tensor<B, 3>,
+    factors: Vec<Tensor<B, 2>>,
+    steps: &[Side],
+    y: Option<Tensor<B, 3>>,
+) -> Tensor<B, 3> {
+    let device = t.device();
+    let [n, p, q] = t.dims();
+    let dims: Vec<[usize; 2]> = factors.iter().map(|f| f.dims()).collect();
+    let values_f: Vec<TensorData> = factors.into_iter().map(values).collect();
+    let floats_f: Vec<_> = values_f.iter().map(floats).collect();
+    let host_steps: Vec<HostStep> = floats_f
+        .iter()
+        .zip(&dims)
+        .zip(steps)
+        .map(|((f, &dims), &side)| HostStep { f, dims, side })
+        .collect();
+    let (pl, ql) = chain_dims(p, q, &host_steps);
+    let t = values(t);
+    let t = floats(&t);
+    match y {
+        Some(y) => {
+            let mut data = values(y);
+            let out = as_uninit(slice_mut(&mut data));
+            rows_into::<true>(has_avx2_fma(), &t, n, p, q, &host_steps, out);
+            Tensor::from_data(data, &device)
+        }
+        None => {
+            let len = n * pl * ql;
+            let mut out = Vec::with_capacity(len);
+            let spare = &mut out.spare_capacity_mut()[..len];
+            rows_into::<false>(has_avx2_fma(), &t, n, p, q, &host_steps, spare);
+            // SAFETY: `rows_into` wrote each of the first `len` entries.
+            unsafe { out.set_len(len) };
+            Tensor::from_data(TensorData::new(out, [n, pl, ql]), &device)
+        }
+    }
+}
+
+/// `y + h·m` through [`contract`]'s kernel, `h`'s rows its output rows (`hᵀ` read through
+/// strides) and `m` its one row, added into `y`'s buffer (without a copy where `y` is not
+/// shared): a low-rank adapter's `(x·down)·up` added to the frozen product with no tensor of
+/// its own and no pass for the add. Rows split over rayon's threads in fixed chunks when the
+/// work is large.
+///
+/// # Shapes
+/// - `h`: `[n, r]`, `r > 0`
+/// - `m`: `[r, d]`
+/// - `y`, output: `[n, d]`
+pub(crate) fn product_add<B: Backend>(
+    h: Tensor<B, 2>,
+    m: Tensor<B, 2>,
+    y: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let device = y.device();
+    let [n, r] = h.dims();
+    let d = m.dims()[1];
+    assert!(r > 0, "a product of rank 0 adds nothing");
+    assert_eq!(y.dims(), [n, d], "y is [n, d]");
+    let (h, m) = (values(h), values(m));
+    let (h, m) = (floats(&h), floats(&m));
+    let mut data = values(y);
+    let out = as_uninit(slice_mut(&mut data));
+    let simd = has_avx2_fma();
+    let rows = |h: &[f32], out: &mut [MaybeUninit<f32>]| {
+        let n = h.len() / r;
+        contract_strided::<true>(simd, h, r, n, [1, r], &m, 1, d, out)
+    };
+    let chunk = (PARALLEL_MACS / (r * d).max(1)).max(1);
+    if n > chunk {
+        h.par_chunks(chunk * r)
+            .zip(out.par_chunks_mut(chunk * d))
+            .for_each(|(h, out)| rows(h, out));
+    } else {
+        rows(&h, out)
+    }
+    Tensor::from_data(data, &device)
+}
+
 /// The gradients through `out[r] = fᵀ·T[r]` from one read of the output's gradient `g`: of
 /// the factor, `∂f = Σ_r T[r]·G[r]ᵀ` by [`grad_factor`] (where `t` is given), and of `T`,
 /// `∂T[r] = f·G[r]` by [`contract`] with `fᵀ` (where `f` is given).
@@ -474,7 +757,9 @@ pub(crate) fn contract_a_grads<B: Backend>(
 mod tests {
     use std::mem::MaybeUninit;
 
-    use super::{contract_into, grad_factor_with, has_avx2_fma, PARALLEL_MACS};
+    use super::{
+        contract_into, grad_factor_with, has_avx2_fma, rows_into, HostStep, Side, PARALLEL_MACS,
+    };
 
     /// [`contract_into`] over a buffer of NaNs, so that an entry the kernel skips shows.
     fn contract_nan(
@@ -487,7 +772,7 @@ mod tests {
         q: usize,
     ) -> Vec<f32> {
         let mut out = vec![MaybeUninit::new(f32::NAN); n * p2 * q];
-        contract_into(simd, f, p, p2, t, n, q, &mut out);
+        contract_into::<false>(simd, f, p, p2, t, n, q, &mut out);
         // SAFETY: every entry was initialized (with NaN) before the call.
         out.iter().map(|v| unsafe { v.assume_init() }).collect()
     }
@@ -568,6 +853,118 @@ mod tests {
                     for j in 0..p2 {
                         let terms = (0..n * q).map(|x| tv(x / q, i, x % q) * gv(x / q, j, x % q));
                         check(gf[i * p2 + j], terms, &what("∂f"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adding kernel gives each entry `y + sum` with the writing kernel's sum, bit for bit,
+    /// in every block and tail and over threads; with `p = 0` it leaves `y` as it is.
+    #[test]
+    fn the_adding_step_is_y_plus_the_written_step_bit_for_bit() {
+        for with_simd in [true, false].into_iter().filter(|&s| !s || has_avx2_fma()) {
+            for (s, dims @ [n, p, p2, q]) in SHAPES.into_iter().enumerate() {
+                let f = values(p * p2, 5 * s as u64 + 1);
+                let t = values(n * p * q, 5 * s as u64 + 2);
+                let y = values(n * p2 * q, 5 * s as u64 + 3);
+                let sums = contract_nan(with_simd, &f, p, p2, &t, n, q);
+                let mut out: Vec<_> = y.iter().map(|&v| MaybeUninit::new(v)).collect();
+                contract_into::<true>(with_simd, &f, p, p2, &t, n, q, &mut out);
+                for (i, o) in out.iter().enumerate() {
+                    // SAFETY: initialized from `y`.
+                    let got = unsafe { o.assume_init() };
+                    let want = y[i] + sums[i];
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{dims:?} entry {i}, intrinsics {with_simd}"
+                    );
+                }
+            }
+            let y = values(2 * 3 * 4, 9);
+            let mut out: Vec<_> = y.iter().map(|&v| MaybeUninit::new(v)).collect();
+            contract_into::<true>(with_simd, &[], 0, 3, &[], 2, 4, &mut out);
+            // SAFETY: initialized from `y`.
+            let got: Vec<f32> = out.iter().map(|o| unsafe { o.assume_init() }).collect();
+            assert_eq!(got, y, "p = 0 adds nothing");
+        }
+    }
+
+    /// [`rows_into`] (writing, and adding into `y`) against `f64` loops, step by step, for
+    /// every order of an `a` factor and two `b` factors, the intrinsics and the portable
+    /// kernels, over enough rows to split them over threads.
+    #[test]
+    fn rows_through_every_step_match_f64_loops() {
+        let (p, q) = (5, 8);
+        let (a, b1, b2) = (values(5 * 3, 1), values(8 * 9, 2), values(9 * 17, 3));
+        let n = 1 + PARALLEL_MACS / (5 * 8 * 9);
+        let t = values(n * p * q, 4);
+        let orders = [
+            [Side::A, Side::B, Side::B],
+            [Side::B, Side::A, Side::B],
+            [Side::B, Side::B, Side::A],
+        ];
+        for with_simd in [true, false].into_iter().filter(|&s| !s || has_avx2_fma()) {
+            for order in orders {
+                let (mut ib, mut steps) = (0, Vec::new());
+                for side in order {
+                    let (f, dims) = match (side, ib) {
+                        (Side::A, _) => (&a, [5, 3]),
+                        (Side::B, 0) => (&b1, [8, 9]),
+                        (Side::B, _) => (&b2, [9, 17]),
+                    };
+                    ib += usize::from(side == Side::B);
+                    steps.push(HostStep { f, dims, side });
+                }
+                let y = values(n * 3 * 17, 5);
+                let mut out: Vec<_> = y.iter().map(|&v| MaybeUninit::new(v)).collect();
+                rows_into::<true>(with_simd, &t, n, p, q, &steps, &mut out);
+                let mut fresh = vec![MaybeUninit::new(f32::NAN); n * 3 * 17];
+                rows_into::<false>(with_simd, &t, n, p, q, &steps, &mut fresh);
+                for r in 0..n {
+                    let (mut cur, mut pp, mut qq): (Vec<f64>, usize, usize) = (
+                        t[r * p * q..(r + 1) * p * q]
+                            .iter()
+                            .map(|&v| v as f64)
+                            .collect(),
+                        p,
+                        q,
+                    );
+                    for s in &steps {
+                        let f = |i: usize, j: usize| s.f[i * s.dims[1] + j] as f64;
+                        (cur, pp, qq) = match s.side {
+                            Side::A => {
+                                let p2 = s.dims[1];
+                                let v = (0..p2 * qq)
+                                    .map(|x| {
+                                        (0..pp).map(|i| f(i, x / qq) * cur[i * qq + x % qq]).sum()
+                                    })
+                                    .collect();
+                                (v, p2, qq)
+                            }
+                            Side::B => {
+                                let q2 = s.dims[1];
+                                let v = (0..pp * q2)
+                                    .map(|x| {
+                                        (0..qq).map(|k| cur[x / q2 * qq + k] * f(k, x % q2)).sum()
+                                    })
+                                    .collect();
+                                (v, pp, q2)
+                            }
+                        };
+                    }
+                    for (x, want) in cur.iter().enumerate() {
+                        let i = r * pp * qq + x;
+                        // SAFETY: initialized before the calls.
+                        let (added, wrote) =
+                            unsafe { (out[i].assume_init(), fresh[i].assume_init()) };
+                        let what = format!("{order:?} row {r} entry {x}, intrinsics {with_simd}");
+                        assert!(
+                            (wrote as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{what}"
+                        );
+                        assert_eq!(added.to_bits(), (y[i] + wrote).to_bits(), "{what}: y + sum");
                     }
                 }
             }

@@ -189,6 +189,65 @@ fn three_d_input_gradients_equal_the_row_references() {
     on_suite_and_flex!(check_rows);
 }
 
+/// An adapted layer's forward in inference equals `x·W + b + x·ΔW` for LoRA (rank 1, and rank
+/// 4 over enough rows that flex's host add splits them over threads), KronA (in the host rows'
+/// shapes) and Kron-LoRA (every order); `apply_add` gives `apply(x) + y`, and a `y` still
+/// shared elsewhere keeps its values (on flex these add into `y`'s buffer on the host).
+#[test]
+fn inference_forward_and_apply_add_equal_the_references() {
+    on_suite_and_flex!(check_inference_adds);
+}
+
+fn check_inference_adds<B: Backend, A: AutodiffBackend>(dev: &B::Device, _: &A::Device) {
+    let mut rng = Rng::new(71);
+    let t2 = |v: &[f32], s: [usize; 2]| tensor::<B, 2>(v, s, dev);
+    // The adapter, its reference ΔW, d_in, d_out, rows, and a name.
+    type Case<B> = (Adapter<B>, Vec<f32>, [usize; 3], String);
+    let mut cases: Vec<Case<B>> = Vec::new();
+    for (r, rows, scale) in [(1, 7, 1.0), (4, 2100, 2.0)] {
+        let (d_in, d_out) = (32, 256);
+        let (down, up) = (rng.vec(d_in * r), rng.vec(r * d_out));
+        let dw = scale_ref(&matmul_ref(&down, d_in, r, &up, d_out), scale);
+        let a = Lora::from_factors(t2(&down, [d_in, r]), t2(&up, [r, d_out]), scale).unwrap();
+        let what = format!("lora r {r}");
+        cases.push((Adapter::Lora(a), dw, [d_in, d_out, rows], what));
+    }
+    let (a, b) = (rng.vec(16 * 16), rng.vec(24 * 24));
+    let dw = scale_ref(&kron_ref(&a, [16, 16], &b, [24, 24]), 0.5);
+    let k = KronA::from_factors(t2(&a, [16, 16]), t2(&b, [24, 24]), 0.5).unwrap();
+    cases.push((Adapter::KronA(k), dw, [384, 384, 9], "krona".into()));
+    let (a, b1, b2) = (rng.vec(4 * 6), rng.vec(16 * 8), rng.vec(8 * 16));
+    let dw = scale_ref(
+        &kron_ref(&a, [4, 6], &matmul_ref(&b1, 16, 8, &b2, 16), [16, 16]),
+        1.5,
+    );
+    for plan in kron_adapters::KronPlan::all(1, 2) {
+        let factors = (t2(&a, [4, 6]), t2(&b1, [16, 8]), t2(&b2, [8, 16]));
+        let k = KronLora::from_factors(factors.0, factors.1, factors.2, 1.5).unwrap();
+        let what = format!("kron_lora {:?}", plan.steps);
+        let k = Adapter::KronLora(k.with_plan(plan));
+        cases.push((k, dw.clone(), [64, 96, 9], what));
+    }
+    for (adapter, dw, [d_in, d_out, rows], what) in cases {
+        let (wv, bv) = (rng.vec(d_in * d_out), rng.vec(d_out));
+        let mut base = LinearConfig::new(d_in, d_out).init::<B>(dev);
+        base.weight = Param::from_tensor(t2(&wv, [d_in, d_out]));
+        base.bias = Some(Param::from_tensor(tensor::<B, 1>(&bv, [d_out], dev)));
+        let layer = AdaptedLinear::with_adapter(base, adapter.clone()).unwrap();
+        let xv = rng.vec(rows * d_in);
+        let x = tensor::<B, 3>(&xv, [1, rows, d_in], dev);
+        let want = reference(&xv, rows, d_in, &wv, &bv, &dw, d_out);
+        assert_close(&to_vec(layer.forward(x.clone())), &want, 1e-5, &what);
+        let yv = rng.vec(rows * d_out);
+        let y = tensor::<B, 3>(&yv, [1, rows, d_out], dev);
+        let sum = to_vec(adapter.apply(x.clone()) + y.clone());
+        let added = adapter.apply_add(x, y.clone());
+        assert_eq!(added.dims(), [1, rows, d_out], "{what}");
+        assert_close(&to_vec(added), &sum, 1e-6, &what);
+        assert_eq!(to_vec(y), yv, "{what}: a shared y keeps its values");
+    }
+}
+
 #[test]
 fn merged_linear_equals_unmerged_forward() {
     let mut rng = Rng::new(11);

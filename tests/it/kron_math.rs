@@ -3,12 +3,13 @@
 
 use crate::common::*;
 
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
 
 use kron_adapters::adapter::shape::{
     divisors, lycoris_factorization, peft_factorization, resolve_factor_shapes, ShapeRequest,
 };
-use kron_adapters::kron::{chain_product, kron, kron_apply, KronPlan, Side};
+use kron_adapters::kron::{chain_product, kron, kron_apply, kron_apply_add, KronPlan, Side};
 use kron_adapters::{ConfigError, ContractionOrder, KronLoraConfig, MethodConfig};
 
 #[test]
@@ -173,6 +174,71 @@ fn apply_equals_materialized_kron_lora_every_order() {
         assert_eq!(KronPlan::all(1, 2).len(), 3);
         check_apply(&mut rng, &[sa], &[b1, b2], &[4], 2.0);
         check_apply(&mut rng, &[sa], &[b1, b2], &[3, 5], 0.5);
+    }
+}
+
+/// `kron_apply_add(x, …, y)` is `kron_apply(x, …) + y` bit for bit, and both the reference
+/// `x·(A ⊗ B)·s + y`, for every plan of KronA and Kron-LoRA shapes (on flex both run each row
+/// through the factors on the host, in rows split over threads for the 200-row batch, and
+/// the add goes into `y`'s buffer), whether `y` is shared or not; a shared `y` keeps its values.
+#[test]
+fn apply_add_is_the_apply_plus_y_bit_for_bit() {
+    on_suite_and_flex!(check_apply_add);
+}
+
+fn check_apply_add<B: Backend, A: AutodiffBackend>(dev: &B::Device, _: &A::Device) {
+    let mut rng = Rng::new(11);
+    type Chain = &'static [[usize; 2]];
+    let cases: [(Chain, Chain, usize); 4] = [
+        (&[[6, 5]], &[[8, 7]], 5),
+        (&[[16, 16]], &[[24, 24]], 5),
+        (&[[16, 16]], &[[24, 24]], 100),
+        (&[[4, 3]], &[[5, 2], [2, 7]], 5),
+    ];
+    for (a_shapes, b_shapes, rows) in cases {
+        let a_data: Vec<Vec<f32>> = a_shapes.iter().map(|s| rng.vec(s[0] * s[1])).collect();
+        let b_data: Vec<Vec<f32>> = b_shapes.iter().map(|s| rng.vec(s[0] * s[1])).collect();
+        let on_b = |data: &[Vec<f32>], shapes: &[[usize; 2]]| -> Vec<Tensor<B, 2>> {
+            let t = |(d, s): (&Vec<f32>, &[usize; 2])| tensor::<B, 2>(d, *s, dev);
+            data.iter().zip(shapes).map(t).collect()
+        };
+        let (a, b) = (on_b(&a_data, a_shapes), on_b(&b_data, b_shapes));
+        let chain = |data: &[Vec<f32>], shapes: &[[usize; 2]]| {
+            let (mut acc, mut shape) = (data[0].clone(), shapes[0]);
+            for (d, s) in data.iter().zip(shapes).skip(1) {
+                acc = matmul_ref(&acc, shape[0], shape[1], d, s[1]);
+                shape = [shape[0], s[1]];
+            }
+            (acc, shape)
+        };
+        let ((a_full, sa), (b_full, sb)) = (chain(&a_data, a_shapes), chain(&b_data, b_shapes));
+        let w = scale_ref(&kron_ref(&a_full, sa, &b_full, sb), 0.7);
+        let (d_in, d_out) = (sa[0] * sb[0], sa[1] * sb[1]);
+        for plan in KronPlan::all(a.len(), b.len()) {
+            let what = format!(
+                "a {a_shapes:?} b {b_shapes:?} rows {rows} plan {:?}",
+                plan.steps
+            );
+            let x_data = rng.vec(2 * rows * d_in);
+            let x = tensor::<B, 3>(&x_data, [2, rows, d_in], dev);
+            let y_data = rng.vec(2 * rows * d_out);
+            let y = || tensor::<B, 3>(&y_data, [2, rows, d_out], dev);
+            let want = to_vec(kron_apply(x.clone(), &a, &b, &plan, 0.7) + y());
+            let reference: Vec<f32> = matmul_ref(&x_data, 2 * rows, d_in, &w, d_out)
+                .iter()
+                .zip(&y_data)
+                .map(|(v, y)| v + y)
+                .collect();
+            assert_close(&want, &reference, 1e-5, &what);
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            let alone = kron_apply_add(x.clone(), &a, &b, &plan, 0.7, y());
+            assert_eq!(alone.dims(), [2, rows, d_out], "{what}");
+            assert_eq!(bits(to_vec(alone)), bits(want.clone()), "{what}, y alone");
+            let kept = y();
+            let shared = kron_apply_add(x, &a, &b, &plan, 0.7, kept.clone());
+            assert_eq!(bits(to_vec(shared)), bits(want), "{what}, y shared");
+            assert_eq!(to_vec(kept), y_data, "{what}: a shared y keeps its values");
+        }
     }
 }
 
