@@ -84,14 +84,48 @@ fn contract_into<const ADD: bool>(
     out: &mut [MaybeUninit<f32>],
 ) {
     assert_eq!(f.len(), p * p2, "f is [p, p2]");
-    contract_strided::<ADD>(simd, f, p, p2, [p2, 1], t, n, q, out);
+    let isa = if simd { Isa::Avx2 } else { Isa::Portable };
+    contract_strided::<ADD>(isa, f, p, p2, [p2, 1], t, n, q, out);
+}
+
+/// Which of the kernels runs: the portable loops, the AVX2 ones, or the AVX-512 ones (bit for
+/// bit the AVX2 kernel's results: the same fused multiply-adds per entry, in the same order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The widest this CPU runs.
+    pub(crate) fn best() -> Self {
+        if !has_avx2_fma() {
+            return Isa::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        Isa::Avx2
+    }
+
+    /// Every kernel this CPU runs, narrowest first.
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        let best = Self::best();
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&i| i as u8 <= best as u8)
+            .collect()
+    }
 }
 
 /// [`contract_into`] with `f[i, j]` at `f[i·fs[0] + j·fs[1]]` (`fs = [p2, 1]`: row-major `[p,
 /// p2]`; `[1, p]`: `fᵀ` stored row-major as `[p2, p]`).
 #[allow(clippy::too_many_arguments)]
 fn contract_strided<const ADD: bool>(
-    simd: bool,
+    isa: Isa,
     f: &[f32],
     p: usize,
     p2: usize,
@@ -119,13 +153,14 @@ fn contract_strided<const ADD: bool>(
     }
     let rows = |t: &[f32], out: &mut [MaybeUninit<f32>]| {
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked
-            // above.
-            unsafe { x86::contract::<ADD>(f, p, p2, fs, t, q, out) };
-            return;
+        match isa {
+            // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and with `Avx512` AVX-512F
+            // (`Isa::best`); the lengths and strides were checked above.
+            Isa::Avx2 => return unsafe { x86::contract::<ADD>(f, p, p2, fs, t, q, out) },
+            Isa::Avx512 => return unsafe { x86::contract512::<ADD>(f, p, p2, fs, t, q, out) },
+            Isa::Portable => {}
         }
-        let _ = simd;
+        let _ = isa;
         portable::contract::<ADD>(f, p, p2, fs, t, q, out)
     };
     let chunk = (PARALLEL_MACS / (row_t * p2).max(1)).max(1);
@@ -181,7 +216,7 @@ fn chain_dims(p: usize, q: usize, steps: &[HostStep]) -> (usize, usize) {
 /// # Panics
 /// If the shapes do not chain or the lengths do not match them.
 fn rows_into<const ADD: bool>(
-    simd: bool,
+    isa: Isa,
     t: &[f32],
     n: usize,
     p: usize,
@@ -221,7 +256,7 @@ fn rows_into<const ADD: bool>(
     let chunk_rows = |t: &[f32], out: &mut [MaybeUninit<f32>]| {
         let mut bufs = [vec![0f32; scratch], vec![0f32; scratch]];
         for (tr, or) in t.chunks_exact(row_t).zip(out.chunks_exact_mut(row_o)) {
-            row::<ADD>(simd, tr, p, q, steps, or, &mut bufs);
+            row::<ADD>(isa, tr, p, q, steps, or, &mut bufs);
         }
     };
     let chunk = (PARALLEL_MACS / macs.max(1)).max(1);
@@ -237,7 +272,7 @@ fn rows_into<const ADD: bool>(
 /// One row of [`rows_into`]: `tr` (`[p, q]`) through `steps` into `or`, the intermediates in
 /// `bufs` (each at least as large as any of them).
 fn row<const ADD: bool>(
-    simd: bool,
+    isa: Isa,
     tr: &[f32],
     p: usize,
     q: usize,
@@ -268,18 +303,14 @@ fn row<const ADD: bool>(
         };
         match (s.side, last && ADD) {
             // `fᵀ·T`: the factor `[pp, p2]` row-major.
-            (Side::A, true) => {
-                contract_strided::<true>(simd, s.f, pp, p2, [p2, 1], src, 1, qq, dst)
-            }
+            (Side::A, true) => contract_strided::<true>(isa, s.f, pp, p2, [p2, 1], src, 1, qq, dst),
             (Side::A, false) => {
-                contract_strided::<false>(simd, s.f, pp, p2, [p2, 1], src, 1, qq, dst)
+                contract_strided::<false>(isa, s.f, pp, p2, [p2, 1], src, 1, qq, dst)
             }
             // `T·f`: the row `[pp, qq]` as the factor, `T[i, k]` at `k + i·qq`, `f` one row.
-            (Side::B, true) => {
-                contract_strided::<true>(simd, src, qq, pp, [1, qq], s.f, 1, q2, dst)
-            }
+            (Side::B, true) => contract_strided::<true>(isa, src, qq, pp, [1, qq], s.f, 1, q2, dst),
             (Side::B, false) => {
-                contract_strided::<false>(simd, src, qq, pp, [1, qq], s.f, 1, q2, dst)
+                contract_strided::<false>(isa, src, qq, pp, [1, qq], s.f, 1, q2, dst)
             }
         }
         (pp, qq) = (p2, q2);
@@ -514,6 +545,121 @@ mod x86 {
         }
     }
 
+    /// [`contract`] with 512-bit registers: blocks of 32, 24 (16 + 8 lanes sharing each
+    /// broadcast) and 16 columns, then [`contract`]'s 8-column block and scalar tail. Each
+    /// entry is the same fused multiply-adds over `i` in the same order from zero as in
+    /// [`contract`], so the two agree bit for bit.
+    ///
+    /// # Safety
+    /// As [`contract`], and the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn contract512<const ADD: bool>(
+        f: &[f32],
+        p: usize,
+        p2: usize,
+        fs: [usize; 2],
+        t: &[f32],
+        q: usize,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let q8 = q / 8 * 8;
+        for (tr, or) in t.chunks_exact(p * q).zip(out.chunks_exact_mut(p2 * q)) {
+            let (tp, fp) = (tr.as_ptr(), f.as_ptr());
+            let op = or.as_mut_ptr().cast::<f32>();
+            let mut j = 0;
+            while j < p2 {
+                let jb = (p2 - j).min(4);
+                let fj = |i: usize, jj: usize| fp.add(i * fs[0] + (j + jj) * fs[1]);
+                let mut k = 0;
+                while k + 32 <= q {
+                    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+                    for i in 0..p {
+                        let t0 = _mm512_loadu_ps(tp.add(i * q + k));
+                        let t1 = _mm512_loadu_ps(tp.add(i * q + k + 16));
+                        for (jj, a) in acc.iter_mut().enumerate().take(jb) {
+                            let b = _mm512_set1_ps(*fj(i, jj));
+                            a[0] = _mm512_fmadd_ps(b, t0, a[0]);
+                            a[1] = _mm512_fmadd_ps(b, t1, a[1]);
+                        }
+                    }
+                    for (jj, a) in acc.iter().enumerate().take(jb) {
+                        store512::<ADD>(op.add((j + jj) * q + k), a[0]);
+                        store512::<ADD>(op.add((j + jj) * q + k + 16), a[1]);
+                    }
+                    k += 32;
+                }
+                while k + 24 <= q {
+                    let mut wide = [_mm512_setzero_ps(); 4];
+                    let mut half = [_mm256_setzero_ps(); 4];
+                    for i in 0..p {
+                        let t0 = _mm512_loadu_ps(tp.add(i * q + k));
+                        let t1 = _mm256_loadu_ps(tp.add(i * q + k + 16));
+                        for jj in 0..jb {
+                            let b = _mm512_set1_ps(*fj(i, jj));
+                            wide[jj] = _mm512_fmadd_ps(b, t0, wide[jj]);
+                            half[jj] = _mm256_fmadd_ps(_mm512_castps512_ps256(b), t1, half[jj]);
+                        }
+                    }
+                    for jj in 0..jb {
+                        store512::<ADD>(op.add((j + jj) * q + k), wide[jj]);
+                        store::<ADD>(op.add((j + jj) * q + k + 16), half[jj]);
+                    }
+                    k += 24;
+                }
+                while k + 16 <= q {
+                    let mut acc = [_mm512_setzero_ps(); 4];
+                    for i in 0..p {
+                        let t0 = _mm512_loadu_ps(tp.add(i * q + k));
+                        for (jj, a) in acc.iter_mut().enumerate().take(jb) {
+                            *a = _mm512_fmadd_ps(_mm512_set1_ps(*fj(i, jj)), t0, *a);
+                        }
+                    }
+                    for (jj, a) in acc.iter().enumerate().take(jb) {
+                        store512::<ADD>(op.add((j + jj) * q + k), *a);
+                    }
+                    k += 16;
+                }
+                while k < q8 {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for i in 0..p {
+                        let t0 = _mm256_loadu_ps(tp.add(i * q + k));
+                        for (jj, a) in acc.iter_mut().enumerate().take(jb) {
+                            *a = _mm256_fmadd_ps(_mm256_set1_ps(*fj(i, jj)), t0, *a);
+                        }
+                    }
+                    for (jj, a) in acc.iter().enumerate().take(jb) {
+                        store::<ADD>(op.add((j + jj) * q + k), *a);
+                    }
+                    k += 8;
+                }
+                for k in q8..q {
+                    for jj in 0..jb {
+                        let mut s = 0f32;
+                        for i in 0..p {
+                            s = (*fj(i, jj)).mul_add(tr[i * q + k], s);
+                        }
+                        super::put::<ADD>(&mut or[(j + jj) * q + k], s);
+                    }
+                }
+                j += jb;
+            }
+        }
+    }
+
+    /// [`store`] for sixteen lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `p` points at sixteen floats (initialized with `ADD`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store512<const ADD: bool>(p: *mut f32, v: __m512) {
+        if ADD {
+            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), v));
+        } else {
+            _mm512_storeu_ps(p, v);
+        }
+    }
+
     /// Stores the eight lanes `v` at `p`, or with `ADD` adds them to the eight values there.
     ///
     /// # Safety
@@ -662,14 +808,14 @@ pub(crate) fn apply_rows<B: Backend>(
         Some(y) => {
             let mut data = values(y);
             let out = as_uninit(slice_mut(&mut data));
-            rows_into::<true>(has_avx2_fma(), &t, n, p, q, &host_steps, out);
+            rows_into::<true>(Isa::best(), &t, n, p, q, &host_steps, out);
             Tensor::from_data(data, &device)
         }
         None => {
             let len = n * pl * ql;
             let mut out = Vec::with_capacity(len);
             let spare = &mut out.spare_capacity_mut()[..len];
-            rows_into::<false>(has_avx2_fma(), &t, n, p, q, &host_steps, spare);
+            rows_into::<false>(Isa::best(), &t, n, p, q, &host_steps, spare);
             // SAFETY: `rows_into` wrote each of the first `len` entries.
             unsafe { out.set_len(len) };
             Tensor::from_data(TensorData::new(out, [n, pl, ql]), &device)
@@ -701,10 +847,10 @@ pub(crate) fn product_add<B: Backend>(
     let (h, m) = (floats(&h), floats(&m));
     let mut data = values(y);
     let out = as_uninit(slice_mut(&mut data));
-    let simd = has_avx2_fma();
+    let isa = Isa::best();
     let rows = |h: &[f32], out: &mut [MaybeUninit<f32>]| {
         let n = h.len() / r;
-        contract_strided::<true>(simd, h, r, n, [1, r], &m, 1, d, out)
+        contract_strided::<true>(isa, h, r, n, [1, r], &m, 1, d, out)
     };
     let chunk = (PARALLEL_MACS / (r * d).max(1)).max(1);
     if n > chunk {
@@ -758,7 +904,8 @@ mod tests {
     use std::mem::MaybeUninit;
 
     use super::{
-        contract_into, grad_factor_with, has_avx2_fma, rows_into, HostStep, Side, PARALLEL_MACS,
+        contract_into, contract_strided, grad_factor_with, has_avx2_fma, rows_into, HostStep, Isa,
+        Side, PARALLEL_MACS,
     };
 
     /// [`contract_into`] over a buffer of NaNs, so that an entry the kernel skips shows.
@@ -905,7 +1052,7 @@ mod tests {
             [Side::B, Side::A, Side::B],
             [Side::B, Side::B, Side::A],
         ];
-        for with_simd in [true, false].into_iter().filter(|&s| !s || has_avx2_fma()) {
+        for isa in Isa::available() {
             for order in orders {
                 let (mut ib, mut steps) = (0, Vec::new());
                 for side in order {
@@ -919,9 +1066,9 @@ mod tests {
                 }
                 let y = values(n * 3 * 17, 5);
                 let mut out: Vec<_> = y.iter().map(|&v| MaybeUninit::new(v)).collect();
-                rows_into::<true>(with_simd, &t, n, p, q, &steps, &mut out);
+                rows_into::<true>(isa, &t, n, p, q, &steps, &mut out);
                 let mut fresh = vec![MaybeUninit::new(f32::NAN); n * 3 * 17];
-                rows_into::<false>(with_simd, &t, n, p, q, &steps, &mut fresh);
+                rows_into::<false>(isa, &t, n, p, q, &steps, &mut fresh);
                 for r in 0..n {
                     let (mut cur, mut pp, mut qq): (Vec<f64>, usize, usize) = (
                         t[r * p * q..(r + 1) * p * q]
@@ -959,13 +1106,50 @@ mod tests {
                         // SAFETY: initialized before the calls.
                         let (added, wrote) =
                             unsafe { (out[i].assume_init(), fresh[i].assume_init()) };
-                        let what = format!("{order:?} row {r} entry {x}, intrinsics {with_simd}");
+                        let what = format!("{order:?} row {r} entry {x}, {isa:?}");
                         assert!(
                             (wrote as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
                             "{what}"
                         );
                         assert_eq!(added.to_bits(), (y[i] + wrote).to_bits(), "{what}: y + sum");
                     }
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 kernel gives the AVX2 kernel's results bit for bit, writing and adding, in
+    /// every column block (32, 24, 16, 8, scalar) and with strided factors.
+    #[test]
+    fn the_512_bit_kernel_is_the_avx2_kernel_bit_for_bit() {
+        if Isa::best() != Isa::Avx512 {
+            eprintln!("no AVX-512 on this CPU: the 512-bit kernel is not run here");
+            return;
+        }
+        for (s, q) in [3, 8, 17, 24, 32, 40, 48, 56, 64, 72]
+            .into_iter()
+            .enumerate()
+        {
+            let (n, p, p2) = (3, 7, 6);
+            let f = values(p * p2, 7 * s as u64 + 1);
+            let t = values(n * p * q, 7 * s as u64 + 2);
+            let y = values(n * p2 * q, 7 * s as u64 + 3);
+            for fs in [[p2, 1], [1, p]] {
+                let run = |isa: Isa, add: bool| -> Vec<u32> {
+                    let mut out: Vec<_> = y.iter().map(|&v| MaybeUninit::new(v)).collect();
+                    if add {
+                        contract_strided::<true>(isa, &f, p, p2, fs, &t, n, q, &mut out);
+                    } else {
+                        contract_strided::<false>(isa, &f, p, p2, fs, &t, n, q, &mut out);
+                    }
+                    // SAFETY: initialized from `y`.
+                    out.iter()
+                        .map(|o| unsafe { o.assume_init() }.to_bits())
+                        .collect()
+                };
+                for add in [false, true] {
+                    let what = format!("q {q}, strides {fs:?}, add {add}");
+                    assert_eq!(run(Isa::Avx512, add), run(Isa::Avx2, add), "{what}");
                 }
             }
         }
