@@ -216,8 +216,8 @@ impl ContractionOrder {
 /// smallest factor, so it costs nothing per token. On an autodiff backend registered with
 /// [`autodiff::register_backward`] the steps are one autodiff node that recomputes its
 /// intermediates in the backward ([`autodiff::apply_steps`]). In inference on burn-flex (`f32`)
-/// each row goes through every factor on the host, its intermediates in the L1 cache
-/// ([`host::apply_rows`]; factors of up to 4,096 values).
+/// each row goes through every factor on the host, its intermediates in the L1 cache, the scale
+/// on `x` in the pass that reads it ([`host::apply_rows`]; factors of up to 4,096 values).
 ///
 /// # Shapes
 /// - `x`: `[..., d_in]` with `d_in = a_in·b_in` (`a_in` = rows of `a_chain[0]`,
@@ -278,17 +278,20 @@ fn apply_then_add<B: Backend, const D: usize>(
     scale: f64,
     y: Option<Tensor<B, D>>,
 ) -> Tensor<B, D> {
-    let (a_chain, b_chain) = fold_scale(a_chain, b_chain, scale);
     let t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
-    let (mut a, mut b) = (a_chain.into_iter(), b_chain.into_iter());
-    let factors: Vec<_> = plan
-        .steps
-        .iter()
-        .map(|side| match side {
-            Side::A => a.next().expect("plan matches the a chain"),
-            Side::B => b.next().expect("plan matches the b chain"),
-        })
-        .collect();
+    let in_order = |(a_chain, b_chain): (Vec<Tensor<B, 2>>, Vec<Tensor<B, 2>>)| {
+        let (mut a, mut b) = (a_chain.into_iter(), b_chain.into_iter());
+        let factors: Vec<_> = plan
+            .steps
+            .iter()
+            .map(|side| match side {
+                Side::A => a.next().expect("plan matches the a chain"),
+                Side::B => b.next().expect("plan matches the b chain"),
+            })
+            .collect();
+        factors
+    };
+    let factors = in_order((a_chain.to_vec(), b_chain.to_vec()));
     let y_on_host = y
         .as_ref()
         .is_none_or(|y| crate::quirks::a_steps_on_host(&t.t, y));
@@ -301,9 +304,10 @@ fn apply_then_add<B: Backend, const D: usize>(
                 Side::B => (p, f.dims()[1]),
             });
         let y = y.map(|y| y.reshape([n, pl, ql]));
-        let out = host::apply_rows(t, factors, &plan.steps, y);
+        let out = host::apply_rows(t, factors, &plan.steps, scale, y);
         return KronIntermediate { t: out, lead }.finish();
     }
+    let factors = in_order(fold_scale(a_chain, b_chain, scale));
     let out = t.apply_steps(factors, &plan.steps).finish();
     match y {
         Some(y) => out + y,

@@ -280,8 +280,9 @@ impl<B: Backend> Routing<B> {
         for (resident, rows) in &self.groups {
             if let Some(adapter) = resident.layers.get(layer) {
                 if rows.dims()[0] == self.batch {
-                    // Every row uses this adapter: no gather, no scatter.
-                    y = y + adapter.apply(x.clone());
+                    // Every row uses this adapter: no gather, no scatter (and on flex in
+                    // inference the adapter adds into `y`'s buffer).
+                    y = adapter.apply_add(x.clone(), y);
                     continue;
                 }
                 let delta = adapter.apply(x.clone().select(0, rows.clone()));
