@@ -74,6 +74,8 @@ struct Args {
 
 fn main() -> Result<(), AdapterError> {
     let args = Args::parse();
+    // As `kron-adapters serve` does: freed buffers stay in the process.
+    kron_adapters::finetune::keep_freed_memory();
     let modes: Vec<Batching> = args
         .modes
         .iter()

@@ -227,6 +227,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.cmd,
+        Cmd::Generate { .. } | Cmd::Eval { .. } | Cmd::Serve { .. }
+    ) {
+        // These run a model on the backend: freed activation buffers stay in the process
+        // instead of being page-faulted back in (docs/benchmarks.md, "The allocator").
+        kron_adapters::finetune::keep_freed_memory();
+    }
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
