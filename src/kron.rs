@@ -213,11 +213,12 @@ impl ContractionOrder {
 ///
 /// `x` is reshaped to `X [n, a_in, b_in]` and the factors are contracted in `plan`'s order:
 /// an `a` factor contracts the middle axis, a `b` factor the last. The scale is folded into the
-/// smallest factor, so it costs nothing per token. On an autodiff backend registered with
+/// smallest factor, so it costs nothing per token (on the host rows below it goes on `x`, in the
+/// pass that reads it). On an autodiff backend registered with
 /// [`autodiff::register_backward`] the steps are one autodiff node that recomputes its
 /// intermediates in the backward ([`autodiff::apply_steps`]). In inference on burn-flex (`f32`)
-/// each row goes through every factor on the host, its intermediates in the L1 cache, the scale
-/// on `x` in the pass that reads it ([`host::apply_rows`]; factors of up to 4,096 values).
+/// each row goes through every factor on the host, its intermediates in the L1 cache
+/// (`kron::host::apply_rows`; factors of up to 4,096 values).
 ///
 /// # Shapes
 /// - `x`: `[..., d_in]` with `d_in = a_in·b_in` (`a_in` = rows of `a_chain[0]`,
@@ -240,7 +241,7 @@ pub fn kron_apply<B: Backend, const D: usize>(
 /// same sum bit for bit.
 ///
 /// In inference on burn-flex (`f32`, no autodiff) both run each row through the factors on the
-/// host ([`host::apply_rows`]), and here the last step adds into `y`'s buffer: the adapter's
+/// host (`kron::host::apply_rows`), and here the last step adds into `y`'s buffer: the adapter's
 /// output has no tensor of its own and the add no pass. Elsewhere `kron_apply(…) + y`.
 ///
 /// # Shapes
@@ -281,15 +282,12 @@ fn apply_then_add<B: Backend, const D: usize>(
     let t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
     let in_order = |(a_chain, b_chain): (Vec<Tensor<B, 2>>, Vec<Tensor<B, 2>>)| {
         let (mut a, mut b) = (a_chain.into_iter(), b_chain.into_iter());
-        let factors: Vec<_> = plan
-            .steps
-            .iter()
+        (plan.steps.iter())
             .map(|side| match side {
                 Side::A => a.next().expect("plan matches the a chain"),
                 Side::B => b.next().expect("plan matches the b chain"),
             })
-            .collect();
-        factors
+            .collect::<Vec<_>>()
     };
     let factors = in_order((a_chain.to_vec(), b_chain.to_vec()));
     let y_on_host = y

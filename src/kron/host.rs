@@ -28,6 +28,17 @@
 //!
 //! `kron::autodiff` decides where they run (`quirks::a_steps_on_host`: flex, `f32`, and not on
 //! autodiff tensors: inside the registered autodiff node, and in inference).
+//!
+//! For inference the same kernel also runs whole applies and adds:
+//!
+//! * [`apply_rows`] (behind `kron::kron_apply` and `kron_apply_add` on flex): each row through
+//!   every factor in turn, a `b` step `T[r]·f` being the kernel with the row as its factor read
+//!   through strides ([`contract_strided`]), the last step optionally adding into the frozen
+//!   product's output;
+//! * [`product_add`]: LoRA's `y + h·up`, `h`'s rows the kernel's output rows.
+//!
+//! With AVX-512F those two use a 512-bit version of the kernel ([`Isa`]), whose results are the
+//! AVX2 kernel's bit for bit.
 
 use std::mem::MaybeUninit;
 
