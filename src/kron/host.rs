@@ -501,7 +501,7 @@ mod x86 {
         q: usize,
         out: &mut [MaybeUninit<f32>],
     ) {
-        let (q16, q8) = (q / 16 * 16, q / 8 * 8);
+        let q16 = q / 16 * 16;
         for (tr, or) in t.chunks_exact(p * q).zip(out.chunks_exact_mut(p2 * q)) {
             let (tp, fp) = (tr.as_ptr(), f.as_ptr());
             let op = or.as_mut_ptr().cast::<f32>();
@@ -527,31 +527,51 @@ mod x86 {
                     }
                     k += 16;
                 }
-                while k < q8 {
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    for i in 0..p {
-                        let t0 = _mm256_loadu_ps(tp.add(i * q + k));
-                        let fr = fp.add(i * fs[0] + j * fs[1]);
-                        for (jj, a) in acc.iter_mut().enumerate().take(jb) {
-                            let b = _mm256_broadcast_ss(&*fr.add(jj * fs[1]));
-                            *a = _mm256_fmadd_ps(b, t0, *a);
-                        }
-                    }
-                    for (jj, a) in acc.iter().enumerate().take(jb) {
-                        store::<ADD>(op.add((j + jj) * q + k), *a);
-                    }
-                    k += 8;
-                }
-                for k in q8..q {
-                    for jj in 0..jb {
-                        let mut s = 0f32;
-                        for i in 0..p {
-                            s = f[i * fs[0] + (j + jj) * fs[1]].mul_add(tr[i * q + k], s);
-                        }
-                        super::put::<ADD>(&mut or[(j + jj) * q + k], s);
-                    }
-                }
+                narrow_cols::<ADD>(fp, fs, tp, op, [p, q, j, jb, k]);
                 j += jb;
+            }
+        }
+    }
+
+    /// Columns `k..q` of output rows `j..j + jb` of one row (`tp`: `[p, q]`, `op`: its output
+    /// `[p2, q]`, `f[i, j]` at `fp + i·fs[0] + j·fs[1]`): blocks of eight, then one at a time;
+    /// the last columns of both kernels. `dims` is `[p, q, j, jb, k]`, `k` a multiple of 8.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the pointers cover those entries (the kernels' callers check
+    /// the lengths), and with `ADD` the outputs are initialized.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn narrow_cols<const ADD: bool>(
+        fp: *const f32,
+        fs: [usize; 2],
+        tp: *const f32,
+        op: *mut f32,
+        [p, q, j, jb, mut k]: [usize; 5],
+    ) {
+        let q8 = q / 8 * 8;
+        while k < q8 {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for i in 0..p {
+                let t0 = _mm256_loadu_ps(tp.add(i * q + k));
+                let fr = fp.add(i * fs[0] + j * fs[1]);
+                for (jj, a) in acc.iter_mut().enumerate().take(jb) {
+                    let b = _mm256_broadcast_ss(&*fr.add(jj * fs[1]));
+                    *a = _mm256_fmadd_ps(b, t0, *a);
+                }
+            }
+            for (jj, a) in acc.iter().enumerate().take(jb) {
+                store::<ADD>(op.add((j + jj) * q + k), *a);
+            }
+            k += 8;
+        }
+        for k in k..q {
+            for jj in 0..jb {
+                let mut s = 0f32;
+                for i in 0..p {
+                    s = (*fp.add(i * fs[0] + (j + jj) * fs[1])).mul_add(*tp.add(i * q + k), s);
+                }
+                super::put::<ADD>(&mut *op.add((j + jj) * q + k).cast::<MaybeUninit<f32>>(), s);
             }
         }
     }
@@ -573,7 +593,6 @@ mod x86 {
         q: usize,
         out: &mut [MaybeUninit<f32>],
     ) {
-        let q8 = q / 8 * 8;
         for (tr, or) in t.chunks_exact(p * q).zip(out.chunks_exact_mut(p2 * q)) {
             let (tp, fp) = (tr.as_ptr(), f.as_ptr());
             let op = or.as_mut_ptr().cast::<f32>();
@@ -630,28 +649,7 @@ mod x86 {
                     }
                     k += 16;
                 }
-                while k < q8 {
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    for i in 0..p {
-                        let t0 = _mm256_loadu_ps(tp.add(i * q + k));
-                        for (jj, a) in acc.iter_mut().enumerate().take(jb) {
-                            *a = _mm256_fmadd_ps(_mm256_set1_ps(*fj(i, jj)), t0, *a);
-                        }
-                    }
-                    for (jj, a) in acc.iter().enumerate().take(jb) {
-                        store::<ADD>(op.add((j + jj) * q + k), *a);
-                    }
-                    k += 8;
-                }
-                for k in q8..q {
-                    for jj in 0..jb {
-                        let mut s = 0f32;
-                        for i in 0..p {
-                            s = (*fj(i, jj)).mul_add(tr[i * q + k], s);
-                        }
-                        super::put::<ADD>(&mut or[(j + jj) * q + k], s);
-                    }
-                }
+                narrow_cols::<ADD>(fp, fs, tp, op, [p, q, j, jb, k]);
                 j += jb;
             }
         }
