@@ -218,7 +218,8 @@ impl ContractionOrder {
 /// [`autodiff::register_backward`] the steps are one autodiff node that recomputes its
 /// intermediates in the backward ([`autodiff::apply_steps`]). In inference on burn-flex (`f32`)
 /// each row goes through every factor on the host, its intermediates in the L1 cache
-/// (`kron::host::apply_rows`; factors of up to 4,096 values).
+/// (`kron::host::apply_rows`; factors of up to 4,096 values; a chain whose rank-wide
+/// intermediates are narrower than 8 columns as its small products `A` and `B`).
 ///
 /// # Shapes
 /// - `x`: `[..., d_in]` with `d_in = a_in·b_in` (`a_in` = rows of `a_chain[0]`,
@@ -289,20 +290,38 @@ fn apply_then_add<B: Backend, const D: usize>(
             })
             .collect::<Vec<_>>()
     };
-    let factors = in_order((a_chain.to_vec(), b_chain.to_vec()));
     let y_on_host = y
         .as_ref()
         .is_none_or(|y| crate::quirks::a_steps_on_host(&t.t, y));
-    if y_on_host && on_host_rows(&t.t, &factors, &plan.steps) {
+    let host = y_on_host.then(|| {
+        let factors = in_order((a_chain.to_vec(), b_chain.to_vec()));
+        if on_host_rows(&t.t, &factors, &plan.steps) {
+            return Some((factors, plan.steps.clone()));
+        }
+        if a_chain.len() == 1 && b_chain.len() == 1 {
+            return None;
+        }
+        // A chain whose rank-wide intermediates are too narrow for the kernel (Kron-LoRA and
+        // LoKr with a rank below 8): its factors' products `A = a1·a2·…` and `B = b1·b2·…`,
+        // small `[a_in, a_out]` and `[b_in, b_out]` matrices (never `A ⊗ B`), as a KronA.
+        let (a, b) = (chain_product(a_chain), chain_product(b_chain));
+        let collapsed = KronPlan::cheapest(&[a.dims()], &[b.dims()]);
+        let factors = collapsed.steps.iter().map(|side| match side {
+            Side::A => a.clone(),
+            Side::B => b.clone(),
+        });
+        let factors: Vec<_> = factors.collect();
+        on_host_rows(&t.t, &factors, &collapsed.steps).then_some((factors, collapsed.steps))
+    });
+    if let Some((factors, steps)) = host.flatten() {
         let KronIntermediate { t, lead } = t;
         let [n, p, q] = t.dims();
-        let (pl, ql) =
-            (factors.iter().zip(&plan.steps)).fold((p, q), |(p, q), (f, side)| match side {
-                Side::A => (f.dims()[1], q),
-                Side::B => (p, f.dims()[1]),
-            });
+        let (pl, ql) = (factors.iter().zip(&steps)).fold((p, q), |(p, q), (f, side)| match side {
+            Side::A => (f.dims()[1], q),
+            Side::B => (p, f.dims()[1]),
+        });
         let y = y.map(|y| y.reshape([n, pl, ql]));
-        let out = host::apply_rows(t, factors, &plan.steps, scale, y);
+        let out = host::apply_rows(t, factors, &steps, scale, y);
         return KronIntermediate { t: out, lead }.finish();
     }
     let factors = in_order(fold_scale(a_chain, b_chain, scale));

@@ -191,7 +191,7 @@ fn three_d_input_gradients_equal_the_row_references() {
 
 /// An adapted layer's forward in inference equals `x·W + b + x·ΔW` for LoRA (rank 1, and rank
 /// 4 over enough rows that flex's host add splits them over threads), KronA (in the host rows'
-/// shapes) and Kron-LoRA (every order); `apply_add` gives `apply(x) + y`, and a `y` still
+/// shapes) and Kron-LoRA (ranks 8 and 2, every order); `apply_add` gives `apply(x) + y`, and a `y` still
 /// shared elsewhere keeps its values (on flex these add into `y`'s buffer on the host).
 #[test]
 fn inference_forward_and_apply_add_equal_the_references() {
@@ -216,17 +216,20 @@ fn check_inference_adds<B: Backend, A: AutodiffBackend>(dev: &B::Device, _: &A::
     let dw = scale_ref(&kron_ref(&a, [16, 16], &b, [24, 24]), 0.5);
     let k = KronA::from_factors(t2(&a, [16, 16]), t2(&b, [24, 24]), 0.5).unwrap();
     cases.push((Adapter::KronA(k), dw, [384, 384, 9], "krona".into()));
-    let (a, b1, b2) = (rng.vec(4 * 6), rng.vec(16 * 8), rng.vec(8 * 16));
-    let dw = scale_ref(
-        &kron_ref(&a, [4, 6], &matmul_ref(&b1, 16, 8, &b2, 16), [16, 16]),
-        1.5,
-    );
-    for plan in kron_adapters::KronPlan::all(1, 2) {
-        let factors = (t2(&a, [4, 6]), t2(&b1, [16, 8]), t2(&b2, [8, 16]));
-        let k = KronLora::from_factors(factors.0, factors.1, factors.2, 1.5).unwrap();
-        let what = format!("kron_lora {:?}", plan.steps);
-        let k = Adapter::KronLora(k.with_plan(plan));
-        cases.push((k, dw.clone(), [64, 96, 9], what));
+    // Rank 8 (the host rows as they are) and rank 2 (as the products `a` and `b1·b2`).
+    for r in [8, 2] {
+        let (a, b1, b2) = (rng.vec(4 * 6), rng.vec(16 * r), rng.vec(r * 16));
+        let dw = scale_ref(
+            &kron_ref(&a, [4, 6], &matmul_ref(&b1, 16, r, &b2, 16), [16, 16]),
+            1.5,
+        );
+        for plan in kron_adapters::KronPlan::all(1, 2) {
+            let factors = (t2(&a, [4, 6]), t2(&b1, [16, r]), t2(&b2, [r, 16]));
+            let k = KronLora::from_factors(factors.0, factors.1, factors.2, 1.5).unwrap();
+            let what = format!("kron_lora r {r} {:?}", plan.steps);
+            let k = Adapter::KronLora(k.with_plan(plan));
+            cases.push((k, dw.clone(), [64, 96, 9], what));
+        }
     }
     for (adapter, dw, [d_in, d_out, rows], what) in cases {
         let (wv, bv) = (rng.vec(d_in * d_out), rng.vec(d_out));

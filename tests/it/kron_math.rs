@@ -178,9 +178,10 @@ fn apply_equals_materialized_kron_lora_every_order() {
 }
 
 /// `kron_apply_add(x, …, y)` is `kron_apply(x, …) + y` bit for bit, and both the reference
-/// `x·(A ⊗ B)·s + y`, for every plan of KronA and Kron-LoRA shapes (on flex both run each row
-/// through the factors on the host, in rows split over threads for the 200-row batch, and
-/// the add goes into `y`'s buffer), whether `y` is shared or not; a shared `y` keeps its values.
+/// `x·(A ⊗ B)·s + y`, for every plan of KronA, Kron-LoRA and both-sides-low-rank shapes (on
+/// flex both run each row through the factors on the host, in rows split over threads for the
+/// 200-row batch, rank-2 chains as their products, and the add goes into `y`'s buffer),
+/// whether `y` is shared or not; a shared `y` keeps its values.
 #[test]
 fn apply_add_is_the_apply_plus_y_bit_for_bit() {
     on_suite_and_flex!(check_apply_add);
@@ -189,11 +190,14 @@ fn apply_add_is_the_apply_plus_y_bit_for_bit() {
 fn check_apply_add<B: Backend, A: AutodiffBackend>(dev: &B::Device, _: &A::Device) {
     let mut rng = Rng::new(11);
     type Chain = &'static [[usize; 2]];
-    let cases: [(Chain, Chain, usize); 4] = [
+    let cases: [(Chain, Chain, usize); 6] = [
         (&[[6, 5]], &[[8, 7]], 5),
         (&[[16, 16]], &[[24, 24]], 5),
         (&[[16, 16]], &[[24, 24]], 100),
         (&[[4, 3]], &[[5, 2], [2, 7]], 5),
+        // Rank 2 between 16-wide sides: on flex as the products `a` and `b1·b2`.
+        (&[[4, 3]], &[[16, 2], [2, 16]], 5),
+        (&[[8, 2], [2, 8]], &[[16, 2], [2, 16]], 5),
     ];
     for (a_shapes, b_shapes, rows) in cases {
         let a_data: Vec<Vec<f32>> = a_shapes.iter().map(|s| rng.vec(s[0] * s[1])).collect();
