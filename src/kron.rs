@@ -292,7 +292,7 @@ fn apply_then_add<B: Backend, const D: usize>(
     };
     let y_on_host = y
         .as_ref()
-        .is_none_or(|y| crate::quirks::a_steps_on_host(&t.t, y));
+        .is_none_or(|y| crate::quirks::host_loops_take(&t.t, y));
     let host = y_on_host.then(|| {
         let factors = in_order((a_chain.to_vec(), b_chain.to_vec()));
         if on_host_rows(&t.t, &factors, &plan.steps) {
@@ -315,12 +315,11 @@ fn apply_then_add<B: Backend, const D: usize>(
     });
     if let Some((factors, steps)) = host.flatten() {
         let KronIntermediate { t, lead } = t;
-        let [n, p, q] = t.dims();
-        let (pl, ql) = (factors.iter().zip(&steps)).fold((p, q), |(p, q), (f, side)| match side {
-            Side::A => (f.dims()[1], q),
-            Side::B => (p, f.dims()[1]),
+        let n = t.dims()[0];
+        let y = y.map(|y| {
+            let d_out = y.dims()[D - 1];
+            y.reshape([n, d_out])
         });
-        let y = y.map(|y| y.reshape([n, pl, ql]));
         let out = host::apply_rows(t, factors, &steps, scale, y);
         return KronIntermediate { t: out, lead }.finish();
     }
@@ -337,10 +336,10 @@ fn apply_then_add<B: Backend, const D: usize>(
 /// than [`HOST_COLUMNS_MIN`]?
 fn on_host_rows<B: Backend>(t: &Tensor<B, 3>, factors: &[Tensor<B, 2>], steps: &[Side]) -> bool {
     let fits = |n: usize, max: usize| n > 0 && n <= max;
-    if !crate::quirks::a_steps_on_host(t, t)
+    if !crate::quirks::host_loops_take(t, t)
         || factors
             .iter()
-            .any(|f| !crate::quirks::a_steps_on_host(f, t))
+            .any(|f| !crate::quirks::host_loops_take(f, t))
     {
         return false;
     }

@@ -32,7 +32,7 @@
 //! One is about many small products: the Kronecker apply's `a` step is a broadcast batched
 //! product (`n` products of `[p', p]·[p, q]`, 16 × 16 × 24 at MiniLM's width), and flex makes
 //! one `gemm` call per row for it; on flex (`f32`, outside autodiff: the registered node calls
-//! it on the inner backend) [`a_steps_on_host`] sends the step and its gradients to the crate's
+//! it on the inner backend) [`host_loops_take`] sends the step and its gradients to the crate's
 //! host loops (`crate::kron::host`).
 //!
 //! One quirk is about exactness, not speed: Burn 0.21's default `gelu_backward`, which every
@@ -128,11 +128,12 @@ fn on_host<B: Backend, const D: usize>(
     Ok(crate::kron::autodiff::host_unary(f, flat).reshape(dims))
 }
 
-/// Do the host loops of `kron::host` compute the Kronecker apply's `a` step `out[r] = fᵀ·T[r]`
-/// and its gradients for tensors `x` and `y` (two of `f`, `T` and the output's gradient `G`)?
-/// On flex itself, `f32`: not on autodiff over flex, whose graph the loops are not part of (the
-/// registered autodiff node calls them on the inner backend).
-pub(crate) fn a_steps_on_host<B: Backend, const D: usize, const E: usize>(
+/// Do the host loops of `kron::host` take tensors `x` and `y`: the Kronecker apply's `a` step
+/// `out[r] = fᵀ·T[r]` and its gradients (two of `f`, `T` and the output's gradient `G`), and in
+/// inference whole applies (`kron_apply`, `kron_apply_add`) and LoRA's add into the frozen
+/// product? On flex itself, `f32`: not on autodiff over flex, whose graph the loops are not
+/// part of (the registered autodiff node calls them on the inner backend).
+pub(crate) fn host_loops_take<B: Backend, const D: usize, const E: usize>(
     x: &Tensor<B, D>,
     y: &Tensor<B, E>,
 ) -> bool {

@@ -166,8 +166,8 @@ impl<B: Backend> LinearAdapter<B> for Lora<B> {
     /// and no pass for the add. Elsewhere `apply(x) + y`.
     fn apply_add<const D: usize>(&self, x: Tensor<B, D>, y: Tensor<B, D>) -> Tensor<B, D> {
         let up = self.up.val();
-        let on_host = quirks::a_steps_on_host(&x, &y) && quirks::a_steps_on_host(&up, &y);
-        if !on_host || self.rank() == 0 {
+        let on_host = quirks::host_loops_take(&x, &y) && quirks::host_loops_take(&up, &y);
+        if !on_host {
             return self.apply(x) + y;
         }
         let dims = y.dims();

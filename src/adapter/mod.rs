@@ -168,8 +168,9 @@ pub trait LinearAdapter<B: Backend>: Sized {
     fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>;
     /// `apply(x) + y`: the adapter's contribution added to `y` (the adapted layer's frozen
     /// product), in that order, so that autodiff sees the same graph. A method may compute it
-    /// without a tensor for its contribution: the Kronecker adapters do on burn-flex in
-    /// inference ([`crate::kron::kron_apply_add`]), with the same result bit for bit.
+    /// without a tensor for its contribution: on burn-flex in inference LoRA adds `(x·down)·up`
+    /// into `y`'s buffer, and the Kronecker adapters their last step
+    /// ([`crate::kron::kron_apply_add`], the same result bit for bit).
     ///
     /// # Shapes
     /// - `x`: `[..., d_in]`

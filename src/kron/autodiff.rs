@@ -22,7 +22,7 @@
 //! `∂f` of an `a` step is accumulated over row chunks sized so that a chunk's partial products
 //! `[c, p, p']` stay within an eighth of `T` (and at most 16 chunks): never the `[n, p', p]`
 //! tensor. On burn-flex the `a` steps and their gradients run the host loops of `kron::host`
-//! instead (where `quirks::a_steps_on_host` says; the factor's gradient only up to
+//! instead (where `quirks::host_loops_take` says; the factor's gradient only up to
 //! `host::FACTOR_GRAD_MAX`), both gradients of a step from one read of its `G`.
 //!
 //! # Why a registry
@@ -612,7 +612,7 @@ pub(crate) fn step_forward<I: Backend>(
 /// `out[r] = fᵀ·T[r]` outside autodiff: on flex by the host loops of `kron::host` (Burn's
 /// batched product runs one `gemm` call per row there), elsewhere [`contract_a_composite`].
 fn a_step<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor<B, 3> {
-    if quirks::a_steps_on_host(&f, &t) {
+    if quirks::host_loops_take(&f, &t) {
         host::contract_a(f, t)
     } else {
         contract_a_composite(f, t)
@@ -628,8 +628,8 @@ fn a_step_grads<I: Backend>(
     g: Tensor<I, 3>,
     f: Option<Tensor<I, 2>>,
 ) -> (Option<Tensor<I, 2>>, Option<Tensor<I, 3>>) {
-    let host = f.as_ref().is_none_or(|f| quirks::a_steps_on_host(f, &g))
-        && t.as_ref().is_none_or(|t| quirks::a_steps_on_host(t, &g));
+    let host = f.as_ref().is_none_or(|f| quirks::host_loops_take(f, &g))
+        && t.as_ref().is_none_or(|t| quirks::host_loops_take(t, &g));
     if !host {
         let grad_f = t.map(|t| grad_m(t, g.clone()));
         return (grad_f, f.map(|f| step_grad_input(g, f, Side::A)));

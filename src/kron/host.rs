@@ -26,7 +26,7 @@
 //! against separate multiply and add) and both from `gemm`'s order of summation; the tests
 //! check each against `f64` references.
 //!
-//! `kron::autodiff` decides where they run (`quirks::a_steps_on_host`: flex, `f32`, and not on
+//! `kron::autodiff` decides where they run (`quirks::host_loops_take`: flex, `f32`, and not on
 //! autodiff tensors: inside the registered autodiff node, and in inference).
 //!
 //! For inference the same kernel also runs whole applies and adds:
@@ -174,13 +174,29 @@ fn contract_strided<const ADD: bool>(
         let _ = isa;
         portable::contract::<ADD>(f, p, p2, fs, t, q, out)
     };
-    let chunk = (PARALLEL_MACS / (row_t * p2).max(1)).max(1);
-    if t.len() / row_t > chunk {
-        t.par_chunks(chunk * row_t)
-            .zip(out.par_chunks_mut(chunk * row_o))
-            .for_each(|(t, out)| rows(t, out));
+    in_row_chunks(t, row_t, out, row_o, row_t * p2, rows);
+}
+
+/// `f` over `input` (rows of `row_in` values) and `out` (rows of `row_out`) in order, in chunks
+/// of rows split over rayon's threads when the rows hold more than [`PARALLEL_MACS`]
+/// multiply-adds (`macs` per row), in chunks of a fixed number of rows (so the result never
+/// depends on the number of threads).
+fn in_row_chunks(
+    input: &[f32],
+    row_in: usize,
+    out: &mut [MaybeUninit<f32>],
+    row_out: usize,
+    macs: usize,
+    f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync,
+) {
+    let chunk = (PARALLEL_MACS / macs.max(1)).max(1);
+    if input.len() / row_in.max(1) > chunk {
+        input
+            .par_chunks(chunk * row_in)
+            .zip(out.par_chunks_mut(chunk * row_out))
+            .for_each(|(input, out)| f(input, out));
     } else {
-        rows(t, out)
+        f(input, out)
     }
 }
 
@@ -235,10 +251,6 @@ fn rows_into<const ADD: bool>(
     steps: &[HostStep],
     out: &mut [MaybeUninit<f32>],
 ) {
-    let (pl, ql) = chain_dims(p, q, steps);
-    let (row_t, row_o) = (p * q, pl * ql);
-    assert_eq!(t.len(), n * row_t, "t is [n, p, q]");
-    assert_eq!(out.len(), n * row_o, "out is [n, p_last, q_last]");
     let (mut pp, mut qq, mut macs, mut scratch) = (p, q, 0, 0);
     for (i, s) in steps.iter().enumerate() {
         assert_eq!(
@@ -257,6 +269,9 @@ fn rows_into<const ADD: bool>(
             scratch = scratch.max(pp * qq);
         }
     }
+    let (row_t, row_o) = (p * q, pp * qq);
+    assert_eq!(t.len(), n * row_t, "t is [n, p, q]");
+    assert_eq!(out.len(), n * row_o, "out is [n, p_last, q_last]");
     assert!(
         row_t > 0 && !steps.is_empty(),
         "rows of some input, and some step"
@@ -270,14 +285,7 @@ fn rows_into<const ADD: bool>(
             row::<ADD>(isa, tr, p, q, steps, or, &mut bufs);
         }
     };
-    let chunk = (PARALLEL_MACS / macs.max(1)).max(1);
-    if n > chunk {
-        t.par_chunks(chunk * row_t)
-            .zip(out.par_chunks_mut(chunk * row_o))
-            .for_each(|(t, out)| chunk_rows(t, out));
-    } else {
-        chunk_rows(t, out)
-    }
+    in_row_chunks(t, row_t, out, row_o, macs, chunk_rows);
 }
 
 /// One row of [`rows_into`]: `tr` (`[p, q]`) through `steps` into `or`, the intermediates in
@@ -784,7 +792,7 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
 
 /// A Kronecker apply on the host, `scale · T [n, p, q]` through every factor in turn
 /// (`steps[i]`: the axis `factors[i]` contracts), each row's intermediates in buffers of the
-/// thread's own that stay in its L1 cache; with `y` (`[n, p_last, q_last]`) the last step adds
+/// thread's own that stay in its L1 cache; with `y` the last step adds
 /// into `y`'s buffer (without a copy where `y` is not shared). In inference on flex, Burn's
 /// products would allocate (and clear, and realign) each step's output, and the adapter's add
 /// would take a pass and a tensor of its own.
@@ -798,13 +806,14 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
 /// # Shapes
 /// - `t`: `[n, p, q]`
 /// - `factors[i]`: `[p, p']` for an `A` step, `[q, q']` for a `B` step, chaining
-/// - `y`, output: `[n, p_last, q_last]`
+/// - `y`: `[n, p_last·q_last]`
+/// - output: `[n, p_last, q_last]`
 pub(crate) fn apply_rows<B: Backend>(
     t: Tensor<B, 3>,
     factors: Vec<Tensor<B, 2>>,
     steps: &[Side],
     scale: f64,
-    y: Option<Tensor<B, 3>>,
+    y: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 3> {
     let device = t.device();
     let [n, p, q] = t.dims();
@@ -825,7 +834,7 @@ pub(crate) fn apply_rows<B: Backend>(
             let mut data = values(y);
             let out = as_uninit(slice_mut(&mut data));
             rows_into::<true>(Isa::best(), &t, n, p, q, &host_steps, out);
-            Tensor::from_data(data, &device)
+            Tensor::<B, 2>::from_data(data, &device).reshape([n, pl, ql])
         }
         None => {
             let len = n * pl * ql;
@@ -868,14 +877,7 @@ pub(crate) fn product_add<B: Backend>(
         let n = h.len() / r;
         contract_strided::<true>(isa, h, r, n, [1, r], &m, 1, d, out)
     };
-    let chunk = (PARALLEL_MACS / (r * d).max(1)).max(1);
-    if n > chunk {
-        h.par_chunks(chunk * r)
-            .zip(out.par_chunks_mut(chunk * d))
-            .for_each(|(h, out)| rows(h, out));
-    } else {
-        rows(&h, out)
-    }
+    in_row_chunks(&h, r, out, d, r * d, rows);
     Tensor::from_data(data, &device)
 }
 
