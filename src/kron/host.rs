@@ -38,7 +38,10 @@
 //! * [`product_add`]: LoRA's `y + h·up`, `h`'s rows the kernel's output rows.
 //!
 //! With AVX-512F those two use a 512-bit version of the kernel ([`Isa`]), whose results are the
-//! AVX2 kernel's bit for bit.
+//! AVX2 kernel's bit for bit: eight output rows at a time where there are eight (sixteen sums in
+//! flight), columns by 48, 32, 24 and 16. In both kernels every block has its row count as a
+//! constant, so its loops unroll and its sums stay in registers (with a run-time count they
+//! moved between registers on every step of the sum).
 
 use std::mem::MaybeUninit;
 
@@ -492,8 +495,23 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
+    /// `$f` with its output-row count `J` (the second const parameter) set to the run-time
+    /// `$jb` (1 to 4), so that each block's loops unroll and its sums stay in registers.
+    macro_rules! by_rows {
+        ($jb:expr, $f:ident::<$add:ident, $($c:tt),*>($($arg:expr),*)) => {
+            match $jb {
+                8 => $f::<$add, 8, $($c),*>($($arg),*),
+                4 => $f::<$add, 4, $($c),*>($($arg),*),
+                3 => $f::<$add, 3, $($c),*>($($arg),*),
+                2 => $f::<$add, 2, $($c),*>($($arg),*),
+                _ => $f::<$add, 1, $($c),*>($($arg),*),
+            }
+        };
+    }
+
     /// [`super::contract`] over whole rows: writes every entry of `out` (with `ADD`, adds to
-    /// it).
+    /// it). Blocks of four output rows (fewer at the end) by sixteen, then eight columns, then a
+    /// scalar tail ([`narrow_cols`]).
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; `f[i, j]` (at `i·fs[0] + j·fs[1]`) lies in `f` for `i < p`,
@@ -509,7 +527,6 @@ mod x86 {
         q: usize,
         out: &mut [MaybeUninit<f32>],
     ) {
-        let q16 = q / 16 * 16;
         for (tr, or) in t.chunks_exact(p * q).zip(out.chunks_exact_mut(p2 * q)) {
             let (tp, fp) = (tr.as_ptr(), f.as_ptr());
             let op = or.as_mut_ptr().cast::<f32>();
@@ -517,22 +534,8 @@ mod x86 {
             while j < p2 {
                 let jb = (p2 - j).min(4);
                 let mut k = 0;
-                while k < q16 {
-                    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                    for i in 0..p {
-                        let t0 = _mm256_loadu_ps(tp.add(i * q + k));
-                        let t1 = _mm256_loadu_ps(tp.add(i * q + k + 8));
-                        let fr = fp.add(i * fs[0] + j * fs[1]);
-                        for (jj, a) in acc.iter_mut().enumerate().take(jb) {
-                            let b = _mm256_broadcast_ss(&*fr.add(jj * fs[1]));
-                            a[0] = _mm256_fmadd_ps(b, t0, a[0]);
-                            a[1] = _mm256_fmadd_ps(b, t1, a[1]);
-                        }
-                    }
-                    for (jj, a) in acc.iter().enumerate().take(jb) {
-                        store::<ADD>(op.add((j + jj) * q + k), a[0]);
-                        store::<ADD>(op.add((j + jj) * q + k + 8), a[1]);
-                    }
+                while k + 16 <= q {
+                    by_rows!(jb, block256::<ADD, 2>(fp, fs, tp, op, [p, q, j, k]));
                     k += 16;
                 }
                 narrow_cols::<ADD>(fp, fs, tp, op, [p, q, j, jb, k]);
@@ -541,13 +544,49 @@ mod x86 {
         }
     }
 
-    /// Columns `k..q` of output rows `j..j + jb` of one row (`tp`: `[p, q]`, `op`: its output
-    /// `[p2, q]`, `f[i, j]` at `fp + i·fs[0] + j·fs[1]`): blocks of eight, then one at a time;
-    /// the last columns of both kernels. `dims` is `[p, q, j, jb, k]`, `k` a multiple of 8.
+    /// Columns `k..k + 8·Y` of output rows `j..j + J` of one row (`tp`: `[p, q]`, `op`: its
+    /// output `[p2, q]`, `f[i, j]` at `fp + i·fs[0] + j·fs[1]`), summed over `i` from zero in
+    /// `J·Y` eight-lane registers. `dims` is `[p, q, j, k]`.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; the pointers cover those entries (the kernels' callers check
     /// the lengths), and with `ADD` the outputs are initialized.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block256<const ADD: bool, const J: usize, const Y: usize>(
+        fp: *const f32,
+        fs: [usize; 2],
+        tp: *const f32,
+        op: *mut f32,
+        [p, q, j, k]: [usize; 4],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); Y]; J];
+        for i in 0..p {
+            let tr = tp.add(i * q + k);
+            let mut tv = [_mm256_setzero_ps(); Y];
+            for (v, t) in tv.iter_mut().enumerate() {
+                *t = _mm256_loadu_ps(tr.add(8 * v));
+            }
+            let fr = fp.add(i * fs[0] + j * fs[1]);
+            for (jj, a) in acc.iter_mut().enumerate() {
+                let b = _mm256_broadcast_ss(&*fr.add(jj * fs[1]));
+                for (a, t) in a.iter_mut().zip(&tv) {
+                    *a = _mm256_fmadd_ps(b, *t, *a);
+                }
+            }
+        }
+        for (jj, a) in acc.iter().enumerate() {
+            for (v, a) in a.iter().enumerate() {
+                store::<ADD>(op.add((j + jj) * q + k + 8 * v), *a);
+            }
+        }
+    }
+
+    /// Columns `k..q` of output rows `j..j + jb` of one row, as [`block256`]: blocks of eight,
+    /// then one at a time; the last columns of both kernels. `dims` is `[p, q, j, jb, k]`.
+    ///
+    /// # Safety
+    /// As [`block256`].
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn narrow_cols<const ADD: bool>(
@@ -557,20 +596,8 @@ mod x86 {
         op: *mut f32,
         [p, q, j, jb, mut k]: [usize; 5],
     ) {
-        let q8 = q / 8 * 8;
-        while k < q8 {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for i in 0..p {
-                let t0 = _mm256_loadu_ps(tp.add(i * q + k));
-                let fr = fp.add(i * fs[0] + j * fs[1]);
-                for (jj, a) in acc.iter_mut().enumerate().take(jb) {
-                    let b = _mm256_broadcast_ss(&*fr.add(jj * fs[1]));
-                    *a = _mm256_fmadd_ps(b, t0, *a);
-                }
-            }
-            for (jj, a) in acc.iter().enumerate().take(jb) {
-                store::<ADD>(op.add((j + jj) * q + k), *a);
-            }
+        while k + 8 <= q {
+            by_rows!(jb, block256::<ADD, 1>(fp, fs, tp, op, [p, q, j, k]));
             k += 8;
         }
         for k in k..q {
@@ -584,9 +611,9 @@ mod x86 {
         }
     }
 
-    /// [`contract`] with 512-bit registers: blocks of 32, 24 (16 + 8 lanes sharing each
-    /// broadcast) and 16 columns, then [`contract`]'s 8-column block and scalar tail. Each
-    /// entry is the same fused multiply-adds over `i` in the same order from zero as in
+    /// [`contract`] with 512-bit registers: blocks of 32, 24 (the last register's upper eight
+    /// lanes masked off) and 16 columns, then [`contract`]'s 8-column block and scalar tail.
+    /// Each entry is the same fused multiply-adds over `i` in the same order from zero as in
     /// [`contract`], so the two agree bit for bit.
     ///
     /// # Safety
@@ -606,59 +633,78 @@ mod x86 {
             let op = or.as_mut_ptr().cast::<f32>();
             let mut j = 0;
             while j < p2 {
-                let jb = (p2 - j).min(4);
-                let fj = |i: usize, jj: usize| fp.add(i * fs[0] + (j + jj) * fs[1]);
+                // Eight rows where there are (eight sums or more in flight: a fused
+                // multiply-add's latency is four cycles, and two issue per cycle).
+                let jb = if p2 - j >= 8 { 8 } else { (p2 - j).min(4) };
+                let dims = |k| [p, q, j, k];
                 let mut k = 0;
+                while k + 48 <= q {
+                    by_rows!(jb, block512::<ADD, 3, false>(fp, fs, tp, op, dims(k)));
+                    k += 48;
+                }
                 while k + 32 <= q {
-                    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-                    for i in 0..p {
-                        let t0 = _mm512_loadu_ps(tp.add(i * q + k));
-                        let t1 = _mm512_loadu_ps(tp.add(i * q + k + 16));
-                        for (jj, a) in acc.iter_mut().enumerate().take(jb) {
-                            let b = _mm512_set1_ps(*fj(i, jj));
-                            a[0] = _mm512_fmadd_ps(b, t0, a[0]);
-                            a[1] = _mm512_fmadd_ps(b, t1, a[1]);
-                        }
-                    }
-                    for (jj, a) in acc.iter().enumerate().take(jb) {
-                        store512::<ADD>(op.add((j + jj) * q + k), a[0]);
-                        store512::<ADD>(op.add((j + jj) * q + k + 16), a[1]);
-                    }
+                    by_rows!(jb, block512::<ADD, 2, false>(fp, fs, tp, op, dims(k)));
                     k += 32;
                 }
                 while k + 24 <= q {
-                    let mut wide = [_mm512_setzero_ps(); 4];
-                    let mut half = [_mm256_setzero_ps(); 4];
-                    for i in 0..p {
-                        let t0 = _mm512_loadu_ps(tp.add(i * q + k));
-                        let t1 = _mm256_loadu_ps(tp.add(i * q + k + 16));
-                        for jj in 0..jb {
-                            let b = _mm512_set1_ps(*fj(i, jj));
-                            wide[jj] = _mm512_fmadd_ps(b, t0, wide[jj]);
-                            half[jj] = _mm256_fmadd_ps(_mm512_castps512_ps256(b), t1, half[jj]);
-                        }
-                    }
-                    for jj in 0..jb {
-                        store512::<ADD>(op.add((j + jj) * q + k), wide[jj]);
-                        store::<ADD>(op.add((j + jj) * q + k + 16), half[jj]);
-                    }
+                    by_rows!(jb, block512::<ADD, 2, true>(fp, fs, tp, op, dims(k)));
                     k += 24;
                 }
                 while k + 16 <= q {
-                    let mut acc = [_mm512_setzero_ps(); 4];
-                    for i in 0..p {
-                        let t0 = _mm512_loadu_ps(tp.add(i * q + k));
-                        for (jj, a) in acc.iter_mut().enumerate().take(jb) {
-                            *a = _mm512_fmadd_ps(_mm512_set1_ps(*fj(i, jj)), t0, *a);
-                        }
-                    }
-                    for (jj, a) in acc.iter().enumerate().take(jb) {
-                        store512::<ADD>(op.add((j + jj) * q + k), *a);
-                    }
+                    by_rows!(jb, block512::<ADD, 1, false>(fp, fs, tp, op, dims(k)));
                     k += 16;
                 }
                 narrow_cols::<ADD>(fp, fs, tp, op, [p, q, j, jb, k]);
                 j += jb;
+            }
+        }
+    }
+
+    /// [`block256`] with `Z` sixteen-lane registers per output row, the last one holding
+    /// eight columns in its lower lanes where `HALF` (its upper lanes zero): columns `k..k +
+    /// 16·Z` (`− 8` with `HALF`). The eight columns are loaded and stored as 256-bit values, not
+    /// masked 512-bit ones: a masked store's 64 bytes overlap the next row's first columns, and a
+    /// load of those then waits for the store to reach the cache instead of being forwarded.
+    ///
+    /// # Safety
+    /// As [`block256`], and the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn block512<const ADD: bool, const J: usize, const Z: usize, const HALF: bool>(
+        fp: *const f32,
+        fs: [usize; 2],
+        tp: *const f32,
+        op: *mut f32,
+        [p, q, j, k]: [usize; 4],
+    ) {
+        let half = |v: usize| HALF && v + 1 == Z;
+        let mut acc = [[_mm512_setzero_ps(); Z]; J];
+        for i in 0..p {
+            let tr = tp.add(i * q + k);
+            let mut tv = [_mm512_setzero_ps(); Z];
+            for (v, t) in tv.iter_mut().enumerate() {
+                *t = if half(v) {
+                    _mm512_zextps256_ps512(_mm256_loadu_ps(tr.add(16 * v)))
+                } else {
+                    _mm512_loadu_ps(tr.add(16 * v))
+                };
+            }
+            let fr = fp.add(i * fs[0] + j * fs[1]);
+            for (jj, a) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*fr.add(jj * fs[1]));
+                for (a, t) in a.iter_mut().zip(&tv) {
+                    *a = _mm512_fmadd_ps(b, *t, *a);
+                }
+            }
+        }
+        for (jj, a) in acc.iter().enumerate() {
+            for (v, a) in a.iter().enumerate() {
+                let o = op.add((j + jj) * q + k + 16 * v);
+                if half(v) {
+                    store::<ADD>(o, _mm512_castps512_ps256(*a));
+                } else {
+                    store512::<ADD>(o, *a);
+                }
             }
         }
     }
@@ -1137,18 +1183,18 @@ mod tests {
     }
 
     /// The AVX-512 kernel gives the AVX2 kernel's results bit for bit, writing and adding, in
-    /// every column block (32, 24, 16, 8, scalar) and with strided factors.
+    /// every column block (48, 32, 24, 16, 8, scalar), every block of output rows (8, 4, 3, 2,
+    /// 1) and with strided factors.
     #[test]
     fn the_512_bit_kernel_is_the_avx2_kernel_bit_for_bit() {
         if Isa::best() != Isa::Avx512 {
             eprintln!("no AVX-512 on this CPU: the 512-bit kernel is not run here");
             return;
         }
-        for (s, q) in [3, 8, 17, 24, 32, 40, 48, 56, 64, 72]
-            .into_iter()
-            .enumerate()
-        {
-            let (n, p, p2) = (3, 7, 6);
+        let qs = [3, 8, 17, 24, 32, 40, 48, 56, 64, 72];
+        let cases = qs.into_iter().flat_map(|q| [6, 11, 13].map(|p2| (q, p2)));
+        for (s, (q, p2)) in cases.enumerate() {
+            let (n, p) = (3, 7);
             let f = values(p * p2, 7 * s as u64 + 1);
             let t = values(n * p * q, 7 * s as u64 + 2);
             let y = values(n * p2 * q, 7 * s as u64 + 3);
@@ -1166,7 +1212,7 @@ mod tests {
                         .collect()
                 };
                 for add in [false, true] {
-                    let what = format!("q {q}, strides {fs:?}, add {add}");
+                    let what = format!("q {q}, p2 {p2}, strides {fs:?}, add {add}");
                     assert_eq!(run(Isa::Avx512, add), run(Isa::Avx2, add), "{what}");
                 }
             }
