@@ -496,7 +496,7 @@ mod x86 {
     use std::mem::MaybeUninit;
 
     /// `$f` with its output-row count `J` (the second const parameter) set to the run-time
-    /// `$jb` (1 to 4), so that each block's loops unroll and its sums stay in registers.
+    /// `$jb` (1 to 4, or 8), so that each block's loops unroll and its sums stay in registers.
     macro_rules! by_rows {
         ($jb:expr, $f:ident::<$add:ident, $($c:tt),*>($($arg:expr),*)) => {
             match $jb {
@@ -611,10 +611,11 @@ mod x86 {
         }
     }
 
-    /// [`contract`] with 512-bit registers: blocks of 32, 24 (the last register's upper eight
-    /// lanes masked off) and 16 columns, then [`contract`]'s 8-column block and scalar tail.
-    /// Each entry is the same fused multiply-adds over `i` in the same order from zero as in
-    /// [`contract`], so the two agree bit for bit.
+    /// [`contract`] with 512-bit registers: eight output rows at a time where there are eight,
+    /// by blocks of 48, 32, 24 (the last eight columns in a register's lower half) and 16
+    /// columns, then [`contract`]'s 8-column block and scalar tail. Each entry is the same fused
+    /// multiply-adds over `i` in the same order from zero as in [`contract`], so the two agree
+    /// bit for bit.
     ///
     /// # Safety
     /// As [`contract`], and the CPU has AVX-512F.
