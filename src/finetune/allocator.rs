@@ -19,8 +19,8 @@
 /// them too, trading memory for time: measured, one training step of a frozen 4096 → 14336
 /// layer 11–15% faster with LoRA, KronA or Kron-LoRA for 2–9% more peak memory, full
 /// fine-tuning of that layer 25% faster for 49% more, MiniLM's full fine-tuning 4% faster and
-/// its adapters unchanged (docs/benchmarks.md). It is not the default here because memory is what an
-/// adapter saves.
+/// its adapters unchanged (docs/benchmarks.md). It is not the default here because memory is
+/// what an adapter saves.
 ///
 /// Call it once, at the start of `main`, in a binary that trains or runs inference on a CPU
 /// backend. The price is memory: the process keeps its peak heap until it exits. It does not

@@ -504,7 +504,8 @@ mod x86 {
                 4 => $f::<$add, 4, $($c),*>($($arg),*),
                 3 => $f::<$add, 3, $($c),*>($($arg),*),
                 2 => $f::<$add, 2, $($c),*>($($arg),*),
-                _ => $f::<$add, 1, $($c),*>($($arg),*),
+                1 => $f::<$add, 1, $($c),*>($($arg),*),
+                jb => unreachable!("blocks of 1 to 4 or 8 output rows, not {jb}"),
             }
         };
     }
