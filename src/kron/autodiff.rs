@@ -23,7 +23,11 @@
 //! `[c, p, p']` stay within an eighth of `T` (and at most 16 chunks): never the `[n, p', p]`
 //! tensor. On burn-flex the `a` steps and their gradients run the host loops of `kron::host`
 //! instead (where `quirks::host_loops_take` says; the factor's gradient only up to
-//! `host::FACTOR_GRAD_MAX`), both gradients of a step from one read of its `G`.
+//! `host::FACTOR_GRAD_MAX`), both gradients of a step from one read of its `G`. Where every
+//! factor and row intermediate fits the host rows of inference (`kron::on_host_rows`), the
+//! node's forward is `host::apply_rows` and its backward `host::apply_grads`: every step, the
+//! `b` steps too, a chunk of rows at a time with its intermediates in the cache, no tensor
+//! between the steps (a MiniLM KronA step 577 → 546 ms, docs/benchmarks.md).
 //!
 //! # Why a registry
 //! A backward is registered on Burn's `Autodiff<I, C>` backend through its inner backend `I`,
@@ -355,8 +359,22 @@ fn forward<I: Backend>(
     steps: &[Side],
 ) -> FloatTensor<I> {
     let pair = lookup_pair(TypeId::of::<I>());
-    let mut factors = factors.into_iter();
     let mut t = float::<I, 3>(t);
+    if pair.is_none() {
+        let factors: Vec<Tensor<I, 2>> = factors.into_iter().map(float::<I, 2>).collect();
+        if super::on_host_rows(&t, &factors, steps) {
+            return host::apply_rows(t, factors, steps, 1.0, None)
+                .into_primitive()
+                .tensor();
+        }
+        return factors
+            .into_iter()
+            .zip(steps)
+            .fold(t, |t, (f, &side)| step_forward(t, f, side))
+            .into_primitive()
+            .tensor();
+    }
+    let mut factors = factors.into_iter();
     let mut i = 0;
     while let Some(f) = factors.next() {
         let side = steps[i];
@@ -559,6 +577,20 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
             return;
         };
         let t = float::<I, 3>(ckpt.retrieve_node_output(t_id));
+        let want: Vec<bool> = ops.parents[1..].iter().map(Option::is_some).collect();
+        if host_grads_take(&t, &g, &factors, &self.steps, &want) {
+            let want_t = ops.parents[0].is_some();
+            let (grad_f, grad_t) = host::apply_grads(t, g, factors, &self.steps, &want, want_t);
+            for (node, grad) in ops.parents[1..].iter().zip(grad_f) {
+                if let (Some(node), Some(grad)) = (node, grad) {
+                    grads.register::<I>(node.id, grad.into_primitive().tensor());
+                }
+            }
+            if let (Some(node), Some(grad)) = (&ops.parents[0], grad_t) {
+                grads.register::<I>(node.id, grad.into_primitive().tensor());
+            }
+            return;
+        }
         // The input of every step: T, then the recomputed intermediates.
         let mut inputs = vec![t];
         for (f, side) in factors.iter().zip(&self.steps).take(self.steps.len() - 1) {
@@ -596,6 +628,32 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
             grads.register::<I>(node.id, g.into_primitive().tensor());
         }
     }
+}
+
+/// Does [`host::apply_grads`] take this backward: the steps on the host rows
+/// (`kron::on_host_rows`), `g` on the host, and each `a` factor whose gradient is wanted within
+/// [`host::FACTOR_GRAD_MAX`] multiply-adds per row (beyond, Burn's products are faster)?
+fn host_grads_take<I: Backend>(
+    t: &Tensor<I, 3>,
+    g: &Tensor<I, 3>,
+    factors: &[Tensor<I, 2>],
+    steps: &[Side],
+    want: &[bool],
+) -> bool {
+    if !quirks::host_loops_take(t, g) || !super::on_host_rows(t, factors, steps) {
+        return false;
+    }
+    // `q` before each step: an `a` step's gradient costs `p·p'·q` multiply-adds per row.
+    let mut q = t.dims()[2];
+    for ((f, side), &wanted) in factors.iter().zip(steps).zip(want) {
+        let [rows, cols] = f.dims();
+        match side {
+            Side::A if wanted && rows * cols * q > host::FACTOR_GRAD_MAX => return false,
+            Side::A => {}
+            Side::B => q = cols,
+        }
+    }
+    true
 }
 
 pub(crate) fn step_forward<I: Backend>(

@@ -37,7 +37,11 @@
 //!   product's output;
 //! * [`product_add`]: LoRA's `y + h·up`, `h`'s rows the kernel's output rows.
 //!
-//! With AVX-512F those two use a 512-bit version of the kernel ([`Isa`]), whose results are the
+//! And for training (inside `kron::autodiff`'s node), [`apply_rows`] as the forward and
+//! [`apply_grads`] as the backward: every step's gradients from one pass over chunks of rows
+//! (`grads`).
+//!
+//! With AVX-512F these use a 512-bit version of the kernel ([`Isa`]), whose results are the
 //! AVX2 kernel's bit for bit: eight output rows at a time where there are eight (sixteen sums in
 //! flight), columns by 48, 32, 24 and 16. In both kernels every block has its row count as a
 //! constant, so its loops unroll and its sums stay in registers (with a run-time count they
@@ -51,6 +55,8 @@ use rayon::prelude::*;
 
 use super::Side;
 use crate::act::{floats, has_avx2_fma, slice_mut, values};
+
+mod grads;
 
 /// Floats of `T` and `G` per row block of [`grad_factor`] (32 KB).
 const BLOCK_FLOATS: usize = 8 * 1024;
@@ -355,9 +361,24 @@ pub(crate) fn grad_factor(t: &[f32], g: &[f32], p: usize, p2: usize, q: usize) -
 
 fn grad_factor_with(simd: bool, t: &[f32], g: &[f32], p: usize, p2: usize, q: usize) -> Vec<f32> {
     let mut out = vec![0f32; p * p2];
+    grad_factor_add(simd, t, g, p, p2, q, &mut out);
+    out
+}
+
+/// [`grad_factor`] added to `out` (`[p, p2]`).
+fn grad_factor_add(
+    simd: bool,
+    t: &[f32],
+    g: &[f32],
+    p: usize,
+    p2: usize,
+    q: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), p * p2, "out is [p, p2]");
     let (row_t, row_g) = (p * q, p2 * q);
     if row_t == 0 || row_g == 0 {
-        return out;
+        return;
     }
     assert_eq!(t.len() % row_t, 0, "t is [n, p, q]");
     assert_eq!(g.len(), t.len() / row_t * row_g, "g is [n, p2, q]");
@@ -367,13 +388,12 @@ fn grad_factor_with(simd: bool, t: &[f32], g: &[f32], p: usize, p2: usize, q: us
         if simd {
             // SAFETY: the CPU has AVX2 and FMA (`has_avx2_fma()`), and the lengths were checked
             // above.
-            unsafe { x86::grad_block(tb, gb, p, p2, q, &mut out) };
+            unsafe { x86::grad_block(tb, gb, p, p2, q, out) };
             continue;
         }
         let _ = simd;
-        portable::grad_block(tb, gb, p, p2, q, &mut out);
+        portable::grad_block(tb, gb, p, p2, q, out);
     }
-    out
 }
 
 /// The kernels in plain Rust, for CPUs without AVX2 and FMA.
@@ -865,15 +885,9 @@ pub(crate) fn apply_rows<B: Backend>(
 ) -> Tensor<B, 3> {
     let device = t.device();
     let [n, p, q] = t.dims();
-    let dims: Vec<[usize; 2]> = factors.iter().map(|f| f.dims()).collect();
-    let values_f: Vec<TensorData> = factors.into_iter().map(values).collect();
+    let (dims, values_f) = factor_values(factors);
     let floats_f: Vec<_> = values_f.iter().map(floats).collect();
-    let host_steps: Vec<HostStep> = floats_f
-        .iter()
-        .zip(&dims)
-        .zip(steps)
-        .map(|((f, &dims), &side)| HostStep { f, dims, side })
-        .collect();
+    let host_steps = host_steps(&floats_f, &dims, steps);
     let (pl, ql) = chain_dims(p, q, &host_steps);
     let t = values(t.mul_scalar(scale));
     let t = floats(&t);
@@ -894,6 +908,63 @@ pub(crate) fn apply_rows<B: Backend>(
             Tensor::from_data(TensorData::new(out, [n, pl, ql]), &device)
         }
     }
+}
+
+/// The factors' shapes and values.
+fn factor_values<B: Backend>(factors: Vec<Tensor<B, 2>>) -> (Vec<[usize; 2]>, Vec<TensorData>) {
+    let dims = factors.iter().map(|f| f.dims()).collect();
+    (dims, factors.into_iter().map(values).collect())
+}
+
+/// The steps of [`rows_into`] and [`grads::steps_grads`] from the factors' values and shapes.
+fn host_steps<'a>(
+    floats_f: &'a [std::borrow::Cow<'a, [f32]>],
+    dims: &[[usize; 2]],
+    steps: &[Side],
+) -> Vec<HostStep<'a>> {
+    (floats_f.iter().zip(dims).zip(steps))
+        .map(|((f, &dims), &side)| HostStep { f, dims, side })
+        .collect()
+}
+
+/// The gradients through `factors` applied to `t` in order (`steps[i]`: the axis `factors[i]`
+/// contracts, as in [`apply_rows`] with a scale of 1) from the output's gradient `g`, by one
+/// pass over the rows ([`grads::steps_grads`]): of each factor where `want[i]`, of `t` where
+/// `want_t`.
+///
+/// # Shapes
+/// - `t`: `[n, p, q]`
+/// - `factors[i]`: `[p, p']` for an `A` step, `[q, q']` for a `B` step, chaining
+/// - `g`: `[n, p_last, q_last]`
+/// - output: the factors' gradients (their shapes), `∂T [n, p, q]`
+pub(crate) fn apply_grads<B: Backend>(
+    t: Tensor<B, 3>,
+    g: Tensor<B, 3>,
+    factors: Vec<Tensor<B, 2>>,
+    steps: &[Side],
+    want: &[bool],
+    want_t: bool,
+) -> (Vec<Option<Tensor<B, 2>>>, Option<Tensor<B, 3>>) {
+    let device = g.device();
+    let [n, p, q] = t.dims();
+    let (dims, values_f) = factor_values(factors);
+    let floats_f: Vec<_> = values_f.iter().map(floats).collect();
+    let host_steps = host_steps(&floats_f, &dims, steps);
+    let (t, g) = (values(t), values(g));
+    let (t, g) = (floats(&t), floats(&g));
+    let len = n * p * q;
+    let mut dt = want_t.then(|| Vec::with_capacity(len));
+    let spare = dt.as_mut().map(|dt| &mut dt.spare_capacity_mut()[..len]);
+    let grads = grads::steps_grads(Isa::best(), &t, &g, [n, p, q], &host_steps, want, spare);
+    let dt = dt.map(|mut dt| {
+        // SAFETY: `steps_grads` wrote each of the first `len` entries of the buffer it was given.
+        unsafe { dt.set_len(len) };
+        Tensor::from_data(TensorData::new(dt, [n, p, q]), &device)
+    });
+    let grads = (grads.into_iter().zip(&dims))
+        .map(|(grad, &shape)| grad.map(|v| Tensor::from_data(TensorData::new(v, shape), &device)))
+        .collect();
+    (grads, dt)
 }
 
 /// `y + h·m` through [`contract`]'s kernel, `h`'s rows its output rows (`hᵀ` read through
@@ -991,7 +1062,7 @@ mod tests {
     }
 
     /// Deterministic values in [−1, 1), none zero.
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|_| {

@@ -225,14 +225,18 @@ fn check_every_plan<B: Backend, A: AutodiffBackend>(_: &B::Device, dev: &A::Devi
     let mut chain = |shapes: &[[usize; 2]]| -> Vec<(Vec<f32>, [usize; 2])> {
         shapes.iter().map(|s| (rng.vec(s[0] * s[1]), *s)).collect()
     };
-    // KronA (2 factors), Kron-LoRA (3), both sides low rank (4): one autodiff node each.
+    // KronA (2 factors), Kron-LoRA (3), both sides low rank (4): one autodiff node each; then
+    // KronA and Kron-LoRA with every intermediate 8 columns wide or more, whose backward on flex
+    // is the host's pass over chunks of rows (`kron::host::apply_grads`), over several chunks.
     let cases = [
-        (chain(&[[4, 6]]), chain(&[[5, 3]])),
-        (chain(&[[4, 6]]), chain(&[[5, 2], [2, 3]])),
-        (chain(&[[4, 2], [2, 6]]), chain(&[[5, 2], [2, 3]])),
+        (chain(&[[4, 6]]), chain(&[[5, 3]]), 70),
+        (chain(&[[4, 6]]), chain(&[[5, 2], [2, 3]]), 70),
+        (chain(&[[4, 2], [2, 6]]), chain(&[[5, 2], [2, 3]]), 70),
+        (chain(&[[4, 6]]), chain(&[[9, 8]]), 300),
+        (chain(&[[4, 6]]), chain(&[[9, 8], [8, 10]]), 300),
     ];
-    let n = 70;
-    for (a, b) in &cases {
+    for (a, b, n) in &cases {
+        let n = *n;
         let d_in = a[0].1[0] * b[0].1[0];
         let d_out = a.last().unwrap().1[1] * b.last().unwrap().1[1];
         let x = rng.vec(n * d_in);
