@@ -58,6 +58,10 @@ use crate::act::{floats, has_avx2_fma, slice_mut, values};
 
 mod grads;
 
+/// Floats of a chunk's largest row intermediate (32 KB) in [`rows_into`] and `grads`: a
+/// chunk's buffers stay in the L1 and L2 caches.
+const CHUNK_FLOATS: usize = 8 * 1024;
+
 /// Floats of `T` and `G` per row block of [`grad_factor`] (32 KB).
 const BLOCK_FLOATS: usize = 8 * 1024;
 
@@ -243,11 +247,13 @@ fn chain_dims(p: usize, q: usize, steps: &[HostStep]) -> (usize, usize) {
     })
 }
 
-/// `out[r] = T[r]` through `steps` for every row `r` (with `ADD`, added to `out`), each row's
-/// intermediates in two buffers of the chunk's own: an `a` step `fᵀ·T[r]` is [`contract`]'s
-/// kernel; a `b` step `T[r]·f` is the same kernel with the row as its factor (`T[r]ᵀ` read
-/// through strides) and `f` as its one row. Rows split over rayon's threads in fixed chunks
-/// when the work is large, as in [`contract_into`].
+/// `out[r] = T[r]` through `steps` for every row `r` (with `ADD`, added to `out`), a chunk of
+/// rows at a time ([`CHUNK_FLOATS`]), the chunk's intermediates in two buffers of its own: an
+/// `a` step `fᵀ·T[r]` is [`contract`]'s kernel over the chunk's rows; a `b` step `T[r]·f` is the
+/// same kernel with the chunk's `rows·p` rows of `q` values as its factor (read through strides
+/// as their transpose) and `f` as its one row ([`step_rows`]). Rows split over rayon's threads in
+/// fixed chunks when the work is large, as in [`contract_into`]. Each value is the same sums in
+/// the same order whatever the chunks.
 ///
 /// # Panics
 /// If the shapes do not chain or the lengths do not match them.
@@ -288,28 +294,38 @@ fn rows_into<const ADD: bool>(
     if n == 0 || row_o == 0 {
         return;
     }
+    let sub = (CHUNK_FLOATS / scratch.max(row_t).max(row_o)).max(1);
     let chunk_rows = |t: &[f32], out: &mut [MaybeUninit<f32>]| {
-        let mut bufs = [vec![0f32; scratch], vec![0f32; scratch]];
-        for (tr, or) in t.chunks_exact(row_t).zip(out.chunks_exact_mut(row_o)) {
-            row::<ADD>(isa, tr, p, q, steps, or, &mut bufs);
+        let rows = t.len() / row_t;
+        let len = sub.min(rows) * scratch;
+        let mut bufs = [vec![0f32; len], vec![0f32; len]];
+        let mut start = 0;
+        while start < rows {
+            let end = (start + sub).min(rows);
+            let (t, out) = (
+                &t[start * row_t..end * row_t],
+                &mut out[start * row_o..end * row_o],
+            );
+            chunk::<ADD>(isa, t, end - start, (p, q), steps, out, &mut bufs);
+            start = end;
         }
     };
     in_row_chunks(t, row_t, out, row_o, macs, chunk_rows);
 }
 
-/// One row of [`rows_into`]: `tr` (`[p, q]`) through `steps` into `or`, the intermediates in
-/// `bufs` (each at least as large as any of them).
-fn row<const ADD: bool>(
+/// One chunk of [`rows_into`]: `rows` rows of `t` (`[p, q]` each) through `steps` into `out`,
+/// the intermediates in `bufs` (each at least as large as any of them).
+fn chunk<const ADD: bool>(
     isa: Isa,
-    tr: &[f32],
-    p: usize,
-    q: usize,
+    t: &[f32],
+    rows: usize,
+    (p, q): (usize, usize),
     steps: &[HostStep],
-    or: &mut [MaybeUninit<f32>],
+    out: &mut [MaybeUninit<f32>],
     bufs: &mut [Vec<f32>; 2],
 ) {
     let (mut pp, mut qq) = (p, q);
-    // Where the current intermediate is: the input row, or `bufs[i]`.
+    // Where the current intermediate is: the input rows, or `bufs[i]`.
     let mut cur: Option<usize> = None;
     for (i, s) in steps.iter().enumerate() {
         let last = i + 1 == steps.len();
@@ -317,32 +333,39 @@ fn row<const ADD: bool>(
         let [b0, b1] = &mut *bufs;
         let (read, write) = if w == 0 { (&*b1, b0) } else { (&*b0, b1) };
         let src: &[f32] = match cur {
-            None => tr,
-            Some(_) => &read[..pp * qq],
+            None => t,
+            Some(_) => &read[..rows * pp * qq],
         };
         let (p2, q2) = match s.side {
             Side::A => (s.dims[1], qq),
             Side::B => (pp, s.dims[1]),
         };
-        let dst: &mut [MaybeUninit<f32>] = if last {
-            &mut *or
+        if last {
+            step_rows::<ADD>(isa, s, src, rows, (pp, qq), out);
         } else {
-            as_uninit(&mut write[..p2 * q2])
-        };
-        match (s.side, last && ADD) {
-            // `fᵀ·T`: the factor `[pp, p2]` row-major.
-            (Side::A, true) => contract_strided::<true>(isa, s.f, pp, p2, [p2, 1], src, 1, qq, dst),
-            (Side::A, false) => {
-                contract_strided::<false>(isa, s.f, pp, p2, [p2, 1], src, 1, qq, dst)
-            }
-            // `T·f`: the row `[pp, qq]` as the factor, `T[i, k]` at `k + i·qq`, `f` one row.
-            (Side::B, true) => contract_strided::<true>(isa, src, qq, pp, [1, qq], s.f, 1, q2, dst),
-            (Side::B, false) => {
-                contract_strided::<false>(isa, src, qq, pp, [1, qq], s.f, 1, q2, dst)
-            }
+            let dst = as_uninit(&mut write[..rows * p2 * q2]);
+            step_rows::<false>(isa, s, src, rows, (pp, qq), dst);
         }
         (pp, qq) = (p2, q2);
         cur = Some(w);
+    }
+}
+
+/// One step over `rows` rows (`src [rows, pp, qq]`) into `dst` (with `ADD`, added to it): an
+/// `a` step `fᵀ·T[r]` with the factor `[pp, p2]` row-major; a `b` step `T·f` with the rows'
+/// `rows·pp` rows of `qq` values as the factor (`T[i, k]` at `k + i·qq`) and `f` its one row.
+pub(super) fn step_rows<const ADD: bool>(
+    isa: Isa,
+    s: &HostStep,
+    src: &[f32],
+    rows: usize,
+    (pp, qq): (usize, usize),
+    dst: &mut [MaybeUninit<f32>],
+) {
+    let cols = s.dims[1];
+    match s.side {
+        Side::A => contract_strided::<ADD>(isa, s.f, pp, cols, [cols, 1], src, rows, qq, dst),
+        Side::B => contract_strided::<ADD>(isa, src, qq, rows * pp, [1, qq], s.f, 1, cols, dst),
     }
 }
 
@@ -556,7 +579,7 @@ mod x86 {
                 let jb = (p2 - j).min(4);
                 let mut k = 0;
                 while k + 16 <= q {
-                    by_rows!(jb, block256::<ADD, 2>(fp, fs, tp, op, [p, q, j, k]));
+                    by_rows!(jb, block256::<ADD, 2>(fp, fs, tp, op, [p, q, j, k, 0]));
                     k += 16;
                 }
                 narrow_cols::<ADD>(fp, fs, tp, op, [p, q, j, jb, k]);
@@ -567,7 +590,10 @@ mod x86 {
 
     /// Columns `k..k + 8·Y` of output rows `j..j + J` of one row (`tp`: `[p, q]`, `op`: its
     /// output `[p2, q]`, `f[i, j]` at `fp + i·fs[0] + j·fs[1]`), summed over `i` from zero in
-    /// `J·Y` eight-lane registers. `dims` is `[p, q, j, k]`.
+    /// `J·Y` eight-lane registers. `dims` is `[p, q, j, k, kept]`: with `ADD`, the first `kept`
+    /// columns of the block already hold their sums (the row's last block, moved back to end
+    /// with the row: [`narrow_cols`]) and are stored back unchanged; without `ADD` they are
+    /// written again with the same values.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; the pointers cover those entries (the kernels' callers check
@@ -579,7 +605,7 @@ mod x86 {
         fs: [usize; 2],
         tp: *const f32,
         op: *mut f32,
-        [p, q, j, k]: [usize; 4],
+        [p, q, j, k, kept]: [usize; 5],
     ) {
         let mut acc = [[_mm256_setzero_ps(); Y]; J];
         for i in 0..p {
@@ -598,13 +624,19 @@ mod x86 {
         }
         for (jj, a) in acc.iter().enumerate() {
             for (v, a) in a.iter().enumerate() {
-                store::<ADD>(op.add((j + jj) * q + k + 8 * v), *a);
+                let o = op.add((j + jj) * q + k + 8 * v);
+                if ADD && kept > 0 && v == 0 {
+                    add_after(o, *a, kept);
+                } else {
+                    store::<ADD>(o, *a);
+                }
             }
         }
     }
 
     /// Columns `k..q` of output rows `j..j + jb` of one row, as [`block256`]: blocks of eight,
-    /// then one at a time; the last columns of both kernels. `dims` is `[p, q, j, jb, k]`.
+    /// then the row's last eight columns where it has eight or more, else one at a time; the
+    /// last columns of both kernels. `dims` is `[p, q, j, jb, k]`.
     ///
     /// # Safety
     /// As [`block256`].
@@ -618,8 +650,18 @@ mod x86 {
         [p, q, j, jb, mut k]: [usize; 5],
     ) {
         while k + 8 <= q {
-            by_rows!(jb, block256::<ADD, 1>(fp, fs, tp, op, [p, q, j, k]));
+            by_rows!(jb, block256::<ADD, 1>(fp, fs, tp, op, [p, q, j, k, 0]));
             k += 8;
+        }
+        if k < q && q >= 8 {
+            // The last columns as the eight that end the row, the `k − (q − 8)` before them
+            // again (the same sums, bit for bit): a vector block instead of a scalar loop.
+            let (start, kept) = (q - 8, k - (q - 8));
+            by_rows!(
+                jb,
+                block256::<ADD, 1>(fp, fs, tp, op, [p, q, j, start, kept])
+            );
+            return;
         }
         for k in k..q {
             for jj in 0..jb {
@@ -745,6 +787,21 @@ mod x86 {
         }
     }
 
+    /// Adds lanes `kept..8` of `v` to the eight values at `p`, storing the first `kept` back as
+    /// they were (a blend, not a masked store: see [`block512`]).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `p` points at eight initialized floats.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn add_after(p: *mut f32, v: __m256, kept: usize) {
+        let old = _mm256_loadu_ps(p);
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let take = _mm256_cmpgt_epi32(lanes, _mm256_set1_epi32(kept as i32 - 1));
+        let new = _mm256_blendv_ps(old, _mm256_add_ps(old, v), _mm256_castsi256_ps(take));
+        _mm256_storeu_ps(p, new);
+    }
+
     /// Stores the eight lanes `v` at `p`, or with `ADD` adds them to the eight values there.
     ///
     /// # Safety
@@ -814,6 +871,21 @@ mod x86 {
                             }
                             k += 8;
                         }
+                    }
+                    if q8 < q && q >= 8 {
+                        // The row's last eight columns, those already summed masked off in `T`.
+                        let start = q - 8;
+                        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                        let before = _mm256_set1_epi32((q8 - start) as i32 - 1);
+                        let take = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lanes, before));
+                        for (ii, a) in acc.iter_mut().enumerate().take(ib) {
+                            let tv = _mm256_and_ps(_mm256_loadu_ps(tp.add(ii * q + start)), take);
+                            for (jj, a) in a.iter_mut().enumerate().take(jb) {
+                                let gv = _mm256_loadu_ps(gp.add(jj * q + start));
+                                *a = _mm256_fmadd_ps(tv, gv, *a);
+                            }
+                        }
+                        continue;
                     }
                     for k in q8..q {
                         for (ii, s) in tail.iter_mut().enumerate().take(ib) {

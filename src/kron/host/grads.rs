@@ -24,12 +24,9 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::{as_uninit, contract_strided, grad_factor_add, HostStep, Isa, PARALLEL_MACS};
+use super::{as_uninit, contract_strided, grad_factor_add, step_rows, HostStep, Isa};
+use super::{CHUNK_FLOATS, PARALLEL_MACS};
 use crate::kron::Side;
-
-/// Floats of a chunk's largest intermediate (32 KB): a chunk's buffers stay in the L1 and L2
-/// caches.
-const CHUNK_FLOATS: usize = 8 * 1024;
 
 /// The most groups of rows whose factor gradients are summed apart (and split over threads).
 const GROUPS: usize = 16;
@@ -223,7 +220,7 @@ impl Plan<'_> {
                 None => t,
             };
             let dst = as_uninit(&mut after[0][..rows * p2 * q2]);
-            forward_step(isa, &self.steps[i], src, rows, (pp, qq), dst);
+            step_rows::<false>(isa, &self.steps[i], src, rows, (pp, qq), dst);
         }
         let mut dt = dt;
         // Where the current gradient is: `g`, or `bufs[c]`.
@@ -289,27 +286,6 @@ impl Plan<'_> {
                 Side::A => contract_strided::<false>(isa, s.f, po, pp, [1, po], gi, rows, qq, out),
             }
             cur = Some(w);
-        }
-    }
-}
-
-/// One step forward over a chunk of `rows` rows (`src [rows, pp, qq]`) into `dst`.
-fn forward_step(
-    isa: Isa,
-    s: &HostStep,
-    src: &[f32],
-    rows: usize,
-    (pp, qq): (usize, usize),
-    dst: &mut [MaybeUninit<f32>],
-) {
-    match s.side {
-        Side::A => {
-            contract_strided::<false>(isa, s.f, pp, s.dims[1], [s.dims[1], 1], src, rows, qq, dst)
-        }
-        // `I·f` over the chunk's `rows·pp` rows: `I` as the factor read as `Iᵀ`, `f` one row.
-        Side::B => {
-            let m = rows * pp;
-            contract_strided::<false>(isa, src, qq, m, [1, qq], s.f, 1, s.dims[1], dst)
         }
     }
 }
