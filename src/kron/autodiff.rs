@@ -632,7 +632,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
 
 /// Does [`host::apply_grads`] take this backward: the steps on the host rows
 /// (`kron::on_host_rows`), `g` on the host, and each `a` factor whose gradient is wanted within
-/// [`host::FACTOR_GRAD_MAX`] multiply-adds per row (beyond, Burn's products are faster)?
+/// [`host::factor_grad_max`] multiply-adds per row (beyond, Burn's products are faster)?
 fn host_grads_take<I: Backend>(
     t: &Tensor<I, 3>,
     g: &Tensor<I, 3>,
@@ -648,7 +648,7 @@ fn host_grads_take<I: Backend>(
     for ((f, side), &wanted) in factors.iter().zip(steps).zip(want) {
         let [rows, cols] = f.dims();
         match side {
-            Side::A if wanted && rows * cols * q > host::FACTOR_GRAD_MAX => return false,
+            Side::A if wanted && rows * cols * q > host::factor_grad_max() => return false,
             Side::A => {}
             Side::B => q = cols,
         }

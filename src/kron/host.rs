@@ -74,6 +74,17 @@ const PARALLEL_MACS: usize = 1 << 21;
 /// shapes against 64 × 64 × 64, docs/benchmarks.md).
 pub(crate) const FACTOR_GRAD_MAX: usize = 1 << 16;
 
+/// The largest `a` factor, as `p·p'·q` multiply-adds per row, whose gradient [`apply_grads`]
+/// computes: any with the 512-bit kernel ([`grad_factor_lanes`]; a 4096² KronA step, `a` 64 ×
+/// 64, 215 → 208 ms against Burn's products), [`FACTOR_GRAD_MAX`] with the AVX2 one.
+pub(crate) fn factor_grad_max() -> usize {
+    if Isa::best() == Isa::Avx512 {
+        usize::MAX
+    } else {
+        FACTOR_GRAD_MAX
+    }
+}
+
 /// `out[r] = fᵀ·T[r]` for every row `r`, into a new buffer that only the kernels write (a
 /// zeroed one would cost a pass over the output before they overwrite it).
 ///
@@ -416,6 +427,45 @@ fn grad_factor_add(
         }
         let _ = simd;
         portable::grad_block(tb, gb, p, p2, q, out);
+    }
+}
+
+/// [`grad_factor`] with the AVX-512 kernel, its sums left in sixteen lanes per entry and added
+/// to `lanes` (`[p, p2, 16]`; [`add_lanes`] sums them).
+///
+/// # Panics
+/// If the lengths do not match the shapes, or the CPU lacks AVX-512F (`Isa::best`).
+pub(crate) fn grad_factor_lanes(
+    t: &[f32],
+    g: &[f32],
+    p: usize,
+    p2: usize,
+    q: usize,
+    lanes: &mut [f32],
+) {
+    assert_eq!(
+        Isa::best(),
+        Isa::Avx512,
+        "the 512-bit kernel needs AVX-512F"
+    );
+    assert_eq!(lanes.len(), p * p2 * 16, "lanes is [p, p2, 16]");
+    let (row_t, row_g) = (p * q, p2 * q);
+    if row_t == 0 || row_g == 0 {
+        return;
+    }
+    assert_eq!(t.len() % row_t, 0, "t is [n, p, q]");
+    assert_eq!(g.len(), t.len() / row_t * row_g, "g is [n, p2, q]");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512F (asserted above), and the lengths were checked.
+    unsafe {
+        x86::grad_lanes512(t, g, p, p2, q, lanes)
+    };
+}
+
+/// Adds each entry's sixteen lanes (`lanes`, `[e, 16]`) to `out` (`[e]`), in a fixed order.
+pub(crate) fn add_lanes(lanes: &[f32], out: &mut [f32]) {
+    for (o, l) in out.iter_mut().zip(lanes.chunks_exact(16)) {
+        *o += l.iter().sum::<f32>();
     }
 }
 
@@ -906,6 +956,103 @@ mod x86 {
         }
     }
 
+    /// `∂f = Σ_r T[r]·G[r]ᵀ` over a block of rows, as [`grad_block`], with 512-bit registers
+    /// and the sums left in sixteen lanes per entry, added to `lanes` (`[p, p2, 16]`): blocks of
+    /// 4 × 4 entries (sixteen sums in flight, eight loads per sixteen multiply-adds), the row's
+    /// last columns by masked loads. The caller adds each entry's lanes up once for all its
+    /// blocks of rows, so their sum is taken across lanes once, not once per block.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `tb` is `[rows, p, q]`, `gb` `[rows, p2, q]`, `lanes` `[p, p2,
+    /// 16]` (checked by the caller).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn grad_lanes512(
+        tb: &[f32],
+        gb: &[f32],
+        p: usize,
+        p2: usize,
+        q: usize,
+        lanes: &mut [f32],
+    ) {
+        let mut i = 0;
+        while i < p {
+            let ib = if p - i >= 4 { 4 } else { 1 };
+            let mut j = 0;
+            while j < p2 {
+                let jb = if p2 - j >= 4 { 4 } else { 1 };
+                let dims = [p, p2, q, i, j];
+                match (ib, jb) {
+                    (4, 4) => grad_entries::<4, 4>(tb, gb, dims, lanes),
+                    (4, _) => grad_entries::<4, 1>(tb, gb, dims, lanes),
+                    (_, 4) => grad_entries::<1, 4>(tb, gb, dims, lanes),
+                    _ => grad_entries::<1, 1>(tb, gb, dims, lanes),
+                }
+                j += jb;
+            }
+            i += ib;
+        }
+    }
+
+    /// Entries `i..i + I` × `j..j + J` of [`grad_lanes512`]. `dims` is `[p, p2, q, i, j]`.
+    ///
+    /// # Safety
+    /// As [`grad_lanes512`].
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn grad_entries<const I: usize, const J: usize>(
+        tb: &[f32],
+        gb: &[f32],
+        [p, p2, q, i, j]: [usize; 5],
+        lanes: &mut [f32],
+    ) {
+        let (row_t, row_g) = (p * q, p2 * q);
+        let rows = tb.len() / row_t;
+        let at = |ii: usize, jj: usize| ((i + ii) * p2 + j + jj) * 16;
+        let mut acc = [[_mm512_setzero_ps(); J]; I];
+        for (ii, a) in acc.iter_mut().enumerate() {
+            for (jj, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(lanes.as_ptr().add(at(ii, jj)));
+            }
+        }
+        let tail = (q % 16) as u32;
+        let mask: __mmask16 = ((1u32 << tail) - 1) as u16;
+        for r in 0..rows {
+            let tp = tb.as_ptr().add(r * row_t + i * q);
+            let gp = gb.as_ptr().add(r * row_g + j * q);
+            let mut k = 0;
+            while k + 16 <= q {
+                let mut tv = [_mm512_setzero_ps(); I];
+                for (ii, t) in tv.iter_mut().enumerate() {
+                    *t = _mm512_loadu_ps(tp.add(ii * q + k));
+                }
+                for jj in 0..J {
+                    let gv = _mm512_loadu_ps(gp.add(jj * q + k));
+                    for (a, t) in acc.iter_mut().zip(&tv) {
+                        a[jj] = _mm512_fmadd_ps(*t, gv, a[jj]);
+                    }
+                }
+                k += 16;
+            }
+            if k < q {
+                let mut tv = [_mm512_setzero_ps(); I];
+                for (ii, t) in tv.iter_mut().enumerate() {
+                    *t = _mm512_maskz_loadu_ps(mask, tp.add(ii * q + k));
+                }
+                for jj in 0..J {
+                    let gv = _mm512_maskz_loadu_ps(mask, gp.add(jj * q + k));
+                    for (a, t) in acc.iter_mut().zip(&tv) {
+                        a[jj] = _mm512_fmadd_ps(*t, gv, a[jj]);
+                    }
+                }
+            }
+        }
+        for (ii, a) in acc.iter().enumerate() {
+            for (jj, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(at(ii, jj)), *a);
+            }
+        }
+    }
+
     /// The sum of the eight lanes.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn sum(v: __m256) -> f32 {
@@ -1113,8 +1260,8 @@ mod tests {
     use std::mem::MaybeUninit;
 
     use super::{
-        contract_into, contract_strided, grad_factor_with, has_avx2_fma, rows_into, HostStep, Isa,
-        Side, PARALLEL_MACS,
+        add_lanes, contract_into, contract_strided, grad_factor_lanes, grad_factor_with,
+        has_avx2_fma, rows_into, HostStep, Isa, Side, PARALLEL_MACS,
     };
 
     /// [`contract_into`] over a buffer of NaNs, so that an entry the kernel skips shows.
@@ -1189,6 +1336,18 @@ mod tests {
                 let ft: Vec<f32> = (0..p2 * p).map(|x| f[(x % p) * p2 + x / p]).collect();
                 let gt = contract_nan(with_simd, &ft, p2, p, &g, n, q);
                 let gf = grad_factor_with(with_simd, &t, &g, p, p2, q);
+                // With AVX-512, the 512-bit kernel's lanes too (over two blocks of rows, as the
+                // backward's chunks call it), added up.
+                let wide = (with_simd && Isa::best() == Isa::Avx512).then(|| {
+                    let mut lanes = vec![0.0; p * p2 * 16];
+                    let half = n / 2 * p * q;
+                    let gh = n / 2 * p2 * q;
+                    grad_factor_lanes(&t[..half], &g[..gh], p, p2, q, &mut lanes);
+                    grad_factor_lanes(&t[half..], &g[gh..], p, p2, q, &mut lanes);
+                    let mut sums = vec![0.0; p * p2];
+                    add_lanes(&lanes, &mut sums);
+                    sums
+                });
                 let (tv, gv) = (
                     |r, i, k| t[(r * p + i) * q + k] as f64,
                     |r, j, k| g[(r * p2 + j) * q + k] as f64,
@@ -1208,7 +1367,11 @@ mod tests {
                 for i in 0..p {
                     for j in 0..p2 {
                         let terms = (0..n * q).map(|x| tv(x / q, i, x % q) * gv(x / q, j, x % q));
-                        check(gf[i * p2 + j], terms, &what("∂f"));
+                        let terms: Vec<f64> = terms.collect();
+                        check(gf[i * p2 + j], terms.iter().copied(), &what("∂f"));
+                        if let Some(wide) = &wide {
+                            check(wide[i * p2 + j], terms.into_iter(), &what("∂f, 512-bit"));
+                        }
                     }
                 }
             }

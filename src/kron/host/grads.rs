@@ -24,7 +24,8 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::{as_uninit, contract_strided, grad_factor_add, step_rows, HostStep, Isa};
+use super::{add_lanes, as_uninit, contract_strided, grad_factor_add, grad_factor_lanes};
+use super::{step_rows, HostStep, Isa};
 use super::{CHUNK_FLOATS, PARALLEL_MACS};
 use crate::kron::Side;
 
@@ -175,6 +176,18 @@ impl Plan<'_> {
             vec![0.0; self.chunk * largest],
             vec![0.0; self.chunk * largest],
         ];
+        // With AVX-512, each `a` factor's gradient in sixteen lanes per entry, added up at the
+        // end of the group.
+        let mut lanes: Vec<Vec<f32>> = (self.steps.iter().zip(self.want))
+            .map(|(s, &w)| {
+                let wide = w && s.side == Side::A && self.isa == Isa::Avx512;
+                if wide {
+                    vec![0.0; s.f.len() * 16]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
         let rows = t.len() / row_t;
         let mut start = 0;
         while start < rows {
@@ -187,11 +200,16 @@ impl Plan<'_> {
                 &g[start * row_g..end * row_g],
                 end - start,
                 dt_chunk,
-                sums,
+                (sums, &mut lanes),
                 &mut inputs,
                 &mut bufs,
             );
             start = end;
+        }
+        for (sum, lanes) in sums.iter_mut().zip(&lanes) {
+            if !lanes.is_empty() {
+                add_lanes(lanes, sum);
+            }
         }
     }
 
@@ -203,7 +221,7 @@ impl Plan<'_> {
         g: &[f32],
         rows: usize,
         dt: Option<&mut [MaybeUninit<f32>]>,
-        sums: &mut [Vec<f32>],
+        (sums, lanes): (&mut [Vec<f32>], &mut [Vec<f32>]),
         inputs: &mut [Vec<f32>],
         bufs: &mut [Vec<f32>; 2],
     ) {
@@ -259,6 +277,9 @@ impl Plan<'_> {
                             qo,
                             as_uninit(sum),
                         )
+                    }
+                    Side::A if !lanes[i].is_empty() => {
+                        grad_factor_lanes(input, gi, pp, po, qq, &mut lanes[i])
                     }
                     Side::A => grad_factor_add(isa != Isa::Portable, input, gi, pp, po, qq, sum),
                 }
