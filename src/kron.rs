@@ -216,9 +216,10 @@ impl ContractionOrder {
 /// smallest factor, so it costs nothing per token (on the host rows below it goes on `x`, in the
 /// pass that reads it). On an autodiff backend registered with
 /// [`autodiff::register_backward`] the steps are one autodiff node that recomputes its
-/// intermediates in the backward ([`autodiff::apply_steps`]). In inference on burn-flex (`f32`)
-/// each row goes through every factor on the host, its intermediates in the L1 cache
-/// (`kron::host::apply_rows`; factors of up to 4,096 values; a chain whose rank-wide
+/// intermediates in the backward ([`autodiff::apply_steps`]; on burn-flex that node's forward
+/// and backward run on the host a chunk of rows at a time). In inference on burn-flex (`f32`)
+/// each chunk of rows goes through every factor on the host, its intermediates in the L1 and L2
+/// caches (`kron::host::apply_rows`; factors of up to 16,384 values; a chain whose rank-wide
 /// intermediates are narrower than 8 columns as its small products `A` and `B`).
 ///
 /// # Shapes
