@@ -110,14 +110,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let loader_valid = DataLoaderBuilder::new(ClassifierBatcher)
         .batch_size(cfg.eval_batch_size)
         .build(InMemDataset::new(data.dev.clone()));
-    // The main job's optimizer and schedule: AdamW with its weight decay and per-parameter
-    // clipping, linear warm-up and decay over the optimizer steps of all epochs.
+    // The main job's optimizer and schedule: AdamW (its step one fused pass on flex) with its
+    // weight decay and per-parameter clipping, linear warm-up and decay over the optimizer
+    // steps of all epochs.
     let steps = train.len().div_ceil(cfg.batch_size * args.devices) * cfg.epochs;
     let warmup = (cfg.warmup * steps as f64).ceil() as usize;
-    let optim = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
-        .init();
+    let optim = kron_adapters::optim::adamw(
+        &AdamWConfig::new()
+            .with_weight_decay(cfg.weight_decay as f32)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32))),
+    );
     let early = MetricEarlyStoppingStrategy::new(
         &LossMetric::<Train>::new(),
         Aggregate::Mean,

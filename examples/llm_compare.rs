@@ -687,7 +687,7 @@ fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
     let refs: Vec<&Encoded> = batch.iter().collect();
     let parts = parts.unwrap_or_else(|| kron_adapters::shards::default_parts::<Train>(&device));
     let tokens: usize = refs.iter().map(|e| e.continuation().len()).sum();
-    let mut optim = AdamWConfig::new().init();
+    let mut optim = kron_adapters::optim::adamw(&AdamWConfig::new());
     let mut model = Some(model);
     let mut times = Vec::new();
     for _ in 0..3 {

@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut layer = AdaptedLinear::new(base.clone(), &cfg, &device)?;
     println!("parameters: {}", layer.param_counts());
 
-    let mut optim = AdamWConfig::new().init();
+    let mut optim = kron_adapters::optim::adamw(&AdamWConfig::new());
     let batch = 128;
     for step in 0..=300 {
         let i = (step * batch) % 1024;

@@ -49,6 +49,7 @@ pub mod linear;
 pub mod llm;
 pub mod model;
 pub mod multi;
+pub mod optim;
 #[cfg(feature = "collective")]
 pub mod parallel;
 pub mod params;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, Optimizer};
+use burn::optim::Optimizer;
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
@@ -25,11 +25,12 @@ use super::train::FinetuneConfig;
 use crate::error::AdapterError;
 use crate::linear::AdapterLayers;
 use crate::model::bert::BertClassifier;
+use crate::optim::FusedAdamW;
 use crate::store::st::write_atomic;
 use crate::store::{load_params_matching, save_params_matching, CheckpointMeta};
 
 /// The optimizer the fine-tuning loop uses.
-pub type Optim<B> = OptimizerAdaptor<AdamW, BertClassifier<B>, B>;
+pub type Optim<B> = OptimizerAdaptor<FusedAdamW, BertClassifier<B>, B>;
 
 /// Where a run is, besides its tensors.
 #[derive(Clone, Debug, Serialize, Deserialize)]

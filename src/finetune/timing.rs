@@ -86,7 +86,7 @@ pub fn train_step_ms<B: AutodiffBackend>(
         device,
     );
     let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let mut optim = AdamWConfig::new().init();
+    let mut optim = crate::optim::adamw(&AdamWConfig::new());
     let mut holder = Some(model);
     let mut failed = None;
     let ms = median_ms(
@@ -143,7 +143,7 @@ pub fn layer_step_ms<B: AutodiffBackend>(
     };
     let trainable = count_params(&layer).trainable;
     let x = Tensor::<B, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), device);
-    let mut optim = AdamWConfig::new().init();
+    let mut optim = crate::optim::adamw(&AdamWConfig::new());
     let elements = (tokens * d_out) as f64;
     let mut holder = Some(layer);
     let mut failed = None;

@@ -530,10 +530,11 @@ pub fn train_model_resumable<B: AutodiffBackend>(
     let parts = cfg
         .batch_parts
         .unwrap_or_else(|| shards::default_parts::<B>(device));
-    let mut optim: super::resume::Optim<B> = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
-        .init();
+    let mut optim: super::resume::Optim<B> = crate::optim::adamw(
+        &AdamWConfig::new()
+            .with_weight_decay(cfg.weight_decay as f32)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32))),
+    );
     let checkpoints = Checkpoints::new(out_dir, &model);
     let patterns = trainable_patterns(cfg.placement.train);
     let resume_root = out_dir

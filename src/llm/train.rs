@@ -158,10 +158,11 @@ pub fn finetune_mc<B: AutodiffBackend>(
     } else {
         total_steps.div_ceil(cfg.evals)
     };
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32)))
-        .init();
+    let mut optim = crate::optim::adamw(
+        &AdamWConfig::new()
+            .with_weight_decay(cfg.weight_decay as f32)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip_norm as f32))),
+    );
     let trainable = count_params(&model).trainable;
     let parts = cfg
         .batch_parts
