@@ -228,15 +228,8 @@ mod tests {
 
     /// Deterministic values in [−1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect()
     }
 
     /// A linear layer trained for `steps` steps on fixed random batches by `step`, its weight

@@ -250,12 +250,30 @@ pub(crate) struct HostStep<'a> {
     pub side: Side,
 }
 
-/// The `[p, q]` of a row after `steps`, from its `[p, q]` before.
-fn chain_dims(p: usize, q: usize, steps: &[HostStep]) -> (usize, usize) {
-    steps.iter().fold((p, q), |(p, q), s| match s.side {
-        Side::A => (s.dims[1], q),
-        Side::B => (p, s.dims[1]),
-    })
+/// The `[p, q]` of a row before each of `steps` and after the last (`p, q` first), and the
+/// multiply-adds per row of them all.
+///
+/// # Panics
+/// If a factor's values do not match its shape, or the shapes do not chain.
+fn chain_dims(p: usize, q: usize, steps: &[HostStep]) -> (Vec<(usize, usize)>, usize) {
+    let mut dims = vec![(p, q)];
+    let mut macs = 0;
+    for s in steps {
+        let (pp, qq) = *dims.last().expect("starts with T's");
+        assert_eq!(
+            s.f.len(),
+            s.dims[0] * s.dims[1],
+            "a factor's values match its shape"
+        );
+        let (inner, next) = match s.side {
+            Side::A => (pp, (s.dims[1], qq)),
+            Side::B => (qq, (pp, s.dims[1])),
+        };
+        assert_eq!(s.dims[0], inner, "the factors chain");
+        macs += pp * qq * s.dims[1];
+        dims.push(next);
+    }
+    (dims, macs)
 }
 
 /// `out[r] = T[r]` through `steps` for every row `r` (with `ADD`, added to `out`), a chunk of
@@ -277,31 +295,22 @@ fn rows_into<const ADD: bool>(
     steps: &[HostStep],
     out: &mut [MaybeUninit<f32>],
 ) {
-    let (mut pp, mut qq, mut macs, mut scratch) = (p, q, 0, 0);
-    for (i, s) in steps.iter().enumerate() {
-        assert_eq!(
-            s.f.len(),
-            s.dims[0] * s.dims[1],
-            "a factor's values match its shape"
-        );
-        let (inner, out_dims) = match s.side {
-            Side::A => (pp, (s.dims[1], qq)),
-            Side::B => (qq, (pp, s.dims[1])),
-        };
-        assert_eq!(s.dims[0], inner, "the factors chain");
-        macs += pp * qq * s.dims[1];
-        (pp, qq) = out_dims;
-        if i + 1 < steps.len() {
-            scratch = scratch.max(pp * qq);
-        }
-    }
-    let (row_t, row_o) = (p * q, pp * qq);
-    assert_eq!(t.len(), n * row_t, "t is [n, p, q]");
-    assert_eq!(out.len(), n * row_o, "out is [n, p_last, q_last]");
     assert!(
-        row_t > 0 && !steps.is_empty(),
+        p * q > 0 && !steps.is_empty(),
         "rows of some input, and some step"
     );
+    let (dims, macs) = chain_dims(p, q, steps);
+    let size = |(a, b): (usize, usize)| a * b;
+    // The intermediates: after each step but the last.
+    let scratch = dims[1..steps.len()]
+        .iter()
+        .copied()
+        .map(size)
+        .max()
+        .unwrap_or(0);
+    let (row_t, row_o) = (p * q, size(dims[steps.len()]));
+    assert_eq!(t.len(), n * row_t, "t is [n, p, q]");
+    assert_eq!(out.len(), n * row_o, "out is [n, p_last, q_last]");
     if n == 0 || row_o == 0 {
         return;
     }
@@ -340,13 +349,7 @@ fn chunk<const ADD: bool>(
     let mut cur: Option<usize> = None;
     for (i, s) in steps.iter().enumerate() {
         let last = i + 1 == steps.len();
-        let w = cur.map_or(0, |c| 1 - c);
-        let [b0, b1] = &mut *bufs;
-        let (read, write) = if w == 0 { (&*b1, b0) } else { (&*b0, b1) };
-        let src: &[f32] = match cur {
-            None => t,
-            Some(_) => &read[..rows * pp * qq],
-        };
+        let (src, write, w) = in_turn(bufs, cur, t, rows * pp * qq);
         let (p2, q2) = match s.side {
             Side::A => (s.dims[1], qq),
             Side::B => (pp, s.dims[1]),
@@ -360,6 +363,25 @@ fn chunk<const ADD: bool>(
         (pp, qq) = (p2, q2);
         cur = Some(w);
     }
+}
+
+/// Two buffers used in turn: the current values (`first` before any step, else the first
+/// `len` values of `bufs[c]` for `cur = Some(c)`), the buffer the next step writes, and its
+/// index (the next `cur`).
+pub(super) fn in_turn<'a>(
+    bufs: &'a mut [Vec<f32>; 2],
+    cur: Option<usize>,
+    first: &'a [f32],
+    len: usize,
+) -> (&'a [f32], &'a mut Vec<f32>, usize) {
+    let w = cur.map_or(0, |c| 1 - c);
+    let [b0, b1] = bufs;
+    let (read, write) = if w == 0 { (&*b1, b0) } else { (&*b0, b1) };
+    let src = match cur {
+        None => first,
+        Some(_) => &read[..len],
+    };
+    (src, write, w)
 }
 
 /// One step over `rows` rows (`src [rows, pp, qq]`) into `dst` (with `ADD`, added to it): an
@@ -1107,7 +1129,10 @@ pub(crate) fn apply_rows<B: Backend>(
     let (dims, values_f) = factor_values(factors);
     let floats_f: Vec<_> = values_f.iter().map(floats).collect();
     let host_steps = host_steps(&floats_f, &dims, steps);
-    let (pl, ql) = chain_dims(p, q, &host_steps);
+    let (pl, ql) = *chain_dims(p, q, &host_steps)
+        .0
+        .last()
+        .expect("starts with T's");
     let t = values(t.mul_scalar(scale));
     let t = floats(&t);
     match y {

@@ -25,7 +25,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::{add_lanes, as_uninit, contract_strided, grad_factor_add, grad_factor_lanes};
-use super::{step_rows, HostStep, Isa};
+use super::{chain_dims, in_turn, step_rows, HostStep, Isa};
 use super::{CHUNK_FLOATS, PARALLEL_MACS};
 use crate::kron::Side;
 
@@ -55,23 +55,7 @@ pub(crate) fn steps_grads(
 ) -> Vec<Option<Vec<f32>>> {
     assert_eq!(want.len(), steps.len(), "one flag per step");
     // The `[p, q]` of each step's input, and of the output last.
-    let mut dims = vec![(p, q)];
-    let mut macs = 0;
-    for s in steps {
-        let (pp, qq) = *dims.last().expect("starts with T's");
-        assert_eq!(
-            s.f.len(),
-            s.dims[0] * s.dims[1],
-            "a factor matches its shape"
-        );
-        let (inner, next) = match s.side {
-            Side::A => (pp, (s.dims[1], qq)),
-            Side::B => (qq, (pp, s.dims[1])),
-        };
-        assert_eq!(s.dims[0], inner, "the factors chain");
-        macs += pp * qq * s.dims[1];
-        dims.push(next);
-    }
+    let (dims, macs) = chain_dims(p, q, steps);
     let size = |(a, b): (usize, usize)| a * b;
     let (row_t, row_g) = (size(dims[0]), size(dims[steps.len()]));
     assert!(row_t > 0 && row_g > 0, "rows of some values");
@@ -247,13 +231,7 @@ impl Plan<'_> {
             let s = &self.steps[i];
             let (pp, qq) = self.dims[i];
             let (po, qo) = self.dims[i + 1];
-            let w = cur.map_or(0, |c| 1 - c);
-            let [b0, b1] = &mut *bufs;
-            let (read, write) = if w == 0 { (&*b1, b0) } else { (&*b0, b1) };
-            let gi: &[f32] = match cur {
-                None => g,
-                Some(_) => &read[..rows * po * qo],
-            };
+            let (gi, write, w) = in_turn(bufs, cur, g, rows * po * qo);
             if self.want[i] {
                 let input: &[f32] = if i == 0 {
                     t
@@ -425,7 +403,7 @@ mod tests {
                 .iter()
                 .map(|&(f, dims, side)| HostStep { f, dims, side })
                 .collect();
-            let (pl, ql) = super::super::chain_dims(p, q, &steps);
+            let (pl, ql) = *super::super::chain_dims(p, q, &steps).0.last().unwrap();
             let g = values(n * pl * ql, 5);
             let as64 = |v: &[f32], abs: bool| -> Vec<f64> {
                 v.iter()
