@@ -352,7 +352,7 @@ fn contract_tracked<I: Backend, C: CheckpointStrategy>(
 
 /// The forward of a node on the inner backend: `factors` applied to `t` by [`step_forward`],
 /// or, where a fused kernel is registered for `I` ([`set_pair`]), adjacent `a`/`b` steps as one
-/// launch of it.
+/// launch of it, or on the host rows where they take the apply (`kron::on_host_rows`: flex).
 fn forward<I: Backend>(
     t: FloatTensor<I>,
     factors: impl IntoIterator<Item = FloatTensor<I>>,
@@ -360,17 +360,9 @@ fn forward<I: Backend>(
 ) -> FloatTensor<I> {
     let pair = lookup_pair(TypeId::of::<I>());
     let mut t = float::<I, 3>(t);
-    if pair.is_none() {
-        let factors: Vec<Tensor<I, 2>> = factors.into_iter().map(float::<I, 2>).collect();
-        if super::on_host_rows(&t, &factors, steps) {
-            return host::apply_rows(t, factors, steps, 1.0, None)
-                .into_primitive()
-                .tensor();
-        }
-        return factors
-            .into_iter()
-            .zip(steps)
-            .fold(t, |t, (f, &side)| step_forward(t, f, side))
+    let factors: Vec<Tensor<I, 2>> = factors.into_iter().map(float::<I, 2>).collect();
+    if pair.is_none() && super::on_host_rows(&t, &factors, steps) {
+        return host::apply_rows(t, factors, steps, 1.0, None)
             .into_primitive()
             .tensor();
     }
@@ -385,8 +377,9 @@ fn forward<I: Backend>(
                     Side::A => (f, g),
                     Side::B => (g, f),
                 };
-                let erase = |p: FloatTensor<I>| -> Box<dyn Any> { Box::new(p) };
-                let out = pair(erase(t.into_primitive().tensor()), erase(fa), erase(fb));
+                let erase =
+                    |p: Tensor<I, 2>| -> Box<dyn Any> { Box::new(p.into_primitive().tensor()) };
+                let out = pair(Box::new(t.into_primitive().tensor()), erase(fa), erase(fb));
                 let out = *out
                     .downcast::<FloatTensor<I>>()
                     .expect("the registered kernel is the one for I's TypeId");
@@ -394,7 +387,7 @@ fn forward<I: Backend>(
                 i += 2;
             }
             _ => {
-                t = step_forward(t, float::<I, 2>(f), side);
+                t = step_forward(t, f, side);
                 i += 1;
             }
         }
