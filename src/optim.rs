@@ -44,6 +44,7 @@ use burn::optim::{
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+use serde::Deserialize;
 
 use crate::act::{slice_mut, values};
 
@@ -59,7 +60,7 @@ pub struct FusedAdamW {
 }
 
 /// [`FusedAdamW`]'s hyperparameters, as `AdamWConfig` names them.
-#[derive(Clone, Copy, Debug, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Deserialize)]
 struct Hyper {
     beta_1: f32,
     beta_2: f32,
@@ -80,22 +81,27 @@ impl std::fmt::Debug for FusedAdamW {
     }
 }
 
+/// `AdamWConfig`'s serialized form, which names its fields (private in Burn).
+fn serialized(config: &AdamWConfig) -> Option<serde_json::Value> {
+    serde_json::to_value(config).ok()
+}
+
 impl FusedAdamW {
     /// The optimizer `config` describes (its gradient clipping aside: [`adamw`] applies it).
     pub fn new(config: &AdamWConfig) -> Self {
-        // `AdamWConfig`'s fields are private; its serialized form names them.
-        let fused = serde_json::to_value(config)
-            .ok()
-            .and_then(|v| serde_json::from_value::<Hyper>(v).ok())
+        Self::from_serialized(config, serialized(config).as_ref())
+    }
+
+    fn from_serialized(config: &AdamWConfig, fields: Option<&serde_json::Value>) -> Self {
+        let fused = fields
+            .and_then(|v| Hyper::deserialize(v).ok())
             .filter(|h| !h.amsgrad && !h.cautious_weight_decay);
         Self {
             inner: config.build(),
             fused,
         }
     }
-}
 
-impl FusedAdamW {
     /// The hyperparameters of the fused pass where it takes this step: burn-flex, `f32`, a
     /// configuration it does (no AMSGrad, no cautious weight decay).
     fn fuses<B: Backend, const D: usize>(
@@ -119,11 +125,11 @@ impl FusedAdamW {
 pub fn adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
     config: &AdamWConfig,
 ) -> OptimizerAdaptor<FusedAdamW, M, B> {
-    let optim = OptimizerAdaptor::from(FusedAdamW::new(config));
-    let clipping = serde_json::to_value(config)
-        .ok()
-        .and_then(|v| v.get("grad_clipping").cloned())
-        .and_then(|v| serde_json::from_value::<Option<GradientClippingConfig>>(v).ok())
+    let fields = serialized(config);
+    let optim = OptimizerAdaptor::from(FusedAdamW::from_serialized(config, fields.as_ref()));
+    let clipping = (fields.as_ref())
+        .and_then(|v| v.get("grad_clipping"))
+        .and_then(|v| Option::<GradientClippingConfig>::deserialize(v).ok())
         .flatten();
     match clipping {
         Some(clipping) => optim.with_grad_clipping(clipping.init()),

@@ -87,6 +87,7 @@ pub(crate) fn steps_grads(
         want,
         transposed: &transposed,
         chunk,
+        rows: [row_t, row_g, largest],
     };
     let zeros = || -> Vec<Vec<f32>> {
         (steps.iter().zip(want))
@@ -137,6 +138,8 @@ struct Plan<'a> {
     transposed: &'a [Vec<f32>],
     /// Rows per chunk.
     chunk: usize,
+    /// Values of a row of `T`, of `G`, and of the largest of a row's intermediates.
+    rows: [usize; 3],
 }
 
 impl Plan<'_> {
@@ -148,13 +151,11 @@ impl Plan<'_> {
         mut dt: Option<&mut [MaybeUninit<f32>]>,
         sums: &mut [Vec<f32>],
     ) {
-        let size = |(a, b): (usize, usize)| a * b;
-        let (row_t, row_g) = (size(self.dims[0]), size(self.dims[self.steps.len()]));
-        let largest = self.dims.iter().copied().map(size).max().unwrap_or(1);
+        let [row_t, row_g, largest] = self.rows;
         // The recomputed inputs of steps 1.., and two buffers for the gradients between steps.
         let mut inputs: Vec<Vec<f32>> = self.dims[1..self.steps.len()]
             .iter()
-            .map(|&d| vec![0.0; self.chunk * size(d)])
+            .map(|&(a, b)| vec![0.0; self.chunk * a * b])
             .collect();
         let mut bufs = [
             vec![0.0; self.chunk * largest],
