@@ -43,7 +43,8 @@
 //!
 //! With AVX-512F these use a 512-bit version of the kernel ([`Isa`]), whose results are the
 //! AVX2 kernel's bit for bit: eight output rows at a time where there are eight (sixteen sums in
-//! flight), columns by 48, 32, 24 and 16. In both kernels every block has its row count as a
+//! flight), columns by 48, 32, 24 and 16, and rows of 24 columns in pairs (three full registers
+//! instead of one and a half each). In both kernels every block has its row count as a
 //! constant, so its loops unroll and its sums stay in registers (with a run-time count they
 //! moved between registers on every step of the sum).
 
@@ -613,13 +614,13 @@ mod x86 {
     /// `$f` with its output-row count `J` (the second const parameter) set to the run-time
     /// `$jb` (1 to 4, or 8), so that each block's loops unroll and its sums stay in registers.
     macro_rules! by_rows {
-        ($jb:expr, $f:ident::<$add:ident, $($c:tt),*>($($arg:expr),*)) => {
+        ($jb:expr, $f:ident::<$add:ident $(, $c:tt)*>($($arg:expr),*)) => {
             match $jb {
-                8 => $f::<$add, 8, $($c),*>($($arg),*),
-                4 => $f::<$add, 4, $($c),*>($($arg),*),
-                3 => $f::<$add, 3, $($c),*>($($arg),*),
-                2 => $f::<$add, 2, $($c),*>($($arg),*),
-                1 => $f::<$add, 1, $($c),*>($($arg),*),
+                8 => $f::<$add, 8 $(, $c)*>($($arg),*),
+                4 => $f::<$add, 4 $(, $c)*>($($arg),*),
+                3 => $f::<$add, 3 $(, $c)*>($($arg),*),
+                2 => $f::<$add, 2 $(, $c)*>($($arg),*),
+                1 => $f::<$add, 1 $(, $c)*>($($arg),*),
                 jb => unreachable!("blocks of 1 to 4 or 8 output rows, not {jb}"),
             }
         };
@@ -748,9 +749,10 @@ mod x86 {
 
     /// [`contract`] with 512-bit registers: eight output rows at a time where there are eight,
     /// by blocks of 48, 32, 24 (the last eight columns in a register's lower half) and 16
-    /// columns, then [`contract`]'s 8-column block and scalar tail. Each entry is the same fused
-    /// multiply-adds over `i` in the same order from zero as in [`contract`], so the two agree
-    /// bit for bit.
+    /// columns, then [`contract`]'s 8-column block and scalar tail; rows of 24 columns two at a
+    /// time ([`pair24`]: MiniLM's `b` width, where one row's block leaves a quarter of its
+    /// lanes empty). Each entry is the same fused multiply-adds over `i` in the same order from
+    /// zero as in [`contract`], so the two agree bit for bit.
     ///
     /// # Safety
     /// As [`contract`], and the CPU has AVX-512F.
@@ -764,6 +766,30 @@ mod x86 {
         q: usize,
         out: &mut [MaybeUninit<f32>],
     ) {
+        let (mut t, mut out) = (t, out);
+        if q == 24 {
+            // Two rows' 24 columns fill three sixteen-lane registers (one row's fill one and a
+            // half): the rows in pairs, the last one alone.
+            let pairs = t.len() / (2 * p * q);
+            let (tt, rest_t) = t.split_at(pairs * 2 * p * q);
+            let (oo, rest_o) = out.split_at_mut(pairs * 2 * p2 * q);
+            for (tr, or) in tt
+                .chunks_exact(2 * p * q)
+                .zip(oo.chunks_exact_mut(2 * p2 * q))
+            {
+                let (tp, fp) = (tr.as_ptr(), f.as_ptr());
+                let op = or.as_mut_ptr().cast::<f32>();
+                let mut j = 0;
+                while j < p2 {
+                    // Four output rows: twelve sums in flight (eight rows' 24 would leave the
+                    // compiler one register short, and a sum then goes through the stack).
+                    let jb = (p2 - j).min(4);
+                    by_rows!(jb, pair24::<ADD>(fp, fs, tp, op, [p, p2, j]));
+                    j += jb;
+                }
+            }
+            (t, out) = (rest_t, rest_o);
+        }
         for (tr, or) in t.chunks_exact(p * q).zip(out.chunks_exact_mut(p2 * q)) {
             let (tp, fp) = (tr.as_ptr(), f.as_ptr());
             let op = or.as_mut_ptr().cast::<f32>();
@@ -842,6 +868,53 @@ mod x86 {
                     store512::<ADD>(o, *a);
                 }
             }
+        }
+    }
+
+    /// Output rows `j..j + J` of two rows of 24 columns (`tp`: `[2, p, 24]`, `op`: `[2, p2,
+    /// 24]`; `dims` is `[p, p2, j]`), [`block512`]'s sums with the two rows side by side in three
+    /// sixteen-lane registers: the first row's columns 0..16, its columns 16..24 and the second
+    /// row's 0..8, the second row's 8..24. Every lane holds a sum (one row's 24 columns use a
+    /// register and a half), and each entry is the same fused multiply-adds in the same order as
+    /// in [`block512`].
+    ///
+    /// # Safety
+    /// As [`block512`].
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn pair24<const ADD: bool, const J: usize>(
+        fp: *const f32,
+        fs: [usize; 2],
+        tp: *const f32,
+        op: *mut f32,
+        [p, p2, j]: [usize; 3],
+    ) {
+        let (tp1, op1) = (tp.add(p * 24), op.add(p2 * 24));
+        let mut acc = [[_mm512_setzero_ps(); 3]; J];
+        for i in 0..p {
+            let (r0, r1) = (tp.add(i * 24), tp1.add(i * 24));
+            let lo = _mm512_castps256_ps512(_mm256_loadu_ps(r0.add(16)));
+            let hi = _mm256_castps_pd(_mm256_loadu_ps(r1));
+            let tv = [
+                _mm512_loadu_ps(r0),
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi)),
+                _mm512_loadu_ps(r1.add(8)),
+            ];
+            let fr = fp.add(i * fs[0] + j * fs[1]);
+            for (jj, a) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*fr.add(jj * fs[1]));
+                for (a, t) in a.iter_mut().zip(&tv) {
+                    *a = _mm512_fmadd_ps(b, *t, *a);
+                }
+            }
+        }
+        for (jj, [a0, a1, a2]) in acc.iter().enumerate() {
+            let (o0, o1) = (op.add((j + jj) * 24), op1.add((j + jj) * 24));
+            store512::<ADD>(o0, *a0);
+            store::<ADD>(o0.add(16), _mm512_castps512_ps256(*a1));
+            let a1_hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*a1));
+            store::<ADD>(o1, _mm256_castpd_ps(a1_hi));
+            store512::<ADD>(o1.add(8), *a2);
         }
     }
 
@@ -1527,7 +1600,8 @@ mod tests {
         let qs = [3, 8, 17, 24, 32, 40, 48, 56, 64, 72];
         let cases = qs.into_iter().flat_map(|q| [6, 11, 13].map(|p2| (q, p2)));
         for (s, (q, p2)) in cases.enumerate() {
-            let (n, p) = (3, 7);
+            // Rows in pairs where q = 24 (`pair24`), the last alone where n is odd.
+            let (n, p) = (3 + s % 2, 7);
             let f = values(p * p2, 7 * s as u64 + 1);
             let t = values(n * p * q, 7 * s as u64 + 2);
             let y = values(n * p2 * q, 7 * s as u64 + 3);
