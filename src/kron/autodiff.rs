@@ -362,7 +362,7 @@ fn forward<I: Backend>(
     let mut t = float::<I, 3>(t);
     let factors: Vec<Tensor<I, 2>> = factors.into_iter().map(float::<I, 2>).collect();
     if pair.is_none() && super::on_host_rows(&t, &factors, steps) {
-        return host::apply_rows(t, factors, steps, 1.0, None)
+        return host::apply_rows_kept(t, factors, steps)
             .into_primitive()
             .tensor();
     }

@@ -48,7 +48,9 @@
 //! constant, so its loops unroll and its sums stay in registers (with a run-time count they
 //! moved between registers on every step of the sum).
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -1197,8 +1199,99 @@ pub(crate) fn apply_rows<B: Backend>(
     scale: f64,
     y: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 3> {
-    let device = t.device();
-    let [n, p, q] = t.dims();
+    let (device, [n, p, q]) = (t.device(), t.dims());
+    let values_t = values(t.mul_scalar(scale));
+    let floats_t = floats(&values_t);
+    let all = |r: Range<usize>| Cow::Borrowed(&floats_t[r.start * p * q..r.end * p * q]);
+    rows_out(all, [n, p, q], n, (factors, steps), y, &device)
+}
+
+/// [`apply_rows`] with a scale of 1 and no `y`, for the forward of `kron::autodiff`'s node,
+/// which keeps `T` for its backward: so `T` is shared, and a large one is read
+/// [`READ_FLOATS`] values' rows at a time ([`Rows`]).
+///
+/// # Shapes
+/// As [`apply_rows`].
+pub(crate) fn apply_rows_kept<B: Backend>(
+    t: Tensor<B, 3>,
+    factors: Vec<Tensor<B, 2>>,
+    steps: &[Side],
+) -> Tensor<B, 3> {
+    let (device, [n, p, q]) = (t.device(), t.dims());
+    let rows = Rows::of(&t);
+    rows_out(
+        |r| rows.get(r),
+        [n, p, q],
+        rows.block,
+        (factors, steps),
+        None,
+        &device,
+    )
+}
+
+/// The most values of `T` that [`Rows`] copies at once, where `T` is larger than twice
+/// this.
+const READ_FLOATS: usize = 256 * 1024;
+
+/// The values of `T [n, p, q]`'s rows, for a pass that reads them a block at a time. flex
+/// copies a shared tensor's values (an adapted layer's input is shared by the layer's other
+/// products and the residual, and the autodiff node keeps it for the backward): a small `T` is
+/// copied once, in one pass (flex's scalar product by 1, which writes one new tensor), a large
+/// one a block of rows at a time (a slice's values), so that the copy is never the whole input
+/// (at 2,048 rows of 4,096 values that took 32 MB more at a training step's peak).
+struct Rows<'a, B: Backend> {
+    /// `T`, read a block at a time; or its values, copied whole.
+    t: Result<&'a Tensor<B, 3>, Vec<f32>>,
+    /// Values per row, and rows per block (all of them where copied whole).
+    row: usize,
+    block: usize,
+}
+
+impl<'a, B: Backend> Rows<'a, B> {
+    fn of(t: &'a Tensor<B, 3>) -> Self {
+        let [n, p, q] = t.dims();
+        let row = p * q;
+        if n * row <= 2 * READ_FLOATS {
+            let whole = floats_of(t.clone().mul_scalar(1.0));
+            Rows {
+                t: Err(whole),
+                row,
+                block: n.max(1),
+            }
+        } else {
+            let block = (READ_FLOATS / row.max(1)).max(1);
+            Rows {
+                t: Ok(t),
+                row,
+                block,
+            }
+        }
+    }
+
+    /// The values of rows `rows`.
+    fn get(&self, rows: Range<usize>) -> Cow<'_, [f32]> {
+        match &self.t {
+            Err(whole) => Cow::Borrowed(&whole[rows.start * self.row..rows.end * self.row]),
+            Ok(t) => Cow::Owned(floats_of((*t).clone().slice([rows]))),
+        }
+    }
+}
+
+/// A tensor's values as a vector (flex's buffer handed over where the tensor is not shared).
+fn floats_of<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    (values(t).into_vec::<f32>()).expect("the host kernels run on f32 tensors only (quirks checks)")
+}
+
+/// [`apply_rows`]'s pass: `T [n, p, q]` through `factors` `block` rows at a time (`read(rows)`
+/// gives their values), with `y` added into its buffer.
+fn rows_out<'t, B: Backend>(
+    read: impl Fn(Range<usize>) -> Cow<'t, [f32]>,
+    [n, p, q]: [usize; 3],
+    block: usize,
+    (factors, steps): (Vec<Tensor<B, 2>>, &[Side]),
+    y: Option<Tensor<B, 2>>,
+    device: &B::Device,
+) -> Tensor<B, 3> {
     let (dims, values_f) = factor_values(factors);
     let floats_f: Vec<_> = values_f.iter().map(floats).collect();
     let host_steps = host_steps(&floats_f, &dims, steps);
@@ -1206,23 +1299,32 @@ pub(crate) fn apply_rows<B: Backend>(
         .0
         .last()
         .expect("starts with T's");
-    let t = values(t.mul_scalar(scale));
-    let t = floats(&t);
+    let row_o = pl * ql;
+    let isa = Isa::best();
+    let by_blocks = |out: &mut [MaybeUninit<f32>], add: bool| {
+        for (i, out) in out.chunks_mut(block * row_o).enumerate() {
+            let rows = i * block..(i * block + block).min(n);
+            let (len, t) = (rows.len(), read(rows));
+            if add {
+                rows_into::<true>(isa, &t, len, p, q, &host_steps, out);
+            } else {
+                rows_into::<false>(isa, &t, len, p, q, &host_steps, out);
+            }
+        }
+    };
     match y {
         Some(y) => {
             let mut data = values(y);
-            let out = as_uninit(slice_mut(&mut data));
-            rows_into::<true>(Isa::best(), &t, n, p, q, &host_steps, out);
-            Tensor::<B, 2>::from_data(data, &device).reshape([n, pl, ql])
+            by_blocks(as_uninit(slice_mut(&mut data)), true);
+            Tensor::<B, 2>::from_data(data, device).reshape([n, pl, ql])
         }
         None => {
-            let len = n * pl * ql;
+            let len = n * row_o;
             let mut out = Vec::with_capacity(len);
-            let spare = &mut out.spare_capacity_mut()[..len];
-            rows_into::<false>(Isa::best(), &t, n, p, q, &host_steps, spare);
+            by_blocks(&mut out.spare_capacity_mut()[..len], false);
             // SAFETY: `rows_into` wrote each of the first `len` entries.
             unsafe { out.set_len(len) };
-            Tensor::from_data(TensorData::new(out, [n, pl, ql]), &device)
+            Tensor::from_data(TensorData::new(out, [n, pl, ql]), device)
         }
     }
 }
@@ -1235,7 +1337,7 @@ fn factor_values<B: Backend>(factors: Vec<Tensor<B, 2>>) -> (Vec<[usize; 2]>, Ve
 
 /// The steps of [`rows_into`] and [`grads::steps_grads`] from the factors' values and shapes.
 fn host_steps<'a>(
-    floats_f: &'a [std::borrow::Cow<'a, [f32]>],
+    floats_f: &'a [Cow<'a, [f32]>],
     dims: &[[usize; 2]],
     steps: &[Side],
 ) -> Vec<HostStep<'a>> {
@@ -1267,12 +1369,21 @@ pub(crate) fn apply_grads<B: Backend>(
     let (dims, values_f) = factor_values(factors);
     let floats_f: Vec<_> = values_f.iter().map(floats).collect();
     let host_steps = host_steps(&floats_f, &dims, steps);
-    let (t, g) = (values(t), values(g));
-    let (t, g) = (floats(&t), floats(&g));
+    let g = values(g);
+    let g = floats(&g);
     let len = n * p * q;
     let mut dt = want_t.then(|| Vec::with_capacity(len));
     let spare = dt.as_mut().map(|dt| &mut dt.spare_capacity_mut()[..len]);
-    let grads = grads::steps_grads(Isa::best(), &t, &g, [n, p, q], &host_steps, want, spare);
+    let rows = Rows::of(&t);
+    let grads = grads::steps_grads(
+        Isa::best(),
+        |r| rows.get(r),
+        &g,
+        [n, p, q],
+        &host_steps,
+        want,
+        spare,
+    );
     let dt = dt.map(|mut dt| {
         // SAFETY: `steps_grads` wrote each of the first `len` entries of the buffer it was given.
         unsafe { dt.set_len(len) };
@@ -1635,6 +1746,89 @@ mod tests {
     }
 
     /// No rows, or an empty axis: zeros wherever the output has entries.
+    /// A `T` above the size copied whole is read in blocks of rows ([`super::Rows`]), a shared
+    /// one as the autodiff node holds it: the node's forward and backward give the values of
+    /// the whole copy bit for bit (each row's sums, and each group's, do not depend on which
+    /// block holds the row).
+    #[cfg(feature = "flex")]
+    #[test]
+    fn blocks_of_rows_give_the_whole_inputs_values() {
+        use super::{apply_grads, apply_rows, apply_rows_kept, grads, Rows, READ_FLOATS};
+        use burn::backend::Flex;
+        use burn::tensor::{Tensor, TensorData};
+        use std::borrow::Cow;
+
+        let dev = Default::default();
+        // 40 rows of 128 × 128: twice the copy's bound and more, in blocks of 16 rows (the
+        // last one of 8), the backward's groups of 3 rows spread over several blocks' reads.
+        let [n, p, q] = [40, 128, 128];
+        assert!(n * p * q > 2 * READ_FLOATS && (READ_FLOATS / (p * q)) < n);
+        let tv = values(n * p * q, 11);
+        let t = Tensor::<Flex, 3>::from_data(TensorData::new(tv.clone(), [n, p, q]), &dev);
+        let kept = t.clone();
+        let shapes = [[p, 16], [q, 24]];
+        let factors: Vec<Tensor<Flex, 2>> = (shapes.iter().enumerate())
+            .map(|(i, &s)| {
+                let v = values(s[0] * s[1], 12 + i as u64);
+                Tensor::from_data(TensorData::new(v, s), &dev)
+            })
+            .collect();
+        let steps = [Side::A, Side::B];
+        assert!(Rows::of(&t).t.is_ok(), "read in blocks");
+        let bits = |t: TensorData| {
+            t.to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        let by_blocks = apply_rows_kept(t.clone(), factors.clone(), &steps);
+        let whole = apply_rows(t.clone(), factors.clone(), &steps, 1.0, None);
+        assert_eq!(
+            bits(by_blocks.into_data()),
+            bits(whole.into_data()),
+            "forward"
+        );
+
+        let gv = values(n * 16 * 24, 13);
+        let g = Tensor::<Flex, 3>::from_data(TensorData::new(gv.clone(), [n, 16, 24]), &dev);
+        let want = [true, true];
+        let (got_f, got_t) = apply_grads(t, g, factors.clone(), &steps, &want, true);
+        let fv: Vec<Vec<f32>> = factors
+            .iter()
+            .map(|f| f.to_data().to_vec().unwrap())
+            .collect();
+        let host: Vec<HostStep> = (fv.iter().zip(shapes).zip(steps))
+            .map(|((f, dims), side)| HostStep { f, dims, side })
+            .collect();
+        let mut dt = vec![MaybeUninit::new(0.0); n * p * q];
+        let whole_t =
+            |r: std::ops::Range<usize>| Cow::Borrowed(&tv[r.start * p * q..r.end * p * q]);
+        let want_f = grads::steps_grads(
+            Isa::best(),
+            whole_t,
+            &gv,
+            [n, p, q],
+            &host,
+            &want,
+            Some(&mut dt),
+        );
+        for (got, want) in got_f.into_iter().zip(want_f) {
+            let want: Vec<u32> = want.unwrap().iter().map(|v| v.to_bits()).collect();
+            assert!(
+                bits(got.unwrap().into_data()) == want,
+                "a factor's gradient"
+            );
+        }
+        // SAFETY: initialized before the call.
+        let dt: Vec<u32> = dt
+            .iter()
+            .map(|v| unsafe { v.assume_init() }.to_bits())
+            .collect();
+        assert!(bits(got_t.unwrap().into_data()) == dt, "∂T");
+        drop(kept);
+    }
+
     #[test]
     fn empty_shapes_give_zeros() {
         for with_simd in [true, false].into_iter().filter(|&s| !s || has_avx2_fma()) {

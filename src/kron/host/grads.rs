@@ -20,7 +20,9 @@
 //! own and the groups' sums added in order, so the result never depends on the number of
 //! threads.
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -35,8 +37,11 @@ const GROUPS: usize = 16;
 /// The gradients of `out = T` through `steps` (as [`super::rows_into`] computes it) from the
 /// output's gradient `g`: of each factor `i` where `want[i]`, and of `T` into `dt` where given.
 ///
+/// `t(rows)` gives the values of those rows of `T` (a group's at a time, so that a caller
+/// who must copy them copies a group's rows, not the whole input at once).
+///
 /// # Shapes
-/// - `t`: `[n, p, q]`
+/// - `t(rows)`: `[rows.len(), p, q]`
 /// - `g`: `[n, p_last, q_last]`
 /// - `dt`: `[n, p, q]`
 /// - output: one `[rows, cols]` gradient per factor (`None` where not wanted), row-major
@@ -44,9 +49,9 @@ const GROUPS: usize = 16;
 /// # Panics
 /// If the shapes do not chain or the lengths do not match them.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn steps_grads(
+pub(crate) fn steps_grads<'t>(
     isa: Isa,
-    t: &[f32],
+    t: impl Fn(Range<usize>) -> Cow<'t, [f32]> + Sync,
     g: &[f32],
     [n, p, q]: [usize; 3],
     steps: &[HostStep],
@@ -59,7 +64,6 @@ pub(crate) fn steps_grads(
     let size = |(a, b): (usize, usize)| a * b;
     let (row_t, row_g) = (size(dims[0]), size(dims[steps.len()]));
     assert!(row_t > 0 && row_g > 0, "rows of some values");
-    assert_eq!(t.len(), n * row_t, "t is [n, p, q]");
     assert_eq!(g.len(), n * row_g, "g is [n, p_last, q_last]");
     if let Some(dt) = &dt {
         assert_eq!(dt.len(), n * row_t, "dt is [n, p, q]");
@@ -94,12 +98,16 @@ pub(crate) fn steps_grads(
             .map(|(s, &w)| if w { vec![0.0; s.f.len()] } else { Vec::new() })
             .collect()
     };
-    let run = |(t, g, dt): Part| {
+    let run = |(rows, g, dt): Part| {
         let mut sums = zeros();
-        plan.group(t, g, dt, &mut sums);
+        let t = t(rows);
+        assert_eq!(t.len(), g.len() / row_g * row_t, "t is [n, p, q]");
+        plan.group(&t, g, dt, &mut sums);
         sums
     };
-    let ts = t.chunks(group * row_t);
+    let ts = (0..n)
+        .step_by(group)
+        .map(|start| start..(start + group).min(n));
     let gs = g.chunks(group * row_g);
     let dts: Vec<Option<&mut [MaybeUninit<f32>]>> = match dt {
         Some(dt) => dt.chunks_mut(group * row_t).map(Some).collect(),
@@ -124,8 +132,8 @@ pub(crate) fn steps_grads(
         .collect()
 }
 
-/// A group of rows: its `T`, its `G`, and where its `∂T` goes.
-type Part<'a> = (&'a [f32], &'a [f32], Option<&'a mut [MaybeUninit<f32>]>);
+/// A group of rows: which rows, their `G`, and where their `∂T` goes.
+type Part<'a> = (Range<usize>, &'a [f32], Option<&'a mut [MaybeUninit<f32>]>);
 
 /// What every chunk shares: the steps, their inputs' dimensions, the gradients wanted.
 struct Plan<'a> {
@@ -292,7 +300,9 @@ impl Plan<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
     use std::mem::MaybeUninit;
+    use std::ops::Range;
 
     use super::{steps_grads, HostStep, Isa, Side, CHUNK_FLOATS, GROUPS, PARALLEL_MACS};
     use crate::kron::host::tests::values;
@@ -430,7 +440,8 @@ mod tests {
                     let run = || {
                         let mut dt = vec![MaybeUninit::new(f32::NAN); n * p * q];
                         let dt_arg = with_t.then_some(&mut dt[..]);
-                        let grads = steps_grads(isa, &t, &g, [n, p, q], &steps, want, dt_arg);
+                        let t = |r: Range<usize>| Cow::Borrowed(&t[r.start * p * q..r.end * p * q]);
+                        let grads = steps_grads(isa, t, &g, [n, p, q], &steps, want, dt_arg);
                         // SAFETY: initialized before the call.
                         let dt: Vec<f32> = dt.iter().map(|v| unsafe { v.assume_init() }).collect();
                         (grads, dt)
