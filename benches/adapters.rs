@@ -3,10 +3,10 @@
 //! a shared machine are noisy; ratios within one run are not).
 //!
 //! ```text
-//! cargo bench --features full --bench adapters               # everything (~12 min on 2 CPU cores)
+//! cargo bench --features full --bench adapters               # everything (~13 min on 2 CPU cores)
 //! cargo bench --features full --bench adapters -- --quick    # smaller sizes (~3 min)
 //! cargo bench --features full --bench adapters -- --width 4096,14336   # one width's adapters alone
-//! cargo bench --features full --bench adapters -- --inference          # the inference table alone
+//! cargo bench --features full --bench adapters -- --inference          # the inference table alone (~5 min)
 //! cargo bench --features full,wgpu --bench adapters          # the same on a GPU
 //! cargo bench --features full,wgpu --bench adapters -- --fused-kernel   # with kron::cube's kernel
 //! ```
@@ -476,54 +476,74 @@ fn step_table(b: usize, t: usize, budget: f64) -> (String, Vec<(String, f64)>) {
 /// flex's default two.
 const INFERENCE_SHAPES: &[(usize, usize, usize)] = &[(1, 10, 1), (32, 64, 1), (32, 64, 2)];
 
+/// Rounds of the inference table: in each, every method's unmerged and merged model is timed
+/// right after the base, so that each ratio compares times taken minutes apart at most (the
+/// machine's speed drifts more than that over a whole table); the table shows each figure's
+/// median over the rounds.
+const INFERENCE_ROUNDS: usize = 3;
+
 /// `shapes`: batch, tokens per sequence, and parts of the batch computed at once
 /// (`shards::forward`).
 fn inference_table(shapes: &[(usize, usize, usize)], budget: f64) -> String {
     let dev = Default::default();
     let cfg = BertConfig::minilm_l6();
-    let mut out = String::from(
-        "### Inference: the base encoder, merged and unmerged adapters\n\nForward of the classifier on the inference backend, median ms; merged = linear adapters folded into the weights; parts = parts of the batch computed at once (`shards::forward`).\n\n| method | tokens | parts | base ms | unmerged ms | merged ms | unmerged vs base | merged vs base |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    let mut out = format!(
+        "### Inference: the base encoder, merged and unmerged adapters\n\nForward of the classifier on the inference backend, median ms; merged = linear adapters folded into the weights; parts = parts of the batch computed at once (`shards::forward`). Medians of {INFERENCE_ROUNDS} rounds, each timing the base right before every method's unmerged and merged model (the ratios are the medians of each round's ratios).\n\n| method | tokens | parts | base ms | unmerged ms | merged ms | unmerged vs base | merged vs base |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     let ms = |m: &BertClassifier<Inner>, b, t, parts| {
         inference_ms(m, cfg.vocab_size, b, t, parts, budget, &dev).expect("valid parts")
     };
-    for &(b, t, parts) in shapes {
-        let base = BertClassifier::<Inner>::new(
-            &mut TensorSource::random(2),
-            &cfg,
-            &PlacementConfig::default(),
-            2,
-            &dev,
-        )
-        .unwrap();
-        let base_ms = ms(&base, b, t, parts);
-        for (name, peft) in [
-            (
-                "LoRA r=1",
-                PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(1))),
-            ),
-            (
-                "KronA a (16,16)",
-                PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto())),
-            ),
-            (
-                "KronA a (2,192)",
-                PlacementConfig::linear(AdapterConfig::KronA(
-                    KronAConfig::auto().with_a_shape([2, 192]),
-                )),
-            ),
-        ] {
-            let m =
-                BertClassifier::<Inner>::new(&mut TensorSource::random(2), &cfg, &peft, 2, &dev)
-                    .unwrap();
-            let un = ms(&m, b, t, parts);
+    let model = |peft: &PlacementConfig| {
+        BertClassifier::<Inner>::new(&mut TensorSource::random(2), &cfg, peft, 2, &dev).unwrap()
+    };
+    let base = model(&PlacementConfig::default());
+    let methods = [
+        (
+            "LoRA r=1",
+            PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(1))),
+        ),
+        (
+            "KronA a (16,16)",
+            PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto())),
+        ),
+        (
+            "KronA a (2,192)",
+            PlacementConfig::linear(AdapterConfig::KronA(
+                KronAConfig::auto().with_a_shape([2, 192]),
+            )),
+        ),
+    ];
+    let models: Vec<_> = (methods.iter())
+        .map(|(name, peft)| {
+            let m = model(peft);
             let mut merged = m.clone();
             merged.encoder = merged.encoder.merge().unwrap();
-            let me = ms(&merged, b, t, parts);
+            (*name, m, merged)
+        })
+        .collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for &(b, t, parts) in shapes {
+        // Per method: base, unmerged and merged ms of each round.
+        let mut times = vec![Vec::new(); models.len()];
+        for _ in 0..INFERENCE_ROUNDS {
+            for ((_, m, merged), times) in models.iter().zip(&mut times) {
+                let base_ms = ms(&base, b, t, parts);
+                times.push([base_ms, ms(m, b, t, parts), ms(merged, b, t, parts)]);
+            }
+        }
+        for ((name, _, _), times) in models.iter().zip(times) {
+            let col = |i: usize| median(times.iter().map(|r| r[i]).collect());
+            let ratio = |i: usize| median(times.iter().map(|r| r[i] / r[0]).collect());
             out += &format!(
-                "| {name} | {b} × {t} | {parts} | {base_ms:.2} | {un:.2} | {me:.2} | {:.2} | {:.2} |\n",
-                un / base_ms,
-                me / base_ms
+                "| {name} | {b} × {t} | {parts} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                col(0),
+                col(1),
+                col(2),
+                ratio(1),
+                ratio(2)
             );
         }
         eprintln!("inference {b} × {t} in {parts} part(s) done");
