@@ -321,7 +321,10 @@ fn rows_into<const ADD: bool>(
     let chunk_rows = |t: &[f32], out: &mut [MaybeUninit<f32>]| {
         let rows = t.len() / row_t;
         let len = sub.min(rows) * scratch;
-        let mut bufs = [vec![0f32; len], vec![0f32; len]];
+        // The second buffer holds the second intermediate: only a chain of three steps or more
+        // has one (two steps write theirs into the first and then `out`).
+        let second = if steps.len() > 2 { len } else { 0 };
+        let mut bufs = [vec![0f32; len], vec![0f32; second]];
         let mut start = 0;
         while start < rows {
             let end = (start + sub).min(rows);
