@@ -1189,6 +1189,10 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
 /// shared tensor's values (`into_data`) costs flex two copies, one of them realigning, where the
 /// product writes one new tensor in one pass (by 1 where the scale is 1). With one adapter per
 /// 32-row batch the server answered 10% more requests per second for it (`examples/loadgen`).
+/// A `T` of more than twice [`INFER_FLOATS`] values is copied a block of rows at a time, the
+/// blocks split over rayon's threads, each block's copy still in the thread's L2 cache when the
+/// kernel reads it ([`Rows`]): the whole copy was one thread's pass through memory, as long
+/// as the kernel at 2,048 rows of 1,536 values (docs/benchmarks.md, stop 32).
 ///
 /// # Shapes
 /// - `t`: `[n, p, q]`
@@ -1203,7 +1207,12 @@ pub(crate) fn apply_rows<B: Backend>(
     y: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 3> {
     let device = t.device();
-    rows_out(&Rows::whole(t, scale), (factors, steps), y, &device)
+    rows_out(
+        &Rows::blocks(t, INFER_FLOATS, scale),
+        (factors, steps),
+        y,
+        &device,
+    )
 }
 
 /// [`apply_rows`] with a scale of 1 and no `y`, for the forward of `kron::autodiff`'s node,
@@ -1225,33 +1234,49 @@ pub(crate) fn apply_rows_kept<B: Backend>(
 /// this.
 const READ_FLOATS: usize = 256 * 1024;
 
-/// The values of `T [n, p, q]`'s rows, for a pass that reads them a block at a time. flex
-/// copies a shared tensor's values (an adapted layer's input is shared by the layer's other
-/// products and the residual, and the autodiff node keeps it for the backward): a small `T` is
-/// copied once, in one pass (flex's scalar product by 1, which writes one new tensor), a large
-/// one a block of rows at a time (a slice's values), so that the copy is never the whole input
-/// (at 2,048 rows of 4,096 values that took 32 MB more at a training step's peak). The scalar
-/// product writes in place where `T` is not shared.
+/// The values of `T` that [`apply_rows`] copies at once (256 KB), where `T` is larger than twice
+/// this: a block's copy stays in the L2 cache until the kernel reads it, and the blocks are
+/// few enough that slicing each costs nothing measurable (measured from 8K to 256K values: 64K
+/// and 128K fastest at MiniLM's and SmolLM2's widths, 8K 25% slower than 64K).
+const INFER_FLOATS: usize = 64 * 1024;
+
+/// The values of `scale · T [n, p, q]`'s rows, for a pass that reads them a block at a time.
+/// flex copies a shared tensor's values (an adapted layer's input is shared by the layer's
+/// other products and the residual, and the autodiff node keeps it for the backward): a small
+/// `T` is copied once, in one pass (flex's scalar product, which writes one new tensor), a
+/// large one a block of rows at a time (a slice's scalar product), so that the copy is never
+/// the whole input (at 2,048 rows of 4,096 values that took 32 MB more at a training step's
+/// peak) and each block's is read while still in the cache. The scalar product writes in
+/// place where `T` is not shared.
 struct Rows<B: Backend> {
     /// `T`, read a block at a time; or its values, copied whole.
     t: Result<Tensor<B, 3>, Vec<f32>>,
     /// `T`'s `[n, p, q]`, and rows per block (all of them where copied whole).
     dims: [usize; 3],
     block: usize,
+    /// The factor the values are read times (on `T`'s values before the kernel, as for the
+    /// whole copy: the same bits whichever way `T` is read).
+    scale: f64,
 }
 
 impl<B: Backend> Rows<B> {
     /// `T`, read in blocks where it holds more than twice [`READ_FLOATS`] values.
     fn of(t: Tensor<B, 3>) -> Self {
+        Self::blocks(t, READ_FLOATS, 1.0)
+    }
+
+    /// `scale · T`, read in blocks of about `floats` values where it holds more than twice that.
+    fn blocks(t: Tensor<B, 3>, floats: usize, scale: f64) -> Self {
         let dims @ [n, p, q] = t.dims();
-        if n * p * q <= 2 * READ_FLOATS {
-            Self::whole(t, 1.0)
+        if n * p * q <= 2 * floats {
+            Self::whole(t, scale)
         } else {
-            let block = (READ_FLOATS / (p * q).max(1)).max(1);
+            let block = (floats / (p * q).max(1)).max(1);
             Rows {
                 t: Ok(t),
                 dims,
                 block,
+                scale,
             }
         }
     }
@@ -1264,6 +1289,7 @@ impl<B: Backend> Rows<B> {
             t: Err(values),
             dims,
             block: dims[0].max(1),
+            scale,
         }
     }
 
@@ -1272,7 +1298,7 @@ impl<B: Backend> Rows<B> {
         let row = self.dims[1] * self.dims[2];
         match &self.t {
             Err(whole) => Cow::Borrowed(&whole[rows.start * row..rows.end * row]),
-            Ok(t) => Cow::Owned(floats_of(t.clone().slice([rows]))),
+            Ok(t) => Cow::Owned(floats_of(t.clone().slice([rows]).mul_scalar(self.scale))),
         }
     }
 }
@@ -1282,8 +1308,8 @@ fn floats_of<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     (values(t).into_vec::<f32>()).expect("the host kernels run on f32 tensors only (quirks checks)")
 }
 
-/// [`apply_rows`]'s pass: `T [n, p, q]` through `factors` a block of `t`'s rows at a time, with
-/// `y` added into its buffer.
+/// [`apply_rows`]'s pass: `T [n, p, q]` through `factors` a block of `t`'s rows at a time (the
+/// blocks split over rayon's threads), with `y` added into its buffer.
 fn rows_out<B: Backend>(
     t: &Rows<B>,
     (factors, steps): (Vec<Tensor<B, 2>>, &[Side]),
@@ -1301,7 +1327,8 @@ fn rows_out<B: Backend>(
     let row_o = pl * ql;
     let isa = Isa::best();
     let by_blocks = |out: &mut [MaybeUninit<f32>], add: bool| {
-        for (i, out) in out.chunks_mut(block * row_o).enumerate() {
+        let blocks = out.par_chunks_mut(block * row_o).enumerate();
+        blocks.for_each(|(i, out)| {
             let rows = i * block..(i * block + block).min(n);
             let (len, t) = (rows.len(), t.get(rows));
             if add {
@@ -1309,7 +1336,7 @@ fn rows_out<B: Backend>(
             } else {
                 rows_into::<false>(isa, &t, len, p, q, &host_steps, out);
             }
-        }
+        });
     };
     match y {
         Some(y) => {
@@ -1745,13 +1772,14 @@ mod tests {
     }
 
     /// A `T` above the size copied whole is read in blocks of rows ([`super::Rows`]), a shared
-    /// one as the autodiff node holds it: the node's forward and backward give the values of
-    /// the whole copy bit for bit (each row's sums, and each group's, do not depend on which
-    /// block holds the row).
+    /// one as the autodiff node holds it: the node's forward and backward, and inference's
+    /// apply (smaller blocks, scaled, added to an output), give the values of the whole copy bit
+    /// for bit (each row's sums, and each group's, do not depend on which block holds the row).
     #[cfg(feature = "flex")]
     #[test]
     fn blocks_of_rows_give_the_whole_inputs_values() {
-        use super::{apply_grads, apply_rows, apply_rows_kept, grads, Rows, READ_FLOATS};
+        use super::{apply_grads, apply_rows, apply_rows_kept, grads, rows_out, Rows};
+        use super::{INFER_FLOATS, READ_FLOATS};
         use burn::backend::Flex;
         use burn::tensor::{Tensor, TensorData};
         use std::borrow::Cow;
@@ -1780,12 +1808,26 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect::<Vec<_>>()
         };
+        let whole = |scale, y: Option<Tensor<Flex, 2>>| {
+            let rows = Rows::whole(t.clone(), scale);
+            rows_out(&rows, (factors.clone(), &steps), y, &dev)
+        };
         let by_blocks = apply_rows_kept(t.clone(), factors.clone(), &steps);
-        let whole = apply_rows(t.clone(), factors.clone(), &steps, 1.0, None);
         // (`assert!`: the vectors are too long to print.)
         assert!(
-            bits(by_blocks.into_data()) == bits(whole.into_data()),
+            bits(by_blocks.into_data()) == bits(whole(1.0, None).into_data()),
             "forward"
+        );
+        // Inference's smaller blocks, with a scale and an output to add to.
+        assert!((INFER_FLOATS / (p * q)) < n && n * p * q > 2 * INFER_FLOATS);
+        let y = Tensor::<Flex, 2>::from_data(
+            TensorData::new(values(n * 16 * 24, 14), [n, 16 * 24]),
+            &dev,
+        );
+        let scaled = apply_rows(t.clone(), factors.clone(), &steps, 0.37, Some(y.clone()));
+        assert!(
+            bits(scaled.into_data()) == bits(whole(0.37, Some(y)).into_data()),
+            "scaled, added to y"
         );
 
         let gv = values(n * 16 * 24, 13);
