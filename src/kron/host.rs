@@ -1191,8 +1191,9 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
 /// 32-row batch the server answered 10% more requests per second for it (`examples/loadgen`).
 /// A `T` of more than twice [`INFER_FLOATS`] values is copied a block of rows at a time, the
 /// blocks split over rayon's threads, each block's copy still in the thread's L2 cache when the
-/// kernel reads it ([`Rows`]): the whole copy was one thread's pass through memory, as long
-/// as the kernel at 2,048 rows of 1,536 values (docs/benchmarks.md, stop 32).
+/// kernel reads it ([`Rows`]): the whole copy was one thread's pass through memory (at 2,048
+/// rows of 1,536 values the apply took 1.85 ms with it, 1.1 ms in blocks; docs/benchmarks.md,
+/// stop 32).
 ///
 /// # Shapes
 /// - `t`: `[n, p, q]`
