@@ -57,7 +57,7 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::Side;
-use crate::act::{floats, has_avx2_fma, slice_mut, values};
+use crate::act::{floats, has_avx2_fma, slice_mut, values, Isa};
 
 mod grads;
 
@@ -124,39 +124,6 @@ fn contract_into<const ADD: bool>(
     assert_eq!(f.len(), p * p2, "f is [p, p2]");
     let isa = if simd { Isa::Avx2 } else { Isa::Portable };
     contract_strided::<ADD>(isa, f, p, p2, [p2, 1], t, n, q, out);
-}
-
-/// Which of the kernels runs: the portable loops, the AVX2 ones, or the AVX-512 ones (bit for
-/// bit the AVX2 kernel's results: the same fused multiply-adds per entry, in the same order).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
-    Portable,
-    Avx2,
-    Avx512,
-}
-
-impl Isa {
-    /// The widest this CPU runs.
-    pub(crate) fn best() -> Self {
-        if !has_avx2_fma() {
-            return Isa::Portable;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Isa::Avx512;
-        }
-        Isa::Avx2
-    }
-
-    /// Every kernel this CPU runs, narrowest first.
-    #[cfg(test)]
-    fn available() -> Vec<Self> {
-        let best = Self::best();
-        [Isa::Portable, Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|&i| i as u8 <= best as u8)
-            .collect()
-    }
 }
 
 /// [`contract_into`] with `f[i, j]` at `f[i·fs[0] + j·fs[1]]` (`fs = [p2, 1]`: row-major `[p,
