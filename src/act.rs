@@ -235,6 +235,8 @@ macro_rules! dispatch {
     }};
 }
 
+pub(crate) use dispatch;
+
 /// `out[i] = f(x[i])`.
 pub(crate) fn apply_slice(isa: Isa, f: HostFn, x: &[f32], out: &mut [f32]) {
     dispatch!(isa, apply_avx2, (f: HostFn, x: &[f32], out: &mut [f32]), {
