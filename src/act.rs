@@ -22,6 +22,10 @@
 //! for `x ≥ 0` and `e/(1 + e)` otherwise, `e = exp(−|x|)` (the same `exp`; 0 beyond
 //! `|x| = 700`), in `f64`, rounded once; checked against `f64` `exp` from std likewise.
 //!
+//! **Softmax** (inference): `exp(x_i − m)/Σ_j exp(x_j − m)` over each row, `m` the row's
+//! largest value, the exponentials by the same `exp` and their sum in `f64`, rounded once;
+//! checked against `f64` `exp` from std to half an `f32` ulp.
+//!
 //! On burn-flex, reading a tensor's values and wrapping a new buffer are copies at most (a
 //! contiguous, unshared tensor is handed over without one), so [`forward`] and the autodiff
 //! node of `kron::autodiff` (registered with the Kronecker apply's) run one pass each way
@@ -267,6 +271,66 @@ pub(crate) fn grad_in_place(isa: Isa, f: HostFn, x: &[f32], g: &mut [f32]) {
     })
 }
 
+/// Softmax over each row of `cols` values, in place: `x_i ← exp(x_i − m)/Σ_j exp(x_j − m)`
+/// with `m` the row's largest value, the exponentials (the module's `exp`, `f64`) and their sum
+/// in `f64`, each result rounded once to `f32`. An exponent below −700 counts as −700 (its
+/// exponential, 1e-304, rounds to 0 in the quotient); a row holding NaN or +∞ gives NaN, as
+/// the formula does. `scratch` holds a row's exponentials.
+fn softmax_rows(isa: Isa, cols: usize, x: &mut [f32], scratch: &mut Vec<f64>) {
+    dispatch!(isa, softmax_avx2, (cols: usize, x: &mut [f32], scratch: &mut Vec<f64>), {
+        scratch.resize(cols, 0.0);
+        for row in x.chunks_exact_mut(cols) {
+            // Sixteen running maxima and eight running sums, so that the loops vectorize the
+            // same way in every build (the order of the sums is the source's, not the lanes').
+            let mut m = [f32::NEG_INFINITY; 16];
+            let mut blocks = row.chunks_exact(16);
+            for b in &mut blocks {
+                m.iter_mut().zip(b).for_each(|(m, &v)| *m = m.max(v));
+            }
+            let mut max = blocks.remainder().iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            max = m.iter().fold(max, |a, &v| a.max(v));
+            let max = f64::from(max);
+            for (e, &v) in scratch.iter_mut().zip(row.iter()) {
+                // (Not `max(-700.0)`, which would turn a NaN into −700.)
+                let a = f64::from(v) - max;
+                *e = exp(if a < -700.0 { -700.0 } else { a });
+            }
+            let mut sums = [0f64; 8];
+            let mut blocks = scratch.chunks_exact(8);
+            for b in &mut blocks {
+                sums.iter_mut().zip(b).for_each(|(s, &e)| *s += e);
+            }
+            let sum = blocks.remainder().iter().sum::<f64>() + sums.iter().sum::<f64>();
+            for (v, &e) in row.iter_mut().zip(scratch.iter()) {
+                *v = (e / sum) as f32;
+            }
+        }
+    })
+}
+
+/// Rows per task of [`softmax_last`]'s split over threads (fixed: each row's result does not
+/// depend on the split).
+const SOFTMAX_ROWS: usize = 64;
+
+/// Softmax over `x`'s last dimension by [`softmax_rows`] (in place where `x` is not shared,
+/// rows split over rayon's threads), for inference on flex, whose own softmax calls libm's
+/// scalar `expf` once per value.
+pub(crate) fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    use rayon::prelude::*;
+    let device = x.device();
+    let cols = x.dims()[D - 1];
+    let mut data = values(x);
+    if cols > 0 {
+        let isa = Isa::best();
+        slice_mut(&mut data)
+            .par_chunks_mut(SOFTMAX_ROWS * cols)
+            .for_each_init(Vec::new, |scratch, rows| {
+                softmax_rows(isa, cols, rows, scratch)
+            });
+    }
+    Tensor::from_data(data, &device)
+}
+
 /// Does this tensor hold `f32` (the kernels' type)?
 pub(crate) fn is_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
     t.dtype() == burn::tensor::DType::F32
@@ -326,7 +390,7 @@ pub(crate) fn backward<B: Backend>(f: HostFn, x: &TensorData, g: Tensor<B, 1>) -
 
 #[cfg(test)]
 mod tests {
-    use super::{apply_in_place, apply_slice, exp, grad_in_place, HostFn, Isa};
+    use super::{apply_in_place, apply_slice, exp, grad_in_place, softmax_rows, HostFn, Isa};
 
     #[test]
     fn exp_matches_std_over_its_range() {
@@ -483,5 +547,63 @@ mod tests {
         assert_eq!(d[0], 0.5);
         assert_eq!(d[5], 0.0);
         assert_eq!(d[6], 1.0);
+    }
+
+    /// Softmax rows of several widths (under 8, between the blocks, long), with masked
+    /// entries (−1e4, −∞), large and tiny values: each result within half an `f32` ulp of the
+    /// `f64` formula (std's `exp`), rows summing to 1, and every build's results the widest's.
+    #[test]
+    fn softmax_rows_are_correctly_rounded() {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for cols in [1, 5, 16, 23, 64, 100, 333] {
+            let rows = 40;
+            let xs: Vec<f32> = (0..rows * cols)
+                .map(|i| match i % 97 {
+                    3 => -1e4,
+                    7 if i % cols != 0 => f32::NEG_INFINITY,
+                    _ => ((next() - 0.5) * 60.0) as f32,
+                })
+                .collect();
+            let by = |isa| {
+                let mut y = xs.clone();
+                softmax_rows(isa, cols, &mut y, &mut Vec::new());
+                y
+            };
+            let y = by(Isa::best());
+            for isa in Isa::available() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&by(isa)) == bits(&y), "{isa:?}, {cols} columns");
+            }
+            for (xr, yr) in xs.chunks(cols).zip(y.chunks(cols)) {
+                let max = xr
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
+                let es: Vec<f64> = xr.iter().map(|&v| (f64::from(v) - max).exp()).collect();
+                let sum: f64 = es.iter().sum();
+                for ((&x, &got), e) in xr.iter().zip(yr).zip(&es) {
+                    assert_close(got, e / sum, 1e-300, "softmax", x);
+                }
+                let total: f64 = yr.iter().map(|&v| f64::from(v)).sum();
+                assert!(
+                    (total - 1.0).abs() < 1e-5 * cols as f64,
+                    "{cols} columns sum to {total}"
+                );
+            }
+        }
+        // NaN or +∞ in a row: NaN throughout; a row of −∞ alone: NaN (0/0), as the formula.
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut y = vec![0.5, bad, -1.0];
+            softmax_rows(Isa::best(), 3, &mut y, &mut Vec::new());
+            assert!(y.iter().all(|v| v.is_nan()), "{bad} gives {y:?}");
+        }
+        let mut y = vec![f32::NEG_INFINITY; 4];
+        softmax_rows(Isa::best(), 4, &mut y, &mut Vec::new());
+        assert!(y.iter().all(|v| v.is_nan()));
     }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear, LinearConfig};
-use burn::tensor::{activation, backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
 use super::heads::{merge_heads, split_heads};
 use super::source::TensorSource;
@@ -107,7 +107,7 @@ impl<B: Backend> Attention<B> {
         let k = split(self.key.forward_routed(x.clone(), routing));
         let v = split(self.value.forward_routed(x.clone(), routing));
         let scores = q.matmul(k.transpose()) + mask;
-        let probs = dropout(&self.probs_dropout, activation::softmax(scores, 3));
+        let probs = dropout(&self.probs_dropout, crate::quirks::softmax(scores, 3));
         let ctx = merge_heads(probs.matmul(v));
         let out = dropout(&self.dropout, self.output.forward_routed(ctx, routing));
         self.norm.forward(out + x)

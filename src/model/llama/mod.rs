@@ -18,7 +18,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
-use burn::tensor::{activation, backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 
 use super::heads;
 use super::source::{Fill, TensorSource};
@@ -265,7 +265,7 @@ impl<B: Backend> LlamaAttention<B> {
         // The regrouping copies q; on flex as a product (`heads`).
         let q = heads::contiguous(q).reshape([b, kvh, g * s, hd]);
         let scores = q.matmul(k.swap_dims(2, 3)) + mask;
-        let probs = activation::softmax(scores, 3);
+        let probs = crate::quirks::softmax(scores, 3);
         let ctx = probs.matmul(v).reshape([b, h, s, hd]);
         // The merge's gradient, a permuted view, is regrouped by a reshape: contiguous first.
         let ctx = heads::contiguous_gradient(ctx);
