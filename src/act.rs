@@ -308,6 +308,49 @@ fn softmax_rows(isa: Isa, cols: usize, x: &mut [f32], scratch: &mut Vec<f64>) {
     })
 }
 
+/// Softmax's backward over each row of `cols` values, from its output `y`, in place on the
+/// output's gradient: `g_i ← y_i·(g_i − Σ_j g_j·y_j)`, the sum and the product in `f64`,
+/// rounded once.
+fn softmax_grad_rows(isa: Isa, cols: usize, y: &[f32], g: &mut [f32]) {
+    dispatch!(isa, softmax_grad_avx2, (cols: usize, y: &[f32], g: &mut [f32]), {
+        for (yr, gr) in y.chunks_exact(cols).zip(g.chunks_exact_mut(cols)) {
+            let mut sums = [0f64; 8];
+            let (mut yb, mut gb) = (yr.chunks_exact(8), gr.chunks_exact(8));
+            for (a, b) in (&mut yb).zip(&mut gb) {
+                for k in 0..8 {
+                    sums[k] += f64::from(a[k]) * f64::from(b[k]);
+                }
+            }
+            let tail = yb.remainder().iter().zip(gb.remainder());
+            let s = tail.map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>()
+                + sums.iter().sum::<f64>();
+            for (gv, &yv) in gr.iter_mut().zip(yr) {
+                *gv = (f64::from(yv) * (f64::from(*gv) - s)) as f32;
+            }
+        }
+    })
+}
+
+/// Softmax's gradient over rows of `cols` values from its output's values `y` and the output's
+/// gradient `g` (in place on `g`'s values; the autodiff node's backward).
+pub(crate) fn softmax_backward<B: Backend>(
+    cols: usize,
+    y: &TensorData,
+    g: Tensor<B, 1>,
+) -> Tensor<B, 1> {
+    use rayon::prelude::*;
+    let device = g.device();
+    let mut gd = values(g);
+    let y = floats(y);
+    if cols > 0 {
+        let isa = Isa::best();
+        (slice_mut(&mut gd).par_chunks_mut(SOFTMAX_ROWS * cols))
+            .zip(y.par_chunks(SOFTMAX_ROWS * cols))
+            .for_each(|(g, y)| softmax_grad_rows(isa, cols, y, g));
+    }
+    Tensor::from_data(gd, &device)
+}
+
 /// Rows per task of [`softmax_last`]'s split over threads (fixed: each row's result does not
 /// depend on the split).
 const SOFTMAX_ROWS: usize = 64;
@@ -594,6 +637,46 @@ mod tests {
                     (total - 1.0).abs() < 1e-5 * cols as f64,
                     "{cols} columns sum to {total}"
                 );
+            }
+        }
+        // The backward from the output: `y·(g − Σ g·y)` to half an ulp of the f64 formula
+        // (plus the sum's cancellation), every build the widest's.
+        for cols in [1, 7, 64, 100] {
+            let mut y: Vec<f32> = (0..30 * cols)
+                .map(|_| ((next() - 0.5) * 8.0) as f32)
+                .collect();
+            softmax_rows(Isa::best(), cols, &mut y, &mut Vec::new());
+            let g: Vec<f32> = (0..30 * cols)
+                .map(|_| ((next() - 0.5) * 4.0) as f32)
+                .collect();
+            let by = |isa| {
+                let mut d = g.clone();
+                super::softmax_grad_rows(isa, cols, &y, &mut d);
+                d
+            };
+            let d = by(Isa::best());
+            for isa in Isa::available() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&by(isa)) == bits(&d),
+                    "backward, {isa:?}, {cols} columns"
+                );
+            }
+            for ((yr, gr), dr) in y.chunks(cols).zip(g.chunks(cols)).zip(d.chunks(cols)) {
+                let s: f64 = yr
+                    .iter()
+                    .zip(gr)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                let mag: f64 = yr
+                    .iter()
+                    .zip(gr)
+                    .map(|(&a, &b)| f64::from(a * b).abs())
+                    .sum();
+                for ((&yv, &gv), &got) in yr.iter().zip(gr).zip(dr) {
+                    let want = f64::from(yv) * (f64::from(gv) - s);
+                    assert_close(got, want, 1e-12 * f64::from(yv) * mag, "softmax'", gv);
+                }
             }
         }
         // NaN or +∞ in a row: NaN throughout; a row of −∞ alone: NaN (0/0), as the formula.

@@ -109,19 +109,25 @@ pub(crate) fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
     }
 }
 
-/// Softmax over dimension `dim`: on flex (`f32`, no autodiff, the last dimension) the host
-/// kernel of [`crate::act`], in place on `x`'s values, where flex's own calls libm's scalar
-/// `expf` once per value; elsewhere (and under autodiff) Burn's `softmax`.
+/// Softmax over dimension `dim`: on flex (`f32`, the last dimension) the host kernels of
+/// [`crate::act`], where flex's own softmax calls libm's scalar `expf` once per value: in
+/// place on `x`'s values without autodiff, as one autodiff node (keeping its output for the
+/// backward, `y·(g − Σ g·y)` per row) where the crate's backward is registered; elsewhere
+/// Burn's `softmax`.
 pub(crate) fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
     let device = x.device();
-    if dim + 1 == D
-        && !B::ad_enabled(&device)
-        && B::name(&device) == "flex"
-        && crate::act::is_f32(&x)
-    {
+    if dim + 1 != D || inner_name::<B>(&device) != "flex" || !crate::act::is_f32(&x) {
+        return activation::softmax(x, dim);
+    }
+    if !B::ad_enabled(&device) {
         return crate::act::softmax_last(x);
     }
-    activation::softmax(x, dim)
+    if !crate::kron::autodiff::is_registered::<B>() {
+        return activation::softmax(x, dim);
+    }
+    let dims = x.dims();
+    let flat = x.reshape([dims.iter().product::<usize>()]);
+    crate::kron::autodiff::host_softmax(flat, dims[D - 1]).reshape(dims)
 }
 
 /// `f(x)` by the host kernel where it applies (flex, `f32`; under autodiff only where the
@@ -206,9 +212,9 @@ mod tests {
     use burn::backend::{Autodiff, Flex, NdArray};
     use burn::tensor::{activation, Distribution, Tensor, Tolerance};
 
-    /// The host softmax (flex, last dimension, no autodiff) gives Burn's values to `f32`
-    /// rounding, on a shared input too (which it leaves as it was); along another dimension,
-    /// and under autodiff (whose gradient then flows), it is Burn's own.
+    /// The host softmax (flex, last dimension) gives Burn's values to `f32` rounding, on a
+    /// shared input too (which it leaves as it was), and under autodiff (registered) Burn's
+    /// gradient; along another dimension it is Burn's own.
     #[test]
     fn softmax_on_the_host_is_burns_softmax() {
         let dev = Default::default();
@@ -223,14 +229,31 @@ mod tests {
             softmax(x.clone(), 2).into_data(),
             activation::softmax(x.clone(), 2).into_data()
         );
-        let xa = Tensor::<Autodiff<Flex>, 4>::from_data(before, &dev).require_grad();
-        let ya = softmax(xa.clone(), 3);
-        let w = Tensor::<Autodiff<Flex>, 4>::random([3, 2, 5, 70], Distribution::Default, &dev);
-        let grads = (ya * w).sum().backward();
-        assert!(
-            xa.grad(&grads).is_some(),
-            "the gradient flows under autodiff"
-        );
+        // Under autodiff, registered: the node's values and gradient against Burn's.
+        type A = Autodiff<Flex>;
+        assert!(crate::kron::autodiff::register_backward::<A>());
+        let w = Tensor::<A, 4>::random([3, 2, 5, 70], Distribution::Default, &dev);
+        let run = |host: bool| {
+            let xa = Tensor::<A, 4>::from_data(before.clone(), &dev).require_grad();
+            let ya = if host {
+                softmax(xa.clone(), 3)
+            } else {
+                activation::softmax(xa.clone(), 3)
+            };
+            let grads = (ya.clone() * w.clone()).sum().backward();
+            (
+                ya.into_data(),
+                xa.grad(&grads).expect("a gradient").into_data(),
+            )
+        };
+        let ((y_host, g_host), (y_burn, g_burn)) = (run(true), run(false));
+        y_host.assert_approx_eq::<f32>(&y_burn, Tolerance::absolute(1e-6));
+        g_host.assert_approx_eq::<f32>(&g_burn, Tolerance::absolute(1e-6));
+        assert!(g_host
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .any(|&v| v.abs() > 1e-3));
     }
 
     /// On flex the products give `expand`'s values exactly; elsewhere `t` comes back as is.

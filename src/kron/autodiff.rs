@@ -204,12 +204,14 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
             contract: contract_erased::<I<AB>, NoCheckpointing>,
             apply: apply_erased::<I<AB>, NoCheckpointing>,
             unary: unary_erased::<I<AB>, NoCheckpointing>,
+            softmax: softmax_erased::<I<AB>, NoCheckpointing>,
         }
     } else if id == TypeId::of::<Autodiff<I<AB>, BalancedCheckpointing>>() {
         Registered {
             contract: contract_erased::<I<AB>, BalancedCheckpointing>,
             apply: apply_erased::<I<AB>, BalancedCheckpointing>,
             unary: unary_erased::<I<AB>, BalancedCheckpointing>,
+            softmax: softmax_erased::<I<AB>, BalancedCheckpointing>,
         }
     } else {
         return false;
@@ -255,12 +257,17 @@ type ErasedApply = fn(Box<dyn Any>, Vec<Box<dyn Any>>, &[Side]) -> Box<dyn Any>;
 /// the result are that backend's float primitives.
 type ErasedUnary = fn(Box<dyn Any>, HostFn) -> Box<dyn Any>;
 
+/// Softmax over rows of the given width through the host kernel (`crate::act`) on one
+/// registered backend: `x` and the result are that backend's float primitives.
+type ErasedSoftmax = fn(Box<dyn Any>, usize) -> Box<dyn Any>;
+
 /// A registered backend's operations.
 #[derive(Clone, Copy)]
 struct Registered {
     contract: ErasedContract,
     apply: ErasedApply,
     unary: ErasedUnary,
+    softmax: ErasedSoftmax,
 }
 
 /// Backends registered (`Some`) or opted out (`None`).
@@ -461,6 +468,68 @@ fn unary_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>, f: HostFn) -
         ),
     };
     Box::new(out)
+}
+
+/// Softmax over rows of `cols` values of the flat `x`, as one autodiff node whose forward and
+/// backward run `crate::act`'s host kernels on the inner backend (like [`host_unary`]).
+///
+/// # Panics
+/// If `B` is not registered.
+pub(crate) fn host_softmax<B: Backend>(x: Tensor<B, 1>, cols: usize) -> Tensor<B, 1> {
+    let registered = lookup(TypeId::of::<B>()).expect("quirks checks is_registered");
+    let out = (registered.softmax)(Box::new(x.into_primitive().tensor()), cols);
+    let out = *out
+        .downcast::<FloatTensor<B>>()
+        .expect("registered under B's TypeId, so its primitives are these");
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+fn softmax_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>, cols: usize) -> Box<dyn Any> {
+    let x = *x
+        .downcast::<FloatTensor<Autodiff<I, C>>>()
+        .expect("registered under Autodiff<I, C>'s TypeId, so its primitives are these");
+    let node = HostSoftmax(cols);
+    let forward = |x: FloatTensor<I>| {
+        let x = float::<I, 1>(x);
+        let n = x.dims()[0];
+        let rows = x.reshape([n / cols.max(1), cols]);
+        crate::act::softmax_last(rows)
+            .reshape([n])
+            .into_primitive()
+            .tensor()
+    };
+    let out = match <HostSoftmax as Backward<I, 1>>::prepare::<C>(node, [x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            // The node keeps its output (shared with the graph, not copied) for the backward.
+            let out = forward(x.primitive);
+            prep.finish(out.clone(), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive)),
+    };
+    Box::new(out)
+}
+
+/// [`host_softmax`]'s node: keeps the output `y`, and computes `y·(g − Σ g·y)` per row on the
+/// host, in place on the output's gradient.
+#[derive(Debug)]
+struct HostSoftmax(usize);
+
+impl<I: Backend> Backward<I, 1> for HostSoftmax {
+    /// The output.
+    type State = FloatTensor<I>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = float::<I, 1>(grads.consume::<I>(&ops.node));
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            let y = crate::act::values(float::<I, 1>(ops.state));
+            let grad = crate::act::softmax_backward(self.0, &y, g);
+            grads.register::<I>(node.id, grad.into_primitive().tensor());
+        }
+    }
 }
 
 /// [`host_unary`]'s node: keeps `x`'s values, and computes `g·f'(x)` on the host in place.
