@@ -22,9 +22,10 @@
 //! for `x ≥ 0` and `e/(1 + e)` otherwise, `e = exp(−|x|)` (the same `exp`; 0 beyond
 //! `|x| = 700`), in `f64`, rounded once; checked against `f64` `exp` from std likewise.
 //!
-//! **Softmax** (inference): `exp(x_i − m)/Σ_j exp(x_j − m)` over each row, `m` the row's
-//! largest value, the exponentials by the same `exp` and their sum in `f64`, rounded once;
-//! checked against `f64` `exp` from std to half an `f32` ulp.
+//! **Softmax**: `y_i = exp(x_i − m)/Σ_j exp(x_j − m)` over each row, `m` the row's largest
+//! value, the exponentials by the same `exp` and their sum in `f64`, rounded once; its backward
+//! from the output, `∂x_i = y_i·(g_i − Σ_j g_j·y_j)`, likewise. Both checked against `f64`
+//! formulas (std's `exp`) to half an `f32` ulp.
 //!
 //! On burn-flex, reading a tensor's values and wrapping a new buffer are copies at most (a
 //! contiguous, unshared tensor is handed over without one), so [`forward`] and the autodiff

@@ -28,9 +28,9 @@
 //! product; on flex [`gelu`] and [`silu`] run the crate's vectorized host kernels instead
 //! (`crate::act`, correctly rounded to `f32`), as autodiff nodes where the crate's backward is
 //! registered. Its softmax likewise calls `expf` once per value (the attention's
-//! probabilities, 786K values per layer for 16 × 64 tokens: 2.7–2.9 ms on one thread); in
-//! inference [`softmax`] runs the crate's host kernel instead (1.1 ms, the same formula in
-//! `f64`, rounded once).
+//! probabilities, 786K values per layer for 16 × 64 tokens: 2.7–2.9 ms on one thread);
+//! [`softmax`] runs the crate's host kernel instead (1.1 ms, the same formula in `f64`, rounded
+//! once), under autodiff as one node with its backward on the host.
 //!
 //! One is about many small products: the Kronecker apply's `a` step is a broadcast batched
 //! product (`n` products of `[p', p]·[p, q]`, 16 × 16 × 24 at MiniLM's width), and flex makes

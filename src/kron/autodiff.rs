@@ -40,7 +40,9 @@
 //! own differentiation of the same products ([`apply_steps_composite`],
 //! [`contract_a_composite`]). Both give the same values and gradients up to float rounding.
 //!
-//! The same registration gives burn-flex's GELU and SiLU a node of their own (`host_unary`,
+//! The same registration gives burn-flex's softmax a node (`host_softmax`: the host forward,
+//! the output kept, `y·(g − Σ g·y)` per row on the host; `quirks::softmax`), and its GELU and
+//! SiLU a node of their own (`host_unary`,
 //! used by `quirks::gelu` and `quirks::silu`): forward and backward by the crate's vectorized
 //! host kernels (`crate::act`) instead of flex's scalar `erff`/`expf` per element, the input's
 //! values kept for the backward.
