@@ -439,8 +439,16 @@ impl<I: Backend> Backward<I, 2> for ContractA {
 /// # Panics
 /// If `B` is not registered.
 pub(crate) fn host_unary<B: Backend>(f: HostFn, x: Tensor<B, 1>) -> Tensor<B, 1> {
+    through_registered(x, |registered, x| (registered.unary)(x, f))
+}
+
+/// `x` through one of `B`'s registered operations, its primitives type-erased on the way.
+fn through_registered<B: Backend>(
+    x: Tensor<B, 1>,
+    op: impl FnOnce(Registered, Box<dyn Any>) -> Box<dyn Any>,
+) -> Tensor<B, 1> {
     let registered = lookup(TypeId::of::<B>()).expect("quirks checks is_registered");
-    let out = (registered.unary)(Box::new(x.into_primitive().tensor()), f);
+    let out = op(registered, Box::new(x.into_primitive().tensor()));
     let out = *out
         .downcast::<FloatTensor<B>>()
         .expect("registered under B's TypeId, so its primitives are these");
@@ -478,12 +486,7 @@ fn unary_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>, f: HostFn) -
 /// # Panics
 /// If `B` is not registered.
 pub(crate) fn host_softmax<B: Backend>(x: Tensor<B, 1>, cols: usize) -> Tensor<B, 1> {
-    let registered = lookup(TypeId::of::<B>()).expect("quirks checks is_registered");
-    let out = (registered.softmax)(Box::new(x.into_primitive().tensor()), cols);
-    let out = *out
-        .downcast::<FloatTensor<B>>()
-        .expect("registered under B's TypeId, so its primitives are these");
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    through_registered(x, |registered, x| (registered.softmax)(x, cols))
 }
 
 fn softmax_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>, cols: usize) -> Box<dyn Any> {
