@@ -84,7 +84,7 @@ fn inner_name<B: Backend>(device: &B::Device) -> String {
 /// the fused op keeps `x`).
 pub(crate) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let device = x.device();
-    let x = match on_host(HostFn::Gelu, x) {
+    let x = match activation_on_host(HostFn::Gelu, x) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -103,7 +103,7 @@ pub(crate) fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
 /// SiLU, `x·σ(x)`: on flex (`f32`) the host kernel of [`crate::act`] (as one autodiff node
 /// where the crate's backward is registered), elsewhere Burn's `silu` (a sigmoid and a product).
 pub(crate) fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match on_host(HostFn::Silu, x) {
+    match activation_on_host(HostFn::Silu, x) {
         Ok(y) => y,
         Err(x) => activation::silu(x),
     }
@@ -115,33 +115,37 @@ pub(crate) fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> 
 /// backward, `y·(g − Σ g·y)` per row) where the crate's backward is registered; elsewhere
 /// Burn's `softmax`.
 pub(crate) fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
-    let device = x.device();
-    if dim + 1 != D || inner_name::<B>(&device) != "flex" || !crate::act::is_f32(&x) {
+    if dim + 1 != D {
         return activation::softmax(x, dim);
     }
-    if !B::ad_enabled(&device) {
-        return crate::act::softmax_last(x);
-    }
-    if !crate::kron::autodiff::is_registered::<B>() {
-        return activation::softmax(x, dim);
-    }
-    let dims = x.dims();
-    let flat = x.reshape([dims.iter().product::<usize>()]);
-    crate::kron::autodiff::host_softmax(flat, dims[D - 1]).reshape(dims)
+    let cols = x.dims()[D - 1];
+    let node = |flat| crate::kron::autodiff::host_softmax(flat, cols);
+    on_host(x, crate::act::softmax_last, node).unwrap_or_else(|x| activation::softmax(x, dim))
 }
 
-/// `f(x)` by the host kernel where it applies (flex, `f32`; under autodiff only where the
-/// crate's backward is registered); `Err(x)` elsewhere.
-fn on_host<B: Backend, const D: usize>(
+/// The activation `f(x)` by its host kernel where it applies ([`on_host`]); `Err(x)` elsewhere.
+fn activation_on_host<B: Backend, const D: usize>(
     f: HostFn,
     x: Tensor<B, D>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let node = |flat| crate::kron::autodiff::host_unary(f, flat);
+    on_host(x, |x| crate::act::forward(f, x), node)
+}
+
+/// `x` through a host kernel where one applies (flex, `f32`): `plain(x)` without autodiff;
+/// under autodiff, where the crate's backward is registered, `node` on `x` flattened (one
+/// autodiff node); `Err(x)` elsewhere.
+fn on_host<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    plain: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
+    node: impl FnOnce(Tensor<B, 1>) -> Tensor<B, 1>,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let device = x.device();
     if inner_name::<B>(&device) != "flex" || !crate::act::is_f32(&x) {
         return Err(x);
     }
     if !B::ad_enabled(&device) {
-        return Ok(crate::act::forward(f, x));
+        return Ok(plain(x));
     }
     if !crate::kron::autodiff::is_registered::<B>() {
         return Err(x);
@@ -149,7 +153,7 @@ fn on_host<B: Backend, const D: usize>(
     // `x` moved in whole, so flex hands its buffer over without a copy.
     let dims = x.dims();
     let flat = x.reshape([dims.iter().product::<usize>()]);
-    Ok(crate::kron::autodiff::host_unary(f, flat).reshape(dims))
+    Ok(node(flat).reshape(dims))
 }
 
 /// Do the host loops of `kron::host` take tensors `x` and `y`: the Kronecker apply's `a` step
