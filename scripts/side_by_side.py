@@ -206,26 +206,32 @@ def child(args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def in_rounds(rounds, runs):
-    """Each of `runs` (name → a function returning a dict with `ms`, and `mb` where measured)
-    called once per round, in order; per name: the median ms and MB over the rounds, the rounds'
-    ms, and the last result's other fields."""
-    got = {name: [] for name in runs}
+def in_rounds(rounds, runs, what=""):
+    """Each of `runs` (`(side, method, run)`: `run` returns a dict with `ms`, and `mb` where
+    measured) called once per round, in order; per run, in the same order, `(side, method,
+    summary)`: the median ms and MB over the rounds, the rounds' ms (`all_ms`), and the last
+    result's other fields."""
+    got = [[] for _ in runs]
     for i in range(rounds):
-        for name, run in runs.items():
+        for (side, m, run), results in zip(runs, got):
             res = run()
-            got[name].append(res)
+            results.append(res)
             extra = f", {res['mb']:.0f} MB" if "mb" in res else ""
-            print(f"round {i + 1}/{rounds} {name}: {res['ms']:.0f} ms{extra}", flush=True)
-    out = {}
-    for name, results in got.items():
+            print(f"round {i + 1}/{rounds} {side} {what}{m}: {res['ms']:.0f} ms{extra}", flush=True)
+    out = []
+    for (side, m, _), results in zip(runs, got):
         summary = dict(results[-1])
         summary["all_ms"] = [res["ms"] for res in results]
         summary["ms"] = statistics.median(summary["all_ms"])
         if "mb" in summary:
             summary["mb"] = statistics.median(res["mb"] for res in results)
-        out[name] = summary
+        out.append((side, m, summary))
     return out
+
+
+def label(side, m, summary, pytorch="PyTorch"):
+    """A table row's implementation: method."""
+    return f"{pytorch}: {m}" if side == "pytorch" else f"kron-adapters ({summary['backend']}): {m}"
 
 
 def spread(all_ms):
@@ -243,14 +249,10 @@ def minilm_block(a, cmd):
             return {"ms": res[k]["ms"], "trainable": res[k]["trainable"], "backend": res["backend"]}
         return run
 
-    runs = {f"pytorch {m}": pytorch(m) for m in ["full", "lora_r1", "peft_lokr_krona", "torch_factorized_krona"]}
-    runs.update({f"ours {k}": crate(k) for k in ["full", "lora_r1", "krona", "krona_2x192", "kron_lora_r12"]})
-    got = in_rounds(a.rounds, runs)
-    rows = []
-    for name, r in got.items():
-        side, m = name.split(" ", 1)
-        label = f"PyTorch {torch.__version__}: {m}" if side == "pytorch" else f"kron-adapters ({r['backend']}): {m}"
-        rows.append((label, r["trainable"], r["ms"], spread(r["all_ms"])))
+    runs = [("pytorch", m, pytorch(m)) for m in ["full", "lora_r1", "peft_lokr_krona", "torch_factorized_krona"]]
+    runs += [("ours", k, crate(k)) for k in ["full", "lora_r1", "krona", "krona_2x192", "kron_lora_r12"]]
+    rows = [(label(side, m, r, f"PyTorch {torch.__version__}"), r["trainable"], r["ms"], spread(r["all_ms"]))
+            for side, m, r in in_rounds(a.rounds, runs)]
     full_pt = rows[0][2]
     lokr = rows[2][2]
     print(f"\nOne training step, all-MiniLM-L6-v2, batch {a.batch} × {a.seq} tokens, {a.threads} threads, "
@@ -278,13 +280,10 @@ def layer_block(a, cmd):
                         "backend": r["backend"]}
             return run
 
-        runs = {f"pytorch {width} {m}": pytorch(m) for m in LAYER_METHODS}
-        runs.update({f"ours {width} {m}": crate(m) for m in ["full", "lora_r8", "krona", "kron_lora_r8"]})
-        rows = []
-        for name, r in in_rounds(a.rounds, runs).items():
-            side, m = name.split(" ", 2)[0], name.split(" ", 2)[2]
-            label = f"PyTorch: {m}" if side == "pytorch" else f"kron-adapters ({r['backend']}): {m}"
-            rows.append((label, r["trainable"], r["ms"], r["mb"], spread(r["all_ms"])))
+        runs = [("pytorch", m, pytorch(m)) for m in LAYER_METHODS]
+        runs += [("ours", m, crate(m)) for m in ["full", "lora_r8", "krona", "kron_lora_r8"]]
+        rows = [(label(side, m, r), r["trainable"], r["ms"], r["mb"], spread(r["all_ms"]))
+                for side, m, r in in_rounds(a.rounds, runs, f"{width} ")]
         lora_pt, lora_ours = rows[1], rows[len(LAYER_METHODS) + 1]
         lokr = next(r for r in rows if r[0].endswith("peft_lokr_krona"))
         print(f"\nOne training step of a frozen {d_in} → {d_out} layer, {a.tokens} rows, {a.threads} threads, median ms "
