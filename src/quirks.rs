@@ -38,12 +38,19 @@
 //! it on the inner backend) [`host_loops_take`] sends the step and its gradients to the crate's
 //! host loops (`crate::kron::host`).
 //!
+//! One is about reading values: flex's `into_data` copies a shared tensor twice (to a new
+//! vector, then realigned), and an adapted layer's input is always shared (the frozen product
+//! reads it, the autodiff node keeps it). [`host_floats`] borrows a flex tensor's buffer
+//! instead, where it is `f32` and in order, for the Kronecker apply's host rows
+//! (`crate::kron::host`), which read the input in place.
+//!
 //! One quirk is about exactness, not speed: Burn 0.21's default `gelu_backward`, which every
 //! backend but flex and LibTorch inherits (ndarray, the CubeCL backends behind wgpu and CUDA,
 //! fusion), is the derivative of GELU's tanh approximation while the forward is the exact,
 //! erf-based GELU: the gradient is off by up to 8.7e-4 (near `|x| = 2`). [`gelu`] gives those
 //! backends the exact derivative.
 
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{activation, backend::Backend, Tensor};
 
 use crate::act::HostFn;
@@ -168,6 +175,26 @@ pub(crate) fn host_loops_take<B: Backend, const D: usize, const E: usize>(
     B::name(&x.device()) == "flex" && crate::act::is_f32(x) && crate::act::is_f32(y)
 }
 
+/// The values of `t` borrowed from its buffer in host memory, in order: burn-flex's `f32`
+/// tensors stored contiguously (a shared one too, where reading its values would copy it).
+/// `None` for every other tensor and backend.
+pub(crate) fn host_floats<B: Backend>(t: &FloatTensor<B>) -> Option<&[f32]> {
+    #[cfg(feature = "flex")]
+    {
+        let t = (t as &dyn std::any::Any).downcast_ref::<burn_flex::FlexTensor>()?;
+        if t.dtype() != burn::tensor::DType::F32 {
+            return None;
+        }
+        let (start, end) = t.layout().contiguous_offsets()?;
+        return t.storage::<f32>().get(start..end);
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = t;
+        None
+    }
+}
+
 /// Does `B` (or the backend under its autodiff) implement `gelu_backward` itself, exactly?
 /// Only flex and LibTorch do in Burn 0.21; an unknown backend is taken not to.
 fn gelu_backward_is_exact<B: Backend>(device: &B::Device) -> bool {
@@ -212,9 +239,38 @@ pub(crate) fn expand_for_adds<B: Backend, const D: usize>(
 
 #[cfg(all(test, feature = "flex", feature = "ndarray"))]
 mod tests {
-    use super::{expand_for_adds, softmax};
+    use super::{expand_for_adds, host_floats, softmax};
     use burn::backend::{Autodiff, Flex, NdArray};
     use burn::tensor::{activation, Distribution, Tensor, Tolerance};
+
+    /// A flex tensor's values are borrowed in order: a shared one, a slice of rows (an offset
+    /// into its buffer), a reshape; a transposed view, another dtype and another backend are
+    /// not read in place.
+    #[test]
+    fn host_floats_are_the_tensors_values_in_order() {
+        let dev = Default::default();
+        let x = Tensor::<Flex, 3>::random([4, 3, 5], Distribution::Normal(0.0, 1.0), &dev);
+        let shared = x.clone();
+        let read = |t: Tensor<Flex, 3>| {
+            let want = t.to_data().to_vec::<f32>().unwrap();
+            let p = t.into_primitive().tensor();
+            (host_floats::<Flex>(&p).map(<[f32]>::to_vec), want)
+        };
+        let (got, want) = read(x.clone());
+        assert_eq!(got, Some(want));
+        let (got, want) = read(x.clone().slice([1..3]));
+        assert_eq!(got.as_deref().map(<[f32]>::len), Some(2 * 3 * 5));
+        assert_eq!(got, Some(want), "rows 1 and 2, at an offset");
+        let (got, want) = read(x.clone().reshape([2, 6, 5]));
+        assert_eq!(got, Some(want));
+        assert_eq!(read(x.clone().swap_dims(1, 2)).0, None, "a transposed view");
+        let half = x.clone().cast(burn::tensor::DType::F16).into_primitive().tensor();
+        assert_eq!(host_floats::<Flex>(&half), None, "not f32");
+        let nd = Tensor::<NdArray, 1>::ones([3], &Default::default());
+        let nd = nd.into_primitive().tensor();
+        assert_eq!(host_floats::<NdArray>(&nd), None, "not flex");
+        drop(shared);
+    }
 
     /// The host softmax (flex, last dimension) gives Burn's values to `f32` rounding, on a
     /// shared input too (which it leaves as it was), and under autodiff (registered) Burn's

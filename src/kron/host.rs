@@ -53,11 +53,13 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::Side;
 use crate::act::{floats, has_avx2_fma, slice_mut, values, Isa};
+use crate::quirks;
 
 mod grads;
 
@@ -1209,17 +1211,18 @@ const READ_FLOATS: usize = 256 * 1024;
 const INFER_FLOATS: usize = 64 * 1024;
 
 /// The values of `scale · T [n, p, q]`'s rows, for a pass that reads them a block at a time.
-/// flex copies a shared tensor's values (an adapted layer's input is shared by the layer's
-/// other products and the residual, and the autodiff node keeps it for the backward): a small
-/// `T` is copied once, in one pass (flex's scalar product, which writes one new tensor), a
-/// large one a block of rows at a time (a slice's scalar product), so that the copy is never
-/// the whole input (at 2,048 rows of 4,096 values that took 32 MB more at a training step's
-/// peak) and each block's is read while still in the cache. The scalar product writes in
-/// place where `T` is not shared.
+/// Where the scale is 1 and flex keeps `T` in order, its buffer is read in place
+/// (`quirks::host_floats`): an adapted layer's input is shared (by the layer's other products
+/// and the residual, and the autodiff node keeps it for the backward), and reading a shared
+/// tensor's values costs flex two copies. Otherwise a small `T` is copied once, in one pass
+/// (flex's scalar product, which writes one new tensor), a large one a block of rows at a time
+/// (a slice's scalar product), so that the copy is never the whole input (at 2,048 rows of
+/// 4,096 values that took 32 MB more at a training step's peak) and each block's is read while
+/// still in the cache. The scalar product writes in place where `T` is not shared.
 struct Rows<B: Backend> {
-    /// `T`, read a block at a time; or its values, copied whole.
-    t: Result<Tensor<B, 3>, Vec<f32>>,
-    /// `T`'s `[n, p, q]`, and rows per block (all of them where copied whole).
+    /// Where the values come from.
+    src: Source<B>,
+    /// `T`'s `[n, p, q]`, and rows per block (all of them where read whole).
     dims: [usize; 3],
     block: usize,
     /// The factor the values are read times (on `T`'s values before the kernel, as for the
@@ -1227,34 +1230,63 @@ struct Rows<B: Backend> {
     scale: f64,
 }
 
+/// [`Rows`]' values.
+enum Source<B: Backend> {
+    /// `T`'s own buffer, borrowed (`quirks::host_floats` gives it).
+    InPlace(FloatTensor<B>),
+    /// `T`, copied a block at a time.
+    Blocks(Tensor<B, 3>),
+    /// `scale · T`'s values, copied whole.
+    Whole(Vec<f32>),
+}
+
 impl<B: Backend> Rows<B> {
-    /// `T`, read in blocks where it holds more than twice [`READ_FLOATS`] values.
+    /// `T`: in place where flex keeps it in order, else in blocks where it holds more than
+    /// twice [`READ_FLOATS`] values.
     fn of(t: Tensor<B, 3>) -> Self {
         Self::blocks(t, READ_FLOATS, 1.0)
     }
 
-    /// `scale · T`, read in blocks of about `floats` values where it holds more than twice that.
+    /// `scale · T`: in place where the scale is 1 and flex keeps `T` in order, else read in
+    /// blocks of about `floats` values where it holds more than twice that.
     fn blocks(t: Tensor<B, 3>, floats: usize, scale: f64) -> Self {
+        if scale != 1.0 {
+            return Self::blocks_copied(t, floats, scale);
+        }
+        let dims = t.dims();
+        let t = t.into_primitive().tensor();
+        if quirks::host_floats::<B>(&t).is_none() {
+            let t = Tensor::from_primitive(TensorPrimitive::Float(t));
+            return Self::blocks_copied(t, floats, scale);
+        }
+        Rows {
+            src: Source::InPlace(t),
+            dims,
+            block: dims[0].max(1),
+            scale,
+        }
+    }
+
+    /// `scale · T` copied: in blocks of about `floats` values where it holds more than twice
+    /// that, else whole.
+    fn blocks_copied(t: Tensor<B, 3>, floats: usize, scale: f64) -> Self {
         let dims @ [n, p, q] = t.dims();
         if n * p * q <= 2 * floats {
-            Self::whole(t, scale)
-        } else {
-            let block = (floats / (p * q).max(1)).max(1);
-            Rows {
-                t: Ok(t),
-                dims,
-                block,
-                scale,
-            }
+            return Self::whole(t, scale);
+        }
+        Rows {
+            src: Source::Blocks(t),
+            dims,
+            block: (floats / (p * q).max(1)).max(1),
+            scale,
         }
     }
 
     /// `scale · T`, copied whole.
     fn whole(t: Tensor<B, 3>, scale: f64) -> Self {
         let dims = t.dims();
-        let values = floats_of(t.mul_scalar(scale));
         Rows {
-            t: Err(values),
+            src: Source::Whole(floats_of(t.mul_scalar(scale))),
             dims,
             block: dims[0].max(1),
             scale,
@@ -1264,9 +1296,16 @@ impl<B: Backend> Rows<B> {
     /// The values of rows `rows`.
     fn get(&self, rows: Range<usize>) -> Cow<'_, [f32]> {
         let row = self.dims[1] * self.dims[2];
-        match &self.t {
-            Err(whole) => Cow::Borrowed(&whole[rows.start * row..rows.end * row]),
-            Ok(t) => Cow::Owned(floats_of(t.clone().slice([rows]).mul_scalar(self.scale))),
+        let range = rows.start * row..rows.end * row;
+        match &self.src {
+            Source::InPlace(t) => {
+                let all = quirks::host_floats::<B>(t).expect("checked when read in place");
+                Cow::Borrowed(&all[range])
+            }
+            Source::Whole(whole) => Cow::Borrowed(&whole[range]),
+            Source::Blocks(t) => Cow::Owned(floats_of(
+                t.clone().slice([rows]).mul_scalar(self.scale),
+            )),
         }
     }
 }
@@ -1739,14 +1778,15 @@ mod tests {
         );
     }
 
-    /// A `T` above the size copied whole is read in blocks of rows ([`super::Rows`]), a shared
-    /// one as the autodiff node holds it: the node's forward and backward, and inference's
-    /// apply (smaller blocks, scaled, added to an output), give the values of the whole copy bit
-    /// for bit (each row's sums, and each group's, do not depend on which block holds the row).
+    /// A shared `T` (as the autodiff node holds it) is read in place ([`super::Rows`]), and
+    /// where it is copied, above the size copied whole, in blocks of rows: the node's forward
+    /// and backward (in place and from blocks), and inference's apply (smaller blocks, scaled,
+    /// added to an output), give the values of the whole copy bit for bit (each row's sums, and
+    /// each group's, do not depend on which block holds the row).
     #[cfg(feature = "flex")]
     #[test]
     fn blocks_of_rows_give_the_whole_inputs_values() {
-        use super::{apply_grads, apply_rows, apply_rows_kept, grads, rows_out, Rows};
+        use super::{apply_grads, apply_rows, apply_rows_kept, grads, rows_out, Rows, Source};
         use super::{INFER_FLOATS, READ_FLOATS};
         use burn::backend::Flex;
         use burn::tensor::{Tensor, TensorData};
@@ -1768,7 +1808,10 @@ mod tests {
             })
             .collect();
         let steps = [Side::A, Side::B];
-        assert!(Rows::of(t.clone()).t.is_ok(), "read in blocks");
+        let in_place = Rows::of(t.clone());
+        assert!(matches!(in_place.src, Source::InPlace(_)), "read in place");
+        let blocks = Rows::blocks_copied(t.clone(), READ_FLOATS, 1.0);
+        assert!(matches!(blocks.src, Source::Blocks(_)), "read in blocks");
         let bits = |t: TensorData| {
             t.to_vec::<f32>()
                 .unwrap()
@@ -1780,12 +1823,12 @@ mod tests {
             let rows = Rows::whole(t.clone(), scale);
             rows_out(&rows, (factors.clone(), &steps), y, &dev)
         };
-        let by_blocks = apply_rows_kept(t.clone(), factors.clone(), &steps);
+        let whole_bits = bits(whole(1.0, None).into_data());
+        let kept_forward = apply_rows_kept(t.clone(), factors.clone(), &steps);
         // (`assert!`: the vectors are too long to print.)
-        assert!(
-            bits(by_blocks.into_data()) == bits(whole(1.0, None).into_data()),
-            "forward"
-        );
+        assert!(bits(kept_forward.into_data()) == whole_bits, "forward");
+        let by_blocks = rows_out(&blocks, (factors.clone(), &steps), None, &dev);
+        assert!(bits(by_blocks.into_data()) == whole_bits, "forward in blocks");
         // Inference's smaller blocks, with a scale and an output to add to.
         assert!((INFER_FLOATS / (p * q)) < n && n * p * q > 2 * INFER_FLOATS);
         let y = Tensor::<Flex, 2>::from_data(
@@ -1821,6 +1864,23 @@ mod tests {
             &want,
             Some(&mut dt),
         );
+        // The backward reading the copied blocks gives the same bits.
+        let mut dt_blocks = vec![MaybeUninit::new(0.0); n * p * q];
+        let blocks_f = grads::steps_grads(
+            Isa::best(),
+            |r| blocks.get(r),
+            &gv,
+            [n, p, q],
+            &host,
+            &want,
+            Some(&mut dt_blocks),
+        );
+        let as_bits = |v: &[MaybeUninit<f32>]| -> Vec<u32> {
+            // SAFETY: initialized before the calls.
+            v.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect()
+        };
+        assert!(as_bits(&dt_blocks) == as_bits(&dt), "∂T from blocks");
+        assert!(blocks_f == want_f, "the factors' gradients from blocks");
         for (got, want) in got_f.into_iter().zip(want_f) {
             let want: Vec<u32> = want.unwrap().iter().map(|v| v.to_bits()).collect();
             assert!(
@@ -1828,12 +1888,7 @@ mod tests {
                 "a factor's gradient"
             );
         }
-        // SAFETY: initialized before the call.
-        let dt: Vec<u32> = dt
-            .iter()
-            .map(|v| unsafe { v.assume_init() }.to_bits())
-            .collect();
-        assert!(bits(got_t.unwrap().into_data()) == dt, "∂T");
+        assert!(bits(got_t.unwrap().into_data()) == as_bits(&dt), "∂T");
         drop(kept);
     }
 
