@@ -327,10 +327,17 @@ fn apply_then_add<B: Backend, const D: usize>(
         return KronIntermediate { t: out, lead }.finish();
     }
     let factors = in_order(fold_scale(a_chain, b_chain, scale));
-    let out = t.apply_steps(factors, &plan.steps).finish();
     match y {
-        Some(y) => out + y,
-        None => out,
+        // One node for the apply and the add where the backward is registered.
+        Some(y) => {
+            let KronIntermediate { t, lead } = t;
+            let p_out = a_chain.last().expect("a chain is not empty").dims()[1];
+            let q_out = b_chain.last().expect("b chain is not empty").dims()[1];
+            let y = y.reshape([t.dims()[0], p_out, q_out]);
+            let out = autodiff::apply_steps_add(t, factors, &plan.steps, y);
+            KronIntermediate { t: out, lead }.finish()
+        }
+        None => t.apply_steps(factors, &plan.steps).finish(),
     }
 }
 

@@ -264,7 +264,11 @@ mod tests {
         let (got, want) = read(x.clone().reshape([2, 6, 5]));
         assert_eq!(got, Some(want));
         assert_eq!(read(x.clone().swap_dims(1, 2)).0, None, "a transposed view");
-        let half = x.clone().cast(burn::tensor::DType::F16).into_primitive().tensor();
+        let half = x
+            .clone()
+            .cast(burn::tensor::DType::F16)
+            .into_primitive()
+            .tensor();
         assert_eq!(host_floats::<Flex>(&half), None, "not f32");
         let nd = Tensor::<NdArray, 1>::ones([3], &Default::default());
         let nd = nd.into_primitive().tensor();

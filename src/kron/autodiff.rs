@@ -130,30 +130,66 @@ pub fn apply_steps<B: Backend>(
     factors: Vec<Tensor<B, 2>>,
     steps: &[Side],
 ) -> Tensor<B, 3> {
+    apply_inner(t, factors, steps, None)
+}
+
+/// `y + apply_steps(t, factors, steps)`. Where [`register_backward`] registered `B`, one
+/// autodiff node whose forward on the host rows (flex) adds into `y`'s buffer, so that the
+/// adapter's output has no tensor of its own and the add no pass or node (`∂y` is the output's
+/// gradient, shared); elsewhere [`apply_steps`] and an add.
+///
+/// # Shapes
+/// - `t`, `factors`: as [`apply_steps`]
+/// - `y`, output: `[n, p_last, q_last]`
+pub(crate) fn apply_steps_add<B: Backend>(
+    t: Tensor<B, 3>,
+    factors: Vec<Tensor<B, 2>>,
+    steps: &[Side],
+    y: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    apply_inner(t, factors, steps, Some(y))
+}
+
+/// [`apply_steps`], plus `y` where given.
+fn apply_inner<B: Backend>(
+    t: Tensor<B, 3>,
+    factors: Vec<Tensor<B, 2>>,
+    steps: &[Side],
+    y: Option<Tensor<B, 3>>,
+) -> Tensor<B, 3> {
     debug_assert_eq!(factors.len(), steps.len(), "one factor per step");
+    let plus = |out: Tensor<B, 3>, y: Option<Tensor<B, 3>>| match y {
+        Some(y) => out + y,
+        None => out,
+    };
     let registered = lookup(TypeId::of::<B>()).filter(|_| (2..=4).contains(&factors.len()));
     let fused = registered.is_none() && lookup_pair(TypeId::of::<B>()).is_some();
     if registered.is_none() && !fused {
-        return apply_steps_composite(t, factors, steps);
+        return plus(apply_steps_composite(t, factors, steps), y);
     }
     let t = t.into_primitive();
     let factors: Vec<_> = factors.into_iter().map(Tensor::into_primitive).collect();
-    let all_float = matches!(t, TensorPrimitive::Float(_))
-        && factors
-            .iter()
-            .all(|f| matches!(f, TensorPrimitive::Float(_)));
+    let y = y.map(Tensor::into_primitive);
+    let all_float = [&t]
+        .into_iter()
+        .chain(&factors)
+        .chain(&y)
+        .all(|p| matches!(p, TensorPrimitive::Float(_)));
     if !all_float {
         // A quantized factor: Burn's own path handles it.
         let factors = factors.into_iter().map(Tensor::from_primitive).collect();
-        return apply_steps_composite(Tensor::from_primitive(t), factors, steps);
+        let out = apply_steps_composite(Tensor::from_primitive(t), factors, steps);
+        return plus(out, y.map(Tensor::from_primitive));
     }
     let Some(registered) = registered else {
         // No autodiff node on `B`, but its fused kernel (`kron::cube`).
         let out = forward::<B>(t.tensor(), factors.into_iter().map(|f| f.tensor()), steps);
-        return Tensor::from_primitive(TensorPrimitive::Float(out));
+        let out = Tensor::from_primitive(TensorPrimitive::Float(out));
+        return plus(out, y.map(Tensor::from_primitive));
     };
     let erase = |p: TensorPrimitive<B>| -> Box<dyn Any> { Box::new(p.tensor()) };
-    let out = (registered.apply)(erase(t), factors.into_iter().map(erase).collect(), steps);
+    let factors = factors.into_iter().map(erase).collect();
+    let out = (registered.apply)(erase(t), factors, steps, y.map(erase));
     let out = *out
         .downcast::<FloatTensor<B>>()
         .expect("the registered function is the one for B's TypeId");
@@ -252,8 +288,10 @@ pub fn is_registered<B: Backend>() -> bool {
 /// the result are that backend's float primitives.
 type ErasedContract = fn(Box<dyn Any>, Box<dyn Any>) -> Box<dyn Any>;
 
-/// `apply_steps` on one registered backend: `T`, the factors in step order, and the steps.
-type ErasedApply = fn(Box<dyn Any>, Vec<Box<dyn Any>>, &[Side]) -> Box<dyn Any>;
+/// `apply_steps` on one registered backend: `T`, the factors in step order, the steps, and
+/// the tensor the result is added to, if any.
+type ErasedApply =
+    fn(Box<dyn Any>, Vec<Box<dyn Any>>, &[Side], Option<Box<dyn Any>>) -> Box<dyn Any>;
 
 /// An activation through its host kernel (`crate::act`) on one registered backend: `x` and
 /// the result are that backend's float primitives.
@@ -559,19 +597,25 @@ fn apply_erased<I: Backend, C: CheckpointStrategy>(
     t: Box<dyn Any>,
     factors: Vec<Box<dyn Any>>,
     steps: &[Side],
+    y: Option<Box<dyn Any>>,
 ) -> Box<dyn Any> {
     let down = |b: Box<dyn Any>| -> FloatTensor<Autodiff<I, C>> {
         *b.downcast()
             .expect("registered under Autodiff<I, C>'s TypeId, so its primitives are these")
     };
+    let add = y.is_some();
     let mut inputs = vec![down(t)];
-    inputs.extend(factors.into_iter().map(down));
-    let steps = steps.to_vec();
-    // `apply_steps` calls this with 2 to 4 factors: 3 to 5 inputs.
+    inputs.extend(factors.into_iter().chain(y).map(down));
+    let op = ApplySteps {
+        steps: steps.to_vec(),
+        add,
+    };
+    // `apply_steps` calls this with 2 to 4 factors, and `y` or not: 3 to 6 inputs.
     let out = match inputs.len() {
-        3 => apply_tracked::<I, C, 3>(array(inputs), steps),
-        4 => apply_tracked::<I, C, 4>(array(inputs), steps),
-        _ => apply_tracked::<I, C, 5>(array(inputs), steps),
+        3 => apply_tracked::<I, C, 3>(array(inputs), op),
+        4 => apply_tracked::<I, C, 4>(array(inputs), op),
+        5 => apply_tracked::<I, C, 5>(array(inputs), op),
+        _ => apply_tracked::<I, C, 6>(array(inputs), op),
     };
     Box::new(out)
 }
@@ -583,20 +627,23 @@ fn array<T, const N: usize>(v: Vec<T>) -> [T; N] {
     a
 }
 
-/// The autodiff node of [`apply_steps`]: `T` and the factors checkpointed, nothing in between.
+/// The autodiff node of [`apply_steps`]: `T` and the factors checkpointed, nothing in between
+/// (the inputs: `T`, the factors, and with `op.add` the tensor the result is added to).
 fn apply_tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
     inputs: [FloatTensor<Autodiff<I, C>>; N],
-    steps: Vec<Side>,
+    op: ApplySteps,
 ) -> FloatTensor<Autodiff<I, C>> {
     let nodes = inputs.each_ref().map(|t| t.node.clone());
-    let forward = |inputs: [FloatTensor<Autodiff<I, C>>; N], steps: &[Side]| {
+    let k = op.steps.len();
+    let forward = |inputs: [FloatTensor<Autodiff<I, C>>; N], steps: &[Side], add: bool| {
         let mut primitives = inputs.into_iter().map(|x| x.primitive);
         let t = primitives.next().expect("N ≥ 3 inputs");
-        forward::<I>(t, primitives, steps)
+        let factors: Vec<_> = primitives.by_ref().take(k).collect();
+        let y = if add { primitives.next() } else { None };
+        forward_add::<I>(t, factors, steps, y)
     };
-    let op = ApplySteps {
-        steps: steps.clone(),
-    };
+    let steps = op.steps.clone();
+    let add = op.add;
     match <ApplySteps as Backward<I, N>>::prepare::<C>(op, nodes)
         .compute_bound()
         .stateful()
@@ -604,20 +651,47 @@ fn apply_tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
         OpsKind::Tracked(mut prep) => {
             // `T` only matters to the factors' gradients: with every factor frozen, the
             // backward needs the factors alone.
-            let factor_tracked = inputs[1..].iter().any(|x| x.is_tracked());
+            let factor_tracked = inputs[1..=k].iter().any(|x| x.is_tracked());
             let t = factor_tracked.then(|| prep.checkpoint(&inputs[0]));
-            let factors = inputs[1..].iter().map(|x| prep.checkpoint(x)).collect();
-            prep.finish((t, factors), forward(inputs, &steps))
+            let factors = inputs[1..=k].iter().map(|x| prep.checkpoint(x)).collect();
+            prep.finish((t, factors), forward(inputs, &steps, add))
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(inputs, &steps)),
+        OpsKind::UnTracked(prep) => prep.finish(forward(inputs, &steps, add)),
     }
 }
 
+/// [`forward`], plus `y` where given: on the host rows (flex) added into `y`'s buffer, the
+/// same sums as the add.
+fn forward_add<I: Backend>(
+    t: FloatTensor<I>,
+    factors: Vec<FloatTensor<I>>,
+    steps: &[Side],
+    y: Option<FloatTensor<I>>,
+) -> FloatTensor<I> {
+    let Some(y) = y else {
+        return forward::<I>(t, factors, steps);
+    };
+    let (t, y) = (float::<I, 3>(t), float::<I, 3>(y));
+    let factors: Vec<Tensor<I, 2>> = factors.into_iter().map(float::<I, 2>).collect();
+    let host = lookup_pair(TypeId::of::<I>()).is_none()
+        && super::on_host_rows(&t, &factors, steps)
+        && quirks::host_loops_take(&t, &y);
+    let out = if host {
+        host::apply_rows_add(t, factors, steps, y)
+    } else {
+        let primitives = factors.into_iter().map(|f| f.into_primitive().tensor());
+        float::<I, 3>(forward::<I>(t.into_primitive().tensor(), primitives, steps)) + y
+    };
+    out.into_primitive().tensor()
+}
+
 /// [`apply_steps`]' backward: the intermediates recomputed from `T` and the factors, then
-/// the steps differentiated last to first, each intermediate dropped once used.
+/// the steps differentiated last to first, each intermediate dropped once used; with `add`,
+/// the output's gradient is also the added tensor's.
 #[derive(Debug)]
 struct ApplySteps {
     steps: Vec<Side>,
+    add: bool,
 }
 
 impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
@@ -626,6 +700,11 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let mut g = float::<I, 3>(grads.consume::<I>(&ops.node));
+        let k = self.steps.len();
+        if let (true, Some(node)) = (self.add, &ops.parents[N - 1]) {
+            grads.register::<I>(node.id, g.clone().into_primitive().tensor());
+        }
+        let parents = &ops.parents[..=k];
         let (t_id, factor_ids) = ops.state;
         let factors: Vec<Tensor<I, 2>> = factor_ids
             .into_iter()
@@ -634,7 +713,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
         let Some(t_id) = t_id else {
             // Only `T` needs a gradient (frozen factors): the transposed factors applied in
             // reverse order, no intermediate recomputed (a fused kernel where registered).
-            if let Some(node) = &ops.parents[0] {
+            if let Some(node) = &parents[0] {
                 let transposed = factors.into_iter().rev().map(|f| f.transpose());
                 let steps: Vec<Side> = self.steps.iter().rev().copied().collect();
                 let primitives = transposed.map(|f| f.into_primitive().tensor());
@@ -644,16 +723,16 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
             return;
         };
         let t = float::<I, 3>(ckpt.retrieve_node_output(t_id));
-        let want: Vec<bool> = ops.parents[1..].iter().map(Option::is_some).collect();
+        let want: Vec<bool> = parents[1..].iter().map(Option::is_some).collect();
         if host_grads_take(&t, &g, &factors, &self.steps, &want) {
-            let want_t = ops.parents[0].is_some();
+            let want_t = parents[0].is_some();
             let (grad_f, grad_t) = host::apply_grads(t, g, factors, &self.steps, &want, want_t);
-            for (node, grad) in ops.parents[1..].iter().zip(grad_f) {
+            for (node, grad) in parents[1..].iter().zip(grad_f) {
                 if let (Some(node), Some(grad)) = (node, grad) {
                     grads.register::<I>(node.id, grad.into_primitive().tensor());
                 }
             }
-            if let (Some(node), Some(grad)) = (&ops.parents[0], grad_t) {
+            if let (Some(node), Some(grad)) = (&parents[0], grad_t) {
                 grads.register::<I>(node.id, grad.into_primitive().tensor());
             }
             return;
@@ -664,10 +743,10 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
             let last = inputs.last().expect("starts with T").clone();
             inputs.push(step_forward(last, f.clone(), *side));
         }
-        let tracked: Vec<bool> = ops.parents.iter().map(Option::is_some).collect();
+        let tracked: Vec<bool> = parents.iter().map(Option::is_some).collect();
         for (i, (f, side)) in factors.iter().zip(&self.steps).enumerate().rev() {
             let input = inputs.pop().expect("one input per step");
-            let factor_node = &ops.parents[i + 1];
+            let factor_node = &parents[i + 1];
             // Does anything before this step need a gradient? If not, `g` stops here.
             let earlier = tracked[..=i].iter().any(|&t| t);
             let (grad_f, grad_in) = match side {
@@ -691,7 +770,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
                 None => return,
             }
         }
-        if let Some(node) = &ops.parents[0] {
+        if let Some(node) = &parents[0] {
             grads.register::<I>(node.id, g.into_primitive().tensor());
         }
     }

@@ -1141,8 +1141,8 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
     let device = t.device();
     let [n, p, q] = t.dims();
     let p2 = f.dims()[1];
-    let (f, t) = (values(f), values(t));
-    let out = contract(&floats(&f), p, p2, &floats(&t), n, q);
+    let (f, t) = (HostValues::of(f), HostValues::of(t));
+    let out = contract(&f.floats(), p, p2, &t.floats(), n, q);
     Tensor::from_data(TensorData::new(out, [n, p2, q]), &device)
 }
 
@@ -1198,6 +1198,25 @@ pub(crate) fn apply_rows_kept<B: Backend>(
 ) -> Tensor<B, 3> {
     let device = t.device();
     rows_out(&Rows::of(t), (factors, steps), None, &device)
+}
+
+/// `y + apply_rows_kept(t, factors, steps)`, the last step adding into `y`'s buffer (without a
+/// copy where `y` is not shared): the forward of `kron::autodiff`'s node for an adapter added
+/// to its frozen product. The same sums as the add.
+///
+/// # Shapes
+/// - `t`, `factors`: as [`apply_rows`]
+/// - `y`, output: `[n, p_last, q_last]`
+pub(crate) fn apply_rows_add<B: Backend>(
+    t: Tensor<B, 3>,
+    factors: Vec<Tensor<B, 2>>,
+    steps: &[Side],
+    y: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let device = t.device();
+    let [n, pl, ql] = y.dims();
+    let y = y.reshape([n, pl * ql]);
+    rows_out(&Rows::of(t), (factors, steps), Some(y), &device)
 }
 
 /// The most values of `T` that [`Rows`] copies at once, where `T` is larger than twice
@@ -1303,9 +1322,33 @@ impl<B: Backend> Rows<B> {
                 Cow::Borrowed(&all[range])
             }
             Source::Whole(whole) => Cow::Borrowed(&whole[range]),
-            Source::Blocks(t) => Cow::Owned(floats_of(
-                t.clone().slice([rows]).mul_scalar(self.scale),
-            )),
+            Source::Blocks(t) => {
+                Cow::Owned(floats_of(t.clone().slice([rows]).mul_scalar(self.scale)))
+            }
+        }
+    }
+}
+
+/// A tensor's values for the host kernels to read: flex's own buffer where it keeps them in
+/// order (`quirks::host_floats`: no copy, where reading a shared tensor's values would copy it
+/// twice), else the values read out (`values`).
+struct HostValues<B: Backend>(Result<FloatTensor<B>, TensorData>);
+
+impl<B: Backend> HostValues<B> {
+    fn of<const D: usize>(t: Tensor<B, D>) -> Self {
+        let t = t.into_primitive().tensor();
+        if quirks::host_floats::<B>(&t).is_some() {
+            return Self(Ok(t));
+        }
+        Self(Err(values(Tensor::<B, D>::from_primitive(
+            TensorPrimitive::Float(t),
+        ))))
+    }
+
+    fn floats(&self) -> Cow<'_, [f32]> {
+        match &self.0 {
+            Ok(t) => Cow::Borrowed(quirks::host_floats::<B>(t).expect("checked in `of`")),
+            Err(data) => floats(data),
         }
     }
 }
@@ -1325,7 +1368,7 @@ fn rows_out<B: Backend>(
 ) -> Tensor<B, 3> {
     let ([n, p, q], block) = (t.dims, t.block);
     let (dims, values_f) = factor_values(factors);
-    let floats_f: Vec<_> = values_f.iter().map(floats).collect();
+    let floats_f: Vec<_> = values_f.iter().map(HostValues::floats).collect();
     let host_steps = host_steps(&floats_f, &dims, steps);
     let (pl, ql) = *chain_dims(p, q, &host_steps)
         .0
@@ -1363,9 +1406,9 @@ fn rows_out<B: Backend>(
 }
 
 /// The factors' shapes and values.
-fn factor_values<B: Backend>(factors: Vec<Tensor<B, 2>>) -> (Vec<[usize; 2]>, Vec<TensorData>) {
+fn factor_values<B: Backend>(factors: Vec<Tensor<B, 2>>) -> (Vec<[usize; 2]>, Vec<HostValues<B>>) {
     let dims = factors.iter().map(|f| f.dims()).collect();
-    (dims, factors.into_iter().map(values).collect())
+    (dims, factors.into_iter().map(HostValues::of).collect())
 }
 
 /// The steps of [`rows_into`] and [`grads::steps_grads`] from the factors' values and shapes.
@@ -1400,10 +1443,10 @@ pub(crate) fn apply_grads<B: Backend>(
     let device = g.device();
     let [n, p, q] = t.dims();
     let (dims, values_f) = factor_values(factors);
-    let floats_f: Vec<_> = values_f.iter().map(floats).collect();
+    let floats_f: Vec<_> = values_f.iter().map(HostValues::floats).collect();
     let host_steps = host_steps(&floats_f, &dims, steps);
-    let g = values(g);
-    let g = floats(&g);
+    let g = HostValues::of(g);
+    let g = g.floats();
     let len = n * p * q;
     let mut dt = want_t.then(|| Vec::with_capacity(len));
     let spare = dt.as_mut().map(|dt| &mut dt.spare_capacity_mut()[..len]);
@@ -1448,8 +1491,8 @@ pub(crate) fn product_add<B: Backend>(
     let d = m.dims()[1];
     assert!(r > 0, "a product of rank 0 adds nothing");
     assert_eq!(y.dims(), [n, d], "y is [n, d]");
-    let (h, m) = (values(h), values(m));
-    let (h, m) = (floats(&h), floats(&m));
+    let (h, m) = (HostValues::of(h), HostValues::of(m));
+    let (h, m) = (h.floats(), m.floats());
     let mut data = values(y);
     let out = as_uninit(slice_mut(&mut data));
     let isa = Isa::best();
@@ -1480,12 +1523,12 @@ pub(crate) fn contract_a_grads<B: Backend>(
     }
     let device = g.device();
     let [n, p2, q] = g.dims();
-    let g = values(g);
-    let g = floats(&g);
+    let g = HostValues::of(g);
+    let g = g.floats();
     let grad_f = t.map(|t| {
         let p = t.dims()[1];
-        let t = values(t);
-        let out = grad_factor(&floats(&t), &g, p, p2, q);
+        let t = HostValues::of(t);
+        let out = grad_factor(&t.floats(), &g, p, p2, q);
         Tensor::from_data(TensorData::new(out, [p, p2]), &device)
     });
     let grad_t = f.map(|f| {
@@ -1828,7 +1871,10 @@ mod tests {
         // (`assert!`: the vectors are too long to print.)
         assert!(bits(kept_forward.into_data()) == whole_bits, "forward");
         let by_blocks = rows_out(&blocks, (factors.clone(), &steps), None, &dev);
-        assert!(bits(by_blocks.into_data()) == whole_bits, "forward in blocks");
+        assert!(
+            bits(by_blocks.into_data()) == whole_bits,
+            "forward in blocks"
+        );
         // Inference's smaller blocks, with a scale and an output to add to.
         assert!((INFER_FLOATS / (p * q)) < n && n * p * q > 2 * INFER_FLOATS);
         let y = Tensor::<Flex, 2>::from_data(
@@ -1877,7 +1923,9 @@ mod tests {
         );
         let as_bits = |v: &[MaybeUninit<f32>]| -> Vec<u32> {
             // SAFETY: initialized before the calls.
-            v.iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect()
+            v.iter()
+                .map(|v| unsafe { v.assume_init() }.to_bits())
+                .collect()
         };
         assert!(as_bits(&dt_blocks) == as_bits(&dt), "∂T from blocks");
         assert!(blocks_f == want_f, "the factors' gradients from blocks");

@@ -14,7 +14,7 @@ use burn::tensor::Tensor;
 use kron_adapters::kron::autodiff::{
     contract_a, contract_a_composite, is_registered, register_backward,
 };
-use kron_adapters::kron::{chain_product, kron, kron_apply, KronPlan};
+use kron_adapters::kron::{chain_product, kron, kron_apply, kron_apply_add, KronPlan};
 
 /// Host references for `out[r] = mᵀ·T[r]` under the loss `Σ out ⊙ R`:
 /// `∂m[i, o] = Σ_r Σ_k T[r, i, k]·R[r, o, k]` and `∂T[r, i, k] = Σ_o m[i, o]·R[r, o, k]`.
@@ -175,13 +175,16 @@ fn check_only_tracked<B: Backend, A: AutodiffBackend>(bdev: &B::Device, dev: &A:
     assert_close(&to_vec(out), &to_vec(want), 1e-5, "untracked value");
 }
 
-/// `x·(A ⊗ B)·scale` under `Σ y ⊙ R` with `A`, `B` chains of factors: the gradients of `x` and
-/// of every factor (`None` where not tracked), through `kron_apply` with `plan` or, without one,
-/// through the materialized product (Burn's differentiation of `chain_product` and `kron`).
+/// `x·(A ⊗ B)·scale` (plus `y0` where given: `kron_apply_add`) under `Σ y ⊙ R` with `A`, `B`
+/// chains of factors: the value, and the gradients of `x`, of every factor and of `y0` (`None`
+/// where not tracked), through `kron_apply` with `plan` or, without one, through the
+/// materialized product (Burn's differentiation of `chain_product` and `kron`).
+#[allow(clippy::too_many_arguments)]
 fn chain_grads<A: AutodiffBackend>(
     x: &[f32],
     a: &[(Vec<f32>, [usize; 2])],
     b: &[(Vec<f32>, [usize; 2])],
+    y0: Option<&[f32]>,
     r: &[f32],
     (track_x, track_factors): (bool, bool),
     plan: Option<&KronPlan>,
@@ -197,18 +200,32 @@ fn chain_grads<A: AutodiffBackend>(
     let factor = |(v, s): &(Vec<f32>, [usize; 2])| track(tensor::<A, 2>(v, *s, dev), track_factors);
     let at: Vec<_> = a.iter().map(factor).collect();
     let bt: Vec<_> = b.iter().map(factor).collect();
+    let y0 = y0.map(|y0| tensor::<A, 2>(y0, [n, d_out], dev).require_grad());
     let scale = 0.7;
-    let y = match plan {
-        Some(plan) => kron_apply(xt.clone(), &at, &bt, plan, scale),
-        None => xt
-            .clone()
-            .matmul(kron(chain_product(&at), chain_product(&bt)).mul_scalar(scale)),
+    let y = match (plan, &y0) {
+        (Some(plan), None) => kron_apply(xt.clone(), &at, &bt, plan, scale),
+        (Some(plan), Some(y0)) => {
+            // `y0` times 1: a tensor of its own, as a frozen product's output is, which flex
+            // adds into in place.
+            let y0 = y0.clone().mul_scalar(1.0);
+            kron_apply_add(xt.clone(), &at, &bt, plan, scale, y0)
+        }
+        (None, _) => {
+            let delta = kron(chain_product(&at), chain_product(&bt)).mul_scalar(scale);
+            let y = xt.clone().matmul(delta);
+            y0.clone().map_or(y.clone(), |y0| y0 + y)
+        }
     };
+    let value = to_vec(y.clone().inner());
     let g = (y * tensor::<A, 2>(r, [n, d_out], dev)).sum().backward();
-    std::iter::once(&xt)
-        .chain(&at)
-        .chain(&bt)
-        .map(|t| t.grad(&g).map(to_vec))
+    std::iter::once(Some(value))
+        .chain(
+            std::iter::once(&xt)
+                .chain(&at)
+                .chain(&bt)
+                .chain(&y0)
+                .map(|t| t.grad(&g).map(to_vec)),
+        )
         .collect()
 }
 
@@ -247,19 +264,44 @@ fn check_every_plan<B: Backend, A: AutodiffBackend>(_: &B::Device, dev: &A::Devi
             3 => &[(true, true), (false, true), (true, false)],
             _ => &[(true, true)],
         };
-        for &tracking @ (track_x, track_factors) in subsets {
-            let want = chain_grads::<A>(&x, a, b, &r, tracking, None, dev);
+        // Also added to a tracked `y0` (`kron_apply_add`: on flex one node that adds into
+        // `y0`'s buffer).
+        let y0 = rng.vec(n * d_out);
+        let added = [None, Some(&y0[..])];
+        for (&tracking @ (track_x, track_factors), y0) in subsets
+            .iter()
+            .flat_map(|s| added.iter().map(move |y0| (s, *y0)))
+        {
+            let want = chain_grads::<A>(&x, a, b, y0, &r, tracking, None, dev);
+            assert_eq!(
+                want.len(),
+                2 + a.len() + b.len() + usize::from(y0.is_some())
+            );
             for plan in KronPlan::all(a.len(), b.len()) {
-                let got = chain_grads::<A>(&x, a, b, &r, tracking, Some(&plan), dev);
+                let got = chain_grads::<A>(&x, a, b, y0, &r, tracking, Some(&plan), dev);
+                assert_eq!(got.len(), want.len());
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     let what = format!(
-                        "input {i} (0 = x) of a {} × b {} factors, plan {:?}, tracked x {track_x} factors {track_factors}, on {}",
+                        "{} of a {} × b {} factors{}, plan {:?}, tracked x {track_x} factors {track_factors}, on {}",
+                        match i {
+                            0 => "the value".to_string(),
+                            1 => "the gradient of x".to_string(),
+                            i => format!("the gradient of input {}", i - 1),
+                        },
                         a.len(),
                         b.len(),
+                        if y0.is_some() { " added to y0" } else { "" },
                         plan.steps,
                         A::name(dev)
                     );
-                    let tracked = if i == 0 { track_x } else { track_factors };
+                    // The value, and `y0`'s gradient, are always there.
+                    let last = i + 1 == want.len() && y0.is_some();
+                    let tracked = match i {
+                        0 => true,
+                        1 => track_x,
+                        _ if last => true,
+                        _ => track_factors,
+                    };
                     match (g, w) {
                         (Some(g), Some(w)) if tracked => {
                             assert!(w.iter().any(|v| v.abs() > 1e-3), "{what}: all zero");
