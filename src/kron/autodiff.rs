@@ -16,6 +16,12 @@
 //!   With no factor tracked (frozen factors, only `T` needs a gradient) the node keeps only the
 //!   factors and recomputes nothing: `∂T` is the forward of the transposed factors in reverse
 //!   order, applied to `G`.
+//!
+//!   An adapter added to its layer's frozen product (`kron_apply_add`) makes `y` a further
+//!   input of the same node: `out = y + steps(T)`, `∂y = G` (the same tensor, shared). On
+//!   flex the forward's last step adds into `y`'s buffer, so the adapter's output has no
+//!   buffer of its own (whose pages the kernel would fault in on every forward) and the add no
+//!   node or pass.
 //! * [`contract_a`] is one `a` step as its own node (for the block adapters, which add a bias
 //!   between the steps), with the same `∂f`.
 //!
@@ -27,7 +33,9 @@
 //! factor and row intermediate fits the host rows of inference (`kron::on_host_rows`), the
 //! node's forward is `host::apply_rows` and its backward `host::apply_grads`: every step, the
 //! `b` steps too, a chunk of rows at a time with its intermediates in the cache, no tensor
-//! between the steps (a MiniLM KronA step 577 → 546 ms, docs/benchmarks.md).
+//! between the steps (a MiniLM KronA step 577 → 546 ms, docs/benchmarks.md). Both read `T`,
+//! `G` and the factors in flex's own buffers (`quirks::host_floats`), where reading a shared
+//! tensor's values would copy it.
 //!
 //! # Why a registry
 //! A backward is registered on Burn's `Autodiff<I, C>` backend through its inner backend `I`,

@@ -1146,23 +1146,20 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
     Tensor::from_data(TensorData::new(out, [n, p2, q]), &device)
 }
 
-/// A Kronecker apply on the host, `scale · T [n, p, q]` through every factor in turn
-/// (`steps[i]`: the axis `factors[i]` contracts), each row's intermediates in buffers of the
-/// thread's own that stay in its L1 cache; with `y` the last step adds
-/// into `y`'s buffer (without a copy where `y` is not shared). In inference on flex, Burn's
-/// products would allocate (and clear, and realign) each step's output, and the adapter's add
-/// would take a pass and a tensor of its own.
+/// A Kronecker apply on the host, `T [n, p, q]` through every factor in turn (`steps[i]`: the
+/// axis `factors[i]` contracts), each row's intermediates in buffers of the thread's own that
+/// stay in its L1 cache; with `y` the last step adds into `y`'s buffer (without a copy where `y`
+/// is not shared). In inference on flex, Burn's products would allocate (and clear, and
+/// realign) each step's output, and the adapter's add would take a pass and a tensor of its
+/// own. A scale goes on a factor (the caller folds it into the smallest).
 ///
-/// The scale goes on `T`, by flex's scalar product: an adapted layer's input is usually shared
-/// (the query, key and value projections and the residual read the same tensor), and reading a
-/// shared tensor's values (`into_data`) costs flex two copies, one of them realigning, where the
-/// product writes one new tensor in one pass (by 1 where the scale is 1). With one adapter per
-/// 32-row batch the server answered 10% more requests per second for it (`examples/loadgen`).
-/// A `T` of more than twice [`INFER_FLOATS`] values is copied a block of rows at a time, the
-/// blocks split over rayon's threads, each block's copy still in the thread's L2 cache when the
-/// kernel reads it ([`Rows`]): the whole copy was one thread's pass through memory (at 2,048
-/// rows of 1,536 values the apply took 1.85 ms with it, 1.1 ms in blocks; docs/benchmarks.md,
-/// stop 32).
+/// `T` is read where flex keeps it ([`Rows`]): an adapted layer's input is usually shared (the
+/// query, key and value projections and the residual read the same tensor), and reading a
+/// shared tensor's values (`into_data`) costs flex two copies, one of them realigning. Where
+/// `T` is not in order in its buffer it is copied instead, a block of [`INFER_FLOATS`] values'
+/// rows at a time, the blocks split over rayon's threads, each block's copy still in the
+/// thread's L2 cache when the kernel reads it (at 2,048 rows of 1,536 values the apply took
+/// 1.85 ms with one whole copy, 1.1 ms in blocks; docs/benchmarks.md, stop 32).
 ///
 /// # Shapes
 /// - `t`: `[n, p, q]`
@@ -1173,21 +1170,15 @@ pub(crate) fn apply_rows<B: Backend>(
     t: Tensor<B, 3>,
     factors: Vec<Tensor<B, 2>>,
     steps: &[Side],
-    scale: f64,
     y: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 3> {
     let device = t.device();
-    rows_out(
-        &Rows::blocks(t, INFER_FLOATS, scale),
-        (factors, steps),
-        y,
-        &device,
-    )
+    rows_out(&Rows::blocks(t, INFER_FLOATS), (factors, steps), y, &device)
 }
 
-/// [`apply_rows`] with a scale of 1 and no `y`, for the forward of `kron::autodiff`'s node,
-/// which keeps `T` for its backward: so `T` is shared, and a large one is read
-/// [`READ_FLOATS`] values' rows at a time ([`Rows`]).
+/// [`apply_rows`] without `y`, for the forward of `kron::autodiff`'s node, which keeps `T` for
+/// its backward: where `T` is copied, a large one is read [`READ_FLOATS`] values' rows at a
+/// time ([`Rows`]).
 ///
 /// # Shapes
 /// As [`apply_rows`].
@@ -1219,34 +1210,31 @@ pub(crate) fn apply_rows_add<B: Backend>(
     rows_out(&Rows::of(t), (factors, steps), Some(y), &device)
 }
 
-/// The most values of `T` that [`Rows`] copies at once, where `T` is larger than twice
-/// this.
+/// The most values of `T` that [`Rows`] copies at once, where `T` is copied and larger than
+/// twice this.
 const READ_FLOATS: usize = 256 * 1024;
 
-/// The values of `T` that [`apply_rows`] copies at once (256 KB), where `T` is larger than twice
-/// this: a block's copy stays in the L2 cache until the kernel reads it, and the blocks are
-/// few enough that slicing each costs nothing measurable (measured from 8K to 256K values: 64K
-/// and 128K fastest at MiniLM's and SmolLM2's widths, 8K 25% slower than 64K).
+/// The values of `T` that [`apply_rows`] copies at once (256 KB), where `T` is copied and
+/// larger than twice this: a block's copy stays in the L2 cache until the kernel reads it, and
+/// the blocks are few enough that slicing each costs nothing measurable (measured from 8K to
+/// 256K values: 64K and 128K fastest at MiniLM's and SmolLM2's widths, 8K 25% slower than 64K).
 const INFER_FLOATS: usize = 64 * 1024;
 
-/// The values of `scale · T [n, p, q]`'s rows, for a pass that reads them a block at a time.
-/// Where the scale is 1 and flex keeps `T` in order, its buffer is read in place
-/// (`quirks::host_floats`): an adapted layer's input is shared (by the layer's other products
-/// and the residual, and the autodiff node keeps it for the backward), and reading a shared
-/// tensor's values costs flex two copies. Otherwise a small `T` is copied once, in one pass
-/// (flex's scalar product, which writes one new tensor), a large one a block of rows at a time
-/// (a slice's scalar product), so that the copy is never the whole input (at 2,048 rows of
-/// 4,096 values that took 32 MB more at a training step's peak) and each block's is read while
-/// still in the cache. The scalar product writes in place where `T` is not shared.
+/// The values of `T [n, p, q]`'s rows, for a pass that reads them a block at a time. Where
+/// flex keeps `T` in order, its buffer is read in place (`quirks::host_floats`): an adapted
+/// layer's input is shared (by the layer's other products and the residual, and the autodiff
+/// node keeps it for the backward), and reading a shared tensor's values costs flex two copies
+/// (KronA's MiniLM training step 669 → 657 ms, docs/benchmarks.md, stop 34). Otherwise a small
+/// `T` is copied once, in one pass (flex's scalar product by 1, which writes one new tensor), a
+/// large one a block of rows at a time (a slice's scalar product), so that the copy is never
+/// the whole input (at 2,048 rows of 4,096 values that took 32 MB more at a training step's
+/// peak) and each block's is read while still in the cache.
 struct Rows<B: Backend> {
     /// Where the values come from.
     src: Source<B>,
     /// `T`'s `[n, p, q]`, and rows per block (all of them where read whole).
     dims: [usize; 3],
     block: usize,
-    /// The factor the values are read times (on `T`'s values before the kernel, as for the
-    /// whole copy: the same bits whichever way `T` is read).
-    scale: f64,
 }
 
 /// [`Rows`]' values.
@@ -1255,7 +1243,7 @@ enum Source<B: Backend> {
     InPlace(FloatTensor<B>),
     /// `T`, copied a block at a time.
     Blocks(Tensor<B, 3>),
-    /// `scale · T`'s values, copied whole.
+    /// `T`'s values, copied whole.
     Whole(Vec<f32>),
 }
 
@@ -1263,52 +1251,46 @@ impl<B: Backend> Rows<B> {
     /// `T`: in place where flex keeps it in order, else in blocks where it holds more than
     /// twice [`READ_FLOATS`] values.
     fn of(t: Tensor<B, 3>) -> Self {
-        Self::blocks(t, READ_FLOATS, 1.0)
+        Self::blocks(t, READ_FLOATS)
     }
 
-    /// `scale · T`: in place where the scale is 1 and flex keeps `T` in order, else read in
-    /// blocks of about `floats` values where it holds more than twice that.
-    fn blocks(t: Tensor<B, 3>, floats: usize, scale: f64) -> Self {
-        if scale != 1.0 {
-            return Self::blocks_copied(t, floats, scale);
-        }
+    /// `T`: in place where flex keeps it in order, else read in blocks of about `floats`
+    /// values where it holds more than twice that.
+    fn blocks(t: Tensor<B, 3>, floats: usize) -> Self {
         let dims = t.dims();
         let t = t.into_primitive().tensor();
         if quirks::host_floats::<B>(&t).is_none() {
             let t = Tensor::from_primitive(TensorPrimitive::Float(t));
-            return Self::blocks_copied(t, floats, scale);
+            return Self::blocks_copied(t, floats);
         }
         Rows {
             src: Source::InPlace(t),
             dims,
             block: dims[0].max(1),
-            scale,
         }
     }
 
-    /// `scale · T` copied: in blocks of about `floats` values where it holds more than twice
-    /// that, else whole.
-    fn blocks_copied(t: Tensor<B, 3>, floats: usize, scale: f64) -> Self {
+    /// `T` copied: in blocks of about `floats` values where it holds more than twice that, else
+    /// whole.
+    fn blocks_copied(t: Tensor<B, 3>, floats: usize) -> Self {
         let dims @ [n, p, q] = t.dims();
         if n * p * q <= 2 * floats {
-            return Self::whole(t, scale);
+            return Self::whole(t);
         }
         Rows {
             src: Source::Blocks(t),
             dims,
             block: (floats / (p * q).max(1)).max(1),
-            scale,
         }
     }
 
-    /// `scale · T`, copied whole.
-    fn whole(t: Tensor<B, 3>, scale: f64) -> Self {
+    /// `T`, copied whole.
+    fn whole(t: Tensor<B, 3>) -> Self {
         let dims = t.dims();
         Rows {
-            src: Source::Whole(floats_of(t.mul_scalar(scale))),
+            src: Source::Whole(floats_of(t.mul_scalar(1.0))),
             dims,
             block: dims[0].max(1),
-            scale,
         }
     }
 
@@ -1322,9 +1304,7 @@ impl<B: Backend> Rows<B> {
                 Cow::Borrowed(&all[range])
             }
             Source::Whole(whole) => Cow::Borrowed(&whole[range]),
-            Source::Blocks(t) => {
-                Cow::Owned(floats_of(t.clone().slice([rows]).mul_scalar(self.scale)))
-            }
+            Source::Blocks(t) => Cow::Owned(floats_of(t.clone().slice([rows]).mul_scalar(1.0))),
         }
     }
 }
@@ -1823,9 +1803,9 @@ mod tests {
 
     /// A shared `T` (as the autodiff node holds it) is read in place ([`super::Rows`]), and
     /// where it is copied, above the size copied whole, in blocks of rows: the node's forward
-    /// and backward (in place and from blocks), and inference's apply (smaller blocks, scaled,
-    /// added to an output), give the values of the whole copy bit for bit (each row's sums, and
-    /// each group's, do not depend on which block holds the row).
+    /// and backward (in place and from blocks), and inference's apply (in place and in smaller
+    /// blocks, added to an output), give the values of the whole copy bit for bit (each row's
+    /// sums, and each group's, do not depend on which block holds the row).
     #[cfg(feature = "flex")]
     #[test]
     fn blocks_of_rows_give_the_whole_inputs_values() {
@@ -1853,7 +1833,7 @@ mod tests {
         let steps = [Side::A, Side::B];
         let in_place = Rows::of(t.clone());
         assert!(matches!(in_place.src, Source::InPlace(_)), "read in place");
-        let blocks = Rows::blocks_copied(t.clone(), READ_FLOATS, 1.0);
+        let blocks = Rows::blocks_copied(t.clone(), READ_FLOATS);
         assert!(matches!(blocks.src, Source::Blocks(_)), "read in blocks");
         let bits = |t: TensorData| {
             t.to_vec::<f32>()
@@ -1862,11 +1842,11 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect::<Vec<_>>()
         };
-        let whole = |scale, y: Option<Tensor<Flex, 2>>| {
-            let rows = Rows::whole(t.clone(), scale);
+        let whole = |y: Option<Tensor<Flex, 2>>| {
+            let rows = Rows::whole(t.clone());
             rows_out(&rows, (factors.clone(), &steps), y, &dev)
         };
-        let whole_bits = bits(whole(1.0, None).into_data());
+        let whole_bits = bits(whole(None).into_data());
         let kept_forward = apply_rows_kept(t.clone(), factors.clone(), &steps);
         // (`assert!`: the vectors are too long to print.)
         assert!(bits(kept_forward.into_data()) == whole_bits, "forward");
@@ -1875,16 +1855,21 @@ mod tests {
             bits(by_blocks.into_data()) == whole_bits,
             "forward in blocks"
         );
-        // Inference's smaller blocks, with a scale and an output to add to.
+        // Inference, in place and in its smaller blocks, with an output to add to.
         assert!((INFER_FLOATS / (p * q)) < n && n * p * q > 2 * INFER_FLOATS);
         let y = Tensor::<Flex, 2>::from_data(
             TensorData::new(values(n * 16 * 24, 14), [n, 16 * 24]),
             &dev,
         );
-        let scaled = apply_rows(t.clone(), factors.clone(), &steps, 0.37, Some(y.clone()));
+        let added = bits(whole(Some(y.clone())).into_data());
+        let in_place = apply_rows(t.clone(), factors.clone(), &steps, Some(y.clone()));
+        assert!(bits(in_place.into_data()) == added, "added to y");
+        let small = Rows::blocks_copied(t.clone(), INFER_FLOATS);
+        assert!(matches!(small.src, Source::Blocks(_)));
+        let by_blocks = rows_out(&small, (factors.clone(), &steps), Some(y), &dev);
         assert!(
-            bits(scaled.into_data()) == bits(whole(0.37, Some(y)).into_data()),
-            "scaled, added to y"
+            bits(by_blocks.into_data()) == added,
+            "added to y, in blocks"
         );
 
         let gv = values(n * 16 * 24, 13);
