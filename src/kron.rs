@@ -323,11 +323,7 @@ fn apply_then_add<B: Backend, const D: usize>(
     });
     if let Some((mut factors, steps)) = host.flatten() {
         // The scale on the smallest factor, as for Burn's products below.
-        if scale != 1.0 {
-            let numel = |i: &usize| factors[*i].shape().num_elements();
-            let i = (0..factors.len()).min_by_key(numel).expect("some factor");
-            factors[i] = factors[i].clone().mul_scalar(scale);
-        }
+        scale_smallest(&mut factors, scale);
         let KronIntermediate { t, lead } = t;
         let n = t.dims()[0];
         let y = y.map(|y| {
@@ -514,20 +510,19 @@ fn fold_scale<B: Backend>(
     b_chain: &[Tensor<B, 2>],
     scale: f64,
 ) -> (Vec<Tensor<B, 2>>, Vec<Tensor<B, 2>>) {
-    let mut a: Vec<_> = a_chain.to_vec();
-    let mut b: Vec<_> = b_chain.to_vec();
-    if scale != 1.0 {
-        let numel = |t: &Tensor<B, 2>| t.shape().num_elements();
-        let min_a = a.iter().enumerate().min_by_key(|(_, t)| numel(t));
-        let min_b = b.iter().enumerate().min_by_key(|(_, t)| numel(t));
-        match (min_a, min_b) {
-            (Some((ia, ta)), Some((_, tb))) if numel(ta) <= numel(tb) => {
-                a[ia] = a[ia].clone().mul_scalar(scale)
-            }
-            (_, Some((ib, _))) => b[ib] = b[ib].clone().mul_scalar(scale),
-            (Some((ia, _)), None) => a[ia] = a[ia].clone().mul_scalar(scale),
-            (None, None) => {}
-        }
-    }
+    let mut a: Vec<_> = a_chain.iter().chain(b_chain).cloned().collect();
+    scale_smallest(&mut a, scale);
+    let b = a.split_off(a_chain.len());
     (a, b)
+}
+
+/// `scale` folded into the smallest of `factors` (the first of equal size), unless it is 1.
+fn scale_smallest<B: Backend>(factors: &mut [Tensor<B, 2>], scale: f64) {
+    if scale == 1.0 {
+        return;
+    }
+    let numel = |i: &usize| factors[*i].shape().num_elements();
+    if let Some(i) = (0..factors.len()).min_by_key(numel) {
+        factors[i] = factors[i].clone().mul_scalar(scale);
+    }
 }

@@ -191,9 +191,9 @@ fn apply_inner<B: Backend>(
     }
     let Some(registered) = registered else {
         // No autodiff node on `B`, but its fused kernel (`kron::cube`).
-        let out = forward::<B>(t.tensor(), factors.into_iter().map(|f| f.tensor()), steps);
-        let out = Tensor::from_primitive(TensorPrimitive::Float(out));
-        return plus(out, y.map(Tensor::from_primitive));
+        let factors = factors.into_iter().map(|f| f.tensor());
+        let out = forward::<B>(t.tensor(), factors, steps, y.map(|y| y.tensor()));
+        return Tensor::from_primitive(TensorPrimitive::Float(out));
     };
     let erase = |p: TensorPrimitive<B>| -> Box<dyn Any> { Box::new(p.tensor()) };
     let factors = factors.into_iter().map(erase).collect();
@@ -396,28 +396,34 @@ fn contract_tracked<I: Backend, C: CheckpointStrategy>(
             let t_state = m_tracked.then(|| prep.checkpoint(&t));
             prep.finish(
                 (m_state, t_state),
-                forward::<I>(t.primitive, [m.primitive], &[Side::A]),
+                forward::<I>(t.primitive, [m.primitive], &[Side::A], None),
             )
         }
         OpsKind::UnTracked(prep) => {
-            prep.finish(forward::<I>(t.primitive, [m.primitive], &[Side::A]))
+            prep.finish(forward::<I>(t.primitive, [m.primitive], &[Side::A], None))
         }
     }
 }
 
 /// The forward of a node on the inner backend: `factors` applied to `t` by [`step_forward`],
 /// or, where a fused kernel is registered for `I` ([`set_pair`]), adjacent `a`/`b` steps as one
-/// launch of it, or on the host rows where they take the apply (`kron::on_host_rows`: flex).
+/// launch of it, or on the host rows where they take the apply (`kron::on_host_rows`: flex);
+/// plus `y` where given (on the host rows added into `y`'s buffer, the same sums as the add).
 fn forward<I: Backend>(
     t: FloatTensor<I>,
     factors: impl IntoIterator<Item = FloatTensor<I>>,
     steps: &[Side],
+    y: Option<FloatTensor<I>>,
 ) -> FloatTensor<I> {
     let pair = lookup_pair(TypeId::of::<I>());
     let mut t = float::<I, 3>(t);
+    let y = y.map(float::<I, 3>);
     let factors: Vec<Tensor<I, 2>> = factors.into_iter().map(float::<I, 2>).collect();
-    if pair.is_none() && super::on_host_rows(&t, &factors, steps) {
-        return host::apply_rows_kept(t, factors, steps)
+    if pair.is_none()
+        && super::on_host_rows(&t, &factors, steps)
+        && y.as_ref().is_none_or(|y| quirks::host_loops_take(&t, y))
+    {
+        return host::apply_rows_kept(t, factors, steps, y)
             .into_primitive()
             .tensor();
     }
@@ -447,7 +453,10 @@ fn forward<I: Backend>(
             }
         }
     }
-    t.into_primitive().tensor()
+    match y {
+        Some(y) => (t + y).into_primitive().tensor(),
+        None => t.into_primitive().tensor(),
+    }
 }
 
 pub(crate) fn float<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
@@ -611,12 +620,10 @@ fn apply_erased<I: Backend, C: CheckpointStrategy>(
         *b.downcast()
             .expect("registered under Autodiff<I, C>'s TypeId, so its primitives are these")
     };
-    let add = y.is_some();
     let mut inputs = vec![down(t)];
     inputs.extend(factors.into_iter().chain(y).map(down));
     let op = ApplySteps {
         steps: steps.to_vec(),
-        add,
     };
     // `apply_steps` calls this with 2 to 4 factors, and `y` or not: 3 to 6 inputs.
     let out = match inputs.len() {
@@ -636,22 +643,21 @@ fn array<T, const N: usize>(v: Vec<T>) -> [T; N] {
 }
 
 /// The autodiff node of [`apply_steps`]: `T` and the factors checkpointed, nothing in between
-/// (the inputs: `T`, the factors, and with `op.add` the tensor the result is added to).
+/// (the inputs: `T`, the factors, and one more where the result is added to it: [`ApplySteps::adds`]).
 fn apply_tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
     inputs: [FloatTensor<Autodiff<I, C>>; N],
     op: ApplySteps,
 ) -> FloatTensor<Autodiff<I, C>> {
     let nodes = inputs.each_ref().map(|t| t.node.clone());
     let k = op.steps.len();
-    let forward = |inputs: [FloatTensor<Autodiff<I, C>>; N], steps: &[Side], add: bool| {
+    let forward = |inputs: [FloatTensor<Autodiff<I, C>>; N], steps: &[Side]| {
         let mut primitives = inputs.into_iter().map(|x| x.primitive);
         let t = primitives.next().expect("N ≥ 3 inputs");
         let factors: Vec<_> = primitives.by_ref().take(k).collect();
-        let y = if add { primitives.next() } else { None };
-        forward_add::<I>(t, factors, steps, y)
+        // The added tensor, where there is one.
+        forward::<I>(t, factors, steps, primitives.next())
     };
     let steps = op.steps.clone();
-    let add = op.add;
     match <ApplySteps as Backward<I, N>>::prepare::<C>(op, nodes)
         .compute_bound()
         .stateful()
@@ -662,44 +668,26 @@ fn apply_tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
             let factor_tracked = inputs[1..=k].iter().any(|x| x.is_tracked());
             let t = factor_tracked.then(|| prep.checkpoint(&inputs[0]));
             let factors = inputs[1..=k].iter().map(|x| prep.checkpoint(x)).collect();
-            prep.finish((t, factors), forward(inputs, &steps, add))
+            prep.finish((t, factors), forward(inputs, &steps))
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(inputs, &steps, add)),
+        OpsKind::UnTracked(prep) => prep.finish(forward(inputs, &steps)),
     }
 }
 
-/// [`forward`], plus `y` where given: on the host rows (flex) added into `y`'s buffer, the
-/// same sums as the add.
-fn forward_add<I: Backend>(
-    t: FloatTensor<I>,
-    factors: Vec<FloatTensor<I>>,
-    steps: &[Side],
-    y: Option<FloatTensor<I>>,
-) -> FloatTensor<I> {
-    let Some(y) = y else {
-        return forward::<I>(t, factors, steps);
-    };
-    let (t, y) = (float::<I, 3>(t), float::<I, 3>(y));
-    let factors: Vec<Tensor<I, 2>> = factors.into_iter().map(float::<I, 2>).collect();
-    let host = lookup_pair(TypeId::of::<I>()).is_none()
-        && super::on_host_rows(&t, &factors, steps)
-        && quirks::host_loops_take(&t, &y);
-    let out = if host {
-        host::apply_rows_add(t, factors, steps, y)
-    } else {
-        let primitives = factors.into_iter().map(|f| f.into_primitive().tensor());
-        float::<I, 3>(forward::<I>(t.into_primitive().tensor(), primitives, steps)) + y
-    };
-    out.into_primitive().tensor()
-}
-
 /// [`apply_steps`]' backward: the intermediates recomputed from `T` and the factors, then
-/// the steps differentiated last to first, each intermediate dropped once used; with `add`,
-/// the output's gradient is also the added tensor's.
+/// the steps differentiated last to first, each intermediate dropped once used; where the
+/// result was added to a tensor, the output's gradient is also that tensor's.
 #[derive(Debug)]
 struct ApplySteps {
     steps: Vec<Side>,
-    add: bool,
+}
+
+impl ApplySteps {
+    /// Was the result added to a tensor, the node's last of its `n` inputs (`T`, one factor per
+    /// step, and that tensor)?
+    fn adds(&self, n: usize) -> bool {
+        n == self.steps.len() + 2
+    }
 }
 
 impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
@@ -709,7 +697,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
         let mut g = float::<I, 3>(grads.consume::<I>(&ops.node));
         let k = self.steps.len();
-        if let (true, Some(node)) = (self.add, &ops.parents[N - 1]) {
+        if let (true, Some(node)) = (self.adds(N), &ops.parents[N - 1]) {
             grads.register::<I>(node.id, g.clone().into_primitive().tensor());
         }
         let parents = &ops.parents[..=k];
@@ -725,7 +713,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for ApplySteps {
                 let transposed = factors.into_iter().rev().map(|f| f.transpose());
                 let steps: Vec<Side> = self.steps.iter().rev().copied().collect();
                 let primitives = transposed.map(|f| f.into_primitive().tensor());
-                let grad = forward::<I>(g.into_primitive().tensor(), primitives, &steps);
+                let grad = forward::<I>(g.into_primitive().tensor(), primitives, &steps, None);
                 grads.register::<I>(node.id, grad);
             }
             return;

@@ -1176,38 +1176,26 @@ pub(crate) fn apply_rows<B: Backend>(
     rows_out(&Rows::blocks(t, INFER_FLOATS), (factors, steps), y, &device)
 }
 
-/// [`apply_rows`] without `y`, for the forward of `kron::autodiff`'s node, which keeps `T` for
-/// its backward: where `T` is copied, a large one is read [`READ_FLOATS`] values' rows at a
-/// time ([`Rows`]).
-///
-/// # Shapes
-/// As [`apply_rows`].
-pub(crate) fn apply_rows_kept<B: Backend>(
-    t: Tensor<B, 3>,
-    factors: Vec<Tensor<B, 2>>,
-    steps: &[Side],
-) -> Tensor<B, 3> {
-    let device = t.device();
-    rows_out(&Rows::of(t), (factors, steps), None, &device)
-}
-
-/// `y + apply_rows_kept(t, factors, steps)`, the last step adding into `y`'s buffer (without a
-/// copy where `y` is not shared): the forward of `kron::autodiff`'s node for an adapter added
-/// to its frozen product. The same sums as the add.
+/// [`apply_rows`] for the forward of `kron::autodiff`'s node, which keeps `T` for its
+/// backward: where `T` is copied, a large one is read [`READ_FLOATS`] values' rows at a time
+/// ([`Rows`]). With `y` (an adapter added to its frozen product) the last step adds into `y`'s
+/// buffer, without a copy where `y` is not shared: the same sums as the add.
 ///
 /// # Shapes
 /// - `t`, `factors`: as [`apply_rows`]
 /// - `y`, output: `[n, p_last, q_last]`
-pub(crate) fn apply_rows_add<B: Backend>(
+pub(crate) fn apply_rows_kept<B: Backend>(
     t: Tensor<B, 3>,
     factors: Vec<Tensor<B, 2>>,
     steps: &[Side],
-    y: Tensor<B, 3>,
+    y: Option<Tensor<B, 3>>,
 ) -> Tensor<B, 3> {
     let device = t.device();
-    let [n, pl, ql] = y.dims();
-    let y = y.reshape([n, pl * ql]);
-    rows_out(&Rows::of(t), (factors, steps), Some(y), &device)
+    let y = y.map(|y| {
+        let [n, pl, ql] = y.dims();
+        y.reshape([n, pl * ql])
+    });
+    rows_out(&Rows::of(t), (factors, steps), y, &device)
 }
 
 /// The most values of `T` that [`Rows`] copies at once, where `T` is copied and larger than
@@ -1258,15 +1246,13 @@ impl<B: Backend> Rows<B> {
     /// values where it holds more than twice that.
     fn blocks(t: Tensor<B, 3>, floats: usize) -> Self {
         let dims = t.dims();
-        let t = t.into_primitive().tensor();
-        if quirks::host_floats::<B>(&t).is_none() {
-            let t = Tensor::from_primitive(TensorPrimitive::Float(t));
-            return Self::blocks_copied(t, floats);
-        }
-        Rows {
-            src: Source::InPlace(t),
-            dims,
-            block: dims[0].max(1),
+        match in_place(t) {
+            Ok(t) => Rows {
+                src: Source::InPlace(t),
+                dims,
+                block: dims[0].max(1),
+            },
+            Err(t) => Self::blocks_copied(t, floats),
         }
     }
 
@@ -1299,10 +1285,7 @@ impl<B: Backend> Rows<B> {
         let row = self.dims[1] * self.dims[2];
         let range = rows.start * row..rows.end * row;
         match &self.src {
-            Source::InPlace(t) => {
-                let all = quirks::host_floats::<B>(t).expect("checked when read in place");
-                Cow::Borrowed(&all[range])
-            }
+            Source::InPlace(t) => Cow::Borrowed(&borrowed::<B>(t)[range]),
             Source::Whole(whole) => Cow::Borrowed(&whole[range]),
             Source::Blocks(t) => Cow::Owned(floats_of(t.clone().slice([rows]).mul_scalar(1.0))),
         }
@@ -1316,21 +1299,30 @@ struct HostValues<B: Backend>(Result<FloatTensor<B>, TensorData>);
 
 impl<B: Backend> HostValues<B> {
     fn of<const D: usize>(t: Tensor<B, D>) -> Self {
-        let t = t.into_primitive().tensor();
-        if quirks::host_floats::<B>(&t).is_some() {
-            return Self(Ok(t));
-        }
-        Self(Err(values(Tensor::<B, D>::from_primitive(
-            TensorPrimitive::Float(t),
-        ))))
+        Self(in_place(t).map_err(values))
     }
 
     fn floats(&self) -> Cow<'_, [f32]> {
         match &self.0 {
-            Ok(t) => Cow::Borrowed(quirks::host_floats::<B>(t).expect("checked in `of`")),
+            Ok(t) => Cow::Borrowed(borrowed::<B>(t)),
             Err(data) => floats(data),
         }
     }
+}
+
+/// `t`'s primitive where flex keeps its values in order, so that [`borrowed`] reads them in
+/// place (`quirks::host_floats`); else `t` back.
+fn in_place<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<FloatTensor<B>, Tensor<B, D>> {
+    let t = t.into_primitive().tensor();
+    match quirks::host_floats::<B>(&t) {
+        Some(_) => Ok(t),
+        None => Err(Tensor::from_primitive(TensorPrimitive::Float(t))),
+    }
+}
+
+/// The values of a primitive [`in_place`] kept.
+fn borrowed<B: Backend>(t: &FloatTensor<B>) -> &[f32] {
+    quirks::host_floats::<B>(t).expect("in_place checked that flex keeps them in order")
 }
 
 /// A tensor's values as a vector (flex's buffer handed over where the tensor is not shared).
@@ -1847,7 +1839,7 @@ mod tests {
             rows_out(&rows, (factors.clone(), &steps), y, &dev)
         };
         let whole_bits = bits(whole(None).into_data());
-        let kept_forward = apply_rows_kept(t.clone(), factors.clone(), &steps);
+        let kept_forward = apply_rows_kept(t.clone(), factors.clone(), &steps, None);
         // (`assert!`: the vectors are too long to print.)
         assert!(bits(kept_forward.into_data()) == whole_bits, "forward");
         let by_blocks = rows_out(&blocks, (factors.clone(), &steps), None, &dev);
