@@ -306,20 +306,7 @@ fn apply_then_add<B: Backend, const D: usize>(
         if on_host_rows(&t.t, &factors, &plan.steps) {
             return Some((factors, plan.steps.clone()));
         }
-        if a_chain.len() == 1 && b_chain.len() == 1 {
-            return None;
-        }
-        // A chain whose rank-wide intermediates are too narrow for the kernel (Kron-LoRA and
-        // LoKr with a rank below 8): its factors' products `A = a1·a2·…` and `B = b1·b2·…`,
-        // small `[a_in, a_out]` and `[b_in, b_out]` matrices (never `A ⊗ B`), as a KronA.
-        let (a, b) = (chain_product(a_chain), chain_product(b_chain));
-        let collapsed = KronPlan::cheapest(&[a.dims()], &[b.dims()]);
-        let factors = collapsed.steps.iter().map(|side| match side {
-            Side::A => a.clone(),
-            Side::B => b.clone(),
-        });
-        let factors: Vec<_> = factors.collect();
-        on_host_rows(&t.t, &factors, &collapsed.steps).then_some((factors, collapsed.steps))
+        collapsed(a_chain, b_chain).filter(|(factors, steps)| on_host_rows(&t.t, factors, steps))
     });
     if let Some((mut factors, steps)) = host.flatten() {
         // The scale on the smallest factor, as for Burn's products below.
@@ -333,7 +320,30 @@ fn apply_then_add<B: Backend, const D: usize>(
         let out = host::apply_rows(t, factors, &steps, y);
         return KronIntermediate { t: out, lead }.finish();
     }
-    let factors = in_order(fold_scale(a_chain, b_chain, scale));
+    // In training on flex the registered node's forward and backward take the host rows where
+    // they fit (`on_host_rows` on the inner backend); a chain too narrow for them goes there
+    // collapsed, as in inference, its products `b1·b2·…` differentiated by Burn.
+    let node_on_host = autodiff::is_registered::<B>() && crate::quirks::host_loops_under(&t.t);
+    let narrow = node_on_host
+        && !host_rows_fit(
+            t.t.dims(),
+            &in_order((a_chain.to_vec(), b_chain.to_vec())),
+            &plan.steps,
+        );
+    let collapsed = narrow
+        .then(|| collapsed(a_chain, b_chain))
+        .flatten()
+        .filter(|(factors, steps)| host_rows_fit(t.t.dims(), factors, steps));
+    let (factors, steps) = match collapsed {
+        Some((mut factors, steps)) => {
+            scale_smallest(&mut factors, scale);
+            (factors, steps)
+        }
+        None => (
+            in_order(fold_scale(a_chain, b_chain, scale)),
+            plan.steps.clone(),
+        ),
+    };
     match y {
         // One node for the apply and the add where the backward is registered.
         Some(y) => {
@@ -341,26 +351,50 @@ fn apply_then_add<B: Backend, const D: usize>(
             let p_out = a_chain.last().expect("a chain is not empty").dims()[1];
             let q_out = b_chain.last().expect("b chain is not empty").dims()[1];
             let y = y.reshape([t.dims()[0], p_out, q_out]);
-            let out = autodiff::apply_steps_add(t, factors, &plan.steps, y);
+            let out = autodiff::apply_steps_add(t, factors, &steps, y);
             KronIntermediate { t: out, lead }.finish()
         }
-        None => t.apply_steps(factors, &plan.steps).finish(),
+        None => t.apply_steps(factors, &steps).finish(),
     }
 }
 
-/// Does [`host::apply_rows`] take this apply: flex, `f32` values, no autodiff, no factor or row
+/// A chain of more than one factor a side (Kron-LoRA, LoKr) as a KronA: the chains' products
+/// `A = a1·a2·…` and `B = b1·b2·…`, small `[a_in, a_out]` and `[b_in, b_out]` matrices (never
+/// `A ⊗ B`), in the cheapest plan's order, and that plan's steps. For chains whose rank-wide
+/// intermediates are too narrow for the host rows' kernel (a rank below 8). `None` for a KronA.
+fn collapsed<B: Backend>(
+    a_chain: &[Tensor<B, 2>],
+    b_chain: &[Tensor<B, 2>],
+) -> Option<(Vec<Tensor<B, 2>>, Vec<Side>)> {
+    if a_chain.len() == 1 && b_chain.len() == 1 {
+        return None;
+    }
+    let (a, b) = (chain_product(a_chain), chain_product(b_chain));
+    let plan = KronPlan::cheapest(&[a.dims()], &[b.dims()]);
+    let factors = plan.steps.iter().map(|side| match side {
+        Side::A => a.clone(),
+        Side::B => b.clone(),
+    });
+    Some((factors.collect(), plan.steps))
+}
+
+/// Does [`host::apply_rows`] take this apply: flex, `f32` values, no autodiff, and the shapes
+/// [`host_rows_fit`]?
+fn on_host_rows<B: Backend>(t: &Tensor<B, 3>, factors: &[Tensor<B, 2>], steps: &[Side]) -> bool {
+    crate::quirks::host_loops_take(t, t)
+        && factors.iter().all(|f| crate::quirks::host_loops_take(f, t))
+        && host_rows_fit(t.dims(), factors, steps)
+}
+
+/// Do the host rows' kernels take these shapes (`t`: `[n, p, q]`): no factor or row
 /// intermediate empty or beyond [`HOST_ROW_MAX`] / [`HOST_INTERMEDIATE_MAX`], and none narrower
 /// than [`HOST_COLUMNS_MIN`]?
-fn on_host_rows<B: Backend>(t: &Tensor<B, 3>, factors: &[Tensor<B, 2>], steps: &[Side]) -> bool {
+fn host_rows_fit<B: Backend>(
+    [_, mut p, mut q]: [usize; 3],
+    factors: &[Tensor<B, 2>],
+    steps: &[Side],
+) -> bool {
     let fits = |n: usize, max: usize| n > 0 && n <= max;
-    if !crate::quirks::host_loops_take(t, t)
-        || factors
-            .iter()
-            .any(|f| !crate::quirks::host_loops_take(f, t))
-    {
-        return false;
-    }
-    let [_, mut p, mut q] = t.dims();
     let mut ok = fits(p * q, HOST_INTERMEDIATE_MAX) && q >= HOST_COLUMNS_MIN;
     for (f, side) in factors.iter().zip(steps) {
         let [rows, cols] = f.dims();

@@ -175,6 +175,12 @@ pub(crate) fn host_loops_take<B: Backend, const D: usize, const E: usize>(
     B::name(&x.device()) == "flex" && crate::act::is_f32(x) && crate::act::is_f32(y)
 }
 
+/// Is `x` an `f32` tensor of flex or of an autodiff backend over flex: does a registered
+/// autodiff node's forward on `x`'s inner tensor meet [`host_loops_take`]?
+pub(crate) fn host_loops_under<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    inner_name::<B>(&x.device()) == "flex" && crate::act::is_f32(x)
+}
+
 /// The values of `t` borrowed from its buffer in host memory, in order: burn-flex's `f32`
 /// tensors stored contiguously (a shared one too, where reading its values would copy it).
 /// `None` for every other tensor and backend.

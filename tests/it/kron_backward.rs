@@ -244,13 +244,17 @@ fn check_every_plan<B: Backend, A: AutodiffBackend>(_: &B::Device, dev: &A::Devi
     };
     // KronA (2 factors), Kron-LoRA (3), both sides low rank (4): one autodiff node each; then
     // KronA and Kron-LoRA with every intermediate 8 columns wide or more, whose backward on flex
-    // is the host's pass over chunks of rows (`kron::host::apply_grads`), over several chunks.
+    // is the host's pass over chunks of rows (`kron::host::apply_grads`), over several chunks;
+    // and a Kron-LoRA whose rank is too narrow for that pass but whose collapse is not.
     let cases = [
         (chain(&[[4, 6]]), chain(&[[5, 3]]), 70),
         (chain(&[[4, 6]]), chain(&[[5, 2], [2, 3]]), 70),
         (chain(&[[4, 2], [2, 6]]), chain(&[[5, 2], [2, 3]]), 70),
         (chain(&[[4, 6]]), chain(&[[9, 8]]), 300),
         (chain(&[[4, 6]]), chain(&[[9, 8], [8, 10]]), 300),
+        // Kron-LoRA of rank 2 whose collapsed `b1·b2` is 10 columns wide: on flex the node runs
+        // `a` and `b1·b2` on the host rows, `b1` and `b2` differentiated through their product.
+        (chain(&[[4, 6]]), chain(&[[9, 2], [2, 10]]), 300),
     ];
     for (a, b, n) in &cases {
         let n = *n;
