@@ -221,8 +221,9 @@ impl ContractionOrder {
 /// intermediates in the backward ([`autodiff::apply_steps`]; on burn-flex that node's forward
 /// and backward run on the host a chunk of rows at a time). In inference on burn-flex (`f32`)
 /// each chunk of rows goes through every factor on the host, its intermediates in the L1 and L2
-/// caches (`kron::host::apply_rows`; factors of up to 16,384 values; a chain whose rank-wide
-/// intermediates are narrower than 8 columns as its small products `A` and `B`).
+/// caches (`kron::host::apply_rows`; factors of up to 16,384 values). On burn-flex, in training
+/// and inference, a chain whose rank-wide intermediates are narrower than 8 columns (Kron-LoRA
+/// below rank 8) runs as its small products `A` and `B` (differentiated by Burn), for the host.
 ///
 /// # Shapes
 /// - `x`: `[..., d_in]` with `d_in = a_in·b_in` (`a_in` = rows of `a_chain[0]`,
