@@ -12,7 +12,7 @@
 //!   backend's copy of a permuted view (on flex, element by element).
 //!
 //! Forward, and forward + backward of a sum (the input's gradient and the adapters'; the base
-//! is frozen), median ms. Prints a markdown table (docs/benchmarks.md, "The encoder's own
+//! is frozen), median ms. Prints a markdown table (docs/benchmarks-history.md, "The encoder's own
 //! operations"), and a second for inference (no autodiff): the attention core as the encoder
 //! computes it, against Burn's fused `attention` op (`burn::tensor::module::attention`) fed the
 //! heads as strided views or made contiguous first.

@@ -3,7 +3,7 @@
 //! batched product summed over `n`) against the layout whose backward for `a` is one GEMM over
 //! all rows (`X` transposed to `[n·q, p]`, one GEMM, transposed back: two copies of the
 //! intermediate). Prints a markdown table of medians (ms) measured in the same run
-//! (docs/benchmarks.md, "The `a` contraction's layout"), a second for the materialized
+//! (docs/benchmarks-history.md, "The `a` contraction's layout"), a second for the materialized
 //! `a ⊗ b`: a broadcast multiply against `kron::kron` ("Unmerged inference, folded"), and a
 //! third for the `a` step's forward batched per row (the crate's, `[n]` products
 //! `aᵀ [p', p] · X[r] [p, q]`) against `G` rows per product through the block-diagonal

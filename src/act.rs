@@ -1,7 +1,7 @@
 //! Activation functions and their derivatives computed on the host, for burn-flex, whose own
 //! GELU calls libm's scalar `erff` element by element (with its backward, 12% of a MiniLM
-//! training step's CPU time, docs/benchmarks.md) and whose SiLU is a sigmoid by scalar `expf`
-//! and a product, two operations each way.
+//! training step's CPU time, docs/benchmarks-history.md) and whose SiLU is a sigmoid by scalar
+//! `expf` and a product, two operations each way.
 //!
 //! **GELU.** `gelu(x) = x·Φ(x)` and `gelu'(x) = Φ(x) + x·φ(x)`, with `φ(x) = exp(−x²/2)/√(2π)`
 //! and `Φ(x) = E/2` for `x < 0`, `1 − E/2` otherwise, where `E = erfc(|x|/√2)`. Everything is

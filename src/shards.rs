@@ -8,7 +8,7 @@
 //! masks, the softmax's passes) on the calling thread; only large GEMMs use the other cores. A
 //! MiniLM training step on flex keeps 1.25 of 2 cores busy. Two parts of the batch at once
 //! keep both busy: the element-wise work of one part runs while the other part's GEMM does.
-//! Measured on 2 cores (docs/benchmarks.md, "Parts of a batch at once"): a MiniLM LoRA
+//! Measured on 2 cores (docs/benchmarks-history.md, "Parts of a batch at once"): a MiniLM LoRA
 //! step 1.4–1.8× faster, KronA 1.4–1.6×, full fine-tuning 1.06–1.6×, SmolLM2's LoRA step
 //! 1.2–1.5×; 4 parts gain nothing over 2 there. A MiniLM forward pass over 32 × 64 tokens:
 //! 1.47× faster in two parts ("Inference in parts").

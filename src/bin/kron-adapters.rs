@@ -232,7 +232,7 @@ fn main() -> ExitCode {
         Cmd::Generate { .. } | Cmd::Eval { .. } | Cmd::Serve { .. }
     ) {
         // These run a model on the backend: freed activation buffers stay in the process
-        // instead of being page-faulted back in (docs/benchmarks.md, "The allocator").
+        // instead of being page-faulted back in (docs/benchmarks-history.md, "The allocator").
         kron_adapters::finetune::keep_freed_memory();
     }
     match run(cli.cmd) {

@@ -5,8 +5,8 @@
 //! the next one is page-faulted back in, one 4 KiB page at a time: on this project's 2-core
 //! machine a `[2048, 384] · [384, 384]` product took 3.2 ms instead of 2.0 ms and a rank-1
 //! `[2048, 1] · [1, 384]` product 1.5 ms instead of 0.5 ms, most of it in page faults. Keeping
-//! freed memory in the process removes that cost; see docs/benchmarks.md for the effect on a
-//! training step.
+//! freed memory in the process removes that cost; see docs/benchmarks-history.md for the effect
+//! on a training step.
 
 /// Tells glibc's `malloc` to keep freed memory for reuse: buffers up to 32 MiB come from the
 /// heap rather than fresh `mmap`s, the heap is not trimmed back to the operating system, and
@@ -19,8 +19,8 @@
 /// them too, trading memory for time: measured, one training step of a frozen 4096 → 14336
 /// layer 11–15% faster with LoRA, KronA or Kron-LoRA for 2–9% more peak memory, full
 /// fine-tuning of that layer 25% faster for 49% more, MiniLM's full fine-tuning 4% faster and
-/// its adapters unchanged (docs/benchmarks.md). It is not the default here because memory is
-/// what an adapter saves.
+/// its adapters unchanged (docs/benchmarks-history.md). It is not the default here because
+/// memory is what an adapter saves.
 ///
 /// Call it once, at the start of `main`, in a binary that trains or runs inference on a CPU
 /// backend. The price is memory: the process keeps its peak heap until it exits. It does not

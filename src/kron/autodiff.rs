@@ -33,9 +33,9 @@
 //! factor and row intermediate fits the host rows of inference (`kron::on_host_rows`), the
 //! node's forward is `host::apply_rows` and its backward `host::apply_grads`: every step, the
 //! `b` steps too, a chunk of rows at a time with its intermediates in the cache, no tensor
-//! between the steps (a MiniLM KronA step 577 → 546 ms, docs/benchmarks.md). Both read `T`,
-//! `G` and the factors in flex's own buffers (`quirks::host_floats`), where reading a shared
-//! tensor's values would copy it.
+//! between the steps (a MiniLM KronA step 577 → 546 ms, docs/benchmarks-history.md). Both read
+//! `T`, `G` and the factors in flex's own buffers (`quirks::host_floats`), where reading a
+//! shared tensor's values would copy it.
 //!
 //! # Why a registry
 //! A backward is registered on Burn's `Autodiff<I, C>` backend through its inner backend `I`,
@@ -273,7 +273,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
 
 /// Opts `AB` out: [`apply_steps`] and [`contract_a`] fall back to Burn's differentiation (the
 /// same values and gradients up to rounding; the intermediates kept, about 5% less time per
-/// step on MiniLM, docs/benchmarks.md), also in the crate's training loops, until
+/// step on MiniLM, docs/benchmarks-history.md), also in the crate's training loops, until
 /// [`register_backward`]. Returns whether it was registered.
 pub fn unregister_backward<AB: AutodiffBackend>() -> bool {
     let id = TypeId::of::<AB>();

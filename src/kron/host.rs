@@ -6,8 +6,8 @@
 //! projection with KronA's √d factors), and burn-flex makes one `gemm` call per row, each with
 //! its own dispatch and packing. A KronA training step on MiniLM spent 16.5% of its CPU time in
 //! these products and their gradients, for under a tenth of its multiply-adds
-//! (docs/benchmarks.md, "The `a` step by host loops"). Here each is one pass over the rows, a
-//! row's values in the L1 cache:
+//! (docs/benchmarks-history.md, "The `a` step by host loops"). Here each is one pass over the
+//! rows, a row's values in the L1 cache:
 //!
 //! * [`contract`]: `out[r, j, :] = Σ_i f[i, j]·T[r, i, :]`: four output rows at a time share
 //!   each load of `T`, sixteen (or eight) columns in registers, summed over `i`; rows split
@@ -76,7 +76,7 @@ const PARALLEL_MACS: usize = 1 << 21;
 
 /// The largest factor, as `p·p'·q` multiply-adds per row, whose gradient [`grad_factor`]
 /// computes; beyond it Burn's chunked products are faster (measured at MiniLM's and SmolLM2's
-/// shapes against 64 × 64 × 64, docs/benchmarks.md).
+/// shapes against 64 × 64 × 64, docs/benchmarks-history.md).
 pub(crate) const FACTOR_GRAD_MAX: usize = 1 << 16;
 
 /// The largest `a` factor, as `p·p'·q` multiply-adds per row, whose gradient [`apply_grads`]
@@ -1159,7 +1159,7 @@ pub(crate) fn contract_a<B: Backend>(f: Tensor<B, 2>, t: Tensor<B, 3>) -> Tensor
 /// `T` is not in order in its buffer it is copied instead, a block of [`INFER_FLOATS`] values'
 /// rows at a time, the blocks split over rayon's threads, each block's copy still in the
 /// thread's L2 cache when the kernel reads it (at 2,048 rows of 1,536 values the apply took
-/// 1.85 ms with one whole copy, 1.1 ms in blocks; docs/benchmarks.md, stop 32).
+/// 1.85 ms with one whole copy, 1.1 ms in blocks; docs/benchmarks-history.md, stop 32).
 ///
 /// # Shapes
 /// - `t`: `[n, p, q]`
@@ -1212,11 +1212,11 @@ const INFER_FLOATS: usize = 64 * 1024;
 /// flex keeps `T` in order, its buffer is read in place (`quirks::host_floats`): an adapted
 /// layer's input is shared (by the layer's other products and the residual, and the autodiff
 /// node keeps it for the backward), and reading a shared tensor's values costs flex two copies
-/// (KronA's MiniLM training step 669 → 657 ms, docs/benchmarks.md, stop 34). Otherwise a small
-/// `T` is copied once, in one pass (flex's scalar product by 1, which writes one new tensor), a
-/// large one a block of rows at a time (a slice's scalar product), so that the copy is never
-/// the whole input (at 2,048 rows of 4,096 values that took 32 MB more at a training step's
-/// peak) and each block's is read while still in the cache.
+/// (KronA's MiniLM training step 669 → 657 ms, docs/benchmarks-history.md, stop 34). Otherwise a
+/// small `T` is copied once, in one pass (flex's scalar product by 1, which writes one new
+/// tensor), a large one a block of rows at a time (a slice's scalar product), so that the copy
+/// is never the whole input (at 2,048 rows of 4,096 values that took 32 MB more at a training
+/// step's peak) and each block's is read while still in the cache.
 struct Rows<B: Backend> {
     /// Where the values come from.
     src: Source<B>,

@@ -7,14 +7,14 @@
 //! `crate::quirks`), so there it is `t·I` (`I` the `hd × hd` identity, broadcast over the heads):
 //! `hd` multiply-adds per element, exact (every product but one is `0·x`), and 15-20% faster for
 //! MiniLM's attention forward + backward (`cargo bench --features full --bench encoder_ops`,
-//! docs/benchmarks.md). The other backends get the plain permutes and reshapes.
+//! docs/benchmarks-history.md). The other backends get the plain permutes and reshapes.
 //!
 //! On a backend without autodiff (inference) the split adds no product: it only matters to the
 //! backward.
 //!
 //! The BERT encoder and the Llama decoder use them (the decoder also for its grouped-query
 //! regrouping, and before its RoPE products so that they see a contiguous gradient: SmolLM2's
-//! training step 7% faster, docs/benchmarks.md).
+//! training step 7% faster, docs/benchmarks-history.md).
 
 use burn::tensor::{backend::Backend, Tensor};
 
