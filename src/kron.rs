@@ -290,27 +290,14 @@ fn apply_then_add<B: Backend, const D: usize>(
     y: Option<Tensor<B, D>>,
 ) -> Tensor<B, D> {
     let t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
-    let in_order = |(a_chain, b_chain): (Vec<Tensor<B, 2>>, Vec<Tensor<B, 2>>)| {
-        let (mut a, mut b) = (a_chain.into_iter(), b_chain.into_iter());
-        (plan.steps.iter())
-            .map(|side| match side {
-                Side::A => a.next().expect("plan matches the a chain"),
-                Side::B => b.next().expect("plan matches the b chain"),
-            })
-            .collect::<Vec<_>>()
-    };
     let y_on_host = y
         .as_ref()
         .is_none_or(|y| crate::quirks::host_loops_take(&t.t, y));
-    let host = y_on_host.then(|| {
-        let factors = in_order((a_chain.to_vec(), b_chain.to_vec()));
-        if on_host_rows(&t.t, &factors, &plan.steps) {
-            return Some((factors, plan.steps.clone()));
-        }
-        collapsed(a_chain, b_chain).filter(|(factors, steps)| on_host_rows(&t.t, factors, steps))
-    });
-    if let Some((mut factors, steps)) = host.flatten() {
-        // The scale on the smallest factor, as for Burn's products below.
+    let host = y_on_host
+        .then(|| host_factors(a_chain, b_chain, plan, |f, s| on_host_rows(&t.t, f, s)))
+        .flatten();
+    if let Some((mut factors, steps)) = host {
+        // The scale on the smallest factor, as for the node below.
         scale_smallest(&mut factors, scale);
         let KronIntermediate { t, lead } = t;
         let n = t.dims()[0];
@@ -322,29 +309,16 @@ fn apply_then_add<B: Backend, const D: usize>(
         return KronIntermediate { t: out, lead }.finish();
     }
     // In training on flex the registered node's forward and backward take the host rows where
-    // they fit (`on_host_rows` on the inner backend); a chain too narrow for them goes there
-    // collapsed, as in inference, its products `b1·b2·…` differentiated by Burn.
+    // the shapes fit (`on_host_rows` on the inner backend), so the same choice is made by
+    // shape: a chain too narrow for them goes there collapsed, its products `b1·b2·…`
+    // differentiated by Burn.
     let node_on_host = autodiff::is_registered::<B>() && crate::quirks::host_loops_under(&t.t);
-    let narrow = node_on_host
-        && !host_rows_fit(
-            t.t.dims(),
-            &in_order((a_chain.to_vec(), b_chain.to_vec())),
-            &plan.steps,
-        );
-    let collapsed = narrow
-        .then(|| collapsed(a_chain, b_chain))
+    let dims = t.t.dims();
+    let (mut factors, steps) = node_on_host
+        .then(|| host_factors(a_chain, b_chain, plan, |f, s| host_rows_fit(dims, f, s)))
         .flatten()
-        .filter(|(factors, steps)| host_rows_fit(t.t.dims(), factors, steps));
-    let (factors, steps) = match collapsed {
-        Some((mut factors, steps)) => {
-            scale_smallest(&mut factors, scale);
-            (factors, steps)
-        }
-        None => (
-            in_order(fold_scale(a_chain, b_chain, scale)),
-            plan.steps.clone(),
-        ),
-    };
+        .unwrap_or_else(|| (in_order(a_chain, b_chain, plan), plan.steps.clone()));
+    scale_smallest(&mut factors, scale);
     match y {
         // One node for the apply and the add where the backward is registered.
         Some(y) => {
@@ -357,6 +331,36 @@ fn apply_then_add<B: Backend, const D: usize>(
         }
         None => t.apply_steps(factors, &steps).finish(),
     }
+}
+
+/// The chains' factors in `plan`'s step order.
+fn in_order<B: Backend>(
+    a_chain: &[Tensor<B, 2>],
+    b_chain: &[Tensor<B, 2>],
+    plan: &KronPlan,
+) -> Vec<Tensor<B, 2>> {
+    let (mut a, mut b) = (a_chain.iter().cloned(), b_chain.iter().cloned());
+    (plan.steps.iter())
+        .map(|side| match side {
+            Side::A => a.next().expect("plan matches the a chain"),
+            Side::B => b.next().expect("plan matches the b chain"),
+        })
+        .collect()
+}
+
+/// The factors and steps for the host rows, where `fits` takes them: the chains as planned, or
+/// chains too narrow for the host kernels as their small products ([`collapsed`]).
+fn host_factors<B: Backend>(
+    a_chain: &[Tensor<B, 2>],
+    b_chain: &[Tensor<B, 2>],
+    plan: &KronPlan,
+    fits: impl Fn(&[Tensor<B, 2>], &[Side]) -> bool,
+) -> Option<(Vec<Tensor<B, 2>>, Vec<Side>)> {
+    let factors = in_order(a_chain, b_chain, plan);
+    if fits(&factors, &plan.steps) {
+        return Some((factors, plan.steps.clone()));
+    }
+    collapsed(a_chain, b_chain).filter(|(factors, steps)| fits(factors, steps))
 }
 
 /// A chain of more than one factor a side (Kron-LoRA, LoKr) as a KronA: the chains' products
@@ -537,18 +541,6 @@ pub fn phm_weight<B: Backend>(
         })
         .reduce(|acc, w| acc + w)
         .unwrap_or_else(|| Tensor::zeros([n * p, n2 * q], &s.device()))
-}
-
-/// Multiplies the smallest factor of the two chains by `scale` (no-op for a scale of 1).
-fn fold_scale<B: Backend>(
-    a_chain: &[Tensor<B, 2>],
-    b_chain: &[Tensor<B, 2>],
-    scale: f64,
-) -> (Vec<Tensor<B, 2>>, Vec<Tensor<B, 2>>) {
-    let mut a: Vec<_> = a_chain.iter().chain(b_chain).cloned().collect();
-    scale_smallest(&mut a, scale);
-    let b = a.split_off(a_chain.len());
-    (a, b)
 }
 
 /// `scale` folded into the smallest of `factors` (the first of equal size), unless it is 1.
