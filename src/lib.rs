@@ -54,6 +54,7 @@ pub mod optim;
 pub mod parallel;
 pub mod params;
 pub mod place;
+mod product;
 pub mod quant;
 mod quirks;
 pub mod rng;

@@ -10,6 +10,7 @@ use crate::adapter::{layer_name, Adapter, AdapterConfig, AdapterSpec, LinearAdap
 use crate::error::ConfigError;
 use crate::params::ParamCount;
 use crate::place::Targets;
+use crate::product;
 
 /// `linear.forward(x)` with `x` viewed as rows `[n, d_in]` ([`linear_rows`]).
 pub(crate) fn linear_on_rows<B: Backend, const D: usize>(
@@ -20,8 +21,9 @@ pub(crate) fn linear_on_rows<B: Backend, const D: usize>(
     linear_rows(x, linear.weight.val(), bias)
 }
 
-/// `x·weight + bias` (Burn's `linear` op) with `x` viewed as rows `[n, d_in]` (free for a
-/// contiguous `x`).
+/// `x·weight + bias` with `x` viewed as rows `[n, d_in]` (free for a contiguous `x`): Burn's
+/// `linear` op, or on flex `crate::product` (the same `gemm` into an output of its own, the bias
+/// added in it; under autodiff one node, where the crate's backward is registered).
 ///
 /// Burn 0.21's `linear` op differentiates a 3-D or higher input against the weight broadcast to
 /// `[1, .., d_in, d_out]`: the input's gradient reshapes the transposed weight, which copies
@@ -37,14 +39,18 @@ pub(crate) fn linear_rows<B: Backend, const D: usize>(
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, D> {
-    if D <= 2 {
-        return linear(x, weight, bias);
-    }
     let mut dims = x.dims();
     let d_in = dims[D - 1];
+    let d_out = weight.dims()[1];
     let rows = dims[..D - 1].iter().product();
-    let y: Tensor<B, 2> = linear(x.reshape([rows, d_in]), weight, bias);
-    dims[D - 1] = y.dims()[1];
+    let x: Tensor<B, 2> = x.reshape([rows, d_in]);
+    let bias = bias.map(|b| b.reshape([1, d_out]));
+    let y = if product::takes(&x, &weight, bias.as_ref()) {
+        product::product(x, weight, bias)
+    } else {
+        linear(x, weight, bias.map(|b| b.reshape([d_out])))
+    };
+    dims[D - 1] = d_out;
     y.reshape(dims)
 }
 

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::error::ConfigError;
 use crate::macros::config;
+use crate::product;
 use crate::quirks;
 
 super::rank_config! {
@@ -136,7 +137,7 @@ impl<B: Backend> Lora<B> {
     fn hidden<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, 2> {
         let d_in = x.dims()[D - 1];
         let n = x.shape().num_elements() / d_in.max(1);
-        let h = x.reshape([n, d_in]).matmul(self.down.val());
+        let h = product::matmul(x.reshape([n, d_in]), self.down.val());
         if self.scale != 1.0 {
             h.mul_scalar(self.scale)
         } else {
@@ -156,24 +157,31 @@ impl<B: Backend> LinearAdapter<B> for Lora<B> {
 
     fn apply<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let mut dims = x.dims();
-        let y = self.hidden(x).matmul(self.up.val());
+        let y = product::matmul(self.hidden(x), self.up.val());
         dims[D - 1] = self.d_out();
         y.reshape(dims)
     }
 
     /// On burn-flex in inference (`f32`, no autodiff) `(x·down)·up` is added into `y`'s buffer
     /// on the host (`kron::host::product_add`): no `[n, d_out]` tensor for the adapter's term
-    /// and no pass for the add. Elsewhere `apply(x) + y`.
+    /// and no pass for the add. In training on flex (the crate's backward registered) both
+    /// products are `crate::product`'s nodes, the second adding into `y`'s buffer: outputs of
+    /// their own, `∂x = ∂h·downᵀ` too. Elsewhere `apply(x) + y`.
     fn apply_add<const D: usize>(&self, x: Tensor<B, D>, y: Tensor<B, D>) -> Tensor<B, D> {
         let up = self.up.val();
-        let on_host = quirks::host_loops_take(&x, &y) && quirks::host_loops_take(&up, &y);
-        if !on_host {
-            return self.apply(x) + y;
-        }
         let dims = y.dims();
-        let h = self.hidden(x);
-        let n = h.dims()[0];
-        crate::kron::host::product_add(h, up, y.reshape([n, dims[D - 1]])).reshape(dims)
+        let n = y.shape().num_elements() / dims[D - 1].max(1);
+        if quirks::host_loops_take(&x, &y) && quirks::host_loops_take(&up, &y) {
+            let h = self.hidden(x);
+            return crate::kron::host::product_add(h, up, y.reshape([n, dims[D - 1]]))
+                .reshape(dims);
+        }
+        let y2 = y.reshape([n, dims[D - 1]]);
+        if product::takes(&y2, &up, Some(&y2)) {
+            let h = self.hidden(x);
+            return product::product(h, up, Some(y2)).reshape(dims);
+        }
+        self.apply(x) + y2.reshape(dims)
     }
 
     fn delta_weight(&self) -> Tensor<B, 2> {

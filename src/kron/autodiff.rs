@@ -251,6 +251,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
             apply: apply_erased::<I<AB>, NoCheckpointing>,
             unary: unary_erased::<I<AB>, NoCheckpointing>,
             softmax: softmax_erased::<I<AB>, NoCheckpointing>,
+            product: crate::product::erased::<I<AB>, NoCheckpointing>,
         }
     } else if id == TypeId::of::<Autodiff<I<AB>, BalancedCheckpointing>>() {
         Registered {
@@ -258,6 +259,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
             apply: apply_erased::<I<AB>, BalancedCheckpointing>,
             unary: unary_erased::<I<AB>, BalancedCheckpointing>,
             softmax: softmax_erased::<I<AB>, BalancedCheckpointing>,
+            product: crate::product::erased::<I<AB>, BalancedCheckpointing>,
         }
     } else {
         return false;
@@ -309,6 +311,10 @@ type ErasedUnary = fn(Box<dyn Any>, HostFn) -> Box<dyn Any>;
 /// registered backend: `x` and the result are that backend's float primitives.
 type ErasedSoftmax = fn(Box<dyn Any>, usize) -> Box<dyn Any>;
 
+/// `x·w + c` (`crate::product`) on one registered backend: `x`, `w`, `c` where given, and the
+/// result, that backend's float primitives.
+type ErasedProduct = fn(Box<dyn Any>, Box<dyn Any>, Option<Box<dyn Any>>) -> Box<dyn Any>;
+
 /// A registered backend's operations.
 #[derive(Clone, Copy)]
 struct Registered {
@@ -316,6 +322,7 @@ struct Registered {
     apply: ErasedApply,
     unary: ErasedUnary,
     softmax: ErasedSoftmax,
+    product: ErasedProduct,
 }
 
 /// Backends registered (`Some`) or opted out (`None`).
@@ -495,6 +502,25 @@ impl<I: Backend> Backward<I, 2> for ContractA {
 /// If `B` is not registered.
 pub(crate) fn host_unary<B: Backend>(f: HostFn, x: Tensor<B, 1>) -> Tensor<B, 1> {
     through_registered(x, |registered, x| (registered.unary)(x, f))
+}
+
+/// `x·w + c` as one autodiff node whose forward and backward run `crate::product`'s host
+/// products on the inner backend (`crate::product::takes` decides).
+///
+/// # Panics
+/// If `B` is not registered.
+pub(crate) fn product_node<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    c: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    let registered = lookup(TypeId::of::<B>()).expect("product::takes checks is_registered");
+    let erase = |t: Tensor<B, 2>| -> Box<dyn Any> { Box::new(t.into_primitive().tensor()) };
+    let out = (registered.product)(erase(x), erase(w), c.map(erase));
+    let out = *out
+        .downcast::<FloatTensor<B>>()
+        .expect("registered under B's TypeId, so its primitives are these");
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 /// `x` through one of `B`'s registered operations, its primitives type-erased on the way.

@@ -1295,14 +1295,14 @@ impl<B: Backend> Rows<B> {
 /// A tensor's values for the host kernels to read: flex's own buffer where it keeps them in
 /// order (`quirks::host_floats`: no copy, where reading a shared tensor's values would copy it
 /// twice), else the values read out (`values`).
-struct HostValues<B: Backend>(Result<FloatTensor<B>, TensorData>);
+pub(crate) struct HostValues<B: Backend>(Result<FloatTensor<B>, TensorData>);
 
 impl<B: Backend> HostValues<B> {
-    fn of<const D: usize>(t: Tensor<B, D>) -> Self {
+    pub(crate) fn of<const D: usize>(t: Tensor<B, D>) -> Self {
         Self(in_place(t).map_err(values))
     }
 
-    fn floats(&self) -> Cow<'_, [f32]> {
+    pub(crate) fn floats(&self) -> Cow<'_, [f32]> {
         match &self.0 {
             Ok(t) => Cow::Borrowed(borrowed::<B>(t)),
             Err(data) => floats(data),

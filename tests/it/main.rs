@@ -34,6 +34,7 @@ mod peft_io;
 mod peft_parity;
 #[cfg(any(feature = "flex", feature = "wgpu"))]
 mod precision;
+mod products;
 mod quant;
 #[cfg(all(feature = "finetune", feature = "flex"))]
 mod resume;
