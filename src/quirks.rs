@@ -56,7 +56,7 @@
 //! backends the exact derivative.
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{activation, backend::Backend, Tensor, TensorData, TensorPrimitive};
 
 use crate::act::HostFn;
 
@@ -202,6 +202,94 @@ pub(crate) fn host_floats<B: Backend>(t: &FloatTensor<B>) -> Option<&[f32]> {
         let _ = t;
         None
     }
+}
+
+/// `t`'s `f32` values in the row-major order of its shape, copied out of flex's buffer in runs
+/// of its innermost dimension where that dimension's stride is 1 (one value at a time
+/// elsewhere): a permuted view made contiguous without flex's own copy, which walks it one
+/// element at a time. `None` for every other tensor and backend.
+pub(crate) fn host_gather<B: Backend>(t: &FloatTensor<B>) -> Option<Vec<f32>> {
+    #[cfg(feature = "flex")]
+    {
+        let t = (t as &dyn std::any::Any).downcast_ref::<burn_flex::FlexTensor>()?;
+        (t.dtype() == burn::tensor::DType::F32).then_some(())?;
+        let layout = t.layout();
+        Some(gather(
+            t.storage::<f32>(),
+            layout.shape().as_slice(),
+            layout.strides(),
+            layout.start_offset(),
+        ))
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = t;
+        None
+    }
+}
+
+/// The values at `start + Σ index[d]·strides[d]` for every index of `dims` in row-major order,
+/// the innermost dimension copied as one run where its stride is 1.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
+fn gather(storage: &[f32], dims: &[usize], strides: &[isize], start: usize) -> Vec<f32> {
+    let len: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(len);
+    let Some((&inner, outer_dims)) = dims.split_last() else {
+        out.push(storage[start]);
+        return out;
+    };
+    if len == 0 {
+        return out;
+    }
+    let inner_stride = strides[dims.len() - 1];
+    let mut index = vec![0usize; outer_dims.len()];
+    let mut offset = start as isize;
+    for _ in 0..len / inner {
+        let at = offset as usize;
+        if inner_stride == 1 {
+            out.extend_from_slice(&storage[at..at + inner]);
+        } else {
+            out.extend((0..inner).map(|j| storage[(offset + j as isize * inner_stride) as usize]));
+        }
+        // The next index of the outer dimensions, the last fastest.
+        for d in (0..outer_dims.len()).rev() {
+            index[d] += 1;
+            offset += strides[d];
+            if index[d] < outer_dims[d] {
+                break;
+            }
+            offset -= strides[d] * outer_dims[d] as isize;
+            index[d] = 0;
+        }
+    }
+    out
+}
+
+/// `t` in row-major order on flex, without flex's element-by-element copy of a strided view:
+/// under autodiff (the crate's backward registered) one node whose forward and backward each
+/// copy their tensor by [`host_gather`] only where it is a strided view (so a contiguous input
+/// passes through, and its gradient comes back contiguous); on flex itself the copy alone.
+/// Elsewhere `Err(t)`.
+pub(crate) fn host_contiguous<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if !crate::act::is_f32(&t) {
+        return Err(t);
+    }
+    if B::name(&t.device()) == "flex" {
+        let device = t.device();
+        let dims = t.dims();
+        let p = t.into_primitive().tensor();
+        if host_floats::<B>(&p).is_some() {
+            return Ok(Tensor::from_primitive(TensorPrimitive::Float(p)));
+        }
+        let values = host_gather::<B>(&p).expect("flex f32 (checked)");
+        return Ok(Tensor::from_data(TensorData::new(values, dims), &device));
+    }
+    if host_loops_under(&t) && crate::kron::autodiff::is_registered::<B>() {
+        return Ok(crate::kron::autodiff::contiguous_node(t));
+    }
+    Err(t)
 }
 
 /// Does `B` (or the backend under its autodiff) implement `gelu_backward` itself, exactly?

@@ -81,7 +81,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
 use super::{host, matmul_last, Side};
 use crate::act::HostFn;
@@ -252,6 +252,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
             unary: unary_erased::<I<AB>, NoCheckpointing>,
             softmax: softmax_erased::<I<AB>, NoCheckpointing>,
             product: crate::product::erased::<I<AB>, NoCheckpointing>,
+            contiguous: contiguous_erased::<I<AB>, NoCheckpointing>,
         }
     } else if id == TypeId::of::<Autodiff<I<AB>, BalancedCheckpointing>>() {
         Registered {
@@ -260,6 +261,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
             unary: unary_erased::<I<AB>, BalancedCheckpointing>,
             softmax: softmax_erased::<I<AB>, BalancedCheckpointing>,
             product: crate::product::erased::<I<AB>, BalancedCheckpointing>,
+            contiguous: contiguous_erased::<I<AB>, BalancedCheckpointing>,
         }
     } else {
         return false;
@@ -315,6 +317,10 @@ type ErasedSoftmax = fn(Box<dyn Any>, usize) -> Box<dyn Any>;
 /// result, that backend's float primitives.
 type ErasedProduct = fn(Box<dyn Any>, Box<dyn Any>, Option<Box<dyn Any>>) -> Box<dyn Any>;
 
+/// A tensor made contiguous (`quirks::host_contiguous`) on one registered backend: the tensor
+/// and the result, that backend's float primitives.
+type ErasedCopy = fn(Box<dyn Any>) -> Box<dyn Any>;
+
 /// A registered backend's operations.
 #[derive(Clone, Copy)]
 struct Registered {
@@ -323,6 +329,7 @@ struct Registered {
     unary: ErasedUnary,
     softmax: ErasedSoftmax,
     product: ErasedProduct,
+    contiguous: ErasedCopy,
 }
 
 /// Backends registered (`Some`) or opted out (`None`).
@@ -521,6 +528,66 @@ pub(crate) fn product_node<B: Backend>(
         .downcast::<FloatTensor<B>>()
         .expect("registered under B's TypeId, so its primitives are these");
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `t` in row-major order as one autodiff node (`quirks::host_contiguous`): the forward copies
+/// `t` and the backward the output's gradient by `quirks::host_gather`, each only where it is
+/// a strided view.
+///
+/// # Panics
+/// If `B` is not registered.
+pub(crate) fn contiguous_node<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    let registered = lookup(TypeId::of::<B>()).expect("quirks checks is_registered");
+    let out = (registered.contiguous)(Box::new(t.into_primitive().tensor()));
+    let out = *out
+        .downcast::<FloatTensor<B>>()
+        .expect("registered under B's TypeId, so its primitives are these");
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+fn contiguous_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>) -> Box<dyn Any> {
+    let x = *x
+        .downcast::<FloatTensor<Autodiff<I, C>>>()
+        .expect("registered under Autodiff<I, C>'s TypeId, so its primitives are these");
+    let out =
+        match <HostContiguous as Backward<I, 1>>::prepare::<C>(HostContiguous, [x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((), in_order::<I>(x.primitive)),
+            OpsKind::UnTracked(prep) => prep.finish(in_order::<I>(x.primitive)),
+        };
+    Box::new(out)
+}
+
+/// `t` itself where flex keeps it in order, else its values gathered in order
+/// (`quirks::host_gather`; on a backend without host values `t` as it is, the same values).
+fn in_order<I: Backend>(t: FloatTensor<I>) -> FloatTensor<I> {
+    if quirks::host_floats::<I>(&t).is_some() {
+        return t;
+    }
+    match quirks::host_gather::<I>(&t) {
+        Some(values) => {
+            let shape = t.shape();
+            I::float_from_data(TensorData::new(values, shape), &I::float_device(&t))
+        }
+        None => t,
+    }
+}
+
+/// [`contiguous_node`]'s node: the output's gradient made contiguous the same way.
+#[derive(Debug)]
+struct HostContiguous;
+
+impl<I: Backend> Backward<I, 1> for HostContiguous {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<I>(&ops.node);
+        if let [Some(node)] = &ops.parents {
+            grads.register::<I>(node.id, in_order::<I>(g));
+        }
+    }
 }
 
 /// `x` through one of `B`'s registered operations, its primitives type-erased on the way.

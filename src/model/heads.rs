@@ -1,15 +1,19 @@
 //! The attention heads' split and merge, `[b, s, n·hd] ↔ [b, n, s, hd]`, and on `burn-flex` the
-//! copies they imply done as products with the identity.
+//! copies they imply done by the crate.
 //!
 //! A permuted view is free, but the next reshape (the merge) or the backward of the split (the
 //! gradient arrives as `[b, n, s, hd]` and must become `[b, s, n·hd]`) copies it. On `burn-flex`
 //! that copy goes one element at a time (about 6 ms for one MiniLM activation, 50× an add; see
-//! `crate::quirks`), so there it is `t·I` (`I` the `hd × hd` identity, broadcast over the heads):
-//! `hd` multiply-adds per element, exact (every product but one is `0·x`), and 15-20% faster for
-//! MiniLM's attention forward + backward (`cargo bench --features full --bench encoder_ops`,
+//! `crate::quirks`). There the copy is the crate's (`quirks::host_contiguous`: runs of `hd`
+//! values, and under autodiff one node that copies only a strided input in its forward and only
+//! a strided gradient in its backward; a MiniLM step 4–7% faster than with the products below,
+//! docs/benchmarks.md). On autodiff over flex where the crate's backward is not registered it is `t·I` (`I` the
+//! `hd × hd` identity, broadcast over the heads): `hd` multiply-adds per element, exact (every
+//! product but one is `0·x`), and 15-20% faster for MiniLM's attention forward + backward than
+//! flex's copy (`cargo bench --features full --bench encoder_ops`,
 //! docs/benchmarks-history.md). The other backends get the plain permutes and reshapes.
 //!
-//! On a backend without autodiff (inference) the split adds no product: it only matters to the
+//! On a backend without autodiff (inference) the split adds no copy: it only matters to the
 //! backward.
 //!
 //! The BERT encoder and the Llama decoder use them (the decoder also for its grouped-query
@@ -18,19 +22,24 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-/// `t [.., hd]` made contiguous where the backend's copy of a permuted view is slow (`t·I` on
-/// `burn-flex`, see the module docs); elsewhere `t` unchanged (the next reshape copies it).
+/// `t [.., hd]` made contiguous where the backend's copy of a permuted view is slow (on
+/// `burn-flex` the crate's copy, or `t·I`: see the module docs); elsewhere `t` unchanged (the
+/// next reshape copies it).
 pub fn contiguous<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
     if !crate::quirks::products_beat_copies::<B>(&t.device()) {
         return t;
     }
+    let t = match crate::quirks::host_contiguous(t) {
+        Ok(t) => return t,
+        Err(t) => t,
+    };
     let hd = t.dims()[3];
     let eye = Tensor::<B, 2>::eye(hd, &t.device()).reshape([1, 1, hd, hd]);
     t.matmul(eye)
 }
 
 /// `[b, s, n·hd] → [b, n, s, hd]` (a strided view). On `burn-flex` with autodiff the split's
-/// gradient comes back contiguous through a product instead of a strided copy.
+/// gradient comes back contiguous ([`contiguous_gradient`]).
 ///
 /// # Shapes
 /// - `t`: `[b, s, n·hd]`
@@ -40,10 +49,10 @@ pub fn split_heads<B: Backend>(t: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
     contiguous_gradient(t.reshape([b, s, heads, d / heads])).swap_dims(1, 2)
 }
 
-/// `t` itself; on `burn-flex` with autodiff through a product with the identity, so that a
-/// gradient arriving as a permuted view (the next operation is a permute) leaves it
-/// contiguous, for the element-wise operations or reshapes before it. Without autodiff `t`
-/// unchanged.
+/// `t` itself; on `burn-flex` with autodiff through [`contiguous`] (with the crate's backward
+/// registered a node that passes `t` through and copies only its gradient), so that a gradient
+/// arriving as a permuted view (the next operation is a permute) leaves it contiguous, for the
+/// element-wise operations or reshapes before it. Without autodiff `t` unchanged.
 pub fn contiguous_gradient<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
     if B::ad_enabled(&t.device()) {
         contiguous(t)
@@ -52,9 +61,8 @@ pub fn contiguous_gradient<B: Backend>(t: Tensor<B, 4>) -> Tensor<B, 4> {
     }
 }
 
-/// `[b, n, s, hd] → [b, s, n·hd]`, contiguous; on `burn-flex` through a product instead of a
-/// strided copy (its backward is a product too, whose result the attention's products read as a
-/// strided view).
+/// `[b, n, s, hd] → [b, s, n·hd]`, contiguous; on `burn-flex` through [`contiguous`] instead
+/// of flex's strided copy.
 ///
 /// # Shapes
 /// - `t`: `[b, n, s, hd]`

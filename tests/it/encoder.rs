@@ -453,6 +453,8 @@ fn split_ref(x: &[f32], [_, s, n, hd]: [usize; 4]) -> Vec<f32> {
 /// values, and ∂/∂x of `Σ merge(split(x)·w)` equal to `w` permuted back.
 fn check_heads<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device) {
     use kron_adapters::model::heads::{contiguous, merge_heads, split_heads};
+    // On flex registered, the copies are the crate's node (`quirks::host_contiguous`).
+    kron_adapters::kron::autodiff::register_backward::<A>();
     let dims = [2, 5, 3, 4]; // b, s, heads, head size
     let [b, s, n, hd] = dims;
     let mut rng = Rng::new(41);
@@ -478,6 +480,63 @@ fn check_heads<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device
         grad_ref[i as usize] = wv[at];
     }
     assert_eq!(got, grad_ref);
+}
+
+/// Views whose layouts `heads::contiguous` must copy: a permute of outer dimensions, one of the
+/// innermost (stride ≠ 1), a flip (a negative stride) and a slice (an offset, gaps between rows).
+#[derive(Clone, Copy, Debug)]
+enum View {
+    SwapOuter,
+    SwapInner,
+    Flip,
+    Slice,
+}
+
+impl View {
+    fn of<X: Backend>(self, t: Tensor<X, 4>) -> Tensor<X, 4> {
+        match self {
+            View::SwapOuter => t.swap_dims(1, 2),
+            View::SwapInner => t.swap_dims(2, 3),
+            View::Flip => t.flip([1, 3]),
+            View::Slice => t.slice([0..2, 1..3, 1..4, 0..5]),
+        }
+    }
+}
+
+/// `contiguous` of each [`View`]: the view's values, and under autodiff the gradient Burn gives
+/// the view itself.
+fn check_views<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device) {
+    use kron_adapters::model::heads::contiguous;
+    kron_adapters::kron::autodiff::register_backward::<A>();
+    let dims = [2, 3, 4, 5];
+    let mut rng = Rng::new(43);
+    let xv = rng.vec(dims.iter().product());
+    for view in [View::SwapOuter, View::SwapInner, View::Flip, View::Slice] {
+        let x = tensor::<B, 4>(&xv, dims, dev);
+        let want = to_vec(view.of(x.clone()));
+        assert_eq!(
+            to_vec(contiguous(view.of(x))),
+            want,
+            "{view:?}: a copy, exact"
+        );
+        let x = tensor::<A, 4>(&xv, dims, adev).require_grad();
+        let out = contiguous(view.of(x.clone()));
+        assert_eq!(to_vec(out.clone()), want, "{view:?} under autodiff");
+        let w = tensor::<A, 4>(&rng.vec(want.len()), out.dims(), adev);
+        let got = to_vec(x.grad(&(out * w.clone()).sum().backward()).expect("∂x"));
+        let x = tensor::<A, 4>(&xv, dims, adev).require_grad();
+        let reference = (view.of(x.clone()) * w).sum().backward();
+        assert_eq!(
+            got,
+            to_vec(x.grad(&reference).expect("∂x")),
+            "{view:?}'s gradient"
+        );
+    }
+}
+
+#[test]
+fn contiguous_copies_of_strided_views_keep_values_and_gradients() {
+    on_suite_and_flex!(check_views);
 }
 
 #[test]
