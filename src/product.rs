@@ -31,6 +31,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorMetadata};
 
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
 use crate::act::{is_f32, slice_mut, values};
 use crate::kron::autodiff::{self, float};
 use crate::kron::host::HostValues;
@@ -38,7 +42,6 @@ use crate::quirks;
 
 /// Products from this many multiply-adds up are split over rayon's threads (burn-flex's rule:
 /// 192³).
-#[cfg(feature = "flex")]
 const PARALLEL_MACS: usize = 192 * 192 * 192;
 
 /// Does [`product`] take `x·w + c`: `f32` tensors on flex, or on autodiff over flex where the
@@ -245,6 +248,194 @@ unsafe fn gemm_into(dst: *mut f32, read: bool, [n, k, m]: [usize; 3], lhs: Opera
     }
 }
 
+/// `a·b` over two batch dimensions (the attention's `q·kᵀ` and `p·v`): on flex by `gemm` into
+/// an output of its own, each operand read in flex's buffer with its strides (a transposed or
+/// permuted view as it lies); under autodiff over flex (registered) one node whose backward,
+/// `∂a = G·bᵀ` and `∂b = aᵀ·G`, runs the same kernel. Elsewhere Burn's product.
+///
+/// # Shapes
+/// - `a`: `[b1, b2, n, k]`, `b`: `[b1, b2, k, m]`
+/// - output: `[b1, b2, n, m]`
+pub(crate) fn batched<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    let same_batch = a.dims()[..2] == b.dims()[..2];
+    if !(same_batch && is_f32(&a) && is_f32(&b)) {
+        return a.matmul(b);
+    }
+    if quirks::host_loops_take(&a, &b) {
+        let (a, b) = (a.into_primitive().tensor(), b.into_primitive().tensor());
+        return match host_batched::<B>(&a, false, &b, false) {
+            Some(out) => float::<B, 4>(out),
+            None => float::<B, 4>(a).matmul(float::<B, 4>(b)),
+        };
+    }
+    if quirks::host_loops_under(&a) && autodiff::is_registered::<B>() {
+        return autodiff::batched_node(a, b);
+    }
+    a.matmul(b)
+}
+
+/// `op(a)·op(b)` for `[b1, b2, r, c]` flex tensors, `op` swapping the last two dimensions where
+/// flagged (the strides swapped: nothing copied), into a contiguous output of its own: one
+/// `gemm` per matrix, the matrices split over rayon's threads where they are many and small
+/// (burn-flex's rule), `gemm` splitting each one where they are large. `None` where an operand
+/// is not a flex `f32` tensor.
+pub(crate) fn host_batched<B: Backend>(
+    a: &FloatTensor<B>,
+    a_t: bool,
+    b: &FloatTensor<B>,
+    b_t: bool,
+) -> Option<FloatTensor<B>> {
+    let (a, b) = (Strided::<B>::of(a, a_t)?, Strided::<B>::of(b, b_t)?);
+    let [b1, b2, n, k] = a.dims;
+    let [_, _, k2, m] = b.dims;
+    assert_eq!(
+        [k, b1, b2],
+        [k2, b.dims[0], b.dims[1]],
+        "the batched product's shapes agree"
+    );
+    let (count, per) = (b1 * b2, n * m);
+    let len = count * per;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let macs = per.saturating_mul(k);
+    let run = |matrix: usize, dst: &mut [MaybeUninit<f32>], parallelism| {
+        let (lhs, rhs) = (a.matrix(matrix, b2), b.matrix(matrix, b2));
+        // SAFETY: `dst` holds one `n × m` output matrix; the operands' matrices lie at their
+        // strides within their buffers (flex's layouts).
+        unsafe { gemm_strided(dst.as_mut_ptr().cast(), [n, k, m], lhs, rhs, parallelism) };
+    };
+    if per > 0 {
+        let spare = &mut out.spare_capacity_mut()[..len];
+        let total = macs.saturating_mul(count);
+        let many = count >= 4 && total >= BATCH_PARALLEL_MACS;
+        if macs >= PARALLEL_MACS && !many {
+            for (i, dst) in spare.chunks_mut(per).enumerate() {
+                run(i, dst, true);
+            }
+        } else if total >= BATCH_PARALLEL_MACS && count > 1 {
+            spare
+                .par_chunks_mut(per)
+                .enumerate()
+                .for_each(|(i, dst)| run(i, dst, false));
+        } else {
+            for (i, dst) in spare.chunks_mut(per).enumerate() {
+                run(i, dst, false);
+            }
+        }
+    }
+    // SAFETY: every one of the `count` matrices of `per` entries was written by gemm.
+    unsafe { out.set_len(len) };
+    let device = a.device;
+    Some(
+        Tensor::<B, 4>::from_data(TensorData::new(out, [b1, b2, n, m]), &device)
+            .into_primitive()
+            .tensor(),
+    )
+}
+
+/// Products over batches from this many multiply-adds in all are split over the batch
+/// (burn-flex's rule: 128³).
+const BATCH_PARALLEL_MACS: usize = 128 * 128 * 128;
+
+/// An operand of [`host_batched`]: a flex tensor's buffer, its logical dimensions and strides
+/// (the last two swapped where it is read transposed), and its offset.
+struct Strided<'a, B: Backend> {
+    values: &'a [f32],
+    offset: usize,
+    dims: [usize; 4],
+    strides: [isize; 4],
+    device: B::Device,
+}
+
+impl<'a, B: Backend> Strided<'a, B> {
+    fn of(t: &'a FloatTensor<B>, transposed: bool) -> Option<Self> {
+        let (values, strides, offset) = quirks::host_strides::<B>(t)?;
+        let mut strides: [isize; 4] = strides.try_into().ok()?;
+        let mut dims: [usize; 4] = t.shape().dims::<4>();
+        if transposed {
+            strides.swap(2, 3);
+            dims.swap(2, 3);
+        }
+        Some(Self {
+            values,
+            offset,
+            dims,
+            strides,
+            device: B::float_device(t),
+        })
+    }
+
+    /// Matrix `i` of the batch (`b2` matrices a row of the first batch dimension): its first
+    /// value's offset and its (row, column) strides.
+    fn matrix(&self, i: usize, b2: usize) -> (&'a [f32], isize, [isize; 2]) {
+        let at = self.offset as isize
+            + (i / b2) as isize * self.strides[0]
+            + (i % b2) as isize * self.strides[1];
+        (self.values, at, [self.strides[2], self.strides[3]])
+    }
+}
+
+/// `dst = lhs·rhs`, `[n, k]·[k, m]` into the row-major `[n, m]` at `dst`, the operands at
+/// their offsets and strides in their buffers, `gemm` splitting the product over rayon's
+/// threads where `threads`.
+///
+/// # Safety
+/// `dst` is valid for `n·m` writes; each operand's matrix lies within its buffer.
+#[cfg(feature = "flex")]
+unsafe fn gemm_strided(
+    dst: *mut f32,
+    [n, k, m]: [usize; 3],
+    (lhs, lhs_at, [lhs_rs, lhs_cs]): (&[f32], isize, [isize; 2]),
+    (rhs, rhs_at, [rhs_rs, rhs_cs]): (&[f32], isize, [isize; 2]),
+    threads: bool,
+) {
+    if k == 0 {
+        // SAFETY: `dst` is valid for `n·m` writes; zero bits are 0.0.
+        unsafe { dst.write_bytes(0, n * m) };
+        return;
+    }
+    let parallelism = if threads {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller's contract; gemm does not read `dst` (`read_dst` false).
+    unsafe {
+        gemm::gemm(
+            n,
+            m,
+            k,
+            dst,
+            1,
+            m as isize,
+            false,
+            lhs.as_ptr().offset(lhs_at),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr().offset(rhs_at),
+            rhs_cs,
+            rhs_rs,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Without flex nothing calls it ([`quirks::host_strides`] is `None` there).
+#[cfg(not(feature = "flex"))]
+unsafe fn gemm_strided(
+    _: *mut f32,
+    _: [usize; 3],
+    _: (&[f32], isize, [isize; 2]),
+    _: (&[f32], isize, [isize; 2]),
+    _: bool,
+) {
+    unreachable!("host_strides gives operands on flex only")
+}
+
 /// [`product`] as an autodiff node of `Autodiff<I, C>`, its tensors type-erased (the
 /// registry's entry, `kron::autodiff`): `x`, `w`, and `c` where given, that backend's float
 /// primitives.
@@ -322,6 +513,141 @@ impl<I: Backend, const N: usize> Backward<I, N> for Product {
         if let (Some(node), Some(w)) = (id(0), w) {
             let grad = host(g, false, w, true, None);
             grads.register::<I>(node, grad.into_primitive().tensor());
+        }
+    }
+}
+
+/// [`batched`] as an autodiff node of `Autodiff<I, C>`, its tensors type-erased (the registry's
+/// entry, `kron::autodiff`).
+pub(crate) fn batched_erased<I: Backend, C: CheckpointStrategy>(
+    a: Box<dyn Any>,
+    b: Box<dyn Any>,
+) -> Box<dyn Any> {
+    let down = |t: Box<dyn Any>| -> FloatTensor<Autodiff<I, C>> {
+        *t.downcast()
+            .expect("registered under Autodiff<I, C>'s TypeId, so its primitives are these")
+    };
+    let (a, b) = (down(a), down(b));
+    let forward =
+        |a: FloatTensor<I>, b: FloatTensor<I>| match host_batched::<I>(&a, false, &b, false) {
+            Some(out) => out,
+            None => float::<I, 4>(a)
+                .matmul(float::<I, 4>(b))
+                .into_primitive()
+                .tensor(),
+        };
+    let nodes = [a.node.clone(), b.node.clone()];
+    Box::new(
+        match <Batched as Backward<I, 2>>::prepare::<C>(Batched, nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let a_state = b.is_tracked().then(|| prep.checkpoint(&a));
+                let b_state = a.is_tracked().then(|| prep.checkpoint(&b));
+                prep.finish((a_state, b_state), forward(a.primitive, b.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(a.primitive, b.primitive)),
+        },
+    )
+}
+
+/// [`batched_erased`]'s backward: `∂a = G·bᵀ`, `∂b = aᵀ·G` by [`host_batched`], the transposed
+/// operands read through their strides.
+#[derive(Debug)]
+struct Batched;
+
+impl<I: Backend> Backward<I, 2> for Batched {
+    /// The checkpointed `a` (where `b` is tracked) and `b` (where `a` is).
+    type State = (Option<NodeId>, Option<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let g = grads.consume::<I>(&ops.node);
+        let (a, b) = ops.state;
+        let a = a.map(|id| ckpt.retrieve_node_output::<FloatTensor<I>>(id));
+        let b = b.map(|id| ckpt.retrieve_node_output::<FloatTensor<I>>(id));
+        let product = |x: &FloatTensor<I>, x_t: bool, y: &FloatTensor<I>, y_t: bool| {
+            host_batched::<I>(x, x_t, y, y_t).unwrap_or_else(|| {
+                let op = |t: &FloatTensor<I>, tr: bool| {
+                    let t = float::<I, 4>(t.clone());
+                    if tr {
+                        t.swap_dims(2, 3)
+                    } else {
+                        t
+                    }
+                };
+                op(x, x_t).matmul(op(y, y_t)).into_primitive().tensor()
+            })
+        };
+        let [a_node, b_node] = &ops.parents;
+        if let (Some(node), Some(a)) = (b_node, &a) {
+            grads.register::<I>(node.id, product(a, true, &g, false));
+        }
+        if let (Some(node), Some(b)) = (a_node, &b) {
+            grads.register::<I>(node.id, product(&g, false, b, true));
+        }
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, Tensor};
+
+    use crate::kron::autodiff::register_backward;
+
+    type A = Autodiff<Flex>;
+
+    fn max_rel(got: Tensor<A, 4>, want: Tensor<A, 4>) -> f32 {
+        let scale = want.clone().abs().max().into_scalar();
+        (got - want).abs().max().into_scalar() / scale
+    }
+
+    /// [`super::batched`] on strided views (`a` a permute of its batch dimension and rows, `b` a
+    /// transposed view, as the attention's `q·kᵀ`), on flex and registered autodiff over it,
+    /// against Burn's own product: the value and both gradients; small matrices one at a time,
+    /// many split over threads, one large enough for gemm to split.
+    #[test]
+    fn batched_products_match_burns_on_strided_views() {
+        register_backward::<A>();
+        let dev = Default::default();
+        for [b1, b2, n, k, m] in [[2, 3, 5, 4, 6], [2, 12, 64, 32, 64], [1, 2, 200, 190, 210]] {
+            let a = Tensor::<A, 4>::random([b1, n, b2, k], Distribution::Default, &dev);
+            let b = Tensor::<A, 4>::random([b1, b2, m, k], Distribution::Default, &dev);
+            let r = Tensor::<A, 4>::random([b1, b2, n, m], Distribution::Default, &dev);
+            let run = |ours: bool| {
+                let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
+                let (x, y) = (a.clone().swap_dims(1, 2), b.clone().swap_dims(2, 3));
+                let out = if ours {
+                    super::batched(x, y)
+                } else {
+                    x.matmul(y)
+                };
+                let grads = (out.clone() * r.clone()).sum().backward();
+                let (ga, gb) = (a.grad(&grads), b.grad(&grads));
+                (
+                    out,
+                    Tensor::from_inner(ga.unwrap()),
+                    Tensor::from_inner(gb.unwrap()),
+                )
+            };
+            let (out, ga, gb) = run(true);
+            let (want, wa, wb) = run(false);
+            assert_eq!(out.dims(), [b1, b2, n, m]);
+            assert!(max_rel(out, want) < 1e-5, "value at {b1}×{b2}×{n}×{k}×{m}");
+            assert!(max_rel(ga, wa) < 1e-5, "∂a at {b1}×{b2}×{n}×{k}×{m}");
+            assert!(max_rel(gb, wb) < 1e-5, "∂b at {b1}×{b2}×{n}×{k}×{m}");
+            // Without autodiff: flex itself.
+            let (x, y) = (
+                a.clone().inner().swap_dims(1, 2),
+                b.clone().inner().swap_dims(2, 3),
+            );
+            let got = Tensor::<A, 4>::from_inner(super::batched(x.clone(), y.clone()));
+            let want = Tensor::<A, 4>::from_inner(x.matmul(y));
+            assert!(
+                max_rel(got, want) < 1e-5,
+                "inference at {b1}×{b2}×{n}×{k}×{m}"
+            );
         }
     }
 }

@@ -204,6 +204,23 @@ pub(crate) fn host_floats<B: Backend>(t: &FloatTensor<B>) -> Option<&[f32]> {
     }
 }
 
+/// A flex `f32` tensor's whole buffer, the strides of its dimensions and the offset of its
+/// first value: a strided view read where it lies. `None` for every other tensor and backend.
+pub(crate) fn host_strides<B: Backend>(t: &FloatTensor<B>) -> Option<(&[f32], &[isize], usize)> {
+    #[cfg(feature = "flex")]
+    {
+        let t = (t as &dyn std::any::Any).downcast_ref::<burn_flex::FlexTensor>()?;
+        (t.dtype() == burn::tensor::DType::F32).then_some(())?;
+        let layout = t.layout();
+        Some((t.storage::<f32>(), layout.strides(), layout.start_offset()))
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = t;
+        None
+    }
+}
+
 /// `t`'s `f32` values in the row-major order of its shape, copied out of flex's buffer in runs
 /// of its innermost dimension where that dimension's stride is 1 (one value at a time
 /// elsewhere): a permuted view made contiguous without flex's own copy, which walks it one

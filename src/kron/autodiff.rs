@@ -253,6 +253,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
             softmax: softmax_erased::<I<AB>, NoCheckpointing>,
             product: crate::product::erased::<I<AB>, NoCheckpointing>,
             contiguous: contiguous_erased::<I<AB>, NoCheckpointing>,
+            batched: crate::product::batched_erased::<I<AB>, NoCheckpointing>,
         }
     } else if id == TypeId::of::<Autodiff<I<AB>, BalancedCheckpointing>>() {
         Registered {
@@ -262,6 +263,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
             softmax: softmax_erased::<I<AB>, BalancedCheckpointing>,
             product: crate::product::erased::<I<AB>, BalancedCheckpointing>,
             contiguous: contiguous_erased::<I<AB>, BalancedCheckpointing>,
+            batched: crate::product::batched_erased::<I<AB>, BalancedCheckpointing>,
         }
     } else {
         return false;
@@ -330,6 +332,7 @@ struct Registered {
     softmax: ErasedSoftmax,
     product: ErasedProduct,
     contiguous: ErasedCopy,
+    batched: ErasedContract,
 }
 
 /// Backends registered (`Some`) or opted out (`None`).
@@ -524,6 +527,20 @@ pub(crate) fn product_node<B: Backend>(
     let registered = lookup(TypeId::of::<B>()).expect("product::takes checks is_registered");
     let erase = |t: Tensor<B, 2>| -> Box<dyn Any> { Box::new(t.into_primitive().tensor()) };
     let out = (registered.product)(erase(x), erase(w), c.map(erase));
+    let out = *out
+        .downcast::<FloatTensor<B>>()
+        .expect("registered under B's TypeId, so its primitives are these");
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `a·b` over two batch dimensions as one autodiff node (`crate::product::batched`).
+///
+/// # Panics
+/// If `B` is not registered.
+pub(crate) fn batched_node<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    let registered = lookup(TypeId::of::<B>()).expect("product::batched checks is_registered");
+    let erase = |t: Tensor<B, 4>| -> Box<dyn Any> { Box::new(t.into_primitive().tensor()) };
+    let out = (registered.batched)(erase(a), erase(b));
     let out = *out
         .downcast::<FloatTensor<B>>()
         .expect("registered under B's TypeId, so its primitives are these");

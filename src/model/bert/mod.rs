@@ -106,9 +106,9 @@ impl<B: Backend> Attention<B> {
         let q = split(q.div_scalar((dh as f64).sqrt()));
         let k = split(self.key.forward_routed(x.clone(), routing));
         let v = split(self.value.forward_routed(x.clone(), routing));
-        let scores = q.matmul(k.transpose()) + mask;
+        let scores = crate::product::batched(q, k.transpose()) + mask;
         let probs = dropout(&self.probs_dropout, crate::quirks::softmax(scores, 3));
-        let ctx = merge_heads(probs.matmul(v));
+        let ctx = merge_heads(crate::product::batched(probs, v));
         let out = dropout(&self.dropout, self.output.forward_routed(ctx, routing));
         self.norm.forward(out + x)
     }

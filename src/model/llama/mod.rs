@@ -264,9 +264,9 @@ impl<B: Backend> LlamaAttention<B> {
         let g = h / kvh;
         // The regrouping copies q; on flex as a product (`heads`).
         let q = heads::contiguous(q).reshape([b, kvh, g * s, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)) + mask;
+        let scores = crate::product::batched(q, k.swap_dims(2, 3)) + mask;
         let probs = crate::quirks::softmax(scores, 3);
-        let ctx = probs.matmul(v).reshape([b, h, s, hd]);
+        let ctx = crate::product::batched(probs, v).reshape([b, h, s, hd]);
         // The merge's gradient, a permuted view, is regrouped by a reshape: contiguous first.
         let ctx = heads::contiguous_gradient(ctx);
         self.o_proj.forward_routed(heads::merge_heads(ctx), routing)
