@@ -8,7 +8,9 @@
 //! other hand, reads strided and broadcast operands directly and writes a contiguous result. So
 //! on flex, two things that are a copy or a broadcast product elsewhere are GEMMs whose every
 //! output is one product (exact, the same bits):
-//! - the attention heads' merge and the split's gradient ([`crate::model::heads`]): `t·I`;
+//! - the attention heads' merge and the split's gradient ([`crate::model::heads`]): `t·I`
+//!   where the crate's backward is not registered; where it is (and in inference),
+//!   [`host_contiguous`] copies them in runs of the heads' width instead;
 //! - the materialized Kronecker product ([`crate::kron::kron`]): outer products batched over
 //!   its row blocks, 50× faster than the broadcast multiply at 384 × 1,536;
 //! - the attention masks, added to every layer's scores ([`expand_for_adds`]): adding a
