@@ -126,25 +126,28 @@ pub(crate) fn host<B: Backend>(
     assert_eq!(b_vals.len(), b_dims[0] * b_dims[1], "b's values");
     let lhs = Operand {
         values: &a_vals,
+        offset: 0,
         strides: strides(a_dims[1], a_t),
     };
     let rhs = Operand {
         values: &b_vals,
+        offset: 0,
         strides: strides(b_dims[1], b_t),
     };
+    let threads = n.saturating_mul(m).saturating_mul(k) >= PARALLEL_MACS;
     let data = match out.take() {
         Some(mut data) => {
             let dst = slice_mut(&mut data);
             // SAFETY: `dst` holds the `n × m` output, read and written by gemm.
-            unsafe { gemm_into(dst.as_mut_ptr(), true, [n, k, m], lhs, rhs) };
+            unsafe { gemm_call(dst.as_mut_ptr(), true, [n, k, m], lhs, rhs, threads) };
             data
         }
         None => {
             let mut dst: Vec<f32> = Vec::with_capacity(len);
-            // SAFETY: gemm writes every one of the `n × m` entries (`gemm_into` with `read`
+            // SAFETY: gemm writes every one of the `n × m` entries (`gemm_call` with `read`
             // false), so the first `len` are initialized before `set_len`.
             unsafe {
-                gemm_into(dst.as_mut_ptr(), false, [n, k, m], lhs, rhs);
+                gemm_call(dst.as_mut_ptr(), false, [n, k, m], lhs, rhs, threads);
                 dst.set_len(len);
             }
             TensorData::new(dst, [n, m])
@@ -173,21 +176,32 @@ fn strides(stored_cols: usize, transposed: bool) -> [isize; 2] {
     }
 }
 
-/// A matrix operand: its values and its (row, column) strides.
+/// A matrix operand: the values holding it, the offset of its first value, and its (row,
+/// column) strides.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "flex"), allow(dead_code))] // read by gemm_call on flex
 struct Operand<'a> {
     values: &'a [f32],
+    offset: isize,
     strides: [isize; 2],
 }
 
 /// `dst = dst + lhs·rhs` (`read`) or `dst = lhs·rhs`: `[n, k]·[k, m]` into the row-major
-/// `[n, m]` at `dst`, by the `gemm` crate, split over rayon's threads from [`PARALLEL_MACS`].
+/// `[n, m]` at `dst` by one call of the `gemm` crate, which splits it over rayon's threads
+/// where `threads`.
 ///
 /// # Safety
-/// `dst` is valid for `n·m` writes (and reads, where `read`); the operands hold their
-/// matrices at the given strides.
+/// `dst` is valid for `n·m` writes (and reads, where `read`); each operand's matrix lies
+/// within its values at its offset and strides.
 #[cfg(feature = "flex")]
-unsafe fn gemm_into(dst: *mut f32, read: bool, [n, k, m]: [usize; 3], lhs: Operand, rhs: Operand) {
+unsafe fn gemm_call(
+    dst: *mut f32,
+    read: bool,
+    [n, k, m]: [usize; 3],
+    lhs: Operand,
+    rhs: Operand,
+    threads: bool,
+) {
     if n == 0 || m == 0 {
         return;
     }
@@ -198,7 +212,7 @@ unsafe fn gemm_into(dst: *mut f32, read: bool, [n, k, m]: [usize; 3], lhs: Opera
         }
         return;
     }
-    let parallelism = if n.saturating_mul(m).saturating_mul(k) >= PARALLEL_MACS {
+    let parallelism = if threads {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
@@ -214,10 +228,10 @@ unsafe fn gemm_into(dst: *mut f32, read: bool, [n, k, m]: [usize; 3], lhs: Opera
             1,
             m as isize,
             read,
-            lhs.values.as_ptr(),
+            lhs.values.as_ptr().offset(lhs.offset),
             lhs_cs,
             lhs_rs,
-            rhs.values.as_ptr(),
+            rhs.values.as_ptr().offset(rhs.offset),
             rhs_cs,
             rhs_rs,
             1.0f32,
@@ -230,22 +244,11 @@ unsafe fn gemm_into(dst: *mut f32, read: bool, [n, k, m]: [usize; 3], lhs: Opera
     }
 }
 
-/// Without flex (nothing calls [`host`] there: [`takes`] is false), the same sums by loops.
+/// Without flex nothing calls it: only flex tensors reach the host products
+/// (`quirks::host_loops_take`, `quirks::host_strides`).
 #[cfg(not(feature = "flex"))]
-unsafe fn gemm_into(dst: *mut f32, read: bool, [n, k, m]: [usize; 3], lhs: Operand, rhs: Operand) {
-    let at = |o: Operand, i: usize, j: usize| {
-        o.values[i * o.strides[0] as usize + j * o.strides[1] as usize]
-    };
-    for i in 0..n {
-        for j in 0..m {
-            let sum: f32 = (0..k).map(|l| at(lhs, i, l) * at(rhs, l, j)).sum();
-            // SAFETY: the caller's contract.
-            unsafe {
-                let out = dst.add(i * m + j);
-                out.write(if read { out.read() + sum } else { sum });
-            }
-        }
-    }
+unsafe fn gemm_call(_: *mut f32, _: bool, _: [usize; 3], _: Operand, _: Operand, _: bool) {
+    unreachable!("the host products run on flex only")
 }
 
 /// `a·b` over two batch dimensions (the attention's `q·kᵀ` and `p·v`): on flex by `gemm` into
@@ -297,11 +300,11 @@ pub(crate) fn host_batched<B: Backend>(
     let len = count * per;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let macs = per.saturating_mul(k);
-    let run = |matrix: usize, dst: &mut [MaybeUninit<f32>], parallelism| {
+    let run = |matrix: usize, dst: &mut [MaybeUninit<f32>], threads: bool| {
         let (lhs, rhs) = (a.matrix(matrix, b2), b.matrix(matrix, b2));
         // SAFETY: `dst` holds one `n × m` output matrix; the operands' matrices lie at their
         // strides within their buffers (flex's layouts).
-        unsafe { gemm_strided(dst.as_mut_ptr().cast(), [n, k, m], lhs, rhs, parallelism) };
+        unsafe { gemm_call(dst.as_mut_ptr().cast(), false, [n, k, m], lhs, rhs, threads) };
     };
     if per > 0 {
         let spare = &mut out.spare_capacity_mut()[..len];
@@ -364,76 +367,16 @@ impl<'a, B: Backend> Strided<'a, B> {
         })
     }
 
-    /// Matrix `i` of the batch (`b2` matrices a row of the first batch dimension): its first
-    /// value's offset and its (row, column) strides.
-    fn matrix(&self, i: usize, b2: usize) -> (&'a [f32], isize, [isize; 2]) {
-        let at = self.offset as isize
-            + (i / b2) as isize * self.strides[0]
-            + (i % b2) as isize * self.strides[1];
-        (self.values, at, [self.strides[2], self.strides[3]])
+    /// Matrix `i` of the batch (`b2` matrices a row of the first batch dimension).
+    fn matrix(&self, i: usize, b2: usize) -> Operand<'a> {
+        Operand {
+            values: self.values,
+            offset: self.offset as isize
+                + (i / b2) as isize * self.strides[0]
+                + (i % b2) as isize * self.strides[1],
+            strides: [self.strides[2], self.strides[3]],
+        }
     }
-}
-
-/// `dst = lhs·rhs`, `[n, k]·[k, m]` into the row-major `[n, m]` at `dst`, the operands at
-/// their offsets and strides in their buffers, `gemm` splitting the product over rayon's
-/// threads where `threads`.
-///
-/// # Safety
-/// `dst` is valid for `n·m` writes; each operand's matrix lies within its buffer.
-#[cfg(feature = "flex")]
-unsafe fn gemm_strided(
-    dst: *mut f32,
-    [n, k, m]: [usize; 3],
-    (lhs, lhs_at, [lhs_rs, lhs_cs]): (&[f32], isize, [isize; 2]),
-    (rhs, rhs_at, [rhs_rs, rhs_cs]): (&[f32], isize, [isize; 2]),
-    threads: bool,
-) {
-    if k == 0 {
-        // SAFETY: `dst` is valid for `n·m` writes; zero bits are 0.0.
-        unsafe { dst.write_bytes(0, n * m) };
-        return;
-    }
-    let parallelism = if threads {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the caller's contract; gemm does not read `dst` (`read_dst` false).
-    unsafe {
-        gemm::gemm(
-            n,
-            m,
-            k,
-            dst,
-            1,
-            m as isize,
-            false,
-            lhs.as_ptr().offset(lhs_at),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr().offset(rhs_at),
-            rhs_cs,
-            rhs_rs,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
-/// Without flex nothing calls it ([`quirks::host_strides`] is `None` there).
-#[cfg(not(feature = "flex"))]
-unsafe fn gemm_strided(
-    _: *mut f32,
-    _: [usize; 3],
-    _: (&[f32], isize, [isize; 2]),
-    _: (&[f32], isize, [isize; 2]),
-    _: bool,
-) {
-    unreachable!("host_strides gives operands on flex only")
 }
 
 /// [`product`] as an autodiff node of `Autodiff<I, C>`, its tensors type-erased (the
