@@ -537,13 +537,18 @@ mod tests {
     use burn::backend::{Autodiff, Flex};
     use burn::tensor::{Distribution, Tensor};
 
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::tensor::backend::AutodiffBackend;
+    use burn::tensor::ElementConversion;
+
     use crate::kron::autodiff::register_backward;
 
     type A = Autodiff<Flex>;
 
-    fn max_rel(got: Tensor<A, 4>, want: Tensor<A, 4>) -> f32 {
-        let scale = want.clone().abs().max().into_scalar();
-        (got - want).abs().max().into_scalar() / scale
+    fn max_rel<B: AutodiffBackend>(got: Tensor<B, 4>, want: Tensor<B, 4>) -> f32 {
+        let scale: f32 = want.clone().abs().max().into_scalar().elem();
+        let err: f32 = (got - want).abs().max().into_scalar().elem();
+        err / scale
     }
 
     /// [`super::batched`] on strided views (`a` a permute of its batch dimension and rows, `b` a
@@ -552,6 +557,11 @@ mod tests {
     /// many split over threads, one large enough for gemm to split.
     #[test]
     fn batched_products_match_burns_on_strided_views() {
+        check_batched::<A>();
+        check_batched::<Autodiff<Flex, BalancedCheckpointing>>();
+    }
+
+    fn check_batched<A: AutodiffBackend<InnerBackend = Flex>>() {
         register_backward::<A>();
         let dev = Default::default();
         for [b1, b2, n, k, m] in [[2, 3, 5, 4, 6], [2, 12, 64, 32, 64], [1, 2, 200, 190, 210]] {
@@ -570,8 +580,8 @@ mod tests {
                 let (ga, gb) = (a.grad(&grads), b.grad(&grads));
                 (
                     out,
-                    Tensor::from_inner(ga.unwrap()),
-                    Tensor::from_inner(gb.unwrap()),
+                    Tensor::<A, 4>::from_inner(ga.unwrap()),
+                    Tensor::<A, 4>::from_inner(gb.unwrap()),
                 )
             };
             let (out, ga, gb) = run(true);

@@ -99,6 +99,17 @@ fn adapted_layer_products_match_f64_references_frozen_and_trained() {
     on_suite_and_flex!(check_layer);
 }
 
+/// The same on flex with balanced checkpointing, the other autodiff backend the crate registers:
+/// its nodes keep what their backward needs there too.
+#[cfg(feature = "flex")]
+#[test]
+fn balanced_checkpointing_gets_the_same_products() {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    type F = burn::backend::Flex;
+    type Balanced = burn::backend::Autodiff<F, BalancedCheckpointing>;
+    check_layer::<F, Balanced>(&Default::default(), &Default::default());
+}
+
 /// [`references`] against the layer on `B` (inference: the value) and on `A` registered (the
 /// value and every gradient, with the base frozen and with it trained).
 fn check_layer<B: Backend, A: AutodiffBackend>(bdev: &B::Device, dev: &A::Device) {
