@@ -58,7 +58,9 @@
 //! backends the exact derivative.
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{activation, backend::Backend, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{
+    activation, backend::Backend, Tensor, TensorData, TensorMetadata, TensorPrimitive,
+};
 
 use crate::act::HostFn;
 
@@ -228,28 +230,27 @@ pub(crate) fn host_strides<B: Backend>(t: &FloatTensor<B>) -> Option<(&[f32], &[
 /// elsewhere): a permuted view made contiguous without flex's own copy, which walks it one
 /// element at a time. `None` for every other tensor and backend.
 pub(crate) fn host_gather<B: Backend>(t: &FloatTensor<B>) -> Option<Vec<f32>> {
-    #[cfg(feature = "flex")]
-    {
-        let t = (t as &dyn std::any::Any).downcast_ref::<burn_flex::FlexTensor>()?;
-        (t.dtype() == burn::tensor::DType::F32).then_some(())?;
-        let layout = t.layout();
-        Some(gather(
-            t.storage::<f32>(),
-            layout.shape().as_slice(),
-            layout.strides(),
-            layout.start_offset(),
-        ))
+    let (storage, strides, start) = host_strides::<B>(t)?;
+    Some(gather(storage, &t.shape(), strides, start))
+}
+
+/// `t` itself where flex keeps it in order, else its values gathered in order
+/// ([`host_gather`]); on a backend without host values `t` as it is (the same values).
+pub(crate) fn in_row_order<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
+    if host_floats::<B>(&t).is_some() {
+        return t;
     }
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = t;
-        None
+    match host_gather::<B>(&t) {
+        Some(values) => {
+            let shape = t.shape();
+            B::float_from_data(TensorData::new(values, shape), &B::float_device(&t))
+        }
+        None => t,
     }
 }
 
 /// The values at `start + Σ index[d]·strides[d]` for every index of `dims` in row-major order,
 /// the innermost dimension copied as one run where its stride is 1.
-#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 fn gather(storage: &[f32], dims: &[usize], strides: &[isize], start: usize) -> Vec<f32> {
     let len: usize = dims.iter().product();
     let mut out = Vec::with_capacity(len);
@@ -296,14 +297,8 @@ pub(crate) fn host_contiguous<B: Backend, const D: usize>(
         return Err(t);
     }
     if B::name(&t.device()) == "flex" {
-        let device = t.device();
-        let dims = t.dims();
-        let p = t.into_primitive().tensor();
-        if host_floats::<B>(&p).is_some() {
-            return Ok(Tensor::from_primitive(TensorPrimitive::Float(p)));
-        }
-        let values = host_gather::<B>(&p).expect("flex f32 (checked)");
-        return Ok(Tensor::from_data(TensorData::new(values, dims), &device));
+        let p = in_row_order::<B>(t.into_primitive().tensor());
+        return Ok(Tensor::from_primitive(TensorPrimitive::Float(p)));
     }
     if host_loops_under(&t) && crate::kron::autodiff::is_registered::<B>() {
         return Ok(crate::kron::autodiff::contiguous_node(t));

@@ -176,12 +176,13 @@ impl<B: Backend> LinearAdapter<B> for Lora<B> {
             return crate::kron::host::product_add(h, up, y.reshape([n, dims[D - 1]]))
                 .reshape(dims);
         }
-        let y2 = y.reshape([n, dims[D - 1]]);
-        if product::takes(&y2, &up, Some(&y2)) {
-            let h = self.hidden(x);
-            return product::product(h, up, Some(y2)).reshape(dims);
-        }
-        self.apply(x) + y2.reshape(dims)
+        let (h, y) = (self.hidden(x), y.reshape([n, dims[D - 1]]));
+        let out = if product::takes(&h, &up, Some(&y)) {
+            product::product(h, up, Some(y))
+        } else {
+            h.matmul(up) + y
+        };
+        out.reshape(dims)
     }
 
     fn delta_weight(&self) -> Tensor<B, 2> {

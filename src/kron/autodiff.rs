@@ -81,7 +81,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::{host, matmul_last, Side};
 use crate::act::HostFn;
@@ -526,11 +526,7 @@ pub(crate) fn product_node<B: Backend>(
 ) -> Tensor<B, 2> {
     let registered = lookup(TypeId::of::<B>()).expect("product::takes checks is_registered");
     let erase = |t: Tensor<B, 2>| -> Box<dyn Any> { Box::new(t.into_primitive().tensor()) };
-    let out = (registered.product)(erase(x), erase(w), c.map(erase));
-    let out = *out
-        .downcast::<FloatTensor<B>>()
-        .expect("registered under B's TypeId, so its primitives are these");
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    unerase((registered.product)(erase(x), erase(w), c.map(erase)))
 }
 
 /// `a·b` over two batch dimensions as one autodiff node (`crate::product::batched`).
@@ -540,11 +536,7 @@ pub(crate) fn product_node<B: Backend>(
 pub(crate) fn batched_node<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
     let registered = lookup(TypeId::of::<B>()).expect("product::batched checks is_registered");
     let erase = |t: Tensor<B, 4>| -> Box<dyn Any> { Box::new(t.into_primitive().tensor()) };
-    let out = (registered.batched)(erase(a), erase(b));
-    let out = *out
-        .downcast::<FloatTensor<B>>()
-        .expect("registered under B's TypeId, so its primitives are these");
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    unerase((registered.batched)(erase(a), erase(b)))
 }
 
 /// `t` in row-major order as one autodiff node (`quirks::host_contiguous`): the forward copies
@@ -555,7 +547,13 @@ pub(crate) fn batched_node<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tens
 /// If `B` is not registered.
 pub(crate) fn contiguous_node<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     let registered = lookup(TypeId::of::<B>()).expect("quirks checks is_registered");
-    let out = (registered.contiguous)(Box::new(t.into_primitive().tensor()));
+    unerase((registered.contiguous)(Box::new(
+        t.into_primitive().tensor(),
+    )))
+}
+
+/// A registered operation's type-erased result as `B`'s tensor.
+fn unerase<B: Backend, const D: usize>(out: Box<dyn Any>) -> Tensor<B, D> {
     let out = *out
         .downcast::<FloatTensor<B>>()
         .expect("registered under B's TypeId, so its primitives are these");
@@ -571,25 +569,10 @@ fn contiguous_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>) -> Box<
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((), in_order::<I>(x.primitive)),
-            OpsKind::UnTracked(prep) => prep.finish(in_order::<I>(x.primitive)),
+            OpsKind::Tracked(prep) => prep.finish((), quirks::in_row_order::<I>(x.primitive)),
+            OpsKind::UnTracked(prep) => prep.finish(quirks::in_row_order::<I>(x.primitive)),
         };
     Box::new(out)
-}
-
-/// `t` itself where flex keeps it in order, else its values gathered in order
-/// (`quirks::host_gather`; on a backend without host values `t` as it is, the same values).
-fn in_order<I: Backend>(t: FloatTensor<I>) -> FloatTensor<I> {
-    if quirks::host_floats::<I>(&t).is_some() {
-        return t;
-    }
-    match quirks::host_gather::<I>(&t) {
-        Some(values) => {
-            let shape = t.shape();
-            I::float_from_data(TensorData::new(values, shape), &I::float_device(&t))
-        }
-        None => t,
-    }
 }
 
 /// [`contiguous_node`]'s node: the output's gradient made contiguous the same way.
@@ -602,7 +585,7 @@ impl<I: Backend> Backward<I, 1> for HostContiguous {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let g = grads.consume::<I>(&ops.node);
         if let [Some(node)] = &ops.parents {
-            grads.register::<I>(node.id, in_order::<I>(g));
+            grads.register::<I>(node.id, quirks::in_row_order::<I>(g));
         }
     }
 }
@@ -613,11 +596,7 @@ fn through_registered<B: Backend>(
     op: impl FnOnce(Registered, Box<dyn Any>) -> Box<dyn Any>,
 ) -> Tensor<B, 1> {
     let registered = lookup(TypeId::of::<B>()).expect("quirks checks is_registered");
-    let out = op(registered, Box::new(x.into_primitive().tensor()));
-    let out = *out
-        .downcast::<FloatTensor<B>>()
-        .expect("registered under B's TypeId, so its primitives are these");
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    unerase(op(registered, Box::new(x.into_primitive().tensor())))
 }
 
 fn unary_erased<I: Backend, C: CheckpointStrategy>(x: Box<dyn Any>, f: HostFn) -> Box<dyn Any> {

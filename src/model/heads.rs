@@ -7,10 +7,10 @@
 //! `crate::quirks`). There the copy is the crate's (`quirks::host_contiguous`: runs of `hd`
 //! values, and under autodiff one node that copies only a strided input in its forward and only
 //! a strided gradient in its backward; a MiniLM step 4–7% faster than with the products below,
-//! docs/benchmarks.md). On autodiff over flex where the crate's backward is not registered it is `t·I` (`I` the
-//! `hd × hd` identity, broadcast over the heads): `hd` multiply-adds per element, exact (every
-//! product but one is `0·x`), and 15-20% faster for MiniLM's attention forward + backward than
-//! flex's copy (`cargo bench --features full --bench encoder_ops`,
+//! docs/benchmarks.md). On autodiff over flex where the crate's backward is not registered it
+//! is `t·I` (`I` the `hd × hd` identity, broadcast over the heads): `hd` multiply-adds per
+//! element, exact (every product but one is `0·x`), and 15-20% faster for MiniLM's attention
+//! forward + backward than flex's copy (`cargo bench --features full --bench encoder_ops`,
 //! docs/benchmarks-history.md). The other backends get the plain permutes and reshapes.
 //!
 //! On a backend without autodiff (inference) the split adds no copy: it only matters to the

@@ -262,7 +262,7 @@ impl<B: Backend> LlamaAttention<B> {
         // Heads h share key/value head h / g (transformers' repeat_kv): view the g query heads
         // of a group as one longer sequence instead of repeating k and v.
         let g = h / kvh;
-        // The regrouping copies q; on flex as a product (`heads`).
+        // The regrouping copies q; on flex by the crate's copy (`heads`).
         let q = heads::contiguous(q).reshape([b, kvh, g * s, hd]);
         let scores = crate::product::batched(q, k.swap_dims(2, 3)) + mask;
         let probs = crate::quirks::softmax(scores, 3);
