@@ -8,6 +8,9 @@
 //! * [`autodiff`] gives the apply a hand-written backward on Burn's autodiff backend: one node
 //!   that recomputes its intermediates instead of keeping them, and the gradient of `a` without
 //!   the `[n, a_out, a_in]` tensor of the generic one;
+//! * on burn-flex, steps whose intermediates are too narrow for the host kernels (a few columns)
+//!   run as dense products: a `b` step over all rows, an `a` step with the factor's Kronecker
+//!   product with an identity (`a ⊗ I_q`, a few thousand values), still never `A ⊗ B`;
 //!
 //! Choosing factor shapes for a layer is policy, not math: it lives beside the configs, in
 //! [`crate::adapter::shape`].
@@ -35,15 +38,25 @@ pub(crate) mod host;
 pub fn kron<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let [a_in, a_out] = a.dims();
     let [b_in, b_out] = b.dims();
+    if crate::quirks::products_beat_copies::<B>(&a.device()) {
+        let a4: Tensor<B, 4> = a.reshape([a_in, 1, a_out, 1]);
+        let b4: Tensor<B, 4> = b.reshape([1, b_in, 1, b_out]);
+        // [a_in, b_in] products of [a_out, 1] · [1, b_out]
+        a4.matmul(b4).reshape([a_in * b_in, a_out * b_out])
+    } else {
+        kron_broadcast(a, b)
+    }
+}
+
+/// [`kron`] as one broadcast multiply on every backend: how [`kron_identity`] builds `f ⊗ I_q`
+/// under autodiff (differentiated by Burn), where `kron`'s flex branch would be `p·q` products
+/// of one column by one row.
+fn kron_broadcast<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [a_in, a_out] = a.dims();
+    let [b_in, b_out] = b.dims();
     let a4: Tensor<B, 4> = a.reshape([a_in, 1, a_out, 1]);
     let b4: Tensor<B, 4> = b.reshape([1, b_in, 1, b_out]);
-    let out = if crate::quirks::products_beat_copies::<B>(&a4.device()) {
-        // [a_in, b_in] products of [a_out, 1] · [1, b_out]
-        a4.matmul(b4)
-    } else {
-        a4 * b4
-    };
-    out.reshape([a_in * b_in, a_out * b_out])
+    (a4 * b4).reshape([a_in * b_in, a_out * b_out])
 }
 
 /// The product of a chain of matrices, `m1·m2·…` (a single factor is returned as is).
@@ -314,10 +327,18 @@ fn apply_then_add<B: Backend, const D: usize>(
     // differentiated by Burn.
     let node_on_host = autodiff::is_registered::<B>() && crate::quirks::host_loops_under(&t.t);
     let dims = t.t.dims();
-    let (mut factors, steps) = node_on_host
+    let fitted = node_on_host
         .then(|| host_factors(a_chain, b_chain, plan, |f, s| host_rows_fit(dims, f, s)))
-        .flatten()
-        .unwrap_or_else(|| (in_order(a_chain, b_chain, plan), plan.steps.clone()));
+        .flatten();
+    // Where neither fits the host rows (intermediates a few columns wide), flex's products.
+    let inference = crate::quirks::host_loops_take(&t.t, &t.t);
+    if let (None, true) = (&fitted, node_on_host || inference) {
+        if let Some(dense) = dense_steps(inference, dims, a_chain, b_chain, plan, scale) {
+            return t.dense(dense, y);
+        }
+    }
+    let (mut factors, steps) =
+        fitted.unwrap_or_else(|| (in_order(a_chain, b_chain, plan), plan.steps.clone()));
     scale_smallest(&mut factors, scale);
     match y {
         // One node for the apply and the add where the backward is registered.
@@ -331,6 +352,111 @@ fn apply_then_add<B: Backend, const D: usize>(
         }
         None => t.apply_steps(factors, &steps).finish(),
     }
+}
+
+/// The most multiply-adds per row [`dense_steps`] spends, as a multiple of the steps' own.
+const DENSE_MACS_MAX: usize = 4;
+/// The widest row intermediate [`dense_steps`] takes, in values: a rank-like width, so that
+/// each product's inner dimension stays within one of `gemm`'s depth blocks (an add into `y`
+/// is then the same sum, bit for bit, as the product added to `y` after).
+const DENSE_WIDTH_MAX: usize = 64;
+/// The fewest rows [`dense_steps`] takes under autodiff, where `f ⊗ I_q` is built by a
+/// broadcast multiply (on flex element by element: about 27 µs a call at `a` (2, 192)'s
+/// shapes), more than the narrow steps cost on a few dozen rows (KronA with `a` (2, 192) on
+/// 384 → 384 by Burn's products: 15 µs a call at 10 rows, 3.0 ms at 2,048). In inference it
+/// is written on the host and the dense steps are faster from one row up (7 µs at 10 rows).
+const DENSE_ROWS_MIN: usize = 64;
+
+/// One step of [`dense_steps`]: a `b` step's factor `f [q, q']`, a product over `T`'s `n·p`
+/// rows of `q` values; or an `a` step as `f ⊗ I_q` (`[p·q, p'·q]`), a product over its `n`
+/// rows of `p·q` values.
+enum DenseStep<B: Backend> {
+    B(Tensor<B, 2>),
+    A(Tensor<B, 2>),
+}
+
+/// The steps as dense products, for chains whose intermediates are too narrow for the host
+/// rows' kernels (KronA with `a` (2, 192) on a 384-wide layer: `T [n, 2, 192]` through `b` to
+/// `[n, 2, 2]`, then through `a`): a `b` step is `T [n·p, q] · f`, one product over all rows; an
+/// `a` step, which contracts the middle axis, is `T [n, p·q] · (f ⊗ I_q)`, the factor's
+/// Kronecker product with an identity (`[p·q, p'·q]`, never `A ⊗ B`), whose zeros cost `q`
+/// times the step's multiply-adds. [`KronIntermediate::dense`] applies them by
+/// `crate::product` (outputs of their own, the last added into `y`'s buffer; under autodiff
+/// its nodes, an `a` factor's gradient through the identity product). A KronA's steps as
+/// planned; a chain (Kron-LoRA, LoKr) as its products `A`, `B` ([`collapsed`]). `None` on
+/// fewer than [`DENSE_ROWS_MIN`] rows under autodiff (`inference` false), where that costs
+/// more than [`DENSE_MACS_MAX`] times the steps' own multiply-adds, or where an intermediate is
+/// wider than [`DENSE_WIDTH_MAX`].
+fn dense_steps<B: Backend>(
+    inference: bool,
+    [n, p, q]: [usize; 3],
+    a_chain: &[Tensor<B, 2>],
+    b_chain: &[Tensor<B, 2>],
+    plan: &KronPlan,
+    scale: f64,
+) -> Option<Vec<DenseStep<B>>> {
+    if n < DENSE_ROWS_MIN && !inference {
+        return None;
+    }
+    let (mut factors, steps) = collapsed(a_chain, b_chain)
+        .unwrap_or_else(|| (in_order(a_chain, b_chain, plan), plan.steps.clone()));
+    let (mut pp, mut qq) = (p, q);
+    let (mut own, mut dense) = (0usize, 0usize);
+    for (i, (f, side)) in factors.iter().zip(&steps).enumerate() {
+        let cols = f.dims()[1];
+        let macs = pp * qq * cols;
+        own += macs;
+        match side {
+            Side::A => {
+                dense += macs * qq;
+                pp = cols;
+            }
+            Side::B => {
+                dense += macs;
+                qq = cols;
+            }
+        }
+        if i + 1 < steps.len() && pp * qq > DENSE_WIDTH_MAX {
+            return None;
+        }
+    }
+    if dense > DENSE_MACS_MAX * own {
+        return None;
+    }
+    scale_smallest(&mut factors, scale);
+    let mut qq = q;
+    let dense = factors.into_iter().zip(&steps).map(|(f, side)| match side {
+        Side::A => DenseStep::A(kron_identity(f, qq)),
+        Side::B => {
+            qq = f.dims()[1];
+            DenseStep::B(f)
+        }
+    });
+    Some(dense.collect())
+}
+
+/// `f ⊗ I_q` (`f [p, p']` → `[p·q, p'·q]`, `out[i·q + k, j·q + k] = f[i, j]`): on flex in
+/// inference written from `f`'s values in one pass; elsewhere (under autodiff: differentiable)
+/// one broadcast multiply.
+fn kron_identity<B: Backend>(f: Tensor<B, 2>, q: usize) -> Tensor<B, 2> {
+    let device = f.device();
+    let [p, p2] = f.dims();
+    if crate::quirks::host_loops_take(&f, &f) {
+        let values = host::HostValues::of(f);
+        let values = values.floats();
+        let (rows, cols) = (p * q, p2 * q);
+        let mut out = vec![0f32; rows * cols];
+        for (i, row) in values.chunks_exact(p2).enumerate() {
+            for k in 0..q {
+                let o = &mut out[(i * q + k) * cols..][..cols];
+                for (j, v) in row.iter().enumerate() {
+                    o[j * q + k] = *v;
+                }
+            }
+        }
+        return Tensor::from_data(burn::tensor::TensorData::new(out, [rows, cols]), &device);
+    }
+    kron_broadcast(f, Tensor::eye(q, &device))
 }
 
 /// The chains' factors in `plan`'s step order.
@@ -457,6 +583,50 @@ impl<B: Backend> KronIntermediate<B> {
     pub fn apply_b(mut self, m: Tensor<B, 2>) -> Self {
         self.t = matmul_last(self.t, m);
         self
+    }
+
+    /// The result of [`dense_steps`] applied to `T` one after the other, the last added to `y`
+    /// where given: flex's products where they take them, else Burn's.
+    fn dense<const D: usize>(
+        self,
+        steps: Vec<DenseStep<B>>,
+        y: Option<Tensor<B, D>>,
+    ) -> Tensor<B, D> {
+        let Self { t, lead } = self;
+        let [n, mut p, mut q] = t.dims();
+        let last = steps.len() - 1;
+        let mut h: Tensor<B, 2> = t.reshape([n, p * q]);
+        let mut y = y.map(|y| {
+            let d = y.dims()[D - 1];
+            y.reshape([n, d])
+        });
+        for (i, step) in steps.into_iter().enumerate() {
+            // The step's rows and their product's operand: `[n·p, q]` for a `b` step.
+            let (rows, m) = match step {
+                DenseStep::B(f) => {
+                    q = f.dims()[1];
+                    (n * p, f)
+                }
+                DenseStep::A(m) => {
+                    p = m.dims()[1] / q;
+                    (n, m)
+                }
+            };
+            let x = h.reshape([rows, m.dims()[0]]);
+            let add = if i == last { y.take() } else { None };
+            h = match add.map(|y| y.reshape([rows, m.dims()[1]])) {
+                Some(y) if crate::product::takes(&x, &m, Some(&y)) => {
+                    crate::product::product(x, m, Some(y))
+                }
+                Some(y) => x.matmul(m) + y,
+                None => crate::product::matmul(x, m),
+            }
+            .reshape([n, p * q]);
+        }
+        let mut dims = [0; D];
+        dims[..D - 1].copy_from_slice(&lead);
+        dims[D - 1] = p * q;
+        h.reshape(dims)
     }
 
     /// Adds `bias [q]` along the `b` axis (broadcast over rows and the `a` axis).

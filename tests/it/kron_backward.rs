@@ -255,6 +255,11 @@ fn check_every_plan<B: Backend, A: AutodiffBackend>(_: &B::Device, dev: &A::Devi
         // Kron-LoRA of rank 2 whose collapsed `b1·b2` is 10 columns wide: on flex the node runs
         // `a` and `b1·b2` on the host rows, `b1` and `b2` differentiated through their product.
         (chain(&[[4, 6]]), chain(&[[9, 2], [2, 10]]), 300),
+        // Intermediates 2 × 2 wide, too narrow for the host rows: on flex the steps as dense
+        // products (`crate::product`'s nodes: `b` over all `n·p` rows, `a` as `a ⊗ I`,
+        // differentiated through it); and a Kron-LoRA of rank 1 whose collapse has that shape.
+        (chain(&[[2, 12]]), chain(&[[12, 2]]), 300),
+        (chain(&[[2, 12]]), chain(&[[12, 1], [1, 2]]), 300),
     ];
     for (a, b, n) in &cases {
         let n = *n;

@@ -190,8 +190,14 @@ fn apply_add_is_the_apply_plus_y_bit_for_bit() {
 fn check_apply_add<B: Backend, A: AutodiffBackend>(dev: &B::Device, _: &A::Device) {
     let mut rng = Rng::new(11);
     type Chain = &'static [[usize; 2]];
-    let cases: [(Chain, Chain, usize); 6] = [
+    let cases: [(Chain, Chain, usize); 9] = [
         (&[[6, 5]], &[[8, 7]], 5),
+        // Intermediates 2 × 2 wide (KronA with `a` (2, 192)'s shape): on flex the steps as dense
+        // products (`b` over all `n·p` rows, `a` as `a ⊗ I`), over rows split over threads at
+        // 1,000; and a chain whose product has that shape.
+        (&[[2, 12]], &[[12, 2]], 5),
+        (&[[2, 12]], &[[12, 2]], 1000),
+        (&[[2, 12]], &[[12, 1], [1, 2]], 5),
         (&[[16, 16]], &[[24, 24]], 5),
         (&[[16, 16]], &[[24, 24]], 100),
         (&[[4, 3]], &[[5, 2], [2, 7]], 5),
