@@ -302,6 +302,13 @@ fn apply_then_add<B: Backend, const D: usize>(
     scale: f64,
     y: Option<Tensor<B, D>>,
 ) -> Tensor<B, D> {
+    if x.shape().num_elements() == 0 {
+        // No rows (Burn's reshape reads a 0 as "keep this dimension"): `y`, or an empty result.
+        let mut dims = x.dims();
+        dims[D - 1] =
+            a_chain.last().map_or(0, |a| a.dims()[1]) * b_chain.last().map_or(0, |b| b.dims()[1]);
+        return y.unwrap_or_else(|| Tensor::zeros(dims, &x.device()));
+    }
     let t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
     let y_on_host = y
         .as_ref()

@@ -42,7 +42,13 @@ pub(crate) fn linear_rows<B: Backend, const D: usize>(
     let mut dims = x.dims();
     let d_in = dims[D - 1];
     let d_out = weight.dims()[1];
-    let rows = dims[..D - 1].iter().product();
+    let rows: usize = dims[..D - 1].iter().product();
+    if rows == 0 {
+        // No rows: an empty output (Burn's reshape reads a 0 as "keep this dimension", so no
+        // `[0, d_in]` view, and burn-ndarray's product divides by the row count).
+        dims[D - 1] = d_out;
+        return Tensor::zeros(dims, &x.device());
+    }
     let x: Tensor<B, 2> = x.reshape([rows, d_in]);
     let bias = bias.map(|b| b.reshape([1, d_out]));
     let y = if product::takes(&x, &weight, bias.as_ref()) {
@@ -146,7 +152,7 @@ impl<B: Backend> AdaptedLinear<B> {
     ///
     /// # Shapes
     /// - `x`: `[..., d_in]`
-    /// - output: `[..., d_out]`
+    /// - output: `[..., d_out]` (an empty batch, any leading dimension 0, gives an empty output)
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.adapter {
             // `apply(x) + base(x)`, the adapter's term on the left (the sum is the same either
@@ -155,8 +161,11 @@ impl<B: Backend> AdaptedLinear<B> {
             // reads it. On burn-flex the host loops of a Kronecker adapter's last `a` step read
             // it without a copy; on the right, a copy of it per layer was 2% of a MiniLM KronA
             // step. The base first, so that in inference the adapter can add into its output.
-            Some(adapter) => adapter.apply_add(x.clone(), self.base_forward(x)),
-            None => self.base_forward(x),
+            // An empty batch (no rows) adds nothing: the base's empty output.
+            Some(adapter) if x.shape().num_elements() > 0 => {
+                adapter.apply_add(x.clone(), self.base_forward(x))
+            }
+            _ => self.base_forward(x),
         }
     }
 

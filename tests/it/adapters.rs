@@ -547,3 +547,87 @@ fn frozen_layer_and_delta_of_no_adapter() {
         to_vec(lin.forward(x))
     );
 }
+
+/// An empty batch (no rows) gives an empty output of the right shape, in inference and under
+/// autodiff (the backward too), for every adapter and the bare layer, and through
+/// `kron_apply` / `kron_apply_add` for KronA, narrow and Kron-LoRA chains: Burn's reshape reads
+/// a 0 as "keep this dimension", so a `[0, d]` view of the rows would fail.
+#[test]
+fn empty_batches_give_empty_outputs() {
+    on_suite_and_flex!(check_empty_batches);
+}
+
+fn check_empty_batches<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device) {
+    use burn::module::AutodiffModule;
+    use kron_adapters::kron::{kron_apply, kron_apply_add, KronPlan};
+    kron_adapters::kron::autodiff::register_backward::<A>();
+    let configs = [
+        None,
+        Some(AdapterConfig::Lora(LoraConfig::new(2))),
+        Some(AdapterConfig::KronA(KronAConfig::auto())),
+        Some(AdapterConfig::KronA(
+            KronAConfig::auto().with_a_shape([2, 12]),
+        )),
+        Some(AdapterConfig::KronLora(KronLoraConfig::auto(2))),
+    ];
+    let (d_in, d_out) = (24, 24);
+    for config in &configs {
+        let what = format!("{config:?}");
+        let layer = |linear| match config {
+            Some(c) => AdaptedLinear::new(linear, c, adev).expect("valid config"),
+            None => AdaptedLinear {
+                base: linear,
+                adapter: None,
+            },
+        };
+        let l = layer(LinearConfig::new(d_in, d_out).init::<A>(adev));
+        for lead in [[0, 5], [3, 0]] {
+            let x = Tensor::<A, 3>::zeros([lead[0], lead[1], d_in], adev).require_grad();
+            let y = l.forward(x.clone());
+            assert_eq!(y.dims(), [lead[0], lead[1], d_out], "{what}");
+            let grads = y.sum().backward();
+            let gx = x.grad(&grads).map(|g| g.dims());
+            assert!(
+                gx.is_none_or(|d| d == [lead[0], lead[1], d_in]),
+                "{what}: ∂x {gx:?}"
+            );
+            let inference = l.valid().forward(Tensor::<A::InnerBackend, 3>::zeros(
+                [lead[0], lead[1], d_in],
+                &Default::default(),
+            ));
+            assert_eq!(inference.dims(), [lead[0], lead[1], d_out], "{what}");
+        }
+    }
+    // The apply alone, every plan, on the plain backend.
+    type Chain = &'static [[usize; 2]];
+    let chains: [(Chain, Chain); 3] = [
+        (&[[4, 6]], &[[6, 4]]),
+        (&[[2, 12]], &[[12, 2]]),
+        (&[[4, 3]], &[[6, 2], [2, 8]]),
+    ];
+    for (a_shapes, b_shapes) in chains {
+        let t = |s: &[usize; 2]| Tensor::<B, 2>::ones(*s, dev);
+        let (a, b): (Vec<_>, Vec<_>) = (
+            a_shapes.iter().map(t).collect(),
+            b_shapes.iter().map(t).collect(),
+        );
+        let d_in = a_shapes[0][0] * b_shapes[0][0];
+        let d_out = a_shapes.last().unwrap()[1] * b_shapes.last().unwrap()[1];
+        for plan in KronPlan::all(a.len(), b.len()) {
+            let x = Tensor::<B, 3>::zeros([2, 0, d_in], dev);
+            let out = kron_apply(x.clone(), &a, &b, &plan, 0.5);
+            assert_eq!(
+                out.dims(),
+                [2, 0, d_out],
+                "{a_shapes:?} {b_shapes:?} {plan:?}"
+            );
+            let y = Tensor::<B, 3>::zeros([2, 0, d_out], dev);
+            let out = kron_apply_add(x, &a, &b, &plan, 0.5, y);
+            assert_eq!(
+                out.dims(),
+                [2, 0, d_out],
+                "{a_shapes:?} {b_shapes:?} {plan:?}"
+            );
+        }
+    }
+}
