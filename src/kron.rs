@@ -305,8 +305,8 @@ fn apply_then_add<B: Backend, const D: usize>(
     if x.shape().num_elements() == 0 {
         // No rows (Burn's reshape reads a 0 as "keep this dimension"): `y`, or an empty result.
         let mut dims = x.dims();
-        dims[D - 1] =
-            a_chain.last().map_or(0, |a| a.dims()[1]) * b_chain.last().map_or(0, |b| b.dims()[1]);
+        let (p_out, q_out) = out_axes(a_chain, b_chain);
+        dims[D - 1] = p_out * q_out;
         return y.unwrap_or_else(|| Tensor::zeros(dims, &x.device()));
     }
     let t = KronIntermediate::new(x, a_chain[0].dims()[0], b_chain[0].dims()[0]);
@@ -351,8 +351,7 @@ fn apply_then_add<B: Backend, const D: usize>(
         // One node for the apply and the add where the backward is registered.
         Some(y) => {
             let KronIntermediate { t, lead } = t;
-            let p_out = a_chain.last().expect("a chain is not empty").dims()[1];
-            let q_out = b_chain.last().expect("b chain is not empty").dims()[1];
+            let (p_out, q_out) = out_axes(a_chain, b_chain);
             let y = y.reshape([t.dims()[0], p_out, q_out]);
             let out = autodiff::apply_steps_add(t, factors, &steps, y);
             KronIntermediate { t: out, lead }.finish()
@@ -361,11 +360,19 @@ fn apply_then_add<B: Backend, const D: usize>(
     }
 }
 
+/// The result's `a` and `b` axes: the columns of the chains' last factors.
+fn out_axes<B: Backend>(a_chain: &[Tensor<B, 2>], b_chain: &[Tensor<B, 2>]) -> (usize, usize) {
+    let a = a_chain.last().expect("a chain is not empty");
+    let b = b_chain.last().expect("b chain is not empty");
+    (a.dims()[1], b.dims()[1])
+}
+
 /// The most multiply-adds per row [`dense_steps`] spends, as a multiple of the steps' own.
 const DENSE_MACS_MAX: usize = 4;
 /// The widest row intermediate [`dense_steps`] takes, in values: a rank-like width, so that
-/// each product's inner dimension stays within one of `gemm`'s depth blocks (an add into `y`
-/// is then the same sum, bit for bit, as the product added to `y` after).
+/// the last product's inner dimension (the intermediate's width, or its `q`) stays within one of
+/// `gemm`'s depth blocks (its add into `y` is then the same sum, bit for bit, as the product
+/// added to `y` after).
 const DENSE_WIDTH_MAX: usize = 64;
 /// The fewest rows [`dense_steps`] takes under autodiff, where `f ⊗ I_q` is built by a
 /// broadcast multiply (on flex element by element: about 27 µs a call at `a` (2, 192)'s
