@@ -636,3 +636,97 @@ fn llama_gradients_on_flex_equal_the_suites() {
         assert_close(got, want, tol, name);
     }
 }
+
+/// Empty batches (no rows, or rows of no tokens) through both models, with adapters on every
+/// projection, in inference and through the backward: empty outputs of the right shapes (a
+/// classifier's rows of no tokens pool to zeros, so its logits are the head's bias).
+fn check_empty_model_batches<B: Backend, A: AutodiffBackend>(dev: &B::Device, adev: &A::Device) {
+    use kron_adapters::model::{llama::padding_mask, LlamaConfig, LlamaForCausalLM};
+    use kron_adapters::{KronLoraConfig, LinearAdapter};
+    kron_adapters::kron::autodiff::register_backward::<A>();
+    let placement = PlacementConfig::linear(AdapterConfig::KronLora(KronLoraConfig::auto(2)));
+    let bert_cfg = tiny();
+    let llama_cfg = LlamaConfig::tiny(50);
+    let ids = |b: usize, s: usize| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64; b * s], [b, s]), dev)
+    };
+    let bert =
+        BertClassifier::<B>::new(&mut TensorSource::random(5), &bert_cfg, &placement, 3, dev)
+            .unwrap();
+    let llamas = [false, true].map(|tied| {
+        let cfg = LlamaConfig {
+            tie_word_embeddings: tied,
+            ..llama_cfg.clone()
+        };
+        LlamaForCausalLM::<B>::new(&mut TensorSource::random(7), &cfg, &placement, dev).unwrap()
+    });
+    let (d, vocab) = (bert_cfg.hidden_size, llama_cfg.vocab_size);
+    for [b, s] in [[0, 7], [3, 0]] {
+        let mask = padding_mask::<B>(&vec![s; b], s, dev);
+        let hidden = bert.encoder.forward(ids(b, s), mask.clone());
+        assert_eq!(hidden.dims(), [b, s, d], "BERT [{b}, {s}]");
+        let logits = bert.forward(ids(b, s), mask.clone());
+        assert_eq!(logits.dims(), [b, 3], "classifier [{b}, {s}]");
+        let bias = to_vec(bert.head.bias.as_ref().unwrap().val());
+        let want: Vec<f32> = (0..b).flat_map(|_| bias.clone()).collect();
+        assert_eq!(to_vec(logits), want, "no tokens pool to zeros");
+        for llama in &llamas {
+            let out = llama.forward(ids(b, s), Some(mask.clone()));
+            assert_eq!(out.dims(), [b, s, vocab], "Llama [{b}, {s}]");
+            assert_eq!(llama.forward(ids(b, s), None).dims(), [b, s, vocab]);
+        }
+    }
+    // Through the backward: it runs, and a gradient, where one is built, is zeros.
+    let adapted =
+        BertClassifier::<A>::new(&mut TensorSource::random(5), &bert_cfg, &placement, 3, adev)
+            .unwrap();
+    let ids = |b: usize, s: usize| {
+        Tensor::<A, 2, Int>::from_data(TensorData::new(vec![1i64; b * s], [b, s]), adev)
+    };
+    for [b, s] in [[0, 7], [3, 0]] {
+        let mask = padding_mask::<A>(&vec![s; b], s, adev);
+        let loss = adapted.forward(ids(b, s), mask).sum();
+        let grads = loss.backward();
+        let q = &adapted.encoder.layers[0].attention.query;
+        let g = q.adapter.as_ref().unwrap().factors()[0].grad(&grads);
+        if let Some(g) = g {
+            assert!(to_vec(g).iter().all(|v| *v == 0.0), "BERT [{b}, {s}]");
+        }
+    }
+}
+
+#[test]
+fn empty_batches_through_the_models_give_empty_outputs() {
+    on_suite_and_flex!(check_empty_model_batches);
+}
+
+#[test]
+fn too_long_rows_and_empty_appends_panic_with_the_fix() {
+    use kron_adapters::model::{LlamaConfig, LlamaForCausalLM};
+    let dev = device();
+    let none = PlacementConfig::default();
+    fn message(f: impl FnOnce()) -> String {
+        let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_err();
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    }
+    let cfg = tiny();
+    let bert = BertEncoder::<TB>::new(&mut TensorSource::random(5), &cfg, &none, &dev).unwrap();
+    let s = cfg.max_position_embeddings + 1;
+    let long = Tensor::<TB, 2, Int>::ones([1, s], &dev);
+    let m = message(|| drop(bert.forward(long.clone(), long.clone())));
+    assert!(m.contains("max_position_embeddings"), "{m}");
+    let fits = Tensor::<TB, 2, Int>::ones([1, s - 1], &dev);
+    assert_eq!(bert.forward(fits.clone(), fits).dims()[1], s - 1);
+    let llama = LlamaForCausalLM::<TB>::new(
+        &mut TensorSource::random(7),
+        &LlamaConfig::tiny(50),
+        &none,
+        &dev,
+    )
+    .unwrap();
+    let mut cache = llama.new_cache();
+    let empty = Tensor::<TB, 2, Int>::ones([2, 0], &dev);
+    let m = message(|| drop(llama.forward_cached(empty, &mut cache)));
+    assert!(m.contains("no tokens"), "{m}");
+    assert_eq!(cache.len(), 0);
+}

@@ -56,8 +56,17 @@ pub struct Embeddings<B: Backend> {
 impl<B: Backend> Embeddings<B> {
     /// # Shapes
     /// - `ids`, `token_types`: `[batch, seq]`; output `[batch, seq, d]`
+    ///
+    /// # Panics
+    /// If `seq` is longer than the position table (`max_position_embeddings`).
     pub fn forward(&self, ids: Tensor<B, 2, Int>, token_types: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [_, seq] = ids.dims();
+        let positions = self.position.weight.dims()[0];
+        assert!(
+            seq <= positions,
+            "{seq} tokens a row: this encoder has {positions} positions \
+             (max_position_embeddings); truncate the rows to at most that"
+        );
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &ids.device()).unsqueeze::<2>();
         let x = self.word.forward(ids)
             + self.position.forward(positions)
@@ -241,6 +250,9 @@ impl<B: Backend> BertEncoder<B> {
     ///
     /// # Shapes
     /// - `ids`, `mask` (1 for tokens, 0 for padding): `[batch, seq]`; output `[batch, seq, d]`
+    ///
+    /// # Panics
+    /// If `seq` is longer than `max_position_embeddings`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         self.forward_routed(ids, mask, None)
     }
@@ -253,6 +265,11 @@ impl<B: Backend> BertEncoder<B> {
         routing: Option<&Routing<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq] = ids.dims();
+        if batch * seq == 0 {
+            // No tokens: Burn's embedding lookup cannot take an empty row.
+            let d = self.embeddings.word.weight.dims()[1];
+            return Tensor::zeros([batch, seq, d], &ids.device());
+        }
         let token_types = Tensor::<B, 2, Int>::zeros([batch, seq], &ids.device());
         let mut x = self.embeddings.forward(ids, token_types);
         // Additive mask: 0 for tokens, a large negative number for padding.
@@ -345,8 +362,13 @@ impl<B: Backend> BertClassifier<B> {
     /// - `ids`, `mask`: `[batch, seq]`; output `[batch, classes]`
     pub fn forward(&self, ids: Tensor<B, 2, Int>, mask: Tensor<B, 2, Int>) -> Tensor<B, 2> {
         let h = self.encoder.forward(ids, mask.clone());
-        self.head
-            .forward(dropout(&self.dropout, mean_pool(h, mask)))
+        let pooled = mean_pool(h, mask);
+        if pooled.dims()[0] == 0 {
+            // No rows: burn-ndarray's product divides by the row count.
+            let classes = self.head.weight.dims()[1];
+            return Tensor::zeros([0, classes], &pooled.device());
+        }
+        self.head.forward(dropout(&self.dropout, pooled))
     }
 }
 

@@ -414,6 +414,10 @@ impl<B: Backend> LlamaModel<B> {
     ) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
         let device = ids.device();
+        if b * s == 0 {
+            // No tokens: Burn's embedding lookup cannot take an empty row; the cache is unchanged.
+            return Tensor::zeros([b, s, self.config.hidden_size], &device);
+        }
         let past = cache.as_ref().map_or(0, |c| c.len);
         let rope = Rope::new(&self.config, past, (b, s), left_pad, &device);
         let mask = layer_mask(attention_mask(padding, b, s, past, &device), &self.config);
@@ -569,8 +573,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let mut dims = hidden.dims();
                 let d = dims[D - 1];
                 let n = hidden.shape().num_elements() / d.max(1);
-                let out = hidden.reshape([n, d]).matmul(w.transpose());
                 dims[D - 1] = self.model.config.vocab_size;
+                if n == 0 {
+                    // No rows (see `linear_rows`).
+                    return Tensor::zeros(dims, &hidden.device());
+                }
+                let out = hidden.reshape([n, d]).matmul(w.transpose());
                 out.reshape(dims)
             }
         }
@@ -593,8 +601,15 @@ impl<B: Backend> LlamaForCausalLM<B> {
     ///
     /// # Shapes
     /// - `ids`: `[b, s]`; output `[b, vocab]`
+    ///
+    /// # Panics
+    /// If `s` is 0: there is no last position to give the logits of.
     pub fn forward_cached(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
         let [b, s] = ids.dims();
+        assert!(
+            s > 0,
+            "forward_cached: `ids` is [{b}, 0], no tokens; append at least one a row"
+        );
         let h = self.model.forward(ids, None, Some(cache));
         let d = h.dims()[2];
         let last = h.slice([0..b, s - 1..s, 0..d]).reshape([b, d]);
