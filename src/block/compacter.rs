@@ -144,6 +144,10 @@ impl<B: Backend> BlockAdapter<B> for Compacter<B> {
         h: Tensor<B, D>,
         rule: &Tensor<B, 3>,
     ) -> Tensor<B, D> {
+        if h.shape().num_elements() == 0 {
+            // No rows: the (empty) block output as it is.
+            return h;
+        }
         let z = phm_apply(
             h.clone(),
             rule.clone(),

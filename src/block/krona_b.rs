@@ -148,6 +148,11 @@ impl<B: Backend> BlockAdapter<B> for KronAB<B> {
 
     /// `f(x) + s · (x·(a ⊗ b) + bias) [+ s_res · x]`.
     fn forward<const D: usize>(&self, x: Tensor<B, D>, fx: Tensor<B, D>, _: &()) -> Tensor<B, D> {
+        if x.shape().num_elements() == 0 {
+            // No rows: the (empty) block output as it is; the intermediate's views cannot
+            // take an empty batch.
+            return fx;
+        }
         let scale = self.kron.scale;
         let y = match &self.bias_mid {
             Some(mid) => {

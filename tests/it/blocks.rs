@@ -750,3 +750,32 @@ fn bitfit_keeps_linear_and_block_adapters_trainable() {
     assert!(paths.contains(&("q.base.weight".to_string(), false)));
     assert!(paths.contains(&("q.base.bias".to_string(), true)));
 }
+
+/// Every block adapter with an empty batch (no rows, or rows of no tokens), in inference and
+/// through the backward, on the suite's backend and flex: an empty output of the block's shape.
+fn check_empty_batches<B: Backend, A: AutodiffBackend>(_: &B::Device, adev: &A::Device) {
+    use burn::module::AutodiffModule;
+    kron_adapters::kron::autodiff::register_backward::<A>();
+    for cfg in all_configs() {
+        let adapters = BlockAdapters::<A>::new(&cfg, D, 2, adev).unwrap();
+        for lead in [[0, 5], [3, 0]] {
+            let x = Tensor::<A, 3>::zeros([lead[0], lead[1], D], adev).require_grad();
+            let fx = Tensor::<A, 3>::zeros([lead[0], lead[1], D], adev).require_grad();
+            let y = adapters.forward(1, x.clone(), fx.clone());
+            assert_eq!(y.dims(), [lead[0], lead[1], D], "{cfg:?}");
+            let grads = y.sum().backward();
+            for g in [x.grad(&grads), fx.grad(&grads)].into_iter().flatten() {
+                assert_eq!(g.dims(), [lead[0], lead[1], D], "{cfg:?}");
+            }
+            let zeros =
+                || Tensor::<A::InnerBackend, 3>::zeros([lead[0], lead[1], D], &Default::default());
+            let inference = adapters.valid().forward(1, zeros(), zeros());
+            assert_eq!(inference.dims(), [lead[0], lead[1], D], "{cfg:?}");
+        }
+    }
+}
+
+#[test]
+fn empty_batches_give_empty_outputs() {
+    on_suite_and_flex!(check_empty_batches);
+}
