@@ -145,7 +145,7 @@ impl<B: Backend> BlockAdapter<B> for Compacter<B> {
         rule: &Tensor<B, 3>,
     ) -> Tensor<B, D> {
         if h.shape().num_elements() == 0 {
-            // No rows: the (empty) block output as it is.
+            // No rows: the (empty) block output as it is (see `BlockAdapter::forward`).
             return h;
         }
         let z = phm_apply(

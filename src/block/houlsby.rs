@@ -116,6 +116,10 @@ impl<B: Backend> BlockAdapter<B> for HoulsbyAdapter<B> {
 
     /// The adapted output from the block output `h = fx` (the block input is not used).
     fn forward<const D: usize>(&self, _x: Tensor<B, D>, h: Tensor<B, D>, _: &()) -> Tensor<B, D> {
+        if h.shape().num_elements() == 0 {
+            // No rows: the (empty) block output as it is (see `BlockAdapter::forward`).
+            return h;
+        }
         let z = linear_rows(h.clone(), self.down.val(), Some(self.bias_down.val()));
         h + linear_rows(
             self.activation.apply(z),

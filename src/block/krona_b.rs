@@ -149,8 +149,7 @@ impl<B: Backend> BlockAdapter<B> for KronAB<B> {
     /// `f(x) + s · (x·(a ⊗ b) + bias) [+ s_res · x]`.
     fn forward<const D: usize>(&self, x: Tensor<B, D>, fx: Tensor<B, D>, _: &()) -> Tensor<B, D> {
         if x.shape().num_elements() == 0 {
-            // No rows: the (empty) block output as it is; the intermediate's views cannot
-            // take an empty batch.
+            // No rows: the (empty) block output as it is (see `BlockAdapter::forward`).
             return fx;
         }
         let scale = self.kron.scale;

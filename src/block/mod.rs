@@ -49,8 +49,12 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation.
+    /// Applies the activation (an empty tensor is returned as it is: the CubeCL backends'
+    /// element-wise kernels cannot take one).
     pub fn apply<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if x.shape().num_elements() == 0 {
+            return x;
+        }
         match self {
             Activation::Relu => activation::relu(x),
             Activation::Gelu => crate::quirks::gelu(x),
@@ -66,6 +70,9 @@ pub trait BlockAdapter<B: Backend> {
     type Shared;
 
     /// The adapted block output from the block input `x` and the block output `fx = f(x)`.
+    /// An empty batch (no rows) gives `fx` as it is: Burn's kernels on the CubeCL backends
+    /// and burn-ndarray's product cannot take an empty tensor, so every method returns
+    /// before them.
     ///
     /// # Shapes
     /// - `x`: `[..., d_in]`, `fx`: `[..., d_out]`; output `[..., d_out]`

@@ -95,6 +95,10 @@ impl<B: Backend> BlockAdapter<B> for ParallelAdapter<B> {
     type Shared = ();
 
     fn forward<const D: usize>(&self, x: Tensor<B, D>, fx: Tensor<B, D>, _: &()) -> Tensor<B, D> {
+        if x.shape().num_elements() == 0 {
+            // No rows: the (empty) block output as it is (see `BlockAdapter::forward`).
+            return fx;
+        }
         let h = linear_rows(x, self.down.val(), self.bias_down.as_ref().map(|b| b.val()));
         let h = self.activation.apply(h).mul_scalar(self.scale);
         let bias_up = self

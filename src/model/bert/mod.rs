@@ -316,6 +316,11 @@ adapter_layers!(BertClassifier { encoder => "" } defaults bert_targets());
 /// - `hidden`: `[batch, seq, d]`, `mask`: `[batch, seq]`; output `[batch, d]`
 pub fn mean_pool<B: Backend>(hidden: Tensor<B, 3>, mask: Tensor<B, 2, Int>) -> Tensor<B, 2> {
     let [batch, seq, d] = hidden.dims();
+    if batch * seq == 0 {
+        // Rows of no tokens pool to zeros (as the clamped count below gives); the CubeCL
+        // backends' sums cannot take an empty dimension.
+        return Tensor::zeros([batch, d], &hidden.device());
+    }
     let m = mask.float().reshape([batch, seq, 1]);
     let sum: Tensor<B, 2> = (hidden * m.clone()).sum_dim(1).reshape([batch, d]);
     let count: Tensor<B, 2> = m.sum_dim(1).reshape([batch, 1]).clamp_min(1e-9);
