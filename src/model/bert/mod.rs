@@ -61,10 +61,10 @@ impl<B: Backend> Embeddings<B> {
     /// If `seq` is longer than the position table (`max_position_embeddings`).
     pub fn forward(&self, ids: Tensor<B, 2, Int>, token_types: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [_, seq] = ids.dims();
-        let positions = self.position.weight.dims()[0];
+        let table = self.position.weight.dims()[0];
         assert!(
-            seq <= positions,
-            "{seq} tokens a row: this encoder has {positions} positions \
+            seq <= table,
+            "{seq} tokens a row: this encoder has {table} positions \
              (max_position_embeddings); truncate the rows to at most that"
         );
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &ids.device()).unsqueeze::<2>();

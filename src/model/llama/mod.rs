@@ -608,7 +608,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let [b, s] = ids.dims();
         assert!(
             s > 0,
-            "forward_cached: `ids` is [{b}, 0], no tokens; append at least one a row"
+            "forward_cached: `ids` is [{b}, 0], no tokens; give each row at least one"
         );
         let h = self.model.forward(ids, None, Some(cache));
         let d = h.dims()[2];
