@@ -102,6 +102,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             )),
         ),
         (
+            "krona_48x8",
+            lin(AdapterConfig::KronA(
+                KronAConfig::auto().with_a_shape([48, 8]),
+            )),
+        ),
+        (
             "kron_lora_r12",
             lin(AdapterConfig::KronLora(KronLoraConfig::auto(12))),
         ),

