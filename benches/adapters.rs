@@ -397,6 +397,12 @@ fn methods() -> Vec<(&'static str, PlacementConfig)> {
             )),
         ),
         (
+            "KronA a (48,8)",
+            lin(AdapterConfig::KronA(
+                KronAConfig::auto().with_a_shape([48, 8]),
+            )),
+        ),
+        (
             "Kron-LoRA r=12",
             lin(AdapterConfig::KronLora(KronLoraConfig::auto(12))),
         ),
@@ -510,6 +516,12 @@ fn inference_table(shapes: &[(usize, usize, usize)], budget: f64) -> String {
             "KronA a (2,192)",
             PlacementConfig::linear(AdapterConfig::KronA(
                 KronAConfig::auto().with_a_shape([2, 192]),
+            )),
+        ),
+        (
+            "KronA a (48,8)",
+            PlacementConfig::linear(AdapterConfig::KronA(
+                KronAConfig::auto().with_a_shape([48, 8]),
             )),
         ),
     ];
