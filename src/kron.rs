@@ -561,7 +561,8 @@ fn host_rows_fit<B: Backend>(
 /// one GEMM over all `n·p` rows, and an `a` factor contracts the middle axis as a batched
 /// product `mᵀ [1, p', p] · T [n, p, q]`, so no step copies the intermediate. The `a` step
 /// goes through [`autodiff::contract_a`], whose backward (where registered) accumulates `m`'s
-/// gradient over row chunks instead of building `[n, p', p]`.
+/// gradient over row chunks (or, for a large `m` on narrow columns, takes it as one product
+/// over all rows) instead of building `[n, p', p]`.
 pub struct KronIntermediate<B: Backend> {
     /// `[n, p, q]`, contiguous.
     t: Tensor<B, 3>,

@@ -27,13 +27,18 @@
 //!
 //! `∂f` of an `a` step is accumulated over row chunks sized so that a chunk's partial products
 //! `[c, p, p']` stay within an eighth of `T` (and at most 16 chunks): never the `[n, p', p]`
-//! tensor. On burn-flex the `a` steps and their gradients run the host loops of `kron::host`
-//! instead (where `quirks::host_loops_take` says; the factor's gradient only up to
-//! `host::FACTOR_GRAD_MAX`), both gradients of a step from one read of its `G`. Where every
-//! factor and row intermediate fits the host rows of inference (`kron::on_host_rows`), the
-//! node's forward is `host::apply_rows` and its backward `host::apply_grads`: every step, the
-//! `b` steps too, a chunk of rows at a time with its intermediates in the cache, no tensor
-//! between the steps (a MiniLM KronA step 577 → 546 ms, docs/benchmarks-history.md). Both read
+//! tensor. Where the factor outweighs a row's intermediates (`p·p' > q·(p + p')`: a large `a`
+//! on narrow columns, whose chunked products would have an inner dimension of `q`), it is one
+//! product over all `n·q` columns instead, `T` and `G` copied to `[p, n·q]` and `[p', n·q]`
+//! (a Mistral-7B block's KronA at LoRA-8's budget, `a` 512 × 256 on 8 columns: 15.0 → 12.8 s
+//! a step, docs/benchmarks.md). On burn-flex the `a` steps and their gradients run the host
+//! loops of `kron::host` instead (where `quirks::host_loops_take` says; the factor's gradient
+//! only up to `host::FACTOR_GRAD_MAX`), both gradients of a step from one read of its `G`.
+//! Where every factor and row intermediate fits the host rows of inference
+//! (`kron::on_host_rows`), the node's forward is `host::apply_rows` and its backward
+//! `host::apply_grads`: every step, the `b` steps too, a chunk of rows at a time with its
+//! intermediates in the cache, no tensor between the steps (a MiniLM KronA step 577 → 546 ms,
+//! docs/benchmarks-history.md). Both read
 //! `T`, `G` and the factors in flex's own buffers (`quirks::host_floats`), where reading a
 //! shared tensor's values would copy it.
 //!
@@ -955,11 +960,18 @@ fn step_grad_input<I: Backend>(g: Tensor<I, 3>, f: Tensor<I, 2>, side: Side) -> 
     }
 }
 
-/// `∂m = Σ_r T[r]·G[r]ᵀ` (`[p, p']`) by Burn's batched products, over chunks of rows (see the
-/// module docs).
+/// `∂m = Σ_r T[r]·G[r]ᵀ` (`[p, p']`) by Burn's products (see the module docs): where the
+/// factor outweighs the rows' intermediates (`p·p' > q·(p + p')`, a large `a` on narrow
+/// columns), one product over all `n·q` columns of `T` and `G` copied to `[p, n·q]` and
+/// `[p', n·q]`; elsewhere batched products over chunks of rows, summed.
 fn grad_m<I: Backend>(t: Tensor<I, 3>, g: Tensor<I, 3>) -> Tensor<I, 2> {
     let [n, p, q] = t.dims();
     let p2 = g.dims()[1];
+    if one_product(p, p2, q) {
+        let t2: Tensor<I, 2> = t.swap_dims(0, 1).reshape([p, n * q]);
+        let g2: Tensor<I, 2> = g.swap_dims(0, 1).reshape([p2, n * q]);
+        return t2.matmul(g2.transpose());
+    }
     let rows = chunk_rows(n, p2, q);
     (0..n)
         .step_by(rows)
@@ -973,6 +985,13 @@ fn grad_m<I: Backend>(t: Tensor<I, 3>, g: Tensor<I, 3>) -> Tensor<I, 2> {
         .unwrap_or_else(|| Tensor::zeros([p, p2], &t.device()))
 }
 
+/// Does [`grad_m`] take `∂m` as one product: are the chunked products' partial sums (`p·p'`
+/// values a row, each written and summed) more than the copies of `T` and `G` (`q·(p + p')`)?
+/// Their products' inner dimension is then `q`, too short for a `gemm` to run at its rate.
+fn one_product(p: usize, p2: usize, q: usize) -> bool {
+    p * p2 > q * (p + p2)
+}
+
 /// Rows per chunk of `∂m`'s partial products: `c·p·p' ≤ n·p·q / 8`, at most 16 chunks.
 pub(crate) fn chunk_rows(n: usize, p2: usize, q: usize) -> usize {
     let within_eighth = (n * q) / (8 * p2.max(1));
@@ -981,7 +1000,7 @@ pub(crate) fn chunk_rows(n: usize, p2: usize, q: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{chunk_rows, is_registered, register_backward, register_default};
+    use super::{chunk_rows, is_registered, one_product, register_backward, register_default};
     use super::{unregister_backward, Autodiff};
 
     #[cfg(feature = "ndarray")]
@@ -1013,5 +1032,15 @@ mod tests {
         // Degenerate sizes stay valid.
         assert_eq!(chunk_rows(0, 4, 4), 1);
         assert_eq!(chunk_rows(1, 4096, 1), 1);
+    }
+
+    #[test]
+    fn a_large_factor_on_narrow_columns_takes_one_product() {
+        // A Mistral-7B FFN's KronA at LoRA-8's budget: `a` 512 × 256 on 8 columns.
+        assert!(one_product(512, 256, 8));
+        // MiniLM's √d shapes (16 × 16 on 24 columns) and a 4096² layer's (64 × 64 on 64):
+        // the chunked products, whose partial sums are smaller than the copies.
+        assert!(!one_product(16, 16, 24));
+        assert!(!one_product(64, 64, 64));
     }
 }

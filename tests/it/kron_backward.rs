@@ -84,8 +84,9 @@ fn check_contract_a<B: Backend, A: AutodiffBackend>(bdev: &B::Device, dev: &A::D
     assert!(is_registered::<A>());
     let mut rng = Rng::new(130);
     // [n, p, p', q]: square factors with rows enough for several chunks of ∂m, a wide `a`
-    // (one chunk per row), a narrow one (one chunk in all), a single row, MiniLM's
-    // 16 × 16 × 24 (every register block of the host loops), and a large factor.
+    // (one chunk per row; one product over all columns off flex), a narrow one (one chunk in
+    // all), a single row, MiniLM's 16 × 16 × 24 (every register block of the host loops), a
+    // large factor, and a large factor on narrow columns (one product over all columns).
     for dims @ [n, p, p2, q] in [
         [40, 3, 5, 4],
         [33, 6, 7, 1],
@@ -93,6 +94,7 @@ fn check_contract_a<B: Backend, A: AutodiffBackend>(bdev: &B::Device, dev: &A::D
         [1, 4, 3, 5],
         [70, 16, 16, 24],
         [3, 64, 32, 40],
+        [6, 256, 128, 3],
     ] {
         let [m, t, r, gm_want, gt_want] = random_case(&mut rng, dims);
         let (out, gm, gt) = contract_grads::<A>(&m, &t, &r, dims, dev, false);
