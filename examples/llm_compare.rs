@@ -13,8 +13,11 @@
 //! ```
 //!
 //! Resumable: a run whose report exists is read back instead of trained again, so a stopped
-//! invocation continues where it was. Peak memory is measured in a child process per method
-//! (the program re-runs itself with `--measure`).
+//! invocation continues where it was. Step time and peak memory are measured in a child process
+//! per method (the program re-runs itself with `--measure`), every method once a round over
+//! `--timing-rounds` rounds (3), the table giving medians: one figure moves by ±10% on a
+//! shared machine. To measure them again, remove `runs/llm-compare/timing/` and run
+//! `-- --parts timing` (the other parts are read back).
 
 mod common;
 
@@ -68,6 +71,11 @@ struct Args {
     /// Seeds per (method, task).
     #[arg(long, default_value_t = 1)]
     seeds: u64,
+    /// Rounds of the timing part: every method measured once a round, each in a process of
+    /// its own; the table gives each method's median and the median of the rounds' own ratios
+    /// to LoRA-8 (one figure moves by ±10% on a shared machine).
+    #[arg(long, default_value_t = 3)]
+    timing_rounds: usize,
     /// Where runs go.
     #[arg(long, default_value = "runs/llm-compare")]
     runs: PathBuf,
@@ -457,39 +465,53 @@ fn run() -> Res<()> {
     }
     sections.push(quant_table(&quant));
 
-    // 6. Step time and peak memory at two widths, each method in its own process (skipped,
-    // with its table, when not asked for and not measured before).
+    // 6. Step time and peak memory at two widths, each method in its own process, in
+    // alternating rounds (skipped, with its table, when not asked for and not measured before).
     let mut timing = Vec::new();
     let measured_before = args.runs.join("timing").join("lora8-smollm2.json").exists();
+    let rounds = args.timing_rounds.max(1);
     for width in ["smollm2", "mistral7b-layer"]
         .into_iter()
         .filter(|_| has("timing") || measured_before)
     {
+        let path = |m: &str| args.runs.join("timing").join(format!("{m}-{width}.json"));
+        let missing: Vec<&str> = methods()
+            .into_iter()
+            .map(|(m, _)| m)
+            .filter(|m| !path(m).exists())
+            .collect();
+        if !missing.is_empty() && has("timing") {
+            let mut runs: BTreeMap<&str, Vec<Measured>> = BTreeMap::new();
+            for round in 1..=rounds {
+                for &m in &missing {
+                    let r = measure_child(m, width)?;
+                    eprintln!(
+                        "[{:.0} s] timing {m} {width}, round {round}/{rounds}: {:.0} ms, {:.0} MB",
+                        t0.elapsed().as_secs_f64(),
+                        r.step_ms,
+                        r.peak_mb
+                    );
+                    runs.entry(m).or_default().push(r);
+                }
+            }
+            for (m, v) in runs {
+                let median_of = |f: fn(&Measured) -> f64| median(v.iter().map(f).collect());
+                let r = Measured {
+                    step_ms: median_of(|r| r.step_ms),
+                    peak_mb: median_of(|r| r.peak_mb),
+                    trainable: v[0].trainable,
+                    tokens: v[0].tokens,
+                    rounds_ms: v.iter().map(|r| r.step_ms).collect(),
+                };
+                cached(&path(m), || Ok(r), true)?;
+            }
+        }
         for (m, _) in methods() {
-            let path = args.runs.join("timing").join(format!("{m}-{width}.json"));
             let r: Measured = cached(
-                &path,
-                || {
-                    let out = std::process::Command::new(std::env::current_exe()?)
-                        .args(["--measure", &format!("{m}:{width}")])
-                        .output()?;
-                    if !out.status.success() {
-                        return Err(format!(
-                            "measure {m} {width}: {}",
-                            String::from_utf8_lossy(&out.stderr)
-                        )
-                        .into());
-                    }
-                    Ok(serde_json::from_slice(&out.stdout)?)
-                },
-                has("timing"),
+                &path(m),
+                || Err(format!("timing {m} {width}: not measured").into()),
+                false,
             )?;
-            eprintln!(
-                "[{:.0} s] timing {m} {width}: {:.0} ms, {:.0} MB",
-                t0.elapsed().as_secs_f64(),
-                r.step_ms,
-                r.peak_mb
-            );
             timing.push((width, m, r));
         }
     }
@@ -635,6 +657,34 @@ struct Measured {
     peak_mb: f64,
     trainable: usize,
     tokens: usize,
+    /// Each round's `step_ms` (the timing part's rounds; empty in one measurement).
+    #[serde(default)]
+    rounds_ms: Vec<f64>,
+}
+
+/// One method's training step at one width, measured in a child process (`--measure`).
+fn measure_child(method: &str, width: &str) -> Res<Measured> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--measure", &format!("{method}:{width}")])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "measure {method} {width}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The median of `v` (the mean of the middle two for an even count; 0 for none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// A Mistral-7B layer: one block at its widths, a small vocabulary.
@@ -708,6 +758,7 @@ fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
         peak_mb: peak_mb(),
         trainable,
         tokens: refs.len() * seq,
+        rounds_ms: Vec::new(),
     };
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
@@ -903,18 +954,42 @@ fn quant_table(q: &[QuantResult]) -> String {
 }
 
 fn timing_table(t: &[(&str, &str, Measured)]) -> String {
-    let mut s = String::from("### Training step and peak memory against LoRA-8\n\nOne step (forward, loss on the second half of each sequence, backward, AdamW), mean of steps 2–3; peak resident memory of a process that builds the model and runs the steps. SmolLM2: the real model, batch 8 × 64 tokens. Mistral-7B layer: one decoder block at its widths (hidden 4096, 32/8 heads, FFN 14,336), random weights, 1 × 2,048 tokens.\n\n| width | method | trainable params | ms / step | × LoRA-8 | peak MB | × LoRA-8 |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
+    let rounds = t
+        .iter()
+        .map(|x| x.2.rounds_ms.len().max(1))
+        .max()
+        .unwrap_or(1);
+    let how = if rounds > 1 {
+        format!(
+            "; each figure the median of {rounds} alternating rounds (every method once a round, each in a process of its own), the step's × LoRA-8 the median of the rounds' own ratios"
+        )
+    } else {
+        String::new()
+    };
+    let mut s = format!("### Training step and peak memory against LoRA-8\n\nOne step (forward, loss on the second half of each sequence, backward, AdamW), mean of steps 2–3; peak resident memory of a process that builds the model and runs the steps{how}. SmolLM2: the real model, batch 8 × 64 tokens. Mistral-7B layer: one decoder block at its widths (hidden 4096, 32/8 heads, FFN 14,336), random weights, 1 × 2,048 tokens.\n\n| width | method | trainable params | ms / step | × LoRA-8 | peak MB | × LoRA-8 |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
     for (w, m, r) in t {
         let base = t
             .iter()
             .find(|(w2, m2, _)| w2 == w && *m2 == "lora8")
             .map(|x| &x.2)
             .unwrap_or(r);
+        // Round by round where both have the same rounds; else the medians' ratio.
+        let ratio = if !r.rounds_ms.is_empty() && r.rounds_ms.len() == base.rounds_ms.len() {
+            median(
+                r.rounds_ms
+                    .iter()
+                    .zip(&base.rounds_ms)
+                    .map(|(a, b)| a / b)
+                    .collect(),
+            )
+        } else {
+            r.step_ms / base.step_ms
+        };
         s += &format!(
             "| {w} | {m} | {} | {:.0} | {:.3} | {:.0} | {:.3} |\n",
             r.trainable,
             r.step_ms,
-            r.step_ms / base.step_ms,
+            ratio,
             r.peak_mb,
             r.peak_mb / base.peak_mb
         );
