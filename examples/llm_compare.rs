@@ -475,15 +475,13 @@ fn run() -> Res<()> {
         .filter(|_| has("timing") || measured_before)
     {
         let path = |m: &str| args.runs.join("timing").join(format!("{m}-{width}.json"));
-        let missing: Vec<&str> = methods()
-            .into_iter()
-            .map(|(m, _)| m)
-            .filter(|m| !path(m).exists())
-            .collect();
-        if !missing.is_empty() && has("timing") {
+        // Any method missing: every method again, so that the rounds pair up (LoRA-8's round
+        // `i` ran beside every other method's round `i`).
+        let missing = methods().iter().any(|(m, _)| !path(m).exists());
+        if missing && has("timing") {
             let mut runs: BTreeMap<&str, Vec<Measured>> = BTreeMap::new();
             for round in 1..=rounds {
-                for &m in &missing {
+                for (m, _) in methods() {
                     let r = measure_child(m, width)?;
                     eprintln!(
                         "[{:.0} s] timing {m} {width}, round {round}/{rounds}: {:.0} ms, {:.0} MB",
@@ -503,7 +501,7 @@ fn run() -> Res<()> {
                     tokens: v[0].tokens,
                     rounds_ms: v.iter().map(|r| r.step_ms).collect(),
                 };
-                cached(&path(m), || Ok(r), true)?;
+                save(&path(m), &r)?;
             }
         }
         for (m, _) in methods() {
@@ -554,11 +552,17 @@ fn cached<T: Serialize + for<'de> Deserialize<'de>>(
         .into());
     }
     let value = f()?;
+    save(path, &value)?;
+    Ok(value)
+}
+
+/// Writes `value` to `path` as JSON (its folder made, the file replaced atomically).
+fn save<T: Serialize>(path: &Path, value: &T) -> Res<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    kron_adapters::store::st::write_atomic(path, &serde_json::to_vec_pretty(&value)?)?;
-    Ok(value)
+    kron_adapters::store::st::write_atomic(path, &serde_json::to_vec_pretty(value)?)?;
+    Ok(())
 }
 
 /// The base with `adapters` attached (inference backend).
