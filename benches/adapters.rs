@@ -533,10 +533,7 @@ fn inference_table(shapes: &[(usize, usize, usize)], budget: f64) -> String {
             (*name, m, merged)
         })
         .collect();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |v: Vec<f64>| kron_adapters::finetune::timing::median(&v);
     for &(b, t, parts) in shapes {
         // Per method: base, unmerged and merged ms of each round.
         let mut times = vec![Vec::new(); models.len()];

@@ -29,6 +29,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, Optimizer};
 use clap::Parser;
 use common::{backend_name, Inner, Train};
+use kron_adapters::finetune::timing::median;
 use kron_adapters::finetune::AssetCache;
 use kron_adapters::llm::score::{masked_nll_share, Encoded};
 use kron_adapters::llm::train::{finetune_mc, LlmFinetuneConfig, LlmRunReport};
@@ -493,7 +494,8 @@ fn run() -> Res<()> {
                 }
             }
             for (m, v) in runs {
-                let median_of = |f: fn(&Measured) -> f64| median(v.iter().map(f).collect());
+                let median_of =
+                    |f: fn(&Measured) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
                 let r = Measured {
                     step_ms: median_of(|r| r.step_ms),
                     peak_mb: median_of(|r| r.peak_mb),
@@ -679,16 +681,6 @@ fn measure_child(method: &str, width: &str) -> Res<Measured> {
         .into());
     }
     Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// The median of `v` (the mean of the middle two for an even count; 0 for none).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// A Mistral-7B layer: one block at its widths, a small vocabulary.
@@ -980,11 +972,11 @@ fn timing_table(t: &[(&str, &str, Measured)]) -> String {
         // Round by round where both have the same rounds; else the medians' ratio.
         let ratio = if !r.rounds_ms.is_empty() && r.rounds_ms.len() == base.rounds_ms.len() {
             median(
-                r.rounds_ms
+                &r.rounds_ms
                     .iter()
                     .zip(&base.rounds_ms)
                     .map(|(a, b)| a / b)
-                    .collect(),
+                    .collect::<Vec<_>>(),
             )
         } else {
             r.step_ms / base.step_ms

@@ -28,15 +28,22 @@ pub fn median_ms<F: FnMut()>(mut f: F, warmup: usize, budget_s: f64) -> f64 {
     f();
     let once = t.elapsed().as_secs_f64();
     let n = ((budget_s / once.max(1e-6)) as usize).clamp(3, 200);
-    let mut times: Vec<f64> = (0..n)
+    let times: Vec<f64> = (0..n)
         .map(|_| {
             let t = Instant::now();
             f();
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    median(&times)
+}
+
+/// The median of `values`: the upper of the middle two for an even count (0 for none), the
+/// one rule behind every median figure the crate reports (step times, benchmark tables).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// A batch of random token ids (no padding): `ids`, `mask`, both `[batch, seq]`.
@@ -217,4 +224,17 @@ pub fn inference_ms<B: Backend>(
         10,
         budget_s,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_takes_the_upper_middle_of_unsorted_values() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert_eq!(median(&[5.0]), 5.0);
+        assert_eq!(median(&[]), 0.0);
+    }
 }

@@ -788,8 +788,6 @@ impl<B: AutodiffBackend> Progress<B> {
         let (best_dev_acc, best_step, best) = self.best.expect("at least one evaluation");
         let train_seconds = self.step_ms.iter().sum::<f64>() / 1e3;
         let test_acc = evaluate(&best.valid(), &data.test, cfg.eval_batch_size, device)?;
-        let mut sorted = self.step_ms.clone();
-        sorted.sort_by(f64::total_cmp);
         Ok(RunReport {
             config: cfg.clone(),
             labels: data.task.labels.clone(),
@@ -800,7 +798,7 @@ impl<B: AutodiffBackend> Progress<B> {
             test_acc,
             steps: self.step_ms.len(),
             train_seconds,
-            median_step_ms: sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+            median_step_ms: super::timing::median(&self.step_ms),
             sentences_per_second: self.sentences as f64 / train_seconds.max(1e-9),
             history: self.history,
             evals: self.evals,

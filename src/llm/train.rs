@@ -229,14 +229,12 @@ pub fn finetune_mc<B: AutodiffBackend>(
         }
     }
     let (best, best_step, best_model) = best.expect("at least one evaluation");
-    let mut sorted = step_ms.clone();
-    sorted.sort_by(f64::total_cmp);
     let report = LlmRunReport {
         config: cfg.clone(),
         trainable,
         steps: step_ms.len(),
         train_seconds: step_ms.iter().sum::<f64>() / 1e3,
-        median_step_ms: sorted.get(sorted.len() / 2).copied().unwrap_or(0.0),
+        median_step_ms: crate::finetune::timing::median(&step_ms),
         losses,
         evals,
         best,
