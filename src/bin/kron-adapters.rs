@@ -603,6 +603,9 @@ fn load_decoder(
             tok,
         )
     };
+    if let Some(t) = &tok {
+        t.check_vocab(m.config().vocab_size)?;
+    }
     if let Some(path) = adapter {
         let file = read_any(path)?;
         eprintln!("adapter: {} {}", file.describe(), path.display());

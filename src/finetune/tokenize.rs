@@ -43,6 +43,13 @@ impl TextEncoder {
         Ok(Self { tokenizer, max_len })
     }
 
+    /// Checks that every id this tokenizer gives has a row in a model's embedding of
+    /// `vocab_size` (its `config.json`'s `vocab_size`): a tokenizer from another model would
+    /// otherwise fail inside the model at the first text with a token beyond it.
+    pub fn check_vocab(&self, vocab_size: usize) -> Result<(), AdapterError> {
+        check_vocab(&self.tokenizer, vocab_size)
+    }
+
     /// Token ids of one text, `[CLS] … [SEP]`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, AdapterError> {
         self.tokenizer
@@ -56,6 +63,21 @@ impl TextEncoder {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| crate::ConfigError::invalid("tokenizer", "ids", e.to_string()).into())
+    }
+}
+
+/// [`TextEncoder::check_vocab`] for any tokenizer (the decoder's too).
+pub(crate) fn check_vocab(tokenizer: &Tokenizer, vocab_size: usize) -> Result<(), AdapterError> {
+    let vocab = tokenizer.get_vocab(true);
+    match vocab.iter().max_by_key(|(_, &id)| id) {
+        Some((token, &id)) if id as usize >= vocab_size => Err(AdapterError::Incompatible {
+            message: format!(
+                "the tokenizer gives token {token:?} id {id}, beyond the model's vocabulary of \
+                 {vocab_size} (`vocab_size` in its configuration): it is another model's \
+                 tokenizer; use the one saved with the model"
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -195,6 +195,7 @@ pub fn prepare_task(
         .into());
     }
     let enc = TextEncoder::from_file(model_dir.join("tokenizer.json"), max_len)?;
+    enc.check_vocab(bert.vocab_size)?;
     let encode = |xs: &[super::data::Example]| {
         xs.iter()
             .map(|e| {

@@ -254,6 +254,12 @@ impl TextTokenizer {
             .map_err(|e| ConfigError::invalid("tokenizer", "ids", e.to_string()))
     }
 
+    /// Checks that every id this tokenizer gives has a row in a model's embedding of
+    /// `vocab_size` (see [`crate::finetune::tokenize::TextEncoder::check_vocab`]).
+    pub fn check_vocab(&self, vocab_size: usize) -> Result<(), AdapterError> {
+        crate::finetune::tokenize::check_vocab(&self.tokenizer, vocab_size)
+    }
+
     /// The vocabulary size (special tokens included).
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)

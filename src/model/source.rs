@@ -10,7 +10,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
-use crate::error::AdapterError;
+use crate::error::{AdapterError, ConfigError};
 use crate::rng::SplitMix64;
 use crate::store::st;
 
@@ -169,6 +169,30 @@ impl TensorSource {
             Kind::Host { tensors, .. } => Some(tensors.values().map(|(_, v)| v.len()).sum()),
             Kind::Random(_) => None,
         }
+    }
+
+    /// Refuses a configuration (`model` names its type in the error) that describes `wanted`
+    /// parameters (`None`: too many to count) when the source holds fewer values
+    /// ([`TensorSource::held_values`]): a damaged header or the wrong `config.json` beside the
+    /// weights would otherwise allocate a model no file backs before the missing tensors are
+    /// reported. A random source holds any size.
+    pub fn check_holds(&self, model: &str, wanted: Option<usize>) -> Result<(), ConfigError> {
+        let Some(held) = self.held_values() else {
+            return Ok(());
+        };
+        if wanted.is_none_or(|w| w > held) {
+            return Err(ConfigError::invalid(
+                model,
+                "sizes",
+                format!(
+                    "they describe a model of {} parameters, more than the {held} values {} \
+                     holds: the configuration does not belong to these weights",
+                    wanted.map_or("too many to count".to_string(), |w| w.to_string()),
+                    self.path_shown()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The path the source was read from, as errors show it (empty for a random source).

@@ -89,6 +89,7 @@ impl<B: Backend> Model<B> {
                     BertEncoder::new(&mut source, &config, &PlacementConfig::new(), device)?;
                 source.finish()?;
                 let tokenizer = TextEncoder::from_file(&tok, config.max_position_embeddings)?;
+                tokenizer.check_vocab(config.vocab_size)?;
                 return Ok(Self::Encoder {
                     encoder,
                     tokenizer,
@@ -97,6 +98,7 @@ impl<B: Backend> Model<B> {
             }
             let model = llama::load::<B>(path, &PlacementConfig::new(), device)?;
             let tokenizer = TextTokenizer::from_hf_dir(path)?;
+            tokenizer.check_vocab(model.config().vocab_size)?;
             return Ok(Self::Decoder { model, tokenizer });
         }
         let file = GgufFile::read(path)?;
@@ -109,6 +111,7 @@ impl<B: Backend> Model<B> {
         }
         let tokenizer = TextTokenizer::from_gguf(&file, &shown)?;
         let model = llama::from_gguf::<B>(&file, &shown, &PlacementConfig::new(), device)?;
+        tokenizer.check_vocab(model.config().vocab_size)?;
         Ok(Self::Decoder { model, tokenizer })
     }
 

@@ -129,7 +129,7 @@ fn bad_targets_and_shapes_name_the_layer() {
 }
 
 /// Hugging Face names and shapes of a BERT checkpoint for `cfg`, with random values.
-fn hf_tensors(cfg: &BertConfig, rng: &mut Rng) -> Vec<(String, Vec<usize>)> {
+pub fn hf_tensors(cfg: &BertConfig, rng: &mut Rng) -> Vec<(String, Vec<usize>)> {
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let mut t = vec![
         (
@@ -169,7 +169,7 @@ fn hf_tensors(cfg: &BertConfig, rng: &mut Rng) -> Vec<(String, Vec<usize>)> {
     t
 }
 
-fn write_st(path: &std::path::Path, tensors: &[(String, Vec<usize>)], rng: &mut Rng) {
+pub fn write_st(path: &std::path::Path, tensors: &[(String, Vec<usize>)], rng: &mut Rng) {
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, s)| {
@@ -267,6 +267,136 @@ fn loader_reads_hf_names_and_reports_every_problem() {
         TensorSource::from_safetensors(dir.join("none.safetensors")),
         Err(AdapterError::Io { .. })
     ));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A `config.json` is user input: values the encoder cannot run with, and sizes far beyond the
+/// weights beside it, are refused with an error naming the field, before anything is allocated
+/// (a vocabulary of 2⁴⁰ would otherwise ask for 2⁴⁰ × 48 zeros to report the mismatch).
+#[test]
+fn bert_configs_that_cannot_run_or_do_not_fit_their_weights_are_refused() {
+    let dev = device();
+    let dir = scratch_dir("enc", "bad-config");
+    let cfg = tiny();
+    let mut rng = Rng::new(51);
+    write_st(
+        &dir.join("model.safetensors"),
+        &hf_tensors(&cfg, &mut rng),
+        &mut rng,
+    );
+    let load = |config: &BertConfig| {
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string(config).unwrap(),
+        )
+        .unwrap();
+        kron_adapters::model::bert::load_pretrained::<TB>(&dir, &PlacementConfig::new(), 2, &dev)
+    };
+    let (model, loaded) = load(&cfg).expect("the matching config loads");
+    assert_eq!(loaded, cfg);
+    let ids = Tensor::<TB, 2, Int>::from_data(TensorData::new(vec![2i64, 7, 3], [1, 3]), &dev);
+    let mask = Tensor::<TB, 2, Int>::ones([1, 3], &dev);
+    assert_eq!(model.forward(ids, mask).dims(), [1, 2]);
+
+    let cases: Vec<(&str, BertConfig)> = vec![
+        (
+            "hidden_dropout_prob",
+            BertConfig {
+                hidden_dropout_prob: 2.0,
+                ..tiny()
+            },
+        ),
+        (
+            "attention_probs_dropout_prob",
+            BertConfig {
+                attention_probs_dropout_prob: -0.5,
+                ..tiny()
+            },
+        ),
+        (
+            "vocab_size",
+            BertConfig {
+                vocab_size: 0,
+                ..tiny()
+            },
+        ),
+        (
+            "intermediate_size",
+            BertConfig {
+                intermediate_size: 0,
+                ..tiny()
+            },
+        ),
+        (
+            "max_position_embeddings",
+            BertConfig {
+                max_position_embeddings: 0,
+                ..tiny()
+            },
+        ),
+        (
+            "type_vocab_size",
+            BertConfig {
+                type_vocab_size: 0,
+                ..tiny()
+            },
+        ),
+        (
+            "layer_norm_eps",
+            BertConfig {
+                layer_norm_eps: -1.0,
+                ..tiny()
+            },
+        ),
+        (
+            "num_attention_heads",
+            BertConfig {
+                num_attention_heads: 5,
+                ..tiny()
+            },
+        ),
+        (
+            "sizes",
+            BertConfig {
+                vocab_size: 1 << 40,
+                ..tiny()
+            },
+        ),
+        (
+            "sizes",
+            BertConfig {
+                num_hidden_layers: usize::MAX / 2,
+                ..tiny()
+            },
+        ),
+        (
+            "sizes",
+            BertConfig {
+                intermediate_size: 50_000,
+                ..tiny()
+            },
+        ),
+    ];
+    for (field, bad) in cases {
+        let err = match load(&bad) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{field}: {bad:?} loaded"),
+        };
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    // The same checks where a model is built from a source directly.
+    match BertEncoder::<TB>::new(
+        &mut TensorSource::from_safetensors(dir.join("model.safetensors")).unwrap(),
+        &BertConfig {
+            vocab_size: 1 << 40,
+            ..tiny()
+        },
+        &PlacementConfig::new(),
+        &dev,
+    ) {
+        Err(e) => assert!(e.to_string().contains("more than the"), "{e}"),
+        Ok(_) => panic!("built an encoder of 2^40 tokens beside a 1 MB file"),
+    }
     std::fs::remove_dir_all(dir).ok();
 }
 

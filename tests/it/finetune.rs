@@ -69,6 +69,14 @@ fn tokenizer_reproduces_hugging_face_ids_and_round_trips() {
         TextEncoder::from_file(fixture("minilm/sentences.json"), 16),
         Err(AdapterError::Format { .. })
     ));
+    // MiniLM's 30,522 ids fit its own embedding and not a smaller one.
+    enc.check_vocab(30522).unwrap();
+    match enc.check_vocab(30521) {
+        Err(e @ AdapterError::Incompatible { .. }) => {
+            assert!(e.to_string().contains("id 30521"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -607,6 +607,58 @@ fn a_read_only_server_refuses_changes() {
     assert_eq!(server.worker.resident().adapters, 1);
 }
 
+/// A model folder whose tokenizer gives ids beyond the model's vocabulary (another model's
+/// tokenizer) is refused when the server loads it, naming the token, for an encoder and a
+/// decoder alike, rather than failing every request that meets such a token.
+#[test]
+fn a_tokenizer_beyond_the_models_vocabulary_is_refused_at_load() {
+    let words = |n: usize, bert: bool| {
+        let mut v: Vec<String> = if bert {
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+                .map(String::from)
+                .to_vec()
+        } else {
+            ["<unk>", "<s>", "</s>"].map(String::from).to_vec()
+        };
+        let first = v.len();
+        v.extend((first..n).map(|i| format!("t{i}")));
+        tokenizer_json(&v, bert).to_string()
+    };
+    let refused = |dir: &Path, last: &str| match Model::<TB>::load(dir, &device()) {
+        Err(e @ kron_adapters::AdapterError::Incompatible { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(last) && msg.contains("vocabulary of"), "{msg}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("served a model with another model's tokenizer"),
+    };
+    // The decoder fixture has 64 tokens.
+    let dir = tiny_decoder_dir("vocab");
+    std::fs::write(dir.join("tokenizer.json"), words(80, false)).unwrap();
+    refused(&dir, "t79");
+    std::fs::write(dir.join("tokenizer.json"), words(64, false)).unwrap();
+    assert!(Model::<TB>::load(&dir, &device()).is_ok());
+    // A BERT folder of 100 tokens.
+    let dir = scratch_dir("serve", "vocab-bert");
+    let cfg = BertConfig::tiny(100);
+    let mut rng = crate::common::Rng::new(3);
+    crate::encoder::write_st(
+        &dir.join("model.safetensors"),
+        &crate::encoder::hf_tensors(&cfg, &mut rng),
+        &mut rng,
+    );
+    let mut config = serde_json::to_value(&cfg).unwrap();
+    config["model_type"] = json!("bert");
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), words(101, true)).unwrap();
+    refused(&dir, "t100");
+    std::fs::write(dir.join("tokenizer.json"), words(100, true)).unwrap();
+    assert!(matches!(
+        Model::<TB>::load(&dir, &device()),
+        Ok(Model::Encoder { .. })
+    ));
+}
+
 /// A tiny BERT with a word-level tokenizer (`w4 … w39`), and a run folder of the main job for it
 /// (KronA adapters, a 3-class head, `max_len` 8).
 fn encoder_and_run(name: &str) -> (Model<TB>, BertClassifier<TB>, PathBuf, TextEncoder) {

@@ -97,12 +97,23 @@ impl BertConfig {
         Ok(cfg)
     }
 
-    /// Checks the sizes fit together.
+    /// Checks the sizes fit together and every value is one the encoder can run with: a
+    /// `config.json` is user input, and a zero size or a dropout probability outside `[0, 1]`
+    /// would otherwise fail deep inside the model.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad =
             |field: &str, reason: String| Err(ConfigError::invalid("BertConfig", field, reason));
-        if self.hidden_size == 0 || self.num_attention_heads == 0 {
-            return bad("hidden_size", "sizes must be non-zero".into());
+        for (field, n) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ] {
+            if n == 0 {
+                return bad(field, "is 0; sizes must be at least 1".into());
+            }
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
@@ -113,6 +124,23 @@ impl BertConfig {
                 ),
             );
         }
+        for (field, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(field, format!("{p} is not a probability in [0, 1]"));
+            }
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return bad(
+                "layer_norm_eps",
+                format!("{} is not a positive number", self.layer_norm_eps),
+            );
+        }
         if self.hidden_act != "gelu" {
             return bad(
                 "hidden_act",
@@ -120,6 +148,29 @@ impl BertConfig {
             );
         }
         Ok(())
+    }
+
+    /// The frozen encoder's parameters this configuration describes (the three embeddings and
+    /// their norm, every layer's projections, biases and norms); `None` when the count overflows.
+    pub fn num_params(&self) -> Option<usize> {
+        let (d, f) = (self.hidden_size, self.intermediate_size);
+        let embeddings = self
+            .vocab_size
+            .checked_add(self.max_position_embeddings)?
+            .checked_add(self.type_vocab_size)?
+            .checked_add(2)?
+            .checked_mul(d)?;
+        // q, k, v and the attention output (d² + d each), the FFN's two projections, two norms.
+        let attention = d.checked_mul(d)?.checked_add(d)?.checked_mul(4)?;
+        let ffn = d
+            .checked_mul(f)?
+            .checked_mul(2)?
+            .checked_add(f)?
+            .checked_add(d)?;
+        let layer = attention.checked_add(ffn)?.checked_add(d.checked_mul(4)?)?;
+        layer
+            .checked_mul(self.num_hidden_layers)?
+            .checked_add(embeddings)
     }
 
     /// Size of one attention head.

@@ -187,6 +187,7 @@ impl<B: Backend> BertEncoder<B> {
         device: &B::Device,
     ) -> Result<Self, ConfigError> {
         config.validate()?;
+        source.check_holds("BertConfig", config.num_params())?;
         placement.validate()?;
         source.ignore(IGNORED);
         let (d, ffn) = (config.hidden_size, config.intermediate_size);

@@ -225,14 +225,13 @@ impl LlamaConfig {
             Some(r) => rope_scaling(path, r, usize_of("max_position_embeddings")?)?,
             None => RopeScaling::None,
         };
+        // An id beyond u32 saturates (and `validate` then names it as outside the vocabulary)
+        // rather than wrapping to a valid-looking token.
+        let id = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
         let ids = |k: &str| -> Vec<u32> {
             match v.get(k) {
-                Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect(),
+                Some(Value::Number(n)) => n.as_u64().map(|x| vec![id(x)]).unwrap_or_default(),
+                Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(id).collect(),
                 _ => Vec::new(),
             }
         };

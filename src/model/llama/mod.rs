@@ -454,7 +454,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         device: &B::Device,
     ) -> Result<Self, ConfigError> {
         config.validate()?;
-        fits(source, config)?;
+        source.check_holds("LlamaConfig", config.num_params())?;
         placement.validate()?;
         if placement.block.is_some() {
             return Err(ConfigError::invalid(
@@ -780,7 +780,7 @@ fn build<B: Backend>(
     device: &B::Device,
 ) -> Result<LlamaForCausalLM<B>, AdapterError> {
     config.validate()?;
-    fits(&source, config)?;
+    source.check_holds("LlamaConfig", config.num_params())?;
     // Buffers some checkpoints carry.
     let rotary: Vec<String> = (0..config.num_hidden_layers)
         .map(|i| format!("model.layers.{i}.self_attn.rotary_emb.inv_freq"))
@@ -789,28 +789,6 @@ fn build<B: Backend>(
     let model = LlamaForCausalLM::new(&mut source, config, placement, device)?;
     source.finish()?;
     Ok(model)
-}
-
-/// A configuration read from a file may describe a model far bigger than the weights beside it
-/// (a damaged GGUF header, the wrong `config.json`): refused before anything is allocated.
-fn fits(source: &TensorSource, config: &LlamaConfig) -> Result<(), ConfigError> {
-    let Some(held) = source.held_values() else {
-        return Ok(());
-    };
-    let wanted = config.num_params();
-    if wanted.is_none_or(|w| w > held) {
-        return Err(ConfigError::invalid(
-            "LlamaConfig",
-            "sizes",
-            format!(
-                "they describe a model of {} parameters, more than the {held} values {} holds: \
-                 the configuration does not belong to these weights",
-                wanted.map_or("too many to count".to_string(), |w| w.to_string()),
-                source.path_shown()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// A Hugging Face `config.json` for `config` (float32 weights).
