@@ -180,7 +180,7 @@ pub fn load<B: AutodiffBackend>(
         return Ok(None);
     };
     let path = dir.join("state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| AdapterError::io(&path, e))?;
+    let text = crate::store::read_text(&path)?;
     let state: RunState = serde_json::from_str(&text).map_err(|e| format_err(&path, e))?;
     let ids = param_ids(&model);
     let (model, _) = load_params_matching(model, dir.join("current.safetensors"), patterns)?;
@@ -191,7 +191,7 @@ pub fn load<B: AutodiffBackend>(
         None
     };
     let path = dir.join("optim.bin");
-    let bytes = std::fs::read(&path).map_err(|e| AdapterError::io(&path, e))?;
+    let bytes = crate::store::read_file(&path)?;
     let record: <Optim<B> as Optimizer<BertClassifier<B>, B>>::Record =
         BinBytesRecorder::<FullPrecisionSettings>::default()
             .load(bytes, device)

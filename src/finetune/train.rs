@@ -491,7 +491,7 @@ pub fn resume_config(out_dir: &Path) -> Result<Option<FinetuneConfig>, AdapterEr
         return Ok(None);
     };
     let path = dir.join("state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| AdapterError::io(&path, e))?;
+    let text = crate::store::read_text(&path)?;
     let state: super::resume::RunState = serde_json::from_str(&text)
         .map_err(|e| AdapterError::format(path.display().to_string(), e.to_string()))?;
     Ok(Some(state.config))

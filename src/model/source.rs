@@ -98,7 +98,7 @@ impl TensorSource {
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
         for (i, p) in paths.iter().enumerate() {
-            let bytes = std::fs::read(p).map_err(|e| AdapterError::io(p, e))?;
+            let bytes = crate::store::read_file(p)?;
             let shown = p.display().to_string();
             for name in st::parse(&shown, &bytes)?.names() {
                 if index.insert(name.to_string(), i).is_some() {

@@ -70,8 +70,7 @@ impl<B: Backend> Model<B> {
         let shown = path.display().to_string();
         if path.is_dir() {
             let cfg_path = path.join("config.json");
-            let text =
-                std::fs::read_to_string(&cfg_path).map_err(|e| AdapterError::io(&cfg_path, e))?;
+            let text = crate::store::read_text(&cfg_path)?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| AdapterError::format(cfg_path.display().to_string(), e.to_string()))?;
             let tok = path.join("tokenizer.json");
@@ -154,8 +153,7 @@ impl Head {
     pub fn from_run(dir: &Path, d: usize) -> Result<Self, AdapterError> {
         let report_path = dir.join("report.json");
         let shown = report_path.display().to_string();
-        let text =
-            std::fs::read_to_string(&report_path).map_err(|e| AdapterError::io(&report_path, e))?;
+        let text = crate::store::read_text(&report_path)?;
         let report: Value =
             serde_json::from_str(&text).map_err(|e| AdapterError::format(&shown, e.to_string()))?;
         let cfg = report.get("config").ok_or_else(|| {
@@ -202,7 +200,7 @@ impl Head {
         }
         let ckpt = dir.join("trainable.safetensors");
         let ckpt_shown = ckpt.display().to_string();
-        let bytes = std::fs::read(&ckpt).map_err(|e| AdapterError::io(&ckpt, e))?;
+        let bytes = crate::store::read_file(&ckpt)?;
         let file = st::parse(&ckpt_shown, &bytes)?;
         let get = |name: &str| {
             file.tensor(name).map_err(|_| AdapterError::Format {

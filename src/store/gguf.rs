@@ -360,7 +360,7 @@ impl GgufFile {
     /// Reads and parses a GGUF file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
+        let bytes = super::read_file(path)?;
         Self::from_bytes(&path.display().to_string(), bytes)
     }
 

@@ -40,7 +40,7 @@ pub fn merge_checkpoint<B: Backend>(
     device: &B::Device,
 ) -> Result<MergeReport, AdapterError> {
     st::refuse_existing(out, overwrite)?;
-    let base_bytes = std::fs::read(base).map_err(|e| AdapterError::io(base, e))?;
+    let base_bytes = super::read_file(base)?;
     let (bytes, merged) = merge_bytes::<B>(
         &base.display().to_string(),
         &base_bytes,

@@ -79,6 +79,30 @@ impl AdapterFile {
     }
 }
 
+/// Reads a whole file named by a user (a command-line argument, an HTTP request, a model
+/// folder). Refuses what is neither a file nor a folder — a device such as `/dev/zero`, a FIFO,
+/// a socket — by name before reading, since reading one never ends (or blocks); a folder gets
+/// the system's own error.
+pub fn read_file(path: impl AsRef<Path>) -> Result<Vec<u8>, AdapterError> {
+    let path = path.as_ref();
+    let meta = std::fs::metadata(path).map_err(|e| AdapterError::io(path, e))?;
+    if !meta.is_file() && !meta.is_dir() {
+        return Err(AdapterError::format(
+            path.display().to_string(),
+            "not a regular file (a device, FIFO or socket): give the path of a file",
+        ));
+    }
+    std::fs::read(path).map_err(|e| AdapterError::io(path, e))
+}
+
+/// [`read_file`] for UTF-8 text (a JSON configuration).
+pub fn read_text(path: impl AsRef<Path>) -> Result<String, AdapterError> {
+    let path = path.as_ref();
+    String::from_utf8(read_file(path)?).map_err(|e| {
+        AdapterError::format(path.display().to_string(), format!("not UTF-8 text: {e}"))
+    })
+}
+
 /// Reads an adapter file or folder of any format: a folder is a PEFT adapter, a file a native or
 /// quantized adapter file (told apart by its metadata).
 pub fn read_any(path: impl AsRef<Path>) -> Result<AdapterFile, AdapterError> {
@@ -86,7 +110,7 @@ pub fn read_any(path: impl AsRef<Path>) -> Result<AdapterFile, AdapterError> {
     if path.is_dir() {
         return Ok(AdapterFile::Peft(PeftAdapter::read_dir(path)?));
     }
-    let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
+    let bytes = read_file(path)?;
     let shown = path.display().to_string();
     if is_quantized(&bytes) {
         Ok(AdapterFile::Quantized(QuantizedAdapters::from_bytes(

@@ -55,7 +55,7 @@ pub fn load_params_matching<B: Backend, M: Module<B>>(
 ) -> Result<(M, Option<CheckpointMeta>), AdapterError> {
     let path = path.as_ref();
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
+    let bytes = super::read_file(path)?;
     let meta = st::meta_json(&shown, &st::metadata(&shown, &bytes)?, META_KEY)?;
 
     let filter = PathFilter::new().with_regexes(patterns.iter().copied());

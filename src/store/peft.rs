@@ -293,8 +293,8 @@ impl PeftAdapter {
         let dir = dir.as_ref();
         let cfg_path = dir.join("adapter_config.json");
         let st_path = dir.join("adapter_model.safetensors");
-        let cfg = std::fs::read(&cfg_path).map_err(|e| AdapterError::io(&cfg_path, e))?;
-        let st = std::fs::read(&st_path).map_err(|e| AdapterError::io(&st_path, e))?;
+        let cfg = super::read_file(&cfg_path)?;
+        let st = super::read_file(&st_path)?;
         Self::from_bytes(&dir.display().to_string(), &cfg, &st)
     }
 

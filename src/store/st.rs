@@ -204,7 +204,7 @@ pub fn read_file<T>(
     path: &Path,
     parse: impl FnOnce(&str, &[u8]) -> Result<T, AdapterError>,
 ) -> Result<T, AdapterError> {
-    let bytes = std::fs::read(path).map_err(|e| AdapterError::io(path, e))?;
+    let bytes = super::read_file(path)?;
     parse(&path.display().to_string(), &bytes)
 }
 

@@ -347,6 +347,21 @@ fn exit_codes_and_no_partial_outputs() {
         3,
         "safetensors",
     );
+    // A device is no file: refused by name, not read until memory runs out.
+    check(vec!["inspect", "/dev/zero"], 3, "not a regular file");
+    check(
+        vec![
+            "merge",
+            "--base",
+            "/dev/zero",
+            "--adapter",
+            s(&peft_fixture("lora_d48").join("adapter")),
+            "--out",
+            s(&out),
+        ],
+        3,
+        "not a regular file",
+    );
     // 4: unsupported.
     let mut cfg: serde_json::Value = serde_json::from_slice(
         &std::fs::read(peft_fixture("lora_d48").join("adapter/adapter_config.json")).unwrap(),

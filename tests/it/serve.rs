@@ -552,6 +552,14 @@ fn bad_requests_get_a_json_error_and_the_server_goes_on() {
             422,
             "malformed_file",
         ),
+        // A device would be read until memory runs out.
+        (
+            "POST",
+            "/v1/adapters",
+            br#"{"name": "b", "path": "/dev/zero"}"#.to_vec(),
+            422,
+            "malformed_file",
+        ),
         (
             "DELETE",
             "/v1/adapters/nope",

@@ -83,7 +83,7 @@ impl BertConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_json_file(path: impl AsRef<std::path::Path>) -> Result<Self, AdapterError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| AdapterError::io(path, e))?;
+        let text = crate::store::read_text(path)?;
         let cfg: Self = serde_json::from_str(&text).map_err(|e| {
             AdapterError::format(
                 path.display().to_string(),

@@ -166,7 +166,7 @@ impl LlamaConfig {
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
         let path = path.as_ref();
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| AdapterError::io(path, e))?;
+        let text = crate::store::read_text(path)?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| AdapterError::format(&shown, format!("not a config.json: {e}")))?;
         Self::from_hf(&shown, &v)
