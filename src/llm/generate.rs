@@ -110,7 +110,7 @@ pub fn generate<B: Backend>(
         ));
     }
     let max_pos = model.config().max_position_embeddings;
-    if prompt.len() + config.max_new_tokens > max_pos {
+    if prompt.len().saturating_add(config.max_new_tokens) > max_pos {
         return Err(ConfigError::invalid(
             "generate",
             "max_new_tokens",
@@ -195,7 +195,7 @@ pub fn generate_batch<B: Backend>(
                 format!("token {t} is outside the vocabulary of {vocab}"),
             ));
         }
-        if p.len() + c.max_new_tokens > max_pos {
+        if p.len().saturating_add(c.max_new_tokens) > max_pos {
             return Err(ConfigError::invalid(
                 "generate",
                 "max_new_tokens",

@@ -426,9 +426,15 @@ fn sampling_is_seeded_and_respects_top_p() {
         GenerateConfig::new().with_temperature(0.0),
         GenerateConfig::new().with_top_p(0.0),
         GenerateConfig::new().with_max_new_tokens(1000),
+        // The prompt's length plus this overflowed (a panic) before the context was checked.
+        GenerateConfig::new().with_max_new_tokens(usize::MAX),
     ] {
         assert!(
             llm::generate(&m, &[3], &bad, &[], &dev, |_| {}).is_err(),
+            "{bad:?}"
+        );
+        assert!(
+            llm::generate::generate_batch(&m, &[vec![3]], &[bad.clone()], &[], None, &dev).is_err(),
             "{bad:?}"
         );
     }
