@@ -101,7 +101,17 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut cfg = match (&resumed, &args.config) {
         (Some(cfg), _) => cfg.clone(),
-        (None, Some(path)) => FinetuneConfig::load(path)?,
+        (None, Some(path)) => {
+            // Read as any user file (a device or FIFO is refused, not read without end), with
+            // the path in the parse error.
+            let bytes = kron_adapters::store::read_file(path)?;
+            FinetuneConfig::load_binary(&bytes).map_err(|e| {
+                kron_adapters::AdapterError::format(
+                    path.display().to_string(),
+                    format!("not a FinetuneConfig JSON: {e}"),
+                )
+            })?
+        }
         (None, None) => {
             let method = preset(&args.method)?;
             let mut cfg = FinetuneConfig::new()
