@@ -115,6 +115,25 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "validation (after the dev questions)",
         )
     };
+    if train.is_empty() || test.is_empty() {
+        return Err(format!(
+            "{}: {} training and {} {test_name} questions: nothing to {}{}",
+            task.name(),
+            train.len(),
+            test.len(),
+            if train.is_empty() {
+                "train on"
+            } else {
+                "evaluate"
+            },
+            if test.is_empty() && !task.has_test() {
+                " (--dev takes the validation questions the evaluation would use: lower it)"
+            } else {
+                ""
+            }
+        )
+        .into());
+    }
     eprintln!(
         "{}: {} train, {} dev, {} {test_name} questions; backend {}",
         task.name(),
@@ -130,6 +149,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .with_lr(args.lr)
         .with_epochs(args.epochs)
         .with_seed(args.seed);
+    // Settings and the output folder are checked before minutes of evaluation and training,
+    // not after.
+    cfg.validate()?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "llm-{}-{}-seed{}",
+            args.method,
+            task.name(),
+            args.seed
+        ))
+    });
+    std::fs::create_dir_all(&out).map_err(|e| kron_adapters::AdapterError::io(&out, e))?;
     <Train as burn::tensor::backend::Backend>::seed(&device, args.seed);
     let model = llama::load::<Train>(&gguf, &cfg.placement, &device)?;
     let t = std::time::Instant::now();
@@ -170,15 +201,6 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "fine-tuned {test_name} accuracy {:.4} (acc_norm {:.4}), was {:.4}",
         after.acc, after.acc_norm, before.acc
     );
-    let out = args.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "llm-{}-{}-seed{}",
-            args.method,
-            task.name(),
-            args.seed
-        ))
-    });
-    std::fs::create_dir_all(&out)?;
     let mut adapters = NativeAdapters::from_model(&model);
     adapters.meta.extra = serde_json::to_value(&cfg).ok();
     let bytes = adapters.write(out.join("adapter.safetensors"))?;

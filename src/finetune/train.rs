@@ -99,15 +99,15 @@ impl FinetuneConfig {
     /// Checks the numbers make sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |f: &str, r: String| Err(ConfigError::invalid("finetune", f, r));
-        if self.epochs == 0
-            || self.batch_size == 0
-            || self.eval_batch_size == 0
-            || self.evals_per_epoch == 0
-        {
-            return bad(
-                "epochs/batch_size/evals_per_epoch",
-                "must be at least 1".into(),
-            );
+        for (field, n) in [
+            ("epochs", self.epochs),
+            ("batch_size", self.batch_size),
+            ("eval_batch_size", self.eval_batch_size),
+            ("evals_per_epoch", self.evals_per_epoch),
+        ] {
+            if n == 0 {
+                return bad(field, "0: use at least 1".into());
+            }
         }
         check_schedule("finetune", self.lr, self.warmup)?;
         if let Some(p) = self.dropout {

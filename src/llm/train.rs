@@ -69,11 +69,14 @@ impl LlmFinetuneConfig {
     /// Checks the numbers.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |f: &str, r: String| Err(ConfigError::invalid("llm finetune", f, r));
-        if self.epochs == 0 || self.batch_size == 0 || self.max_len < 2 {
-            return bad(
-                "epochs/batch_size/max_len",
-                "must be at least 1 (max_len 2)".into(),
-            );
+        for (field, n, least) in [
+            ("epochs", self.epochs, 1),
+            ("batch_size", self.batch_size, 1),
+            ("max_len", self.max_len, 2),
+        ] {
+            if n < least {
+                return bad(field, format!("{n}: use at least {least}"));
+            }
         }
         crate::shards::check_parts("llm finetune", self.batch_parts, self.batch_size)?;
         crate::finetune::train::check_schedule("llm finetune", self.lr, self.warmup)?;

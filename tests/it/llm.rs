@@ -584,6 +584,24 @@ fn multiple_choice_finetuning_lowers_the_loss_and_trains_only_adapters() {
         &|_| {}
     )
     .is_err());
+    // Each size names itself and its least value.
+    for (cfg, field) in [
+        (
+            LlmFinetuneConfig::new().with_epochs(0),
+            "`epochs`: 0: use at least 1",
+        ),
+        (
+            LlmFinetuneConfig::new().with_batch_size(0),
+            "`batch_size`: 0",
+        ),
+        (
+            LlmFinetuneConfig::new().with_max_len(1),
+            "`max_len`: 1: use at least 2",
+        ),
+    ] {
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains(field), "{err}");
+    }
 }
 
 /// The decoder's loss in parts: the parts' shares of the masked NLL add up to the batch's loss,
