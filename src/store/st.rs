@@ -224,8 +224,20 @@ fn temp_sibling(path: &Path, fallback: &str) -> PathBuf {
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, synced, and a
 /// rename, so readers never see a partial file and a crash keeps the previous one.
+///
+/// An existing `path` that is a device, FIFO or socket is refused: the rename would replace the
+/// node itself (`--force` onto `/dev/null` used to leave a regular file there).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
     use std::io::Write;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let t = meta.file_type();
+        if !(t.is_file() || t.is_symlink() || t.is_dir()) {
+            return Err(AdapterError::format(
+                path.display().to_string(),
+                "exists and is not a regular file (a device, FIFO or socket): write to a file path",
+            ));
+        }
+    }
     let tmp = temp_sibling(path, "out");
     let result = std::fs::File::create(&tmp)
         .and_then(|mut f| {

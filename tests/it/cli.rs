@@ -362,6 +362,29 @@ fn exit_codes_and_no_partial_outputs() {
         3,
         "not a regular file",
     );
+    // Nor is a device, FIFO or socket an output: replacing one would remove the node (`--force`
+    // onto /dev/null left a regular file there). A socket stands for them here.
+    let sock_dir = tmp("errors-sock");
+    let sock = sock_dir.join("out.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    check(
+        vec![
+            "quantize",
+            "--bits",
+            "8",
+            "--force",
+            s(&peft_fixture("lora_d48").join("adapter")),
+            s(&sock),
+        ],
+        3,
+        "not a regular file",
+    );
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    std::fs::remove_dir_all(sock_dir).ok();
     // 4: unsupported.
     let mut cfg: serde_json::Value = serde_json::from_slice(
         &std::fs::read(peft_fixture("lora_d48").join("adapter/adapter_config.json")).unwrap(),
