@@ -449,6 +449,13 @@ fn serve(
         let (name, path) = a
             .split_once('=')
             .ok_or_else(|| usage("adapter", format!("{a:?} is not NAME=PATH")))?;
+        // Loaded in order, a second NAME would silently replace the first.
+        if named.iter().any(|(n, _)| n == name) {
+            return Err(usage(
+                "adapter",
+                format!("{name:?} is given twice: give each adapter its own name"),
+            ));
+        }
         named.push((name.to_string(), PathBuf::from(path)));
     }
     let cache = AssetCache::default();

@@ -845,8 +845,21 @@ fn serve_answers_and_stops_on_sigterm() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("per-adapter"));
 
-    let cases: [(&[&str], i32); 5] = [
+    let twice = format!("a={}", s(&adapter));
+    let cases: [(&[&str], i32); 6] = [
         (&["serve", "--model", s(&dir), "--addr", "nonsense"], 2),
+        (
+            &[
+                "serve",
+                "--model",
+                s(&dir),
+                "--adapter",
+                &twice,
+                "--adapter",
+                &twice,
+            ],
+            2,
+        ),
         (
             &["serve", "--model", s(&dir), "--adapter", "no-equals-sign"],
             2,
