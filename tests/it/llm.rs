@@ -434,7 +434,15 @@ fn sampling_is_seeded_and_respects_top_p() {
             "{bad:?}"
         );
         assert!(
-            llm::generate::generate_batch(&m, &[vec![3]], &[bad.clone()], &[], None, &dev).is_err(),
+            llm::generate::generate_batch(
+                &m,
+                &[vec![3]],
+                std::slice::from_ref(&bad),
+                &[],
+                None,
+                &dev
+            )
+            .is_err(),
             "{bad:?}"
         );
     }
