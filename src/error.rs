@@ -70,6 +70,15 @@ impl ConfigError {
         self
     }
 
+    /// The first of `sizes` (field name, value) that is 0, as an [`ConfigError::Invalid`] of
+    /// `layer` naming it: the check every configuration of sizes read from a file needs.
+    pub fn nonzero(layer: &str, sizes: &[(&str, usize)]) -> Result<(), ConfigError> {
+        match sizes.iter().find(|(_, n)| *n == 0) {
+            Some((field, _)) => Err(Self::invalid(layer, *field, "0: use at least 1")),
+            None => Ok(()),
+        }
+    }
+
     /// An [`ConfigError::Invalid`].
     pub fn invalid(
         layer: impl Into<String>,

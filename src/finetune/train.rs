@@ -99,16 +99,15 @@ impl FinetuneConfig {
     /// Checks the numbers make sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |f: &str, r: String| Err(ConfigError::invalid("finetune", f, r));
-        for (field, n) in [
-            ("epochs", self.epochs),
-            ("batch_size", self.batch_size),
-            ("eval_batch_size", self.eval_batch_size),
-            ("evals_per_epoch", self.evals_per_epoch),
-        ] {
-            if n == 0 {
-                return bad(field, "0: use at least 1".into());
-            }
-        }
+        ConfigError::nonzero(
+            "finetune",
+            &[
+                ("epochs", self.epochs),
+                ("batch_size", self.batch_size),
+                ("eval_batch_size", self.eval_batch_size),
+                ("evals_per_epoch", self.evals_per_epoch),
+            ],
+        )?;
         check_schedule("finetune", self.lr, self.warmup)?;
         if let Some(p) = self.dropout {
             if !(0.0..1.0).contains(&p) {

@@ -103,18 +103,17 @@ impl BertConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad =
             |field: &str, reason: String| Err(ConfigError::invalid("BertConfig", field, reason));
-        for (field, n) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("intermediate_size", self.intermediate_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-            ("type_vocab_size", self.type_vocab_size),
-        ] {
-            if n == 0 {
-                return bad(field, "is 0; sizes must be at least 1".into());
-            }
-        }
+        ConfigError::nonzero(
+            "BertConfig",
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("num_attention_heads", self.num_attention_heads),
+                ("intermediate_size", self.intermediate_size),
+                ("max_position_embeddings", self.max_position_embeddings),
+                ("type_vocab_size", self.type_vocab_size),
+            ],
+        )?;
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",

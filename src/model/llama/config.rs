@@ -81,19 +81,19 @@ impl LlamaConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad =
             |field: &str, reason: String| Err(ConfigError::invalid("LlamaConfig", field, reason));
-        let sizes = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ];
-        if let Some((f, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return bad(f, "must be at least 1".into());
-        }
+        ConfigError::nonzero(
+            "LlamaConfig",
+            &[
+                ("vocab_size", self.vocab_size),
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_key_value_heads", self.num_key_value_heads),
+                ("head_dim", self.head_dim),
+                ("max_position_embeddings", self.max_position_embeddings),
+            ],
+        )?;
         if !self
             .num_attention_heads
             .is_multiple_of(self.num_key_value_heads)
