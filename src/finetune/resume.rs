@@ -7,9 +7,11 @@
 //!
 //! A checkpoint folder is written under a temporary name and renamed into place only when
 //! complete, and older ones are removed only after; a crash at any moment leaves the previous
-//! checkpoint readable (a stale temporary folder is ignored).
+//! checkpoint readable (a stale temporary folder is ignored). `state.json` records the SHA-256
+//! of every other file of its checkpoint, checked before anything is decoded: a damaged
+//! checkpoint is refused by name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
@@ -20,6 +22,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::assets::sha256_file;
 use super::report::{EvalRow, LogRow};
 use super::train::FinetuneConfig;
 use crate::error::AdapterError;
@@ -57,6 +60,12 @@ pub struct RunState {
     pub window: (f64, usize, usize, usize, f64),
     /// The best dev accuracy so far and its step.
     pub best: Option<(f64, usize)>,
+    /// The SHA-256 (hex) of each file of the checkpoint, by name, taken when it was written:
+    /// [`load`] checks them before decoding, so a damaged file is refused by name instead of
+    /// loading wrong weights or failing inside Burn's decoder. Empty in checkpoints of versions
+    /// before it (then nothing is checked).
+    #[serde(default)]
+    pub sha256: BTreeMap<String, String>,
 }
 
 /// Float parameter ids in visit order (the same for every model built from one config).
@@ -133,8 +142,16 @@ pub fn save<B: AutodiffBackend>(
             .record(record, ())
             .map_err(|e| format_err(&path, e))?;
         write_atomic(&path, &bytes)?;
+        let mut state = state.clone();
+        state.sha256.clear();
+        for file in CHECKED {
+            let path = tmp.join(file);
+            if path.is_file() {
+                state.sha256.insert(file.to_string(), sha256_file(&path)?);
+            }
+        }
         let path = tmp.join("state.json");
-        let json = serde_json::to_vec(state).map_err(|e| format_err(&path, e))?;
+        let json = serde_json::to_vec(&state).map_err(|e| format_err(&path, e))?;
         write_atomic(&path, &json)?;
         std::fs::rename(&tmp, &dir).map_err(|e| AdapterError::io(&dir, e))
     };
@@ -154,6 +171,10 @@ pub fn save<B: AutodiffBackend>(
     }
     Ok(())
 }
+
+/// The files of a checkpoint whose sums `state.json` records (`best.safetensors` only once
+/// there is a best evaluation).
+const CHECKED: [&str; 3] = ["current.safetensors", "best.safetensors", "optim.bin"];
 
 /// What [`load`] restores.
 pub struct Restored<B: AutodiffBackend> {
@@ -182,6 +203,22 @@ pub fn load<B: AutodiffBackend>(
     let path = dir.join("state.json");
     let text = crate::store::read_text(&path)?;
     let state: RunState = serde_json::from_str(&text).map_err(|e| format_err(&path, e))?;
+    for (file, want) in &state.sha256 {
+        let path = dir.join(file);
+        if !CHECKED.contains(&file.as_str()) {
+            return Err(format_err(
+                &dir.join("state.json"),
+                format!("a sum for {file:?}, which no checkpoint holds"),
+            ));
+        }
+        if path.exists() && sha256_file(&path)? != *want {
+            return Err(format_err(
+                &path,
+                "damaged: its SHA-256 is not the one recorded in state.json when it was written; \
+                 this checkpoint cannot be resumed (resume from a copy, or start the run again)",
+            ));
+        }
+    }
     let ids = param_ids(&model);
     let (model, _) = load_params_matching(model, dir.join("current.safetensors"), patterns)?;
     let best_path = dir.join("best.safetensors");

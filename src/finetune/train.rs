@@ -711,6 +711,7 @@ impl<B: AutodiffBackend> Progress<B> {
             sentences: self.sentences,
             window: self.window,
             best: self.best.as_ref().map(|b| (b.0, b.1)),
+            sha256: Default::default(),
         }
     }
 

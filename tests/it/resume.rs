@@ -137,6 +137,38 @@ fn a_run_killed_and_resumed_ends_bit_identical() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
     assert_eq!(latest(&killed.join("resume")), Some(kept.clone()));
+    // A damaged copy of the checkpoint is refused, naming the file: its sums in state.json do
+    // not match (a truncated optim.bin used to panic inside Burn's decoder, a flipped byte in
+    // the weights to load them silently).
+    type Damage = fn(&mut Vec<u8>);
+    let damages: [(&str, Damage); 2] = [
+        ("optim.bin", |b| b.truncate(b.len() / 2)),
+        ("current.safetensors", |b| {
+            let i = b.len() - 5;
+            b[i] ^= 0x40
+        }),
+    ];
+    for (file, damage) in damages {
+        let copy = scratch_dir("resume", "damaged");
+        let to = copy.join("resume").join(kept.file_name().unwrap());
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(&kept).unwrap().flatten() {
+            let mut bytes = std::fs::read(f.path()).unwrap();
+            if f.file_name() == file {
+                damage(&mut bytes);
+            }
+            std::fs::write(to.join(f.file_name()), bytes).unwrap();
+        }
+        let model = build::<AB>(&config(), &data);
+        let e = train_model_resumable(&config(), &data, model, Some(&copy), &device(), false, true)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Malformed, "{e}");
+        assert!(
+            e.to_string().contains(file) && e.to_string().contains("damaged"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(copy).ok();
+    }
     finish(child(&killed, true));
 
     for f in ["adapter.safetensors", "trainable.safetensors"] {
