@@ -441,9 +441,6 @@ fn serve(
             format!("{addr:?}: {e} (use HOST:PORT, e.g. 127.0.0.1:8080)"),
         )
     })?;
-    if max_batch == 0 {
-        return Err(usage("max-batch", "0: use at least 1".into()));
-    }
     let mut named = Vec::new();
     for a in adapters {
         let (name, path) = a
@@ -458,6 +455,13 @@ fn serve(
         }
         named.push((name.to_string(), PathBuf::from(path)));
     }
+    let config = kron_adapters::serve::ServeConfig::new()
+        .with_window_ms(window_ms)
+        .with_max_batch(max_batch)
+        .with_read_only(read_only)
+        .with_batching(batching);
+    // Checked before the model loads (seconds for a real one).
+    config.validate()?;
     let cache = AssetCache::default();
     let log = |m: &str| eprintln!("{m}");
     let path = match model {
@@ -475,11 +479,6 @@ fn serve(
         t.elapsed().as_secs_f64(),
         common::backend_name()
     );
-    let config = kron_adapters::serve::ServeConfig::new()
-        .with_window_ms(window_ms)
-        .with_max_batch(max_batch)
-        .with_read_only(read_only)
-        .with_batching(batching);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -64,6 +64,38 @@ crate::macros::config! {
     }
 }
 
+/// The longest batching window [`ServeConfig::validate`] accepts: a lone request waits that
+/// long for company.
+pub const MAX_WINDOW_MS: u64 = 60_000;
+
+impl ServeConfig {
+    /// Checks the limits: each at least 1, the batching window at most [`MAX_WINDOW_MS`].
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        crate::ConfigError::nonzero(
+            "serve",
+            &[
+                ("max_batch", self.max_batch),
+                ("max_texts", self.max_texts),
+                ("max_chars", self.max_chars),
+                ("max_tokens", self.max_tokens),
+                ("max_body_bytes", self.max_body_bytes),
+            ],
+        )?;
+        if self.window_ms > MAX_WINDOW_MS {
+            return Err(crate::ConfigError::invalid(
+                "serve",
+                "window_ms",
+                format!(
+                    "{} ms: a request alone would wait that long for others; use at most \
+                     {MAX_WINDOW_MS}",
+                    self.window_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How the worker batches the requests of one window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub enum Batching {
@@ -412,6 +444,7 @@ pub async fn serve<B: Backend>(
     device: &B::Device,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), AdapterError> {
+    config.validate()?;
     let metrics = Arc::new(Metrics::default());
     let worker = Worker::start(model, metrics.clone(), &config, device);
     let result = async {
@@ -456,6 +489,7 @@ pub fn spawn<B: Backend>(
     config: ServeConfig,
     device: &B::Device,
 ) -> Result<Running<B>, AdapterError> {
+    config.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -846,7 +846,7 @@ fn serve_answers_and_stops_on_sigterm() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("per-adapter"));
 
     let twice = format!("a={}", s(&adapter));
-    let cases: [(&[&str], i32); 6] = [
+    let cases: [(&[&str], i32); 7] = [
         (&["serve", "--model", s(&dir), "--addr", "nonsense"], 2),
         (
             &[
@@ -865,6 +865,7 @@ fn serve_answers_and_stops_on_sigterm() {
             2,
         ),
         (&["serve", "--model", s(&dir), "--max-batch", "0"], 2),
+        (&["serve", "--model", s(&dir), "--window-ms", "60001"], 2),
         (&["serve", "--model", "/no/such/model"], 1),
         (
             &[

@@ -615,6 +615,26 @@ fn a_read_only_server_refuses_changes() {
     assert_eq!(server.worker.resident().adapters, 1);
 }
 
+/// Limits of 0 and a batching window past a minute (a lone request would wait that long) are
+/// refused before the server starts, naming the setting.
+#[test]
+fn limits_of_zero_and_endless_windows_are_refused() {
+    let dir = tiny_decoder_dir("limits");
+    for (config, field) in [
+        (ServeConfig::new().with_window_ms(60_001), "window_ms"),
+        (ServeConfig::new().with_window_ms(u64::MAX), "window_ms"),
+        (ServeConfig::new().with_max_batch(0), "max_batch"),
+        (ServeConfig::new().with_max_tokens(0), "max_tokens"),
+    ] {
+        let model = Model::<TB>::load(&dir, &device()).unwrap();
+        match spawn(model, "127.0.0.1:0".parse().unwrap(), config, &device()) {
+            Err(e) => assert!(e.to_string().contains(field), "{e}"),
+            Ok(_) => panic!("{field}: a server started"),
+        }
+    }
+    assert!(ServeConfig::new().with_window_ms(60_000).validate().is_ok());
+}
+
 /// A model folder whose tokenizer gives ids beyond the model's vocabulary (another model's
 /// tokenizer) is refused when the server loads it, naming the token, for an encoder and a
 /// decoder alike, rather than failing every request that meets such a token.
