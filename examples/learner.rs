@@ -83,6 +83,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .with_epochs(args.epochs);
     cfg.max_train = args.max_train;
     cfg.validate()?;
+    if args.devices == 0 {
+        return Err("--devices 0: use at least 1".into());
+    }
+    #[cfg(feature = "ddp")]
+    if args.ddp == Some(0) {
+        return Err("--ddp 0: use at least 1 device".into());
+    }
     let data = prepare(&cache, cfg.task, cfg.max_len, &|m| eprintln!("{m}"))?;
     let train: Vec<_> = match cfg.max_train {
         Some(n) => data.train[..n.min(data.train.len())].to_vec(),
@@ -91,6 +98,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!("learner-{}-seed{}", args.method, args.seed))
     });
+    // burn-train's file loggers panic (on their own thread, then abort in a destructor) when
+    // they cannot create their files: make sure the folder can be made, with its path in the
+    // error, before anything runs.
+    std::fs::create_dir_all(&out).map_err(|e| kron_adapters::AdapterError::io(&out, e))?;
     let device: burn::tensor::Device<Train> = Default::default();
     Train::seed(&device, cfg.seed);
     let model = build_model::<Train>(&cfg, &data, &device)?;
