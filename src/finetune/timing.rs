@@ -80,6 +80,17 @@ pub fn train_step_ms<B: AutodiffBackend>(
     budget_s: f64,
     device: &B::Device,
 ) -> Result<(f64, usize), AdapterError> {
+    if seq > bert.max_position_embeddings {
+        return Err(crate::ConfigError::invalid(
+            "timing",
+            "seq",
+            format!(
+                "{seq} tokens a row: the encoder has {} positions",
+                bert.max_position_embeddings
+            ),
+        )
+        .into());
+    }
     let mut model =
         BertClassifier::<B>::new(&mut TensorSource::random(2), bert, placement, 2, device)?;
     model.encoder = placement.train.apply(model.encoder);
