@@ -64,36 +64,35 @@ impl TextTokenizer {
         tokenizer
             .with_truncation(None)
             .map_err(|e| AdapterError::format(tj.display().to_string(), e.to_string()))?;
-        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        let model_cfg: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
+        // Optional files: read as any user file (a device or FIFO is not read), absent or
+        // malformed ones give the defaults.
+        let json = |name: &str| -> serde_json::Value {
+            crate::store::read_text(dir.join(name))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default()
+        };
+        let (cfg, model_cfg) = (json("tokenizer_config.json"), json("config.json"));
+        // An id beyond u32 is no token (wrapping would name a valid one).
+        let as_id = |v: &serde_json::Value| v.as_u64().and_then(|v| u32::try_from(v).ok());
         let token_id = |v: &serde_json::Value| -> Option<u32> {
             let s = v
                 .as_str()
                 .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
             tokenizer.token_to_id(s)
         };
-        let bos = cfg.get("bos_token").and_then(token_id).or_else(|| {
-            model_cfg
-                .get("bos_token_id")
-                .and_then(|v| v.as_u64())
-                .map(|v| v as u32)
-        });
+        let bos = cfg
+            .get("bos_token")
+            .and_then(token_id)
+            .or_else(|| model_cfg.get("bos_token_id").and_then(as_id));
         let mut eos: Vec<u32> = cfg
             .get("eos_token")
             .and_then(token_id)
             .into_iter()
             .collect();
         match model_cfg.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => eos.extend(n.as_u64().map(|v| v as u32)),
-            Some(serde_json::Value::Array(a)) => {
-                eos.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
-            }
+            Some(v @ serde_json::Value::Number(_)) => eos.extend(as_id(v)),
+            Some(serde_json::Value::Array(a)) => eos.extend(a.iter().filter_map(as_id)),
             _ => {}
         }
         eos.sort();
@@ -211,7 +210,12 @@ impl TextTokenizer {
         tokenizer
             .add_special_tokens(special)
             .map_err(|e| err(format!("special tokens: {e}")))?;
-        let id = |k: &str| get(k).and_then(GgufValue::as_u64).map(|v| v as u32);
+        // An id beyond u32 is no token (wrapping would name a valid one).
+        let id = |k: &str| {
+            get(k)
+                .and_then(GgufValue::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+        };
         let in_vocab = |t: u32| (t as usize) < tokens.len();
         let bos = id("bos_token_id").filter(|&t| in_vocab(t));
         let eos: Vec<u32> = id("eos_token_id")

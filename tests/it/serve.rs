@@ -615,6 +615,25 @@ fn a_read_only_server_refuses_changes() {
     assert_eq!(server.worker.resident().adapters, 1);
 }
 
+/// Special-token ids beyond u32 in a folder's `config.json` are no token: they used to wrap
+/// (2³² + 1 became token 1).
+#[test]
+fn special_token_ids_beyond_u32_do_not_wrap() {
+    let dir = tiny_decoder_dir("wrap");
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        json!({"add_bos_token": true}).to_string(),
+    )
+    .unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["bos_token_id"] = json!((1u64 << 32) + 1);
+    config["eos_token_id"] = json!([(1u64 << 32) + 2, 2]);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let tok = TextTokenizer::from_hf_dir(&dir).unwrap();
+    assert_eq!((tok.bos, tok.eos.clone()), (None, vec![2]));
+}
+
 /// Limits of 0 and a batching window past a minute (a lone request would wait that long) are
 /// refused before the server starts, naming the setting.
 #[test]
