@@ -305,10 +305,11 @@ impl LlamaConfig {
             .map(|a| a.len());
         let heads = need("attention.head_count")?;
         let hidden = need("embedding_length")?;
+        // Saturated beyond u32, so that `validate` names it (as `from_hf`'s ids).
         let special = |k: &str| {
             file.get(&format!("tokenizer.ggml.{k}"))
                 .and_then(|v| v.as_u64())
-                .map(|v| v as u32)
+                .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
         };
         let rope_scaling = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             Some("linear") => {
