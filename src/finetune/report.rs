@@ -61,13 +61,18 @@ pub fn write_outputs(dir: &Path, report: &RunReport) -> Result<(), AdapterError>
     let json = serde_json::to_vec_pretty(report)
         .map_err(|e| AdapterError::format("report.json", e.to_string()))?;
     write_atomic(&dir.join("report.json"), &json)?;
+    // plotters writes the file itself: drawn under a temporary name and renamed into place,
+    // as every other output, so a failure leaves no partial PNG.
     let png = dir.join("curves.png");
-    plot_curves(&png, report).map_err(|e| {
-        AdapterError::io(
-            &png,
-            std::io::Error::other(format!("drawing the plot: {e}")),
-        )
-    })
+    let tmp = dir.join(format!(".curves.png.tmp-{}.png", std::process::id()));
+    let drawn = plot_curves(&tmp, report)
+        .map_err(|e| std::io::Error::other(format!("drawing the plot: {e}")))
+        .and_then(|_| std::fs::rename(&tmp, &png));
+    if let Err(e) = drawn {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(AdapterError::io(&png, e));
+    }
+    Ok(())
 }
 
 /// The plot's font, shipped with the crate (DejaVu Sans, ASCII and a few symbols; its license

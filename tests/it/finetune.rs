@@ -441,6 +441,22 @@ fn a_few_training_steps_lower_the_loss_and_keep_the_best_checkpoint() {
     ] {
         assert!(out.join(f).exists(), "{f} written");
     }
+    // Nothing else: every output is written under a temporary name and renamed into place.
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "adapter.safetensors",
+            "curves.png",
+            "metrics.csv",
+            "report.json",
+            "trainable.safetensors"
+        ]
+    );
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 64);
     // The checkpoint holds the adapters and the head, and reloads into a fresh model.
