@@ -216,9 +216,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "fine_tuned": {"acc": after.acc, "acc_norm": after.acc_norm},
         "report": report,
     });
-    std::fs::write(
-        out.join("report.json"),
-        serde_json::to_vec_pretty(&summary)?,
+    kron_adapters::store::st::write_atomic(
+        &out.join("report.json"),
+        &serde_json::to_vec_pretty(&summary)?,
     )?;
     println!(
         "adapter: {} ({bytes} bytes, {} layers) and a PEFT folder in {}",
