@@ -32,7 +32,9 @@ impl TextEncoder {
             )
             .into());
         }
-        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
+        // Read as any user file (a device or FIFO is refused), then parsed.
+        let bytes = crate::store::read_file(path)?;
+        let mut tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| err(e.to_string()))?;
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {

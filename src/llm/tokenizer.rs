@@ -56,7 +56,8 @@ impl TextTokenizer {
     /// From a Hugging Face folder.
     pub fn from_hf_dir(dir: &Path) -> Result<Self, AdapterError> {
         let tj = dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&tj)
+        // Read as any user file (a device or FIFO is refused), then parsed.
+        let mut tokenizer = Tokenizer::from_bytes(crate::store::read_file(&tj)?)
             .map_err(|e| AdapterError::format(tj.display().to_string(), e.to_string()))?;
         // Lengths are the caller's business: no fixed padding or truncation (some
         // tokenizer.json files pad every text to 128 tokens).

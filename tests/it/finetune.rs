@@ -69,6 +69,14 @@ fn tokenizer_reproduces_hugging_face_ids_and_round_trips() {
         TextEncoder::from_file(fixture("minilm/sentences.json"), 16),
         Err(AdapterError::Format { .. })
     ));
+    // A device is refused by name, not read without end.
+    match TextEncoder::from_file("/dev/zero", 16) {
+        Err(e @ AdapterError::Format { .. }) => {
+            assert!(e.to_string().contains("not a regular file"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("/dev/zero read as a tokenizer"),
+    }
     // MiniLM's 30,522 ids fit its own embedding and not a smaller one.
     enc.check_vocab(30522).unwrap();
     match enc.check_vocab(30521) {
