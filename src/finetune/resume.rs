@@ -211,7 +211,16 @@ pub fn load<B: AutodiffBackend>(
                 format!("a sum for {file:?}, which no checkpoint holds"),
             ));
         }
-        if path.exists() && sha256_file(&path)? != *want {
+        if !path.is_file() {
+            // The sums list only the files written: one gone means the checkpoint is not whole
+            // (a missing best.safetensors would otherwise drop the run's best silently).
+            return Err(format_err(
+                &path,
+                "missing, though state.json records it: this checkpoint is incomplete and cannot \
+                 be resumed (resume from a copy, or start the run again)",
+            ));
+        }
+        if sha256_file(&path)? != *want {
             return Err(format_err(
                 &path,
                 "damaged: its SHA-256 is not the one recorded in state.json when it was written; \
