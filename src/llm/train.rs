@@ -69,14 +69,12 @@ impl LlmFinetuneConfig {
     /// Checks the numbers.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |f: &str, r: String| Err(ConfigError::invalid("llm finetune", f, r));
-        for (field, n, least) in [
-            ("epochs", self.epochs, 1),
-            ("batch_size", self.batch_size, 1),
-            ("max_len", self.max_len, 2),
-        ] {
-            if n < least {
-                return bad(field, format!("{n}: use at least {least}"));
-            }
+        ConfigError::nonzero(
+            "llm finetune",
+            &[("epochs", self.epochs), ("batch_size", self.batch_size)],
+        )?;
+        if self.max_len < 2 {
+            return bad("max_len", format!("{}: use at least 2", self.max_len));
         }
         crate::shards::check_parts("llm finetune", self.batch_parts, self.batch_size)?;
         crate::finetune::train::check_schedule("llm finetune", self.lr, self.warmup)?;
