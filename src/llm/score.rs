@@ -98,6 +98,7 @@ pub struct ContinuationBatch<B: Backend> {
 impl<B: Backend> ContinuationBatch<B> {
     /// How many continuation tokens each sequence has (`[b]`, read back from `rows`), or
     /// `None` if the device cannot hand `rows` back.
+    #[cfg(feature = "train")]
     pub(crate) fn token_counts(&self) -> Option<Vec<usize>> {
         let [b, s] = self.ids.dims();
         let rows = self.rows.to_data().convert::<i64>().to_vec::<i64>().ok()?;
@@ -111,6 +112,7 @@ impl<B: Backend> ContinuationBatch<B> {
     /// The sequences `range` as a batch of their own (`counts` from [`Self::token_counts`]):
     /// their ids and mask, and their continuation positions re-indexed into the smaller batch.
     /// The padded length stays the batch's, so each sequence's logits are the same.
+    #[cfg(feature = "train")]
     pub(crate) fn sequences(&self, range: std::ops::Range<usize>, counts: &[usize]) -> Self {
         let s = self.ids.dims()[1];
         let first: usize = counts[..range.start].iter().sum();
