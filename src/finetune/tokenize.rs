@@ -34,7 +34,7 @@ impl TextEncoder {
         }
         // Read as any user file (a device or FIFO is refused), then parsed.
         let bytes = crate::store::read_file(path)?;
-        let mut tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| err(e.to_string()))?;
+        let mut tokenizer = parse_tokenizer(&bytes).map_err(err)?;
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -66,6 +66,14 @@ impl TextEncoder {
             .decode(ids, true)
             .map_err(|e| crate::ConfigError::invalid("tokenizer", "ids", e.to_string()).into())
     }
+}
+
+/// A `tokenizer.json`'s tokenizer. The text is checked as JSON first: the `tokenizers` crate
+/// (0.23) panics on a syntax error inside the file's `decoder` (a file cut short there, a bad
+/// escape), where it gives an error for every other part.
+pub(crate) fn parse_tokenizer(bytes: &[u8]) -> Result<Tokenizer, String> {
+    serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())
 }
 
 /// [`TextEncoder::check_vocab`] for any tokenizer (the decoder's too).

@@ -57,8 +57,9 @@ impl TextTokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self, AdapterError> {
         let tj = dir.join("tokenizer.json");
         // Read as any user file (a device or FIFO is refused), then parsed.
-        let mut tokenizer = Tokenizer::from_bytes(crate::store::read_file(&tj)?)
-            .map_err(|e| AdapterError::format(tj.display().to_string(), e.to_string()))?;
+        let mut tokenizer =
+            crate::finetune::tokenize::parse_tokenizer(&crate::store::read_file(&tj)?)
+                .map_err(|e| AdapterError::format(tj.display().to_string(), e))?;
         // Lengths are the caller's business: no fixed padding or truncation (some
         // tokenizer.json files pad every text to 128 tokens).
         tokenizer.with_padding(None);

@@ -77,6 +77,33 @@ fn tokenizer_reproduces_hugging_face_ids_and_round_trips() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("/dev/zero read as a tokenizer"),
     }
+    // A damaged tokenizer.json — cut inside its `decoder` (a download stopped short), or with a
+    // bad escape there — is a format error naming the file, for the encoder's and the decoder's
+    // loaders alike (the tokenizers crate panics on a syntax error inside `decoder`).
+    let json = std::fs::read_to_string(fixture("minilm/tokenizer.json")).unwrap();
+    let at = json.find(r#""decoder":{"type":"WordPiece""#).unwrap() + 20;
+    let dir = scratch_dir("finetune", "damaged-tokenizer");
+    let path = dir.join("tokenizer.json");
+    for damaged in [
+        json[..at].to_string(),
+        format!(r#"{}\ud800{}"#, &json[..at], &json[at..]),
+    ] {
+        std::fs::write(&path, damaged).unwrap();
+        match TextEncoder::from_file(&path, 16) {
+            Err(e @ AdapterError::Format { .. }) => {
+                assert!(e.to_string().contains("tokenizer.json"), "{e}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a damaged tokenizer.json loaded"),
+        }
+        match kron_adapters::llm::TextTokenizer::from_hf_dir(&dir) {
+            Err(e @ AdapterError::Format { .. }) => {
+                assert!(e.to_string().contains("tokenizer.json"), "{e}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a damaged tokenizer.json loaded"),
+        }
+    }
     // MiniLM's 30,522 ids fit its own embedding and not a smaller one.
     enc.check_vocab(30522).unwrap();
     match enc.check_vocab(30521) {
