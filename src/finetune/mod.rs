@@ -20,6 +20,7 @@ pub mod report;
 pub mod resume;
 pub mod timing;
 pub mod tokenize;
+pub(crate) mod tokenizer_json;
 pub mod train;
 
 pub use allocator::keep_freed_memory;

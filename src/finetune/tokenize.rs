@@ -34,7 +34,7 @@ impl TextEncoder {
         }
         // Read as any user file (a device or FIFO is refused), then parsed.
         let bytes = crate::store::read_file(path)?;
-        let mut tokenizer = parse_tokenizer(&bytes).map_err(err)?;
+        let mut tokenizer = super::tokenizer_json::parse(&bytes).map_err(err)?;
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -65,73 +65,6 @@ impl TextEncoder {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| crate::ConfigError::invalid("tokenizer", "ids", e.to_string()).into())
-    }
-}
-
-/// A `tokenizer.json`'s tokenizer. The text is checked as JSON first: the `tokenizers` crate
-/// (0.23) panics on a syntax error inside the file's `decoder` (a file cut short there, a bad
-/// escape), where it gives an error for every other part.
-/// Its post-processor is checked too (see [`check_post_processor`]).
-pub(crate) fn parse_tokenizer(bytes: &[u8]) -> Result<Tokenizer, String> {
-    let json: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-    let tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())?;
-    if let Some(p) = json.get("post_processor") {
-        check_post_processor(p)?;
-    }
-    Ok(tokenizer)
-}
-
-/// What the `tokenizers` crate checks when a program builds a `TemplateProcessing` but not when
-/// it reads one from a file, and then panics on while encoding: every special token a template
-/// names is in its `special_tokens`, each of those has as many `ids` as `tokens`, and the
-/// `single` template uses no second sequence (`B`). Nested `Sequence` processors are walked.
-fn check_post_processor(p: &serde_json::Value) -> Result<(), String> {
-    match p.get("type").and_then(|t| t.as_str()) {
-        Some("Sequence") => p
-            .get("processors")
-            .and_then(|v| v.as_array())
-            .map_or(Ok(()), |ps| ps.iter().try_for_each(check_post_processor)),
-        Some("TemplateProcessing") => {
-            let empty = serde_json::Map::new();
-            let tokens = p
-                .get("special_tokens")
-                .and_then(|v| v.as_object())
-                .unwrap_or(&empty);
-            for (name, token) in tokens {
-                let len = |k: &str| token.get(k).and_then(|v| v.as_array()).map(Vec::len);
-                if len("ids") != len("tokens") {
-                    return Err(format!(
-                        "post_processor: special token {name:?} has {:?} ids and {:?} tokens; \
-                         give as many of each",
-                        len("ids").unwrap_or(0),
-                        len("tokens").unwrap_or(0)
-                    ));
-                }
-            }
-            for template in ["single", "pair"] {
-                let pieces = p.get(template).and_then(|v| v.as_array());
-                for piece in pieces.into_iter().flatten() {
-                    let special = piece.get("SpecialToken").and_then(|s| s.get("id"));
-                    if let Some(id) = special.and_then(|v| v.as_str()) {
-                        if !tokens.contains_key(id) {
-                            return Err(format!(
-                                "post_processor: the {template} template names special token \
-                                 {id:?}, which its special_tokens does not define"
-                            ));
-                        }
-                    }
-                    let sequence = piece.get("Sequence").and_then(|s| s.get("id"));
-                    if template == "single" && sequence.and_then(|v| v.as_str()) == Some("B") {
-                        return Err("post_processor: the single template uses sequence B; a \
-                                    single text has only A"
-                            .into());
-                    }
-                }
-            }
-            Ok(())
-        }
-        _ => Ok(()),
     }
 }
 

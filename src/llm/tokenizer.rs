@@ -57,9 +57,8 @@ impl TextTokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self, AdapterError> {
         let tj = dir.join("tokenizer.json");
         // Read as any user file (a device or FIFO is refused), then parsed.
-        let mut tokenizer =
-            crate::finetune::tokenize::parse_tokenizer(&crate::store::read_file(&tj)?)
-                .map_err(|e| AdapterError::format(tj.display().to_string(), e))?;
+        let mut tokenizer = crate::finetune::tokenizer_json::parse(&crate::store::read_file(&tj)?)
+            .map_err(|e| AdapterError::format(tj.display().to_string(), e))?;
         // Lengths are the caller's business: no fixed padding or truncation (some
         // tokenizer.json files pad every text to 128 tokens).
         tokenizer.with_padding(None);
@@ -161,6 +160,12 @@ impl TextTokenizer {
         if vocab.len() != tokens.len() {
             return Err(err("tokenizer.ggml.tokens repeats a token".into()));
         }
+        crate::finetune::tokenizer_json::check_bpe_merges(
+            |t| vocab.contains_key(t),
+            merges.iter().map(|(a, b)| (a.as_str(), b.as_str())),
+            "",
+        )
+        .map_err(|e| err(format!("tokenizer.ggml.merges: {e}")))?;
         let pre = get("pre").and_then(GgufValue::as_str).unwrap_or("default");
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
@@ -279,6 +284,22 @@ impl TextTokenizer {
     /// The Hugging Face files of this tokenizer, `tokenizer.json` and `tokenizer_config.json`
     /// (special tokens, BOS handling, chat template), for a model folder other tools run.
     pub fn hf_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>, AdapterError> {
+        // The `tokenizers` crate writes a vocabulary by walking every id up to the highest,
+        // noting each missing one: a file with an id near 2³² beside a few tokens would take
+        // gigabytes. Real vocabularies have no gaps; a few are let through.
+        let vocab = self.tokenizer.get_vocab(false);
+        if let Some(&top) = vocab.values().max() {
+            if top as usize > 2 * vocab.len() + 1024 {
+                return Err(AdapterError::format(
+                    "tokenizer.json",
+                    format!(
+                        "the vocabulary's ids reach {top} for {} tokens; a vocabulary numbered \
+                         with such gaps is damaged",
+                        vocab.len()
+                    ),
+                ));
+            }
+        }
         let json = self
             .tokenizer
             .to_string(true)

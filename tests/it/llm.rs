@@ -795,3 +795,174 @@ fn quantized_adapters_evaluate_from_their_reloaded_file() {
         assert_ne!(a, f, "{bits}-bit");
     }
 }
+
+/// A GGUF file holding only tokenizer metadata: `tokens` and `merges` of a GPT-2 BPE.
+fn gguf_tokenizer(tokens: &[&str], merges: &[&str]) -> Vec<u8> {
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    let strings = |b: &mut Vec<u8>, key: &str, items: &[&str]| {
+        string(b, key);
+        b.extend(9u32.to_le_bytes()); // array
+        b.extend(8u32.to_le_bytes()); // of strings
+        b.extend((items.len() as u64).to_le_bytes());
+        items.iter().for_each(|s| string(b, s));
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes()); // tensors
+    b.extend(3u64.to_le_bytes()); // metadata entries
+    string(&mut b, "tokenizer.ggml.model");
+    b.extend(8u32.to_le_bytes());
+    string(&mut b, "gpt2");
+    strings(&mut b, "tokenizer.ggml.tokens", tokens);
+    strings(&mut b, "tokenizer.ggml.merges", merges);
+    b
+}
+
+/// Damaged or hostile tokenizer files — `tokenizer.json` for the encoder's and the decoder's
+/// loaders, GGUF metadata for the decoder's — are format errors naming the file and the part,
+/// where the `tokenizers` crate (0.23) panicked at load or at the first text: found by the
+/// `tokenizer_json` fuzz target and in the crate's own tracker (pull request 2151).
+#[test]
+fn damaged_tokenizer_files_are_refused_by_name() {
+    use kron_adapters::finetune::tokenize::TextEncoder;
+    use kron_adapters::store::gguf::GgufFile;
+    use kron_adapters::AdapterError;
+    use serde_json::{json, Value};
+
+    let text = std::fs::read_to_string(fixture("minilm/tokenizer.json")).unwrap();
+    let at = text.find(r#""decoder":{"type":"WordPiece""#).unwrap() + 20;
+    let minilm = |edit: &dyn Fn(&mut Value)| {
+        let mut v: Value = serde_json::from_str(&text).unwrap();
+        edit(&mut v);
+        v.to_string()
+    };
+    let bpe = |merges: Value, edit: &dyn Fn(&mut Value)| {
+        let mut v = json!({
+            "version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": null,
+            "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2, "##b": 3}, "merges": merges},
+        });
+        edit(&mut v);
+        v.to_string()
+    };
+    let cases: Vec<(&str, String)> = vec![
+        // A download cut short inside `decoder`, and a bad escape there.
+        ("not JSON", text[..at].to_string()),
+        (
+            "not JSON",
+            format!(r#"{}\ud800{}"#, &text[..at], &text[at..]),
+        ),
+        // Templates naming a special token they do not define (also inside a Sequence of
+        // processors); a single template using the second text; ids and tokens in different
+        // numbers (refused as the crate's own constructor does).
+        (
+            "[XYZ]",
+            minilm(&|v| v["post_processor"]["single"][0]["SpecialToken"]["id"] = "[XYZ]".into()),
+        ),
+        (
+            "[XYZ]",
+            minilm(&|v| {
+                let p = v["post_processor"].take();
+                v["post_processor"] = json!({"type": "Sequence", "processors": [p]});
+                v["post_processor"]["processors"][0]["single"][0]["SpecialToken"]["id"] =
+                    "[XYZ]".into();
+            }),
+        ),
+        (
+            "sequence B",
+            minilm(&|v| v["post_processor"]["single"][1]["Sequence"]["id"] = "B".into()),
+        ),
+        (
+            "ids and",
+            minilm(&|v| v["post_processor"]["special_tokens"]["[CLS]"]["tokens"] = json!([])),
+        ),
+        // A merge making a token longer than every token (overran the crate's buffer), as pairs
+        // and as lines; and one whose second half is shorter than the continuation prefix.
+        ("\"abab\"", bpe(json!([["a", "b"], ["ab", "ab"]]), &|_| {})),
+        ("\"abab\"", bpe(json!(["a b", "ab ab"]), &|_| {})),
+        (
+            "prefix",
+            bpe(json!([["a", "b"]]), &|v| {
+                v["model"]["continuing_subword_prefix"] = "###".into()
+            }),
+        ),
+        // Any Precompiled normalizer (its binary map is trusted: this one asks for 8 GB); a
+        // fixed-length split of length 0; a Strip decoder stripping at the end (a token made
+        // of its `content` alone, shorter than start + stop, is sliced backwards).
+        (
+            "Precompiled",
+            minilm(&|v| {
+                v["normalizer"] = json!({"type": "Sequence", "normalizers": [
+                {"type": "Precompiled", "precompiled_charsmap": "/////w=="}]})
+            }),
+        ),
+        (
+            "FixedLength",
+            minilm(&|v| v["pre_tokenizer"] = json!({"type": "FixedLength", "length": 0})),
+        ),
+        (
+            "Strip",
+            minilm(&|v| {
+                v["decoder"] = json!({"type": "Sequence", "decoders": [
+                v["decoder"].clone(), {"type": "Strip", "content": "a", "start": 1, "stop": 1}]})
+            }),
+        ),
+    ];
+    let dir = scratch_dir("llm", "damaged-tokenizer");
+    let path = dir.join("tokenizer.json");
+    let refused = |what: &str, r: Result<(), AdapterError>| match r {
+        Err(e @ AdapterError::Format { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("tokenizer.json"), "{msg}");
+            assert!(msg.contains(what), "{what}: {msg}");
+        }
+        Err(e) => panic!("{what}: {e}"),
+        Ok(()) => panic!("{what}: a damaged tokenizer.json loaded"),
+    };
+    for (what, damaged) in &cases {
+        std::fs::write(&path, damaged).unwrap();
+        refused(what, TextEncoder::from_file(&path, 16).map(|_| ()));
+        refused(what, TextTokenizer::from_hf_dir(&dir).map(|_| ()));
+    }
+    // The undamaged files load (the MiniLM one encodes), so the refusals are the damage's.
+    std::fs::write(&path, minilm(&|_| {})).unwrap();
+    let enc = TextEncoder::from_file(&path, 16).unwrap();
+    assert_eq!(enc.encode("hello").unwrap(), vec![101, 7592, 102]);
+    std::fs::write(&path, bpe(json!([["a", "b"]]), &|_| {})).unwrap();
+    TextTokenizer::from_hf_dir(&dir).unwrap();
+
+    // The decoder's GGUF tokenizer builds its BPE through the same merge check.
+    let gguf = |merges: &[&str]| {
+        let file =
+            GgufFile::from_bytes("t.gguf", gguf_tokenizer(&["a", "b", "ab"], merges)).unwrap();
+        TextTokenizer::from_gguf(&file, "t.gguf").map(|_| ())
+    };
+    gguf(&["a b"]).unwrap();
+    match gguf(&["a b", "ab ab"]) {
+        Err(e @ AdapterError::Format { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("tokenizer.ggml.merges") && msg.contains("\"abab\""),
+                "{msg}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A vocabulary numbered with a gap near 2³² loads (its ids are the file's), but is not
+    // exported: writing it back walked every missing id (gigabytes).
+    let mut v: Value = serde_json::from_str(&bpe(json!([["a", "b"]]), &|_| {})).unwrap();
+    v["model"]["vocab"]["far"] = json!(4_000_000_000u32);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let tok = TextTokenizer::from_hf_dir(&dir).unwrap();
+    match tok.hf_files() {
+        Err(e @ AdapterError::Format { .. }) => {
+            assert!(e.to_string().contains("4000000000"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a vocabulary with a gap of 2^32 exported"),
+    }
+}
