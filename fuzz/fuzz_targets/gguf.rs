@@ -1,22 +1,59 @@
-//! GGUF files (the decoder's weights): the header, metadata and tensor table parse or give an
-//! error, never a panic; whatever parses dequantizes every tensor (or refuses it) and builds a
-//! Llama model from it (or says what does not fit), never panicking or allocating beyond what
-//! the file's bytes describe.
+//! GGUF files (the decoder's weights and tokenizer): the header, metadata and tensor table parse
+//! or give an error, never a panic; whatever parses dequantizes every tensor (or refuses it) and
+//! builds a Llama model from it (or says what does not fit), never panicking or allocating
+//! beyond what the file's bytes describe. The tokenizer metadata builds a tokenizer (or says what
+//! is wrong) that encodes texts to ids inside its vocabulary and decodes them, the chat prompt
+//! and the Hugging Face files it exports included.
 #![no_main]
 
+use kron_adapters::llm::TextTokenizer;
 use kron_adapters::model::llama;
-use kron_adapters::store::gguf::GgufFile;
+use kron_adapters::store::gguf::{GgufFile, GgufValue};
 use kron_adapters::PlacementConfig;
 use libfuzzer_sys::fuzz_target;
 
+/// Texts every tokenizer encodes: special tokens, digits, whitespace runs, and bytes outside
+/// ASCII (the file's chat template, when it has one, is encoded too).
+const TEXTS: [&str; 4] = [
+    "",
+    "Hello world, 12345 times!\r\n\t  ",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+    "é 漢字 🙂 \u{0}\u{7f}\u{ffff}",
+];
+
 fuzz_target!(|data: &[u8]| {
-    if let Ok(file) = GgufFile::from_bytes("fuzz", data.to_vec()) {
-        for info in &file.tensors {
-            if let Ok(values) = file.dequantize_info(info) {
-                assert_eq!(values.len(), info.numel(), "{}: dequantized length", info.name);
-            }
+    let Ok(file) = GgufFile::from_bytes("fuzz", data.to_vec()) else {
+        return;
+    };
+    for info in &file.tensors {
+        if let Ok(values) = file.dequantize_info(info) {
+            assert_eq!(values.len(), info.numel(), "{}: dequantized length", info.name);
         }
-        let device = Default::default();
-        let _ = llama::from_gguf::<burn::backend::NdArray>(&file, "fuzz", &PlacementConfig::new(), &device);
     }
+    let device = Default::default();
+    let model =
+        llama::from_gguf::<burn::backend::NdArray>(&file, "fuzz", &PlacementConfig::new(), &device);
+    let Ok(tokenizer) = TextTokenizer::from_gguf(&file, "fuzz") else {
+        return;
+    };
+    let vocab = tokenizer.vocab_size();
+    if let Ok(model) = &model {
+        let _ = tokenizer.check_vocab(model.config().vocab_size);
+    }
+    let template = file
+        .get("tokenizer.chat_template")
+        .and_then(GgufValue::as_str)
+        .unwrap_or("");
+    for text in TEXTS.iter().copied().chain([template]) {
+        if let Ok(ids) = tokenizer.encode(text, true) {
+            for &id in &ids {
+                assert!((id as usize) < vocab, "{text:?}: id {id} beyond {vocab} tokens");
+            }
+            let _ = tokenizer.decode(&ids, false);
+            let _ = tokenizer.decode(&ids, true);
+        }
+    }
+    let _ = tokenizer.decode(&[u32::MAX, vocab as u32], false);
+    let _ = tokenizer.chat_prompt("hi");
+    let _ = tokenizer.hf_files();
 });
