@@ -616,7 +616,8 @@ fn a_read_only_server_refuses_changes() {
 }
 
 /// Special-token ids beyond u32 in a folder's `config.json` are no token: they used to wrap
-/// (2³² + 1 became token 1).
+/// (2³² + 1 became token 1). Ids beyond the model's vocabulary are refused when it loads,
+/// naming the field (a BOS beyond it was reported as `eos_token_id`).
 #[test]
 fn special_token_ids_beyond_u32_do_not_wrap() {
     let dir = tiny_decoder_dir("wrap");
@@ -632,6 +633,21 @@ fn special_token_ids_beyond_u32_do_not_wrap() {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let tok = TextTokenizer::from_hf_dir(&dir).unwrap();
     assert_eq!((tok.bos, tok.eos.clone()), (None, vec![2]));
+    // Ids within u32 but beyond the model's 64 tokens are refused by name when it loads.
+    for (field, value) in [
+        ("bos_token_id", json!(64)),
+        ("eos_token_id", json!([2, 70])),
+    ] {
+        let mut bad = config.clone();
+        bad["bos_token_id"] = json!(1);
+        bad["eos_token_id"] = json!(2);
+        bad[field] = value;
+        std::fs::write(dir.join("config.json"), bad.to_string()).unwrap();
+        match Model::<TB>::load(&dir, &device()) {
+            Err(e) => assert!(e.to_string().contains(field), "{field}: {e}"),
+            Ok(_) => panic!("{field}: loaded"),
+        }
+    }
 }
 
 /// Limits of 0 and a batching window past a minute (a lone request would wait that long) are

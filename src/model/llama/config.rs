@@ -115,16 +115,17 @@ impl LlamaConfig {
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
             return bad("rms_norm_eps/rope_theta", "must be positive".into());
         }
-        if let Some(t) = self
-            .eos_token_ids
-            .iter()
-            .chain(&self.bos_token_id)
-            .find(|&&t| t as usize >= self.vocab_size)
-        {
-            return bad(
-                "eos_token_id",
-                format!("token {t} is outside the vocabulary of {}", self.vocab_size),
-            );
+        let specials = [
+            ("bos_token_id", self.bos_token_id.as_slice()),
+            ("eos_token_id", &self.eos_token_ids),
+        ];
+        for (field, ids) in specials {
+            if let Some(t) = ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+                return bad(
+                    field,
+                    format!("token {t} is outside the vocabulary of {}", self.vocab_size),
+                );
+            }
         }
         Ok(())
     }
