@@ -21,7 +21,7 @@ use kron_adapters::finetune::AssetCache;
 use kron_adapters::llm::{self, GenerateConfig, Split, TaskKind, TextTokenizer};
 use kron_adapters::model::llama::{self, LlamaForCausalLM};
 use kron_adapters::quant::{Level, QuantConfig};
-use kron_adapters::store::gguf::GgufFile;
+use kron_adapters::store::gguf::{GgmlType, GgufFile};
 use kron_adapters::store::{
     attach, merge_checkpoint, read_any, size_on_disk, st, write_peft_dir, AdapterFile,
     NativeAdapters, PeftAdapter, QuantizedAdapters,
@@ -172,6 +172,26 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Merge an adapter into a decoder and write a GGUF file that llama.cpp runs (architecture
+    /// llama, Q/K rows in llama.cpp's order, matrices in F16 or F32, the tokenizer metadata of
+    /// a GGUF model carried over).
+    ExportGguf {
+        /// A .gguf file or a Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter file or a PEFT folder made for this model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The matrices' type: f16 (half the size, as llama.cpp's converter writes) or f32.
+        #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+        dtype: String,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Serve many adapters over one frozen model over HTTP (docs/serving.md): an encoder (a BERT
     /// folder; POST /v1/classify with run folders of the main job as adapters) or a decoder (a
     /// .gguf file or a Hugging Face folder; POST /v1/generate). Prints `listening on
@@ -292,6 +312,37 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
                 .with_seed(seed);
             cfg.temperature = temperature;
             generate(&model, adapter.as_deref(), &prompt, &cfg, chat)
+        }
+        Cmd::ExportGguf {
+            model,
+            adapter,
+            out,
+            dtype,
+            force,
+        } => {
+            st::refuse_existing(&out, force)?;
+            let device = Default::default();
+            let (m, _) = load_decoder(&model, adapter.as_deref(), &device)?;
+            let tokenizer = if model.is_dir() {
+                Vec::new()
+            } else {
+                llama::tokenizer_metadata(&GgufFile::read(&model)?)
+            };
+            if tokenizer.is_empty() {
+                eprintln!(
+                    "note: no GGUF tokenizer metadata to carry; writing the weights and \
+                     configuration only (llama.cpp's convert_hf_to_gguf.py on an export-hf \
+                     folder writes a tokenizer.json's)"
+                );
+            }
+            let ty = if dtype == "f32" {
+                GgmlType::F32
+            } else {
+                GgmlType::F16
+            };
+            let bytes = llama::save_gguf(m, &out, &tokenizer, ty, force)?;
+            eprintln!("wrote {} ({bytes} bytes, merged, {dtype})", out.display());
+            Ok(())
         }
         Cmd::ExportHf {
             model,

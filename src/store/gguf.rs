@@ -1,5 +1,6 @@
 //! GGUF files (llama.cpp / ggml): a small reader for the header, the metadata and the tensor
-//! table, and dequantization of the common tensor types to f32.
+//! table, dequantization of the common tensor types to f32, and a writer ([`to_bytes`]) of
+//! F32 and F16 tensors.
 //!
 //! Layout (ggml's `docs/gguf.md`; versions 2 and 3, little-endian): magic `GGUF`, `u32`
 //! version, `u64` tensor count, `u64` metadata count, the metadata (`string key`, `u32` type,
@@ -508,6 +509,156 @@ impl GgufFile {
         let mut out = vec![0f32; info.numel()];
         dequantize(t, data, &mut out);
         Ok(out)
+    }
+}
+
+/// A tensor to write: its name, its shape in PyTorch order (`[out, in]` for a weight), its
+/// values, and the type to store them as ([`GgmlType::F32`] or [`GgmlType::F16`]).
+pub struct GgufTensorOut {
+    /// Its name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Its shape in PyTorch order.
+    pub shape: Vec<usize>,
+    /// Its values, row-major.
+    pub values: Vec<f32>,
+    /// F32 or F16.
+    pub ty: GgmlType,
+}
+
+/// A GGUF file (version 3, alignment 32) of `metadata` and `tensors`, as [`GgufFile`] reads
+/// it back. Refused: a type other than F32 and F16, values not filling the shape, a repeated
+/// or empty name or key, an array mixing element types, and an F16 value beyond F16's range
+/// (it would become infinite).
+pub fn to_bytes(
+    metadata: &[(String, GgufValue)],
+    tensors: &[GgufTensorOut],
+) -> Result<Vec<u8>, AdapterError> {
+    const ALIGN: usize = 32;
+    let bad = |m: String| AdapterError::format("GGUF output", m);
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    };
+    let mut keys = std::collections::HashSet::new();
+    for (key, value) in metadata {
+        if key.is_empty() || !keys.insert(key.as_str()) || key == "general.alignment" {
+            return Err(bad(format!(
+                "metadata key {key:?} is empty, repeated or reserved"
+            )));
+        }
+        string(&mut out, key);
+        out.extend(value.type_id().to_le_bytes());
+        value
+            .write(&mut out)
+            .map_err(|m| bad(format!("{key}: {m}")))?;
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut offset = 0usize;
+    for t in tensors {
+        let numel: usize = t.shape.iter().product();
+        let elem = match t.ty {
+            GgmlType::F32 => 4,
+            GgmlType::F16 => 2,
+            other => return Err(bad(format!("`{}`: {other:?} is not written", t.name))),
+        };
+        if t.name.is_empty() || !names.insert(t.name.as_str()) {
+            return Err(bad(format!(
+                "tensor name {:?} is empty or repeated",
+                t.name
+            )));
+        }
+        if t.shape.is_empty() || t.shape.len() > 4 || numel == 0 || numel != t.values.len() {
+            return Err(bad(format!(
+                "`{}`: shape {:?} for {} values",
+                t.name,
+                t.shape,
+                t.values.len()
+            )));
+        }
+        string(&mut out, &t.name);
+        out.extend((t.shape.len() as u32).to_le_bytes());
+        for &d in t.shape.iter().rev() {
+            out.extend((d as u64).to_le_bytes());
+        }
+        out.extend(if elem == 4 { 0u32 } else { 1u32 }.to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset = (offset + numel * elem).div_ceil(ALIGN) * ALIGN;
+    }
+    out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+    for t in tensors {
+        if t.ty == GgmlType::F16 {
+            for &v in &t.values {
+                let h = half::f16::from_f32(v);
+                if h.is_infinite() && v.is_finite() {
+                    return Err(bad(format!("`{}`: {v} is beyond F16's range", t.name)));
+                }
+                out.extend(h.to_le_bytes());
+            }
+        } else {
+            out.extend(t.values.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+    }
+    Ok(out)
+}
+
+impl GgufValue {
+    /// Its type id in a file.
+    fn type_id(&self) -> u32 {
+        match self {
+            GgufValue::U8(_) => 0,
+            GgufValue::I8(_) => 1,
+            GgufValue::U16(_) => 2,
+            GgufValue::I16(_) => 3,
+            GgufValue::U32(_) => 4,
+            GgufValue::I32(_) => 5,
+            GgufValue::F32(_) => 6,
+            GgufValue::Bool(_) => 7,
+            GgufValue::String(_) => 8,
+            GgufValue::Array(_) => 9,
+            GgufValue::U64(_) => 10,
+            GgufValue::I64(_) => 11,
+            GgufValue::F64(_) => 12,
+        }
+    }
+
+    /// Its bytes in a file (after its type id).
+    fn write(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        match self {
+            GgufValue::U8(v) => out.push(*v),
+            GgufValue::I8(v) => out.extend(v.to_le_bytes()),
+            GgufValue::U16(v) => out.extend(v.to_le_bytes()),
+            GgufValue::I16(v) => out.extend(v.to_le_bytes()),
+            GgufValue::U32(v) => out.extend(v.to_le_bytes()),
+            GgufValue::I32(v) => out.extend(v.to_le_bytes()),
+            GgufValue::F32(v) => out.extend(v.to_le_bytes()),
+            GgufValue::Bool(v) => out.push(u8::from(*v)),
+            GgufValue::String(s) => {
+                out.extend((s.len() as u64).to_le_bytes());
+                out.extend(s.as_bytes());
+            }
+            GgufValue::Array(items) => {
+                // An empty array is written as one of u32 (llama.cpp does the same for an
+                // empty list).
+                let ty = items.first().map_or(4, GgufValue::type_id);
+                if items.iter().any(|v| v.type_id() != ty) {
+                    return Err("an array mixes element types".into());
+                }
+                out.extend(ty.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for v in items {
+                    v.write(out)?;
+                }
+            }
+            GgufValue::U64(v) => out.extend(v.to_le_bytes()),
+            GgufValue::I64(v) => out.extend(v.to_le_bytes()),
+            GgufValue::F64(v) => out.extend(v.to_le_bytes()),
+        }
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@
 //! | quantized adapter file | [`QuantizedAdapters`] | the same, factors int8/int4 with their scales |
 //! | PEFT folder | [`PeftAdapter`] | `adapter_config.json` + `adapter_model.safetensors` (LoRA, LoKr) |
 //! | trainable parameters | [`save_params_matching`] | any parameters by module path (heads, block adapters) |
-//! | GGUF model files | [`gguf::GgufFile`] | llama.cpp's format: metadata, tensor table, dequantization |
+//! | GGUF model files | [`gguf::GgufFile`], [`gguf::to_bytes`] | llama.cpp's format: metadata, tensor table, dequantization; F32/F16 writing |
 //!
 //! [`read_any`] tells them apart; [`attach`] puts a file's adapters into a model through the
 //! generic placement, [`load_adapters`] refills a configured model, [`merge_checkpoint`] merges

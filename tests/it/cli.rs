@@ -632,6 +632,46 @@ fn decoder_commands_on_smollm2() {
         out,
         format!("{}\n", lora["plain"]["continuation_text"].as_str().unwrap())
     );
+    // export-gguf: the adapter merged into an F32 GGUF that carries SmolLM2's tokenizer runs
+    // without the adapter and continues as transformers + PEFT; an F16 one is about half the
+    // size and runs.
+    let dir = tmp("export-gguf-smollm2");
+    let (f32_out, f16_out) = (dir.join("merged-f32.gguf"), dir.join("f16.gguf"));
+    let (code, _, err) = run(&[
+        "export-gguf",
+        "--model",
+        s(&gguf),
+        "--adapter",
+        s(&crate::common::fixture("smollm2/peft_lora")),
+        "--dtype",
+        "f32",
+        "--out",
+        s(&f32_out),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("no GGUF tokenizer"), "{err}");
+    let (code, out, err) = run(&[
+        "generate",
+        "--model",
+        s(&f32_out),
+        "--prompt",
+        case["prompt_text"].as_str().unwrap(),
+        "--max-new-tokens",
+        "20",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("{}\n", lora["plain"]["continuation_text"].as_str().unwrap())
+    );
+    let (code, _, err) = run(&["export-gguf", "--model", s(&gguf), "--out", s(&f16_out)]);
+    assert_eq!(code, 0, "{err}");
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len() as f64;
+    let ratio = size(&f16_out) / size(&f32_out);
+    assert!((0.45..0.55).contains(&ratio), "F16/F32 size {ratio}");
+    let (code, out, err) = run(&["generate", "--model", s(&f16_out), "--prompt", "Hi"]);
+    assert!(code == 0 && !out.trim().is_empty(), "{err}");
+    std::fs::remove_dir_all(dir).ok();
     // eval: the last stdout line is one JSON object.
     let (code, out, err) = run(&[
         "eval",
@@ -757,6 +797,46 @@ fn export_hf_writes_a_merged_folder() {
         s(&dir.join("again")),
     ]);
     assert_eq!(code, 1);
+    // export-gguf from the exported folder: no tokenizer to carry (a note), an F32 file whose
+    // weights are the folder's; existing outputs and unknown types are refused, nothing left.
+    let gguf = dir.join("merged.gguf");
+    let (code, _, err) = run(&[
+        "export-gguf",
+        "--model",
+        s(&out),
+        "--dtype",
+        "f32",
+        "--out",
+        s(&gguf),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("no GGUF tokenizer"), "{err}");
+    let file = kron_adapters::store::gguf::GgufFile::read(&gguf).unwrap();
+    let st = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let v_proj: Vec<f32> = st
+        .tensor("model.layers.1.self_attn.v_proj.weight")
+        .unwrap()
+        .data()
+        .chunks(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(file.dequantize("blk.1.attn_v.weight").unwrap(), v_proj);
+    let before = std::fs::read(&gguf).unwrap();
+    let (code, _, _) = run(&["export-gguf", "--model", s(&out), "--out", s(&gguf)]);
+    assert_eq!(code, 1);
+    let (code, _, _) = run(&[
+        "export-gguf",
+        "--model",
+        s(&out),
+        "--dtype",
+        "q4_0",
+        "--out",
+        s(&dir.join("q.gguf")),
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(std::fs::read(&gguf).unwrap(), before);
+    assert!(!dir.join("q.gguf").exists());
     std::fs::remove_dir_all(dir).ok();
 }
 

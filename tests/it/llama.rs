@@ -584,3 +584,144 @@ fn llama_family_configs_parse() {
     assert!(parse(&format!(r#"{{{base}, "num_key_value_heads": 3}}"#)).is_err());
     assert!(parse(&format!(r#"{{{base}, "hidden_size": -4}}"#)).is_err());
 }
+
+/// `save_gguf` writes what llama.cpp's converter writes: the Hugging Face tiny Llama exported as
+/// F32 is, tensor for tensor (names, shapes, Q/K rows permuted, every bit) and key for key, the
+/// fixture `tiny_llama.gguf` the `gguf` package made from the same weights. Exports with a PEFT
+/// LoRA merged read back with `transformers`' logits for that adapter (F32 within 1e-4, F16
+/// within the half-precision rounding), the tied and Qwen2 (biased) fixtures with their own,
+/// and bad requests are refused leaving nothing.
+#[test]
+fn gguf_export_matches_llamacpps_layout_and_reads_back_with_transformers_logits() {
+    use kron_adapters::store::gguf::{GgmlType, GgufValue};
+    let dev = device();
+    let dir = scratch_dir("llama", "gguf-export");
+    let out = dir.join("model.gguf");
+
+    // Against the converter's layout.
+    let model = load_dir("tiny_llama");
+    llama::save_gguf(model, &out, &[], GgmlType::F32, false).unwrap();
+    let ours = GgufFile::read(&out).unwrap();
+    let theirs = GgufFile::read(fx("tiny_llama/tiny_llama.gguf")).unwrap();
+    assert_eq!(ours.tensors.len(), theirs.tensors.len());
+    for t in &theirs.tensors {
+        let o = ours
+            .tensor(&t.name)
+            .unwrap_or_else(|| panic!("no {}", t.name));
+        assert_eq!((&o.shape, o.type_id), (&t.shape, t.type_id), "{}", t.name);
+        let (a, b) = (
+            ours.dequantize(&t.name).unwrap(),
+            theirs.dequantize(&t.name).unwrap(),
+        );
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{}",
+            t.name
+        );
+    }
+    for (key, value) in &theirs.metadata {
+        assert_eq!(ours.get(key), Some(value), "{key}");
+    }
+    // BOS and EOS come from the model's configuration when no tokenizer metadata is given.
+    assert_eq!(
+        ours.get("tokenizer.ggml.bos_token_id"),
+        Some(&GgufValue::U32(1))
+    );
+
+    // A PEFT LoRA merged in, F32 and F16, against transformers + PEFT.
+    let reference = read_st(&fx("tiny_llama/reference.safetensors"));
+    let want = read_st(&fx("tiny_llama/reference_lora.safetensors"));
+    let (ids, mask, lengths) = inputs(&reference);
+    let lora = read_any(fx("tiny_llama/peft_lora"))
+        .unwrap()
+        .into_adapters();
+    for (ty, tolerance) in [(GgmlType::F32, 1e-4), (GgmlType::F16, 2e-2)] {
+        let model = load_dir("tiny_llama");
+        let model = attach(model, &lora, &NameMap::new(), &dev).unwrap();
+        llama::save_gguf(model, &out, &[], ty, true).unwrap();
+        let file = GgufFile::read(&out).unwrap();
+        let q = file.tensor("blk.0.attn_q.weight").unwrap().type_id;
+        let norm = file.tensor("blk.0.attn_norm.weight").unwrap().type_id;
+        assert_eq!(
+            (q, norm),
+            (if ty == GgmlType::F16 { 1 } else { 0 }, 0),
+            "{ty:?}"
+        );
+        let back = llama::from_gguf::<TB>(&file, "x", &PlacementConfig::new(), &dev).unwrap();
+        let err = logits_error(
+            back.forward(ids.clone(), Some(mask.clone())),
+            &want["logits"],
+            &lengths,
+        );
+        assert!(err <= tolerance, "{ty:?}: logits {err}");
+        assert!(err > 0.0 || ty == GgmlType::F32);
+    }
+    // The tied head (no output.weight) and Qwen2's q/k/v biases (permuted like their rows).
+    for name in ["tiny_llama_tied", "tiny_qwen2"] {
+        llama::save_gguf(load_dir(name), &out, &[], GgmlType::F32, true).unwrap();
+        let file = GgufFile::read(&out).unwrap();
+        assert_eq!(
+            file.tensor("output.weight").is_none(),
+            name.ends_with("tied")
+        );
+        let back = llama::from_gguf::<TB>(&file, "x", &PlacementConfig::new(), &dev).unwrap();
+        assert_eq!(back.config().qkv_bias, name.ends_with("qwen2"));
+        let reference = read_st(&fx(&format!("{name}/reference.safetensors")));
+        let (ids, mask, lengths) = inputs(&reference);
+        let err = logits_error(
+            back.forward(ids, Some(mask)),
+            &reference["logits"],
+            &lengths,
+        );
+        assert!(err <= 1e-4, "{name}: logits {err}");
+    }
+
+    // Tokenizer metadata is carried as given (the caller's own keys beside the model's ids).
+    let tokenizer = vec![("tokenizer.ggml.eos_token_id".to_string(), GgufValue::U32(3))];
+    llama::save_gguf(
+        load_dir("tiny_llama"),
+        &out,
+        &tokenizer,
+        GgmlType::F32,
+        true,
+    )
+    .unwrap();
+    let file = GgufFile::read(&out).unwrap();
+    assert_eq!(
+        file.get("tokenizer.ggml.eos_token_id"),
+        Some(&GgufValue::U32(3))
+    );
+
+    // Refused, leaving what was there: an existing file without overwrite, a quantized type,
+    // Llama 3.1's RoPE scaling.
+    let before = std::fs::read(&out).unwrap();
+    assert!(llama::save_gguf(load_dir("tiny_llama"), &out, &[], GgmlType::F32, false).is_err());
+    let refused = llama::save_gguf(load_dir("tiny_llama"), &out, &[], GgmlType::Q8_0, true);
+    assert!(
+        matches!(refused, Err(AdapterError::Unsupported { .. })),
+        "{refused:?}"
+    );
+    let mut config = LlamaConfig::tiny(64);
+    config.rope_scaling = kron_adapters::model::llama::RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 32.0,
+    };
+    let model: LlamaForCausalLM<TB> = LlamaForCausalLM::new(
+        &mut TensorSource::random(3),
+        &config,
+        &PlacementConfig::new(),
+        &dev,
+    )
+    .unwrap();
+    let refused = llama::save_gguf(model, &out, &[], GgmlType::F32, true);
+    assert!(
+        matches!(refused, Err(AdapterError::Unsupported { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+    let leftovers = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(leftovers, 1, "only model.gguf in {}", dir.display());
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -24,10 +24,11 @@ use super::heads;
 use super::source::{Fill, TensorSource};
 use crate::adapter_layers;
 use crate::error::{AdapterError, ConfigError};
-use crate::linear::AdaptedLinear;
+use crate::linear::{AdaptedLinear, AdapterLayers};
 use crate::multi::Routing;
 use crate::place::{place, PlacementConfig, Targets};
-use crate::store::gguf::GgufFile;
+use crate::store::gguf::{self, GgmlType, GgufFile, GgufTensorOut, GgufValue};
+use crate::store::st::HostTensor;
 
 /// The seven projections of a Llama layer: the default targets (PEFT's own default for Llama is
 /// `q_proj` and `v_proj`; the Kron-LoRA paper adapts all seven).
@@ -839,55 +840,16 @@ pub fn save_hf<B: Backend>(
     extra: &[(&str, &[u8])],
     overwrite: bool,
 ) -> Result<u64, AdapterError> {
-    use crate::linear::AdapterLayers;
-    use crate::store::st::{self, HostTensor};
+    use crate::store::st;
     st::refuse_existing(dir, overwrite)?;
     let model = model.merge_adapters()?;
-    let mut entries: Vec<st::Entry> = Vec::new();
-    let mut push = |name: String, t: HostTensor| {
-        entries.push((
-            name,
-            ::safetensors::Dtype::F32,
-            t.shape.clone(),
-            t.f32_bytes(),
-        ));
-    };
-    let host = |t: Tensor<B, 2>| HostTensor::from_tensor(t);
-    let vector = |t: Tensor<B, 1>| HostTensor::from_tensor(t);
-    push(
-        "model.embed_tokens.weight".into(),
-        host(model.model.embed_tokens.weight.val()),
-    );
-    push(
-        "model.norm.weight".into(),
-        vector(model.model.norm.gamma.val()),
-    );
-    if let Some(head) = &model.lm_head {
-        push(
-            "lm_head.weight".into(),
-            host(head.weight.val()).transposed(),
-        );
-    }
-    for (path, layer) in model.adapter_layers() {
-        push(
-            format!("{path}.weight"),
-            host(layer.base.weight.val()).transposed(),
-        );
-        if let Some(b) = &layer.base.bias {
-            push(format!("{path}.bias"), vector(b.val()));
-        }
-    }
-    for (i, layer) in model.model.layers.iter().enumerate() {
-        let p = |n: &str| format!("model.layers.{i}.{n}.weight");
-        push(
-            p("input_layernorm"),
-            vector(layer.input_layernorm.gamma.val()),
-        );
-        push(
-            p("post_attention_layernorm"),
-            vector(layer.post_attention_layernorm.gamma.val()),
-        );
-    }
+    let mut entries: Vec<st::Entry> = merged_tensors(&model)
+        .into_iter()
+        .map(|(name, t)| {
+            let bytes = t.f32_bytes();
+            (name, ::safetensors::Dtype::F32, t.shape, bytes)
+        })
+        .collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let weights = st::serialize("model.safetensors", &entries, meta)?;
@@ -898,4 +860,234 @@ pub fn save_hf<B: Backend>(
     files.extend_from_slice(extra);
     st::write_dir_atomic(dir, &files, overwrite)?;
     Ok(weights.len() as u64)
+}
+
+/// The GGUF name of a Hugging Face tensor name, if it is a Llama tensor (the inverse of
+/// [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let g = GGUF_NAMES.iter().find(|(_, h)| *h == name)?.0;
+    Some(format!("blk.{layer}.{g}"))
+}
+
+/// llama.cpp's row permutation of a Q or K weight (or bias) `[rows, cols]` for adjacent-pair
+/// RoPE (the inverse of [`unpermute_rows`]): within each of `heads` heads, Hugging Face row
+/// `j·half + i` becomes GGUF row `2i + j`.
+pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let dst = (h * hd + 2 * i + j) * cols;
+                let src = (h * hd + j * half + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The `tokenizer.*` metadata of a GGUF file, to carry into another ([`save_gguf`]).
+pub fn tokenizer_metadata(file: &GgufFile) -> Vec<(String, GgufValue)> {
+    file.metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Writes `model` as a GGUF file that llama.cpp runs: architecture `llama` with its
+/// configuration in `llama.*` metadata, llama.cpp's tensor names, and Q/K rows permuted as its
+/// converter permutes them, with every linear adapter merged into its base weight first
+/// (refusing NaN/Inf). Matrices are stored as `ty` — [`GgmlType::F32`], or [`GgmlType::F16`]
+/// as the converter's `--outtype f16` — and vectors (norms, biases) as F32. `tokenizer` is
+/// the `tokenizer.*` metadata to carry ([`tokenizer_metadata`] of a GGUF source); without it
+/// the file holds the weights and configuration only. The model's BOS and EOS ids are written
+/// when `tokenizer` lacks them. Llama 3.1's RoPE scaling is refused (llama.cpp takes it as a
+/// `rope_freqs` tensor this crate does not write; export a Hugging Face folder instead). The
+/// file is written atomically; an existing one is replaced only when `overwrite`. Returns the
+/// bytes written.
+pub fn save_gguf<B: Backend>(
+    model: LlamaForCausalLM<B>,
+    path: &Path,
+    tokenizer: &[(String, GgufValue)],
+    ty: GgmlType,
+    overwrite: bool,
+) -> Result<u64, AdapterError> {
+    use crate::store::st;
+    st::refuse_existing(path, overwrite)?;
+    // Format errors name the file being written.
+    let bytes = to_gguf(model, tokenizer, ty).map_err(|e| match e {
+        AdapterError::Format { message, .. } => {
+            AdapterError::format(path.display().to_string(), message)
+        }
+        other => other,
+    })?;
+    st::write_atomic(path, &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+/// The bytes of the GGUF file [`save_gguf`] writes.
+pub fn to_gguf<B: Backend>(
+    model: LlamaForCausalLM<B>,
+    tokenizer: &[(String, GgufValue)],
+    ty: GgmlType,
+) -> Result<Vec<u8>, AdapterError> {
+    const OUT: &str = "GGUF output";
+    if !matches!(ty, GgmlType::F32 | GgmlType::F16) {
+        return Err(AdapterError::Unsupported {
+            option: "GGUF type".into(),
+            message: format!("{ty:?}; F32 and F16 are written"),
+        });
+    }
+    let c = model.config().clone();
+    let mut meta: Vec<(String, GgufValue)> = vec![(
+        "general.architecture".into(),
+        GgufValue::String("llama".into()),
+    )];
+    let mut int = |k: &str, v: usize| -> Result<(), AdapterError> {
+        let v = u32::try_from(v)
+            .map_err(|_| AdapterError::format(OUT, format!("llama.{k} {v} exceeds u32")))?;
+        meta.push((format!("llama.{k}"), GgufValue::U32(v)));
+        Ok(())
+    };
+    int("context_length", c.max_position_embeddings)?;
+    int("embedding_length", c.hidden_size)?;
+    int("block_count", c.num_hidden_layers)?;
+    int("feed_forward_length", c.intermediate_size)?;
+    int("attention.head_count", c.num_attention_heads)?;
+    int("attention.head_count_kv", c.num_key_value_heads)?;
+    int("rope.dimension_count", c.head_dim)?;
+    int("vocab_size", c.vocab_size)?;
+    if c.head_dim * c.num_attention_heads != c.hidden_size {
+        int("attention.key_length", c.head_dim)?;
+        int("attention.value_length", c.head_dim)?;
+    }
+    // GGUF keeps these as f32: a value that f32 turns to 0 or infinity is refused.
+    let float = |k: &str, v: f64| match v as f32 {
+        f if f.is_finite() && (f != 0.0 || v == 0.0) => {
+            Ok((format!("llama.{k}"), GgufValue::F32(f)))
+        }
+        _ => Err(AdapterError::format(
+            OUT,
+            format!("llama.{k} {v} does not fit an f32"),
+        )),
+    };
+    meta.push(float("rope.freq_base", c.rope_theta)?);
+    meta.push(float("attention.layer_norm_rms_epsilon", c.rms_norm_eps)?);
+    match c.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            meta.push((
+                "llama.rope.scaling.type".into(),
+                GgufValue::String("linear".into()),
+            ));
+            meta.push(float("rope.scaling.factor", factor)?);
+        }
+        RopeScaling::Llama3 { .. } => {
+            return Err(AdapterError::Unsupported {
+                option: "rope_scaling".into(),
+                message: "Llama 3.1's RoPE scaling is written to Hugging Face folders only \
+                          (llama.cpp takes it as a rope_freqs tensor): use export-hf"
+                    .into(),
+            })
+        }
+    }
+    let file_type = if ty == GgmlType::F16 { 1 } else { 0 };
+    meta.push(("general.file_type".into(), GgufValue::U32(file_type)));
+    meta.push(("general.quantization_version".into(), GgufValue::U32(2)));
+    let has = |k: &str| tokenizer.iter().any(|(key, _)| key == k);
+    if let (Some(bos), false) = (c.bos_token_id, has("tokenizer.ggml.bos_token_id")) {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(bos)));
+    }
+    if let (Some(&eos), false) = (c.eos_token_ids.first(), has("tokenizer.ggml.eos_token_id")) {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(eos)));
+    }
+    meta.extend(tokenizer.iter().cloned());
+
+    let model = model.merge_adapters()?;
+    let mut named = merged_tensors(&model);
+    named.sort_by(|a, b| a.0.cmp(&b.0)); // the converter's order: the checkpoint's names sorted
+    let mut tensors = Vec::with_capacity(named.len());
+    for (hf, t) in named {
+        let name = gguf_name(&hf)
+            .ok_or_else(|| AdapterError::format(OUT, format!("no GGUF name for `{hf}`")))?;
+        let heads = if hf.contains("self_attn.q_proj.") {
+            Some(c.num_attention_heads)
+        } else if hf.contains("self_attn.k_proj.") {
+            Some(c.num_key_value_heads)
+        } else {
+            None
+        };
+        let rows = t.shape[0];
+        let values = match heads {
+            Some(h) => permute_rows(&t.data, rows, t.data.len() / rows, h),
+            None => t.data,
+        };
+        let ty = if t.shape.len() == 2 {
+            ty
+        } else {
+            GgmlType::F32
+        };
+        tensors.push(GgufTensorOut {
+            name,
+            shape: t.shape,
+            values,
+            ty,
+        });
+    }
+    gguf::to_bytes(&meta, &tensors)
+}
+
+/// The tensors of a model whose adapters are merged, with Hugging Face names and layout
+/// (`[out, in]` weights), on the host.
+fn merged_tensors<B: Backend>(model: &LlamaForCausalLM<B>) -> Vec<(String, HostTensor)> {
+    let mut out: Vec<(String, HostTensor)> = Vec::new();
+    let host = |t: Tensor<B, 2>| HostTensor::from_tensor(t);
+    let vector = |t: Tensor<B, 1>| HostTensor::from_tensor(t);
+    out.push((
+        "model.embed_tokens.weight".into(),
+        host(model.model.embed_tokens.weight.val()),
+    ));
+    out.push((
+        "model.norm.weight".into(),
+        vector(model.model.norm.gamma.val()),
+    ));
+    if let Some(head) = &model.lm_head {
+        out.push((
+            "lm_head.weight".into(),
+            host(head.weight.val()).transposed(),
+        ));
+    }
+    for (path, layer) in model.adapter_layers() {
+        out.push((
+            format!("{path}.weight"),
+            host(layer.base.weight.val()).transposed(),
+        ));
+        if let Some(b) = &layer.base.bias {
+            out.push((format!("{path}.bias"), vector(b.val())));
+        }
+    }
+    for (i, layer) in model.model.layers.iter().enumerate() {
+        let p = |n: &str| format!("model.layers.{i}.{n}.weight");
+        out.push((
+            p("input_layernorm"),
+            vector(layer.input_layernorm.gamma.val()),
+        ));
+        out.push((
+            p("post_attention_layernorm"),
+            vector(layer.post_attention_layernorm.gamma.val()),
+        ));
+    }
+    out
 }
