@@ -3,12 +3,13 @@
 //! builds a Llama model from it (or says what does not fit), never panicking or allocating
 //! beyond what the file's bytes describe. The tokenizer metadata builds a tokenizer (or says what
 //! is wrong) that encodes texts to ids inside its vocabulary and decodes them, the chat prompt
-//! and the Hugging Face files it exports included.
+//! and the Hugging Face files it exports included. A model that loads exports to a GGUF file
+//! (`llama::to_gguf`) that loads again.
 #![no_main]
 
 use kron_adapters::llm::TextTokenizer;
 use kron_adapters::model::llama;
-use kron_adapters::store::gguf::{GgufFile, GgufValue};
+use kron_adapters::store::gguf::{GgmlType, GgufFile, GgufValue};
 use kron_adapters::PlacementConfig;
 use libfuzzer_sys::fuzz_target;
 
@@ -33,13 +34,24 @@ fuzz_target!(|data: &[u8]| {
     let device = Default::default();
     let model =
         llama::from_gguf::<burn::backend::NdArray>(&file, "fuzz", &PlacementConfig::new(), &device);
-    let Ok(tokenizer) = TextTokenizer::from_gguf(&file, "fuzz") else {
+    let tokenizer = TextTokenizer::from_gguf(&file, "fuzz");
+    if let (Ok(tokenizer), Ok(model)) = (&tokenizer, &model) {
+        let _ = tokenizer.check_vocab(model.config().vocab_size);
+    }
+    // A model that loads exports (adapters merged, F32, the tokenizer metadata carried) to a
+    // GGUF file that loads again, or the export says why not.
+    if let Ok(model) = model {
+        if let Ok(bytes) = llama::to_gguf(model, &llama::tokenizer_metadata(&file), GgmlType::F32) {
+            let back = GgufFile::from_bytes("export", bytes).expect("an exported GGUF parses");
+            if let Err(e) = llama::from_gguf::<burn::backend::NdArray>(&back, "export", &PlacementConfig::new(), &device) {
+                panic!("an exported GGUF does not load: {e}");
+            }
+        }
+    }
+    let Ok(tokenizer) = tokenizer else {
         return;
     };
     let vocab = tokenizer.vocab_size();
-    if let Ok(model) = &model {
-        let _ = tokenizer.check_vocab(model.config().vocab_size);
-    }
     let template = file
         .get("tokenizer.chat_template")
         .and_then(GgufValue::as_str)

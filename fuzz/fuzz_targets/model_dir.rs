@@ -2,7 +2,8 @@
 //! is: as a BERT encoder and as a Llama-family decoder, each with KronA on its default targets.
 //! Either loader gives an error or a model, never a panic, and never allocates beyond what the
 //! folder's bytes describe; a model that loads also runs: the encoder classifies a row, the
-//! decoder gives logits for a prompt and then one more token through its KV cache.
+//! decoder gives logits for a prompt and then one more token through its KV cache, and exports
+//! to a GGUF file (`llama::to_gguf`, F16) that loads again.
 //!
 //! The input: a count `k` of field edits (first byte, mod 4), `k` edits of 10 bytes, the
 //! config's length in two bytes, the config, the weights. Each edit sets one known field of the
@@ -17,6 +18,7 @@ use std::sync::OnceLock;
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use kron_adapters::model::{bert, llama};
+use kron_adapters::store::gguf::{GgmlType, GgufFile};
 use kron_adapters::{AdapterConfig, KronAConfig, PlacementConfig};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
@@ -162,6 +164,14 @@ fuzz_target!(|data: &[u8]| {
             let _ = model.forward_cached(ids(row[..seq - 1].to_vec()), &mut cache);
             let next = model.forward_cached(ids(vec![row[seq - 1]]), &mut cache);
             assert_eq!(next.dims(), [1, cfg.vocab_size]);
+        }
+        // Exported as GGUF (adapters merged, F16), it reads back as a model, or the export
+        // says why not.
+        if let Ok(bytes) = llama::to_gguf(model, &[], GgmlType::F16) {
+            let file = GgufFile::from_bytes("export", bytes).expect("an exported GGUF parses");
+            if let Err(e) = llama::from_gguf::<B>(&file, "export", &PlacementConfig::new(), &device) {
+                panic!("an exported GGUF does not load: {e}");
+            }
         }
     }
 });
