@@ -322,17 +322,22 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
         } => {
             st::refuse_existing(&out, force)?;
             let device = Default::default();
-            let (m, _) = load_decoder(&model, adapter.as_deref(), &device)?;
-            let tokenizer = if model.is_dir() {
-                Vec::new()
-            } else {
-                llama::tokenizer_metadata(&GgufFile::read(&model)?)
+            let (m, tok) = load_decoder(&model, adapter.as_deref(), &device)?;
+            // A GGUF source's metadata is carried as it is; a folder's tokenizer.json is
+            // converted when it is a byte-level BPE llama.cpp names.
+            let tokenizer = match tok {
+                _ if !model.is_dir() => llama::tokenizer_metadata(&GgufFile::read(&model)?),
+                Some(t) => t.gguf_metadata().unwrap_or_else(|e| {
+                    eprintln!("note: {e}");
+                    Vec::new()
+                }),
+                None => Vec::new(),
             };
             if tokenizer.is_empty() {
                 eprintln!(
-                    "note: no GGUF tokenizer metadata to carry; writing the weights and \
-                     configuration only (llama.cpp's convert_hf_to_gguf.py on an export-hf \
-                     folder writes a tokenizer.json's)"
+                    "note: no GGUF tokenizer to write; writing the weights and configuration \
+                     only (llama.cpp's convert_hf_to_gguf.py on an export-hf folder converts \
+                     more tokenizers)"
                 );
             }
             let ty = if dtype == "f32" {

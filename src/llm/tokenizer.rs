@@ -322,6 +322,129 @@ impl TextTokenizer {
         ])
     }
 
+    /// This tokenizer as GGUF `tokenizer.*` metadata (what [`Self::from_gguf`] reads and
+    /// llama.cpp runs), for [`crate::model::llama::save_gguf`]: model `gpt2`, the tokens by
+    /// id, the merges, token types (control for special added tokens, user-defined for other
+    /// added ones, normal otherwise), BOS/EOS, `add_bos_token`, the chat template, and the
+    /// pre-tokenizer's llama.cpp name. Byte-level BPE tokenizers with one of the pre-tokenizers
+    /// [`Self::from_gguf`] builds are converted — SmolLM's (digits one by one, then GPT-2's
+    /// regex: `smollm`), Llama 3's (`llama-bpe`) and GPT-2's (`gpt-2`); others are refused
+    /// (`Unsupported`), as is a vocabulary whose ids have gaps.
+    pub fn gguf_metadata(&self) -> Result<Vec<(String, GgufValue)>, AdapterError> {
+        use serde_json::Value;
+        let unsupported = |m: String| AdapterError::Unsupported {
+            option: "tokenizer".into(),
+            message: format!(
+                "{m}; GGUF metadata is written for byte-level BPE tokenizers \
+                              (SmolLM, Llama 3, GPT-2 pre-tokenizers)"
+            ),
+        };
+        let json: Value = self
+            .tokenizer
+            .to_string(false)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .ok_or_else(|| unsupported("the tokenizer does not serialize".into()))?;
+        let model = &json["model"];
+        if model["type"].as_str() != Some("BPE") {
+            return Err(unsupported(format!("a {} model", model["type"])));
+        }
+        if !json["normalizer"].is_null() {
+            return Err(unsupported(format!(
+                "a {} normalizer",
+                json["normalizer"]["type"]
+            )));
+        }
+        let kind = |v: &Value| v["type"].as_str().unwrap_or("").to_string();
+        let pre = &json["pre_tokenizer"];
+        let steps: Vec<&Value> = match pre["pretokenizers"].as_array() {
+            Some(list) if kind(pre) == "Sequence" => list.iter().collect(),
+            _ => vec![pre],
+        };
+        let byte_level = |v: &Value, regex: bool| {
+            kind(v) == "ByteLevel"
+                && v["use_regex"].as_bool() == Some(regex)
+                && v["add_prefix_space"] != true
+        };
+        let name = match steps.as_slice() {
+            [b] if byte_level(b, true) => "gpt-2",
+            [d, b]
+                if kind(d) == "Digits" && d["individual_digits"] == true && byte_level(b, true) =>
+            {
+                "smollm"
+            }
+            [s, b]
+                if kind(s) == "Split"
+                    && s["pattern"]["Regex"].as_str() == Some(LLAMA3_REGEX)
+                    && byte_level(b, false) =>
+            {
+                "llama-bpe"
+            }
+            _ => return Err(unsupported(format!("the pre-tokenizer {pre}"))),
+        };
+        let vocab = self.tokenizer.get_vocab(true);
+        let mut tokens: Vec<Option<String>> = vec![None; vocab.len()];
+        for (t, &id) in &vocab {
+            match tokens.get_mut(id as usize) {
+                Some(slot) => *slot = Some(t.clone()),
+                None => {
+                    return Err(unsupported(format!(
+                        "token ids up to {id} for {} tokens",
+                        vocab.len()
+                    )))
+                }
+            }
+        }
+        let tokens: Vec<String> = tokens.into_iter().map(Option::unwrap_or_default).collect();
+        let added = self.tokenizer.get_added_tokens_decoder();
+        let types: Vec<GgufValue> = (0..tokens.len() as u32)
+            .map(|id| {
+                GgufValue::I32(match added.get(&id) {
+                    Some(t) if t.special => 3,
+                    Some(_) => 4,
+                    None => 1,
+                })
+            })
+            .collect();
+        let merges: Vec<GgufValue> = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| match m {
+                Value::Array(p) => {
+                    Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+                }
+                Value::String(line) => Some(line.clone()),
+                _ => None,
+            })
+            .map(GgufValue::String)
+            .collect();
+        let key = |k: &str| format!("tokenizer.ggml.{k}");
+        let strings =
+            |v: Vec<String>| GgufValue::Array(v.into_iter().map(GgufValue::String).collect());
+        let mut meta = vec![
+            (key("model"), GgufValue::String("gpt2".into())),
+            (key("pre"), GgufValue::String(name.into())),
+            (key("tokens"), strings(tokens)),
+            (key("token_type"), GgufValue::Array(types)),
+            (key("merges"), GgufValue::Array(merges)),
+            (key("add_bos_token"), GgufValue::Bool(self.add_bos)),
+        ];
+        if let Some(bos) = self.bos {
+            meta.push((key("bos_token_id"), GgufValue::U32(bos)));
+        }
+        if let Some(&eos) = self.eos.first() {
+            meta.push((key("eos_token_id"), GgufValue::U32(eos)));
+        }
+        if let Some(t) = &self.chat_template {
+            meta.push((
+                "tokenizer.chat_template".into(),
+                GgufValue::String(t.clone()),
+            ));
+        }
+        Ok(meta)
+    }
+
     /// A single-turn chat prompt: ChatML (`<|im_start|>user\n…<|im_end|>\n<|im_start|>assistant\n`)
     /// when the model's template is ChatML (SmolLM2's is, with its default system message);
     /// refused for other templates (this crate does not run Jinja).

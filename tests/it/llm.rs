@@ -489,6 +489,39 @@ fn smollm2_tokenizer_and_greedy_continuations_match_transformers() {
     }
     assert!(!tok.add_bos, "SmolLM2 adds no BOS");
     assert_eq!(tok.eos, vec![2]);
+    // Converted back to GGUF metadata — from the GGUF tokenizer, and from its tokenizer.json
+    // export read as a Hugging Face folder — it is the file's own: every token, merge and
+    // token type, the pre-tokenizer's name and the special ids.
+    let file = kron_adapters::store::gguf::GgufFile::read(&gguf).unwrap();
+    let dir = scratch_dir("llm", "smollm2-tokenizer");
+    for (name, bytes) in tok.hf_files().unwrap() {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    for (how, t) in [
+        ("gguf", &tok),
+        ("tokenizer.json", &TextTokenizer::from_hf_dir(&dir).unwrap()),
+    ] {
+        let meta: std::collections::HashMap<String, _> =
+            t.gguf_metadata().unwrap().into_iter().collect();
+        for key in [
+            "model",
+            "pre",
+            "tokens",
+            "merges",
+            "token_type",
+            "bos_token_id",
+            "eos_token_id",
+            "add_bos_token",
+        ] {
+            let key = format!("tokenizer.ggml.{key}");
+            assert_eq!(meta.get(&key), file.get(&key), "{how}: {key}");
+        }
+        assert_eq!(
+            meta.get("tokenizer.chat_template"),
+            file.get("tokenizer.chat_template"),
+            "{how}"
+        );
+    }
     let dev = device();
     let base =
         kron_adapters::model::llama::load::<TB>(&gguf, &PlacementConfig::new(), &dev).unwrap();
@@ -965,4 +998,76 @@ fn damaged_tokenizer_files_are_refused_by_name() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a vocabulary with a gap of 2^32 exported"),
     }
+}
+
+/// Byte-level BPE tokenizers convert to GGUF metadata (`gguf_metadata`, what `export-gguf`
+/// writes for a Hugging Face folder) and back, for each pre-tokenizer llama.cpp names that the
+/// GGUF reader builds; from a GGUF tokenizer and from its `tokenizer.json` export alike, the
+/// metadata is the original and the ids are the same. Other tokenizers are refused.
+#[test]
+fn bpe_tokenizers_convert_to_gguf_metadata_and_back() {
+    use kron_adapters::store::gguf::{self, GgufFile, GgufValue};
+    use kron_adapters::AdapterError;
+    let strings =
+        |v: &[&str]| GgufValue::Array(v.iter().map(|s| GgufValue::String(s.to_string())).collect());
+    let tokens = [
+        "<s>",
+        "</s>",
+        "a",
+        "b",
+        "1",
+        "2",
+        "\u{120}",
+        "ab",
+        "\u{120}a",
+        "\u{120}ab",
+    ];
+    let types: Vec<GgufValue> = (0..tokens.len())
+        .map(|i| GgufValue::I32(if i < 2 { 3 } else { 1 }))
+        .collect();
+    let dir = scratch_dir("llm", "gguf-tokenizer");
+    for pre in ["smollm", "llama-bpe", "gpt-2"] {
+        let key = |k: &str| format!("tokenizer.ggml.{k}");
+        let meta = vec![
+            (key("model"), GgufValue::String("gpt2".into())),
+            (key("pre"), GgufValue::String(pre.into())),
+            (key("tokens"), strings(&tokens)),
+            (key("token_type"), GgufValue::Array(types.clone())),
+            (key("merges"), strings(&["a b", "\u{120} ab", "\u{120} a"])),
+            (key("add_bos_token"), GgufValue::Bool(true)),
+            (key("bos_token_id"), GgufValue::U32(0)),
+            (key("eos_token_id"), GgufValue::U32(1)),
+            (
+                "tokenizer.chat_template".into(),
+                GgufValue::String("{{ x }}".into()),
+            ),
+        ];
+        let file = GgufFile::from_bytes("t.gguf", gguf::to_bytes(&meta, &[]).unwrap()).unwrap();
+        let original = TextTokenizer::from_gguf(&file, "t.gguf").unwrap();
+        for (name, bytes) in original.hf_files().unwrap() {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+        let text = "ab ab a12<s>";
+        let want = original.encode(text, true).unwrap();
+        assert_eq!(want[..3], [0, 7, 9], "{pre}: BOS, then `ab`, ` ab`");
+        for (how, t) in [
+            ("gguf", original),
+            ("tokenizer.json", TextTokenizer::from_hf_dir(&dir).unwrap()),
+        ] {
+            let back = t.gguf_metadata().unwrap();
+            for (k, v) in &meta {
+                let got = back.iter().find(|(bk, _)| bk == k).map(|(_, v)| v);
+                assert_eq!(got, Some(v), "{pre} from {how}: {k}");
+            }
+            let file = GgufFile::from_bytes("u.gguf", gguf::to_bytes(&back, &[]).unwrap()).unwrap();
+            let again = TextTokenizer::from_gguf(&file, "u.gguf").unwrap();
+            assert_eq!(again.encode(text, true).unwrap(), want, "{pre} from {how}");
+        }
+    }
+    // A WordPiece tokenizer (MiniLM's) has no GGUF form here.
+    let minilm = TextTokenizer::from_hf_dir(&fixture("minilm")).unwrap();
+    assert!(matches!(
+        minilm.gguf_metadata(),
+        Err(AdapterError::Unsupported { .. })
+    ));
 }
