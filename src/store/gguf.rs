@@ -1,6 +1,6 @@
 //! GGUF files (llama.cpp / ggml): a small reader for the header, the metadata and the tensor
-//! table, dequantization of the common tensor types to f32, and a writer ([`to_bytes`]) of
-//! F32 and F16 tensors.
+//! table, dequantization of the common tensor types to f32, and a writer ([`write`], one tensor
+//! at a time) of F32 and F16 tensors.
 //!
 //! Layout (ggml's `docs/gguf.md`; versions 2 and 3, little-endian): magic `GGUF`, `u32`
 //! version, `u64` tensor count, `u64` metadata count, the metadata (`string key`, `u32` type,
@@ -512,33 +512,45 @@ impl GgufFile {
     }
 }
 
-/// A tensor to write: its name, its shape in PyTorch order (`[out, in]` for a weight), its
-/// values, and the type to store them as ([`GgmlType::F32`] or [`GgmlType::F16`]).
-pub struct GgufTensorOut {
+/// A tensor to write: its name, its shape in PyTorch order (`[out, in]` for a weight), and the
+/// type to store it as ([`GgmlType::F32`] or [`GgmlType::F16`]); its values come when
+/// [`write`] asks for them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgufTensorSpec {
     /// Its name (`blk.0.attn_q.weight`).
     pub name: String,
     /// Its shape in PyTorch order.
     pub shape: Vec<usize>,
-    /// Its values, row-major.
-    pub values: Vec<f32>,
     /// F32 or F16.
     pub ty: GgmlType,
 }
 
-/// A GGUF file (version 3, alignment 32) of `metadata` and `tensors`, as [`GgufFile`] reads
-/// it back. Refused: a type other than F32 and F16, values not filling the shape, a repeated
-/// or empty name or key, an array mixing element types, and an F16 value beyond F16's range
-/// (it would become infinite).
-pub fn to_bytes(
+/// A tensor to write with its values (row-major), for [`to_bytes`].
+pub struct GgufTensorOut {
+    /// Its name, shape and type.
+    pub spec: GgufTensorSpec,
+    /// Its values, row-major.
+    pub values: Vec<f32>,
+}
+
+/// Writes a GGUF file (version 3, alignment 32) of `metadata` and `tensors` to `out`, asking
+/// `values(i)` for the i-th tensor's values only when its turn comes (a model is written one
+/// tensor at a time), as [`GgufFile`] reads it back. Refused: a type other than F32 and F16, a
+/// repeated or empty name or key, values not filling their shape, an array mixing element
+/// types, and an F16 value beyond F16's range (it would become infinite). Returns the bytes
+/// written.
+pub fn write(
+    out: &mut dyn std::io::Write,
     metadata: &[(String, GgufValue)],
-    tensors: &[GgufTensorOut],
-) -> Result<Vec<u8>, AdapterError> {
+    tensors: &[GgufTensorSpec],
+    values: &mut dyn FnMut(usize) -> Result<Vec<f32>, AdapterError>,
+) -> Result<u64, AdapterError> {
     const ALIGN: usize = 32;
     let bad = |m: String| AdapterError::format("GGUF output", m);
-    let mut out = b"GGUF".to_vec();
-    out.extend(3u32.to_le_bytes());
-    out.extend((tensors.len() as u64).to_le_bytes());
-    out.extend((metadata.len() as u64).to_le_bytes());
+    let mut head = b"GGUF".to_vec();
+    head.extend(3u32.to_le_bytes());
+    head.extend((tensors.len() as u64).to_le_bytes());
+    head.extend((metadata.len() as u64).to_le_bytes());
     let string = |out: &mut Vec<u8>, s: &str| {
         out.extend((s.len() as u64).to_le_bytes());
         out.extend(s.as_bytes());
@@ -550,19 +562,19 @@ pub fn to_bytes(
                 "metadata key {key:?} is empty, repeated or reserved"
             )));
         }
-        string(&mut out, key);
-        out.extend(value.type_id().to_le_bytes());
+        string(&mut head, key);
+        head.extend(value.type_id().to_le_bytes());
         value
-            .write(&mut out)
+            .write(&mut head)
             .map_err(|m| bad(format!("{key}: {m}")))?;
     }
     let mut names = std::collections::HashSet::new();
     let mut offset = 0usize;
     for t in tensors {
         let numel: usize = t.shape.iter().product();
-        let elem = match t.ty {
-            GgmlType::F32 => 4,
-            GgmlType::F16 => 2,
+        let (id, elem) = match t.ty {
+            GgmlType::F32 => (0u32, 4),
+            GgmlType::F16 => (1u32, 2),
             other => return Err(bad(format!("`{}`: {other:?} is not written", t.name))),
         };
         if t.name.is_empty() || !names.insert(t.name.as_str()) {
@@ -571,38 +583,63 @@ pub fn to_bytes(
                 t.name
             )));
         }
-        if t.shape.is_empty() || t.shape.len() > 4 || numel == 0 || numel != t.values.len() {
+        if t.shape.is_empty() || t.shape.len() > 4 || numel == 0 {
+            return Err(bad(format!("`{}`: shape {:?}", t.name, t.shape)));
+        }
+        string(&mut head, &t.name);
+        head.extend((t.shape.len() as u32).to_le_bytes());
+        for &d in t.shape.iter().rev() {
+            head.extend((d as u64).to_le_bytes());
+        }
+        head.extend(id.to_le_bytes());
+        head.extend((offset as u64).to_le_bytes());
+        offset = (offset + numel * elem).div_ceil(ALIGN) * ALIGN;
+    }
+    head.resize(head.len().div_ceil(ALIGN) * ALIGN, 0);
+    let io = |e: std::io::Error| AdapterError::io(Path::new("GGUF output"), e);
+    out.write_all(&head).map_err(io)?;
+    let mut written = head.len() as u64;
+    let mut buf = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let v = values(i)?;
+        let numel: usize = t.shape.iter().product();
+        if v.len() != numel {
             return Err(bad(format!(
                 "`{}`: shape {:?} for {} values",
                 t.name,
                 t.shape,
-                t.values.len()
+                v.len()
             )));
         }
-        string(&mut out, &t.name);
-        out.extend((t.shape.len() as u32).to_le_bytes());
-        for &d in t.shape.iter().rev() {
-            out.extend((d as u64).to_le_bytes());
-        }
-        out.extend(if elem == 4 { 0u32 } else { 1u32 }.to_le_bytes());
-        out.extend((offset as u64).to_le_bytes());
-        offset = (offset + numel * elem).div_ceil(ALIGN) * ALIGN;
-    }
-    out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
-    for t in tensors {
+        buf.clear();
         if t.ty == GgmlType::F16 {
-            for &v in &t.values {
-                let h = half::f16::from_f32(v);
-                if h.is_infinite() && v.is_finite() {
-                    return Err(bad(format!("`{}`: {v} is beyond F16's range", t.name)));
+            for &x in &v {
+                let h = half::f16::from_f32(x);
+                if h.is_infinite() && x.is_finite() {
+                    return Err(bad(format!("`{}`: {x} is beyond F16's range", t.name)));
                 }
-                out.extend(h.to_le_bytes());
+                buf.extend(h.to_le_bytes());
             }
         } else {
-            out.extend(t.values.iter().flat_map(|v| v.to_le_bytes()));
+            buf.extend(v.iter().flat_map(|x| x.to_le_bytes()));
         }
-        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+        buf.resize(buf.len().div_ceil(ALIGN) * ALIGN, 0);
+        out.write_all(&buf).map_err(io)?;
+        written += buf.len() as u64;
     }
+    Ok(written)
+}
+
+/// The bytes of a GGUF file of `metadata` and `tensors` ([`write`] into memory).
+pub fn to_bytes(
+    metadata: &[(String, GgufValue)],
+    tensors: &[GgufTensorOut],
+) -> Result<Vec<u8>, AdapterError> {
+    let specs: Vec<GgufTensorSpec> = tensors.iter().map(|t| t.spec.clone()).collect();
+    let mut out = Vec::new();
+    write(&mut out, metadata, &specs, &mut |i| {
+        Ok(tensors[i].values.clone())
+    })?;
     Ok(out)
 }
 

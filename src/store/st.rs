@@ -228,7 +228,17 @@ fn temp_sibling(path: &Path, fallback: &str) -> PathBuf {
 /// An existing `path` that is a device, FIFO or socket is refused: the rename would replace the
 /// node itself (`--force` onto `/dev/null` used to leave a regular file there).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
-    use std::io::Write;
+    write_atomic_with(path, &mut |f| {
+        f.write_all(bytes).map_err(|e| AdapterError::io(path, e))
+    })
+}
+
+/// [`write_atomic`] for a file written piece by piece: `write` gets the temporary file
+/// (buffered); its error, or any error writing, leaves nothing behind.
+pub fn write_atomic_with(
+    path: &Path,
+    write: &mut dyn FnMut(&mut dyn std::io::Write) -> Result<(), AdapterError>,
+) -> Result<(), AdapterError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         let t = meta.file_type();
         if !(t.is_file() || t.is_symlink() || t.is_dir()) {
@@ -240,16 +250,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
     }
     let tmp = temp_sibling(path, "out");
     let result = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
+        .map_err(|e| AdapterError::io(path, e))
+        .and_then(|f| {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            write(&mut w)?;
+            let f = w
+                .into_inner()
+                .map_err(|e| AdapterError::io(path, e.into_error()))?;
+            f.sync_all().map_err(|e| AdapterError::io(path, e))
         })
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| AdapterError::io(path, e)));
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(AdapterError::io(path, e));
     }
-    Ok(())
+    result
 }
 
 /// Writes a folder of files atomically: into a temporary sibling folder, then renamed into

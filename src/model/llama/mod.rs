@@ -27,7 +27,7 @@ use crate::error::{AdapterError, ConfigError};
 use crate::linear::{AdaptedLinear, AdapterLayers};
 use crate::multi::Routing;
 use crate::place::{place, PlacementConfig, Targets};
-use crate::store::gguf::{self, GgmlType, GgufFile, GgufTensorOut, GgufValue};
+use crate::store::gguf::{self, GgmlType, GgufFile, GgufTensorSpec, GgufValue};
 use crate::store::st::HostTensor;
 
 /// The seven projections of a Llama layer: the default targets (PEFT's own default for Llama is
@@ -845,10 +845,7 @@ pub fn save_hf<B: Backend>(
     let model = model.merge_adapters()?;
     let mut entries: Vec<st::Entry> = merged_tensors(&model)
         .into_iter()
-        .map(|(name, t)| {
-            let bytes = t.f32_bytes();
-            (name, ::safetensors::Dtype::F32, t.shape, bytes)
-        })
+        .map(|(name, shape, host)| (name, ::safetensors::Dtype::F32, shape, host().f32_bytes()))
         .collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -926,15 +923,22 @@ pub fn save_gguf<B: Backend>(
 ) -> Result<u64, AdapterError> {
     use crate::store::st;
     st::refuse_existing(path, overwrite)?;
-    // Format errors name the file being written.
-    let bytes = to_gguf(model, tokenizer, ty).map_err(|e| match e {
+    let meta = gguf_metadata(model.config(), tokenizer, ty)?;
+    let model = model.merge_adapters()?;
+    let mut written = 0;
+    st::write_atomic_with(path, &mut |out| {
+        written = write_gguf(&model, &meta, ty, out)?;
+        Ok(())
+    })
+    .map_err(|e| match e {
+        // Errors name the file being written.
         AdapterError::Format { message, .. } => {
             AdapterError::format(path.display().to_string(), message)
         }
+        AdapterError::Io { source, .. } => AdapterError::io(path, source),
         other => other,
     })?;
-    st::write_atomic(path, &bytes)?;
-    Ok(bytes.len() as u64)
+    Ok(written)
 }
 
 /// The bytes of the GGUF file [`save_gguf`] writes.
@@ -943,6 +947,20 @@ pub fn to_gguf<B: Backend>(
     tokenizer: &[(String, GgufValue)],
     ty: GgmlType,
 ) -> Result<Vec<u8>, AdapterError> {
+    let meta = gguf_metadata(model.config(), tokenizer, ty)?;
+    let model = model.merge_adapters()?;
+    let mut out = Vec::new();
+    write_gguf(&model, &meta, ty, &mut out)?;
+    Ok(out)
+}
+
+/// The GGUF metadata of a model of configuration `c` (with `tokenizer`'s), or why it cannot be
+/// written as `ty`.
+fn gguf_metadata(
+    c: &LlamaConfig,
+    tokenizer: &[(String, GgufValue)],
+    ty: GgmlType,
+) -> Result<Vec<(String, GgufValue)>, AdapterError> {
     const OUT: &str = "GGUF output";
     if !matches!(ty, GgmlType::F32 | GgmlType::F16) {
         return Err(AdapterError::Unsupported {
@@ -950,7 +968,6 @@ pub fn to_gguf<B: Backend>(
             message: format!("{ty:?}; F32 and F16 are written"),
         });
     }
-    let c = model.config().clone();
     let mut meta: Vec<(String, GgufValue)> = vec![(
         "general.architecture".into(),
         GgufValue::String("llama".into()),
@@ -1015,13 +1032,34 @@ pub fn to_gguf<B: Backend>(
     }
     meta.extend(tokenizer.iter().cloned());
 
-    let model = model.merge_adapters()?;
-    let mut named = merged_tensors(&model);
+    Ok(meta)
+}
+
+/// Writes a merged model's GGUF file, its tensors copied to the host one at a time.
+fn write_gguf<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    meta: &[(String, GgufValue)],
+    ty: GgmlType,
+    out: &mut dyn std::io::Write,
+) -> Result<u64, AdapterError> {
+    const OUT: &str = "GGUF output";
+    let c = model.config();
+    let mut named = merged_tensors(model);
     named.sort_by(|a, b| a.0.cmp(&b.0)); // the converter's order: the checkpoint's names sorted
-    let mut tensors = Vec::with_capacity(named.len());
-    for (hf, t) in named {
-        let name = gguf_name(&hf)
+    let mut specs = Vec::with_capacity(named.len());
+    for (hf, shape, _) in &named {
+        let name = gguf_name(hf)
             .ok_or_else(|| AdapterError::format(OUT, format!("no GGUF name for `{hf}`")))?;
+        let ty = if shape.len() == 2 { ty } else { GgmlType::F32 };
+        specs.push(GgufTensorSpec {
+            name,
+            shape: shape.clone(),
+            ty,
+        });
+    }
+    gguf::write(out, meta, &specs, &mut |i| {
+        let (hf, _, host) = &named[i];
+        let t = host();
         let heads = if hf.contains("self_attn.q_proj.") {
             Some(c.num_attention_heads)
         } else if hf.contains("self_attn.k_proj.") {
@@ -1030,63 +1068,65 @@ pub fn to_gguf<B: Backend>(
             None
         };
         let rows = t.shape[0];
-        let values = match heads {
+        Ok(match heads {
             Some(h) => permute_rows(&t.data, rows, t.data.len() / rows, h),
             None => t.data,
-        };
-        let ty = if t.shape.len() == 2 {
-            ty
-        } else {
-            GgmlType::F32
-        };
-        tensors.push(GgufTensorOut {
-            name,
-            shape: t.shape,
-            values,
-            ty,
-        });
-    }
-    gguf::to_bytes(&meta, &tensors)
+        })
+    })
 }
 
+/// A tensor of a merged model: its Hugging Face name, its shape in PyTorch order, and how to
+/// copy it to the host (one at a time, so that an export never holds two copies of a model).
+type LazyTensor<'a> = (String, Vec<usize>, Box<dyn Fn() -> HostTensor + 'a>);
+
 /// The tensors of a model whose adapters are merged, with Hugging Face names and layout
-/// (`[out, in]` weights), on the host.
-fn merged_tensors<B: Backend>(model: &LlamaForCausalLM<B>) -> Vec<(String, HostTensor)> {
-    let mut out: Vec<(String, HostTensor)> = Vec::new();
-    let host = |t: Tensor<B, 2>| HostTensor::from_tensor(t);
-    let vector = |t: Tensor<B, 1>| HostTensor::from_tensor(t);
+/// (`[out, in]` weights), copied to the host when asked.
+fn merged_tensors<B: Backend>(model: &LlamaForCausalLM<B>) -> Vec<LazyTensor<'_>> {
+    let mut out: Vec<LazyTensor<'_>> = Vec::new();
+    // A linear's weight is `[in, out]` in Burn: transposed to PyTorch's `[out, in]`.
+    let linear = |name: String, t: Tensor<B, 2>| -> LazyTensor<'_> {
+        let [i, o] = t.dims();
+        (
+            name,
+            vec![o, i],
+            Box::new(move || HostTensor::from_tensor(t.clone()).transposed()),
+        )
+    };
+    let vector = |name: String, t: Tensor<B, 1>| -> LazyTensor<'_> {
+        (
+            name,
+            t.dims().to_vec(),
+            Box::new(move || HostTensor::from_tensor(t.clone())),
+        )
+    };
+    let embed = model.model.embed_tokens.weight.val();
     out.push((
         "model.embed_tokens.weight".into(),
-        host(model.model.embed_tokens.weight.val()),
+        embed.dims().to_vec(),
+        Box::new(move || HostTensor::from_tensor(embed.clone())),
     ));
-    out.push((
+    out.push(vector(
         "model.norm.weight".into(),
-        vector(model.model.norm.gamma.val()),
+        model.model.norm.gamma.val(),
     ));
     if let Some(head) = &model.lm_head {
-        out.push((
-            "lm_head.weight".into(),
-            host(head.weight.val()).transposed(),
-        ));
+        out.push(linear("lm_head.weight".into(), head.weight.val()));
     }
     for (path, layer) in model.adapter_layers() {
-        out.push((
-            format!("{path}.weight"),
-            host(layer.base.weight.val()).transposed(),
-        ));
+        out.push(linear(format!("{path}.weight"), layer.base.weight.val()));
         if let Some(b) = &layer.base.bias {
-            out.push((format!("{path}.bias"), vector(b.val())));
+            out.push(vector(format!("{path}.bias"), b.val()));
         }
     }
     for (i, layer) in model.model.layers.iter().enumerate() {
         let p = |n: &str| format!("model.layers.{i}.{n}.weight");
-        out.push((
+        out.push(vector(
             p("input_layernorm"),
-            vector(layer.input_layernorm.gamma.val()),
+            layer.input_layernorm.gamma.val(),
         ));
-        out.push((
+        out.push(vector(
             p("post_attention_layernorm"),
-            vector(layer.post_attention_layernorm.gamma.val()),
+            layer.post_attention_layernorm.gamma.val(),
         ));
     }
     out
