@@ -118,12 +118,16 @@ impl TextTokenizer {
         let err = |m: String| AdapterError::format(path, m);
         let get = |k: &str| file.get(&format!("tokenizer.ggml.{k}"));
         let model = get("model").and_then(GgufValue::as_str).unwrap_or("");
+        if model == "llama" {
+            return Self::spm_from_gguf(file, path);
+        }
         if model != "gpt2" {
             return Err(AdapterError::Unsupported {
                 option: "tokenizer.ggml.model".into(),
                 message: format!(
-                    "{path}: tokenizer model {model:?}; GPT-2 byte-level BPE (\"gpt2\") is built \
-                     from GGUF metadata, other tokenizers need the model's tokenizer.json"
+                    "{path}: tokenizer model {model:?}; GPT-2 byte-level BPE (\"gpt2\") and \
+                     SentencePiece (\"llama\") are built from GGUF metadata, other tokenizers \
+                     need the model's tokenizer.json"
                 ),
             });
         }
@@ -203,20 +207,38 @@ impl TextTokenizer {
         };
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control tokens are special: matched whole in the text, skipped when decoding.
+        Self::with_gguf_specials(tokenizer, &tokens, file, path)
+    }
+
+    /// A GGUF tokenizer's special tokens and settings: control tokens (`token_type` 3) and the
+    /// unknown token (2) are special, matched whole in a text and skipped when decoding;
+    /// user-defined ones (4) are added tokens; BOS/EOS ids (those beyond the vocabulary are
+    /// none), `add_bos_token` (default: SentencePiece yes, GPT-2 no) and the chat template.
+    fn with_gguf_specials(
+        mut tokenizer: Tokenizer,
+        tokens: &[&str],
+        file: &GgufFile,
+        path: &str,
+    ) -> Result<Self, AdapterError> {
+        let get = |k: &str| file.get(&format!("tokenizer.ggml.{k}"));
         let types = get("token_type")
             .and_then(GgufValue::as_array)
             .unwrap_or(&[]);
-        let special: Vec<AddedToken> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.as_u64() == Some(3))
-            .filter_map(|(i, _)| tokens.get(i))
-            .map(|t| AddedToken::from(t.to_string(), true))
-            .collect();
+        let added = |wanted: &[u64], special: bool| -> Vec<AddedToken> {
+            types
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.as_u64().is_some_and(|t| wanted.contains(&t)))
+                .filter_map(|(i, _)| tokens.get(i))
+                .map(|t| AddedToken::from(t.to_string(), special))
+                .collect()
+        };
         tokenizer
-            .add_special_tokens(special)
-            .map_err(|e| err(format!("special tokens: {e}")))?;
+            .add_special_tokens(added(&[2, 3], true))
+            .map_err(|e| AdapterError::format(path, format!("special tokens: {e}")))?;
+        tokenizer
+            .add_tokens(added(&[4], false))
+            .map_err(|e| AdapterError::format(path, format!("added tokens: {e}")))?;
         // An id beyond u32 is no token (wrapping would name a valid one).
         let id = |k: &str| {
             get(k)
@@ -229,18 +251,126 @@ impl TextTokenizer {
             .filter(|&t| in_vocab(t))
             .into_iter()
             .collect();
+        let spm = get("model").and_then(GgufValue::as_str) == Some("llama");
         Ok(Self {
             tokenizer,
             bos,
             eos,
             add_bos: get("add_bos_token")
                 .and_then(GgufValue::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(spm),
             chat_template: file
                 .get("tokenizer.chat_template")
                 .and_then(GgufValue::as_str)
                 .map(String::from),
         })
+    }
+
+    /// A SentencePiece tokenizer (`tokenizer.ggml.model` `llama`: Llama 2, Mistral,
+    /// TinyLlama) from its pieces, scores and token types, as Hugging Face builds the fast
+    /// tokenizer of such a model: a BPE whose merges are every split of a piece into two
+    /// pieces, ranked by the merged piece's score (the highest first; a piece's splits by their
+    /// halves' ids), with byte fallback (`<0x..>` pieces) and unknown pieces fused; spaces
+    /// become `▁`, with one in front of the text when `add_space_prefix` (the default).
+    fn spm_from_gguf(file: &GgufFile, path: &str) -> Result<Self, AdapterError> {
+        use tokenizers::decoders::{
+            byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as Decoders, strip::Strip,
+            DecoderWrapper,
+        };
+        use tokenizers::normalizers::{Prepend, Replace, Sequence as Normalizers};
+        let err = |m: String| AdapterError::format(path, m);
+        let get = |k: &str| file.get(&format!("tokenizer.ggml.{k}"));
+        let tokens: Vec<&str> = get("tokens")
+            .and_then(GgufValue::as_array)
+            .ok_or_else(|| err("no tokenizer.ggml.tokens".into()))?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| err("tokenizer.ggml.tokens holds a non-string".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        let scores: Vec<f64> = get("scores")
+            .and_then(GgufValue::as_array)
+            .ok_or_else(|| err("no tokenizer.ggml.scores".into()))?
+            .iter()
+            .map(|v| {
+                v.as_f64()
+                    .filter(|s| !s.is_nan())
+                    .ok_or_else(|| err("tokenizer.ggml.scores holds a non-number".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        if scores.len() != tokens.len() {
+            return Err(err(format!(
+                "{} scores for {} tokens",
+                scores.len(),
+                tokens.len()
+            )));
+        }
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        if vocab.len() != tokens.len() {
+            return Err(err("tokenizer.ggml.tokens repeats a token".into()));
+        }
+        let mut merges: Vec<(f64, u32, u32)> = Vec::new();
+        for (piece, &score) in tokens.iter().zip(&scores) {
+            let start = merges.len();
+            for (at, _) in piece.char_indices().skip(1) {
+                if let (Some(&l), Some(&r)) = (vocab.get(&piece[..at]), vocab.get(&piece[at..])) {
+                    merges.push((score, l, r));
+                }
+            }
+            merges[start..].sort_by_key(|&(_, l, r)| (l, r));
+        }
+        merges.sort_by(|a, b| b.0.total_cmp(&a.0)); // stable: ties keep the pieces' order
+        let merges: Vec<(String, String)> = merges
+            .into_iter()
+            .map(|(_, l, r)| {
+                (
+                    tokens[l as usize].to_string(),
+                    tokens[r as usize].to_string(),
+                )
+            })
+            .collect();
+        let unk = get("unknown_token_id")
+            .and_then(GgufValue::as_u64)
+            .and_then(|u| tokens.get(usize::try_from(u).ok()?))
+            .map(|t| t.to_string());
+        let mut bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(unk) = unk {
+            bpe = bpe.unk_token(unk);
+        }
+        let bpe = bpe.build().map_err(|e| err(format!("BPE: {e}")))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let prefix = get("add_space_prefix")
+            .and_then(GgufValue::as_bool)
+            .unwrap_or(true);
+        let replace = |from: &str, to: &str| {
+            Replace::new(from, to).map_err(|e| err(format!("normalizer: {e}")))
+        };
+        let mut normalizers = Vec::new();
+        if prefix {
+            normalizers.push(Prepend::new("\u{2581}".into()).into());
+        }
+        normalizers.push(replace(" ", "\u{2581}")?.into());
+        tokenizer
+            .with_normalizer(Some(Normalizers::new(normalizers)))
+            .map_err(|e| err(format!("normalizer: {e}")))?;
+        let mut decoders: Vec<DecoderWrapper> = vec![
+            replace("\u{2581}", " ")?.into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+        ];
+        if prefix {
+            decoders.push(Strip::new(' ', 1, 0).into());
+        }
+        tokenizer.with_decoder(Some(Decoders::new(decoders)));
+        Self::with_gguf_specials(tokenizer, &tokens, file, path)
     }
 
     /// Token ids of `text` (special tokens in the text are recognized; BOS prepended when the

@@ -1071,3 +1071,52 @@ fn bpe_tokenizers_convert_to_gguf_metadata_and_back() {
         Err(AdapterError::Unsupported { .. })
     ));
 }
+
+/// A SentencePiece tokenizer from GGUF metadata (`tokenizer.ggml.model` `llama`: Llama 2,
+/// Mistral, TinyLlama) gives the ids `sentencepiece` gives and decodes them back, byte
+/// fallback, leading and repeated spaces, digits and scripts outside the pieces included
+/// (tests/fixtures/spm, made by scripts/make_spm_gguf_fixture.py with Llama 2's settings).
+#[test]
+fn sentencepiece_gguf_tokenizer_matches_sentencepiece() {
+    use kron_adapters::store::gguf::GgufFile;
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("spm/reference.json")).unwrap())
+            .unwrap();
+    let tok = TextTokenizer::load(fixture("spm/tokenizer.gguf")).unwrap();
+    assert_eq!(tok.vocab_size(), 600);
+    assert_eq!(
+        (tok.bos, tok.eos.clone(), tok.add_bos),
+        (Some(1), vec![2], true)
+    );
+    for case in reference["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+        let mut with_bos = vec![1];
+        with_bos.extend(&want);
+        assert_eq!(tok.encode(text, true).unwrap(), with_bos, "{text:?}");
+        assert_eq!(
+            tok.decode(&with_bos, true).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+    // Control tokens in a text are tokens; unequal scores and tokens are refused.
+    assert_eq!(tok.encode("</s>", false).unwrap(), vec![2]);
+    let mut file = GgufFile::read(fixture("spm/tokenizer.gguf")).unwrap();
+    if let Some(kron_adapters::store::gguf::GgufValue::Array(scores)) =
+        file.metadata.get_mut("tokenizer.ggml.scores")
+    {
+        scores.pop();
+    }
+    let err = TextTokenizer::from_gguf(&file, "t.gguf").err().unwrap();
+    assert!(
+        err.to_string().contains("599 scores for 600 tokens"),
+        "{err}"
+    );
+}
