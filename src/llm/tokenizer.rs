@@ -1,7 +1,8 @@
 //! A decoder's tokenizer: the Hugging Face `tokenizer.json` of a model folder, or one built with
-//! the `tokenizers` crate from a GGUF file's metadata (GPT-2 byte-level BPE:
-//! `tokenizer.ggml.tokens`, `.merges`, `.token_type`, the special ids, and the pre-tokenizer
-//! `tokenizer.ggml.pre` names).
+//! the `tokenizers` crate from a GGUF file's metadata: GPT-2 byte-level BPE (`tokenizer.ggml.tokens`,
+//! `.merges`, `.token_type`, the special ids, and the pre-tokenizer `tokenizer.ggml.pre` names)
+//! or SentencePiece (`.tokens`, `.scores`, `.token_type`: Llama 2, Mistral, TinyLlama; see
+//! [`TextTokenizer::from_gguf`]).
 //!
 //! Pre-tokenizers by `tokenizer.ggml.pre` (llama.cpp's `llama-vocab.cpp`): `smollm` (and the
 //! StarCoder family) splits every digit on its own, then GPT-2's byte-level regex —
@@ -9,7 +10,7 @@
 //! Llama 3's regex (digits in groups of up to three); `gpt-2` GPT-2's. Control tokens
 //! (`token_type` 3) are special tokens, matched in the text before splitting
 //! (`<|im_start|>`). BOS is added only when `tokenizer.ggml.add_bos_token` says so (SmolLM2:
-//! no).
+//! no; SentencePiece files yes unless they say otherwise).
 
 use std::path::Path;
 
@@ -113,7 +114,11 @@ impl TextTokenizer {
         })
     }
 
-    /// From a GGUF file's tokenizer metadata; `path` names it in errors.
+    /// From a GGUF file's tokenizer metadata; `path` names it in errors. `tokenizer.ggml.model`
+    /// `gpt2` builds a byte-level BPE from the file's merges, `llama` a SentencePiece tokenizer
+    /// from its pieces' scores (as Hugging Face's fast tokenizer for such a model: merges are
+    /// every split of a piece into two pieces, ranked by the merged piece's score; byte
+    /// fallback; `▁` for spaces, one in front when `add_space_prefix`); others are refused.
     pub fn from_gguf(file: &GgufFile, path: &str) -> Result<Self, AdapterError> {
         let err = |m: String| AdapterError::format(path, m);
         let get = |k: &str| file.get(&format!("tokenizer.ggml.{k}"));
