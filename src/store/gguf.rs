@@ -1,5 +1,5 @@
 //! GGUF files (llama.cpp / ggml): a small reader for the header, the metadata and the tensor
-//! table, dequantization of the common tensor types to f32, and a writer ([`write`], one tensor
+//! table, dequantization of the common tensor types to f32, and a writer ([`write()`], one tensor
 //! at a time) of F32 and F16 tensors.
 //!
 //! Layout (ggml's `docs/gguf.md`; versions 2 and 3, little-endian): magic `GGUF`, `u32`
@@ -514,7 +514,7 @@ impl GgufFile {
 
 /// A tensor to write: its name, its shape in PyTorch order (`[out, in]` for a weight), and the
 /// type to store it as ([`GgmlType::F32`] or [`GgmlType::F16`]); its values come when
-/// [`write`] asks for them.
+/// [`write()`] asks for them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GgufTensorSpec {
     /// Its name (`blk.0.attn_q.weight`).
@@ -630,7 +630,7 @@ pub fn write(
     Ok(written)
 }
 
-/// The bytes of a GGUF file of `metadata` and `tensors` ([`write`] into memory).
+/// The bytes of a GGUF file of `metadata` and `tensors` ([`write()`] into memory).
 pub fn to_bytes(
     metadata: &[(String, GgufValue)],
     tensors: &[GgufTensorOut],
