@@ -161,14 +161,7 @@ impl TextTokenizer {
                     .ok_or_else(|| err(format!("merge {m:?} is not two tokens")))
             })
             .collect::<Result<_, _>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
-        if vocab.len() != tokens.len() {
-            return Err(err("tokenizer.ggml.tokens repeats a token".into()));
-        }
+        let vocab = vocab_of(&tokens).map_err(err)?;
         crate::finetune::tokenizer_json::check_bpe_merges(
             |t| vocab.contains_key(t),
             merges.iter().map(|(a, b)| (a.as_str(), b.as_str())),
@@ -311,14 +304,7 @@ impl TextTokenizer {
                 tokens.len()
             )));
         }
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
-        if vocab.len() != tokens.len() {
-            return Err(err("tokenizer.ggml.tokens repeats a token".into()));
-        }
+        let vocab = vocab_of(&tokens).map_err(err)?;
         let mut merges: Vec<(f64, u32, u32)> = Vec::new();
         for (piece, &score) in tokens.iter().zip(&scores) {
             let start = merges.len();
@@ -606,4 +592,17 @@ impl TextTokenizer {
             "{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         ))
     }
+}
+
+/// The vocabulary of a GGUF file's tokens (id = position), refusing a repeated token.
+fn vocab_of(tokens: &[&str]) -> Result<tokenizers::models::bpe::Vocab, String> {
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    if vocab.len() != tokens.len() {
+        return Err("tokenizer.ggml.tokens repeats a token".into());
+    }
+    Ok(vocab)
 }

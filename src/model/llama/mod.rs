@@ -660,38 +660,68 @@ const GGUF_NAMES: &[(&str, &str)] = &[
     ("ffn_down.weight", "mlp.down_proj.weight"),
 ];
 
-/// The Hugging Face name of a GGUF tensor name, if it is a Llama tensor.
-pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+/// The names outside the layers: (GGUF, Hugging Face).
+const TOP_NAMES: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// A tensor name in the other convention: GGUF to Hugging Face when `to_hf`, else back.
+fn rename(name: &str, to_hf: bool) -> Option<String> {
+    let side = |&(g, h): &(&'static str, &'static str)| if to_hf { (g, h) } else { (h, g) };
+    if let Some((_, to)) = TOP_NAMES.iter().map(side).find(|(from, _)| *from == name) {
+        return Some(to.into());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, name) = rest.split_once('.')?;
+    let (from, to) = side(&("blk.", "model.layers."));
+    let (layer, rest) = name.strip_prefix(from)?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = GGUF_NAMES.iter().find(|(g, _)| *g == name)?.1;
-    Some(format!("model.layers.{layer}.{hf}"))
+    let (_, renamed) = GGUF_NAMES.iter().map(side).find(|(f, _)| *f == rest)?;
+    Some(format!("{to}{layer}.{renamed}"))
 }
 
-/// Undoes llama.cpp's row permutation of a Q or K weight (or bias) `[rows, cols]` stored for
-/// adjacent-pair RoPE: within each of `heads` heads, GGUF row `2i + j` is Hugging Face row
-/// `j·half + i` (`half = head_dim / 2`).
-pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+/// The Hugging Face name of a GGUF tensor name, if it is a Llama tensor.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    rename(gguf, true)
+}
+
+/// The GGUF name of a Hugging Face tensor name, if it is a Llama tensor (the inverse of
+/// [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    rename(hf, false)
+}
+
+/// Moves the rows of a Q or K weight (or bias) `[rows, cols]` between llama.cpp's order for
+/// adjacent-pair RoPE and Hugging Face's: within each of `heads` heads, GGUF row `2i + j` is
+/// Hugging Face row `j·half + i` (`half = head_dim / 2`).
+fn move_rows(values: &[f32], rows: usize, cols: usize, heads: usize, to_hf: bool) -> Vec<f32> {
     let hd = rows / heads;
     let half = hd / 2;
     let mut out = vec![0f32; values.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = (h * hd + 2 * i + j) * cols;
-                let dst = (h * hd + j * half + i) * cols;
+                let gguf = (h * hd + 2 * i + j) * cols;
+                let hf = (h * hd + j * half + i) * cols;
+                let (src, dst) = if to_hf { (gguf, hf) } else { (hf, gguf) };
                 out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
             }
         }
     }
     out
+}
+
+/// Undoes llama.cpp's row permutation of a Q or K weight (or bias) `[rows, cols]` (see
+/// [`permute_rows`]).
+pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    move_rows(values, rows, cols, heads, true)
+}
+
+/// llama.cpp's row permutation of a Q or K weight (or bias) `[rows, cols]` for adjacent-pair
+/// RoPE: within each of `heads` heads, Hugging Face row `j·half + i` becomes GGUF row `2i + j`
+/// (`half = head_dim / 2`).
+pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    move_rows(values, rows, cols, heads, false)
 }
 
 /// The tensors of a Llama GGUF file, dequantized to f32 with Hugging Face names and layout
@@ -857,41 +887,6 @@ pub fn save_hf<B: Backend>(
     files.extend_from_slice(extra);
     st::write_dir_atomic(dir, &files, overwrite)?;
     Ok(weights.len() as u64)
-}
-
-/// The GGUF name of a Hugging Face tensor name, if it is a Llama tensor (the inverse of
-/// [`hf_name`]).
-pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, name) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let g = GGUF_NAMES.iter().find(|(_, h)| *h == name)?.0;
-    Some(format!("blk.{layer}.{g}"))
-}
-
-/// llama.cpp's row permutation of a Q or K weight (or bias) `[rows, cols]` for adjacent-pair
-/// RoPE (the inverse of [`unpermute_rows`]): within each of `heads` heads, Hugging Face row
-/// `j·half + i` becomes GGUF row `2i + j`.
-pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let dst = (h * hd + 2 * i + j) * cols;
-                let src = (h * hd + j * half + i) * cols;
-                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
-            }
-        }
-    }
-    out
 }
 
 /// The `tokenizer.*` metadata of a GGUF file, to carry into another ([`save_gguf`]).
