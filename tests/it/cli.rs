@@ -598,16 +598,17 @@ fn decoder_commands_on_smollm2() {
     )
     .unwrap();
     let case = &reference["greedy"]["cases"][0];
-    let (code, out, err) = run(&[
-        "generate",
-        "--model",
-        s(&gguf),
-        "--prompt",
-        case["prompt_text"].as_str().unwrap(),
-        "--max-new-tokens",
-        "20",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    // Twenty greedy tokens of the case's prompt with `model_args`: stdout and stderr.
+    let greedy = |model_args: &[&str]| {
+        let mut args = vec!["generate"];
+        args.extend_from_slice(model_args);
+        let prompt = case["prompt_text"].as_str().unwrap();
+        args.extend(["--prompt", prompt, "--max-new-tokens", "20"]);
+        let (code, out, err) = run(&args);
+        assert_eq!(code, 0, "{err}");
+        (out, err)
+    };
+    let (out, err) = greedy(&["--model", s(&gguf)]);
     assert_eq!(
         out,
         format!("{}\n", case["continuation_text"].as_str().unwrap()),
@@ -616,18 +617,8 @@ fn decoder_commands_on_smollm2() {
     assert!(err.contains("tokens/s"), "timing on stderr: {err}");
     // With a PEFT LoRA adapter: transformers + PEFT's continuation.
     let lora = &reference["adapters"]["lora"];
-    let (code, out, err) = run(&[
-        "generate",
-        "--model",
-        s(&gguf),
-        "--adapter",
-        s(&crate::common::fixture("smollm2/peft_lora")),
-        "--prompt",
-        case["prompt_text"].as_str().unwrap(),
-        "--max-new-tokens",
-        "20",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let lora_dir = crate::common::fixture("smollm2/peft_lora");
+    let (out, _) = greedy(&["--model", s(&gguf), "--adapter", s(&lora_dir)]);
     assert_eq!(
         out,
         format!("{}\n", lora["plain"]["continuation_text"].as_str().unwrap())
@@ -642,7 +633,7 @@ fn decoder_commands_on_smollm2() {
         "--model",
         s(&gguf),
         "--adapter",
-        s(&crate::common::fixture("smollm2/peft_lora")),
+        s(&lora_dir),
         "--dtype",
         "f32",
         "--out",
@@ -650,16 +641,7 @@ fn decoder_commands_on_smollm2() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("no GGUF tokenizer"), "{err}");
-    let (code, out, err) = run(&[
-        "generate",
-        "--model",
-        s(&f32_out),
-        "--prompt",
-        case["prompt_text"].as_str().unwrap(),
-        "--max-new-tokens",
-        "20",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let (out, _) = greedy(&["--model", s(&f32_out)]);
     assert_eq!(
         out,
         format!("{}\n", lora["plain"]["continuation_text"].as_str().unwrap())

@@ -20,7 +20,13 @@ use kron_adapters::{
 };
 
 /// A safetensors file as name → (shape, values as f64: floats and ints alike).
-fn read_st(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+/// A reference file's tensors: name → (shape, values).
+type Reference = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+/// A reference batch: ids, attention mask, each row's length.
+type Inputs = (Tensor<TB, 2, Int>, Tensor<TB, 2, Int>, Vec<usize>);
+
+fn read_st(path: &Path) -> Reference {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
@@ -49,9 +55,7 @@ fn fx(path: &str) -> std::path::PathBuf {
 }
 
 /// The fixture's inputs: ids `[2, 7]`, padding mask, and each row's length.
-fn inputs(
-    reference: &HashMap<String, (Vec<usize>, Vec<f64>)>,
-) -> (Tensor<TB, 2, Int>, Tensor<TB, 2, Int>, Vec<usize>) {
+fn inputs(reference: &Reference) -> Inputs {
     let dev = device();
     let ids = &reference["input_ids"];
     let mask = &reference["attention_mask"];
@@ -91,6 +95,29 @@ fn logits_error(got: Tensor<TB, 3>, want: &(Vec<usize>, Vec<f64>), lengths: &[us
     err
 }
 
+/// The largest difference between `model`'s logits and `transformers`' for the fixture `dir`.
+fn reference_error(model: &LlamaForCausalLM<TB>, dir: &str) -> f64 {
+    let reference = read_st(&fx(&format!("{dir}/reference.safetensors")));
+    let (ids, mask, lengths) = inputs(&reference);
+    logits_error(
+        model.forward(ids, Some(mask)),
+        &reference["logits"],
+        &lengths,
+    )
+}
+
+/// The tiny Llama's PEFT LoRA case: the reference inputs (ids, mask, lengths),
+/// `transformers` + PEFT's outputs with the adapter, and the adapter.
+fn tiny_llama_lora() -> (Inputs, Reference, kron_adapters::NativeAdapters) {
+    let reference = read_st(&fx("tiny_llama/reference.safetensors"));
+    let (ids, mask, lengths) = inputs(&reference);
+    let want = read_st(&fx("tiny_llama/reference_lora.safetensors"));
+    let lora = read_any(fx("tiny_llama/peft_lora"))
+        .unwrap()
+        .into_adapters();
+    ((ids, mask, lengths), want, lora)
+}
+
 fn load_dir(dir: &str) -> LlamaForCausalLM<TB> {
     llama::load::<TB>(fx(dir), &PlacementConfig::new(), &device()).unwrap()
 }
@@ -111,13 +138,7 @@ fn hugging_face_llama_qwen2_and_tied_heads_match_transformers() {
             (4, 2),
             "{dir}: GQA"
         );
-        let reference = read_st(&fx(&format!("{dir}/reference.safetensors")));
-        let (ids, mask, lengths) = inputs(&reference);
-        let err = logits_error(
-            model.forward(ids, Some(mask)),
-            &reference["logits"],
-            &lengths,
-        );
+        let err = reference_error(&model, dir);
         assert!(err <= 1e-4, "{dir}: logits max abs error {err}");
     }
 }
@@ -466,12 +487,7 @@ fn gguf_metadata_bigger_than_its_tensors_is_refused_before_allocating() {
 #[test]
 fn merged_hugging_face_export_and_peft_export_of_decoder_adapters() {
     let dev = device();
-    let reference = read_st(&fx("tiny_llama/reference.safetensors"));
-    let want = read_st(&fx("tiny_llama/reference_lora.safetensors"));
-    let (ids, mask, lengths) = inputs(&reference);
-    let lora = read_any(fx("tiny_llama/peft_lora"))
-        .unwrap()
-        .into_adapters();
+    let ((ids, mask, lengths), want, lora) = tiny_llama_lora();
     let dir = scratch_dir("llama", "export");
     for base in ["tiny_llama", "tiny_llama/tiny_llama.gguf"] {
         let model = llama::load::<TB>(fx(base), &PlacementConfig::new(), &dev).unwrap();
@@ -629,12 +645,7 @@ fn gguf_export_matches_llamacpps_layout_and_reads_back_with_transformers_logits(
     );
 
     // A PEFT LoRA merged in, F32 and F16, against transformers + PEFT.
-    let reference = read_st(&fx("tiny_llama/reference.safetensors"));
-    let want = read_st(&fx("tiny_llama/reference_lora.safetensors"));
-    let (ids, mask, lengths) = inputs(&reference);
-    let lora = read_any(fx("tiny_llama/peft_lora"))
-        .unwrap()
-        .into_adapters();
+    let ((ids, mask, lengths), want, lora) = tiny_llama_lora();
     for (ty, tolerance) in [(GgmlType::F32, 1e-4), (GgmlType::F16, 2e-2)] {
         let model = load_dir("tiny_llama");
         let model = attach(model, &lora, &NameMap::new(), &dev).unwrap();
@@ -666,13 +677,7 @@ fn gguf_export_matches_llamacpps_layout_and_reads_back_with_transformers_logits(
         );
         let back = llama::from_gguf::<TB>(&file, "x", &PlacementConfig::new(), &dev).unwrap();
         assert_eq!(back.config().qkv_bias, name.ends_with("qwen2"));
-        let reference = read_st(&fx(&format!("{name}/reference.safetensors")));
-        let (ids, mask, lengths) = inputs(&reference);
-        let err = logits_error(
-            back.forward(ids, Some(mask)),
-            &reference["logits"],
-            &lengths,
-        );
+        let err = reference_error(&back, name);
         assert!(err <= 1e-4, "{name}: logits {err}");
     }
 
