@@ -136,19 +136,8 @@ impl TextTokenizer {
                 ),
             });
         }
-        let strings = |k: &str| -> Result<Vec<&str>, AdapterError> {
-            get(k)
-                .and_then(GgufValue::as_array)
-                .ok_or_else(|| err(format!("no tokenizer.ggml.{k}")))?
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .ok_or_else(|| err(format!("tokenizer.ggml.{k} holds a non-string")))
-                })
-                .collect()
-        };
-        let tokens = strings("tokens")?;
-        let merges: Vec<(String, String)> = strings("merges")?
+        let tokens = gguf_list(file, path, "tokens", GgufValue::as_str)?;
+        let merges: Vec<(String, String)> = gguf_list(file, path, "merges", GgufValue::as_str)?
             .into_iter()
             .map(|m| {
                 // llama.cpp splits at the first space after the first character.
@@ -278,25 +267,8 @@ impl TextTokenizer {
         use tokenizers::normalizers::{Prepend, Replace, Sequence as Normalizers};
         let err = |m: String| AdapterError::format(path, m);
         let get = |k: &str| file.get(&format!("tokenizer.ggml.{k}"));
-        let tokens: Vec<&str> = get("tokens")
-            .and_then(GgufValue::as_array)
-            .ok_or_else(|| err("no tokenizer.ggml.tokens".into()))?
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| err("tokenizer.ggml.tokens holds a non-string".into()))
-            })
-            .collect::<Result<_, _>>()?;
-        let scores: Vec<f64> = get("scores")
-            .and_then(GgufValue::as_array)
-            .ok_or_else(|| err("no tokenizer.ggml.scores".into()))?
-            .iter()
-            .map(|v| {
-                v.as_f64()
-                    .filter(|s| !s.is_nan())
-                    .ok_or_else(|| err("tokenizer.ggml.scores holds a non-number".into()))
-            })
-            .collect::<Result<_, _>>()?;
+        let tokens = gguf_list(file, path, "tokens", GgufValue::as_str)?;
+        let scores = gguf_list(file, path, "scores", |v| v.as_f64().filter(|s| !s.is_nan()))?;
         if scores.len() != tokens.len() {
             return Err(err(format!(
                 "{} scores for {} tokens",
@@ -605,4 +577,25 @@ fn vocab_of(tokens: &[&str]) -> Result<tokenizers::models::bpe::Vocab, String> {
         return Err("tokenizer.ggml.tokens repeats a token".into());
     }
     Ok(vocab)
+}
+
+/// The items of the GGUF array `tokenizer.ggml.{key}`, each read by `item`; its absence or an
+/// item `item` cannot read is an error naming the key.
+fn gguf_list<'a, T>(
+    file: &'a GgufFile,
+    path: &str,
+    key: &str,
+    item: impl Fn(&'a GgufValue) -> Option<T>,
+) -> Result<Vec<T>, AdapterError> {
+    let key = format!("tokenizer.ggml.{key}");
+    file.get(&key)
+        .and_then(GgufValue::as_array)
+        .ok_or_else(|| AdapterError::format(path, format!("no {key}")))?
+        .iter()
+        .map(|v| {
+            item(v).ok_or_else(|| {
+                AdapterError::format(path, format!("{key} holds an item of another type"))
+            })
+        })
+        .collect()
 }

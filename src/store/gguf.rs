@@ -512,6 +512,16 @@ impl GgufFile {
     }
 }
 
+/// The name errors of [`write()`] give the file it writes (callers that know its path put it
+/// in).
+pub const OUTPUT: &str = "GGUF output";
+
+/// A GGUF string: its length in 8 bytes, then its UTF-8.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
 /// A tensor to write: its name, its shape in PyTorch order (`[out, in]` for a weight), and the
 /// type to store it as ([`GgmlType::F32`] or [`GgmlType::F16`]); its values come when
 /// [`write()`] asks for them.
@@ -546,15 +556,11 @@ pub fn write(
     values: &mut dyn FnMut(usize) -> Result<Vec<f32>, AdapterError>,
 ) -> Result<u64, AdapterError> {
     const ALIGN: usize = 32;
-    let bad = |m: String| AdapterError::format("GGUF output", m);
+    let bad = |m: String| AdapterError::format(OUTPUT, m);
     let mut head = b"GGUF".to_vec();
     head.extend(3u32.to_le_bytes());
     head.extend((tensors.len() as u64).to_le_bytes());
     head.extend((metadata.len() as u64).to_le_bytes());
-    let string = |out: &mut Vec<u8>, s: &str| {
-        out.extend((s.len() as u64).to_le_bytes());
-        out.extend(s.as_bytes());
-    };
     let mut keys = std::collections::HashSet::new();
     for (key, value) in metadata {
         if key.is_empty() || !keys.insert(key.as_str()) || key == "general.alignment" {
@@ -562,7 +568,7 @@ pub fn write(
                 "metadata key {key:?} is empty, repeated or reserved"
             )));
         }
-        string(&mut head, key);
+        put_str(&mut head, key);
         head.extend(value.type_id().to_le_bytes());
         value
             .write(&mut head)
@@ -586,7 +592,7 @@ pub fn write(
         if t.shape.is_empty() || t.shape.len() > 4 || numel == 0 {
             return Err(bad(format!("`{}`: shape {:?}", t.name, t.shape)));
         }
-        string(&mut head, &t.name);
+        put_str(&mut head, &t.name);
         head.extend((t.shape.len() as u32).to_le_bytes());
         for &d in t.shape.iter().rev() {
             head.extend((d as u64).to_le_bytes());
@@ -596,7 +602,7 @@ pub fn write(
         offset = (offset + numel * elem).div_ceil(ALIGN) * ALIGN;
     }
     head.resize(head.len().div_ceil(ALIGN) * ALIGN, 0);
-    let io = |e: std::io::Error| AdapterError::io(Path::new("GGUF output"), e);
+    let io = |e: std::io::Error| AdapterError::io(Path::new(OUTPUT), e);
     out.write_all(&head).map_err(io)?;
     let mut written = head.len() as u64;
     let mut buf = Vec::new();
@@ -674,10 +680,7 @@ impl GgufValue {
             GgufValue::I32(v) => out.extend(v.to_le_bytes()),
             GgufValue::F32(v) => out.extend(v.to_le_bytes()),
             GgufValue::Bool(v) => out.push(u8::from(*v)),
-            GgufValue::String(s) => {
-                out.extend((s.len() as u64).to_le_bytes());
-                out.extend(s.as_bytes());
-            }
+            GgufValue::String(s) => put_str(out, s),
             GgufValue::Array(items) => {
                 // An empty array is written as one of u32 (llama.cpp does the same for an
                 // empty list).

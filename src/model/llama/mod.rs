@@ -711,6 +711,17 @@ fn move_rows(values: &[f32], rows: usize, cols: usize, heads: usize, to_hf: bool
     out
 }
 
+/// The heads whose rows llama.cpp permutes in the tensor of Hugging Face name `hf`: the query
+/// heads of a `q_proj` weight or bias, the key/value heads of a `k_proj` one, else none.
+fn rope_heads(hf: &str, c: &LlamaConfig) -> Option<usize> {
+    let (_, leaf) = hf.rsplit_once(".self_attn.")?;
+    match leaf {
+        "q_proj.weight" | "q_proj.bias" => Some(c.num_attention_heads),
+        "k_proj.weight" | "k_proj.bias" => Some(c.num_key_value_heads),
+        _ => None,
+    }
+}
+
 /// Undoes llama.cpp's row permutation of a Q or K weight (or bias) `[rows, cols]` (see
 /// [`permute_rows`]).
 pub fn unpermute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
@@ -740,14 +751,7 @@ pub fn gguf_source(
             ));
         };
         let mut values = file.dequantize_info(info)?;
-        let heads = if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
-            Some(config.num_attention_heads)
-        } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
-            Some(config.num_key_value_heads)
-        } else {
-            None
-        };
-        if let Some(heads) = heads {
+        if let Some(heads) = rope_heads(&name, &config) {
             let rows = info.shape[0];
             let cols = info.numel() / rows;
             if rows % (2 * heads) != 0 {
@@ -956,7 +960,6 @@ fn gguf_metadata(
     tokenizer: &[(String, GgufValue)],
     ty: GgmlType,
 ) -> Result<Vec<(String, GgufValue)>, AdapterError> {
-    const OUT: &str = "GGUF output";
     if !matches!(ty, GgmlType::F32 | GgmlType::F16) {
         return Err(AdapterError::Unsupported {
             option: "GGUF type".into(),
@@ -968,8 +971,9 @@ fn gguf_metadata(
         GgufValue::String("llama".into()),
     )];
     let mut int = |k: &str, v: usize| -> Result<(), AdapterError> {
-        let v = u32::try_from(v)
-            .map_err(|_| AdapterError::format(OUT, format!("llama.{k} {v} exceeds u32")))?;
+        let v = u32::try_from(v).map_err(|_| {
+            AdapterError::format(gguf::OUTPUT, format!("llama.{k} {v} exceeds u32"))
+        })?;
         meta.push((format!("llama.{k}"), GgufValue::U32(v)));
         Ok(())
     };
@@ -991,7 +995,7 @@ fn gguf_metadata(
             Ok((format!("llama.{k}"), GgufValue::F32(f)))
         }
         _ => Err(AdapterError::format(
-            OUT,
+            gguf::OUTPUT,
             format!("llama.{k} {v} does not fit an f32"),
         )),
     };
@@ -1037,14 +1041,14 @@ fn write_gguf<B: Backend>(
     ty: GgmlType,
     out: &mut dyn std::io::Write,
 ) -> Result<u64, AdapterError> {
-    const OUT: &str = "GGUF output";
     let c = model.config();
     let mut named = merged_tensors(model);
     named.sort_by(|a, b| a.0.cmp(&b.0)); // the converter's order: the checkpoint's names sorted
     let mut specs = Vec::with_capacity(named.len());
     for (hf, shape, _) in &named {
-        let name = gguf_name(hf)
-            .ok_or_else(|| AdapterError::format(OUT, format!("no GGUF name for `{hf}`")))?;
+        let name = gguf_name(hf).ok_or_else(|| {
+            AdapterError::format(gguf::OUTPUT, format!("no GGUF name for `{hf}`"))
+        })?;
         let ty = if shape.len() == 2 { ty } else { GgmlType::F32 };
         specs.push(GgufTensorSpec {
             name,
@@ -1055,15 +1059,8 @@ fn write_gguf<B: Backend>(
     gguf::write(out, meta, &specs, &mut |i| {
         let (hf, _, host) = &named[i];
         let t = host();
-        let heads = if hf.contains("self_attn.q_proj.") {
-            Some(c.num_attention_heads)
-        } else if hf.contains("self_attn.k_proj.") {
-            Some(c.num_key_value_heads)
-        } else {
-            None
-        };
         let rows = t.shape[0];
-        Ok(match heads {
+        Ok(match rope_heads(hf, c) {
             Some(h) => permute_rows(&t.data, rows, t.data.len() / rows, h),
             None => t.data,
         })
