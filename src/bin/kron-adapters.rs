@@ -21,7 +21,7 @@ use kron_adapters::finetune::AssetCache;
 use kron_adapters::llm::{self, GenerateConfig, Split, TaskKind, TextTokenizer};
 use kron_adapters::model::llama::{self, LlamaForCausalLM};
 use kron_adapters::quant::{Level, QuantConfig};
-use kron_adapters::store::gguf::{GgmlType, GgufFile};
+use kron_adapters::store::gguf::{GgmlType, GgufFile, GgufValue};
 use kron_adapters::store::{
     attach, merge_checkpoint, read_any, size_on_disk, st, write_peft_dir, AdapterFile,
     NativeAdapters, PeftAdapter, QuantizedAdapters,
@@ -322,11 +322,11 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
         } => {
             st::refuse_existing(&out, force)?;
             let device = Default::default();
-            let (m, tok) = load_decoder(&model, adapter.as_deref(), &device)?;
+            let (m, tok, gguf_tokenizer) = load_decoder(&model, adapter.as_deref(), &device)?;
             // A GGUF source's metadata is carried as it is; a folder's tokenizer.json is
             // converted when it is a byte-level BPE llama.cpp names.
             let tokenizer = match tok {
-                _ if !model.is_dir() => llama::tokenizer_metadata(&GgufFile::read(&model)?),
+                _ if !model.is_dir() => gguf_tokenizer,
                 Some(t) => t.gguf_metadata().unwrap_or_else(|e| {
                     eprintln!("note: {e}");
                     Vec::new()
@@ -357,7 +357,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
         } => {
             st::refuse_existing(&out, force)?;
             let device = Default::default();
-            let (m, tok) = load_decoder(&model, adapter.as_deref(), &device)?;
+            let (m, tok, _) = load_decoder(&model, adapter.as_deref(), &device)?;
             let files = match tok {
                 Some(tok) => tok.hf_files()?,
                 None => {
@@ -635,14 +635,22 @@ fn emit(text: &str) {
 }
 
 /// A decoder and its tokenizer, with an adapter attached by name when given.
+/// A decoder with the adapter attached, its tokenizer if it has one, and a GGUF source's
+/// `tokenizer.*` metadata (empty for a folder), for export-gguf to carry.
+type Decoder = (
+    LlamaForCausalLM<Cpu>,
+    Option<TextTokenizer>,
+    Vec<(String, GgufValue)>,
+);
+
 fn load_decoder(
     model: &Path,
     adapter: Option<&Path>,
     device: &burn::tensor::Device<Cpu>,
-) -> Result<(LlamaForCausalLM<Cpu>, Option<TextTokenizer>), AdapterError> {
+) -> Result<Decoder, AdapterError> {
     let t = std::time::Instant::now();
     // A model may come without a tokenizer (export-hf needs none); a GGUF file is read once.
-    let (mut m, tok) = if model.is_dir() {
+    let (mut m, tok, meta) = if model.is_dir() {
         let tok = model
             .join("tokenizer.json")
             .exists()
@@ -651,6 +659,7 @@ fn load_decoder(
         (
             llama::load::<Cpu>(model, &PlacementConfig::new(), device)?,
             tok,
+            Vec::new(),
         )
     } else {
         let file = GgufFile::read(model)?;
@@ -663,6 +672,7 @@ fn load_decoder(
         (
             llama::from_gguf::<Cpu>(&file, &shown, &PlacementConfig::new(), device)?,
             tok,
+            llama::tokenizer_metadata(&file),
         )
     };
     if let Some(t) = &tok {
@@ -680,7 +690,7 @@ fn load_decoder(
         t.elapsed().as_secs_f64(),
         common::backend_name()
     );
-    Ok((m, tok))
+    Ok((m, tok, meta))
 }
 
 fn generate(
@@ -691,7 +701,7 @@ fn generate(
     chat: bool,
 ) -> Result<(), AdapterError> {
     let device = Default::default();
-    let (m, tok) = load_decoder(model, adapter, &device)?;
+    let (m, tok, _) = load_decoder(model, adapter, &device)?;
     let tok = tok.ok_or_else(|| no_tokenizer(model))?;
     let text = if chat {
         tok.chat_prompt(prompt)?
@@ -748,7 +758,7 @@ fn evaluate(
         questions.truncate(n);
     }
     let device = Default::default();
-    let (m, tok) = load_decoder(model, adapter, &device)?;
+    let (m, tok, _) = load_decoder(model, adapter, &device)?;
     let tok = tok.ok_or_else(|| no_tokenizer(model))?;
     let t = std::time::Instant::now();
     let r = llm::evaluate(&m, &tok, &questions, max_len, batch_tokens, &device)?;
