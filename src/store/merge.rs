@@ -3,6 +3,7 @@
 //! other tensor copied as is. The merge itself is [`AdaptedLinear::merge`], the crate's one
 //! merge (with its NaN/Inf refusal).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -41,18 +42,18 @@ pub fn merge_checkpoint<B: Backend>(
 ) -> Result<MergeReport, AdapterError> {
     st::refuse_existing(out, overwrite)?;
     let base_bytes = super::read_file(base)?;
-    let (bytes, merged) = merge_bytes::<B>(
-        &base.display().to_string(),
-        &base_bytes,
-        adapters,
-        map,
-        device,
-    )?;
-    st::write_atomic(out, &bytes)?;
-    Ok(MergeReport {
-        merged,
-        bytes: bytes.len() as u64,
-    })
+    let shown = base.display().to_string();
+    let mut report = MergeReport {
+        merged: Vec::new(),
+        bytes: 0,
+    };
+    // Streamed: the base is held once, a merged weight only while it is written.
+    st::write_atomic_with(out, &mut |w| {
+        (report.bytes, report.merged) =
+            merge_into::<B>(&shown, &base_bytes, adapters, map, device, w)?;
+        Ok(())
+    })?;
+    Ok(report)
 }
 
 /// [`merge_checkpoint`] on bytes: the merged checkpoint's bytes and the tensors replaced.
@@ -64,11 +65,27 @@ pub fn merge_bytes<B: Backend>(
     map: &NameMap,
     device: &B::Device,
 ) -> Result<(Vec<u8>, Vec<String>), AdapterError> {
+    let mut out = Vec::new();
+    let (_, merged) = merge_into::<B>(name, base_bytes, adapters, map, device, &mut out)?;
+    Ok((out, merged))
+}
+
+/// Writes the merged checkpoint to `out`, one tensor at a time, after checking that every
+/// adapter layer has a weight of its shape in the base: the bytes written and the tensors
+/// replaced.
+fn merge_into<B: Backend>(
+    shown: &str,
+    base_bytes: &[u8],
+    adapters: &NativeAdapters,
+    map: &NameMap,
+    device: &B::Device,
+    out: &mut dyn std::io::Write,
+) -> Result<(u64, Vec<String>), AdapterError> {
     adapters.validate("adapters")?;
-    let shown = name;
     let tensors = st::parse(shown, base_bytes)?;
     let metadata = st::metadata(shown, base_bytes)?;
-    let mut replaced: HashMap<String, Vec<u8>> = HashMap::new();
+    // Weight name -> adapter layer name.
+    let mut replaced: HashMap<String, &str> = HashMap::new();
     for (name, spec) in &adapters.meta.layers {
         let key = format!("{}.weight", map.apply(name));
         let view = tensors
@@ -90,7 +107,24 @@ pub fn merge_bytes<B: Backend>(
                 ),
             });
         }
-        let w = HostTensor::from_view(shown, &key, &view)?.transposed();
+        replaced.insert(key, name);
+    }
+    let names: Vec<String> = tensors.names().into_iter().map(String::from).collect();
+    let views: Vec<_> = names
+        .iter()
+        .map(|n| tensors.tensor(n).expect("listed"))
+        .collect();
+    let specs: Vec<st::Spec> = names
+        .iter()
+        .zip(&views)
+        .map(|(n, v)| (n.clone(), v.dtype(), v.shape().to_vec()))
+        .collect();
+    let bytes = st::write_streamed(shown, out, &specs, metadata, &mut |i| {
+        let (key, view) = (&names[i], &views[i]);
+        let Some(&name) = replaced.get(key) else {
+            return Ok(Cow::Borrowed(view.data()));
+        };
+        let w = HostTensor::from_view(shown, key, view)?.transposed();
         let linear = Linear {
             weight: Param::from_tensor(w.to_tensor::<B, 2>(device)),
             bias: None,
@@ -99,19 +133,8 @@ pub fn merge_bytes<B: Backend>(
         layer.set_adapter(adapters.adapter::<B>(name, device)?)?;
         let merged = layer.merge().map_err(|e| e.at(name))?;
         let merged = HostTensor::from_tensor(merged.weight.val()).transposed();
-        replaced.insert(key, st::encode_f32(&merged.data, view.dtype()));
-    }
-    let mut names: Vec<String> = tensors.names().into_iter().map(String::from).collect();
-    names.sort();
-    let entries: Vec<st::Entry<&[u8]>> = names
-        .iter()
-        .map(|n| {
-            let v = tensors.tensor(n).expect("listed");
-            let data: &[u8] = replaced.get(n).map_or(v.data(), |b| b.as_slice());
-            (n.clone(), v.dtype(), v.shape().to_vec(), data)
-        })
-        .collect();
-    let bytes = st::serialize(shown, &entries, metadata)?;
+        Ok(Cow::Owned(st::encode_f32(&merged.data, view.dtype())))
+    })?;
     let mut merged: Vec<String> = replaced.into_keys().collect();
     merged.sort();
     Ok((bytes, merged))

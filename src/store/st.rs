@@ -137,18 +137,90 @@ pub fn serialize<D: AsRef<[u8]>>(
     entries: &[Entry<D>],
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>, AdapterError> {
-    let fail = |m: String| AdapterError::format(path, format!("cannot serialize: {m}"));
-    let views = entries
+    let specs: Vec<Spec> = entries
         .iter()
-        .map(|(k, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes.as_ref())
-                .map(|v| (k.clone(), v))
-                .map_err(|e| fail(format!("`{k}`: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let meta = (!metadata.is_empty()).then_some(metadata);
-    let bytes = ::safetensors::serialize(views, meta).map_err(|e| fail(e.to_string()))?;
-    canonical_safetensors(&bytes).map_err(fail)
+        .map(|(k, dtype, shape, _)| (k.clone(), *dtype, shape.clone()))
+        .collect();
+    let mut out = Vec::new();
+    write_streamed(path, &mut out, &specs, metadata, &mut |i| {
+        Ok(entries[i].3.as_ref())
+    })?;
+    Ok(out)
+}
+
+/// One tensor of a streamed file: name, dtype, shape.
+pub type Spec = (String, Dtype, Vec<usize>);
+
+/// Writes a safetensors file to `out` one tensor at a time, so a file larger than memory can be
+/// written: the header comes from `specs` alone, then `data(i)` gives the bytes of `specs[i]`
+/// when they are due (each checked against its dtype and shape). Tensors are laid out as the
+/// `safetensors` crate lays them out (by descending dtype, then name) under a canonical header
+/// (sorted keys, space-padded to a multiple of 8 bytes), so the bytes equal [`serialize`]'s of
+/// the same content. `path` names the file in errors. Returns the bytes written.
+pub fn write_streamed<D: AsRef<[u8]>>(
+    path: &str,
+    out: &mut dyn std::io::Write,
+    specs: &[Spec],
+    metadata: HashMap<String, String>,
+    data: &mut dyn FnMut(usize) -> Result<D, AdapterError>,
+) -> Result<u64, AdapterError> {
+    let fail = |m: String| AdapterError::format(path, format!("cannot serialize: {m}"));
+    let mut order: Vec<usize> = (0..specs.len()).collect();
+    order.sort_by(|&l, &r| {
+        specs[r]
+            .1
+            .cmp(&specs[l].1)
+            .then(specs[l].0.cmp(&specs[r].0))
+    });
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::json!(metadata));
+    }
+    let mut sizes = vec![0usize; specs.len()];
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, dtype, shape) = &specs[i];
+        let bits = shape
+            .iter()
+            .try_fold(dtype.bitsize(), |n, &d| n.checked_mul(d))
+            .filter(|bits| bits % 8 == 0)
+            .ok_or_else(|| {
+                fail(format!(
+                    "`{name}`: {shape:?} {dtype:?} is not a whole number of bytes"
+                ))
+            })?;
+        sizes[i] = bits / 8;
+        let end = offset
+            .checked_add(sizes[i])
+            .ok_or_else(|| fail("the tensors' sizes overflow".into()))?;
+        if header.contains_key(name.as_str()) || name == "__metadata__" {
+            return Err(fail(format!("`{name}` is named twice")));
+        }
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let json = padded_json(&header.into());
+    let io = |e| AdapterError::io(path, e);
+    out.write_all(&(json.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(&json).map_err(io)?;
+    for &i in &order {
+        let bytes = data(i)?;
+        let bytes = bytes.as_ref();
+        if bytes.len() != sizes[i] {
+            return Err(fail(format!(
+                "`{}` has {} bytes where its dtype and shape need {}",
+                specs[i].0,
+                bytes.len(),
+                sizes[i]
+            )));
+        }
+        out.write_all(bytes).map_err(io)?;
+    }
+    Ok((8 + json.len() + offset) as u64)
 }
 
 /// Parses safetensors bytes; `path` names the file in the error.
@@ -186,16 +258,22 @@ pub fn canonical_safetensors(bytes: &[u8]) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("not a valid safetensors buffer: {e}"))?;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
         .map_err(|e| format!("bad safetensors header: {e}"))?;
-    // serde_json's map is ordered by key, so this serialization is canonical.
-    let mut json = serde_json::to_vec(&header).expect("a JSON value serializes");
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
+    let json = padded_json(&header);
     let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
     out.extend_from_slice(&bytes[8 + n..]);
     Ok(out)
+}
+
+/// A safetensors header's JSON with sorted keys (serde_json's map is ordered by key, so the
+/// serialization is canonical), padded with spaces to a multiple of 8 bytes.
+fn padded_json(header: &serde_json::Value) -> Vec<u8> {
+    let mut json = serde_json::to_vec(header).expect("a JSON value serializes");
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    json
 }
 
 /// Reads the file at `path` and parses it with `parse(name, bytes)`, the name being the path
@@ -273,14 +351,28 @@ pub fn write_dir_atomic(
     files: &[(&str, &[u8])],
     overwrite: bool,
 ) -> Result<(), AdapterError> {
+    write_dir_atomic_with(dir, overwrite, &mut |tmp| {
+        for (name, bytes) in files {
+            write_atomic(&tmp.join(name), bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// [`write_dir_atomic`] for files written piece by piece: `fill` gets the temporary folder to
+/// write into (with [`write_atomic_with`] for a file too large to hold in memory); its error
+/// leaves nothing behind.
+pub fn write_dir_atomic_with(
+    dir: &Path,
+    overwrite: bool,
+    fill: &mut dyn FnMut(&Path) -> Result<(), AdapterError>,
+) -> Result<(), AdapterError> {
     refuse_existing(dir, overwrite)?;
     let tmp = temp_sibling(dir, "dir");
     let _ = std::fs::remove_dir_all(&tmp);
     let result = (|| {
         std::fs::create_dir_all(&tmp).map_err(|e| AdapterError::io(&tmp, e))?;
-        for (name, bytes) in files {
-            write_atomic(&tmp.join(name), bytes)?;
-        }
+        fill(&tmp)?;
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(|e| AdapterError::io(dir, e))?;
         }

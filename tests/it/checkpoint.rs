@@ -466,3 +466,108 @@ fn inconsistent_metadata_is_a_typed_error_in_every_reader() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The streamed safetensors writer (every file this crate writes, and `export-hf`'s and
+/// `merge`'s weights one tensor at a time) gives the bytes the `safetensors` crate gives for the
+/// same content under a sorted header, and refuses data that does not fit its declared shape,
+/// leaving no file.
+#[test]
+fn streamed_safetensors_equal_the_safetensors_crates_bytes() {
+    use kron_adapters::store::st;
+    use safetensors::Dtype;
+    let mut rng = Rng::new(71);
+    let mut entries: Vec<st::Entry> = Vec::new();
+    for (i, (dtype, shape)) in [
+        (Dtype::F32, vec![3, 5]),
+        (Dtype::F16, vec![7]),
+        (Dtype::BF16, vec![2, 2, 3]),
+        (Dtype::I8, vec![9]),
+        (Dtype::U8, vec![0, 4]),
+        (Dtype::F64, vec![1]),
+        (Dtype::F32, vec![]),
+        (Dtype::I64, vec![2]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = shape.iter().product::<usize>() * dtype.size();
+        let bytes: Vec<u8> = (0..n).map(|_| (rng.uniform() * 256.0) as u8).collect();
+        entries.push((format!("t{}.w{i}", (i * 5) % 8), dtype, shape, bytes));
+    }
+    let meta = std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("note".to_string(), "{\"a\": [1, 2]}".to_string()),
+    ]);
+    let views: Vec<_> = entries
+        .iter()
+        .map(|(n, d, s, b)| {
+            let view = safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    let theirs = safetensors::serialize(views, Some(meta.clone())).unwrap();
+    let theirs = st::canonical_safetensors(&theirs).unwrap();
+    let ours = st::serialize("x", &entries, meta.clone()).unwrap();
+    assert_eq!(ours, theirs);
+    // Read back: every tensor and the metadata as written.
+    let parsed = st::parse("x", &ours).unwrap();
+    for (n, d, s, b) in &entries {
+        let v = parsed.tensor(n).unwrap();
+        assert_eq!(
+            (v.dtype(), v.shape(), v.data()),
+            (*d, s.as_slice(), b.as_slice())
+        );
+    }
+    assert_eq!(st::metadata("x", &ours).unwrap(), meta);
+    // Without metadata there is no `__metadata__` key, as in the crate's files.
+    let bare = st::serialize("x", &entries, Default::default()).unwrap();
+    assert!(!String::from_utf8_lossy(&bare[..64]).contains("__metadata__"));
+
+    // Streamed into a file: the same bytes.
+    let dir = tmpdir("streamed");
+    let path = dir.join("s.safetensors");
+    let specs: Vec<st::Spec> = entries
+        .iter()
+        .map(|(n, d, s, _)| (n.clone(), *d, s.clone()))
+        .collect();
+    st::write_atomic_with(&path, &mut |out| {
+        st::write_streamed("s", out, &specs, meta.clone(), &mut |i| Ok(&entries[i].3))?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), ours);
+
+    // A tensor whose bytes do not fit its shape: an error naming it, and the file unchanged.
+    let short = dir.join("short.safetensors");
+    let e = st::write_atomic_with(&short, &mut |out| {
+        st::write_streamed("short", out, &specs, meta.clone(), &mut |i| {
+            Ok(&entries[i].3[..entries[i].3.len() - usize::from(i == 1)])
+        })?;
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains(&entries[1].0), "{e}");
+    assert!(!short.exists());
+    // Two tensors of one name, or a tensor named like the metadata.
+    for name in [entries[0].0.clone(), "__metadata__".to_string()] {
+        let mut twice = specs.clone();
+        twice[2].0 = name.clone();
+        let e = st::write_streamed("x", &mut Vec::new(), &twice, meta.clone(), &mut |i| {
+            Ok(&entries[i].3)
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains(&name), "{e}");
+    }
+    let leftovers = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(".tmp-")
+        })
+        .count();
+    assert_eq!(leftovers, 0);
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -191,6 +191,66 @@ fn merge_keeps_the_base_dtype() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A merge that fails on the last adapted weight, after most of the file is written (the output
+/// is streamed), leaves the existing output as it was and no temporary file.
+#[test]
+fn a_merge_failing_late_keeps_the_existing_output() {
+    use kron_adapters::store::st;
+    let dir = tmp("late");
+    let f = peft_fixture("lora_d48");
+    let (base, merged) = (
+        read(&f.join("base.safetensors")),
+        read(&f.join("merged.safetensors")),
+    );
+    let last = base
+        .keys()
+        .filter(|k| base[*k].2 != merged[*k].2)
+        .max()
+        .unwrap()
+        .clone();
+    assert!(
+        base.keys().filter(|k| **k < last).count() > 5,
+        "most tensors come first"
+    );
+    let entries: Vec<st::Entry> = base
+        .iter()
+        .map(|(k, (dt, shape, v))| {
+            let mut v = v.clone();
+            if *k == last {
+                v[3] = f32::NAN;
+            }
+            (k.clone(), *dt, shape.clone(), st::encode_f32(&v, *dt))
+        })
+        .collect();
+    let bad = dir.join("bad.safetensors");
+    std::fs::write(
+        &bad,
+        st::serialize("x", &entries, Default::default()).unwrap(),
+    )
+    .unwrap();
+    let out = dir.join("out.safetensors");
+    std::fs::write(&out, b"previous output").unwrap();
+    let (code, _, err) = run(&[
+        "merge",
+        "--base",
+        s(&bad),
+        "--adapter",
+        s(&f.join("adapter")),
+        "--out",
+        s(&out),
+        "--force",
+    ]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("NaN"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous output");
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "no temporary file: {names:?}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn convert_round_trips_between_peft_and_adapter_files() {
     let dir = tmp("convert");

@@ -877,20 +877,30 @@ pub fn save_hf<B: Backend>(
     use crate::store::st;
     st::refuse_existing(dir, overwrite)?;
     let model = model.merge_adapters()?;
-    let mut entries: Vec<st::Entry> = merged_tensors(&model)
-        .into_iter()
-        .map(|(name, shape, host)| (name, ::safetensors::Dtype::F32, shape, host().f32_bytes()))
-        .collect();
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let weights = st::serialize("model.safetensors", &entries, meta)?;
     let config = serde_json::to_vec_pretty(&hf_config_json(model.config()))
         .map_err(|e| AdapterError::format("config.json", e.to_string()))?;
-    let mut files: Vec<(&str, &[u8])> =
-        vec![("config.json", &config), ("model.safetensors", &weights)];
-    files.extend_from_slice(extra);
-    st::write_dir_atomic(dir, &files, overwrite)?;
-    Ok(weights.len() as u64)
+    let tensors = merged_tensors(&model);
+    let specs: Vec<st::Spec> = tensors
+        .iter()
+        .map(|(name, shape, _)| (name.clone(), ::safetensors::Dtype::F32, shape.clone()))
+        .collect();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut written = 0;
+    // The weights are streamed, one tensor at a time: a 7B model is never held twice.
+    st::write_dir_atomic_with(dir, overwrite, &mut |tmp| {
+        st::write_atomic(&tmp.join("config.json"), &config)?;
+        for (name, bytes) in extra {
+            st::write_atomic(&tmp.join(name), bytes)?;
+        }
+        st::write_atomic_with(&tmp.join("model.safetensors"), &mut |out| {
+            written =
+                st::write_streamed("model.safetensors", out, &specs, meta.clone(), &mut |i| {
+                    Ok(tensors[i].2().f32_bytes())
+                })?;
+            Ok(())
+        })
+    })?;
+    Ok(written)
 }
 
 /// The `tokenizer.*` metadata of a GGUF file, to carry into another ([`save_gguf`]).
