@@ -10,15 +10,25 @@ a dummy prefix, no whitespace folding, identity normalization) and writes:
   (`_set_vocab_sentencepiece`): `tokenizer.ggml.tokens`, `.scores`, `.token_type` (1 normal,
   2 unknown, 3 control, 5 unused, 6 byte), the special ids, `add_bos_token`, `add_space_prefix`.
 * reference.json — for each text, the ids `sentencepiece` gives (no BOS) and its decoding.
+* hf/ — the same tokenizer as `transformers` writes a Llama 2-style model's fast tokenizer
+  (`tokenizer.json`: a byte-fallback BPE with a `Metaspace` pre-tokenizer;
+  `tokenizer_config.json`), converted from a SentencePiece model rebuilt from tokenizer.gguf's
+  pieces, scores and types, and hf/reference.json with `transformers`' ids for the same texts.
 
-Setup (CPU): python3 -m venv venv && venv/bin/pip install sentencepiece gguf numpy
-(made with sentencepiece 0.2.3, gguf 0.19.0). Run from the repository root:
-    venv/bin/python scripts/make_spm_gguf_fixture.py
+Setup (CPU): python3 -m venv venv && venv/bin/pip install sentencepiece gguf numpy protobuf
+transformers (made with sentencepiece 0.2.3, gguf 0.19.0, protobuf 7.36.2, transformers 5.25.0).
+Run from the repository root:
+    venv/bin/python scripts/make_spm_gguf_fixture.py            # trains; writes everything
+    venv/bin/python scripts/make_spm_gguf_fixture.py --hf-only  # hf/ from the committed GGUF
+The training text is this repository's docs, which change: `--hf-only` leaves the committed
+tokenizer.gguf and reference.json as they are.
 """
 
 import io
 import json
 import os
+import sys
+import tempfile
 
 import gguf
 import sentencepiece as spm
@@ -107,5 +117,60 @@ def main():
     print(f"{n} pieces, {sum(t == 6 for t in types)} byte pieces; {len(cases)} cases")
 
 
+def write_hf():
+    """hf/: transformers' fast tokenizer for the SentencePiece model tokenizer.gguf holds."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers import AutoTokenizer
+
+    reader = gguf.GGUFReader(os.path.join(OUT, "tokenizer.gguf"))
+
+    def field(name):
+        f = reader.fields["tokenizer.ggml." + name]
+        return [f.parts[i] for i in f.data]
+
+    tokens = [bytes(p).decode("utf-8") for p in field("tokens")]
+    scores = [float(p[0]) for p in field("scores")]
+    types = [int(p[0]) for p in field("token_type")]
+    proto = pb.ModelProto()
+    for token, score, kind in zip(tokens, scores, types):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = token, score, kind  # the same numbering
+    t = proto.trainer_spec
+    t.model_type, t.vocab_size, t.byte_fallback = pb.TrainerSpec.BPE, len(tokens), True
+    t.unk_id, t.bos_id, t.eos_id, t.pad_id = 0, 1, 2, -1
+    t.split_digits = True
+    ns = proto.normalizer_spec
+    ns.name, ns.add_dummy_prefix, ns.remove_extra_whitespaces = "identity", True, False
+    ns.escape_whitespaces = True
+    model = proto.SerializeToString()
+    # The rebuilt model tokenizes as the trained one did.
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    with open(os.path.join(OUT, "reference.json"), encoding="utf-8") as f:
+        for case in json.load(f)["cases"]:
+            assert sp.encode(case["text"]) == case["ids"], case["text"]
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+            f.write(model)
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
+                  "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        hf = os.path.join(OUT, "hf")
+        tok.save_pretrained(hf)
+    for name in os.listdir(hf):
+        if name not in ("tokenizer.json", "tokenizer_config.json"):
+            os.remove(os.path.join(hf, name))
+    cases = []
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        cases.append({"text": text, "ids": ids, "decoded": tok.decode(ids)})
+    with open(os.path.join(hf, "reference.json"), "w", encoding="utf-8") as f:
+        json.dump({"cases": cases}, f, ensure_ascii=False, indent=1)
+    print(f"hf/: {type(tok).__name__}, {len(cases)} cases")
+
+
 if __name__ == "__main__":
-    main()
+    if "--hf-only" not in sys.argv[1:]:
+        main()
+    write_hf()

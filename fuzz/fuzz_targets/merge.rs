@@ -3,7 +3,7 @@
 //! error or a merged checkpoint, never a panic.
 #![no_main]
 
-use kron_adapters::store::{merge_bytes, NativeAdapters};
+use kron_adapters::store::{merge_bytes, st, NativeAdapters};
 use kron_adapters::NameMap;
 use libfuzzer_sys::fuzz_target;
 
@@ -15,6 +15,17 @@ fuzz_target!(|data: &[u8]| {
     let (adapter, base) = data[4..].split_at(n);
     if let Ok(adapters) = NativeAdapters::from_bytes("fuzz", adapter) {
         let device = Default::default();
-        let _ = merge_bytes::<burn::backend::NdArray>("base", base, &adapters, &NameMap::new(), &device);
+        let merged =
+            merge_bytes::<burn::backend::NdArray>("base", base, &adapters, &NameMap::new(), &device);
+        // A merge that succeeds writes a checkpoint that reads back with the base's tensors.
+        if let Ok((out, _)) = merged {
+            let out = st::parse("out", &out).expect("a merged checkpoint parses");
+            let base = st::parse("base", base).expect("a merged base parsed");
+            let mut names = out.names();
+            names.sort();
+            let mut want = base.names();
+            want.sort();
+            assert_eq!(names, want);
+        }
     }
 });

@@ -324,7 +324,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             let device = Default::default();
             let (m, tok, gguf_tokenizer) = load_decoder(&model, adapter.as_deref(), &device)?;
             // A GGUF source's metadata is carried as it is; a folder's tokenizer.json is
-            // converted when it is a byte-level BPE llama.cpp names.
+            // converted when it is a byte-level BPE llama.cpp names or a SentencePiece BPE.
             let tokenizer = match tok {
                 _ if !model.is_dir() => gguf_tokenizer,
                 Some(t) => t.gguf_metadata().unwrap_or_else(|e| {

@@ -99,14 +99,20 @@ impl TextTokenizer {
         }
         eos.sort();
         eos.dedup();
+        // Without `add_bos_token` (`transformers` 5 and Llama 3 folders leave it out), BOS is
+        // added when the tokenizer's own post-processor adds it.
+        let add_bos = match cfg.get("add_bos_token").and_then(|v| v.as_bool()) {
+            Some(add) => add,
+            None => {
+                let with = tokenizer.encode("", true);
+                bos.is_some() && with.is_ok_and(|e| e.get_ids().first() == bos.as_ref())
+            }
+        };
         Ok(Self {
             tokenizer,
             bos,
             eos,
-            add_bos: cfg
-                .get("add_bos_token")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+            add_bos,
             chat_template: cfg
                 .get("chat_template")
                 .and_then(|v| v.as_str())
@@ -416,20 +422,27 @@ impl TextTokenizer {
     }
 
     /// This tokenizer as GGUF `tokenizer.*` metadata (what [`Self::from_gguf`] reads and
-    /// llama.cpp runs), for [`crate::model::llama::save_gguf`]: model `gpt2`, the tokens by
-    /// id, the merges, token types (control for special added tokens, user-defined for other
-    /// added ones, normal otherwise), BOS/EOS, `add_bos_token`, the chat template, and the
-    /// pre-tokenizer's llama.cpp name. Byte-level BPE tokenizers with one of the pre-tokenizers
-    /// [`Self::from_gguf`] builds are converted — SmolLM's (digits one by one, then GPT-2's
-    /// regex: `smollm`), Llama 3's (`llama-bpe`) and GPT-2's (`gpt-2`); others are refused
-    /// (`Unsupported`), as is a vocabulary whose ids have gaps.
+    /// llama.cpp runs), for [`crate::model::llama::save_gguf`]: the tokens by id, token types
+    /// (control for special added tokens, user-defined for other added ones, normal otherwise),
+    /// BOS/EOS, `add_bos_token` and the chat template, and by kind:
+    /// - a byte-level BPE with one of the pre-tokenizers [`Self::from_gguf`] builds — SmolLM's
+    ///   (digits one by one, then GPT-2's regex: `smollm`), Llama 3's (`llama-bpe`) and GPT-2's
+    ///   (`gpt-2`) — as model `gpt2` with its merges and the pre-tokenizer's llama.cpp name;
+    /// - a SentencePiece-style BPE (byte fallback, `▁` for spaces, as Llama 2, Mistral and
+    ///   TinyLlama folders hold it: a `Prepend`/`Replace` normalizer, or the `Metaspace`
+    ///   pre-tokenizer `transformers` writes) as model `llama`, as llama.cpp's converter writes
+    ///   a `tokenizer.model`: pieces, scores (a merged piece ranks by its first merge: the
+    ///   earlier, the higher; other pieces 0), byte pieces typed as bytes (6), the unknown piece
+    ///   (2), `add_space_prefix`.
+    ///
+    /// Other tokenizers are refused (`Unsupported`), as is a vocabulary whose ids have gaps.
     pub fn gguf_metadata(&self) -> Result<Vec<(String, GgufValue)>, AdapterError> {
         use serde_json::Value;
         let unsupported = |m: String| AdapterError::Unsupported {
             option: "tokenizer".into(),
             message: format!(
-                "{m}; GGUF metadata is written for byte-level BPE tokenizers \
-                              (SmolLM, Llama 3, GPT-2 pre-tokenizers)"
+                "{m}; GGUF metadata is written for byte-level BPE tokenizers (SmolLM, Llama 3, \
+                 GPT-2 pre-tokenizers) and SentencePiece-style BPE ones (Llama 2, Mistral)"
             ),
         };
         let json: Value = self
@@ -442,38 +455,11 @@ impl TextTokenizer {
         if model["type"].as_str() != Some("BPE") {
             return Err(unsupported(format!("a {} model", model["type"])));
         }
-        if !json["normalizer"].is_null() {
-            return Err(unsupported(format!(
-                "a {} normalizer",
-                json["normalizer"]["type"]
-            )));
-        }
-        let kind = |v: &Value| v["type"].as_str().unwrap_or("").to_string();
-        let pre = &json["pre_tokenizer"];
-        let steps: Vec<&Value> = match pre["pretokenizers"].as_array() {
-            Some(list) if kind(pre) == "Sequence" => list.iter().collect(),
-            _ => vec![pre],
-        };
-        let byte_level = |v: &Value, regex: bool| {
-            kind(v) == "ByteLevel"
-                && v["use_regex"].as_bool() == Some(regex)
-                && v["add_prefix_space"] != true
-        };
-        let name = match steps.as_slice() {
-            [b] if byte_level(b, true) => "gpt-2",
-            [d, b]
-                if kind(d) == "Digits" && d["individual_digits"] == true && byte_level(b, true) =>
-            {
-                "smollm"
-            }
-            [s, b]
-                if kind(s) == "Split"
-                    && s["pattern"]["Regex"].as_str() == Some(LLAMA3_REGEX)
-                    && byte_level(b, false) =>
-            {
-                "llama-bpe"
-            }
-            _ => return Err(unsupported(format!("the pre-tokenizer {pre}"))),
+        let kind = match spm_layout(&json) {
+            Some(prefix) => GgufTokenizerKind::Spm { prefix },
+            None => GgufTokenizerKind::Gpt2 {
+                pre: byte_level_name(&json).map_err(unsupported)?,
+            },
         };
         let vocab = self.tokenizer.get_vocab(true);
         let mut tokens: Vec<Option<String>> = vec![None; vocab.len()];
@@ -489,40 +475,77 @@ impl TextTokenizer {
             }
         }
         let tokens: Vec<String> = tokens.into_iter().map(Option::unwrap_or_default).collect();
-        let added = self.tokenizer.get_added_tokens_decoder();
-        let types: Vec<GgufValue> = (0..tokens.len() as u32)
-            .map(|id| {
-                GgufValue::I32(match added.get(&id) {
-                    Some(t) if t.special => 3,
-                    Some(_) => 4,
-                    None => 1,
-                })
-            })
-            .collect();
-        let merges: Vec<GgufValue> = model["merges"]
+        let merges: Vec<(String, String)> = model["merges"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|m| match m {
-                Value::Array(p) => {
-                    Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
-                }
-                Value::String(line) => Some(line.clone()),
+                Value::Array(p) => Some((
+                    p.first()?.as_str()?.to_string(),
+                    p.get(1)?.as_str()?.to_string(),
+                )),
+                Value::String(line) => line
+                    .split_once(' ')
+                    .map(|(l, r)| (l.to_string(), r.to_string())),
                 _ => None,
             })
-            .map(GgufValue::String)
+            .collect();
+        let added = self.tokenizer.get_added_tokens_decoder();
+        let unknown = model["unk_token"]
+            .as_str()
+            .or_else(|| vocab.contains_key("<unk>").then_some("<unk>"));
+        let spm = matches!(kind, GgufTokenizerKind::Spm { .. });
+        let types: Vec<GgufValue> = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| {
+                GgufValue::I32(match added.get(&(id as u32)) {
+                    _ if spm && Some(t.as_str()) == unknown => 2,
+                    Some(t) if t.special => 3,
+                    Some(_) => 4,
+                    None if spm && is_byte_piece(t) => 6,
+                    None => 1,
+                })
+            })
             .collect();
         let key = |k: &str| format!("tokenizer.ggml.{k}");
         let strings =
             |v: Vec<String>| GgufValue::Array(v.into_iter().map(GgufValue::String).collect());
-        let mut meta = vec![
-            (key("model"), GgufValue::String("gpt2".into())),
-            (key("pre"), GgufValue::String(name.into())),
-            (key("tokens"), strings(tokens)),
-            (key("token_type"), GgufValue::Array(types)),
-            (key("merges"), GgufValue::Array(merges)),
-            (key("add_bos_token"), GgufValue::Bool(self.add_bos)),
-        ];
+        let mut meta = Vec::new();
+        match kind {
+            GgufTokenizerKind::Gpt2 { pre } => {
+                let merges = merges.into_iter().map(|(l, r)| format!("{l} {r}"));
+                meta.extend([
+                    (key("model"), GgufValue::String("gpt2".into())),
+                    (key("pre"), GgufValue::String(pre.into())),
+                    (key("tokens"), strings(tokens)),
+                    (key("token_type"), GgufValue::Array(types)),
+                    (key("merges"), strings(merges.collect())),
+                ]);
+            }
+            GgufTokenizerKind::Spm { prefix } => {
+                // A piece's first merge ranks it: llama.cpp merges the highest score first.
+                let mut rank: std::collections::HashMap<String, usize> = Default::default();
+                for (i, (l, r)) in merges.iter().enumerate() {
+                    rank.entry(format!("{l}{r}")).or_insert(i);
+                }
+                let scores = tokens
+                    .iter()
+                    .map(|t| GgufValue::F32(rank.get(t).map_or(0.0, |&r| -1.0 - r as f32)))
+                    .collect();
+                meta.extend([
+                    (key("model"), GgufValue::String("llama".into())),
+                    (key("tokens"), strings(tokens.clone())),
+                    (key("scores"), GgufValue::Array(scores)),
+                    (key("token_type"), GgufValue::Array(types)),
+                    (key("add_space_prefix"), GgufValue::Bool(prefix)),
+                ]);
+                if let Some(unk) = unknown.and_then(|u| vocab.get(u)) {
+                    meta.push((key("unknown_token_id"), GgufValue::U32(*unk)));
+                }
+            }
+        }
+        meta.push((key("add_bos_token"), GgufValue::Bool(self.add_bos)));
         if let Some(bos) = self.bos {
             meta.push((key("bos_token_id"), GgufValue::U32(bos)));
         }
@@ -567,6 +590,96 @@ impl TextTokenizer {
 }
 
 /// The vocabulary of a GGUF file's tokens (id = position), refusing a repeated token.
+/// The two tokenizer kinds GGUF metadata is written for.
+enum GgufTokenizerKind {
+    /// Byte-level BPE (`gpt2`) with llama.cpp's name for its pre-tokenizer.
+    Gpt2 { pre: &'static str },
+    /// SentencePiece-style BPE (`llama`), with a space in front of a text or not.
+    Spm { prefix: bool },
+}
+
+/// `Some(add_space_prefix)` when a serialized tokenizer is a SentencePiece-style BPE: byte
+/// fallback, spaces as `▁` by a `Replace` normalizer (after a `Prepend` of `▁`, or alone) with
+/// no pre-tokenizer — as `transformers` 4 and [`TextTokenizer::from_gguf`] write it — or by a
+/// non-splitting `Metaspace` pre-tokenizer with no normalizer, as `transformers` 5 writes it.
+fn spm_layout(json: &serde_json::Value) -> Option<bool> {
+    let kind = |v: &serde_json::Value| v["type"].as_str().unwrap_or("").to_string();
+    if json["model"]["byte_fallback"] != true {
+        return None;
+    }
+    let (norm, pre) = (&json["normalizer"], &json["pre_tokenizer"]);
+    if pre.is_null() {
+        let steps: Vec<&serde_json::Value> = match norm["normalizers"].as_array() {
+            Some(list) if kind(norm) == "Sequence" => list.iter().collect(),
+            _ => vec![norm],
+        };
+        let replace = |v: &serde_json::Value| {
+            kind(v) == "Replace" && v["pattern"]["String"] == " " && v["content"] == "\u{2581}"
+        };
+        match steps.as_slice() {
+            [p, r] if kind(p) == "Prepend" && p["prepend"] == "\u{2581}" && replace(r) => {
+                Some(true)
+            }
+            [r] if replace(r) => Some(false),
+            _ => None,
+        }
+    } else if norm.is_null()
+        && kind(pre) == "Metaspace"
+        && pre["replacement"] == "\u{2581}"
+        && pre["split"] == false
+    {
+        match pre["prepend_scheme"].as_str() {
+            Some("first" | "always") => Some(true),
+            Some("never") => Some(false),
+            _ => None,
+        }
+    } else {
+        None
+    }
+}
+
+/// llama.cpp's name for a serialized byte-level BPE tokenizer's pre-tokenizer, or why it has
+/// none.
+fn byte_level_name(json: &serde_json::Value) -> Result<&'static str, String> {
+    use serde_json::Value;
+    if !json["normalizer"].is_null() {
+        return Err(format!("a {} normalizer", json["normalizer"]["type"]));
+    }
+    let kind = |v: &Value| v["type"].as_str().unwrap_or("").to_string();
+    let pre = &json["pre_tokenizer"];
+    let steps: Vec<&Value> = match pre["pretokenizers"].as_array() {
+        Some(list) if kind(pre) == "Sequence" => list.iter().collect(),
+        _ => vec![pre],
+    };
+    let byte_level = |v: &Value, regex: bool| {
+        kind(v) == "ByteLevel"
+            && v["use_regex"].as_bool() == Some(regex)
+            && v["add_prefix_space"] != true
+    };
+    match steps.as_slice() {
+        [b] if byte_level(b, true) => Ok("gpt-2"),
+        [d, b] if kind(d) == "Digits" && d["individual_digits"] == true && byte_level(b, true) => {
+            Ok("smollm")
+        }
+        [s, b]
+            if kind(s) == "Split"
+                && s["pattern"]["Regex"].as_str() == Some(LLAMA3_REGEX)
+                && byte_level(b, false) =>
+        {
+            Ok("llama-bpe")
+        }
+        _ => Err(format!("the pre-tokenizer {pre}")),
+    }
+}
+
+/// A SentencePiece byte piece, `<0x00>` to `<0xFF>`.
+fn is_byte_piece(t: &str) -> bool {
+    t.len() == 6
+        && t.starts_with("<0x")
+        && t.ends_with('>')
+        && t[3..5].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn vocab_of(tokens: &[&str]) -> Result<tokenizers::models::bpe::Vocab, String> {
     let vocab: tokenizers::models::bpe::Vocab = tokens
         .iter()

@@ -490,7 +490,7 @@ fn streamed_safetensors_equal_the_safetensors_crates_bytes() {
     .into_iter()
     .enumerate()
     {
-        let n = shape.iter().product::<usize>() * dtype.size();
+        let n = shape.iter().product::<usize>() * dtype.bitsize() / 8;
         let bytes: Vec<u8> = (0..n).map(|_| (rng.uniform() * 256.0) as u8).collect();
         entries.push((format!("t{}.w{i}", (i * 5) % 8), dtype, shape, bytes));
     }

@@ -1124,3 +1124,142 @@ fn sentencepiece_gguf_tokenizer_matches_sentencepiece() {
         "{err}"
     );
 }
+
+/// The ids and decodings of tests/fixtures/spm's `reference.json` (or `hf/reference.json`).
+fn spm_cases(path: &str) -> Vec<(String, Vec<u32>, String)> {
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(path)).unwrap()).unwrap();
+    reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let ids = c["ids"].as_array().unwrap();
+            (
+                c["text"].as_str().unwrap().to_string(),
+                ids.iter().map(|v| v.as_u64().unwrap() as u32).collect(),
+                c["decoded"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// SentencePiece-style tokenizers (Llama 2, Mistral) convert to GGUF metadata that tokenizes
+/// as `sentencepiece` does (and so as llama.cpp does, from the same pieces and types as its
+/// converter writes): from the GGUF fixture, from this crate's `tokenizer.json` export of it,
+/// and from the folder `transformers` 5 writes for the same model (a `Metaspace`
+/// pre-tokenizer; no `add_bos_token`, the post-processor adds BOS), which itself tokenizes as
+/// `transformers` does (tests/fixtures/spm/hf, scripts/make_spm_gguf_fixture.py).
+#[test]
+fn sentencepiece_tokenizers_convert_to_gguf_metadata_and_back() {
+    use kron_adapters::store::gguf::{self, GgufFile, GgufValue};
+    let original = GgufFile::read(fixture("spm/tokenizer.gguf")).unwrap();
+    let from_gguf = TextTokenizer::from_gguf(&original, "spm.gguf").unwrap();
+    let dir = scratch_dir("llm", "spm-export");
+    for (name, bytes) in from_gguf.hf_files().unwrap() {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let exported = TextTokenizer::from_hf_dir(&dir).unwrap();
+    let hf = TextTokenizer::from_hf_dir(&fixture("spm/hf")).unwrap();
+    assert_eq!(
+        (hf.bos, hf.add_bos),
+        (Some(1), true),
+        "BOS from the post-processor"
+    );
+    for (text, ids, decoded) in spm_cases("spm/hf/reference.json") {
+        assert_eq!(
+            hf.encode(&text, false).unwrap(),
+            ids,
+            "transformers: {text:?}"
+        );
+        assert_eq!(
+            hf.decode(&ids, true).unwrap(),
+            decoded,
+            "transformers: {text:?}"
+        );
+    }
+    let get = |meta: &[(String, GgufValue)], k: &str| {
+        meta.iter()
+            .find(|(key, _)| key == &format!("tokenizer.ggml.{k}"))
+            .map(|(_, v)| v.clone())
+    };
+    let scores = |v: Option<GgufValue>| -> Vec<f64> {
+        v.unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_f64().unwrap())
+            .collect()
+    };
+    let want_scores = scores(original.get("tokenizer.ggml.scores").cloned());
+    let from_gguf_meta = from_gguf.gguf_metadata().unwrap();
+    assert_eq!(exported.gguf_metadata().unwrap(), from_gguf_meta);
+    for (how, tok) in [("gguf", &from_gguf), ("transformers", &hf)] {
+        let meta = tok.gguf_metadata().unwrap();
+        assert_eq!(get(&meta, "model"), Some(GgufValue::String("llama".into())));
+        assert_eq!(get(&meta, "add_space_prefix"), Some(GgufValue::Bool(true)));
+        assert_eq!(
+            get(&meta, "pre"),
+            None,
+            "{how}: llama.cpp's converter writes none"
+        );
+        for k in [
+            "tokens",
+            "token_type",
+            "unknown_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        ] {
+            assert_eq!(
+                get(&meta, k).as_ref(),
+                original.get(&format!("tokenizer.ggml.{k}")),
+                "{how}: {k}"
+            );
+        }
+        assert_eq!(get(&meta, "add_bos_token"), Some(GgufValue::Bool(true)));
+        // Merged pieces keep sentencepiece's order (the scores themselves are ranks).
+        let got = scores(get(&meta, "scores"));
+        let merged: Vec<usize> = (0..got.len()).filter(|&i| got[i] != 0.0).collect();
+        assert!(merged.len() > 200, "{how}: {} merged pieces", merged.len());
+        for &i in &merged {
+            for &j in &merged {
+                if want_scores[i] > want_scores[j] {
+                    assert!(got[i] > got[j], "{how}: pieces {i} and {j}");
+                }
+            }
+        }
+        let file = GgufFile::from_bytes("u.gguf", gguf::to_bytes(&meta, &[]).unwrap()).unwrap();
+        let back = TextTokenizer::from_gguf(&file, "u.gguf").unwrap();
+        for (text, ids, decoded) in spm_cases("spm/reference.json") {
+            let mut with_bos = vec![1];
+            with_bos.extend(&ids);
+            assert_eq!(
+                back.encode(&text, true).unwrap(),
+                with_bos,
+                "{how}: {text:?}"
+            );
+            assert_eq!(back.decode(&ids, true).unwrap(), decoded, "{how}: {text:?}");
+        }
+    }
+    // Without the space prefix: a folder whose normalizer only replaces spaces.
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let replace = json["normalizer"]["normalizers"][1].clone();
+    assert_eq!(replace["type"], "Replace");
+    json["normalizer"] = replace;
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    let meta = TextTokenizer::from_hf_dir(&dir)
+        .unwrap()
+        .gguf_metadata()
+        .unwrap();
+    assert_eq!(get(&meta, "add_space_prefix"), Some(GgufValue::Bool(false)));
+    let file = GgufFile::from_bytes("p.gguf", gguf::to_bytes(&meta, &[]).unwrap()).unwrap();
+    let back = TextTokenizer::from_gguf(&file, "p.gguf").unwrap();
+    let (with, without) = (
+        from_gguf.encode("Hello world", false).unwrap(),
+        back.encode("Hello world", false).unwrap(),
+    );
+    assert_ne!(with, without, "`▁Hello` against `Hello`");
+    assert_eq!(back.decode(&without, false).unwrap(), "Hello world");
+    std::fs::remove_dir_all(dir).ok();
+}
