@@ -707,10 +707,12 @@ fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
     // flex, the host GELU/SiLU nodes.
     kron_adapters::kron::autodiff::register_backward::<Train>();
     let device = Default::default();
+    // The file outlives the source, which dequantizes from it as the model takes tensors.
+    let file;
     let (config, source, batch, seq) = match width {
         "smollm2" => {
             let gguf = AssetCache::default().smollm2(&|_| {})?;
-            let file = kron_adapters::store::gguf::GgufFile::read(&gguf)?;
+            file = kron_adapters::store::gguf::GgufFile::read(&gguf)?;
             let (source, config) = llama::gguf_source(&file, &gguf.display().to_string())?;
             (config, source, 8, 64)
         }

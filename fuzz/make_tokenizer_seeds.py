@@ -7,6 +7,9 @@ families the crate reads, cut from the real ones so every part of their format i
 * `smollm2_bpe.json`: SmolLM2's byte-level BPE (digits split, control tokens added as
   special), cut to 400 tokens and the merges among them, built with the `tokenizers` package
   from the GGUF metadata as the crate builds it.
+* `llama2_bpe.json`, `llama2_metaspace.json`: a SentencePiece-style BPE (byte fallback, `▁`)
+  from the same tokens, laid out as `transformers` 4 (`Prepend`/`Replace` normalizer) and 5
+  (`Metaspace` pre-tokenizer) write Llama 2's.
 
     python3 -m venv venv && venv/bin/pip install tokenizers gguf numpy
     target/release/examples/finetune --fetch-only && target/release/examples/llm --fetch-only
@@ -65,6 +68,10 @@ def main():
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
     (out / "llama2_bpe.json").write_text(llama.to_str())
+    # The same as `transformers` 5 lays it out: no normalizer, a `Metaspace` pre-tokenizer.
+    llama.normalizer = None
+    llama.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    (out / "llama2_metaspace.json").write_text(llama.to_str())
 
     pieces = [("<unk>", 0.0), ("▁", -1.0)] + [(t.replace("Ġ", "▁"), -2.0 - i / 100) for i, t in enumerate(tokens[17:120])]
     unigram = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))

@@ -2,7 +2,8 @@
 //! decoder's `TextTokenizer`): it loads or gives an error, never a panic; a tokenizer that loads
 //! encodes texts and decodes ids without panicking, and every id it gives lies below the
 //! smallest vocabulary `check_vocab` accepts (the promise the server and the main job rely on
-//! when they pair a tokenizer with a model).
+//! when they pair a tokenizer with a model). A tokenizer that converts to GGUF metadata
+//! (`export-gguf`) loads back from it.
 #![no_main]
 
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use std::sync::OnceLock;
 use kron_adapters::AdapterError;
 use kron_adapters::finetune::tokenize::TextEncoder;
 use kron_adapters::llm::TextTokenizer;
+use kron_adapters::store::gguf::{self, GgufFile};
 use libfuzzer_sys::fuzz_target;
 
 /// Texts every tokenizer encodes: special tokens of both families, digits, whitespace runs,
@@ -78,5 +80,18 @@ fuzz_target!(|data: &[u8]| {
         let _ = tokenizer.decode(&[u32::MAX, 0, 1], false);
         let _ = tokenizer.chat_prompt("hi");
         let _ = tokenizer.hf_files();
+        // A tokenizer that converts to GGUF metadata loads back from it (an `export-gguf` file
+        // whose tokenizer cannot be read is a defect) and encodes every text.
+        if let Ok(meta) = tokenizer.gguf_metadata() {
+            let bytes = gguf::to_bytes(&meta, &[]).expect("converted metadata serializes");
+            let file = GgufFile::from_bytes("converted.gguf", bytes).expect("and parses");
+            let back = TextTokenizer::from_gguf(&file, "converted.gguf")
+                .unwrap_or_else(|e| panic!("converted metadata does not load: {e}"));
+            for text in TEXTS {
+                if let Ok(ids) = back.encode(text, true) {
+                    let _ = back.decode(&ids, false);
+                }
+            }
+        }
     }
 });

@@ -474,7 +474,17 @@ impl TextTokenizer {
                 }
             }
         }
-        let tokens: Vec<String> = tokens.into_iter().map(Option::unwrap_or_default).collect();
+        // Ids all below the count and no slot empty: else two tokens share an id.
+        let tokens: Vec<String> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(id, t)| t.ok_or(id))
+            .collect::<Result<_, _>>()
+            .map_err(|id| {
+                unsupported(format!(
+                    "two tokens share an id (none has id {id}); ids must number the tokens"
+                ))
+            })?;
         let merges: Vec<(String, String)> = model["merges"]
             .as_array()
             .into_iter()
@@ -514,6 +524,16 @@ impl TextTokenizer {
         let mut meta = Vec::new();
         match kind {
             GgufTokenizerKind::Gpt2 { pre } => {
+                // GGUF holds a merge as one string split at its first space after the first
+                // character (llama.cpp's rule): a left token with a later space cannot be held.
+                if let Some((l, r)) = merges
+                    .iter()
+                    .find(|(l, _)| l.is_empty() || l.chars().skip(1).any(|c| c == ' '))
+                {
+                    return Err(unsupported(format!(
+                        "the merge ({l:?}, {r:?}), which a GGUF merge string cannot hold"
+                    )));
+                }
                 let merges = merges.into_iter().map(|(l, r)| format!("{l} {r}"));
                 meta.extend([
                     (key("model"), GgufValue::String("gpt2".into())),

@@ -25,20 +25,27 @@ pub enum Fill {
     Zeros,
 }
 
-/// Named host tensors from files, or random values. See the module docs.
-pub struct TensorSource {
-    kind: Kind,
+/// Named host tensors from files, or random values. See the module docs. `'a` is the life of
+/// what a source decodes from when it is not a file it reads itself ([`TensorSource::from_fn`]:
+/// a GGUF file already in memory).
+pub struct TensorSource<'a> {
+    kind: Kind<'a>,
     taken: BTreeSet<String>,
     missing: Vec<String>,
     mismatched: Vec<String>,
     ignored: Vec<String>,
+    /// The first error decoding a tensor (reported by [`TensorSource::finish`] before the rest).
+    failed: Option<AdapterError>,
 }
 
-enum Kind {
-    /// Safetensors files; `index` maps a tensor name to its file.
+/// Decodes a tensor by name (see [`TensorSource::from_fn`]).
+type Decode<'a> = Box<dyn FnMut(&str) -> Result<Vec<f32>, AdapterError> + 'a>;
+
+enum Kind<'a> {
+    /// Safetensors files, read a tensor at a time; `index` maps a tensor name to its file.
     Files {
         path: PathBuf,
-        files: Vec<(String, Vec<u8>)>,
+        files: Vec<st::SafetensorsFile>,
         index: BTreeMap<String, usize>,
     },
     /// Tensors already decoded (from a GGUF file, say), by name: shape and values.
@@ -46,11 +53,17 @@ enum Kind {
         path: PathBuf,
         tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     },
+    /// Tensors decoded when taken, by name: their shapes, and the decoder.
+    Lazy {
+        path: PathBuf,
+        shapes: BTreeMap<String, Vec<usize>>,
+        decode: Decode<'a>,
+    },
     Random(SplitMix64),
 }
 
-impl TensorSource {
-    /// A safetensors file (read whole, checked to parse).
+impl<'a> TensorSource<'a> {
+    /// A safetensors file (its header read and checked now, each tensor when it is taken).
     pub fn from_safetensors(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
         Self::from_files(path.as_ref(), &[path.as_ref().to_path_buf()])
     }
@@ -98,17 +111,16 @@ impl TensorSource {
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
         for (i, p) in paths.iter().enumerate() {
-            let bytes = crate::store::read_file(p)?;
-            let shown = p.display().to_string();
-            for name in st::parse(&shown, &bytes)?.names() {
-                if index.insert(name.to_string(), i).is_some() {
+            let file = st::SafetensorsFile::open(p)?;
+            for name in file.names() {
+                if index.insert(name.clone(), i).is_some() {
                     return Err(AdapterError::format(
-                        shown.clone(),
+                        p.display().to_string(),
                         format!("tensor `{name}` is in more than one shard"),
                     ));
                 }
             }
-            files.push((shown, bytes));
+            files.push(file);
         }
         Ok(Self::with(Kind::Files {
             path: path.to_path_buf(),
@@ -129,18 +141,35 @@ impl TensorSource {
         })
     }
 
+    /// Tensors decoded one at a time when the model takes them (a GGUF file's, dequantized:
+    /// the model and one tensor's values in memory, not every tensor's twice): `shapes` gives
+    /// each name's shape in PyTorch layout, `decode` its values (row-major; an error is
+    /// reported by [`TensorSource::finish`]); `path` names the source in errors.
+    pub fn from_fn(
+        path: impl Into<PathBuf>,
+        shapes: BTreeMap<String, Vec<usize>>,
+        decode: impl FnMut(&str) -> Result<Vec<f32>, AdapterError> + 'a,
+    ) -> Self {
+        Self::with(Kind::Lazy {
+            path: path.into(),
+            shapes,
+            decode: Box::new(decode),
+        })
+    }
+
     /// Random weights: `N(0, 0.02)` for matrices, ones for norm scales, zeros for biases.
     pub fn random(seed: u64) -> Self {
         Self::with(Kind::Random(SplitMix64::new(seed)))
     }
 
-    fn with(kind: Kind) -> Self {
+    fn with(kind: Kind<'a>) -> Self {
         Self {
             kind,
             taken: BTreeSet::new(),
             missing: Vec::new(),
             mismatched: Vec::new(),
             ignored: Vec::new(),
+            failed: None,
         }
     }
 
@@ -155,6 +184,7 @@ impl TensorSource {
         match &self.kind {
             Kind::Files { index, .. } => index.contains_key(name),
             Kind::Host { tensors, .. } => tensors.contains_key(name),
+            Kind::Lazy { shapes, .. } => shapes.contains_key(name),
             Kind::Random(_) => false,
         }
     }
@@ -165,8 +195,19 @@ impl TensorSource {
     /// that first keeps an absurd configuration from allocating what no file backs.
     pub fn held_values(&self) -> Option<usize> {
         match &self.kind {
-            Kind::Files { files, .. } => Some(files.iter().map(|(_, b)| b.len()).sum()),
+            Kind::Files { files, .. } => Some(
+                files
+                    .iter()
+                    .map(|f| usize::try_from(f.byte_len()).unwrap_or(usize::MAX))
+                    .fold(0, usize::saturating_add),
+            ),
             Kind::Host { tensors, .. } => Some(tensors.values().map(|(_, v)| v.len()).sum()),
+            Kind::Lazy { shapes, .. } => Some(
+                shapes
+                    .values()
+                    .map(|s| s.iter().product::<usize>())
+                    .fold(0, usize::saturating_add),
+            ),
             Kind::Random(_) => None,
         }
     }
@@ -198,7 +239,9 @@ impl TensorSource {
     /// The path the source was read from, as errors show it (empty for a random source).
     pub fn path_shown(&self) -> String {
         match &self.kind {
-            Kind::Files { path, .. } | Kind::Host { path, .. } => path.display().to_string(),
+            Kind::Files { path, .. } | Kind::Host { path, .. } | Kind::Lazy { path, .. } => {
+                path.display().to_string()
+            }
             Kind::Random(_) => String::new(),
         }
     }
@@ -206,12 +249,9 @@ impl TensorSource {
     /// The shape `name` has in the source, if it holds it.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match &self.kind {
-            Kind::Files { files, index, .. } => {
-                let (shown, bytes) = &files[*index.get(name)?];
-                let st = st::parse(shown, bytes).ok()?;
-                st.tensor(name).ok().map(|v| v.shape().to_vec())
-            }
+            Kind::Files { files, index, .. } => files[*index.get(name)?].shape(name),
             Kind::Host { tensors, .. } => tensors.get(name).map(|(s, _)| s.clone()),
+            Kind::Lazy { shapes, .. } => shapes.get(name).cloned(),
             Kind::Random(_) => None,
         }
     }
@@ -229,16 +269,14 @@ impl TensorSource {
                     Fill::Zeros => vec![0.0; n],
                 }
             }
-            Kind::Files { files, index, .. } => index.get(name).map(|&i| {
-                let (shown, bytes) = &files[i];
-                let st = st::parse(shown, bytes).expect("checked at open");
-                let view = st.tensor(name).expect("indexed");
-                let values = if view.shape() == shape {
-                    st::decode_f32(shown, name, &view).map_err(|e| e.to_string())
-                } else {
-                    Err(format!("file {:?}, model {shape:?}", view.shape()))
-                };
-                values
+            Kind::Files { files, index, .. } => index.get(name).and_then(|&i| {
+                let file = &mut files[i];
+                match file.shape(name)? {
+                    s if s == shape => file
+                        .read_f32(name)
+                        .map(|values| values.map_err(|e| e.to_string())),
+                    s => Some(Err(format!("file {s:?}, model {shape:?}"))),
+                }
             }),
             Kind::Host { tensors, .. } => tensors.get(name).map(|(s, v)| {
                 if s.as_slice() == shape {
@@ -247,6 +285,20 @@ impl TensorSource {
                     Err(format!("file {s:?}, model {shape:?}"))
                 }
             }),
+            Kind::Lazy { shapes, decode, .. } => match shapes.get(name) {
+                None => None,
+                Some(s) if s.as_slice() != shape => {
+                    Some(Err(format!("file {s:?}, model {shape:?}")))
+                }
+                Some(_) => match decode(name) {
+                    Ok(v) if v.len() == n => Some(Ok(v)),
+                    Ok(v) => Some(Err(format!("{} values for {shape:?}", v.len()))),
+                    Err(e) => {
+                        self.failed.get_or_insert(e);
+                        Some(Ok(vec![0.0; n]))
+                    }
+                },
+            },
         };
         self.taken.insert(name.to_string());
         match found {
@@ -343,10 +395,14 @@ impl TensorSource {
     /// Checks that the source held exactly what the model needed (besides the ignored names):
     /// one error lists every missing key, unexpected key and shape or dtype mismatch.
     pub fn finish(self) -> Result<(), AdapterError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
         let (path, names): (&Path, Vec<&String>) = match &self.kind {
             Kind::Random(_) => return Ok(()),
             Kind::Files { path, index, .. } => (path, index.keys().collect()),
             Kind::Host { path, tensors } => (path, tensors.keys().collect()),
+            Kind::Lazy { path, shapes, .. } => (path, shapes.keys().collect()),
         };
         let unexpected: Vec<String> = names
             .into_iter()

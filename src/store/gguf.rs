@@ -493,6 +493,16 @@ impl GgufFile {
 
     /// A tensor dequantized to f32, row-major in its PyTorch shape.
     pub fn dequantize_info(&self, info: &GgufTensorInfo) -> Result<Vec<f32>, AdapterError> {
+        let (t, size) = self.check_type(info)?;
+        let data = &self.bytes[info.offset..info.offset + size];
+        let mut out = vec![0f32; info.numel()];
+        dequantize(t, data, &mut out);
+        Ok(out)
+    }
+
+    /// A tensor's type and size in bytes, or the error naming a type this reader does not
+    /// dequantize ([`Self::dequantize_info`] fails only so).
+    pub fn check_type(&self, info: &GgufTensorInfo) -> Result<(GgmlType, usize), AdapterError> {
         let (Some(t), Some(size)) = (GgmlType::from_id(info.type_id), info.size) else {
             return Err(AdapterError::Unsupported {
                 option: "GGUF tensor type".into(),
@@ -505,10 +515,7 @@ impl GgufFile {
                 ),
             });
         };
-        let data = &self.bytes[info.offset..info.offset + size];
-        let mut out = vec![0f32; info.numel()];
-        dequantize(t, data, &mut out);
-        Ok(out)
+        Ok((t, size))
     }
 }
 

@@ -223,6 +223,109 @@ pub fn write_streamed<D: AsRef<[u8]>>(
     Ok((8 + json.len() + offset) as u64)
 }
 
+/// A safetensors file read one tensor at a time: the header is read and checked when the file
+/// is opened (as [`parse`] checks it: offsets contiguous and sized by dtype and shape, and the
+/// data exactly filling the file), and each tensor's bytes only when asked for. Loading a model
+/// this way holds the model and one tensor's bytes, never the whole file besides.
+pub struct SafetensorsFile {
+    shown: String,
+    file: std::fs::File,
+    meta: ::safetensors::tensor::Metadata,
+    /// Where the data starts in the file.
+    start: u64,
+    len: u64,
+}
+
+impl SafetensorsFile {
+    /// Opens and checks `path` (a device, FIFO or socket is refused by name, as
+    /// [`super::read_file`] refuses it).
+    pub fn open(path: &Path) -> Result<Self, AdapterError> {
+        use std::io::Read;
+        let shown = path.display().to_string();
+        let bad =
+            |m: String| AdapterError::format(&shown, format!("not a valid safetensors file: {m}"));
+        let info = std::fs::metadata(path).map_err(|e| AdapterError::io(path, e))?;
+        if info.is_dir() {
+            let e = std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory");
+            return Err(AdapterError::io(path, e));
+        }
+        if !info.is_file() {
+            return Err(AdapterError::format(
+                &shown,
+                "not a regular file (a device, FIFO or socket): give the path of a file",
+            ));
+        }
+        let mut file = std::fs::File::open(path).map_err(|e| AdapterError::io(path, e))?;
+        let len = info.len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n)
+            .map_err(|_| bad("shorter than its 8-byte header size".into()))?;
+        let n = u64::from_le_bytes(n);
+        // The `safetensors` crate's own limit on a header.
+        if n > 100_000_000 || n > len.saturating_sub(8) {
+            return Err(bad(format!("a header of {n} bytes in a file of {len}")));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| AdapterError::io(path, e))?;
+        let header = std::str::from_utf8(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let meta: ::safetensors::tensor::Metadata =
+            serde_json::from_str(header).map_err(|e| bad(format!("header: {e}")))?;
+        let start = 8 + n;
+        if meta.data_len() as u64 != len.saturating_sub(start) {
+            return Err(bad(format!(
+                "the header describes {} bytes of tensors, the file holds {}",
+                meta.data_len(),
+                len - start
+            )));
+        }
+        Ok(Self {
+            shown,
+            file,
+            meta,
+            start,
+            len,
+        })
+    }
+
+    /// The file's size in bytes.
+    pub fn byte_len(&self) -> u64 {
+        self.len
+    }
+
+    /// The tensors' names, in no particular order.
+    pub fn names(&self) -> Vec<String> {
+        self.meta.tensors().into_keys().collect()
+    }
+
+    /// The shape of `name`, if the file holds it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.meta.info(name).map(|i| i.shape.clone())
+    }
+
+    /// The values of `name` as f32 (from F32, F16 or BF16; [`decode_f32`]), read from the
+    /// file now. `None` when the file does not hold it.
+    pub fn read_f32(&mut self, name: &str) -> Option<Result<Vec<f32>, AdapterError>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let info = self.meta.info(name)?;
+        let (s, e) = info.data_offsets;
+        let mut bytes = vec![0u8; e - s];
+        let read = self
+            .file
+            .seek(SeekFrom::Start(self.start + s as u64))
+            .and_then(|_| self.file.read_exact(&mut bytes));
+        Some(match read {
+            Err(e) => Err(AdapterError::format(
+                &self.shown,
+                format!("reading `{name}`: {e} (the file changed while it was read?)"),
+            )),
+            Ok(()) => TensorView::new(info.dtype, info.shape.clone(), &bytes)
+                .map_err(|e| AdapterError::format(&self.shown, format!("`{name}`: {e}")))
+                .and_then(|view| decode_f32(&self.shown, name, &view)),
+        })
+    }
+}
+
 /// Parses safetensors bytes; `path` names the file in the error.
 pub fn parse<'a>(path: &str, bytes: &'a [u8]) -> Result<SafeTensors<'a>, AdapterError> {
     SafeTensors::deserialize(bytes)

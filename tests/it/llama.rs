@@ -730,3 +730,149 @@ fn gguf_export_matches_llamacpps_layout_and_reads_back_with_transformers_logits(
     assert_eq!(leftovers, 1, "only model.gguf in {}", dir.display());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Model weights are read a tensor at a time (the header checked when the file is opened, as
+/// the `safetensors` crate checks a whole file), so damaged files are still refused by name,
+/// before or while the model is built: a header past the end, a header that is not JSON,
+/// offsets that overlap, data shorter or longer than the header says, a tensor in an
+/// unsupported dtype, a tensor in two shards, and a device for a file.
+#[test]
+fn damaged_safetensors_weights_are_refused_by_name() {
+    let dev = device();
+    let dir = scratch_dir("llama", "damaged-weights");
+    std::fs::copy(fx("tiny_llama/config.json"), dir.join("config.json")).unwrap();
+    let good = std::fs::read(fx("tiny_llama/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&good[8..8 + n]).unwrap();
+    let with_header = |h: &serde_json::Value, data: &[u8]| {
+        let h = h.to_string().into_bytes();
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend(h);
+        b.extend(data);
+        b
+    };
+    let data = &good[8 + n..];
+    // The first tensor by offset, to damage.
+    let (first, _) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .min_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap())
+        .unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut h = header.clone();
+        f(&mut h);
+        with_header(&h, data)
+    };
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "a header past the end",
+            {
+                let mut b = good.clone();
+                b[..8].copy_from_slice(&(good.len() as u64).to_le_bytes());
+                b
+            },
+            "header",
+        ),
+        (
+            "a header that is not JSON",
+            {
+                let mut b = good.clone();
+                b[8] = b'[';
+                b
+            },
+            "header",
+        ),
+        (
+            "cut short",
+            good[..good.len() - 10].to_vec(),
+            "bytes of tensors",
+        ),
+        (
+            "trailing bytes",
+            [good.as_slice(), &[0u8; 8]].concat(),
+            "bytes of tensors",
+        ),
+        (
+            "overlapping offsets",
+            edit(&|h| h[first.as_str()]["data_offsets"][1] = serde_json::json!(4)),
+            "not a valid safetensors file",
+        ),
+        (
+            "an unsupported dtype",
+            edit(&|h| {
+                let shape = h[first.as_str()]["shape"].clone();
+                let n: u64 = shape
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap())
+                    .product();
+                // I32 has F32's size: only the dtype changes.
+                h[first.as_str()]["dtype"] = serde_json::json!("I32");
+                assert_eq!(
+                    n * 4,
+                    h[first.as_str()]["data_offsets"][1].as_u64().unwrap()
+                );
+            }),
+            "I32",
+        ),
+    ];
+    cases.push(("empty", Vec::new(), "header"));
+    for (what, bytes, says) in cases {
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        let e = match llama::load::<TB>(&dir, &PlacementConfig::new(), &dev) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{what}: loaded"),
+        };
+        assert!(
+            e.contains("model.safetensors") && e.contains(says),
+            "{what}: {e}"
+        );
+    }
+    // Two shards holding one tensor.
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    for shard in ["a.safetensors", "b.safetensors"] {
+        std::fs::write(dir.join(shard), &good).unwrap();
+    }
+    let names: Vec<&String> = header.as_object().unwrap().keys().collect();
+    let map: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            (
+                k.to_string(),
+                serde_json::json!(["a", "b"][i % 2].to_string() + ".safetensors"),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let e = llama::load::<TB>(&dir, &PlacementConfig::new(), &dev)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("more than one shard"), "{e}");
+    // A device named as the weights file (through the shard index).
+    #[cfg(unix)]
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": {"x": "null"}}).to_string(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/dev/null", dir.join("null")).unwrap();
+    let e = llama::load::<TB>(&dir, &PlacementConfig::new(), &dev)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+    // The good file loads.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fx("tiny_llama/config.json"), dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &good).unwrap();
+    assert!(llama::load::<TB>(&dir, &PlacementConfig::new(), &dev).is_ok());
+    std::fs::remove_dir_all(dir).ok();
+}

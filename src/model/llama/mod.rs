@@ -27,7 +27,7 @@ use crate::error::{AdapterError, ConfigError};
 use crate::linear::{AdaptedLinear, AdapterLayers};
 use crate::multi::Routing;
 use crate::place::{place, PlacementConfig, Targets};
-use crate::store::gguf::{self, GgmlType, GgufFile, GgufTensorSpec, GgufValue};
+use crate::store::gguf::{self, GgmlType, GgufFile, GgufTensorInfo, GgufTensorSpec, GgufValue};
 use crate::store::st::HostTensor;
 
 /// The seven projections of a Llama layer: the default targets (PEFT's own default for Llama is
@@ -736,13 +736,16 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
 }
 
 /// The tensors of a Llama GGUF file, dequantized to f32 with Hugging Face names and layout
-/// (Q/K rows un-permuted), as a [`TensorSource`]; and the configuration its metadata gives.
-pub fn gguf_source(
-    file: &GgufFile,
+/// (Q/K rows un-permuted) one at a time as the model takes them, as a [`TensorSource`]; and
+/// the configuration its metadata gives. Names, types and head shapes are checked now.
+pub fn gguf_source<'a>(
+    file: &'a GgufFile,
     path: &str,
-) -> Result<(TensorSource, LlamaConfig), AdapterError> {
+) -> Result<(TensorSource<'a>, LlamaConfig), AdapterError> {
     let config = LlamaConfig::from_gguf(file, path)?;
-    let mut tensors = BTreeMap::new();
+    // Hugging Face name -> (the file's tensor, the heads its rows are permuted over).
+    let mut found: BTreeMap<String, (&GgufTensorInfo, Option<usize>)> = BTreeMap::new();
+    let mut shapes = BTreeMap::new();
     for info in &file.tensors {
         let Some(name) = hf_name(&info.name) else {
             return Err(AdapterError::format(
@@ -750,10 +753,10 @@ pub fn gguf_source(
                 format!("unexpected tensor `{}` for a Llama model", info.name),
             ));
         };
-        let mut values = file.dequantize_info(info)?;
-        if let Some(heads) = rope_heads(&name, &config) {
+        file.check_type(info)?;
+        let heads = rope_heads(&name, &config);
+        if let Some(heads) = heads {
             let rows = info.shape[0];
-            let cols = info.numel() / rows;
             if rows % (2 * heads) != 0 {
                 return Err(AdapterError::format(
                     path,
@@ -763,11 +766,22 @@ pub fn gguf_source(
                     ),
                 ));
             }
-            values = unpermute_rows(&values, rows, cols, heads);
         }
-        tensors.insert(name, (info.shape.clone(), values));
+        shapes.insert(name.clone(), info.shape.clone());
+        found.insert(name, (info, heads));
     }
-    Ok((TensorSource::from_host(path, tensors), config))
+    let decode = move |name: &str| {
+        let (info, heads) = found[name];
+        let values = file.dequantize_info(info)?;
+        Ok(match heads {
+            Some(heads) => {
+                let rows = info.shape[0];
+                unpermute_rows(&values, rows, info.numel() / rows.max(1), heads)
+            }
+            None => values,
+        })
+    };
+    Ok((TensorSource::from_fn(path, shapes, decode), config))
 }
 
 /// Loads a Llama-family model from a `.gguf` file or a Hugging Face folder (`config.json` and
