@@ -1068,6 +1068,19 @@ fn bpe_tokenizers_convert_to_gguf_metadata_and_back() {
             assert_eq!(again.encode(text, true).unwrap(), want, "{pre} from {how}");
         }
     }
+    // Two tokens sharing an id (a damaged vocabulary the `tokenizers` crate loads): no GGUF
+    // form, whose token list numbers the tokens (found by the `tokenizer_json` fuzz target).
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    json["model"]["vocab"]["b"] = json["model"]["vocab"]["a"].clone();
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    let shared = TextTokenizer::from_hf_dir(&dir).unwrap();
+    match shared.gguf_metadata() {
+        Err(e @ AdapterError::Unsupported { .. }) => {
+            assert!(e.to_string().contains("share an id"), "{e}")
+        }
+        other => panic!("{:?}", other.map(|m| m.len())),
+    }
     // A WordPiece tokenizer (MiniLM's) has no GGUF form here.
     let minilm = TextTokenizer::from_hf_dir(&fixture("minilm")).unwrap();
     assert!(matches!(
