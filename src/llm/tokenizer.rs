@@ -383,22 +383,7 @@ impl TextTokenizer {
     /// The Hugging Face files of this tokenizer, `tokenizer.json` and `tokenizer_config.json`
     /// (special tokens, BOS handling, chat template), for a model folder other tools run.
     pub fn hf_files(&self) -> Result<Vec<(&'static str, Vec<u8>)>, AdapterError> {
-        // The `tokenizers` crate writes a vocabulary by walking every id up to the highest,
-        // noting each missing one: a file with an id near 2³² beside a few tokens would take
-        // gigabytes. Real vocabularies have no gaps; a few are let through.
-        let vocab = self.tokenizer.get_vocab(false);
-        if let Some(&top) = vocab.values().max() {
-            if top as usize > 2 * vocab.len() + 1024 {
-                return Err(AdapterError::format(
-                    "tokenizer.json",
-                    format!(
-                        "the vocabulary's ids reach {top} for {} tokens; a vocabulary numbered \
-                         with such gaps is damaged",
-                        vocab.len()
-                    ),
-                ));
-            }
-        }
+        self.check_serializable()?;
         let json = self
             .tokenizer
             .to_string(true)
@@ -419,6 +404,25 @@ impl TextTokenizer {
             ("tokenizer.json", json.into_bytes()),
             ("tokenizer_config.json", config),
         ])
+    }
+
+    /// Refuses a vocabulary the `tokenizers` crate cannot write back: it writes one by walking
+    /// every id up to the highest, noting each missing one, so a file with an id near 2³²
+    /// beside a few tokens would take gigabytes. Real vocabularies have no gaps; a few are let
+    /// through.
+    fn check_serializable(&self) -> Result<(), AdapterError> {
+        let vocab = self.tokenizer.get_vocab(false);
+        match vocab.values().max() {
+            Some(&top) if top as usize > 2 * vocab.len() + 1024 => Err(AdapterError::format(
+                "tokenizer.json",
+                format!(
+                    "the vocabulary's ids reach {top} for {} tokens; a vocabulary numbered with \
+                     such gaps is damaged",
+                    vocab.len()
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// This tokenizer as GGUF `tokenizer.*` metadata (what [`Self::from_gguf`] reads and
@@ -445,6 +449,7 @@ impl TextTokenizer {
                  GPT-2 pre-tokenizers) and SentencePiece-style BPE ones (Llama 2, Mistral)"
             ),
         };
+        self.check_serializable()?;
         let json: Value = self
             .tokenizer
             .to_string(false)

@@ -1002,6 +1002,14 @@ fn damaged_tokenizer_files_are_refused_by_name() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a vocabulary with a gap of 2^32 exported"),
     }
+    // Nor converted to GGUF metadata, which serializes it first (an out-of-memory the
+    // `tokenizer_json` fuzz target found).
+    match tok.gguf_metadata() {
+        Err(e @ AdapterError::Format { .. }) => {
+            assert!(e.to_string().contains("4000000000"), "{e}")
+        }
+        other => panic!("{:?}", other.map(|m| m.len())),
+    }
 }
 
 /// Byte-level BPE tokenizers convert to GGUF metadata (`gguf_metadata`, what `export-gguf`
