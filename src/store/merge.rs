@@ -11,6 +11,9 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 
+use ::safetensors::tensor::TensorView;
+use ::safetensors::SafeTensors;
+
 use super::native::NativeAdapters;
 use super::st::{self, HostTensor};
 use crate::error::AdapterError;
@@ -41,16 +44,17 @@ pub fn merge_checkpoint<B: Backend>(
     device: &B::Device,
 ) -> Result<MergeReport, AdapterError> {
     st::refuse_existing(out, overwrite)?;
-    let base_bytes = super::read_file(base)?;
+    let mut file = st::SafetensorsFile::open(base)?;
     let shown = base.display().to_string();
     let mut report = MergeReport {
         merged: Vec::new(),
         bytes: 0,
     };
-    // Streamed: the base is held once, a merged weight only while it is written.
+    // Streamed both ways: a base tensor is read when it is written, and a merged weight exists
+    // only while it is written.
     st::write_atomic_with(out, &mut |w| {
         (report.bytes, report.merged) =
-            merge_into::<B>(&shown, &base_bytes, adapters, map, device, w)?;
+            merge_into::<B>(&shown, &mut file, adapters, map, device, w)?;
         Ok(())
     })?;
     Ok(report)
@@ -65,66 +69,105 @@ pub fn merge_bytes<B: Backend>(
     map: &NameMap,
     device: &B::Device,
 ) -> Result<(Vec<u8>, Vec<String>), AdapterError> {
+    let base = st::parse(name, base_bytes)?;
+    let metadata = st::metadata(name, base_bytes)?;
     let mut out = Vec::new();
-    let (_, merged) = merge_into::<B>(name, base_bytes, adapters, map, device, &mut out)?;
+    let mut source = (&base, metadata);
+    let (_, merged) = merge_into::<B>(name, &mut source, adapters, map, device, &mut out)?;
     Ok((out, merged))
+}
+
+/// The tensors of a base checkpoint, in memory or read from its file one at a time (`'d`: the
+/// life of the bytes in memory).
+trait Base<'d> {
+    /// Each tensor's name, dtype and shape.
+    fn specs(&self) -> Vec<st::Spec>;
+    /// The file's metadata.
+    fn metadata(&self) -> HashMap<String, String>;
+    /// A tensor's bytes (`name` is one of [`Base::specs`]).
+    fn bytes(&mut self, name: &str) -> Result<Cow<'d, [u8]>, AdapterError>;
+}
+
+impl<'d> Base<'d> for (&SafeTensors<'d>, HashMap<String, String>) {
+    fn specs(&self) -> Vec<st::Spec> {
+        self.0
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec()))
+            .collect()
+    }
+    fn metadata(&self) -> HashMap<String, String> {
+        self.1.clone()
+    }
+    fn bytes(&mut self, name: &str) -> Result<Cow<'d, [u8]>, AdapterError> {
+        Ok(Cow::Borrowed(self.0.tensor(name).expect("listed").data()))
+    }
+}
+
+impl Base<'static> for st::SafetensorsFile {
+    fn specs(&self) -> Vec<st::Spec> {
+        st::SafetensorsFile::specs(self)
+    }
+    fn metadata(&self) -> HashMap<String, String> {
+        st::SafetensorsFile::metadata(self)
+    }
+    fn bytes(&mut self, name: &str) -> Result<Cow<'static, [u8]>, AdapterError> {
+        self.read_bytes(name).expect("listed").map(Cow::Owned)
+    }
 }
 
 /// Writes the merged checkpoint to `out`, one tensor at a time, after checking that every
 /// adapter layer has a weight of its shape in the base: the bytes written and the tensors
 /// replaced.
-fn merge_into<B: Backend>(
+fn merge_into<'d, B: Backend>(
     shown: &str,
-    base_bytes: &[u8],
+    base: &mut dyn Base<'d>,
     adapters: &NativeAdapters,
     map: &NameMap,
     device: &B::Device,
     out: &mut dyn std::io::Write,
 ) -> Result<(u64, Vec<String>), AdapterError> {
     adapters.validate("adapters")?;
-    let tensors = st::parse(shown, base_bytes)?;
-    let metadata = st::metadata(shown, base_bytes)?;
+    let specs = base.specs();
+    let index: HashMap<&str, usize> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _, _))| (n.as_str(), i))
+        .collect();
     // Weight name -> adapter layer name.
     let mut replaced: HashMap<String, &str> = HashMap::new();
     for (name, spec) in &adapters.meta.layers {
         let key = format!("{}.weight", map.apply(name));
-        let view = tensors
-            .tensor(&key)
-            .map_err(|_| AdapterError::Incompatible {
-                message: format!(
-                "the adapter's layer `{name}` needs `{key}` in {shown}, which has no such tensor \
-                 (rename modules with a name map: --map FROM=TO)"
-            ),
-            })?;
-        if view.shape() != [spec.d_out, spec.d_in] {
+        let Some(&i) = index.get(key.as_str()) else {
             return Err(AdapterError::Incompatible {
                 message: format!(
-                    "`{key}` is {:?} in {shown} but the adapter is for a [{}, {}] ([out, in]) \
-                     weight",
-                    view.shape(),
-                    spec.d_out,
-                    spec.d_in
+                    "the adapter's layer `{name}` needs `{key}` in {shown}, which has no such \
+                     tensor (rename modules with a name map: --map FROM=TO)"
+                ),
+            });
+        };
+        let shape = &specs[i].2;
+        if shape != &[spec.d_out, spec.d_in] {
+            return Err(AdapterError::Incompatible {
+                message: format!(
+                    "`{key}` is {shape:?} in {shown} but the adapter is for a [{}, {}] ([out, \
+                     in]) weight",
+                    spec.d_out, spec.d_in
                 ),
             });
         }
         replaced.insert(key, name);
     }
-    let names: Vec<String> = tensors.names().into_iter().map(String::from).collect();
-    let views: Vec<_> = names
-        .iter()
-        .map(|n| tensors.tensor(n).expect("listed"))
-        .collect();
-    let specs: Vec<st::Spec> = names
-        .iter()
-        .zip(&views)
-        .map(|(n, v)| (n.clone(), v.dtype(), v.shape().to_vec()))
-        .collect();
+    let metadata = base.metadata();
     let bytes = st::write_streamed(shown, out, &specs, metadata, &mut |i| {
-        let (key, view) = (&names[i], &views[i]);
+        let (key, dtype, shape) = &specs[i];
+        let data = base.bytes(key)?;
         let Some(&name) = replaced.get(key) else {
-            return Ok(Cow::Borrowed(view.data()));
+            return Ok(data);
         };
-        let w = HostTensor::from_view(shown, key, view)?.transposed();
+        let view = TensorView::new(*dtype, shape.clone(), &data)
+            .map_err(|e| AdapterError::format(shown, format!("`{key}`: {e}")))?;
+        let w = HostTensor::from_view(shown, key, &view)?.transposed();
         let linear = Linear {
             weight: Param::from_tensor(w.to_tensor::<B, 2>(device)),
             bias: None,
@@ -133,7 +176,7 @@ fn merge_into<B: Backend>(
         layer.set_adapter(adapters.adapter::<B>(name, device)?)?;
         let merged = layer.merge().map_err(|e| e.at(name))?;
         let merged = HostTensor::from_tensor(merged.weight.val()).transposed();
-        Ok(Cow::Owned(st::encode_f32(&merged.data, view.dtype())))
+        Ok(Cow::Owned(st::encode_f32(&merged.data, *dtype)))
     })?;
     let mut merged: Vec<String> = replaced.into_keys().collect();
     merged.sort();

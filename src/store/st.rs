@@ -303,26 +303,47 @@ impl SafetensorsFile {
         self.meta.info(name).map(|i| i.shape.clone())
     }
 
-    /// The values of `name` as f32 (from F32, F16 or BF16; [`decode_f32`]), read from the
-    /// file now. `None` when the file does not hold it.
-    pub fn read_f32(&mut self, name: &str) -> Option<Result<Vec<f32>, AdapterError>> {
+    /// Each tensor's name, dtype and shape, in no particular order.
+    pub fn specs(&self) -> Vec<Spec> {
+        self.meta
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| (name, info.dtype, info.shape.clone()))
+            .collect()
+    }
+
+    /// The file's `__metadata__` (empty when there is none).
+    pub fn metadata(&self) -> HashMap<String, String> {
+        self.meta.metadata().clone().unwrap_or_default()
+    }
+
+    /// The bytes of `name`, read from the file now. `None` when the file does not hold it.
+    pub fn read_bytes(&mut self, name: &str) -> Option<Result<Vec<u8>, AdapterError>> {
         use std::io::{Read, Seek, SeekFrom};
-        let info = self.meta.info(name)?;
-        let (s, e) = info.data_offsets;
+        let (s, e) = self.meta.info(name)?.data_offsets;
         let mut bytes = vec![0u8; e - s];
         let read = self
             .file
             .seek(SeekFrom::Start(self.start + s as u64))
             .and_then(|_| self.file.read_exact(&mut bytes));
-        Some(match read {
-            Err(e) => Err(AdapterError::format(
+        Some(read.map(|()| bytes).map_err(|e| {
+            AdapterError::format(
                 &self.shown,
                 format!("reading `{name}`: {e} (the file changed while it was read?)"),
-            )),
-            Ok(()) => TensorView::new(info.dtype, info.shape.clone(), &bytes)
+            )
+        }))
+    }
+
+    /// The values of `name` as f32 (from F32, F16 or BF16; [`decode_f32`]), read from the
+    /// file now. `None` when the file does not hold it.
+    pub fn read_f32(&mut self, name: &str) -> Option<Result<Vec<f32>, AdapterError>> {
+        let bytes = self.read_bytes(name)?;
+        let info = self.meta.info(name)?;
+        Some(bytes.and_then(|bytes| {
+            TensorView::new(info.dtype, info.shape.clone(), &bytes)
                 .map_err(|e| AdapterError::format(&self.shown, format!("`{name}`: {e}")))
-                .and_then(|view| decode_f32(&self.shown, name, &view)),
-        })
+                .and_then(|view| decode_f32(&self.shown, name, &view))
+        }))
     }
 }
 

@@ -256,6 +256,17 @@ fn check_reader(case: &str) -> kron_adapters::NativeAdapters {
         &dev,
     )
     .unwrap();
+    // The file read a tensor at a time and the bytes in memory merge alike.
+    let base_bytes = std::fs::read(dir.join("base.safetensors")).unwrap();
+    let (in_memory, _) = kron_adapters::store::merge_bytes::<TB>(
+        "base",
+        &base_bytes,
+        &read.adapters,
+        &NameMap::new(),
+        &dev,
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), in_memory, "{case}");
     let (got, want) = (read_st(&out), read_st(&dir.join("merged.safetensors")));
     assert_eq!(got.len(), want.len(), "{case}: tensors");
     for (k, (shape, v)) in &want {
