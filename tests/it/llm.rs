@@ -1076,6 +1076,25 @@ fn bpe_tokenizers_convert_to_gguf_metadata_and_back() {
             assert_eq!(again.encode(text, true).unwrap(), want, "{pre} from {how}");
         }
     }
+    // A merge whose left token holds a space: a GGUF merge string (split at its first space
+    // after the first character) cannot hold it.
+    let original_json = std::fs::read(dir.join("tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&original_json).unwrap();
+    let n = tokens.len();
+    json["model"]["vocab"]["x y"] = n.into();
+    json["model"]["vocab"]["x yb"] = (n + 1).into();
+    json["model"]["merges"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(["x y", "b"]));
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    match TextTokenizer::from_hf_dir(&dir).unwrap().gguf_metadata() {
+        Err(e @ AdapterError::Unsupported { .. }) => {
+            assert!(e.to_string().contains("\"x y\""), "{e}")
+        }
+        other => panic!("{:?}", other.map(|m| m.len())),
+    }
+    std::fs::write(dir.join("tokenizer.json"), original_json).unwrap();
     // Two tokens sharing an id (a damaged vocabulary the `tokenizers` crate loads): no GGUF
     // form, whose token list numbers the tokens (found by the `tokenizer_json` fuzz target).
     let mut json: serde_json::Value =
