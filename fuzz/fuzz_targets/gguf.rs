@@ -4,7 +4,8 @@
 //! beyond what the file's bytes describe. The tokenizer metadata builds a tokenizer (or says what
 //! is wrong) that encodes texts to ids inside its vocabulary and decodes them, the chat prompt
 //! and the Hugging Face files it exports included. A model that loads exports to a GGUF file
-//! (`llama::to_gguf`) that loads again.
+//! (`llama::to_gguf`) that loads again. A file read from disk in pieces parses as its bytes do
+//! in memory.
 #![no_main]
 
 use kron_adapters::llm::TextTokenizer;
@@ -22,8 +23,27 @@ const TEXTS: [&str; 4] = [
     "é 漢字 🙂 \u{0}\u{7f}\u{ffff}",
 ];
 
+/// A file of this process for the input (`GgufFile::read` reads a path in pieces).
+fn path() -> &'static std::path::PathBuf {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| std::env::temp_dir().join(format!("kron-fuzz-{}.gguf", std::process::id())))
+}
+
 fuzz_target!(|data: &[u8]| {
-    let Ok(file) = GgufFile::from_bytes("fuzz", data.to_vec()) else {
+    // Read from a file (header and tables in growing pieces, tensors when dequantized) and
+    // parsed in memory: the same tables, or errors both.
+    std::fs::write(path(), data).unwrap();
+    let from_file = GgufFile::read(path());
+    let in_memory = GgufFile::from_bytes("fuzz", data.to_vec());
+    match (&from_file, &in_memory) {
+        // (Debug text: a NaN value equals itself there.)
+        (Ok(f), Ok(m)) => assert!(
+            format!("{:?}", f.metadata) == format!("{:?}", m.metadata) && f.tensors == m.tensors
+        ),
+        (Err(_), Err(_)) => {}
+        _ => panic!("from the file {}, in memory {}", from_file.is_ok(), in_memory.is_ok()),
+    }
+    let Ok(file) = from_file else {
         return;
     };
     for info in &file.tensors {

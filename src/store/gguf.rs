@@ -242,7 +242,9 @@ impl GgufTensorInfo {
     }
 }
 
-/// A GGUF file, read whole: its metadata, its tensor table and its bytes.
+/// A GGUF file: its metadata and tensor table, parsed and checked, and its tensors' data —
+/// in memory ([`GgufFile::from_bytes`]) or read from the file a tensor at a time
+/// ([`GgufFile::read`]: a model's weights are not held besides the model).
 pub struct GgufFile {
     /// `2` or `3`.
     pub version: u32,
@@ -251,14 +253,25 @@ pub struct GgufFile {
     /// Every tensor, in file order.
     pub tensors: Vec<GgufTensorInfo>,
     path: String,
-    bytes: Vec<u8>,
+    data: Data,
 }
 
-/// Reads little-endian values from a byte slice, with every read bounds-checked.
+/// Where a GGUF file's tensor data is.
+enum Data {
+    Bytes(Vec<u8>),
+    File(std::sync::Mutex<std::fs::File>),
+}
+
+/// Reads little-endian values from the start of a file (`bytes`, a prefix of its `total`
+/// bytes), with every read bounds-checked against the file.
 struct Reader<'a> {
     bytes: &'a [u8],
+    /// The file's length.
+    total: usize,
     pos: usize,
     path: &'a str,
+    /// A read went past the prefix but not past the file: parse again with more of it.
+    short: bool,
 }
 
 impl<'a> Reader<'a> {
@@ -274,9 +287,9 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], AdapterError> {
-        let end = self
-            .pos
-            .checked_add(n)
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.total);
+        self.short = end.is_some_and(|e| e > self.bytes.len());
+        let end = end
             .filter(|&e| e <= self.bytes.len())
             .ok_or_else(|| self.err(format!("truncated: {n} more bytes needed")))?;
         let s = &self.bytes[self.pos..end];
@@ -302,7 +315,7 @@ impl<'a> Reader<'a> {
     /// A count that must fit in the bytes left, at `min_size` bytes per item.
     fn count(&mut self, min_size: usize, what: &str) -> Result<usize, AdapterError> {
         let n = self.u64()?;
-        let left = (self.bytes.len() - self.pos) as u64;
+        let left = self.total.saturating_sub(self.pos) as u64;
         if n.saturating_mul(min_size.max(1) as u64) > left {
             return Err(self.err(format!("{what} count {n} exceeds the file")));
         }
@@ -358,118 +371,50 @@ impl<'a> Reader<'a> {
 }
 
 impl GgufFile {
-    /// Reads and parses a GGUF file.
+    /// Opens a GGUF file: its header, metadata and tensor table are read and checked now
+    /// (every count, size and offset against the file's length), its tensors' data when
+    /// dequantized. A device, FIFO or socket is refused by name.
     pub fn read(path: impl AsRef<Path>) -> Result<Self, AdapterError> {
+        use std::io::Read;
         let path = path.as_ref();
-        let bytes = super::read_file(path)?;
-        Self::from_bytes(&path.display().to_string(), bytes)
+        let shown = path.display().to_string();
+        let (mut file, len) = super::open_file(path)?;
+        let total = usize::try_from(len).unwrap_or(usize::MAX);
+        // The header and metadata (a tokenizer's: a few MB) are read in growing pieces.
+        let mut head = Vec::new();
+        let mut want = 1 << 20;
+        loop {
+            let more = want.min(total) - head.len();
+            let got = (&mut file)
+                .take(more as u64)
+                .read_to_end(&mut head)
+                .map_err(|e| AdapterError::io(path, e))?;
+            let (parsed, short) = parse(&shown, &head, total);
+            match parsed {
+                Err(_) if short && got > 0 => want = want.saturating_mul(4),
+                Err(e) => return Err(e),
+                Ok((version, metadata, tensors)) => {
+                    return Ok(Self {
+                        version,
+                        metadata,
+                        tensors,
+                        path: shown,
+                        data: Data::File(std::sync::Mutex::new(file)),
+                    })
+                }
+            }
+        }
     }
 
     /// Parses a GGUF file's bytes; `path` names it in errors.
     pub fn from_bytes(path: &str, bytes: Vec<u8>) -> Result<Self, AdapterError> {
-        let mut r = Reader {
-            bytes: &bytes,
-            pos: 0,
-            path,
-        };
-        if r.take(4)? != b"GGUF" {
-            return Err(r.err("no GGUF magic"));
-        }
-        let version = r.u32()?;
-        if version != 2 && version != 3 {
-            return Err(AdapterError::Unsupported {
-                option: "GGUF version".into(),
-                message: format!("{path}: GGUF version {version}; versions 2 and 3 are read"),
-            });
-        }
-        let n_tensors = r.count(4 + 8 + 4 + 4 + 8, "tensor")?;
-        let n_kv = r.count(8 + 4 + 1, "metadata")?;
-        let mut metadata = BTreeMap::new();
-        for _ in 0..n_kv {
-            let key = r.string()?;
-            let t = r.u32()?;
-            let value = r.value(t, 0)?;
-            if key.is_empty() || metadata.insert(key.clone(), value).is_some() {
-                return Err(r.err(format!("empty or repeated metadata key {key:?}")));
-            }
-        }
-        let alignment = match metadata.get("general.alignment") {
-            None => 32,
-            Some(GgufValue::U32(a)) if a.is_power_of_two() => *a as usize,
-            Some(other) => {
-                return Err(r.err(format!(
-                    "general.alignment {other:?} is not a power of two (u32)"
-                )))
-            }
-        };
-        let mut infos = Vec::with_capacity(n_tensors);
-        for _ in 0..n_tensors {
-            let name = r.string()?;
-            let n_dims = r.u32()? as usize;
-            if n_dims == 0 || n_dims > 4 {
-                return Err(r.err(format!("tensor `{name}` has {n_dims} dimensions (1 to 4)")));
-            }
-            let mut dims = Vec::with_capacity(n_dims);
-            for _ in 0..n_dims {
-                dims.push(r.u64()?);
-            }
-            let type_id = r.u32()?;
-            let offset = r.u64()?;
-            infos.push((name, dims, type_id, offset));
-        }
-        let data_start = r.pos.div_ceil(alignment) * alignment;
-        let mut tensors = Vec::with_capacity(n_tensors);
-        let mut names = std::collections::HashSet::new();
-        for (name, dims, type_id, offset) in infos {
-            if !names.insert(name.clone()) {
-                return Err(r.err(format!("tensor `{name}` appears twice")));
-            }
-            let numel = dims
-                .iter()
-                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .filter(|&n| n > 0 && n <= (bytes.len() as u64).saturating_mul(8))
-                .ok_or_else(|| r.err(format!("tensor `{name}` has dims {dims:?}")))?
-                as usize;
-            let offset = (data_start as u64)
-                .checked_add(offset)
-                .filter(|&o| o <= bytes.len() as u64)
-                .ok_or_else(|| r.err(format!("tensor `{name}` starts past the end")))?
-                as usize;
-            let size = match GgmlType::from_id(type_id) {
-                Some(t) => {
-                    let (block, block_bytes) = t.block();
-                    if !(dims[0] as usize).is_multiple_of(block) {
-                        return Err(r.err(format!(
-                            "tensor `{name}`: its rows of {} do not fill {}'s blocks of {block}",
-                            dims[0],
-                            GgmlType::name_of(type_id)
-                        )));
-                    }
-                    let size = numel / block * block_bytes;
-                    if offset + size > bytes.len() {
-                        return Err(r.err(format!(
-                            "tensor `{name}` ({size} bytes at {offset}) runs past the end"
-                        )));
-                    }
-                    Some(size)
-                }
-                None => None,
-            };
-            let shape = dims.iter().rev().map(|&d| d as usize).collect();
-            tensors.push(GgufTensorInfo {
-                name,
-                shape,
-                type_id,
-                offset,
-                size,
-            });
-        }
+        let (version, metadata, tensors) = parse(path, &bytes, bytes.len()).0?;
         Ok(Self {
             version,
             metadata,
             tensors,
             path: path.to_string(),
-            bytes,
+            data: Data::Bytes(bytes),
         })
     }
 
@@ -494,9 +439,27 @@ impl GgufFile {
     /// A tensor dequantized to f32, row-major in its PyTorch shape.
     pub fn dequantize_info(&self, info: &GgufTensorInfo) -> Result<Vec<f32>, AdapterError> {
         let (t, size) = self.check_type(info)?;
-        let data = &self.bytes[info.offset..info.offset + size];
         let mut out = vec![0f32; info.numel()];
-        dequantize(t, data, &mut out);
+        match &self.data {
+            Data::Bytes(bytes) => dequantize(t, &bytes[info.offset..info.offset + size], &mut out),
+            Data::File(file) => {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut data = vec![0u8; size];
+                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                file.seek(SeekFrom::Start(info.offset as u64))
+                    .and_then(|_| file.read_exact(&mut data))
+                    .map_err(|e| {
+                        AdapterError::format(
+                            &self.path,
+                            format!(
+                                "reading tensor `{}`: {e} (the file changed while it was read?)",
+                                info.name
+                            ),
+                        )
+                    })?;
+                dequantize(t, &data, &mut out);
+            }
+        }
         Ok(out)
     }
 
@@ -517,6 +480,129 @@ impl GgufFile {
         };
         Ok((t, size))
     }
+}
+
+/// A GGUF file's version, metadata and tensor table from the first bytes of a file of `total`
+/// bytes (all of them, or enough to hold the header and tables); `true` beside an error when
+/// the bytes ran out before the file did (parse again with more of them).
+#[allow(clippy::type_complexity)]
+fn parse(
+    path: &str,
+    bytes: &[u8],
+    total: usize,
+) -> (
+    Result<(u32, BTreeMap<String, GgufValue>, Vec<GgufTensorInfo>), AdapterError>,
+    bool,
+) {
+    let mut r = Reader {
+        bytes,
+        total,
+        pos: 0,
+        path,
+        short: false,
+    };
+    let parsed = parse_with(&mut r);
+    (parsed, r.short)
+}
+
+#[allow(clippy::type_complexity)]
+fn parse_with(
+    r: &mut Reader<'_>,
+) -> Result<(u32, BTreeMap<String, GgufValue>, Vec<GgufTensorInfo>), AdapterError> {
+    let (path, total) = (r.path, r.total);
+    if r.take(4)? != b"GGUF" {
+        return Err(r.err("no GGUF magic"));
+    }
+    let version = r.u32()?;
+    if version != 2 && version != 3 {
+        return Err(AdapterError::Unsupported {
+            option: "GGUF version".into(),
+            message: format!("{path}: GGUF version {version}; versions 2 and 3 are read"),
+        });
+    }
+    let n_tensors = r.count(4 + 8 + 4 + 4 + 8, "tensor")?;
+    let n_kv = r.count(8 + 4 + 1, "metadata")?;
+    let mut metadata = BTreeMap::new();
+    for _ in 0..n_kv {
+        let key = r.string()?;
+        let t = r.u32()?;
+        let value = r.value(t, 0)?;
+        if key.is_empty() || metadata.insert(key.clone(), value).is_some() {
+            return Err(r.err(format!("empty or repeated metadata key {key:?}")));
+        }
+    }
+    let alignment = match metadata.get("general.alignment") {
+        None => 32,
+        Some(GgufValue::U32(a)) if a.is_power_of_two() => *a as usize,
+        Some(other) => {
+            return Err(r.err(format!(
+                "general.alignment {other:?} is not a power of two (u32)"
+            )))
+        }
+    };
+    let mut infos = Vec::with_capacity(n_tensors);
+    for _ in 0..n_tensors {
+        let name = r.string()?;
+        let n_dims = r.u32()? as usize;
+        if n_dims == 0 || n_dims > 4 {
+            return Err(r.err(format!("tensor `{name}` has {n_dims} dimensions (1 to 4)")));
+        }
+        let mut dims = Vec::with_capacity(n_dims);
+        for _ in 0..n_dims {
+            dims.push(r.u64()?);
+        }
+        let type_id = r.u32()?;
+        let offset = r.u64()?;
+        infos.push((name, dims, type_id, offset));
+    }
+    let data_start = r.pos.div_ceil(alignment) * alignment;
+    let mut tensors = Vec::with_capacity(n_tensors);
+    let mut names = std::collections::HashSet::new();
+    for (name, dims, type_id, offset) in infos {
+        if !names.insert(name.clone()) {
+            return Err(r.err(format!("tensor `{name}` appears twice")));
+        }
+        let numel = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|&n| n > 0 && n <= (total as u64).saturating_mul(8))
+            .ok_or_else(|| r.err(format!("tensor `{name}` has dims {dims:?}")))?
+            as usize;
+        let offset = (data_start as u64)
+            .checked_add(offset)
+            .filter(|&o| o <= total as u64)
+            .ok_or_else(|| r.err(format!("tensor `{name}` starts past the end")))?
+            as usize;
+        let size = match GgmlType::from_id(type_id) {
+            Some(t) => {
+                let (block, block_bytes) = t.block();
+                if !(dims[0] as usize).is_multiple_of(block) {
+                    return Err(r.err(format!(
+                        "tensor `{name}`: its rows of {} do not fill {}'s blocks of {block}",
+                        dims[0],
+                        GgmlType::name_of(type_id)
+                    )));
+                }
+                let size = numel / block * block_bytes;
+                if offset + size > total {
+                    return Err(r.err(format!(
+                        "tensor `{name}` ({size} bytes at {offset}) runs past the end"
+                    )));
+                }
+                Some(size)
+            }
+            None => None,
+        };
+        let shape = dims.iter().rev().map(|&d| d as usize).collect();
+        tensors.push(GgufTensorInfo {
+            name,
+            shape,
+            type_id,
+            offset,
+            size,
+        });
+    }
+    Ok((version, metadata, tensors))
 }
 
 /// The name errors of [`write()`] give the file it writes (callers that know its path put it

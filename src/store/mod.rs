@@ -81,18 +81,35 @@ impl AdapterFile {
 
 /// Reads a whole file named by a user (a command-line argument, an HTTP request, a model
 /// folder). Refuses what is neither a file nor a folder — a device such as `/dev/zero`, a FIFO,
-/// a socket — by name before reading, since reading one never ends (or blocks); a folder gets
-/// the system's own error.
+/// a socket — by name before reading, since reading one never ends (or blocks); a folder is an
+/// I/O error.
 pub fn read_file(path: impl AsRef<Path>) -> Result<Vec<u8>, AdapterError> {
+    use std::io::Read;
+    let path = path.as_ref();
+    let (mut file, len) = open_file(path)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.read_to_end(&mut bytes)
+        .map_err(|e| AdapterError::io(path, e))?;
+    Ok(bytes)
+}
+
+/// Opens a file named by a user to read it in pieces: the file and its length. Refuses what
+/// [`read_file`] refuses (a device, FIFO or socket, by name); a folder is an I/O error.
+pub fn open_file(path: impl AsRef<Path>) -> Result<(std::fs::File, u64), AdapterError> {
     let path = path.as_ref();
     let meta = std::fs::metadata(path).map_err(|e| AdapterError::io(path, e))?;
-    if !meta.is_file() && !meta.is_dir() {
+    if meta.is_dir() {
+        let e = std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory");
+        return Err(AdapterError::io(path, e));
+    }
+    if !meta.is_file() {
         return Err(AdapterError::format(
             path.display().to_string(),
             "not a regular file (a device, FIFO or socket): give the path of a file",
         ));
     }
-    std::fs::read(path).map_err(|e| AdapterError::io(path, e))
+    let file = std::fs::File::open(path).map_err(|e| AdapterError::io(path, e))?;
+    Ok((file, meta.len()))
 }
 
 /// [`read_file`] for UTF-8 text (a JSON configuration).

@@ -244,19 +244,7 @@ impl SafetensorsFile {
         let shown = path.display().to_string();
         let bad =
             |m: String| AdapterError::format(&shown, format!("not a valid safetensors file: {m}"));
-        let info = std::fs::metadata(path).map_err(|e| AdapterError::io(path, e))?;
-        if info.is_dir() {
-            let e = std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory");
-            return Err(AdapterError::io(path, e));
-        }
-        if !info.is_file() {
-            return Err(AdapterError::format(
-                &shown,
-                "not a regular file (a device, FIFO or socket): give the path of a file",
-            ));
-        }
-        let mut file = std::fs::File::open(path).map_err(|e| AdapterError::io(path, e))?;
-        let len = info.len();
+        let (mut file, len) = super::open_file(path)?;
         let mut n = [0u8; 8];
         file.read_exact(&mut n)
             .map_err(|_| bad("shorter than its 8-byte header size".into()))?;

@@ -408,7 +408,39 @@ fn gguf_dequantization_matches_the_gguf_package_for_every_type() {
 #[test]
 fn damaged_gguf_files_are_errors() {
     let bytes = std::fs::read(fixture("gguf/quants.gguf")).unwrap();
-    let parse = |b: Vec<u8>| GgufFile::from_bytes("x", b);
+    let dir = scratch_dir("llama", "damaged-gguf");
+    let path = dir.join("x.gguf");
+    // In memory, and from a file read in pieces (header and tables first, each tensor when
+    // dequantized): the same file or the same error.
+    let parse = |b: Vec<u8>| {
+        std::fs::write(&path, &b).unwrap();
+        let (memory, file) = (GgufFile::from_bytes("x", b), GgufFile::read(&path));
+        match (&memory, file) {
+            (Ok(m), Ok(f)) => {
+                assert_eq!(
+                    (m.version, &m.metadata, &m.tensors),
+                    (f.version, &f.metadata, &f.tensors)
+                );
+                for t in &m.tensors {
+                    let (a, b) = (m.dequantize_info(t), f.dequantize_info(t));
+                    assert_eq!(a.is_ok(), b.is_ok(), "{}", t.name);
+                    if let (Ok(a), Ok(b)) = (a, b) {
+                        assert!(
+                            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "{}",
+                            t.name
+                        );
+                    }
+                }
+            }
+            (Err(m), Err(f)) => assert_eq!(
+                m.to_string(),
+                f.to_string().replace(&path.display().to_string(), "x")
+            ),
+            (m, f) => panic!("in memory {:?}, from the file {:?}", m.is_ok(), f.is_ok()),
+        }
+        memory
+    };
     assert!(parse(bytes.clone()).is_ok());
     let last = parse(bytes.clone())
         .unwrap()
@@ -443,6 +475,17 @@ fn damaged_gguf_files_are_errors() {
             }
         }
     }
+    // Metadata larger than the first piece read from a file (1 MB), whole and cut short.
+    let big = vec![(
+        "general.description".to_string(),
+        kron_adapters::store::gguf::GgufValue::String("ab".repeat(1_500_000)),
+    )];
+    let bytes = kron_adapters::store::gguf::to_bytes(&big, &[]).unwrap();
+    assert_eq!(parse(bytes.clone()).unwrap().metadata.len(), 1);
+    for cut in [1 << 20, (1 << 20) + 5, 2_999_000] {
+        assert!(parse(bytes[..cut].to_vec()).is_err(), "cut at {cut}");
+    }
+    std::fs::remove_dir_all(dir).ok();
 }
 
 /// Metadata that describe a model bigger than the file's tensors (found by fuzzing: a damaged
