@@ -173,8 +173,8 @@ enum Cmd {
         force: bool,
     },
     /// Merge an adapter into a decoder and write a GGUF file that llama.cpp runs (architecture
-    /// llama, Q/K rows in llama.cpp's order, matrices in F16 or F32, the tokenizer metadata of
-    /// a GGUF model carried over).
+    /// llama, Q/K rows in llama.cpp's order, matrices in F16, F32 or Q8_0, the tokenizer
+    /// metadata of a GGUF model carried over).
     ExportGguf {
         /// A .gguf file or a Hugging Face model folder.
         #[arg(long)]
@@ -185,8 +185,9 @@ enum Cmd {
         /// The file to write.
         #[arg(long)]
         out: PathBuf,
-        /// The matrices' type: f16 (half the size, as llama.cpp's converter writes) or f32.
-        #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+        /// The matrices' type: f16 (half the size, as llama.cpp's converter writes), f32, or
+        /// q8_0 (8-bit blocks, a quarter of f32's size, as the converter's --outtype q8_0).
+        #[arg(long, default_value = "f16", value_parser = ["f16", "f32", "q8_0"])]
         dtype: String,
         /// Replace OUT if it exists.
         #[arg(long)]
@@ -340,10 +341,10 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
                      more tokenizers)"
                 );
             }
-            let ty = if dtype == "f32" {
-                GgmlType::F32
-            } else {
-                GgmlType::F16
+            let ty = match dtype.as_str() {
+                "f32" => GgmlType::F32,
+                "q8_0" => GgmlType::Q8_0,
+                _ => GgmlType::F16,
             };
             let bytes = llama::save_gguf(m, &out, &tokenizer, ty, force)?;
             eprintln!("wrote {} ({bytes} bytes, merged, {dtype})", out.display());

@@ -624,7 +624,7 @@ pub struct GgufTensorSpec {
     pub name: String,
     /// Its shape in PyTorch order.
     pub shape: Vec<usize>,
-    /// F32 or F16.
+    /// F32, F16 or Q8_0 (whose rows, the shape's last dimension, are whole blocks of 32).
     pub ty: GgmlType,
 }
 
@@ -671,11 +671,21 @@ pub fn write(
     let mut offset = 0usize;
     for t in tensors {
         let numel: usize = t.shape.iter().product();
-        let (id, elem) = match t.ty {
-            GgmlType::F32 => (0u32, 4),
-            GgmlType::F16 => (1u32, 2),
+        let id = match t.ty {
+            GgmlType::F32 => 0u32,
+            GgmlType::F16 => 1,
+            GgmlType::Q8_0 => 8,
             other => return Err(bad(format!("`{}`: {other:?} is not written", t.name))),
         };
+        let (block, block_bytes) = t.ty.block();
+        if !t.shape.last().is_some_and(|&row| row % block == 0) {
+            return Err(bad(format!(
+                "`{}`: rows of {:?} are not whole {:?} blocks of {block}",
+                t.name,
+                t.shape.last(),
+                t.ty
+            )));
+        }
         if t.name.is_empty() || !names.insert(t.name.as_str()) {
             return Err(bad(format!(
                 "tensor name {:?} is empty or repeated",
@@ -692,7 +702,7 @@ pub fn write(
         }
         head.extend(id.to_le_bytes());
         head.extend((offset as u64).to_le_bytes());
-        offset = (offset + numel * elem).div_ceil(ALIGN) * ALIGN;
+        offset = (offset + numel / block * block_bytes).div_ceil(ALIGN) * ALIGN;
     }
     head.resize(head.len().div_ceil(ALIGN) * ALIGN, 0);
     let io = |e: std::io::Error| AdapterError::io(Path::new(OUTPUT), e);
@@ -711,22 +721,40 @@ pub fn write(
             )));
         }
         buf.clear();
-        if t.ty == GgmlType::F16 {
-            for &x in &v {
-                let h = half::f16::from_f32(x);
-                if h.is_infinite() && x.is_finite() {
-                    return Err(bad(format!("`{}`: {x} is beyond F16's range", t.name)));
+        match t.ty {
+            GgmlType::F16 => {
+                for &x in &v {
+                    let h = half::f16::from_f32(x);
+                    if h.is_infinite() && x.is_finite() {
+                        return Err(bad(format!("`{}`: {x} is beyond F16's range", t.name)));
+                    }
+                    buf.extend(h.to_le_bytes());
                 }
-                buf.extend(h.to_le_bytes());
             }
-        } else {
-            buf.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            GgmlType::Q8_0 => {
+                if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+                    return Err(bad(format!("`{}`: {x} cannot be quantized", t.name)));
+                }
+                v.chunks_exact(32).for_each(|b| quantize_q8_0(b, &mut buf));
+            }
+            _ => buf.extend(v.iter().flat_map(|x| x.to_le_bytes())),
         }
         buf.resize(buf.len().div_ceil(ALIGN) * ALIGN, 0);
         out.write_all(&buf).map_err(io)?;
         written += buf.len() as u64;
     }
     Ok(written)
+}
+
+/// One Q8_0 block of 32 values, as ggml's reference quantizer (`quantize_row_q8_0_ref`) makes
+/// it: the scale `d = max|x| / 127` (stored as f16), then each value times `1/d` rounded half
+/// away from zero, as an int8.
+fn quantize_q8_0(block: &[f32], out: &mut Vec<u8>) {
+    let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let d = amax / 127.0;
+    let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+    out.extend(half::f16::from_f32(d).to_le_bytes());
+    out.extend(block.iter().map(|x| (x * id).round() as i8 as u8));
 }
 
 /// The bytes of a GGUF file of `metadata` and `tensors` ([`write()`] into memory).

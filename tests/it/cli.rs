@@ -713,6 +713,23 @@ fn decoder_commands_on_smollm2() {
     assert!((0.45..0.55).contains(&ratio), "F16/F32 size {ratio}");
     let (code, out, err) = run(&["generate", "--model", s(&f16_out), "--prompt", "Hi"]);
     assert!(code == 0 && !out.trim().is_empty(), "{err}");
+    // Q8_0 (every SmolLM2 matrix has rows of whole blocks): about a quarter of F32 (34 bytes
+    // per 32 values; the vectors stay F32), and it runs.
+    let q8_out = dir.join("q8_0.gguf");
+    let (code, _, err) = run(&[
+        "export-gguf",
+        "--model",
+        s(&gguf),
+        "--dtype",
+        "q8_0",
+        "--out",
+        s(&q8_out),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let ratio = size(&q8_out) / size(&f32_out);
+    assert!((0.26..0.28).contains(&ratio), "Q8_0/F32 size {ratio}");
+    let (code, out, err) = run(&["generate", "--model", s(&q8_out), "--prompt", "Hi"]);
+    assert!(code == 0 && !out.trim().is_empty(), "{err}");
     std::fs::remove_dir_all(dir).ok();
     // eval: the last stdout line is one JSON object.
     let (code, out, err) = run(&[

@@ -929,8 +929,10 @@ pub fn tokenizer_metadata(file: &GgufFile) -> Vec<(String, GgufValue)> {
 /// Writes `model` as a GGUF file that llama.cpp runs: architecture `llama` with its
 /// configuration in `llama.*` metadata, llama.cpp's tensor names, and Q/K rows permuted as its
 /// converter permutes them, with every linear adapter merged into its base weight first
-/// (refusing NaN/Inf). Matrices are stored as `ty` — [`GgmlType::F32`], or [`GgmlType::F16`]
-/// as the converter's `--outtype f16` — and vectors (norms, biases) as F32. `tokenizer` is
+/// (refusing NaN/Inf). Matrices are stored as `ty` — [`GgmlType::F32`], [`GgmlType::F16`] as
+/// the converter's `--outtype f16`, or [`GgmlType::Q8_0`] as its `--outtype q8_0` (ggml's
+/// reference quantizer, bit for bit; a matrix whose rows are not whole blocks of 32 in F16) —
+/// and vectors (norms, biases) as F32. `tokenizer` is
 /// the `tokenizer.*` metadata to carry ([`tokenizer_metadata`] of a GGUF source); without it
 /// the file holds the weights and configuration only. The model's BOS and EOS ids are written
 /// when `tokenizer` lacks them. Llama 3.1's RoPE scaling is refused (llama.cpp takes it as a
@@ -984,10 +986,10 @@ fn gguf_metadata(
     tokenizer: &[(String, GgufValue)],
     ty: GgmlType,
 ) -> Result<Vec<(String, GgufValue)>, AdapterError> {
-    if !matches!(ty, GgmlType::F32 | GgmlType::F16) {
+    if !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Q8_0) {
         return Err(AdapterError::Unsupported {
             option: "GGUF type".into(),
-            message: format!("{ty:?}; F32 and F16 are written"),
+            message: format!("{ty:?}; F32, F16 and Q8_0 are written"),
         });
     }
     let mut meta: Vec<(String, GgufValue)> = vec![(
@@ -1043,7 +1045,12 @@ fn gguf_metadata(
             })
         }
     }
-    let file_type = if ty == GgmlType::F16 { 1 } else { 0 };
+    // llama.cpp's `LlamaFileType`: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0.
+    let file_type = match ty {
+        GgmlType::F16 => 1,
+        GgmlType::Q8_0 => 7,
+        _ => 0,
+    };
     meta.push(("general.file_type".into(), GgufValue::U32(file_type)));
     meta.push(("general.quantization_version".into(), GgufValue::U32(2)));
     let has = |k: &str| tokenizer.iter().any(|(key, _)| key == k);
@@ -1073,7 +1080,13 @@ fn write_gguf<B: Backend>(
         let name = gguf_name(hf).ok_or_else(|| {
             AdapterError::format(gguf::OUTPUT, format!("no GGUF name for `{hf}`"))
         })?;
-        let ty = if shape.len() == 2 { ty } else { GgmlType::F32 };
+        // As llama.cpp's converter: vectors F32; a Q8_0 weight whose rows are not whole
+        // blocks of 32 F16.
+        let ty = match ty {
+            _ if shape.len() != 2 => GgmlType::F32,
+            GgmlType::Q8_0 if shape[1] % 32 != 0 => GgmlType::F16,
+            ty => ty,
+        };
         specs.push(GgufTensorSpec {
             name,
             shape: shape.clone(),
