@@ -735,7 +735,9 @@ pub fn write(
                 if let Some(x) = v.iter().find(|x| !x.is_finite()) {
                     return Err(bad(format!("`{}`: {x} cannot be quantized", t.name)));
                 }
-                v.chunks_exact(32).for_each(|b| quantize_q8_0(b, &mut buf));
+                for b in v.chunks_exact(32) {
+                    quantize_q8_0(b, &mut buf).map_err(|m| bad(format!("`{}`: {m}", t.name)))?;
+                }
             }
             _ => buf.extend(v.iter().flat_map(|x| x.to_le_bytes())),
         }
@@ -749,12 +751,20 @@ pub fn write(
 /// One Q8_0 block of 32 values, as ggml's reference quantizer (`quantize_row_q8_0_ref`) makes
 /// it: the scale `d = max|x| / 127` (stored as f16), then each value times `1/d` rounded half
 /// away from zero, as an int8.
-fn quantize_q8_0(block: &[f32], out: &mut Vec<u8>) {
+/// A block whose scale is beyond F16's range (values past 127 × 65504) is refused.
+fn quantize_q8_0(block: &[f32], out: &mut Vec<u8>) -> Result<(), String> {
     let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
     let d = amax / 127.0;
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-    out.extend(half::f16::from_f32(d).to_le_bytes());
+    let scale = half::f16::from_f32(d);
+    if scale.is_infinite() {
+        return Err(format!(
+            "{amax} is beyond Q8_0's range (its block scale is an f16)"
+        ));
+    }
+    out.extend(scale.to_le_bytes());
     out.extend(block.iter().map(|x| (x * id).round() as i8 as u8));
+    Ok(())
 }
 
 /// The bytes of a GGUF file of `metadata` and `tensors` ([`write()`] into memory).

@@ -827,6 +827,43 @@ fn gguf_export_matches_llamacpps_layout_and_reads_back_with_transformers_logits(
     let leftovers = std::fs::read_dir(&dir).unwrap().count();
     assert_eq!(leftovers, 1, "only model.gguf in {}", dir.display());
     std::fs::remove_dir_all(dir).ok();
+
+    // The writer refuses what its types cannot hold, naming the tensor: a value beyond F16's
+    // range (65504) in F16, a block whose Q8_0 scale max|x|/127 is beyond it, NaN in Q8_0, and
+    // Q8_0 rows that are not whole blocks of 32; what they can hold reads back.
+    use kron_adapters::store::gguf::{self, GgufTensorOut, GgufTensorSpec};
+    let one = |ty: GgmlType, cols: usize, x: f32| {
+        let mut values: Vec<f32> = (0..cols).map(|i| i as f32 / 7.0 - 2.0).collect();
+        values[cols / 2] = x;
+        let spec = GgufTensorSpec {
+            name: "w".into(),
+            shape: vec![1, cols],
+            ty,
+        };
+        gguf::to_bytes(&[], &[GgufTensorOut { spec, values }])
+    };
+    for (ty, cols, x, ok) in [
+        (GgmlType::F16, 32, 6.0e4, true),
+        (GgmlType::F16, 32, 1.0e6, false),
+        (GgmlType::Q8_0, 32, 1.0e6, true),
+        (GgmlType::Q8_0, 64, 1.0e9, false),
+        (GgmlType::Q8_0, 32, f32::NAN, false),
+        (GgmlType::Q8_0, 48, 1.0, false),
+    ] {
+        match one(ty, cols, x) {
+            Ok(bytes) => {
+                assert!(ok, "{ty:?} {cols} {x}");
+                let file = GgufFile::from_bytes("w.gguf", bytes).unwrap();
+                let back = file.dequantize("w").unwrap();
+                let err = (back[cols / 2] - x).abs() / x.abs();
+                assert!(err < 5e-3, "{ty:?} {x}: read back {}", back[cols / 2]);
+            }
+            Err(e) => assert!(
+                !ok && e.to_string().contains("`w`"),
+                "{ty:?} {cols} {x}: {e}"
+            ),
+        }
+    }
 }
 
 /// Model weights are read a tensor at a time (the header checked when the file is opened, as
