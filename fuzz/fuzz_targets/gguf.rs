@@ -4,8 +4,8 @@
 //! beyond what the file's bytes describe. The tokenizer metadata builds a tokenizer (or says what
 //! is wrong) that encodes texts to ids inside its vocabulary and decodes them, the chat prompt
 //! and the Hugging Face files it exports included. A model that loads exports to a GGUF file
-//! (`llama::to_gguf`, F32 or Q8_0) that loads again. A file read from disk in pieces parses as its bytes do
-//! in memory.
+//! (`llama::to_gguf`, F32 or Q8_0) that loads again. A file read from disk in pieces parses as
+//! its bytes do in memory.
 #![no_main]
 
 use kron_adapters::llm::TextTokenizer;

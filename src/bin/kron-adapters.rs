@@ -156,8 +156,8 @@ enum Cmd {
         batch_tokens: usize,
     },
     /// Merge an adapter into a decoder and write a Hugging Face folder (config.json,
-    /// model.safetensors in float32 — a GGUF base dequantized —, tokenizer.json) that
-    /// transformers and other tools run.
+    /// model.safetensors in float32 — a GGUF base dequantized — or bfloat16/float16,
+    /// tokenizer.json) that transformers and other tools run.
     ExportHf {
         /// A .gguf file or a Hugging Face model folder.
         #[arg(long)]
@@ -168,6 +168,9 @@ enum Cmd {
         /// The folder to write.
         #[arg(long)]
         out: PathBuf,
+        /// The weights' dtype: f32 (exact), or bf16 / f16 (half the size, rounded).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+        dtype: String,
         /// Replace OUT if it exists.
         #[arg(long)]
         force: bool,
@@ -354,6 +357,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             model,
             adapter,
             out,
+            dtype,
             force,
         } => {
             st::refuse_existing(&out, force)?;
@@ -369,9 +373,14 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
                 }
             };
             let extra: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
-            let bytes = llama::save_hf(m, &out, &extra, force)?;
+            let st_dtype = match dtype.as_str() {
+                "bf16" => safetensors::Dtype::BF16,
+                "f16" => safetensors::Dtype::F16,
+                _ => safetensors::Dtype::F32,
+            };
+            let bytes = llama::save_hf(m, &out, &extra, st_dtype, force)?;
             eprintln!(
-                "wrote {} (model.safetensors {bytes} bytes, merged)",
+                "wrote {} (model.safetensors {bytes} bytes, merged, {dtype})",
                 out.display()
             );
             Ok(())

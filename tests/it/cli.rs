@@ -856,6 +856,38 @@ fn export_hf_writes_a_merged_folder() {
         s(&dir.join("again")),
     ]);
     assert_eq!(code, 1);
+    // --dtype bf16: the dtype in config.json and the file; an unknown dtype is a usage error
+    // (2), nothing written.
+    let half = dir.join("bf16");
+    let (code, _, err) = run(&[
+        "export-hf",
+        "--model",
+        s(&out),
+        "--dtype",
+        "bf16",
+        "--out",
+        s(&half),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let config = std::fs::read_to_string(half.join("config.json")).unwrap();
+    assert!(config.contains("\"torch_dtype\": \"bfloat16\""), "{config}");
+    let bytes = std::fs::read(half.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st
+        .tensors()
+        .iter()
+        .all(|(_, v)| v.dtype() == safetensors::Dtype::BF16));
+    let (code, _, _) = run(&[
+        "export-hf",
+        "--model",
+        s(&out),
+        "--dtype",
+        "q8_0",
+        "--out",
+        s(&dir.join("q8")),
+    ]);
+    assert_eq!(code, 2);
+    assert!(!dir.join("q8").exists());
     // export-gguf from the exported folder: no tokenizer to carry (a note), an F32 file whose
     // weights are the folder's; existing outputs and unknown types are refused, nothing left.
     let gguf = dir.join("merged.gguf");

@@ -529,6 +529,7 @@ fn gguf_metadata_bigger_than_its_tensors_is_refused_before_allocating() {
 /// folders keyed by the Llama paths PEFT uses.
 #[test]
 fn merged_hugging_face_export_and_peft_export_of_decoder_adapters() {
+    use safetensors::Dtype;
     let dev = device();
     let ((ids, mask, lengths), want, lora) = tiny_llama_lora();
     let dir = scratch_dir("llama", "export");
@@ -536,7 +537,7 @@ fn merged_hugging_face_export_and_peft_export_of_decoder_adapters() {
         let model = llama::load::<TB>(fx(base), &PlacementConfig::new(), &dev).unwrap();
         let model = attach(model, &lora, &NameMap::new(), &dev).unwrap();
         let out = dir.join("hf");
-        llama::save_hf(model, &out, &[("extra.txt", b"x")], true).unwrap();
+        llama::save_hf(model, &out, &[("extra.txt", b"x")], Dtype::F32, true).unwrap();
         assert!(out.join("extra.txt").exists());
         let back = load_dir_at(&out);
         assert!(back.adapter_specs().is_empty(), "merged");
@@ -547,9 +548,61 @@ fn merged_hugging_face_export_and_peft_export_of_decoder_adapters() {
         );
         assert!(err <= 1e-4, "{base}: exported model logits {err}");
     }
+    // In half precision: half the file, the dtype in config.json, the weights rounded to
+    // nearest (each equal to the F32 export's rounded), logits close to transformers + PEFT's.
+    let f32_weights = read_st(&dir.join("hf/model.safetensors"));
+    // Tensor bytes: the file less its 8-byte length and JSON header.
+    let data_len = |b: &[u8]| b.len() - 8 - u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let f32_size = data_len(&std::fs::read(dir.join("hf/model.safetensors")).unwrap());
+    for (dtype, name, tolerance) in [
+        (Dtype::BF16, "bfloat16", 0.3), // 8 bits of mantissa: as Q8_0 on this model (0.17)
+        (Dtype::F16, "float16", 2e-2),
+    ] {
+        let model = llama::load::<TB>(fx("tiny_llama"), &PlacementConfig::new(), &dev).unwrap();
+        let model = attach(model, &lora, &NameMap::new(), &dev).unwrap();
+        let out = dir.join(name);
+        llama::save_hf(model, &out, &[], dtype, false).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["torch_dtype"], name);
+        let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        assert_eq!(
+            2 * data_len(&bytes),
+            f32_size,
+            "{name}: half the F32 tensor bytes"
+        );
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (k, (_, v)) in &f32_weights {
+            let t = st.tensor(k).unwrap();
+            assert_eq!(t.dtype(), dtype, "{k}");
+            let v: Vec<f32> = v.iter().map(|x| *x as f32).collect();
+            let rounded: Vec<u8> = kron_adapters::store::st::encode_f32(&v, dtype);
+            assert_eq!(t.data(), rounded.as_slice(), "{name} {k}");
+        }
+        let back = load_dir_at(&out);
+        let err = logits_error(
+            back.forward(ids.clone(), Some(mask.clone())),
+            &want["logits"],
+            &lengths,
+        );
+        assert!(err <= tolerance && err > 0.0, "{name}: logits {err}");
+    }
+    // A value beyond F16's range is refused in F16, leaving nothing; BF16 holds it.
+    let mut huge = llama::load::<TB>(fx("tiny_llama"), &PlacementConfig::new(), &dev).unwrap();
+    huge.model.norm.gamma = huge.model.norm.gamma.map(|g| g.mul_scalar(1.0e5));
+    let e = llama::save_hf(huge.clone(), &dir.join("huge"), &[], Dtype::F16, false).unwrap_err();
+    assert!(e.to_string().contains("model.norm.weight"), "{e}");
+    assert!(!dir.join("huge").exists());
+    llama::save_hf(huge, &dir.join("huge"), &[], Dtype::BF16, false).unwrap();
+    // Other dtypes are refused.
+    let model = llama::load::<TB>(fx("tiny_llama"), &PlacementConfig::new(), &dev).unwrap();
+    assert!(matches!(
+        llama::save_hf(model, &dir.join("i8"), &[], Dtype::I8, false),
+        Err(AdapterError::Unsupported { .. })
+    ));
     // An existing folder is refused without overwrite, and left as it was.
     let model = llama::load::<TB>(fx("tiny_llama"), &PlacementConfig::new(), &dev).unwrap();
-    assert!(llama::save_hf(model, &dir.join("hf"), &[], false).is_err());
+    assert!(llama::save_hf(model, &dir.join("hf"), &[], Dtype::F32, false).is_err());
     assert!(dir.join("hf/extra.txt").exists());
     // Kron-LoRA trained here → a PEFT LoKr folder with PEFT's Llama keys → read back exactly.
     let model: LlamaForCausalLM<TB> = LlamaForCausalLM::new(

@@ -840,7 +840,8 @@ fn build<B: Backend>(
     Ok(model)
 }
 
-/// A Hugging Face `config.json` for `config` (float32 weights).
+/// A Hugging Face `config.json` for `config` (float32 weights; [`save_hf`] sets `torch_dtype`
+/// to the dtype it writes).
 pub fn hf_config_json(config: &LlamaConfig) -> serde_json::Value {
     let c = config;
     let arch = match c.model_type.as_str() {
@@ -877,26 +878,43 @@ pub fn hf_config_json(config: &LlamaConfig) -> serde_json::Value {
 }
 
 /// Writes `model` as a Hugging Face folder that `transformers` (and llama.cpp's converter) can
-/// run: `config.json` and `model.safetensors` (float32, Hugging Face names and `[out, in]`
-/// layout), with every linear adapter merged into its base weight first (refusing NaN/Inf).
-/// `extra` files (a tokenizer's) are written into the folder too. The folder is written
-/// atomically; an existing one is replaced only when `overwrite`. Returns the bytes of
+/// run: `config.json` and `model.safetensors` (Hugging Face names and `[out, in]` layout, in
+/// `dtype`: F32, or F16 / BF16 at half the size, rounded to nearest; `config.json`'s
+/// `torch_dtype` says which), with every linear adapter merged into its base weight first
+/// (refusing NaN/Inf, and in F16 a value beyond its range). `extra` files (a tokenizer's) are
+/// written into the folder too. The folder is written atomically, the weights one tensor at a
+/// time; an existing one is replaced only when `overwrite`. Returns the bytes of
 /// `model.safetensors`.
 pub fn save_hf<B: Backend>(
     model: LlamaForCausalLM<B>,
     dir: &Path,
     extra: &[(&str, &[u8])],
+    dtype: ::safetensors::Dtype,
     overwrite: bool,
 ) -> Result<u64, AdapterError> {
     use crate::store::st;
+    use ::safetensors::Dtype;
+    let torch_dtype = match dtype {
+        Dtype::F32 => "float32",
+        Dtype::F16 => "float16",
+        Dtype::BF16 => "bfloat16",
+        other => {
+            return Err(AdapterError::Unsupported {
+                option: "dtype".into(),
+                message: format!("{other:?}; F32, F16 and BF16 are written"),
+            })
+        }
+    };
     st::refuse_existing(dir, overwrite)?;
     let model = model.merge_adapters()?;
-    let config = serde_json::to_vec_pretty(&hf_config_json(model.config()))
+    let mut config = hf_config_json(model.config());
+    config["torch_dtype"] = torch_dtype.into();
+    let config = serde_json::to_vec_pretty(&config)
         .map_err(|e| AdapterError::format("config.json", e.to_string()))?;
     let tensors = merged_tensors(&model);
     let specs: Vec<st::Spec> = tensors
         .iter()
-        .map(|(name, shape, _)| (name.clone(), ::safetensors::Dtype::F32, shape.clone()))
+        .map(|(name, shape, _)| (name.clone(), dtype, shape.clone()))
         .collect();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let mut written = 0;
@@ -909,7 +927,16 @@ pub fn save_hf<B: Backend>(
         st::write_atomic_with(&tmp.join("model.safetensors"), &mut |out| {
             written =
                 st::write_streamed("model.safetensors", out, &specs, meta.clone(), &mut |i| {
-                    Ok(tensors[i].2().f32_bytes())
+                    let values = tensors[i].2().data;
+                    if dtype == Dtype::F16 {
+                        if let Some(x) = values.iter().find(|x| x.abs() > 65504.0) {
+                            return Err(AdapterError::format(
+                                "model.safetensors",
+                                format!("`{}`: {x} is beyond F16's range", tensors[i].0),
+                            ));
+                        }
+                    }
+                    Ok(st::encode_f32(&values, dtype))
                 })?;
             Ok(())
         })
