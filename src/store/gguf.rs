@@ -678,7 +678,7 @@ pub fn write(
             other => return Err(bad(format!("`{}`: {other:?} is not written", t.name))),
         };
         let (block, block_bytes) = t.ty.block();
-        if !t.shape.last().is_some_and(|&row| row % block == 0) {
+        if t.shape.last().is_none_or(|&row| row % block != 0) {
             return Err(bad(format!(
                 "`{}`: rows of {:?} are not whole {:?} blocks of {block}",
                 t.name,
