@@ -66,13 +66,15 @@ enum Cmd {
     /// Write BASE with every adapted weight replaced by W + ΔW (PyTorch [out, in] layout and
     /// dtype kept, every other tensor copied as is).
     Merge {
-        /// The base checkpoint (safetensors, PyTorch names and layout).
+        /// The base checkpoint (safetensors, PyTorch names and layout), or a Hugging Face
+        /// model folder (model.safetensors or sharded with model.safetensors.index.json).
         #[arg(long)]
         base: PathBuf,
         /// A PEFT folder or an adapter file.
         #[arg(long)]
         adapter: PathBuf,
-        /// The merged checkpoint to write.
+        /// The merged checkpoint to write (a folder with the same shards and files when BASE
+        /// is a folder).
         #[arg(long)]
         out: PathBuf,
         /// Rename adapter modules to base names: FROM=TO prefix rules (repeatable).

@@ -69,42 +69,10 @@ impl<'a> TensorSource<'a> {
     }
 
     /// A Hugging Face model folder's weights: `model.safetensors`, or the shards that
-    /// `model.safetensors.index.json` lists.
+    /// `model.safetensors.index.json` lists ([`st::model_dir_shards`]).
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self, AdapterError> {
         let dir = dir.as_ref();
-        let single = dir.join("model.safetensors");
-        if single.exists() {
-            return Self::from_safetensors(single);
-        }
-        let index_path = dir.join("model.safetensors.index.json");
-        let text = std::fs::read_to_string(&index_path).map_err(|e| {
-            AdapterError::io(
-                &index_path,
-                std::io::Error::new(
-                    e.kind(),
-                    format!("{e} (a model folder holds model.safetensors or a sharded index)"),
-                ),
-            )
-        })?;
-        #[derive(serde::Deserialize)]
-        struct Index {
-            weight_map: BTreeMap<String, String>,
-        }
-        let index: Index = serde_json::from_str(&text).map_err(|e| {
-            AdapterError::format(index_path.display().to_string(), format!("bad index: {e}"))
-        })?;
-        let shards: BTreeSet<&String> = index.weight_map.values().collect();
-        let mut paths = Vec::new();
-        for shard in shards {
-            if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
-                return Err(AdapterError::format(
-                    index_path.display().to_string(),
-                    format!("shard name {shard:?} is not a file name in the folder"),
-                ));
-            }
-            paths.push(dir.join(shard));
-        }
-        Self::from_files(dir, &paths)
+        Self::from_files(dir, &st::model_dir_shards(dir)?)
     }
 
     fn from_files(path: &Path, paths: &[PathBuf]) -> Result<Self, AdapterError> {

@@ -35,6 +35,13 @@ pub struct MergeReport {
 /// (the weight is `<mapped name>.weight`). Fails, writing nothing, when a layer has no weight in
 /// the base, a weight's shape or dtype does not fit, or a merged weight would hold NaN/Inf.
 /// The arithmetic runs on `B` (any backend; the command-line tool uses the CPU).
+///
+/// `base` may also be a Hugging Face model folder (`model.safetensors`, or the shards
+/// `model.safetensors.index.json` lists, as 7B checkpoints come): `out` is then a folder with
+/// the same shards, each adapted weight merged in the shard that holds it, and the folder's
+/// other files (configuration, tokenizer, index) copied; weight files in other formats
+/// (`.bin`, `.pt`, `.gguf`, …) are left out. Both forms stream: a base tensor is read when it is
+/// written, a merged weight exists only while it is written.
 pub fn merge_checkpoint<B: Backend>(
     base: &Path,
     adapters: &NativeAdapters,
@@ -43,21 +50,133 @@ pub fn merge_checkpoint<B: Backend>(
     overwrite: bool,
     device: &B::Device,
 ) -> Result<MergeReport, AdapterError> {
+    if base.is_dir() {
+        return merge_folder::<B>(base, adapters, map, out, overwrite, device);
+    }
     st::refuse_existing(out, overwrite)?;
+    adapters.validate("adapters")?;
     let mut file = st::SafetensorsFile::open(base)?;
     let shown = base.display().to_string();
-    let mut report = MergeReport {
-        merged: Vec::new(),
-        bytes: 0,
-    };
-    // Streamed both ways: a base tensor is read when it is written, and a merged weight exists
-    // only while it is written.
+    let plan = plan(&shown, &[file.specs()], adapters, map)?;
+    let mut bytes = 0;
     st::write_atomic_with(out, &mut |w| {
-        (report.bytes, report.merged) =
-            merge_into::<B>(&shown, &mut file, adapters, map, device, w)?;
+        bytes = merge_into::<B>(&shown, &mut file, adapters, &plan[0], device, w)?;
         Ok(())
     })?;
-    Ok(report)
+    Ok(report(plan, bytes))
+}
+
+/// [`merge_checkpoint`] into a model folder.
+fn merge_folder<B: Backend>(
+    base: &Path,
+    adapters: &NativeAdapters,
+    map: &NameMap,
+    out: &Path,
+    overwrite: bool,
+    device: &B::Device,
+) -> Result<MergeReport, AdapterError> {
+    st::refuse_existing(out, overwrite)?;
+    adapters.validate("adapters")?;
+    let shards = st::model_dir_shards(base)?;
+    let mut files = shards
+        .iter()
+        .map(|p| st::SafetensorsFile::open(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let specs: Vec<Vec<st::Spec>> = files.iter().map(|f| f.specs()).collect();
+    let shown = base.display().to_string();
+    let plan = plan(&shown, &specs, adapters, map)?;
+    // The folder's other files: small ones copied, weight files in other formats left out.
+    let mut others = Vec::new();
+    let entries = std::fs::read_dir(base).map_err(|e| AdapterError::io(base, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| AdapterError::io(base, e))?.path();
+        let weights = [
+            "safetensors",
+            "bin",
+            "pt",
+            "pth",
+            "ckpt",
+            "gguf",
+            "h5",
+            "msgpack",
+        ];
+        let is_weights = path
+            .extension()
+            .is_some_and(|x| weights.iter().any(|w| x.eq_ignore_ascii_case(w)));
+        if path.is_file() && !is_weights && !shards.contains(&path) {
+            others.push(path);
+        }
+    }
+    let mut bytes = 0;
+    st::write_dir_atomic_with(out, overwrite, &mut |tmp| {
+        for (i, (shard, file)) in shards.iter().zip(&mut files).enumerate() {
+            let name = shard.file_name().expect("a file in the folder");
+            let shown = shard.display().to_string();
+            st::write_atomic_with(&tmp.join(name), &mut |w| {
+                bytes += merge_into::<B>(&shown, file, adapters, &plan[i], device, w)?;
+                Ok(())
+            })?;
+        }
+        for path in &others {
+            let name = path.file_name().expect("a file in the folder");
+            st::write_atomic(&tmp.join(name), &super::read_file(path)?)?;
+        }
+        Ok(())
+    })?;
+    Ok(report(plan, bytes))
+}
+
+/// What was merged: the weights replaced, sorted, and the bytes written.
+fn report(plan: Vec<HashMap<String, String>>, bytes: u64) -> MergeReport {
+    let mut merged: Vec<String> = plan.into_iter().flat_map(|p| p.into_keys()).collect();
+    merged.sort();
+    MergeReport { merged, bytes }
+}
+
+/// For each file of a base (`specs`: its tensors), the weights to replace and the adapter layer
+/// merged into each: every layer's `<mapped name>.weight` must be in one of the files with the
+/// layer's `[out, in]` shape.
+fn plan(
+    shown: &str,
+    specs: &[Vec<st::Spec>],
+    adapters: &NativeAdapters,
+    map: &NameMap,
+) -> Result<Vec<HashMap<String, String>>, AdapterError> {
+    let index: HashMap<&str, (usize, &Vec<usize>)> = specs
+        .iter()
+        .enumerate()
+        .flat_map(|(f, s)| s.iter().map(move |(n, _, shape)| (n.as_str(), (f, shape))))
+        .collect();
+    let mut plan = vec![HashMap::new(); specs.len()];
+    for (name, spec) in &adapters.meta.layers {
+        let key = format!("{}.weight", map.apply(name));
+        let Some(&(file, shape)) = index.get(key.as_str()) else {
+            return Err(AdapterError::Incompatible {
+                message: format!(
+                    "the adapter's layer `{name}` needs `{key}` in {shown}, which has no such \
+                     tensor (rename modules with a name map: --map FROM=TO)"
+                ),
+            });
+        };
+        if shape != &[spec.d_out, spec.d_in] {
+            return Err(AdapterError::Incompatible {
+                message: format!(
+                    "`{key}` is {shape:?} in {shown} but the adapter is for a [{}, {}] ([out, \
+                     in]) weight",
+                    spec.d_out, spec.d_in
+                ),
+            });
+        }
+        if let Some(other) = plan[file].insert(key.clone(), name.clone()) {
+            return Err(AdapterError::Incompatible {
+                message: format!(
+                    "the adapter's layers `{other}` and `{name}` both merge into `{key}` (check \
+                     the name map)"
+                ),
+            });
+        }
+    }
+    Ok(plan)
 }
 
 /// [`merge_checkpoint`] on bytes: the merged checkpoint's bytes and the tensors replaced.
@@ -69,12 +188,14 @@ pub fn merge_bytes<B: Backend>(
     map: &NameMap,
     device: &B::Device,
 ) -> Result<(Vec<u8>, Vec<String>), AdapterError> {
+    adapters.validate("adapters")?;
     let base = st::parse(name, base_bytes)?;
     let metadata = st::metadata(name, base_bytes)?;
-    let mut out = Vec::new();
     let mut source = (&base, metadata);
-    let (_, merged) = merge_into::<B>(name, &mut source, adapters, map, device, &mut out)?;
-    Ok((out, merged))
+    let plan = plan(name, &[source.specs()], adapters, map)?;
+    let mut out = Vec::new();
+    merge_into::<B>(name, &mut source, adapters, &plan[0], device, &mut out)?;
+    Ok((out, report(plan, 0).merged))
 }
 
 /// The tensors of a base checkpoint, in memory or read from its file one at a time (`'d`: the
@@ -116,53 +237,23 @@ impl Base<'static> for st::SafetensorsFile {
     }
 }
 
-/// Writes the merged checkpoint to `out`, one tensor at a time, after checking that every
-/// adapter layer has a weight of its shape in the base: the bytes written and the tensors
-/// replaced.
+/// Writes the merged checkpoint to `out`, one tensor at a time: the weights of `plan` (from
+/// [`plan`]) replaced by their layers' merges, every other tensor copied. Returns the bytes
+/// written.
 fn merge_into<'d, B: Backend>(
     shown: &str,
     base: &mut dyn Base<'d>,
     adapters: &NativeAdapters,
-    map: &NameMap,
+    plan: &HashMap<String, String>,
     device: &B::Device,
     out: &mut dyn std::io::Write,
-) -> Result<(u64, Vec<String>), AdapterError> {
-    adapters.validate("adapters")?;
+) -> Result<u64, AdapterError> {
     let specs = base.specs();
-    let index: HashMap<&str, usize> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, (n, _, _))| (n.as_str(), i))
-        .collect();
-    // Weight name -> adapter layer name.
-    let mut replaced: HashMap<String, &str> = HashMap::new();
-    for (name, spec) in &adapters.meta.layers {
-        let key = format!("{}.weight", map.apply(name));
-        let Some(&i) = index.get(key.as_str()) else {
-            return Err(AdapterError::Incompatible {
-                message: format!(
-                    "the adapter's layer `{name}` needs `{key}` in {shown}, which has no such \
-                     tensor (rename modules with a name map: --map FROM=TO)"
-                ),
-            });
-        };
-        let shape = &specs[i].2;
-        if shape != &[spec.d_out, spec.d_in] {
-            return Err(AdapterError::Incompatible {
-                message: format!(
-                    "`{key}` is {shape:?} in {shown} but the adapter is for a [{}, {}] ([out, \
-                     in]) weight",
-                    spec.d_out, spec.d_in
-                ),
-            });
-        }
-        replaced.insert(key, name);
-    }
     let metadata = base.metadata();
-    let bytes = st::write_streamed(shown, out, &specs, metadata, &mut |i| {
+    st::write_streamed(shown, out, &specs, metadata, &mut |i| {
         let (key, dtype, shape) = &specs[i];
         let data = base.bytes(key)?;
-        let Some(&name) = replaced.get(key) else {
+        let Some(name) = plan.get(key) else {
             return Ok(data);
         };
         let view = TensorView::new(*dtype, shape.clone(), &data)
@@ -177,8 +268,5 @@ fn merge_into<'d, B: Backend>(
         let merged = layer.merge().map_err(|e| e.at(name))?;
         let merged = HostTensor::from_tensor(merged.weight.val()).transposed();
         Ok(Cow::Owned(st::encode_f32(&merged.data, *dtype)))
-    })?;
-    let mut merged: Vec<String> = replaced.into_keys().collect();
-    merged.sort();
-    Ok((bytes, merged))
+    })
 }

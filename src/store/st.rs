@@ -335,6 +335,50 @@ impl SafetensorsFile {
     }
 }
 
+/// The safetensors files of a Hugging Face model folder: `model.safetensors`, or the shards
+/// that `model.safetensors.index.json` lists (each a file name in the folder), sorted.
+pub fn model_dir_shards(dir: &Path) -> Result<Vec<PathBuf>, AdapterError> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    let text = super::read_text(&index_path).map_err(|e| match e {
+        AdapterError::Io { source, .. } => AdapterError::io(
+            &index_path,
+            std::io::Error::new(
+                source.kind(),
+                format!("{source} (a model folder holds model.safetensors or a sharded index)"),
+            ),
+        ),
+        other => other,
+    })?;
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let index: Index = serde_json::from_str(&text).map_err(|e| {
+        AdapterError::format(index_path.display().to_string(), format!("bad index: {e}"))
+    })?;
+    let shards: std::collections::BTreeSet<&String> = index.weight_map.values().collect();
+    shards
+        .into_iter()
+        .map(|shard| {
+            if shard.is_empty()
+                || shard.contains('/')
+                || shard.contains('\\')
+                || shard.starts_with('.')
+            {
+                return Err(AdapterError::format(
+                    index_path.display().to_string(),
+                    format!("shard name {shard:?} is not a file name in the folder"),
+                ));
+            }
+            Ok(dir.join(shard))
+        })
+        .collect()
+}
+
 /// Parses safetensors bytes; `path` names the file in the error.
 pub fn parse<'a>(path: &str, bytes: &'a [u8]) -> Result<SafeTensors<'a>, AdapterError> {
     SafeTensors::deserialize(bytes)

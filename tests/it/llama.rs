@@ -1064,3 +1064,102 @@ fn damaged_safetensors_weights_are_refused_by_name() {
     assert!(llama::load::<TB>(&dir, &PlacementConfig::new(), &dev).is_ok());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `merge_checkpoint` into a sharded Hugging Face folder (how 7B checkpoints come): the same
+/// shards out, each adapted weight merged in the shard that holds it, the other files copied
+/// (weights in other formats left out), and the folder loads with `transformers` + PEFT's
+/// logits; its tensors are the single-file merge's. A layer no shard holds, or two layers
+/// merging into one weight, is refused with nothing written.
+#[test]
+fn merge_into_a_sharded_folder_matches_peft() {
+    use kron_adapters::store::{merge_checkpoint, st};
+    let dev = device();
+    let ((ids, mask, lengths), want, lora) = tiny_llama_lora();
+    let dir = scratch_dir("llama", "sharded-merge");
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    // Two shards, split by name, and the index transformers writes.
+    let bytes = std::fs::read(fx("tiny_llama/model.safetensors")).unwrap();
+    let whole = st::parse("x", &bytes).unwrap();
+    let mut names: Vec<String> = whole.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (k, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let shard = format!("model-0000{}-of-00002.safetensors", k + 1);
+        let entries: Vec<st::Entry<&[u8]>> = part
+            .iter()
+            .map(|n| {
+                let v = whole.tensor(n).unwrap();
+                (n.clone(), v.dtype(), v.shape().to_vec(), v.data())
+            })
+            .collect();
+        std::fs::write(
+            base.join(&shard),
+            st::serialize("x", &entries, Default::default()).unwrap(),
+        )
+        .unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), shard.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(base.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::copy(fx("tiny_llama/config.json"), base.join("config.json")).unwrap();
+    std::fs::write(base.join("pytorch_model.bin"), b"old weights").unwrap();
+    let out = dir.join("merged");
+    let report = merge_checkpoint::<TB>(&base, &lora, &NameMap::new(), &out, false, &dev).unwrap();
+    assert_eq!(report.merged.len(), lora.meta.layers.len());
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
+    let merged = load_dir_at(&out);
+    let err = logits_error(merged.forward(ids, Some(mask)), &want["logits"], &lengths);
+    assert!(err <= 1e-4, "merged shards: logits {err}");
+    // The single-file merge's tensors, shard by shard.
+    let single = dir.join("single.safetensors");
+    merge_checkpoint::<TB>(
+        &fx("tiny_llama/model.safetensors"),
+        &lora,
+        &NameMap::new(),
+        &single,
+        false,
+        &dev,
+    )
+    .unwrap();
+    let single = std::fs::read(&single).unwrap();
+    let single = st::parse("single", &single).unwrap();
+    for shard in &files[1..3] {
+        let b = std::fs::read(out.join(shard)).unwrap();
+        for (n, v) in st::parse("shard", &b).unwrap().tensors() {
+            assert_eq!(v.data(), single.tensor(&n).unwrap().data(), "{n}");
+        }
+    }
+    // Refused, nothing written: a layer no shard holds, two layers into one weight.
+    let bad = NameMap::new()
+        .parse_rule("model.layers.1=model.layers.7")
+        .unwrap();
+    let e = merge_checkpoint::<TB>(&base, &lora, &bad, &dir.join("bad"), false, &dev).unwrap_err();
+    assert!(e.to_string().contains("model.layers.7"), "{e}");
+    let twice = NameMap::new()
+        .parse_rule("model.layers.1=model.layers.0")
+        .unwrap();
+    let e =
+        merge_checkpoint::<TB>(&base, &lora, &twice, &dir.join("bad"), false, &dev).unwrap_err();
+    assert!(e.to_string().contains("both merge into"), "{e}");
+    assert!(!dir.join("bad").exists());
+    // An existing output folder is refused without overwrite, and kept.
+    assert!(merge_checkpoint::<TB>(&base, &lora, &NameMap::new(), &out, false, &dev).is_err());
+    assert!(out.join("config.json").exists());
+    std::fs::remove_dir_all(dir).ok();
+}
