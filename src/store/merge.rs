@@ -117,9 +117,11 @@ fn merge_folder<B: Backend>(
                 Ok(())
             })?;
         }
+        // Copied by the system (a regular file: `is_file` above), inside the folder that is
+        // renamed into place whole.
         for path in &others {
             let name = path.file_name().expect("a file in the folder");
-            st::write_atomic(&tmp.join(name), &super::read_file(path)?)?;
+            std::fs::copy(path, tmp.join(name)).map_err(|e| AdapterError::io(path, e))?;
         }
         Ok(())
     })?;
