@@ -25,7 +25,8 @@ impl HostTensor {
         let data = t.into_data().convert::<f32>();
         Self {
             shape: data.shape.to_vec(),
-            data: data.to_vec::<f32>().expect("f32 after convert"),
+            // Moved out, not copied (a model's embedding is hundreds of MB).
+            data: data.into_vec::<f32>().expect("f32 after convert"),
         }
     }
 
