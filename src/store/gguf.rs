@@ -1,6 +1,6 @@
 //! GGUF files (llama.cpp / ggml): a small reader for the header, the metadata and the tensor
 //! table, dequantization of the common tensor types to f32, and a writer ([`write()`], one tensor
-//! at a time) of F32 and F16 tensors.
+//! at a time) of F32, F16 and Q8_0 tensors.
 //!
 //! Layout (ggml's `docs/gguf.md`; versions 2 and 3, little-endian): magic `GGUF`, `u32`
 //! version, `u64` tensor count, `u64` metadata count, the metadata (`string key`, `u32` type,
@@ -616,7 +616,7 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// A tensor to write: its name, its shape in PyTorch order (`[out, in]` for a weight), and the
-/// type to store it as ([`GgmlType::F32`] or [`GgmlType::F16`]); its values come when
+/// type to store it as ([`GgmlType::F32`], [`GgmlType::F16`] or [`GgmlType::Q8_0`]); its values come when
 /// [`write()`] asks for them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GgufTensorSpec {
@@ -638,10 +638,11 @@ pub struct GgufTensorOut {
 
 /// Writes a GGUF file (version 3, alignment 32) of `metadata` and `tensors` to `out`, asking
 /// `values(i)` for the i-th tensor's values only when its turn comes (a model is written one
-/// tensor at a time), as [`GgufFile`] reads it back. Refused: a type other than F32 and F16, a
-/// repeated or empty name or key, values not filling their shape, an array mixing element
-/// types, and an F16 value beyond F16's range (it would become infinite). Returns the bytes
-/// written.
+/// tensor at a time), as [`GgufFile`] reads it back. Refused: a type other than F32, F16 and
+/// Q8_0, Q8_0 rows that are not whole blocks of 32, a repeated or empty name or key, values not
+/// filling their shape, an array mixing element types, an F16 value beyond F16's range (it
+/// would become infinite), and in Q8_0 a non-finite value or a block whose scale is beyond
+/// F16's range. Returns the bytes written.
 pub fn write(
     out: &mut dyn std::io::Write,
     metadata: &[(String, GgufValue)],
@@ -722,15 +723,10 @@ pub fn write(
         }
         buf.clear();
         match t.ty {
-            GgmlType::F16 => {
-                for &x in &v {
-                    let h = half::f16::from_f32(x);
-                    if h.is_infinite() && x.is_finite() {
-                        return Err(bad(format!("`{}`: {x} is beyond F16's range", t.name)));
-                    }
-                    buf.extend(h.to_le_bytes());
-                }
-            }
+            GgmlType::F16 => buf.extend(
+                super::st::encode_f32(&v, ::safetensors::Dtype::F16)
+                    .map_err(|m| bad(format!("`{}`: {m}", t.name)))?,
+            ),
             GgmlType::Q8_0 => {
                 if let Some(x) = v.iter().find(|x| !x.is_finite()) {
                     return Err(bad(format!("`{}`: {x} cannot be quantized", t.name)));

@@ -269,6 +269,8 @@ fn merge_into<'d, B: Backend>(
         layer.set_adapter(adapters.adapter::<B>(name, device)?)?;
         let merged = layer.merge().map_err(|e| e.at(name))?;
         let merged = HostTensor::from_tensor(merged.weight.val()).transposed();
-        Ok(Cow::Owned(st::encode_f32(&merged.data, *dtype)))
+        let bytes = st::encode_f32(&merged.data, *dtype)
+            .map_err(|m| AdapterError::format(shown, format!("merged `{key}`: {m}")))?;
+        Ok(Cow::Owned(bytes))
     })
 }

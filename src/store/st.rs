@@ -113,19 +113,28 @@ pub fn decode_f32(path: &str, name: &str, view: &TensorView<'_>) -> Result<Vec<f
     })
 }
 
-/// f32 values as little-endian bytes of `dtype` (F32, F16 or BF16; rounded to nearest).
-pub fn encode_f32(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
+/// f32 values as little-endian bytes of `dtype` (F32, F16 or BF16; rounded to nearest). A
+/// finite value that F16 would turn into infinity (|x| ≥ 65520) is refused: every writer of
+/// half-precision weights (merges into an F16 base, `export-hf`, GGUF F16) goes through here.
+pub fn encode_f32(values: &[f32], dtype: Dtype) -> Result<Vec<u8>, String> {
+    Ok(match dtype {
+        Dtype::F16 => {
+            let mut out = Vec::with_capacity(values.len() * 2);
+            for &x in values {
+                let h = half::f16::from_f32(x);
+                if h.is_infinite() && x.is_finite() {
+                    return Err(format!("{x} is beyond F16's range"));
+                }
+                out.extend(h.to_le_bytes());
+            }
+            out
+        }
         Dtype::BF16 => values
             .iter()
             .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
             .collect(),
         _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
+    })
 }
 
 /// One tensor to write: name, dtype, shape, bytes (owned or borrowed).

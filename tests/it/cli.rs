@@ -219,7 +219,12 @@ fn a_merge_failing_late_keeps_the_existing_output() {
             if *k == last {
                 v[3] = f32::NAN;
             }
-            (k.clone(), *dt, shape.clone(), st::encode_f32(&v, *dt))
+            (
+                k.clone(),
+                *dt,
+                shape.clone(),
+                st::encode_f32(&v, *dt).unwrap(),
+            )
         })
         .collect();
     let bad = dir.join("bad.safetensors");

@@ -576,7 +576,7 @@ fn merged_hugging_face_export_and_peft_export_of_decoder_adapters() {
             let t = st.tensor(k).unwrap();
             assert_eq!(t.dtype(), dtype, "{k}");
             let v: Vec<f32> = v.iter().map(|x| *x as f32).collect();
-            let rounded: Vec<u8> = kron_adapters::store::st::encode_f32(&v, dtype);
+            let rounded: Vec<u8> = kron_adapters::store::st::encode_f32(&v, dtype).unwrap();
             assert_eq!(t.data(), rounded.as_slice(), "{name} {k}");
         }
         let back = load_dir_at(&out);

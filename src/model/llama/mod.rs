@@ -927,16 +927,12 @@ pub fn save_hf<B: Backend>(
         st::write_atomic_with(&tmp.join("model.safetensors"), &mut |out| {
             written =
                 st::write_streamed("model.safetensors", out, &specs, meta.clone(), &mut |i| {
-                    let values = tensors[i].2().data;
-                    if dtype == Dtype::F16 {
-                        if let Some(x) = values.iter().find(|x| x.abs() > 65504.0) {
-                            return Err(AdapterError::format(
-                                "model.safetensors",
-                                format!("`{}`: {x} is beyond F16's range", tensors[i].0),
-                            ));
-                        }
-                    }
-                    Ok(st::encode_f32(&values, dtype))
+                    st::encode_f32(&tensors[i].2().data, dtype).map_err(|m| {
+                        AdapterError::format(
+                            "model.safetensors",
+                            format!("`{}`: {m}", tensors[i].0),
+                        )
+                    })
                 })?;
             Ok(())
         })
@@ -1111,7 +1107,7 @@ fn write_gguf<B: Backend>(
         // blocks of 32 F16.
         let ty = match ty {
             _ if shape.len() != 2 => GgmlType::F32,
-            GgmlType::Q8_0 if shape[1] % 32 != 0 => GgmlType::F16,
+            GgmlType::Q8_0 if shape[1] % GgmlType::Q8_0.block().0 != 0 => GgmlType::F16,
             ty => ty,
         };
         specs.push(GgufTensorSpec {
