@@ -48,11 +48,6 @@ enum Kind<'a> {
         files: Vec<st::SafetensorsFile>,
         index: BTreeMap<String, usize>,
     },
-    /// Tensors already decoded (from a GGUF file, say), by name: shape and values.
-    Host {
-        path: PathBuf,
-        tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    },
     /// Tensors decoded when taken, by name: their shapes, and the decoder.
     Lazy {
         path: PathBuf,
@@ -103,9 +98,15 @@ impl<'a> TensorSource<'a> {
         path: impl Into<PathBuf>,
         tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     ) -> Self {
-        Self::with(Kind::Host {
-            path: path.into(),
-            tensors,
+        let shapes = tensors
+            .iter()
+            .map(|(name, (shape, _))| (name.clone(), shape.clone()))
+            .collect();
+        Self::from_fn(path, shapes, move |name| {
+            Ok(tensors
+                .get(name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default())
         })
     }
 
@@ -151,7 +152,6 @@ impl<'a> TensorSource<'a> {
     pub fn has(&self, name: &str) -> bool {
         match &self.kind {
             Kind::Files { index, .. } => index.contains_key(name),
-            Kind::Host { tensors, .. } => tensors.contains_key(name),
             Kind::Lazy { shapes, .. } => shapes.contains_key(name),
             Kind::Random(_) => false,
         }
@@ -169,7 +169,6 @@ impl<'a> TensorSource<'a> {
                     .map(|f| usize::try_from(f.byte_len()).unwrap_or(usize::MAX))
                     .fold(0, usize::saturating_add),
             ),
-            Kind::Host { tensors, .. } => Some(tensors.values().map(|(_, v)| v.len()).sum()),
             Kind::Lazy { shapes, .. } => Some(
                 shapes
                     .values()
@@ -207,9 +206,7 @@ impl<'a> TensorSource<'a> {
     /// The path the source was read from, as errors show it (empty for a random source).
     pub fn path_shown(&self) -> String {
         match &self.kind {
-            Kind::Files { path, .. } | Kind::Host { path, .. } | Kind::Lazy { path, .. } => {
-                path.display().to_string()
-            }
+            Kind::Files { path, .. } | Kind::Lazy { path, .. } => path.display().to_string(),
             Kind::Random(_) => String::new(),
         }
     }
@@ -218,7 +215,6 @@ impl<'a> TensorSource<'a> {
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match &self.kind {
             Kind::Files { files, index, .. } => files[*index.get(name)?].shape(name),
-            Kind::Host { tensors, .. } => tensors.get(name).map(|(s, _)| s.clone()),
             Kind::Lazy { shapes, .. } => shapes.get(name).cloned(),
             Kind::Random(_) => None,
         }
@@ -244,13 +240,6 @@ impl<'a> TensorSource<'a> {
                         .read_f32(name)
                         .map(|values| values.map_err(|e| e.to_string())),
                     s => Some(Err(format!("file {s:?}, model {shape:?}"))),
-                }
-            }),
-            Kind::Host { tensors, .. } => tensors.get(name).map(|(s, v)| {
-                if s.as_slice() == shape {
-                    Ok(v.clone())
-                } else {
-                    Err(format!("file {s:?}, model {shape:?}"))
                 }
             }),
             Kind::Lazy { shapes, decode, .. } => match shapes.get(name) {
@@ -369,7 +358,6 @@ impl<'a> TensorSource<'a> {
         let (path, names): (&Path, Vec<&String>) = match &self.kind {
             Kind::Random(_) => return Ok(()),
             Kind::Files { path, index, .. } => (path, index.keys().collect()),
-            Kind::Host { path, tensors } => (path, tensors.keys().collect()),
             Kind::Lazy { path, shapes, .. } => (path, shapes.keys().collect()),
         };
         let unexpected: Vec<String> = names
