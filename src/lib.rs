@@ -55,6 +55,7 @@ pub mod parallel;
 pub mod params;
 pub mod place;
 mod product;
+mod qproduct;
 pub mod quant;
 mod quirks;
 pub mod rng;

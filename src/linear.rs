@@ -10,7 +10,7 @@ use crate::adapter::{layer_name, Adapter, AdapterConfig, AdapterSpec, LinearAdap
 use crate::error::ConfigError;
 use crate::params::ParamCount;
 use crate::place::Targets;
-use crate::product;
+use crate::{product, qproduct};
 
 /// `linear.forward(x)` with `x` viewed as rows `[n, d_in]` ([`linear_rows`]).
 pub(crate) fn linear_on_rows<B: Backend, const D: usize>(
@@ -51,10 +51,13 @@ pub(crate) fn linear_rows<B: Backend, const D: usize>(
     }
     let x: Tensor<B, 2> = x.reshape([rows, d_in]);
     let bias = bias.map(|b| b.reshape([1, d_out]));
-    let y = if product::takes(&x, &weight, bias.as_ref()) {
-        product::product(x, weight, bias)
-    } else {
-        linear(x, weight, bias.map(|b| b.reshape([d_out])))
+    // An int8 weight on flex, read in place; else the operands back.
+    let y = match qproduct::product(x, weight, bias) {
+        Ok(y) => y,
+        Err((x, weight, bias)) if product::takes(&x, &weight, bias.as_ref()) => {
+            product::product(x, weight, bias)
+        }
+        Err((x, weight, bias)) => linear(x, weight, bias.map(|b| b.reshape([d_out]))),
     };
     dims[D - 1] = d_out;
     y.reshape(dims)
@@ -171,10 +174,11 @@ impl<B: Backend> AdaptedLinear<B> {
 
     /// `x·W + b` in the base's own precision: with a half-precision base
     /// ([`AdapterLayers::cast_base`]) `x` is cast to it and the product back to `x`'s, so the
-    /// adapter, its gradients and the optimizer stay in `x`'s precision (float32).
+    /// adapter, its gradients and the optimizer stay in `x`'s precision (float32). A quantized
+    /// base (int8, [`crate::quant::to_burn_quantized`]) multiplies `x` as it is.
     pub fn base_forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let (xd, wd) = (x.dtype(), self.base.weight.dtype());
-        if xd == wd {
+        if xd == wd || matches!(wd, burn::tensor::DType::QFloat(_)) {
             linear_on_rows(&self.base, x)
         } else {
             linear_on_rows(&self.base, x.cast(wd)).cast(xd)
@@ -195,12 +199,18 @@ impl<B: Backend> AdaptedLinear<B> {
     ///
     /// Refuses, with [`ConfigError::NonFinite`], to produce a weight with NaN or infinite
     /// values (PEFT's `safe_merge`). This is the crate's one merge: merging into a checkpoint
-    /// file and into a quantized base go through it.
+    /// file and into a quantized base go through it. A base held as a Burn quantized tensor
+    /// (an int8-loaded model) gives a float32 weight.
     pub fn merge(&self) -> Result<Linear<B>, ConfigError> {
         let Some(adapter) = &self.adapter else {
             return Ok(self.base.clone());
         };
-        let weight = self.base.weight.val();
+        let weight = match self.base.weight.val() {
+            // A quantized base merges into float32: its grid's values plus ΔW
+            // (`quant::merge_quantized` quantizes the sum again).
+            w if matches!(w.dtype(), burn::tensor::DType::QFloat(_)) => w.dequantize(),
+            w => w,
+        };
         let dtype = weight.dtype();
         let merged = weight + adapter.delta_weight().cast(dtype);
         let bad = merged

@@ -414,6 +414,25 @@ pub fn to_burn_quantized<B: Backend>(
     Ok(linear)
 }
 
+/// `module` with every Burn quantized tensor it holds dequantized (`q·s` as `f32`), the rest as
+/// it is: the float model that an int8-loaded one ([`crate::model::llama::LoadOptions`])
+/// computes with, to export, compare or inspect.
+pub fn dequantized<B: Backend, M: burn::module::Module<B>>(module: M) -> M {
+    struct Dequantize;
+    impl<B: Backend> burn::module::ModuleMapper<B> for Dequantize {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<B, D>>,
+        ) -> burn::module::Param<Tensor<B, D>> {
+            param.map(|t| match t.dtype() {
+                DType::QFloat(_) => t.dequantize(),
+                _ => t,
+            })
+        }
+    }
+    module.map(&mut Dequantize)
+}
+
 /// Is this weight a Burn quantized tensor, and with which scheme?
 pub fn burn_scheme_of<B: Backend>(t: &Tensor<B, 2>) -> Option<QuantScheme> {
     match t.dtype() {

@@ -57,7 +57,7 @@
 //! erf-based GELU: the gradient is off by up to 8.7e-4 (near `|x| = 2`). [`gelu`] gives those
 //! backends the exact derivative.
 
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, QuantizedTensor};
 use burn::tensor::{
     activation, backend::Backend, Tensor, TensorData, TensorMetadata, TensorPrimitive,
 };
@@ -204,6 +204,36 @@ pub(crate) fn host_floats<B: Backend>(t: &FloatTensor<B>) -> Option<&[f32]> {
         (t.dtype() == burn::tensor::DType::F32).then_some(())?;
         let (start, end) = t.layout().contiguous_offsets()?;
         t.storage::<f32>().get(start..end)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = t;
+        None
+    }
+}
+
+/// A burn-flex 8-bit symmetric quantized tensor (`Q8S`, stored as `i8`) read where it lies: its
+/// values in row-major order, its scales, and how many consecutive values each scale covers
+/// (the whole tensor for one scale, else a block along the last dimension). `None` for every
+/// other tensor, scheme and backend.
+pub(crate) fn host_int8<B: Backend>(t: &QuantizedTensor<B>) -> Option<(&[i8], &[f32], usize)> {
+    #[cfg(feature = "flex")]
+    {
+        use burn::tensor::quantization::{QTensorPrimitive, QuantLevel, QuantStore, QuantValue};
+        let q = (t as &dyn std::any::Any).downcast_ref::<burn_flex::FlexQTensor>()?;
+        let scheme = q.scheme();
+        (scheme.value == QuantValue::Q8S && scheme.store == QuantStore::Native).then_some(())?;
+        let values = q.tensor();
+        (values.dtype() == burn::tensor::DType::I8).then_some(())?;
+        let (start, end) = values.layout().contiguous_offsets()?;
+        let values = values.storage::<i8>().get(start..end)?;
+        let per = match scheme.level {
+            QuantLevel::Tensor => values.len(),
+            QuantLevel::Block(b) if b.len() == 1 => b.num_elements(),
+            QuantLevel::Block(_) => return None,
+        };
+        let scales = q.scales();
+        (per > 0 && scales.len() == values.len().div_ceil(per)).then_some((values, scales, per))
     }
     #[cfg(not(feature = "flex"))]
     {

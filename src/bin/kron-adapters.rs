@@ -19,14 +19,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use kron_adapters::finetune::AssetCache;
 use kron_adapters::llm::{self, GenerateConfig, Split, TaskKind, TextTokenizer};
-use kron_adapters::model::llama::{self, LlamaForCausalLM};
+use kron_adapters::model::llama::{self, LlamaForCausalLM, LoadOptions};
 use kron_adapters::quant::{Level, QuantConfig};
 use kron_adapters::store::gguf::{GgmlType, GgufFile, GgufValue};
 use kron_adapters::store::{
     attach, merge_checkpoint, read_any, size_on_disk, st, write_peft_dir, AdapterFile,
     NativeAdapters, PeftAdapter, QuantizedAdapters,
 };
-use kron_adapters::{AdapterError, ErrorKind, NameMap, PlacementConfig};
+use kron_adapters::{AdapterError, ErrorKind, NameMap};
 
 #[path = "../../examples/common/mod.rs"]
 mod common;
@@ -128,6 +128,11 @@ enum Cmd {
         /// Wrap the prompt in the model's chat template (one user turn).
         #[arg(long)]
         chat: bool,
+        /// How the frozen base's linear weights are held in memory: f32, or int8 (8-bit
+        /// values, one scale per 32; a quarter of the memory, quantized as they are read;
+        /// docs/quantization.md).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "int8"])]
+        base_weights: String,
     },
     /// Zero-shot multiple-choice accuracy on a task; the last stdout line is one JSON object
     /// {"task", "split", "n", "acc", "acc_norm"}.
@@ -156,6 +161,11 @@ enum Cmd {
         /// Tokens per scoring batch.
         #[arg(long, default_value_t = 4096)]
         batch_tokens: usize,
+        /// How the frozen base's linear weights are held in memory: f32, or int8 (8-bit
+        /// values, one scale per 32; a quarter of the memory, quantized as they are read;
+        /// docs/quantization.md).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "int8"])]
+        base_weights: String,
     },
     /// Merge an adapter into a decoder and write a Hugging Face folder (config.json,
     /// model.safetensors in float32 — a GGUF base dequantized — or bfloat16/float16,
@@ -229,6 +239,11 @@ enum Cmd {
         /// docs/serving.md measures the three.
         #[arg(long, default_value = "mixed", value_parser = ["mixed", "per-adapter", "merged"])]
         batching: String,
+        /// How the frozen base's linear weights are held in memory: f32, or int8 (8-bit
+        /// values, one scale per 32; a quarter of the memory, quantized as they are read;
+        /// docs/quantization.md).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "int8"])]
+        base_weights: String,
     },
     /// Convert between PEFT folders and adapter files.
     Convert {
@@ -292,6 +307,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             max_batch,
             read_only,
             batching,
+            base_weights,
         } => {
             let batching = match batching.as_str() {
                 "per-adapter" => kron_adapters::serve::Batching::PerAdapter,
@@ -299,7 +315,14 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
                 _ => kron_adapters::serve::Batching::Mixed,
             };
             serve(
-                &model, &adapters, &addr, window_ms, max_batch, read_only, batching,
+                &model,
+                &adapters,
+                &addr,
+                window_ms,
+                max_batch,
+                read_only,
+                batching,
+                frozen_scheme(&base_weights),
             )
         }
         Cmd::Generate {
@@ -311,13 +334,21 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             top_p,
             seed,
             chat,
+            base_weights,
         } => {
             let mut cfg = GenerateConfig::new()
                 .with_max_new_tokens(max_new_tokens)
                 .with_top_p(top_p)
                 .with_seed(seed);
             cfg.temperature = temperature;
-            generate(&model, adapter.as_deref(), &prompt, &cfg, chat)
+            generate(
+                &model,
+                adapter.as_deref(),
+                &prompt,
+                &cfg,
+                chat,
+                frozen_scheme(&base_weights),
+            )
         }
         Cmd::ExportGguf {
             model,
@@ -328,7 +359,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
         } => {
             st::refuse_existing(&out, force)?;
             let device = Default::default();
-            let (m, tok, gguf_tokenizer) = load_decoder(&model, adapter.as_deref(), &device)?;
+            let (m, tok, gguf_tokenizer) = load_decoder(&model, adapter.as_deref(), None, &device)?;
             // A GGUF source's metadata is carried as it is; a folder's tokenizer.json is
             // converted when it is a byte-level BPE llama.cpp names or a SentencePiece BPE.
             let tokenizer = match tok {
@@ -364,7 +395,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
         } => {
             st::refuse_existing(&out, force)?;
             let device = Default::default();
-            let (m, tok, _) = load_decoder(&model, adapter.as_deref(), &device)?;
+            let (m, tok, _) = load_decoder(&model, adapter.as_deref(), None, &device)?;
             let files = match tok {
                 Some(tok) => tok.hf_files()?,
                 None => {
@@ -396,6 +427,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
             data,
             max_len,
             batch_tokens,
+            base_weights,
         } => {
             let task: TaskKind = task.parse()?;
             let split: Split = split.parse()?;
@@ -408,6 +440,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
                 data,
                 max_len,
                 batch_tokens,
+                frozen_scheme(&base_weights),
             )
         }
         Cmd::Merge {
@@ -491,6 +524,7 @@ fn run(cmd: Cmd) -> Result<(), AdapterError> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve(
     model: &str,
     adapters: &[String],
@@ -499,6 +533,7 @@ fn serve(
     max_batch: usize,
     read_only: bool,
     batching: kron_adapters::serve::Batching,
+    frozen: Option<QuantConfig>,
 ) -> Result<(), AdapterError> {
     let usage = |option: &str, reason: String| -> AdapterError {
         kron_adapters::ConfigError::invalid("serve", option, reason).into()
@@ -539,7 +574,7 @@ fn serve(
     };
     let device = Default::default();
     let t = std::time::Instant::now();
-    let m = kron_adapters::serve::Model::<Cpu>::load(&path, &device)?;
+    let m = kron_adapters::serve::Model::<Cpu>::load_with(&path, frozen, &device)?;
     eprintln!(
         "loaded {} ({}) in {:.1} s on {}",
         path.display(),
@@ -655,9 +690,15 @@ type Decoder = (
     Vec<(String, GgufValue)>,
 );
 
+/// `--base-weights`: `int8` holds the frozen linear weights as 8-bit values, one scale per 32.
+fn frozen_scheme(base_weights: &str) -> Option<QuantConfig> {
+    (base_weights == "int8").then(|| QuantConfig::new(8, Level::Block(32)).expect("a valid scheme"))
+}
+
 fn load_decoder(
     model: &Path,
     adapter: Option<&Path>,
+    frozen: Option<QuantConfig>,
     device: &burn::tensor::Device<Cpu>,
 ) -> Result<Decoder, AdapterError> {
     let t = std::time::Instant::now();
@@ -669,7 +710,7 @@ fn load_decoder(
             .then(|| TextTokenizer::from_hf_dir(model))
             .transpose()?;
         (
-            llama::load::<Cpu>(model, &PlacementConfig::new(), device)?,
+            llama::load_with::<Cpu>(model, &LoadOptions::new().with_frozen(frozen), device)?,
             tok,
             Vec::new(),
         )
@@ -682,7 +723,12 @@ fn load_decoder(
             .then(|| TextTokenizer::from_gguf(&file, &shown))
             .transpose()?;
         (
-            llama::from_gguf::<Cpu>(&file, &shown, &PlacementConfig::new(), device)?,
+            llama::from_gguf_with::<Cpu>(
+                &file,
+                &shown,
+                &LoadOptions::new().with_frozen(frozen),
+                device,
+            )?,
             tok,
             llama::tokenizer_metadata(&file),
         )
@@ -711,9 +757,10 @@ fn generate(
     prompt: &str,
     cfg: &GenerateConfig,
     chat: bool,
+    frozen: Option<QuantConfig>,
 ) -> Result<(), AdapterError> {
     let device = Default::default();
-    let (m, tok, _) = load_decoder(model, adapter, &device)?;
+    let (m, tok, _) = load_decoder(model, adapter, frozen, &device)?;
     let tok = tok.ok_or_else(|| no_tokenizer(model))?;
     let text = if chat {
         tok.chat_prompt(prompt)?
@@ -760,6 +807,7 @@ fn evaluate(
     data: Option<PathBuf>,
     max_len: usize,
     batch_tokens: usize,
+    frozen: Option<QuantConfig>,
 ) -> Result<(), AdapterError> {
     let dir = match data {
         Some(d) => d,
@@ -770,7 +818,7 @@ fn evaluate(
         questions.truncate(n);
     }
     let device = Default::default();
-    let (m, tok, _) = load_decoder(model, adapter, &device)?;
+    let (m, tok, _) = load_decoder(model, adapter, frozen, &device)?;
     let tok = tok.ok_or_else(|| no_tokenizer(model))?;
     let t = std::time::Instant::now();
     let r = llm::evaluate(&m, &tok, &questions, max_len, batch_tokens, &device)?;

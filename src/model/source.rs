@@ -11,6 +11,7 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::error::{AdapterError, ConfigError};
+use crate::quant::{self, Level, QuantConfig};
 use crate::rng::SplitMix64;
 use crate::store::st;
 
@@ -36,6 +37,8 @@ pub struct TensorSource<'a> {
     ignored: Vec<String>,
     /// The first error decoding a tensor (reported by [`TensorSource::finish`] before the rest).
     failed: Option<AdapterError>,
+    /// The scheme frozen linear weights are quantized with ([`TensorSource::quantize_frozen`]).
+    frozen: Option<QuantConfig>,
 }
 
 /// Decodes a tensor by name (see [`TensorSource::from_fn`]).
@@ -139,7 +142,51 @@ impl<'a> TensorSource<'a> {
             mismatched: Vec::new(),
             ignored: Vec::new(),
             failed: None,
+            frozen: None,
         }
+    }
+
+    /// Holds the frozen linear weights this source builds from now on ([`TensorSource::linear`])
+    /// as Burn quantized tensors with `config`'s scheme, each quantized when it is read: an int8
+    /// model holds its linear weights in a quarter of their `f32` memory, and never all of them
+    /// in `f32` at once. For inference: Burn 0.21's autodiff backend cannot run a quantized
+    /// tensor, so an autodiff `B` is refused, as is a scheme `device` cannot store (per channel;
+    /// 4-bit on Burn's CPU backends, which quantize 8-bit only). A layer whose rows are not whole
+    /// blocks stays `f32`; embeddings and norms always do. On flex the products read the `i8`
+    /// values in place (docs/quantization.md, "Frozen bases held in int8").
+    pub fn quantize_frozen<B: Backend>(
+        &mut self,
+        config: QuantConfig,
+        device: &B::Device,
+    ) -> Result<(), AdapterError> {
+        let unsupported = |message: String| AdapterError::Unsupported {
+            option: "frozen weights".into(),
+            message,
+        };
+        if B::ad_enabled(device) {
+            return Err(unsupported(format!(
+                "{config} frozen weights on a training (autodiff) backend: Burn 0.21 cannot \
+                 differentiate through a quantized tensor; load in f32 to train (quant::quantize_base \
+                 trains against the quantized grid)"
+            )));
+        }
+        let probe = match config.level {
+            Level::Block(n) => [1, n],
+            _ => [1, 1],
+        };
+        if config.burn_scheme::<B>(probe, device).is_none() {
+            return Err(unsupported(format!(
+                "{config}: this device has no Burn quantized tensor for it (Burn's CPU backends \
+                 store 8-bit values per tensor or per block; use --bits 8 with a tensor or block level)"
+            )));
+        }
+        self.frozen = Some(config);
+        Ok(())
+    }
+
+    /// The scheme set by [`TensorSource::quantize_frozen`], if any.
+    pub fn frozen(&self) -> Option<QuantConfig> {
+        self.frozen
     }
 
     /// Tensors the file may hold that the model does not use (buffers, a pooler): not reported
@@ -311,7 +358,14 @@ impl<'a> TensorSource<'a> {
             let b = self.tensor(&format!("{name}.bias"), [d_out], Fill::Zeros, device);
             linear.bias = Some(Param::from_tensor(b));
         }
-        linear.no_grad()
+        let linear = linear.no_grad();
+        match self.frozen {
+            Some(config) if config.burn_scheme::<B>([d_in, d_out], device).is_some() => {
+                quant::to_burn_quantized(linear, config)
+                    .expect("the scheme was checked for this shape and device")
+            }
+            _ => linear,
+        }
     }
 
     /// A frozen `LayerNorm` from `{name}.weight` and `{name}.bias` (or the older `gamma`/`beta`).

@@ -20,9 +20,10 @@ use crate::finetune::tokenize::TextEncoder;
 use crate::llm::generate::generate_batch;
 use crate::llm::{GenerateConfig, TextTokenizer};
 use crate::model::bert::mean_pool;
-use crate::model::llama;
+use crate::model::llama::{self, LoadOptions};
 use crate::model::{BertConfig, BertEncoder, LlamaForCausalLM, TensorSource};
 use crate::multi::{check_name, AdapterBank, AdapterRegistry, Routing};
+use crate::quant::QuantConfig;
 use crate::shards;
 use crate::store::gguf::GgufFile;
 use crate::store::{read_any, st, NativeAdapters};
@@ -67,6 +68,16 @@ impl<B: Backend> Model<B> {
     /// encoder (with `model.safetensors` and `tokenizer.json`); another folder (Hugging Face
     /// Llama layout) or a `.gguf` file is a decoder. Either needs its tokenizer.
     pub fn load(path: &Path, device: &B::Device) -> Result<Self, AdapterError> {
+        Self::load_with(path, None, device)
+    }
+
+    /// [`Model::load`] with the frozen linear weights held in `frozen`'s scheme (`None`: `f32`),
+    /// quantized as they are read ([`TensorSource::quantize_frozen`]).
+    pub fn load_with(
+        path: &Path,
+        frozen: Option<QuantConfig>,
+        device: &B::Device,
+    ) -> Result<Self, AdapterError> {
         let shown = path.display().to_string();
         if path.is_dir() {
             let cfg_path = path.join("config.json");
@@ -84,6 +95,9 @@ impl<B: Backend> Model<B> {
             if v.get("model_type").and_then(Value::as_str) == Some("bert") {
                 let config = BertConfig::from_json_file(&cfg_path)?;
                 let mut source = TensorSource::from_model_dir(path)?;
+                if let Some(frozen) = frozen {
+                    source.quantize_frozen::<B>(frozen, device)?;
+                }
                 let encoder =
                     BertEncoder::new(&mut source, &config, &PlacementConfig::new(), device)?;
                 source.finish()?;
@@ -95,7 +109,8 @@ impl<B: Backend> Model<B> {
                     config,
                 });
             }
-            let model = llama::load::<B>(path, &PlacementConfig::new(), device)?;
+            let options = LoadOptions::new().with_frozen(frozen);
+            let model = llama::load_with::<B>(path, &options, device)?;
             let tokenizer = TextTokenizer::from_hf_dir(path)?;
             tokenizer.check_vocab(model.config().vocab_size)?;
             return Ok(Self::Decoder { model, tokenizer });
@@ -109,7 +124,8 @@ impl<B: Backend> Model<B> {
             });
         }
         let tokenizer = TextTokenizer::from_gguf(&file, &shown)?;
-        let model = llama::from_gguf::<B>(&file, &shown, &PlacementConfig::new(), device)?;
+        let options = LoadOptions::new().with_frozen(frozen);
+        let model = llama::from_gguf_with::<B>(&file, &shown, &options, device)?;
         tokenizer.check_vocab(model.config().vocab_size)?;
         Ok(Self::Decoder { model, tokenizer })
     }

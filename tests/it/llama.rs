@@ -1163,3 +1163,172 @@ fn merge_into_a_sharded_folder_matches_peft() {
     assert!(out.join("config.json").exists());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// An int8 frozen base (`LoadOptions::frozen`, `--base-weights int8`) computes what its
+/// dequantized twin (`quant::dequantized`: the same model with each quantized weight as `f32`)
+/// computes, on the suite's backend and on flex (whose products read the `i8` values in place):
+/// the full sequence, the KV cache a token at a time, with a PEFT LoRA attached, and a merged
+/// export (the same bytes as the twin's). Layers whose rows are not whole blocks stay `f32`;
+/// training backends and schemes the device cannot store are refused.
+#[test]
+fn an_int8_frozen_base_computes_with_its_dequantized_weights() {
+    use kron_adapters::model::llama::LoadOptions;
+    use kron_adapters::quant::{self, burn_scheme_of, Level, QuantConfig};
+
+    fn check<B: burn::tensor::backend::Backend, A: burn::tensor::backend::Backend>(
+        dev: &B::Device,
+        ad: &A::Device,
+    ) {
+        let ((ids, mask, lengths), want_lora, lora) = tiny_llama_lora();
+        let ids = Tensor::<B, 2, Int>::from_data(ids.into_data(), dev);
+        let mask = Tensor::<B, 2, Int>::from_data(mask.into_data(), dev);
+        let f32_model = llama::load::<B>(fx("tiny_llama"), &PlacementConfig::new(), dev).unwrap();
+        let f32_logits = to_vec(f32_model.forward(ids.clone(), Some(mask.clone())));
+        for (level, quantized) in [
+            // 32 divides the 32-wide layers and the head, not k/v (16) or gate/up (48).
+            (
+                Level::Block(32),
+                vec!["q_proj", "o_proj", "down_proj", "lm_head"],
+            ),
+            (Level::Block(16), vec!["proj", "lm_head"]),
+            (Level::Tensor, vec!["proj", "lm_head"]),
+        ] {
+            let int8 = QuantConfig::new(8, level).unwrap();
+            let options = LoadOptions::new().with_frozen(Some(int8));
+            for base in ["tiny_llama", "tiny_llama/tiny_llama.gguf"] {
+                let what = format!("{base}, {int8}");
+                let model = llama::load_with::<B>(fx(base), &options, dev).unwrap();
+                for (path, layer) in model.adapter_layers() {
+                    let q = burn_scheme_of(&layer.base.weight.val()).is_some();
+                    let want = quantized.iter().any(|p| path.contains(p));
+                    assert_eq!(q, want, "{what}: {path} quantized");
+                }
+                let twin = quant::dequantized(model.clone());
+                assert!(twin
+                    .adapter_layers()
+                    .iter()
+                    .all(|(_, l)| burn_scheme_of(&l.base.weight.val()).is_none()));
+                let got = to_vec(model.forward(ids.clone(), Some(mask.clone())));
+                let want = to_vec(twin.forward(ids.clone(), Some(mask.clone())));
+                assert_close(&got, &want, 1e-5, &format!("{what}: logits"));
+                // Quantized, the logits move from the f32 model's, but not far.
+                let moved = max_abs_diff(&got, &f32_logits);
+                let scale = f32_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(moved > 0.0 && moved < 0.05 * scale, "{what}: moved {moved}");
+
+                // A token at a time (one row: flex's int8 loop) against the whole sequence.
+                let seq: Vec<i64> = vec![3, 17, 42, 8, 8, 29, 1, 44, 10, 5, 9];
+                let t = |v: &[i64]| {
+                    Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), dev)
+                };
+                let full = to_vec(twin.forward(t(&seq), None));
+                let v = model.config().vocab_size;
+                let mut cache = model.new_cache();
+                let mut cached = to_vec(model.forward_cached(t(&seq[..3]), &mut cache));
+                for p in 3..seq.len() {
+                    cached.extend(to_vec(model.forward_cached(t(&seq[p..p + 1]), &mut cache)));
+                }
+                assert_close(&cached, &full[2 * v..], 1e-5, &format!("{what}: cached"));
+
+                // A PEFT LoRA on the int8 base: the twin's logits with it, and near PEFT's.
+                let map = NameMap::new();
+                let adapted = attach(model, &lora, &map, dev).unwrap();
+                let twin = attach(twin, &lora, &map, dev).unwrap();
+                let got = adapted.forward(ids.clone(), Some(mask.clone()));
+                let want = twin.forward(ids.clone(), Some(mask.clone()));
+                assert_close(&to_vec(got.clone()), &to_vec(want), 1e-5, &what);
+                let got = Tensor::<TB, 3>::from_data(got.into_data(), &device());
+                let peft = logits_error(got, &want_lora["logits"], &lengths);
+                assert!(
+                    peft < 0.05 * scale as f64,
+                    "{what}: {peft} from PEFT's logits"
+                );
+
+                // Merged exports: the twin's bytes (the base's grid values plus ΔW).
+                let dir = scratch_dir("llama", "int8-export");
+                let (a, b) = (dir.join("int8"), dir.join("twin"));
+                let f32_dtype = safetensors::Dtype::F32;
+                llama::save_hf(adapted, &a, &[], f32_dtype, true).unwrap();
+                llama::save_hf(twin, &b, &[], f32_dtype, true).unwrap();
+                let file = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+                assert!(file(&a) == file(&b), "{what}: merged export");
+            }
+        }
+        // Refused: a training backend, per-channel scales, 4-bit where the device stores none.
+        let int8 = QuantConfig::new(8, Level::Block(32)).unwrap();
+        let refused = |r: Result<_, AdapterError>, needle: &str| match r {
+            Err(e @ AdapterError::Unsupported { .. }) => {
+                assert!(e.to_string().contains(needle), "{e}")
+            }
+            Err(e) => panic!("{needle}: {e}"),
+            Ok(_) => panic!("{needle}: loaded"),
+        };
+        let options = LoadOptions::new().with_frozen(Some(int8));
+        refused(
+            llama::load_with::<A>(fx("tiny_llama"), &options, ad).map(|_| ()),
+            "autodiff",
+        );
+        let channel = QuantConfig::new(8, Level::Channel).unwrap();
+        let options = LoadOptions::new().with_frozen(Some(channel));
+        refused(
+            llama::load_with::<B>(fx("tiny_llama"), &options, dev).map(|_| ()),
+            "per channel",
+        );
+        let int4 = QuantConfig::new(4, Level::Block(16)).unwrap();
+        if int4.burn_scheme::<B>([1, 16], dev).is_none() {
+            let options = LoadOptions::new().with_frozen(Some(int4));
+            refused(
+                llama::load_with::<B>(fx("tiny_llama"), &options, dev).map(|_| ()),
+                "int4",
+            );
+        }
+    }
+    #[cfg(feature = "tch")]
+    return; // LibTorch stores no Burn quantized tensors.
+    #[allow(unreachable_code)]
+    {
+        on_suite_and_flex!(check);
+    }
+}
+
+/// A random model wider than the fixtures (256-wide layers: the int8 loop's widest pass) loads
+/// its frozen weights in int8 and decodes a token at a time as its twin does.
+#[test]
+fn a_wider_int8_model_decodes_as_its_twin() {
+    use kron_adapters::quant::{self, Level, QuantConfig};
+
+    fn check<B: burn::tensor::backend::Backend, A: burn::tensor::backend::Backend>(
+        dev: &B::Device,
+        _: &A::Device,
+    ) {
+        let mut cfg = LlamaConfig::tiny(300);
+        cfg.hidden_size = 64;
+        cfg.intermediate_size = 544;
+        cfg.head_dim = 16;
+        for level in [Level::Block(32), Level::Block(64), Level::Tensor] {
+            let int8 = QuantConfig::new(8, level).unwrap();
+            let mut source = TensorSource::random(11);
+            source.quantize_frozen::<B>(int8, dev).unwrap();
+            let model = LlamaForCausalLM::<B>::new(&mut source, &cfg, &PlacementConfig::new(), dev)
+                .unwrap();
+            let twin = quant::dequantized(model.clone());
+            let seq: Vec<i64> = (0..12).map(|i| (i * 37 % 300) as i64).collect();
+            let t = |v: &[i64]| {
+                Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), dev)
+            };
+            let full = to_vec(twin.forward(t(&seq), None));
+            let mut cache = model.new_cache();
+            let mut cached = to_vec(model.forward_cached(t(&seq[..2]), &mut cache));
+            for p in 2..seq.len() {
+                cached.extend(to_vec(model.forward_cached(t(&seq[p..p + 1]), &mut cache)));
+            }
+            assert_close(&cached, &full[300..], 1e-5, &format!("{int8}"));
+        }
+    }
+    #[cfg(feature = "tch")]
+    return;
+    #[allow(unreachable_code)]
+    {
+        on_suite_and_flex!(check);
+    }
+}

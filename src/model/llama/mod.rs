@@ -27,6 +27,7 @@ use crate::error::{AdapterError, ConfigError};
 use crate::linear::{AdaptedLinear, AdapterLayers};
 use crate::multi::Routing;
 use crate::place::{place, PlacementConfig, Targets};
+use crate::quant::QuantConfig;
 use crate::store::gguf::{self, GgmlType, GgufFile, GgufTensorInfo, GgufTensorSpec, GgufValue};
 use crate::store::st::HostTensor;
 
@@ -784,6 +785,36 @@ pub fn gguf_source<'a>(
     Ok((TensorSource::from_fn(path, shapes, decode), config))
 }
 
+/// How [`load_with`] and [`from_gguf_with`] build a model.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// The adapters to place (none: `PlacementConfig::new()`).
+    pub placement: PlacementConfig,
+    /// The scheme the frozen linear weights are held in, quantized as they are read (`None`,
+    /// the default: `f32`). For inference; see [`TensorSource::quantize_frozen`].
+    pub frozen: Option<QuantConfig>,
+}
+
+impl LoadOptions {
+    /// No adapters, `f32` weights.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// With the adapters `placement` describes.
+    pub fn with_placement(mut self, placement: PlacementConfig) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// With the frozen linear weights held in `frozen`'s scheme (int8 per block of 32:
+    /// `QuantConfig::new(8, Level::Block(32))`).
+    pub fn with_frozen(mut self, frozen: Option<QuantConfig>) -> Self {
+        self.frozen = frozen;
+        self
+    }
+}
+
 /// Loads a Llama-family model from a `.gguf` file or a Hugging Face folder (`config.json` and
 /// `model.safetensors` or a sharded index), with the adapters `placement` describes. Fails with
 /// one error listing every missing, unexpected or mis-shaped tensor.
@@ -792,20 +823,44 @@ pub fn load<B: Backend>(
     placement: &PlacementConfig,
     device: &B::Device,
 ) -> Result<LlamaForCausalLM<B>, AdapterError> {
+    load_with(
+        path,
+        &LoadOptions::new().with_placement(placement.clone()),
+        device,
+    )
+}
+
+/// [`load`] with [`LoadOptions`]: an int8 frozen base for inference, say.
+///
+/// ```no_run
+/// use burn::backend::NdArray;
+/// use kron_adapters::model::llama::{self, LoadOptions};
+/// use kron_adapters::quant::{Level, QuantConfig};
+///
+/// let int8 = QuantConfig::new(8, Level::Block(32)).unwrap();
+/// let options = LoadOptions::new().with_frozen(Some(int8));
+/// let model = llama::load_with::<NdArray>("SmolLM2-135M-Instruct.Q4_1.gguf", &options, &Default::default())?;
+/// # Ok::<(), kron_adapters::AdapterError>(())
+/// ```
+pub fn load_with<B: Backend>(
+    path: impl AsRef<Path>,
+    options: &LoadOptions,
+    device: &B::Device,
+) -> Result<LlamaForCausalLM<B>, AdapterError> {
     let path = path.as_ref();
     if path.is_dir() {
         let config = LlamaConfig::from_json_file(path.join("config.json"))?;
         build(
             TensorSource::from_model_dir(path)?,
             &config,
-            placement,
+            options,
             device,
         )
     } else {
-        from_gguf(
+        from_gguf_with(
             &GgufFile::read(path)?,
             &path.display().to_string(),
-            placement,
+            options,
             device,
         )
     }
@@ -818,24 +873,42 @@ pub fn from_gguf<B: Backend>(
     placement: &PlacementConfig,
     device: &B::Device,
 ) -> Result<LlamaForCausalLM<B>, AdapterError> {
+    from_gguf_with(
+        file,
+        path,
+        &LoadOptions::new().with_placement(placement.clone()),
+        device,
+    )
+}
+
+/// [`from_gguf`] with [`LoadOptions`].
+pub fn from_gguf_with<B: Backend>(
+    file: &GgufFile,
+    path: &str,
+    options: &LoadOptions,
+    device: &B::Device,
+) -> Result<LlamaForCausalLM<B>, AdapterError> {
     let (source, config) = gguf_source(file, path)?;
-    build(source, &config, placement, device)
+    build(source, &config, options, device)
 }
 
 fn build<B: Backend>(
     mut source: TensorSource,
     config: &LlamaConfig,
-    placement: &PlacementConfig,
+    options: &LoadOptions,
     device: &B::Device,
 ) -> Result<LlamaForCausalLM<B>, AdapterError> {
     config.validate()?;
+    if let Some(frozen) = options.frozen {
+        source.quantize_frozen::<B>(frozen, device)?;
+    }
     source.check_holds("LlamaConfig", config.num_params())?;
     // Buffers some checkpoints carry.
     let rotary: Vec<String> = (0..config.num_hidden_layers)
         .map(|i| format!("model.layers.{i}.self_attn.rotary_emb.inv_freq"))
         .collect();
     source.ignore(&rotary.iter().map(String::as_str).collect::<Vec<_>>());
-    let model = LlamaForCausalLM::new(&mut source, config, placement, device)?;
+    let model = LlamaForCausalLM::new(&mut source, config, &options.placement, device)?;
     source.finish()?;
     Ok(model)
 }

@@ -1,0 +1,419 @@
+//! Products with a frozen weight held as 8-bit integers (`quant::to_burn_quantized`, the
+//! loaders' `frozen` option): `x·w + c` where `w` is a Burn quantized tensor.
+//!
+//! Burn 0.21 multiplies by a quantized tensor by dequantizing all of it first (a new `f32`
+//! copy of the weight, on flex in one thread) and then multiplying: every token of a decoder's
+//! generation would write and read its whole weight in `f32`, slower than keeping it in `f32`.
+//! On flex, [`product`] reads the `i8` values and their scales where flex keeps them instead:
+//! - a few rows (generation, a server's batch): one pass over the weight, its values widened
+//!   and multiplied into the rows' sums a row of the weight at a time, `y[r] += (x[r, i]·s)·q[i]`
+//!   with `s` the scale of `q[i]`'s block — 1 byte a weight read instead of 4;
+//! - many rows (a prompt): the weight dequantized (`q·s`) into an `f32` buffer of this product's
+//!   own and multiplied by `gemm` (`crate::product`), so one layer's `f32` copy exists at a time.
+//!
+//! Elsewhere (other backends, packed storage, another scheme) [`takes`] says no and the callers
+//! keep Burn's product, which dequantizes the weight and gives the same values up to the order
+//! of the sums.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use rayon::prelude::*;
+
+use crate::act::{is_f32, Isa};
+use crate::kron::host::HostValues;
+use crate::quirks;
+
+/// Up to this many rows the weight is read in `i8` ([`rows_loop`]); from one more, dequantized
+/// and multiplied by `gemm`, which runs many rows near the machine's multiply-add rate.
+pub(crate) const FEW_ROWS: usize = 8;
+
+/// Columns a task of [`rows_loop`] sums at most (its rows' sums stay in the first-level cache).
+const CHUNK: usize = 256;
+
+/// Products from this many multiply-adds up are split over rayon's threads.
+const PARALLEL_MACS: usize = 1 << 18;
+
+/// `x·w + c` where `w` is a Burn quantized tensor that flex stores as `i8` values with `f32`
+/// scales, per tensor or per block along its rows, and `x` is `f32` on flex; else the operands
+/// back, untouched, for Burn's product.
+///
+/// # Shapes
+/// - `x`: `[n, k]`, `w`: `[k, m]` (quantized), `c`: `[1, m]`
+/// - output: `[n, m]`
+pub(crate) fn product<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    c: Option<Tensor<B, 2>>,
+) -> Result<Tensor<B, 2>, Operands<B>> {
+    if B::name(&x.device()) != "flex"
+        || !is_f32(&x)
+        || !matches!(w.dtype(), burn::tensor::DType::QFloat(_))
+    {
+        return Err((x, w, c));
+    }
+    let ([n, k], [k2, m]) = (x.dims(), w.dims());
+    assert_eq!(k, k2, "the product's inner dimensions agree");
+    let TensorPrimitive::QFloat(q) = w.into_primitive() else {
+        unreachable!("the weight's dtype is quantized")
+    };
+    let Some((values, scales, per)) = quirks::host_int8::<B>(&q) else {
+        return Err((x, Tensor::from_primitive(TensorPrimitive::QFloat(q)), c));
+    };
+    let device = x.device();
+    assert_eq!(values.len(), k * m, "flex holds the weight's values");
+    let weight = Int8 {
+        values,
+        scales,
+        per,
+        cols: m,
+    };
+    if n > FEW_ROWS || !loop_takes(m, per, scales.len()) {
+        let w = Tensor::from_data(TensorData::new(weight.dequantize(), [k, m]), &device);
+        return Ok(crate::product::product(x, w, c));
+    }
+    let bias = c.map(|c| {
+        assert_eq!(c.dims(), [1, m], "c is a row");
+        HostValues::of(c)
+    });
+    let bias = bias.as_ref().map(|b| b.floats());
+    let xs = HostValues::of(x);
+    let out = rows_loop(Isa::best(), &xs.floats(), n, &weight, bias.as_deref());
+    Ok(Tensor::from_data(TensorData::new(out, [n, m]), &device))
+}
+
+/// The operands of a product [`product`] gave back: `x`, `w` and `c`.
+pub(crate) type Operands<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 2>>);
+
+/// An `i8` weight `[rows, cols]` in row-major order with its scales, each covering `per`
+/// consecutive values.
+#[derive(Clone, Copy)]
+pub(crate) struct Int8<'a> {
+    pub(crate) values: &'a [i8],
+    pub(crate) scales: &'a [f32],
+    pub(crate) per: usize,
+    pub(crate) cols: usize,
+}
+
+impl Int8<'_> {
+    /// `q·s` for every value, in order: what Burn's `dequantize` gives.
+    pub(crate) fn dequantize(&self) -> Vec<f32> {
+        let len = self.values.len();
+        let mut out = vec![0f32; len];
+        // Runs of whole blocks (of about 64K values), each block's values times its scale.
+        let per = self.per.min(len).max(1);
+        let run = (1usize << 16).next_multiple_of(per);
+        let work = |(r, dst): (usize, &mut [f32])| {
+            let start = r * run;
+            let src = &self.values[start..start + dst.len()];
+            let blocks = dst.chunks_mut(per).zip(src.chunks(per));
+            for (b, (d, q)) in blocks.enumerate() {
+                let s = self.scales[(start / per + b).min(self.scales.len() - 1)];
+                dequantize_block(Isa::best(), q, s, d);
+            }
+        };
+        if len >= PARALLEL_MACS {
+            out.par_chunks_mut(run).enumerate().for_each(work);
+        } else {
+            out.chunks_mut(run).enumerate().for_each(work);
+        }
+        out
+    }
+}
+
+/// `out[j] = q[j]·s`.
+fn dequantize_block(isa: Isa, q: &[i8], s: f32, out: &mut [f32]) {
+    crate::act::dispatch!(isa, dequantize_avx2, (q: &[i8], s: f32, out: &mut [f32]), {
+        out.iter_mut().zip(q).for_each(|(o, &v)| *o = v as f32 * s)
+    })
+}
+
+/// `y = x·(q·s) + c` for `n` rows `x` (`[n, k]`, row-major) and the `[k, m]` weight `w`:
+/// for each row `i` of the weight, in order, `y[r, j] += (x[r, i]·s)·q[i, j]` (one fused
+/// multiply-add; `s` the scale of `q[i, j]`'s block), starting from `c` (or 0). Columns are
+/// split into runs over rayon's threads when the product is large; each column's
+/// sum is the same whatever the split and the instruction set.
+pub(crate) fn rows_loop(isa: Isa, x: &[f32], n: usize, w: &Int8, c: Option<&[f32]>) -> Vec<f32> {
+    let m = w.cols;
+    let k = w.values.len().checked_div(m).unwrap_or(0);
+    assert_eq!(x.len(), n * k, "x holds n rows of k values");
+    let mut out = vec![0f32; n * m];
+    if n == 0 || m == 0 {
+        return out;
+    }
+    // Each task owns a run of columns, its sums for every row copied out at the end.
+    let (parallel, chunk) = (n * k * m >= PARALLEL_MACS, CHUNK);
+    let run = |c0: usize| -> Vec<f32> {
+        let width = chunk.min(m - c0);
+        let mut acc = vec![0f32; n * width];
+        if let Some(c) = c {
+            for r in 0..n {
+                acc[r * width..(r + 1) * width].copy_from_slice(&c[c0..c0 + width]);
+            }
+        }
+        columns(isa, x, [n, k, m], w.values, w.scales, w.per, c0, &mut acc);
+        acc
+    };
+    let starts: Vec<usize> = (0..m).step_by(chunk).collect();
+    let parts: Vec<Vec<f32>> = if parallel && starts.len() > 1 {
+        starts.par_iter().map(|&c0| run(c0)).collect()
+    } else {
+        starts.iter().map(|&c0| run(c0)).collect()
+    };
+    for (&c0, acc) in starts.iter().zip(&parts) {
+        let width = chunk.min(m - c0);
+        for r in 0..n {
+            out[r * m + c0..r * m + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
+        }
+    }
+    out
+}
+
+/// Columns a group of [`columns`] sums at once: a block of one scale holds whole groups.
+pub(crate) const GROUP: usize = 32;
+
+/// Groups one row's pass sums at once ([`single_row`]).
+const WIDE: usize = 8;
+
+/// `acc[t·GROUP + j] += (x[i]·s)·q[i, col + t·GROUP + j]` for every row `i` of the weight in
+/// order, `s` the scale of that value's block: one row of `x` against `G` groups of columns,
+/// the sums held in registers while the weight's rows stream past.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn one_row<const G: usize>(
+    x: &[f32],
+    m: usize,
+    q: &[i8],
+    scales: &[f32],
+    per: usize,
+    per_row: usize,
+    col: usize,
+    acc: &mut [f32],
+) {
+    let sc: [usize; G] = std::array::from_fn(|t| {
+        if scales.len() == 1 {
+            0
+        } else {
+            (col + t * GROUP) / per
+        }
+    });
+    let mut sums = [[0f32; GROUP]; G];
+    for (t, s) in sums.iter_mut().enumerate() {
+        s.copy_from_slice(&acc[t * GROUP..(t + 1) * GROUP]);
+    }
+    for (i, &xi) in x.iter().enumerate() {
+        let row = &q[i * m + col..i * m + col + G * GROUP];
+        for (t, sums) in sums.iter_mut().enumerate() {
+            let xs = xi * scales[i * per_row + sc[t]];
+            let group: &[i8; GROUP] = row[t * GROUP..(t + 1) * GROUP].try_into().expect("a group");
+            for (a, &v) in sums.iter_mut().zip(group) {
+                *a = xs.mul_add(v as f32, *a);
+            }
+        }
+    }
+    for (t, s) in sums.iter().enumerate() {
+        acc[t * GROUP..(t + 1) * GROUP].copy_from_slice(s);
+    }
+}
+
+/// Does [`rows_loop`] take a weight of `cols` columns whose scales cover `per` values each
+/// (`scales` of them): one scale, or blocks of whole groups along each row?
+pub(crate) fn loop_takes(cols: usize, per: usize, scales: usize) -> bool {
+    scales == 1 || (per.is_multiple_of(GROUP) && cols.is_multiple_of(per))
+}
+
+/// The sums of [`rows_loop`] for the columns `c0..c0 + width` of every row (`acc`, `[n,
+/// width]`, holding `c`'s values or 0), compiled for `isa`: a group of [`GROUP`] columns at a
+/// time, its sums kept in registers down the weight's rows; any last columns short of a group
+/// one at a time (the same operations).
+#[allow(clippy::too_many_arguments)]
+fn columns(
+    isa: Isa,
+    x: &[f32],
+    nkm: [usize; 3],
+    q: &[i8],
+    scales: &[f32],
+    per: usize,
+    c0: usize,
+    acc: &mut [f32],
+) {
+    crate::act::dispatch!(
+        isa,
+        columns_avx2,
+        (
+            x: &[f32],
+            nkm: [usize; 3],
+            q: &[i8],
+            scales: &[f32],
+            per: usize,
+            c0: usize,
+            acc: &mut [f32]
+        ),
+        {
+            let [n, k, m] = nkm;
+            let width = acc.len() / n;
+            // The scale of row `i`, column `col`: `scales[i·per_row + col / per]`.
+            let per_row = if scales.len() == 1 { 0 } else { m / per };
+            let scale_col = |col: usize| if scales.len() == 1 { 0 } else { col / per };
+            let groups = width / GROUP;
+            if n == 1 {
+                // Eight groups at a time (256 consecutive values of each of the weight's rows),
+                // then two, then one.
+                let mut g = 0;
+                while g < groups {
+                    let (j, col) = (g * GROUP, c0 + g * GROUP);
+                    let take = if g + WIDE <= groups {
+                        WIDE
+                    } else if g + 2 <= groups {
+                        2
+                    } else {
+                        1
+                    };
+                    let a = &mut acc[j..j + take * GROUP];
+                    let x = &x[..k];
+                    match take {
+                        WIDE => one_row::<WIDE>(x, m, q, scales, per, per_row, col, a),
+                        2 => one_row::<2>(x, m, q, scales, per, per_row, col, a),
+                        _ => one_row::<1>(x, m, q, scales, per, per_row, col, a),
+                    }
+                    g += take;
+                }
+            } else {
+                for g in 0..groups {
+                    let (j, col) = (g * GROUP, c0 + g * GROUP);
+                    let sc = scale_col(col);
+                    let mut a = [[0f32; GROUP]; FEW_ROWS];
+                    for (r, a) in a.iter_mut().enumerate().take(n) {
+                        a.copy_from_slice(&acc[r * width + j..r * width + j + GROUP]);
+                    }
+                    for i in 0..k {
+                        let s = scales[i * per_row + sc];
+                        let row: &[i8; GROUP] =
+                            q[i * m + col..i * m + col + GROUP].try_into().expect("a group");
+                        let mut wide = [0f32; GROUP];
+                        for (w, &v) in wide.iter_mut().zip(row) {
+                            *w = v as f32;
+                        }
+                        for (r, a) in a.iter_mut().enumerate().take(n) {
+                            let xs = x[r * k + i] * s;
+                            for (a, &w) in a.iter_mut().zip(&wide) {
+                                *a = xs.mul_add(w, *a);
+                            }
+                        }
+                    }
+                    for (r, a) in a.iter().enumerate().take(n) {
+                        acc[r * width + j..r * width + j + GROUP].copy_from_slice(a);
+                    }
+                }
+            }
+            for j in groups * GROUP..width {
+                let col = c0 + j;
+                let sc = scale_col(col);
+                for i in 0..k {
+                    let w = q[i * m + col] as f32;
+                    let s = scales[i * per_row + sc];
+                    for r in 0..n {
+                        let xs = x[r * k + i] * s;
+                        acc[r * width + j] = xs.mul_add(w, acc[r * width + j]);
+                    }
+                }
+            }
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// The kernel's formula written plainly, one value at a time: each column's sum over the
+    /// weight's rows in order, `fma(x·s, q, sum)`, from `c` (or 0).
+    fn reference(x: &[f32], n: usize, w: &Int8, c: Option<&[f32]>) -> Vec<f32> {
+        let m = w.cols;
+        let k = w.values.len() / m;
+        let mut out = vec![0f32; n * m];
+        for r in 0..n {
+            for j in 0..m {
+                let mut sum = c.map_or(0.0, |c| c[j]);
+                for i in 0..k {
+                    let at = i * m + j;
+                    let xs = x[r * k + i] * w.scales[at / w.per];
+                    sum = xs.mul_add(w.values[at] as f32, sum);
+                }
+                out[r * m + j] = sum;
+            }
+        }
+        out
+    }
+
+    fn values(rng: &mut SplitMix64, len: usize) -> Vec<i8> {
+        (0..len)
+            .map(|_| (rng.below(255) as i32 - 127) as i8)
+            .collect()
+    }
+
+    fn floats(rng: &mut SplitMix64, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// Every path of the loop (eight, two and one groups of one row; several rows; columns
+    /// short of a group; one scale; blocks of 32 and 64; a product split over threads) gives
+    /// the plain formula's bits on every instruction set, and a row's result does not depend on
+    /// the rows beside it.
+    #[test]
+    fn the_int8_loop_is_its_formula_bit_for_bit() {
+        let mut rng = SplitMix64::new(13);
+        // (k, m, values per scale; 0: one scale)
+        let cases = [
+            (70, 320, 32),
+            (48, 96, 32),
+            (33, 300, 0),
+            (40, 192, 64),
+            (5, 512, 32),
+            (300, 1100, 0),
+            (300, 1088, 32),
+        ];
+        for (k, m, per) in cases {
+            let q = values(&mut rng, k * m);
+            let per = if per == 0 { k * m } else { per };
+            let scales: Vec<f32> = (0..(k * m).div_ceil(per))
+                .map(|_| rng.uniform() as f32 * 0.01 + 1e-4)
+                .collect();
+            let w = Int8 {
+                values: &q,
+                scales: &scales,
+                per,
+                cols: m,
+            };
+            assert!(loop_takes(m, per, scales.len()), "{k}×{m}");
+            let c = floats(&mut rng, m);
+            for n in 1..=FEW_ROWS {
+                let x = floats(&mut rng, n * k);
+                for bias in [None, Some(&c[..])] {
+                    let want = reference(&x, n, &w, bias);
+                    for isa in Isa::available() {
+                        let got = rows_loop(isa, &x, n, &w, bias);
+                        assert!(
+                            got.iter()
+                                .zip(&want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{k}×{m}, {n} rows, {isa:?}"
+                        );
+                    }
+                }
+                // Row by row, the same bits as in the batch.
+                let batch = rows_loop(Isa::best(), &x, n, &w, None);
+                for r in 0..n {
+                    let one = rows_loop(Isa::best(), &x[r * k..(r + 1) * k], 1, &w, None);
+                    assert_eq!(one, batch[r * m..(r + 1) * m], "row {r} of {n}");
+                }
+            }
+            let deq = w.dequantize();
+            let want: Vec<f32> = (0..k * m).map(|i| q[i] as f32 * scales[i / per]).collect();
+            assert_eq!(deq, want, "dequantized {k}×{m}");
+        }
+        // Blocks that split a row's groups are not the loop's: the product dequantizes them.
+        assert!(!loop_takes(96, 48, 2));
+        assert!(!loop_takes(100, 32, 4));
+    }
+}
