@@ -15,8 +15,9 @@
 //! keep Burn's product, which dequantizes the weight and gives the same values up to the order
 //! of the sums.
 
+use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use crate::act::{is_f32, Isa};
@@ -30,8 +31,10 @@ pub(crate) const FEW_ROWS: usize = 8;
 /// Columns a task of [`rows_loop`] sums at most (its rows' sums stay in the first-level cache).
 const CHUNK: usize = 256;
 
-/// Products from this many multiply-adds up are split over rayon's threads.
-const PARALLEL_MACS: usize = 1 << 18;
+/// Products from this many multiply-adds up are split over rayon's threads (burn-flex's rule
+/// for its products, 192³): below it, waking the threads costs more than they save (SmolLM2's
+/// layers, up to 885K a token, generated 1.25× faster on one thread than split from 2¹⁸).
+const PARALLEL_MACS: usize = 192 * 192 * 192;
 
 /// `x·w + c` where `w` is a Burn quantized tensor that flex stores as `i8` values with `f32`
 /// scales, per tensor or per block along its rows, and `x` is `f32` on flex; else the operands
@@ -84,6 +87,103 @@ pub(crate) fn product<B: Backend>(
 /// The operands of a product [`product`] gave back: `x`, `w` and `c`.
 pub(crate) type Operands<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 2>>);
 
+/// `x·wᵀ` where `w` is a Burn quantized `[m, k]` tensor flex stores as `i8` (a tied LM head:
+/// the embedding table), as [`product`] takes `x·w`; else the operands back. A few rows take
+/// one pass over the table ([`dot_rows`]); many rows, panels of it dequantized and multiplied
+/// by `gemm` in turn, so that no `f32` copy of the whole table is made.
+///
+/// # Shapes
+/// - `x`: `[n, k]`, `w`: `[m, k]` (quantized)
+/// - output: `[n, m]`
+pub(crate) fn product_t<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
+    if B::name(&x.device()) != "flex"
+        || !is_f32(&x)
+        || !matches!(w.dtype(), burn::tensor::DType::QFloat(_))
+    {
+        return Err((x, w));
+    }
+    let ([n, k], [m, k2]) = (x.dims(), w.dims());
+    assert_eq!(k, k2, "the product's inner dimensions agree");
+    let TensorPrimitive::QFloat(q) = w.into_primitive() else {
+        unreachable!("the weight's dtype is quantized")
+    };
+    let Some((values, scales, per)) = quirks::host_int8::<B>(&q) else {
+        return Err((x, Tensor::from_primitive(TensorPrimitive::QFloat(q))));
+    };
+    assert_eq!(values.len(), k * m, "flex holds the weight's values");
+    let device = x.device();
+    let weight = Int8 {
+        values,
+        scales,
+        per,
+        cols: k,
+    };
+    let xs = HostValues::of(x);
+    let xs = xs.floats();
+    let out = if n <= FEW_ROWS && dot_takes(k, per, scales.len()) {
+        dot_rows(Isa::best(), &xs, n, &weight)
+    } else {
+        // Panels of about 2M values: dequantized, multiplied, their columns copied out.
+        let rows = (PANEL / k.max(1)).clamp(1, m.max(1));
+        let x = Tensor::<B, 2>::from_data(TensorData::new(xs.to_vec(), [n, k]), &device);
+        let mut out = vec![0f32; n * m];
+        for v0 in (0..m).step_by(rows) {
+            let p = rows.min(m - v0);
+            let panel = weight.rows(v0, p).dequantize();
+            let panel = Tensor::<B, 2>::from_data(TensorData::new(panel, [p, k]), &device);
+            let y = crate::product::host(x.clone(), false, panel, true, None);
+            let y = HostValues::of(y);
+            for (r, row) in y.floats().chunks(p).enumerate() {
+                out[r * m + v0..r * m + v0 + p].copy_from_slice(row);
+            }
+        }
+        out
+    };
+    Ok(Tensor::from_data(TensorData::new(out, [n, m]), &device))
+}
+
+/// Values a panel of [`product_t`] dequantizes at a time.
+const PANEL: usize = 1 << 21;
+
+/// The rows `ids` of an embedding table (`[vocab, d]`): on flex, from an int8 table, only the
+/// rows read are dequantized; elsewhere (or an id outside the table) Burn's lookup, which
+/// dequantizes a quantized table whole.
+///
+/// # Shapes
+/// - `ids`: `[b, s]`; output `[b, s, d]`
+pub(crate) fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let weight = table.weight.val();
+    if B::name(&ids.device()) != "flex" || !matches!(weight.dtype(), DType::QFloat(_)) {
+        return table.forward(ids);
+    }
+    let [vocab, d] = weight.dims();
+    let [b, s] = ids.dims();
+    let rows: Vec<i64> = ids.to_data().convert::<i64>().to_vec().unwrap_or_default();
+    let TensorPrimitive::QFloat(q) = weight.into_primitive() else {
+        unreachable!("the table's dtype is quantized")
+    };
+    let in_table = rows.len() == b * s && rows.iter().all(|&i| (0..vocab as i64).contains(&i));
+    match quirks::host_int8::<B>(&q) {
+        Some((values, scales, per)) if in_table => {
+            let table = Int8 {
+                values,
+                scales,
+                per,
+                cols: d,
+            };
+            let mut out = Vec::with_capacity(b * s * d);
+            for &i in &rows {
+                out.extend(table.rows(i as usize, 1).dequantize());
+            }
+            Tensor::from_data(TensorData::new(out, [b, s, d]), &ids.device())
+        }
+        _ => table.forward(ids),
+    }
+}
+
 /// An `i8` weight `[rows, cols]` in row-major order with its scales, each covering `per`
 /// consecutive values.
 #[derive(Clone, Copy)]
@@ -94,7 +194,30 @@ pub(crate) struct Int8<'a> {
     pub(crate) cols: usize,
 }
 
-impl Int8<'_> {
+impl<'a> Int8<'a> {
+    /// The rows `first..first + count` (of `cols` values each) as a weight of their own, with
+    /// the scales they use: blocks of whole rows, or one scale.
+    pub(crate) fn rows(&self, first: usize, count: usize) -> Int8<'a> {
+        let (start, len) = (first * self.cols, count * self.cols);
+        let (values, scales) = if self.scales.len() == 1 {
+            (&self.values[start..start + len], self.scales)
+        } else {
+            assert!(start.is_multiple_of(self.per), "rows start a block");
+            let first_scale = start / self.per;
+            let n = len.div_ceil(self.per);
+            (
+                &self.values[start..start + len],
+                &self.scales[first_scale..first_scale + n],
+            )
+        };
+        Int8 {
+            values,
+            scales,
+            per: self.per.min(len.max(1)),
+            cols: self.cols,
+        }
+    }
+
     /// `q·s` for every value, in order: what Burn's `dequantize` gives.
     pub(crate) fn dequantize(&self) -> Vec<f32> {
         let len = self.values.len();
@@ -170,6 +293,114 @@ pub(crate) fn rows_loop(isa: Isa, x: &[f32], n: usize, w: &Int8, c: Option<&[f32
 
 /// Columns a group of [`columns`] sums at once: a block of one scale holds whole groups.
 pub(crate) const GROUP: usize = 32;
+
+/// Lanes of [`dot_rows`]' sums: the values of a row are summed in this many interleaved
+/// partial sums, then added pairwise.
+const LANES: usize = 16;
+
+/// Does [`dot_rows`] take a table whose rows have `k` values and whose scales cover `per`
+/// values each (`scales` of them): rows of whole lane runs, one scale or blocks of them?
+pub(crate) fn dot_takes(k: usize, per: usize, scales: usize) -> bool {
+    k.is_multiple_of(LANES) && (scales == 1 || (per.is_multiple_of(LANES) && k.is_multiple_of(per)))
+}
+
+/// `y[r, v] = x[r]·(q[v]·s)` for `n` rows `x` (`[n, k]`) and the `[m, k]` table `w`: the
+/// dequantized values `q·s` (Burn's) multiplied into [`LANES`] partial sums, value `i` into
+/// lane `i mod LANES` in order by fused multiply-adds, the lanes then added in halves (8, 4, 2,
+/// 1 apart). Rows of the table are split over rayon's threads when the product is large; each
+/// sum is the same whatever the split and the instruction set.
+pub(crate) fn dot_rows(isa: Isa, x: &[f32], n: usize, w: &Int8) -> Vec<f32> {
+    let k = w.cols;
+    let m = w.values.len().checked_div(k).unwrap_or(0);
+    assert_eq!(x.len(), n * k, "x holds n rows of k values");
+    let mut out = vec![0f32; n * m];
+    if n == 0 || m == 0 {
+        return out;
+    }
+    let run = |v0: usize| -> Vec<f32> {
+        let count = CHUNK.min(m - v0);
+        let mut part = vec![0f32; n * count];
+        dots(isa, x, [n, k], w.values, w.scales, w.per, v0, &mut part);
+        part
+    };
+    let starts: Vec<usize> = (0..m).step_by(CHUNK).collect();
+    let parts: Vec<Vec<f32>> = if n * k * m >= PARALLEL_MACS && starts.len() > 1 {
+        starts.par_iter().map(|&v0| run(v0)).collect()
+    } else {
+        starts.iter().map(|&v0| run(v0)).collect()
+    };
+    for (&v0, part) in starts.iter().zip(&parts) {
+        let count = CHUNK.min(m - v0);
+        for r in 0..n {
+            out[r * m + v0..r * m + v0 + count].copy_from_slice(&part[r * count..(r + 1) * count]);
+        }
+    }
+    out
+}
+
+/// The sums of [`dot_rows`] for the table's rows `v0..v0 + count` (`part`, `[n, count]`),
+/// compiled for `isa`.
+#[allow(clippy::too_many_arguments)]
+fn dots(
+    isa: Isa,
+    x: &[f32],
+    nk: [usize; 2],
+    q: &[i8],
+    scales: &[f32],
+    per: usize,
+    v0: usize,
+    part: &mut [f32],
+) {
+    crate::act::dispatch!(
+        isa,
+        dots_avx2,
+        (
+            x: &[f32],
+            nk: [usize; 2],
+            q: &[i8],
+            scales: &[f32],
+            per: usize,
+            v0: usize,
+            part: &mut [f32]
+        ),
+        {
+            let [n, k] = nk;
+            let count = part.len() / n;
+            // Each row's blocks: one scale a block (the whole row where there is one scale).
+            let (len, blocks) = if scales.len() == 1 { (k, 1) } else { (per, k / per) };
+            for t in 0..count {
+                let v = v0 + t;
+                let row = &q[v * k..(v + 1) * k];
+                let mut lanes = [[0f32; LANES]; FEW_ROWS];
+                for b in 0..blocks {
+                    let s = if scales.len() == 1 { scales[0] } else { scales[v * blocks + b] };
+                    for c in 0..len / LANES {
+                        let at = b * len + c * LANES;
+                        let qc: &[i8; LANES] = row[at..at + LANES].try_into().expect("lanes");
+                        let w: [f32; LANES] = std::array::from_fn(|l| qc[l] as f32 * s);
+                        for (r, lanes) in lanes.iter_mut().enumerate().take(n) {
+                            let xr: &[f32; LANES] =
+                                x[r * k + at..r * k + at + LANES].try_into().expect("lanes");
+                            for l in 0..LANES {
+                                lanes[l] = xr[l].mul_add(w[l], lanes[l]);
+                            }
+                        }
+                    }
+                }
+                for (r, lanes) in lanes.iter_mut().enumerate().take(n) {
+                    let mut half = LANES / 2;
+                    while half > 0 {
+                        for l in 0..half {
+                            lanes[l] += lanes[l + half];
+                        }
+                        half /= 2;
+                    }
+                    part[r * count + t] = lanes[0];
+                }
+            }
+        }
+    )
+}
 
 /// Groups one row's pass sums at once ([`single_row`]).
 const WIDE: usize = 8;
@@ -415,5 +646,78 @@ mod tests {
         // Blocks that split a row's groups are not the loop's: the product dequantizes them.
         assert!(!loop_takes(96, 48, 2));
         assert!(!loop_takes(100, 32, 4));
+    }
+
+    /// [`dot_rows`]' formula written plainly: lanes of fused multiply-adds of `x` with the
+    /// dequantized values, added in halves.
+    fn dot_reference(x: &[f32], n: usize, w: &Int8) -> Vec<f32> {
+        let k = w.cols;
+        let m = w.values.len() / k;
+        let mut out = vec![0f32; n * m];
+        for r in 0..n {
+            for v in 0..m {
+                let mut lanes = [0f32; LANES];
+                for i in 0..k {
+                    let at = v * k + i;
+                    let deq = w.values[at] as f32 * w.scales[at / w.per];
+                    lanes[i % LANES] = x[r * k + i].mul_add(deq, lanes[i % LANES]);
+                }
+                let mut half = LANES / 2;
+                while half > 0 {
+                    for l in 0..half {
+                        lanes[l] += lanes[l + half];
+                    }
+                    half /= 2;
+                }
+                out[r * m + v] = lanes[0];
+            }
+        }
+        out
+    }
+
+    /// The tied head's products (`x·wᵀ` for an int8 table) give the plain formula's bits on
+    /// every instruction set and split, and a table's rows taken alone dequantize as the table.
+    #[test]
+    fn the_int8_dot_rows_are_their_formula_bit_for_bit() {
+        let mut rng = SplitMix64::new(29);
+        // (table rows m, row length k, values per scale; 0: one scale)
+        for (m, k, per) in [(300, 64, 32), (97, 48, 16), (40, 96, 0), (5000, 576, 32)] {
+            let q = values(&mut rng, k * m);
+            let per = if per == 0 { k * m } else { per };
+            let scales: Vec<f32> = (0..(k * m).div_ceil(per))
+                .map(|_| rng.uniform() as f32 * 0.01 + 1e-4)
+                .collect();
+            let w = Int8 {
+                values: &q,
+                scales: &scales,
+                per,
+                cols: k,
+            };
+            assert!(dot_takes(k, per, scales.len()), "{m}×{k}");
+            for n in [1, 2, 3, FEW_ROWS] {
+                let x = floats(&mut rng, n * k);
+                let want = dot_reference(&x, n, &w);
+                for isa in Isa::available() {
+                    let got = dot_rows(isa, &x, n, &w);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{m}×{k}, {n} rows, {isa:?}"
+                    );
+                }
+            }
+            let all = w.dequantize();
+            for (first, count) in [(0, 1), (3, 2), (m - 1, 1)] {
+                let part = w.rows(first, count).dequantize();
+                assert_eq!(
+                    part,
+                    all[first * k..(first + count) * k],
+                    "rows {first}+{count}"
+                );
+            }
+        }
+        assert!(!dot_takes(40, 32, 2), "rows short of whole lane runs");
+        assert!(!dot_takes(64, 8, 8), "blocks splitting a lane run");
     }
 }

@@ -1195,7 +1195,12 @@ fn an_int8_frozen_base_computes_with_its_dequantized_weights() {
         ] {
             let int8 = QuantConfig::new(8, level).unwrap();
             let options = LoadOptions::new().with_frozen(Some(int8));
-            for base in ["tiny_llama", "tiny_llama/tiny_llama.gguf"] {
+            // The tied fixture's head is its embedding table, read transposed.
+            for base in [
+                "tiny_llama",
+                "tiny_llama/tiny_llama.gguf",
+                "tiny_llama_tied",
+            ] {
                 let what = format!("{base}, {int8}");
                 let model = llama::load_with::<B>(fx(base), &options, dev).unwrap();
                 for (path, layer) in model.adapter_layers() {
@@ -1203,6 +1208,16 @@ fn an_int8_frozen_base_computes_with_its_dequantized_weights() {
                     let want = quantized.iter().any(|p| path.contains(p));
                     assert_eq!(q, want, "{what}: {path} quantized");
                 }
+                let table = model.model.embed_tokens.weight.val();
+                assert!(burn_scheme_of(&table).is_some(), "{what}: the embedding");
+                let tied = base == "tiny_llama_tied";
+                let f32_logits = match tied {
+                    true => {
+                        let m = llama::load::<B>(fx(base), &PlacementConfig::new(), dev).unwrap();
+                        to_vec(m.forward(ids.clone(), Some(mask.clone())))
+                    }
+                    false => f32_logits.clone(),
+                };
                 let twin = quant::dequantized(model.clone());
                 assert!(twin
                     .adapter_layers()
@@ -1211,10 +1226,11 @@ fn an_int8_frozen_base_computes_with_its_dequantized_weights() {
                 let got = to_vec(model.forward(ids.clone(), Some(mask.clone())));
                 let want = to_vec(twin.forward(ids.clone(), Some(mask.clone())));
                 assert_close(&got, &want, 1e-5, &format!("{what}: logits"));
-                // Quantized, the logits move from the f32 model's, but not far.
+                // Quantized, the logits move from the f32 model's, but not far (the tiny
+                // models' weights, std 0.2, make 8-bit rounding show; one scale a tensor most).
                 let moved = max_abs_diff(&got, &f32_logits);
                 let scale = f32_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
-                assert!(moved > 0.0 && moved < 0.05 * scale, "{what}: moved {moved}");
+                assert!(moved > 0.0 && moved < 0.25 * scale, "{what}: moved {moved}");
 
                 // A token at a time (one row: flex's int8 loop) against the whole sequence.
                 let seq: Vec<i64> = vec![3, 17, 42, 8, 8, 29, 1, 44, 10, 5, 9];
@@ -1229,6 +1245,9 @@ fn an_int8_frozen_base_computes_with_its_dequantized_weights() {
                     cached.extend(to_vec(model.forward_cached(t(&seq[p..p + 1]), &mut cache)));
                 }
                 assert_close(&cached, &full[2 * v..], 1e-5, &format!("{what}: cached"));
+                if tied {
+                    continue;
+                }
 
                 // A PEFT LoRA on the int8 base: the twin's logits with it, and near PEFT's.
                 let map = NameMap::new();
@@ -1238,9 +1257,11 @@ fn an_int8_frozen_base_computes_with_its_dequantized_weights() {
                 let want = twin.forward(ids.clone(), Some(mask.clone()));
                 assert_close(&to_vec(got.clone()), &to_vec(want), 1e-5, &what);
                 let got = Tensor::<TB, 3>::from_data(got.into_data(), &device());
+                // Near PEFT's logits as the base's are near the f32 model's (the tiny model's
+                // weights, std 0.2, make 8-bit rounding show: 0.17–0.24 of 3.5 here).
                 let peft = logits_error(got, &want_lora["logits"], &lengths);
                 assert!(
-                    peft < 0.05 * scale as f64,
+                    peft < 0.25 * scale as f64,
                     "{what}: {peft} from PEFT's logits"
                 );
 
@@ -1291,8 +1312,9 @@ fn an_int8_frozen_base_computes_with_its_dequantized_weights() {
     }
 }
 
-/// A random model wider than the fixtures (256-wide layers: the int8 loop's widest pass) loads
-/// its frozen weights in int8 and decodes a token at a time as its twin does.
+/// A random model wider than the fixtures (256-wide layers: the int8 loop's widest pass), with
+/// its own head or its embedding as the head, loads its frozen weights in int8 and decodes a
+/// token at a time as its twin does.
 #[test]
 fn a_wider_int8_model_decodes_as_its_twin() {
     use kron_adapters::quant::{self, Level, QuantConfig};
@@ -1305,7 +1327,12 @@ fn a_wider_int8_model_decodes_as_its_twin() {
         cfg.hidden_size = 64;
         cfg.intermediate_size = 544;
         cfg.head_dim = 16;
-        for level in [Level::Block(32), Level::Block(64), Level::Tensor] {
+        for (level, tied) in [
+            (Level::Block(32), false),
+            (Level::Block(64), true),
+            (Level::Tensor, true),
+        ] {
+            cfg.tie_word_embeddings = tied;
             let int8 = QuantConfig::new(8, level).unwrap();
             let mut source = TensorSource::random(11);
             source.quantize_frozen::<B>(int8, dev).unwrap();

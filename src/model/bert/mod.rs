@@ -68,9 +68,10 @@ impl<B: Backend> Embeddings<B> {
              (max_position_embeddings); truncate the rows to at most that"
         );
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &ids.device()).unsqueeze::<2>();
-        let x = self.word.forward(ids)
-            + self.position.forward(positions)
-            + self.token_type.forward(token_types);
+        let embed = crate::qproduct::embed;
+        let x = embed(&self.word, ids)
+            + embed(&self.position, positions)
+            + embed(&self.token_type, token_types);
         dropout(&self.dropout, self.norm.forward(x))
     }
 }

@@ -423,7 +423,7 @@ impl<B: Backend> LlamaModel<B> {
         let past = cache.as_ref().map_or(0, |c| c.len);
         let rope = Rope::new(&self.config, past, (b, s), left_pad, &device);
         let mask = layer_mask(attention_mask(padding, b, s, past, &device), &self.config);
-        let mut x = self.embed_tokens.forward(ids);
+        let mut x = crate::qproduct::embed(&self.embed_tokens, ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let h = x.clone()
@@ -477,6 +477,9 @@ impl<B: Backend> LlamaForCausalLM<B> {
             n.gamma = burn::module::Param::from_tensor(src.tensor(name, [d], Fill::Ones, device));
             n.no_grad()
         };
+        // The embedding first: its `f32` values (the largest tensor) are quantized, where the
+        // frozen weights are, before the layers' add to what the process holds.
+        let embed_tokens = source.embedding("model.embed_tokens", c.vocab_size, d, device);
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
                 let p = |rest: &str| format!("model.layers.{i}.{rest}");
@@ -543,7 +546,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             })
             .collect();
         let model = LlamaModel {
-            embed_tokens: source.embedding("model.embed_tokens", c.vocab_size, d, device),
+            embed_tokens,
             layers,
             norm: norm(source, "model.norm.weight"),
             config: c.clone(),
@@ -580,7 +583,16 @@ impl<B: Backend> LlamaForCausalLM<B> {
                     // No rows (see `linear_rows`).
                     return Tensor::zeros(dims, &hidden.device());
                 }
-                let out = hidden.reshape([n, d]).matmul(w.transpose());
+                // An int8 table on flex, read in place; else Burn's product.
+                let out = match crate::qproduct::product_t(hidden.reshape([n, d]), w) {
+                    Ok(out) => out,
+                    // Dequantized before the transpose: burn-ndarray 0.21 transposes a
+                    // block-quantized tensor without moving its blocks' scales.
+                    Err((x, w)) if matches!(w.dtype(), burn::tensor::DType::QFloat(_)) => {
+                        x.matmul(w.dequantize().transpose())
+                    }
+                    Err((x, w)) => x.matmul(w.transpose()),
+                };
                 out.reshape(dims)
             }
         }
