@@ -274,9 +274,7 @@ fn main() -> ExitCode {
     ) {
         // These run a model on the backend: freed activation buffers stay in the process
         // instead of being page-faulted back in (docs/benchmarks-history.md, "The allocator").
-        if std::env::var("NOKEEP").is_err() {
-            kron_adapters::finetune::keep_freed_memory();
-        }
+        kron_adapters::finetune::keep_freed_memory();
     }
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
