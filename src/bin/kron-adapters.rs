@@ -576,9 +576,14 @@ fn serve(
     let t = std::time::Instant::now();
     let m = kron_adapters::serve::Model::<Cpu>::load_with(&path, frozen, &device)?;
     eprintln!(
-        "loaded {} ({}) in {:.1} s on {}",
+        "loaded {} ({}{}) in {:.1} s on {}",
         path.display(),
         m.describe()["kind"].as_str().unwrap_or("model"),
+        if frozen.is_some() {
+            ", int8 frozen weights"
+        } else {
+            ""
+        },
         t.elapsed().as_secs_f64(),
         common::backend_name()
     );
@@ -742,9 +747,14 @@ fn load_decoder(
         m = attach(m, &file.into_adapters(), &NameMap::new(), device)?;
     }
     eprintln!(
-        "loaded {} ({} layers) in {:.1} s on {}",
+        "loaded {} ({} layers{}) in {:.1} s on {}",
         model.display(),
         m.config().num_hidden_layers,
+        if frozen.is_some() {
+            ", int8 frozen weights"
+        } else {
+            ""
+        },
         t.elapsed().as_secs_f64(),
         common::backend_name()
     );

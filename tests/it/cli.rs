@@ -688,6 +688,38 @@ fn decoder_commands_on_smollm2() {
         out,
         format!("{}\n", lora["plain"]["continuation_text"].as_str().unwrap())
     );
+    // --base-weights int8 (the frozen weights held in 8 bits): the same first sentence as
+    // transformers' (plain and with the LoRA; rounding moves later tokens), said on stderr.
+    for (adapter, want) in [
+        (None, &case["continuation_text"]),
+        (Some(&lora_dir), &lora["plain"]["continuation_text"]),
+    ] {
+        let prompt = case["prompt_text"].as_str().unwrap();
+        let mut args = vec!["--model", s(&gguf), "--base-weights", "int8"];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        // Eight tokens: the crate's own code is unoptimized in test builds.
+        args.extend(["--prompt", prompt, "--max-new-tokens", "8"]);
+        let (code, out, err) = run(&[&["generate"], &args[..]].concat());
+        assert_eq!(code, 0, "{err}");
+        let sentence = want.as_str().unwrap().split('\n').next().unwrap();
+        assert!(
+            sentence.len() > 5 && out.starts_with(sentence),
+            "{out:?}: {err}"
+        );
+        assert!(err.contains("int8 frozen weights"), "{err}");
+    }
+    let (code, _, err) = run(&[
+        "generate",
+        "--model",
+        s(&gguf),
+        "--prompt",
+        "x",
+        "--base-weights",
+        "int4",
+    ]);
+    assert_eq!(code, 2, "an unknown --base-weights is a usage error: {err}");
     // export-gguf: the adapter merged into an F32 GGUF that carries SmolLM2's tokenizer runs
     // without the adapter and continues as transformers + PEFT; an F16 one is about half the
     // size and runs.

@@ -229,6 +229,69 @@ fn generate_over_http_equals_the_library_for_every_adapter() {
     }
 }
 
+/// A server whose model's frozen weights are int8 (`--base-weights int8`) answers what the
+/// library answers on the same int8 model, for every adapter and none, with requests batched.
+#[test]
+fn an_int8_model_serves_what_the_library_generates_with_it() {
+    use kron_adapters::model::llama::LoadOptions;
+    use kron_adapters::quant::{Level, QuantConfig};
+    let dir = tiny_decoder_dir("generate-int8");
+    let adapters = decoder_adapters(&dir);
+    let int8 = QuantConfig::new(8, Level::Tensor).unwrap();
+    let dev = device();
+    let tok = TextTokenizer::from_hf_dir(&dir).unwrap();
+    let options = LoadOptions::new().with_frozen(Some(int8));
+    let base: LlamaForCausalLM<TB> =
+        kron_adapters::model::llama::load_with(&dir, &options, &dev).unwrap();
+    let cfg = GenerateConfig::new().with_max_new_tokens(6);
+    let mut cases = Vec::new();
+    for p in ["t5 t9 t12", "t33", "t7 t7 t40 t41 t8"] {
+        for a in [None, Some(0usize), Some(1), Some(2)] {
+            let model = match a {
+                Some(i) => attach(base.clone(), &adapters[i].2, &NameMap::new(), &dev).unwrap(),
+                None => base.clone(),
+            };
+            let ids = tok.encode(p, true).unwrap();
+            let out = generate(&model, &ids, &cfg, &tok.eos, &dev, |_| {}).unwrap();
+            cases.push((p, a, tok.decode(&out, true).unwrap()));
+        }
+    }
+    let server = start(
+        Model::load_with(&dir, Some(int8), &dev).unwrap(),
+        ServeConfig::new().with_window_ms(20),
+    );
+    for (name, path, _) in &adapters {
+        let (st, v) = post(
+            server.addr,
+            "/v1/adapters",
+            json!({"name": name, "path": path}),
+        );
+        assert_eq!(st, 201, "{v}");
+    }
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|(p, a, _)| {
+            let (addr, p) = (server.addr, p.to_string());
+            let name = a.map(|i| adapters[i].0.clone());
+            std::thread::spawn(move || {
+                let body = json!({"prompt": p, "adapter": name, "max_new_tokens": 6});
+                post(addr, "/v1/generate", body)
+            })
+        })
+        .collect();
+    for ((p, a, want), h) in cases.iter().zip(handles) {
+        let (st, v) = h.join().unwrap();
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["text"], json!(want), "{p} with {a:?}");
+    }
+    // A training backend is refused.
+    let refused = Model::<crate::common::AB>::load_with(&dir, Some(int8), &Default::default());
+    assert!(matches!(
+        refused,
+        Err(kron_adapters::AdapterError::Unsupported { .. })
+    ));
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
