@@ -152,7 +152,8 @@ impl<'a> TensorSource<'a> {
     /// in `f32` at once. For inference: Burn 0.21's autodiff backend cannot run a quantized
     /// tensor, so an autodiff `B` is refused, as is a scheme `device` cannot store (per channel;
     /// 4-bit on Burn's CPU backends, which quantize 8-bit only). A layer whose rows are not whole
-    /// blocks stays `f32`; embeddings and norms always do. On flex the products read the `i8`
+    /// blocks stays `f32`, as does one with NaN or infinite values (as the file has it), and
+    /// norms and biases; embeddings are quantized like weights. On flex the products read the `i8`
     /// values in place (docs/quantization.md, "Frozen bases held in int8").
     pub fn quantize_frozen<B: Backend>(
         &mut self,
@@ -361,7 +362,7 @@ impl<'a> TensorSource<'a> {
 
     /// `values` (`shape`, row-major) as a frozen weight on `device`: `f32`, or quantized by
     /// Burn with the scheme [`TensorSource::quantize_frozen`] set where the device stores it for
-    /// this shape. (Quantizing on the host into Burn's quantized tensor data instead held 48%
+    /// this shape, and whose values are all finite. (Quantizing on the host into Burn's quantized tensor data instead held 48%
     /// more memory after loading SmolLM2, 425 against 287 MB, and loaded slower.)
     fn frozen_weight<B: Backend>(
         &self,
@@ -369,8 +370,15 @@ impl<'a> TensorSource<'a> {
         shape: [usize; 2],
         device: &B::Device,
     ) -> Tensor<B, 2> {
+        // A weight with NaN or infinite values stays as the file has it (burn-ndarray's
+        // quantizer panics on NaN; no scale represents them).
+        let finite = self.frozen.is_some() && values.iter().all(|v| v.is_finite());
         let tensor = Tensor::from_data(TensorData::new(values, shape), device);
-        match self.frozen.and_then(|c| c.burn_scheme::<B>(shape, device)) {
+        match self
+            .frozen
+            .filter(|_| finite)
+            .and_then(|c| c.burn_scheme::<B>(shape, device))
+        {
             Some(scheme) => tensor.quantize_dynamic(&scheme),
             None => tensor,
         }

@@ -1359,3 +1359,67 @@ fn a_wider_int8_model_decodes_as_its_twin() {
         on_suite_and_flex!(check);
     }
 }
+
+/// Weights an int8 load cannot represent — NaN, infinities — stay `f32` (burn-ndarray's quantizer
+/// panicked on NaN), 1e30 and a tensor of zeros quantize (zeros stay zeros), and the model runs:
+/// a damaged checkpoint is the user's to find, never a crash.
+#[test]
+fn non_finite_and_zero_weights_quantize_without_a_panic() {
+    use kron_adapters::quant::{Level, QuantConfig};
+    let bytes = std::fs::read(fx("tiny_llama/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let shapes: std::collections::BTreeMap<String, Vec<usize>> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec()))
+        .collect();
+    let config = LlamaConfig::from_json_file(fx("tiny_llama/config.json")).unwrap();
+    let sizes = shapes.clone();
+    let mut source = TensorSource::from_fn("damaged", shapes, move |name: &str| {
+        let len: usize = sizes[name].iter().product();
+        let odd = |i: usize, value: f32| {
+            if i % 7 == 0 {
+                value
+            } else {
+                (i % 13) as f32 * 0.01
+            }
+        };
+        Ok((0..len)
+            .map(|i| match name {
+                n if n.contains("q_proj") => odd(i, f32::NAN),
+                n if n.contains("k_proj") => odd(i, f32::NEG_INFINITY),
+                n if n.contains("v_proj") => odd(i, -1e30),
+                n if n.contains("down_proj") => 0.0,
+                _ => odd(i, 0.5),
+            })
+            .collect())
+    });
+    let dev = device();
+    let int8 = QuantConfig::new(8, Level::Block(16)).unwrap();
+    source.quantize_frozen::<TB>(int8, &dev).unwrap();
+    let model =
+        LlamaForCausalLM::<TB>::new(&mut source, &config, &PlacementConfig::new(), &dev).unwrap();
+    source.finish().unwrap();
+    let ids = Tensor::<TB, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9], [1, 3]), &dev);
+    assert_eq!(model.forward(ids, None).dims(), [1, 3, config.vocab_size]);
+    // NaN and infinite weights stay f32 (as the file has them); huge and zero ones quantize.
+    let layer = &model.model.layers[0];
+    let q = |l: &kron_adapters::AdaptedLinear<TB>| {
+        kron_adapters::quant::burn_scheme_of(&l.base.weight.val()).is_some()
+    };
+    let attn = &layer.self_attn;
+    assert!(
+        !q(&attn.q_proj) && !q(&attn.k_proj),
+        "non-finite weights kept"
+    );
+    assert!(
+        q(&attn.v_proj) && q(&layer.mlp.down_proj),
+        "finite weights quantized"
+    );
+    let twin = kron_adapters::quant::dequantized(model);
+    let down = &twin.model.layers[0].mlp.down_proj.base.weight;
+    assert!(
+        to_vec(down.val()).iter().all(|v| *v == 0.0),
+        "zeros stay zeros"
+    );
+}
