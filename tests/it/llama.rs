@@ -1378,7 +1378,7 @@ fn non_finite_and_zero_weights_quantize_without_a_panic() {
     let mut source = TensorSource::from_fn("damaged", shapes, move |name: &str| {
         let len: usize = sizes[name].iter().product();
         let odd = |i: usize, value: f32| {
-            if i % 7 == 0 {
+            if i.is_multiple_of(7) {
                 value
             } else {
                 (i % 13) as f32 * 0.01
