@@ -4,12 +4,14 @@
 //! beyond what the file's bytes describe. The tokenizer metadata builds a tokenizer (or says what
 //! is wrong) that encodes texts to ids inside its vocabulary and decodes them, the chat prompt
 //! and the Hugging Face files it exports included. A model that loads exports to a GGUF file
-//! (`llama::to_gguf`, F32 or Q8_0) that loads again. A file read from disk in pieces parses as
-//! its bytes do in memory.
+//! (`llama::to_gguf`, F32 or Q8_0) that loads again, and loads with int8 frozen weights and
+//! runs. A file read from disk in pieces parses as its bytes do in memory.
 #![no_main]
 
+use burn::tensor::{Int, Tensor, TensorData};
 use kron_adapters::llm::TextTokenizer;
 use kron_adapters::model::llama;
+use kron_adapters::quant::{Level, QuantConfig};
 use kron_adapters::store::gguf::{GgmlType, GgufFile, GgufValue};
 use kron_adapters::PlacementConfig;
 use libfuzzer_sys::fuzz_target;
@@ -41,19 +43,43 @@ fuzz_target!(|data: &[u8]| {
             format!("{:?}", f.metadata) == format!("{:?}", m.metadata) && f.tensors == m.tensors
         ),
         (Err(_), Err(_)) => {}
-        _ => panic!("from the file {}, in memory {}", from_file.is_ok(), in_memory.is_ok()),
+        _ => panic!(
+            "from the file {}, in memory {}",
+            from_file.is_ok(),
+            in_memory.is_ok()
+        ),
     }
     let Ok(file) = from_file else {
         return;
     };
     for info in &file.tensors {
         if let Ok(values) = file.dequantize_info(info) {
-            assert_eq!(values.len(), info.numel(), "{}: dequantized length", info.name);
+            assert_eq!(
+                values.len(),
+                info.numel(),
+                "{}: dequantized length",
+                info.name
+            );
         }
     }
     let device = Default::default();
     let model =
         llama::from_gguf::<burn::backend::NdArray>(&file, "fuzz", &PlacementConfig::new(), &device);
+    // With int8 frozen weights (`--base-weights int8`, every third input): a model that loads
+    // in f32 loads too — whatever its values, NaN and infinities included — and runs.
+    if model.is_ok() && data.len() % 3 == 0 {
+        let int8 = QuantConfig::new(8, Level::Block(32)).expect("a scheme");
+        let options = llama::LoadOptions::new().with_frozen(Some(int8));
+        let quantized =
+            llama::from_gguf_with::<burn::backend::NdArray>(&file, "fuzz", &options, &device)
+                .unwrap_or_else(|e| panic!("loads in f32, not with int8 frozen weights: {e}"));
+        let last = quantized.config().vocab_size as i64 - 1;
+        let ids = TensorData::new(vec![0i64, last.max(0)], [1, 2]);
+        let _ = quantized.forward(
+            Tensor::<burn::backend::NdArray, 2, Int>::from_data(ids, &device),
+            None,
+        );
+    }
     let tokenizer = TextTokenizer::from_gguf(&file, "fuzz");
     if let (Ok(tokenizer), Ok(model)) = (&tokenizer, &model) {
         let _ = tokenizer.check_vocab(model.config().vocab_size);
@@ -62,10 +88,19 @@ fuzz_target!(|data: &[u8]| {
     // GGUF file that loads again, or the export says why not.
     if let Ok(model) = model {
         // F32, or Q8_0 (with its F16 fallback) for inputs of odd length.
-        let ty = if data.len() % 2 == 0 { GgmlType::F32 } else { GgmlType::Q8_0 };
+        let ty = if data.len() % 2 == 0 {
+            GgmlType::F32
+        } else {
+            GgmlType::Q8_0
+        };
         if let Ok(bytes) = llama::to_gguf(model, &llama::tokenizer_metadata(&file), ty) {
             let back = GgufFile::from_bytes("export", bytes).expect("an exported GGUF parses");
-            if let Err(e) = llama::from_gguf::<burn::backend::NdArray>(&back, "export", &PlacementConfig::new(), &device) {
+            if let Err(e) = llama::from_gguf::<burn::backend::NdArray>(
+                &back,
+                "export",
+                &PlacementConfig::new(),
+                &device,
+            ) {
                 panic!("an exported GGUF does not load: {e}");
             }
         }
@@ -81,7 +116,10 @@ fuzz_target!(|data: &[u8]| {
     for text in TEXTS.iter().copied().chain([template]) {
         if let Ok(ids) = tokenizer.encode(text, true) {
             for &id in &ids {
-                assert!((id as usize) < vocab, "{text:?}: id {id} beyond {vocab} tokens");
+                assert!(
+                    (id as usize) < vocab,
+                    "{text:?}: id {id} beyond {vocab} tokens"
+                );
             }
             let _ = tokenizer.decode(&ids, false);
             let _ = tokenizer.decode(&ids, true);
