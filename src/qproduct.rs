@@ -259,33 +259,45 @@ pub(crate) fn rows_loop(isa: Isa, x: &[f32], n: usize, w: &Int8, c: Option<&[f32
     let m = w.cols;
     let k = w.values.len().checked_div(m).unwrap_or(0);
     assert_eq!(x.len(), n * k, "x holds n rows of k values");
-    let mut out = vec![0f32; n * m];
-    if n == 0 || m == 0 {
-        return out;
-    }
-    // Each task owns a run of columns, its sums for every row copied out at the end.
-    let (parallel, chunk) = (n * k * m >= PARALLEL_MACS, CHUNK);
-    let run = |c0: usize| -> Vec<f32> {
-        let width = chunk.min(m - c0);
-        let mut acc = vec![0f32; n * width];
+    by_column_runs(n, m, n * k * m >= PARALLEL_MACS, |c0, acc| {
+        let width = acc.len() / n;
         if let Some(c) = c {
             for r in 0..n {
                 acc[r * width..(r + 1) * width].copy_from_slice(&c[c0..c0 + width]);
             }
         }
-        columns(isa, x, [n, k, m], w.values, w.scales, w.per, c0, &mut acc);
-        acc
+        columns(isa, x, [n, k, m], w.values, w.scales, w.per, c0, acc);
+    })
+}
+
+/// An `[n, m]` output computed by runs of [`CHUNK`] columns: `run(c0, part)` fills `part`, the
+/// run's `[n, width]` block (zeros at first), which is then copied into place; the runs are
+/// split over rayon's threads where `parallel`.
+fn by_column_runs(
+    n: usize,
+    m: usize,
+    parallel: bool,
+    run: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n * m];
+    if n == 0 || m == 0 {
+        return out;
+    }
+    let part = |c0: usize| {
+        let mut part = vec![0f32; n * CHUNK.min(m - c0)];
+        run(c0, &mut part);
+        part
     };
-    let starts: Vec<usize> = (0..m).step_by(chunk).collect();
+    let starts: Vec<usize> = (0..m).step_by(CHUNK).collect();
     let parts: Vec<Vec<f32>> = if parallel && starts.len() > 1 {
-        starts.par_iter().map(|&c0| run(c0)).collect()
+        starts.par_iter().map(|&c0| part(c0)).collect()
     } else {
-        starts.iter().map(|&c0| run(c0)).collect()
+        starts.iter().map(|&c0| part(c0)).collect()
     };
-    for (&c0, acc) in starts.iter().zip(&parts) {
-        let width = chunk.min(m - c0);
+    for (&c0, part) in starts.iter().zip(&parts) {
+        let width = CHUNK.min(m - c0);
         for r in 0..n {
-            out[r * m + c0..r * m + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
+            out[r * m + c0..r * m + c0 + width].copy_from_slice(&part[r * width..(r + 1) * width]);
         }
     }
     out
@@ -313,29 +325,9 @@ pub(crate) fn dot_rows(isa: Isa, x: &[f32], n: usize, w: &Int8) -> Vec<f32> {
     let k = w.cols;
     let m = w.values.len().checked_div(k).unwrap_or(0);
     assert_eq!(x.len(), n * k, "x holds n rows of k values");
-    let mut out = vec![0f32; n * m];
-    if n == 0 || m == 0 {
-        return out;
-    }
-    let run = |v0: usize| -> Vec<f32> {
-        let count = CHUNK.min(m - v0);
-        let mut part = vec![0f32; n * count];
-        dots(isa, x, [n, k], w.values, w.scales, w.per, v0, &mut part);
-        part
-    };
-    let starts: Vec<usize> = (0..m).step_by(CHUNK).collect();
-    let parts: Vec<Vec<f32>> = if n * k * m >= PARALLEL_MACS && starts.len() > 1 {
-        starts.par_iter().map(|&v0| run(v0)).collect()
-    } else {
-        starts.iter().map(|&v0| run(v0)).collect()
-    };
-    for (&v0, part) in starts.iter().zip(&parts) {
-        let count = CHUNK.min(m - v0);
-        for r in 0..n {
-            out[r * m + v0..r * m + v0 + count].copy_from_slice(&part[r * count..(r + 1) * count]);
-        }
-    }
-    out
+    by_column_runs(n, m, n * k * m >= PARALLEL_MACS, |v0, part| {
+        dots(isa, x, [n, k], w.values, w.scales, w.per, v0, part);
+    })
 }
 
 /// The sums of [`dot_rows`] for the table's rows `v0..v0 + count` (`part`, `[n, count]`),

@@ -137,6 +137,15 @@ fn decoder_adapters(dir: &Path) -> Vec<(String, PathBuf, NativeAdapters)> {
         .collect()
 }
 
+/// Loads each adapter file over HTTP under its name (each new to the server).
+fn load_adapters(addr: SocketAddr, adapters: &[(String, PathBuf, NativeAdapters)]) {
+    for (name, path, _) in adapters {
+        let (st, v) = post(addr, "/v1/adapters", json!({"name": name, "path": path}));
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(v["replaced"], json!(false));
+    }
+}
+
 #[test]
 fn generate_over_http_equals_the_library_for_every_adapter() {
     let dir = tiny_decoder_dir("generate");
@@ -170,15 +179,7 @@ fn generate_over_http_equals_the_library_for_every_adapter() {
                 .with_window_ms(20)
                 .with_batching(batching),
         );
-        for (name, path, _) in &adapters {
-            let (st, v) = post(
-                server.addr,
-                "/v1/adapters",
-                json!({"name": name, "path": path}),
-            );
-            assert_eq!(st, 201, "{v}");
-            assert_eq!(v["replaced"], json!(false));
-        }
+        load_adapters(server.addr, &adapters);
         let handles: Vec<_> = cases
             .iter()
             .cloned()
@@ -260,14 +261,7 @@ fn an_int8_model_serves_what_the_library_generates_with_it() {
         Model::load_with(&dir, Some(int8), &dev).unwrap(),
         ServeConfig::new().with_window_ms(20),
     );
-    for (name, path, _) in &adapters {
-        let (st, v) = post(
-            server.addr,
-            "/v1/adapters",
-            json!({"name": name, "path": path}),
-        );
-        assert_eq!(st, 201, "{v}");
-    }
+    load_adapters(server.addr, &adapters);
     let handles: Vec<_> = cases
         .iter()
         .map(|(p, a, _)| {
