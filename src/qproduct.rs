@@ -11,12 +11,14 @@
 //! - many rows (a prompt): the weight dequantized (`q·s`) into an `f32` buffer of this product's
 //!   own and multiplied by `gemm` (`crate::product`), so one layer's `f32` copy exists at a time.
 //!
-//! Elsewhere (other backends, packed storage, another scheme) [`takes`] says no and the callers
-//! keep Burn's product, which dequantizes the weight and gives the same values up to the order
-//! of the sums.
+//! A tied LM head (`x·tableᵀ`, [`product_t`]) and embedding lookups ([`embed`]) read an int8
+//! table the same way. Elsewhere (other backends, packed storage, another scheme) the operands
+//! come back and the callers keep Burn's ops, which dequantize the weight and give the same
+//! values up to the order of the sums.
 
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::QuantizedTensor;
 use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
@@ -48,20 +50,13 @@ pub(crate) fn product<B: Backend>(
     w: Tensor<B, 2>,
     c: Option<Tensor<B, 2>>,
 ) -> Result<Tensor<B, 2>, Operands<B>> {
-    if B::name(&x.device()) != "flex"
-        || !is_f32(&x)
-        || !matches!(w.dtype(), burn::tensor::DType::QFloat(_))
-    {
-        return Err((x, w, c));
-    }
     let ([n, k], [k2, m]) = (x.dims(), w.dims());
     assert_eq!(k, k2, "the product's inner dimensions agree");
-    let TensorPrimitive::QFloat(q) = w.into_primitive() else {
-        unreachable!("the weight's dtype is quantized")
+    let q = match flex_int8(&x, w) {
+        Ok(q) => q,
+        Err(w) => return Err((x, w, c)),
     };
-    let Some((values, scales, per)) = quirks::host_int8::<B>(&q) else {
-        return Err((x, Tensor::from_primitive(TensorPrimitive::QFloat(q)), c));
-    };
+    let (values, scales, per) = quirks::host_int8::<B>(&q).expect("checked by flex_int8");
     let device = x.device();
     assert_eq!(values.len(), k * m, "flex holds the weight's values");
     let weight = Int8 {
@@ -84,6 +79,21 @@ pub(crate) fn product<B: Backend>(
     Ok(Tensor::from_data(TensorData::new(out, [n, m]), &device))
 }
 
+/// `w`'s quantized primitive where `x` is an `f32` flex tensor and flex stores `w` as `i8`
+/// values the host kernels read ([`quirks::host_int8`]); else `w` back.
+fn flex_int8<B: Backend>(
+    x: &Tensor<B, 2>,
+    w: Tensor<B, 2>,
+) -> Result<QuantizedTensor<B>, Tensor<B, 2>> {
+    if B::name(&x.device()) != "flex" || !is_f32(x) || !matches!(w.dtype(), DType::QFloat(_)) {
+        return Err(w);
+    }
+    match w.into_primitive() {
+        TensorPrimitive::QFloat(q) if quirks::host_int8::<B>(&q).is_some() => Ok(q),
+        p => Err(Tensor::from_primitive(p)),
+    }
+}
+
 /// The operands of a product [`product`] gave back: `x`, `w` and `c`.
 pub(crate) type Operands<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 2>>);
 
@@ -99,20 +109,13 @@ pub(crate) fn product_t<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    if B::name(&x.device()) != "flex"
-        || !is_f32(&x)
-        || !matches!(w.dtype(), burn::tensor::DType::QFloat(_))
-    {
-        return Err((x, w));
-    }
     let ([n, k], [m, k2]) = (x.dims(), w.dims());
     assert_eq!(k, k2, "the product's inner dimensions agree");
-    let TensorPrimitive::QFloat(q) = w.into_primitive() else {
-        unreachable!("the weight's dtype is quantized")
+    let q = match flex_int8(&x, w) {
+        Ok(q) => q,
+        Err(w) => return Err((x, w)),
     };
-    let Some((values, scales, per)) = quirks::host_int8::<B>(&q) else {
-        return Err((x, Tensor::from_primitive(TensorPrimitive::QFloat(q))));
-    };
+    let (values, scales, per) = quirks::host_int8::<B>(&q).expect("checked by flex_int8");
     assert_eq!(values.len(), k * m, "flex holds the weight's values");
     let device = x.device();
     let weight = Int8 {
