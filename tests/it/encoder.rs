@@ -860,3 +860,43 @@ fn too_long_rows_and_empty_appends_panic_with_the_fix() {
     assert!(m.contains("no tokens"), "{m}");
     assert_eq!(cache.len(), 0);
 }
+
+/// An encoder loaded with int8 frozen weights (`serve --base-weights int8`) computes what its
+/// dequantized twin computes — the linear layers (a row of the FFN's 96 columns: three groups
+/// of the int8 loop on flex) and the embedding lookups — on the suite's backend and on flex.
+#[test]
+fn an_int8_encoder_computes_with_its_dequantized_weights() {
+    use kron_adapters::quant::{self, burn_scheme_of, Level, QuantConfig};
+    fn check<B: Backend, A: Backend>(dev: &B::Device, _: &A::Device) {
+        let cfg = tiny();
+        let krona = PlacementConfig::linear(AdapterConfig::KronA(KronAConfig::auto()));
+        for level in [Level::Block(32), Level::Tensor] {
+            let int8 = QuantConfig::new(8, level).unwrap();
+            let mut source = TensorSource::random(3);
+            source.quantize_frozen::<B>(int8, dev).unwrap();
+            let enc = BertEncoder::<B>::new(&mut source, &cfg, &krona, dev).unwrap();
+            let quantized = enc
+                .adapter_layers()
+                .iter()
+                .filter(|(_, l)| burn_scheme_of(&l.base.weight.val()).is_some())
+                .count();
+            // Per block of 32 only the FFN's first linear (48 → 96) has whole blocks.
+            let want = if level == Level::Tensor { 12 } else { 2 };
+            assert_eq!(quantized, want, "{int8}");
+            let twin = quant::dequantized(enc.clone());
+            let ids: Vec<i64> = (0..14).map(|i| (i * 37 % 100) as i64).collect();
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2, 7]), dev);
+            let mask = vec![1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0];
+            let mask = Tensor::<B, 2, Int>::from_data(TensorData::new(mask, [2, 7]), dev);
+            let got = to_vec(enc.forward(ids.clone(), mask.clone()));
+            let want = to_vec(twin.forward(ids, mask));
+            assert_close(&got, &want, 1e-5, &format!("{int8}"));
+        }
+    }
+    #[cfg(feature = "tch")]
+    return;
+    #[allow(unreachable_code)]
+    {
+        on_suite_and_flex!(check);
+    }
+}
