@@ -242,60 +242,6 @@ pub(crate) fn host_int8<B: Backend>(t: &QuantizedTensor<B>) -> Option<(&[i8], &[
     }
 }
 
-/// Writes `value` (`[b, h, s, d]`) into positions `at..at + s` of dimension 2 of `buf`
-/// (`[b, h, capacity, d]`) in place — a KV cache's buffer, held only by the cache — where
-/// `buf` is a flex `f32` tensor stored whole and unshared: `Ok(buf)`. Else `Err` with both
-/// back, for Burn's `slice_assign` (which on flex 0.21 copies the whole buffer: it clones the
-/// tensor it writes before asking for it unshared).
-pub(crate) fn write_positions<B: Backend>(
-    buf: Tensor<B, 4>,
-    at: usize,
-    value: Tensor<B, 4>,
-) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)> {
-    #[cfg(feature = "flex")]
-    {
-        use burn_flex::FlexTensor;
-        let ([b, h, capacity, d], [vb, vh, s, vd]) = (buf.dims(), value.dims());
-        let fits = [vb, vh, vd] == [b, h, d] && at + s <= capacity;
-        if B::name(&buf.device()) != "flex" || !fits || !crate::act::is_f32(&value) {
-            return Err((buf, value));
-        }
-        let len = b * h * capacity * d;
-        let writable = |t: &mut FlexTensor| {
-            t.dtype() == burn::tensor::DType::F32
-                && t.is_contiguous()
-                && t.layout().start_offset() == 0
-                && t.try_storage_mut::<f32>().is_some_and(|v| v.len() == len)
-        };
-        let mut p = match buf.into_primitive() {
-            TensorPrimitive::Float(p) => p,
-            q => return Err((Tensor::from_primitive(q), value)),
-        };
-        fn flex<P: 'static>(p: &mut P) -> Option<&mut FlexTensor> {
-            (p as &mut dyn std::any::Any).downcast_mut::<FlexTensor>()
-        }
-        if !flex(&mut p).is_some_and(writable) {
-            return Err((Tensor::from_primitive(TensorPrimitive::Float(p)), value));
-        }
-        let src = crate::kron::host::HostValues::of(value);
-        let src = src.floats();
-        let dst = flex(&mut p)
-            .and_then(|t| t.try_storage_mut::<f32>())
-            .expect("checked writable");
-        let run = s * d;
-        for bh in 0..b * h {
-            let to = (bh * capacity + at) * d;
-            dst[to..to + run].copy_from_slice(&src[bh * run..(bh + 1) * run]);
-        }
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(p)))
-    }
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = at;
-        Err((buf, value))
-    }
-}
-
 /// A flex `f32` tensor's whole buffer, the strides of its dimensions and the offset of its
 /// first value: a strided view read where it lies. `None` for every other tensor and backend.
 pub(crate) fn host_strides<B: Backend>(t: &FloatTensor<B>) -> Option<(&[f32], &[isize], usize)> {

@@ -49,66 +49,10 @@ pub fn llama_targets() -> Targets {
 }
 
 /// Keys and values of every layer for the positions seen so far (incremental decoding).
-///
-/// Each layer's keys and values live in buffers with room for more positions, grown by half
-/// (16 to 512 positions) when full and written in place as tokens come (on flex by `quirks::write_positions`;
-/// elsewhere by Burn's `slice_assign`): appending a token copies that token's keys and values,
-/// not every position before it, as concatenating did.
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<KvSlot<B>>>,
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     len: usize,
-}
-
-/// One layer's cached keys and values: `[b, kv_heads, capacity, head_dim]` buffers whose first
-/// `len` positions are filled.
-#[derive(Clone, Debug)]
-struct KvSlot<B: Backend> {
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    len: usize,
-}
-
-impl<B: Backend> KvSlot<B> {
-    /// Appends `k` and `v` (`[b, kv_heads, s, head_dim]`) to the layer's slot and returns the
-    /// keys and values of every cached position (views of the buffers).
-    fn append(
-        slot: &mut Option<Self>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, kvh, s, hd] = k.dims();
-        let (mut kb, mut vb, len) = match slot.take() {
-            Some(slot) => (slot.k, slot.v, slot.len),
-            None => (k.clone(), v.clone(), 0),
-        };
-        if len > 0 {
-            let needed = len + s;
-            if kb.dims()[2] < needed {
-                // Half again what is needed, from 16 to 512 positions more: few copies, and
-                // little room unused.
-                let capacity = needed + (needed / 2).clamp(16, 512);
-                let grow = |t: Tensor<B, 4>| {
-                    let room = Tensor::zeros([b, kvh, capacity - len, hd], &t.device());
-                    Tensor::cat(vec![t.slice([0..b, 0..kvh, 0..len, 0..hd]), room], 2)
-                };
-                kb = grow(kb);
-                vb = grow(vb);
-            }
-            let at = [0..b, 0..kvh, len..needed, 0..hd];
-            let write = |buf, t| match crate::quirks::write_positions(buf, len, t) {
-                Ok(buf) => buf,
-                Err((buf, t)) => buf.slice_assign(at.clone(), t),
-            };
-            kb = write(kb, k);
-            vb = write(vb, v);
-        }
-        let len = len + s;
-        let view = |t: &Tensor<B, 4>| t.clone().slice([0..b, 0..kvh, 0..len, 0..hd]);
-        let (k, v) = (view(&kb), view(&vb));
-        *slot = Some(Self { k: kb, v: vb, len });
-        (k, v)
-    }
 }
 
 impl<B: Backend> KvCache<B> {
@@ -137,11 +81,8 @@ impl<B: Backend> KvCache<B> {
                 .layers
                 .iter()
                 .map(|l| {
-                    l.as_ref().map(|l| KvSlot {
-                        k: l.k.clone().repeat_dim(0, n),
-                        v: l.v.clone().repeat_dim(0, n),
-                        len: l.len,
-                    })
+                    l.as_ref()
+                        .map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n)))
                 })
                 .collect(),
             len: self.len,
@@ -301,7 +242,7 @@ impl<B: Backend> LlamaAttention<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Tensor<B, 4>,
-        cache: Option<&mut Option<KvSlot<B>>>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
         routing: Option<&Routing<B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
@@ -311,12 +252,15 @@ impl<B: Backend> LlamaAttention<B> {
         let q = self.q_proj.forward_routed(x.clone(), routing);
         let q = rope.apply_heads(q.div_scalar((hd as f64).sqrt()), h);
         let k = self.k_proj.forward_routed(x.clone(), routing);
-        let k = rope.apply_heads(k, kvh);
-        let v = heads::split_heads(self.v_proj.forward_routed(x, routing), kvh);
-        let (k, v) = match cache {
-            Some(slot) => KvSlot::append(slot, k, v),
-            None => (k, v),
-        };
+        let mut k = rope.apply_heads(k, kvh);
+        let mut v = heads::split_heads(self.v_proj.forward_routed(x, routing), kvh);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
         // Heads h share key/value head h / g (transformers' repeat_kv): view the g query heads
         // of a group as one longer sequence instead of repeating k and v.
         let g = h / kvh;
