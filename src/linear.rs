@@ -205,12 +205,9 @@ impl<B: Backend> AdaptedLinear<B> {
         let Some(adapter) = &self.adapter else {
             return Ok(self.base.clone());
         };
-        let weight = match self.base.weight.val() {
-            // A quantized base merges into float32: its grid's values plus ΔW
-            // (`quant::merge_quantized` quantizes the sum again).
-            w if matches!(w.dtype(), burn::tensor::DType::QFloat(_)) => w.dequantize(),
-            w => w,
-        };
+        // A quantized base merges into float32: its grid's values plus ΔW
+        // (`quant::merge_quantized` quantizes the sum again).
+        let weight = crate::quant::float_values(self.base.weight.val());
         let dtype = weight.dtype();
         let merged = weight + adapter.delta_weight().cast(dtype);
         let bad = merged

@@ -424,13 +424,19 @@ pub fn dequantized<B: Backend, M: burn::module::Module<B>>(module: M) -> M {
             &mut self,
             param: burn::module::Param<Tensor<B, D>>,
         ) -> burn::module::Param<Tensor<B, D>> {
-            param.map(|t| match t.dtype() {
-                DType::QFloat(_) => t.dequantize(),
-                _ => t,
-            })
+            param.map(float_values)
         }
     }
     module.map(&mut Dequantize)
+}
+
+/// `t` as a float tensor: a Burn quantized tensor dequantized (`q·s`, the values it computes
+/// with), any other as it is.
+pub fn float_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    match t.dtype() {
+        DType::QFloat(_) => t.dequantize(),
+        _ => t,
+    }
 }
 
 /// Is this weight a Burn quantized tensor, and with which scheme?

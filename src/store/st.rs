@@ -23,11 +23,7 @@ impl HostTensor {
     /// Copies a tensor to the host.
     pub fn from_tensor<B: Backend, const D: usize>(t: Tensor<B, D>) -> Self {
         // A Burn quantized tensor (an int8 frozen base): the values it computes with.
-        let t = match t.dtype() {
-            burn::tensor::DType::QFloat(_) => t.dequantize(),
-            _ => t,
-        };
-        let data = t.into_data().convert::<f32>();
+        let data = crate::quant::float_values(t).into_data().convert::<f32>();
         Self {
             shape: data.shape.to_vec(),
             // Moved out, not copied (a model's embedding is hundreds of MB).

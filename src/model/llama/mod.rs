@@ -586,12 +586,9 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 // An int8 table on flex, read in place; else Burn's product.
                 let out = match crate::qproduct::product_t(hidden.reshape([n, d]), w) {
                     Ok(out) => out,
-                    // Dequantized before the transpose: burn-ndarray 0.21 transposes a
-                    // block-quantized tensor without moving its blocks' scales.
-                    Err((x, w)) if matches!(w.dtype(), burn::tensor::DType::QFloat(_)) => {
-                        x.matmul(w.dequantize().transpose())
-                    }
-                    Err((x, w)) => x.matmul(w.transpose()),
+                    // A quantized table dequantized before the transpose: burn-ndarray 0.21
+                    // transposes a block-quantized tensor without moving its blocks' scales.
+                    Err((x, w)) => x.matmul(crate::quant::float_values(w).transpose()),
                 };
                 out.reshape(dims)
             }
