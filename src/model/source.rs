@@ -185,11 +185,6 @@ impl<'a> TensorSource<'a> {
         Ok(())
     }
 
-    /// The scheme set by [`TensorSource::quantize_frozen`], if any.
-    pub fn frozen(&self) -> Option<QuantConfig> {
-        self.frozen
-    }
-
     /// Tensors the file may hold that the model does not use (buffers, a pooler): not reported
     /// as unexpected by [`TensorSource::finish`].
     pub fn ignore(&mut self, names: &[&str]) {
