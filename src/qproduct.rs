@@ -23,7 +23,7 @@ use burn::tensor::ops::QuantizedTensor;
 use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
-use crate::act::{is_f32, Isa};
+use crate::act::Isa;
 use crate::kron::host::HostValues;
 use crate::quirks;
 
@@ -91,7 +91,8 @@ fn flex_int8<B: Backend>(
     x: &Tensor<B, 2>,
     w: Tensor<B, 2>,
 ) -> Result<QuantizedTensor<B>, Tensor<B, 2>> {
-    if B::name(&x.device()) != "flex" || !is_f32(x) || !matches!(w.dtype(), DType::QFloat(_)) {
+    // `x` an `f32` tensor of flex itself (not of autodiff over it).
+    if !quirks::host_loops_take(x, x) || !matches!(w.dtype(), DType::QFloat(_)) {
         return Err(w);
     }
     match w.into_primitive() {
@@ -165,18 +166,19 @@ const PANEL: usize = 1 << 21;
 /// - `ids`: `[b, s]`; output `[b, s, d]`
 pub(crate) fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
     let weight = table.weight.val();
-    if B::name(&ids.device()) != "flex" || !matches!(weight.dtype(), DType::QFloat(_)) {
-        return table.forward(ids);
-    }
     let [vocab, d] = weight.dims();
+    let TensorPrimitive::QFloat(q) = weight.into_primitive() else {
+        return table.forward(ids);
+    };
+    // Flex's `i8` storage (`quirks::host_int8` reads flex's quantized tensors alone).
+    let Some((values, scales, per)) = quirks::host_int8::<B>(&q) else {
+        return table.forward(ids);
+    };
     let [b, s] = ids.dims();
     let rows: Vec<i64> = ids.to_data().convert::<i64>().to_vec().unwrap_or_default();
-    let TensorPrimitive::QFloat(q) = weight.into_primitive() else {
-        unreachable!("the table's dtype is quantized")
-    };
     let in_table = rows.len() == b * s && rows.iter().all(|&i| (0..vocab as i64).contains(&i));
-    match quirks::host_int8::<B>(&q) {
-        Some((values, scales, per)) if in_table => {
+    match in_table {
+        true => {
             let table = Int8 {
                 values,
                 scales,
@@ -189,7 +191,7 @@ pub(crate) fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>) ->
             }
             Tensor::from_data(TensorData::new(out, [b, s, d]), &ids.device())
         }
-        _ => table.forward(ids),
+        false => table.forward(ids),
     }
 }
 

@@ -51,6 +51,11 @@
 //! step). The frozen layers' products and LoRA's run `gemm` into outputs of their own instead
 //! (`crate::product`, where [`host_loops_take`] or, under autodiff, [`host_loops_under`] says).
 //!
+//! One is about quantized weights: Burn 0.21 multiplies by a quantized tensor (and looks rows
+//! up in one) by dequantizing all of it first, on flex on one thread, at every call. A frozen
+//! weight held in int8 (`TensorSource::quantize_frozen`) is read where flex keeps its `i8`
+//! values instead ([`host_int8`], `crate::qproduct`).
+//!
 //! One quirk is about exactness, not speed: Burn 0.21's default `gelu_backward`, which every
 //! backend but flex and LibTorch inherits (ndarray, the CubeCL backends behind wgpu and CUDA,
 //! fusion), is the derivative of GELU's tanh approximation while the forward is the exact,
