@@ -29,8 +29,10 @@ use crate::quirks;
 
 /// Up to this many rows the weight is read in `i8` ([`rows_loop`], [`dot_rows`]); from one
 /// more, dequantized and multiplied by `gemm`, which runs many rows near the machine's
-/// multiply-add rate. (A server's batches of 16 and 32 rows ran 1.2× faster on the loop than
-/// dequantized for `gemm`; a scoring batch's thousands of rows run on `gemm`.)
+/// multiply-add rate. (A server's batches of 16 and 32 rows ran 1.1–1.2× faster on the loop
+/// than dequantized for `gemm`; scoring, whose continuation passes run such row counts too,
+/// ran 1.08× slower with the loop than with 8 here — ARC-Easy's 300 questions 16.3–16.7 s
+/// against 15.0–15.3 s; serving is what int8 weights are for, so 32.)
 pub(crate) const LOOP_ROWS: usize = 32;
 
 /// Rows [`rows_loop`] sums at once, their sums held in registers.
@@ -131,14 +133,11 @@ pub(crate) fn product_t<B: Backend>(
         per,
         cols: k,
     };
-    let xs = HostValues::of(x);
-    let xs = xs.floats();
     let out = if n <= LOOP_ROWS && dot_takes(k, per, scales.len()) {
-        dot_rows(Isa::best(), &xs, n, &weight)
+        dot_rows(Isa::best(), &HostValues::of(x).floats(), n, &weight)
     } else {
         // Panels of about 2M values: dequantized, multiplied, their columns copied out.
         let rows = (PANEL / k.max(1)).clamp(1, m.max(1));
-        let x = Tensor::<B, 2>::from_data(TensorData::new(xs.to_vec(), [n, k]), &device);
         let mut out = vec![0f32; n * m];
         for v0 in (0..m).step_by(rows) {
             let p = rows.min(m - v0);
@@ -185,9 +184,9 @@ pub(crate) fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>) ->
                 per,
                 cols: d,
             };
-            let mut out = Vec::with_capacity(b * s * d);
-            for &i in &rows {
-                out.extend(table.rows(i as usize, 1).dequantize());
+            let mut out = vec![0f32; b * s * d];
+            for (&i, dst) in rows.iter().zip(out.chunks_mut(d.max(1))) {
+                table.rows(i as usize, 1).dequantize_into(dst);
             }
             Tensor::from_data(TensorData::new(out, [b, s, d]), &ids.device())
         }
@@ -231,34 +230,63 @@ impl<'a> Int8<'a> {
 
     /// `q·s` for every value, in order: what Burn's `dequantize` gives.
     pub(crate) fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.values.len()];
+        self.dequantize_into(&mut out);
+        out
+    }
+
+    /// [`Int8::dequantize`] into `out` (as long as the values): runs of whole blocks (about 64K
+    /// values), over rayon's threads when there are many.
+    pub(crate) fn dequantize_into(&self, out: &mut [f32]) {
         let len = self.values.len();
-        let mut out = vec![0f32; len];
-        // Runs of whole blocks (of about 64K values), each block's values times its scale.
-        let per = self.per.min(len).max(1);
+        assert_eq!(out.len(), len, "one output a value");
+        // One scale: runs of any length; else blocks of `per`.
+        let per = if self.scales.len() == 1 {
+            1 << 16
+        } else {
+            self.per
+        };
+        let (isa, per) = (Isa::best(), per.min(len).max(1));
         let run = (1usize << 16).next_multiple_of(per);
         let work = |(r, dst): (usize, &mut [f32])| {
             let start = r * run;
-            let src = &self.values[start..start + dst.len()];
-            let blocks = dst.chunks_mut(per).zip(src.chunks(per));
-            for (b, (d, q)) in blocks.enumerate() {
-                let s = self.scales[(start / per + b).min(self.scales.len() - 1)];
-                dequantize_block(Isa::best(), q, s, d);
-            }
+            let (first, blocks) = (start / per, dst.len().div_ceil(per));
+            // One scale (per tensor) or one a block.
+            let scales = match self.scales.len() {
+                1 => self.scales,
+                _ => &self.scales[first..first + blocks],
+            };
+            dequantize_run(
+                isa,
+                &self.values[start..start + dst.len()],
+                scales,
+                per,
+                dst,
+            );
         };
         if len >= PARALLEL_MACS {
             out.par_chunks_mut(run).enumerate().for_each(work);
         } else {
             out.chunks_mut(run).enumerate().for_each(work);
         }
-        out
     }
 }
 
-/// `out[j] = q[j]·s`.
-fn dequantize_block(isa: Isa, q: &[i8], s: f32, out: &mut [f32]) {
-    crate::act::dispatch!(isa, dequantize_avx2, (q: &[i8], s: f32, out: &mut [f32]), {
-        out.iter_mut().zip(q).for_each(|(o, &v)| *o = v as f32 * s)
-    })
+/// `out[j] = q[j]·s` with `s` the scale of `q[j]`'s block of `per` values (`scales[0]` for
+/// all where there is one), compiled for `isa`.
+fn dequantize_run(isa: Isa, q: &[i8], scales: &[f32], per: usize, out: &mut [f32]) {
+    crate::act::dispatch!(
+        isa,
+        dequantize_avx2,
+        (q: &[i8], scales: &[f32], per: usize, out: &mut [f32]),
+        {
+            let one = scales.len() == 1;
+            for (b, (out, q)) in out.chunks_mut(per).zip(q.chunks(per)).enumerate() {
+                let s = if one { scales[0] } else { scales[b] };
+                out.iter_mut().zip(q).for_each(|(o, &v)| *o = v as f32 * s);
+            }
+        }
+    )
 }
 
 /// `y = x·(q·s) + c` for `n` rows `x` (`[n, k]`, row-major) and the `[k, m]` weight `w`:
