@@ -102,7 +102,10 @@ impl<B: AutodiffBackend> TrainStep for BertClassifier<B> {
         let parts = shards::default_parts::<B>(&device);
         if parts <= 1 || n <= 1 {
             let out = self.forward_classification(batch);
-            return TrainOutput::new(self, out.loss.backward(), out);
+            return TrainOutput {
+                grads: crate::training::gradients_params(out.loss.backward(), self),
+                item: out,
+            };
         }
         let seed = backend_seed::<B>(&device);
         let (grads, parts) = shards::gradients(self, n, parts, seed, |model, p| {
@@ -235,7 +238,10 @@ impl<B: AutodiffBackend> TrainStep for LlamaForCausalLM<B> {
         let b = batch.ids.dims()[0];
         let Some((parts, counts)) = decoder_parts(&batch, &device) else {
             let out = self.forward_continuation(batch);
-            return TrainOutput::new(self, out.loss.backward(), out);
+            return TrainOutput {
+                grads: crate::training::gradients_params(out.loss.backward(), self),
+                item: out,
+            };
         };
         let total: usize = counts.iter().sum();
         let seed = backend_seed::<B>(&device);

@@ -79,7 +79,7 @@ where
                     let id = PeerId::from(rank);
                     register::<B::InnerBackend>(id, device.clone(), config)
                         .map_err(|e| collective_error(rank, e))?;
-                    let mut model = model.fork(device);
+                    let mut model = crate::training::fork(model, device);
                     // CubeCL backends run each thread's work on the thread's own stream: a
                     // tensor handed to another thread (the collective's server, the caller) must
                     // be computed before it is read there, or the reader sees stale memory

@@ -17,6 +17,12 @@
 //! come back and the callers keep Burn's ops, which dequantize the weight and give the same
 //! values up to the order of the sums.
 
+mod autodiff;
+pub(crate) use autodiff::{dequantize as dequantize_erased, embed as embed_erased};
+pub(crate) use autodiff::{product as product_erased, quantize as quantize_erased};
+
+use std::any::Any;
+
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::QuantizedTensor;
@@ -60,6 +66,10 @@ pub(crate) fn product<B: Backend>(
 ) -> Result<Tensor<B, 2>, Operands<B>> {
     let ([n, k], [k2, m]) = (x.dims(), w.dims());
     assert_eq!(k, k2, "the product's inner dimensions agree");
+    let (x, w, c) = match on_autodiff(x, w, c, false) {
+        Ok(y) => return Ok(y),
+        Err(operands) => operands,
+    };
     let q = match flex_int8(&x, w) {
         Ok(q) => q,
         Err(w) => return Err((x, w, c)),
@@ -103,6 +113,30 @@ fn flex_int8<B: Backend>(
     }
 }
 
+/// `x·w + c` (`transposed`: `x·wᵀ`) as one autodiff node (`autodiff::product`) where `B` is an
+/// autodiff backend the crate's backward is registered on (`kron::autodiff`) and `w` is
+/// quantized; else the operands back.
+fn on_autodiff<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    c: Option<Tensor<B, 2>>,
+    transposed: bool,
+) -> Result<Tensor<B, 2>, Operands<B>> {
+    let quantized = |t: &Tensor<B, 2>| matches!(t.dtype(), DType::QFloat(_));
+    let ops = match crate::kron::autodiff::quantized_ops::<B>() {
+        Some(ops) if quantized(&w) && !quantized(&x) && !c.as_ref().is_some_and(quantized) => ops,
+        _ => return Err((x, w, c)),
+    };
+    let TensorPrimitive::QFloat(q) = w.into_primitive() else {
+        unreachable!("a QFloat dtype is a quantized primitive")
+    };
+    let erase = |t: Tensor<B, 2>| -> Box<dyn Any> { Box::new(t.into_primitive().tensor()) };
+    let out = (ops.product)(erase(x), Box::new(q), c.map(erase), transposed);
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(
+        *out.downcast().expect("registered under B's TypeId"),
+    )))
+}
+
 /// The operands of a product [`product`] gave back: `x`, `w` and `c`.
 pub(crate) type Operands<B> = (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 2>>);
 
@@ -120,6 +154,10 @@ pub(crate) fn product_t<B: Backend>(
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
     let ([n, k], [m, k2]) = (x.dims(), w.dims());
     assert_eq!(k, k2, "the product's inner dimensions agree");
+    let (x, w) = match on_autodiff(x, w, None, true) {
+        Ok(y) => return Ok(y),
+        Err((x, w, _)) => (x, w),
+    };
     let q = match flex_int8(&x, w) {
         Ok(q) => q,
         Err(w) => return Err((x, w)),
@@ -158,40 +196,60 @@ pub(crate) fn product_t<B: Backend>(
 const PANEL: usize = 1 << 21;
 
 /// The rows `ids` of an embedding table (`[vocab, d]`): on flex, from an int8 table, only the
-/// rows read are dequantized; elsewhere (or an id outside the table) Burn's lookup, which
-/// dequantizes a quantized table whole.
+/// rows read are dequantized; under autodiff over a backend whose crate backward is registered,
+/// from its inner backend (`autodiff::embed`: a frozen table, untracked); elsewhere (or an id
+/// outside the table) Burn's lookup, which dequantizes a quantized table whole.
 ///
 /// # Shapes
 /// - `ids`: `[b, s]`; output `[b, s, d]`
 pub(crate) fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
     let weight = table.weight.val();
+    if !matches!(weight.dtype(), DType::QFloat(_)) {
+        return table.forward(ids);
+    }
+    match crate::kron::autodiff::quantized_ops::<B>() {
+        Some(ops) => {
+            let TensorPrimitive::QFloat(q) = weight.into_primitive() else {
+                unreachable!("a QFloat dtype is a quantized primitive")
+            };
+            let out = (ops.embed)(Box::new(q), Box::new(ids.into_primitive()));
+            Tensor::from_primitive(TensorPrimitive::Float(
+                *out.downcast().expect("registered under B's TypeId"),
+            ))
+        }
+        None => lookup(weight, ids),
+    }
+}
+
+/// [`embed`] with the table's weight, on a backend without autodiff.
+fn lookup<B: Backend>(weight: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
     let [vocab, d] = weight.dims();
     let TensorPrimitive::QFloat(q) = weight.into_primitive() else {
-        return table.forward(ids);
+        unreachable!("embed looks up quantized tables only")
     };
     // Flex's `i8` storage (`quirks::host_int8` reads flex's quantized tensors alone).
     let Some((values, scales, per)) = quirks::host_int8::<B>(&q) else {
-        return table.forward(ids);
+        let weight = Tensor::from_primitive(TensorPrimitive::QFloat(q));
+        return burn::tensor::module::embedding(weight, ids);
     };
     let [b, s] = ids.dims();
     let rows: Vec<i64> = ids.to_data().convert::<i64>().to_vec().unwrap_or_default();
     let in_table = rows.len() == b * s && rows.iter().all(|&i| (0..vocab as i64).contains(&i));
-    match in_table {
-        true => {
-            let table = Int8 {
-                values,
-                scales,
-                per,
-                cols: d,
-            };
-            let mut out = vec![0f32; b * s * d];
-            for (&i, dst) in rows.iter().zip(out.chunks_mut(d.max(1))) {
-                table.rows(i as usize, 1).dequantize_into(dst);
-            }
-            Tensor::from_data(TensorData::new(out, [b, s, d]), &ids.device())
-        }
-        false => table.forward(ids),
+    if !in_table {
+        let weight = Tensor::from_primitive(TensorPrimitive::QFloat(q));
+        return burn::tensor::module::embedding(weight, ids);
     }
+    let table = Int8 {
+        values,
+        scales,
+        per,
+        cols: d,
+    };
+    let mut out = vec![0f32; b * s * d];
+    for (&i, dst) in rows.iter().zip(out.chunks_mut(d.max(1))) {
+        table.rows(i as usize, 1).dequantize_into(dst);
+    }
+    Tensor::from_data(TensorData::new(out, [b, s, d]), &ids.device())
 }
 
 /// An `i8` weight `[rows, cols]` in row-major order with its scales, each covering `per`

@@ -21,7 +21,7 @@
 
 use burn::tensor::backend::{Backend, DTypeUsage};
 use burn::tensor::quantization::{QuantLevel, QuantScheme, QuantStore, QuantValue};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AdapterError, ConfigError};
@@ -433,9 +433,40 @@ pub fn dequantized<B: Backend, M: burn::module::Module<B>>(module: M) -> M {
 /// `t` as a float tensor: a Burn quantized tensor dequantized (`q·s`, the values it computes
 /// with), any other as it is.
 pub fn float_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
-    match t.dtype() {
-        DType::QFloat(_) => t.dequantize(),
-        _ => t,
+    if !matches!(t.dtype(), DType::QFloat(_)) {
+        return t;
+    }
+    // Under autodiff (whose own dequantize is `todo!()` in Burn 0.21), by the inner backend.
+    match crate::kron::autodiff::quantized_ops::<B>() {
+        Some(ops) => {
+            let TensorPrimitive::QFloat(q) = t.into_primitive() else {
+                unreachable!("a QFloat dtype is a quantized primitive")
+            };
+            let out = (ops.dequantize)(Box::new(q));
+            Tensor::from_primitive(TensorPrimitive::Float(
+                *out.downcast().expect("registered under B's TypeId"),
+            ))
+        }
+        None => t.dequantize(),
+    }
+}
+
+/// `t` quantized with `scheme` as a frozen tensor: Burn's `quantize_dynamic`, or under an
+/// autodiff backend the crate registered (whose own is `todo!()` in Burn 0.21) its inner
+/// backend's, untracked.
+pub(crate) fn quantize_frozen_tensor<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    scheme: &QuantScheme,
+) -> Tensor<B, D> {
+    match crate::kron::autodiff::quantized_ops::<B>() {
+        Some(ops) => {
+            let out = (ops.quantize)(Box::new(t.into_primitive().tensor()), scheme);
+            let q = out
+                .downcast::<burn::tensor::ops::QuantizedTensor<B>>()
+                .expect("registered under B's TypeId");
+            Tensor::from_primitive(TensorPrimitive::QFloat(*q))
+        }
+        None => t.quantize_dynamic(scheme),
     }
 }
 

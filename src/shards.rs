@@ -124,7 +124,7 @@ where
     if parts.len() == 1 {
         let (loss, out) = part(model, &parts[0]);
         return Ok((
-            GradientsParams::from_grads(loss.backward(), model),
+            crate::training::gradients_params(loss.backward(), model),
             vec![out],
         ));
     }
@@ -133,10 +133,10 @@ where
             ConfigError::invalid("batch parts", "model", "the model has no tensors")
         })?;
     let results = in_pools("batch parts", parts.len(), |i| {
-        let copy = model.clone().fork(&device);
+        let copy = crate::training::fork(model.clone(), &device);
         let _stream = DropoutStream::enter(part_seed(seed, i));
         let (loss, out) = part(&copy, &parts[i]);
-        let grads = GradientsParams::from_grads(loss.backward(), &copy);
+        let grads = crate::training::gradients_params(loss.backward(), &copy);
         synced::<B>("batch parts", &device, i)?;
         Ok((grads, out))
     });

@@ -1,9 +1,10 @@
 //! Which parameters train: adapters only (the default of every adapted model), BitFit (biases,
 //! and any adapters) or full fine-tuning, set on any module through its parameter paths.
 
-use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// A training mode for the paper's non-adapter baselines.
@@ -30,6 +31,44 @@ impl TrainMode {
             TrainMode::Full => full_finetune(module),
         }
     }
+}
+
+/// The gradients of `module`'s parameters from a backward pass: Burn's
+/// `GradientsParams::from_grads`, less the parameters held as Burn quantized tensors (frozen
+/// int8 weights, `TensorSource::quantize_frozen`), which nothing trains and which Burn 0.21's
+/// converter would dequantize under autodiff (a `todo!()` there). Every training loop of the
+/// crate collects its gradients through it; a loop of one's own over an int8 base does too.
+pub fn gradients_params<B: AutodiffBackend, M: AutodiffModule<B>>(
+    mut grads: B::Gradients,
+    module: &M,
+) -> GradientsParams {
+    struct Floats(Vec<ParamId>);
+    impl<B: Backend> ModuleVisitor<B> for Floats {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if !matches!(param.val().dtype(), DType::QFloat(_)) {
+                self.0.push(param.id);
+            }
+        }
+    }
+    let mut floats = Floats(Vec::new());
+    module.visit(&mut floats);
+    GradientsParams::from_params(&mut grads, module, &floats.0)
+}
+
+/// `module` on `device` with an autodiff graph of its own: Burn's `Module::fork`, leaving the
+/// parameters held as Burn quantized tensors as they are (frozen, untracked; Burn 0.21's
+/// autodiff cannot move one, a `todo!()` there).
+pub fn fork<B: AutodiffBackend, M: AutodiffModule<B>>(module: M, device: &B::Device) -> M {
+    struct Fork<'a, B: Backend>(&'a B::Device);
+    impl<B: AutodiffBackend> ModuleMapper<B> for Fork<'_, B> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            match param.val().dtype() {
+                DType::QFloat(_) => param,
+                _ => param.fork(self.0),
+            }
+        }
+    }
+    module.map(&mut Fork(device))
 }
 
 /// Is this parameter path a bias? Its last segment is `bias` (Linear and most layers) or

@@ -86,6 +86,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
+use burn::tensor::quantization::QuantScheme;
 use burn::tensor::{Tensor, TensorPrimitive};
 
 use super::{host, matmul_last, Side};
@@ -245,6 +246,7 @@ pub(crate) fn register_default<AB: AutodiffBackend>() -> bool {
 /// Registers `AB` (`force`: also over an opt-out).
 fn set<AB: AutodiffBackend>(force: bool) -> bool {
     let id = TypeId::of::<AB>();
+    set_quantized::<AB>();
     // The training loops call this every step: a read lock when it is already settled.
     if !force && known(id) {
         return true;
@@ -280,6 +282,59 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
         None => registry.push((id, Some(erased))),
     }
     true
+}
+
+/// Gives `AB` (Burn's `Autodiff<I>`, with no or balanced checkpointing) the operations on
+/// quantized tensors its own backend leaves to `todo!()` (`crate::qproduct`'s autodiff module):
+/// frozen weights held in int8 then train under it. Set by [`register_backward`] and the
+/// training loops' registration, and kept through [`unregister_backward`] (nothing else runs
+/// them).
+fn set_quantized<AB: AutodiffBackend>() {
+    let id = TypeId::of::<AB>();
+    if find(&QUANTIZED, id).is_some() {
+        return;
+    }
+    type I<AB> = <AB as AutodiffBackend>::InnerBackend;
+    let product = if id == TypeId::of::<Autodiff<I<AB>>>() {
+        crate::qproduct::product_erased::<I<AB>, NoCheckpointing>
+    } else if id == TypeId::of::<Autodiff<I<AB>, BalancedCheckpointing>>() {
+        crate::qproduct::product_erased::<I<AB>, BalancedCheckpointing>
+    } else {
+        return;
+    };
+    let ops = QuantizedOps {
+        quantize: crate::qproduct::quantize_erased::<AB>,
+        dequantize: crate::qproduct::dequantize_erased::<AB>,
+        product,
+        embed: crate::qproduct::embed_erased::<AB>,
+    };
+    let mut table = QUANTIZED.write().unwrap_or_else(|e| e.into_inner());
+    if !table.iter().any(|(known, _)| *known == id) {
+        table.push((id, ops));
+    }
+}
+
+/// Operations on quantized tensors under one registered autodiff backend, their tensors
+/// type-erased (`crate::qproduct`'s autodiff module).
+#[derive(Clone, Copy)]
+pub(crate) struct QuantizedOps {
+    /// A float primitive quantized with a scheme: a quantized primitive, untracked.
+    pub(crate) quantize: fn(Box<dyn Any>, &QuantScheme) -> Box<dyn Any>,
+    /// A quantized primitive dequantized: a float primitive, untracked.
+    pub(crate) dequantize: fn(Box<dyn Any>) -> Box<dyn Any>,
+    /// `x·w + c` (`true`: `x·wᵀ`, no `c`) with `w` quantized, as one node.
+    pub(crate) product: fn(Box<dyn Any>, Box<dyn Any>, Option<Box<dyn Any>>, bool) -> Box<dyn Any>,
+    /// Rows (an int primitive) of a quantized table: a float primitive, untracked.
+    pub(crate) embed: fn(Box<dyn Any>, Box<dyn Any>) -> Box<dyn Any>,
+}
+
+/// Backends given [`QuantizedOps`] by [`set_quantized`].
+static QUANTIZED: RwLock<Vec<(TypeId, QuantizedOps)>> = RwLock::new(Vec::new());
+
+/// `B`'s operations on quantized tensors, where `B` is an autodiff backend registered
+/// ([`register_backward`] or a training loop's registration).
+pub(crate) fn quantized_ops<B: Backend>() -> Option<QuantizedOps> {
+    find(&QUANTIZED, TypeId::of::<B>())
 }
 
 /// Opts `AB` out: [`apply_steps`] and [`contract_a`] fall back to Burn's differentiation (the

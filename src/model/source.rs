@@ -149,9 +149,12 @@ impl<'a> TensorSource<'a> {
     /// Holds the frozen linear weights this source builds from now on ([`TensorSource::linear`])
     /// as Burn quantized tensors with `config`'s scheme, each quantized when it is read: an int8
     /// model holds its linear weights in a quarter of their `f32` memory, and never all of them
-    /// in `f32` at once. For inference: Burn 0.21's autodiff backend cannot run a quantized
-    /// tensor, so an autodiff `B` is refused, as is a scheme `device` cannot store (per channel;
-    /// 4-bit on Burn's CPU backends, which quantize 8-bit only). A layer whose rows are not whole
+    /// in `f32` at once. For inference, and for training adapters on the frozen int8 base
+    /// (QLoRA's idea): Burn 0.21's autodiff backend runs no quantized tensor by itself, so an
+    /// autodiff `B` is refused unless [`crate::kron::autodiff::register_backward`] gave it the
+    /// crate's int8 products (docs/quantization.md, "Training on an int8 base"). Refused too: a
+    /// scheme `device` cannot store (per channel; 4-bit on Burn's CPU backends, which quantize
+    /// 8-bit only). A layer whose rows are not whole
     /// blocks stays `f32`, as does one with NaN or infinite values (as the file has it), and
     /// norms and biases; embeddings are quantized like weights. On flex the products read the `i8`
     /// values in place (docs/quantization.md, "Frozen bases held in int8").
@@ -164,11 +167,12 @@ impl<'a> TensorSource<'a> {
             option: "frozen weights".into(),
             message,
         };
-        if B::ad_enabled(device) {
+        if B::ad_enabled(device) && crate::kron::autodiff::quantized_ops::<B>().is_none() {
             return Err(unsupported(format!(
-                "{config} frozen weights on a training (autodiff) backend: Burn 0.21 cannot \
-                 differentiate through a quantized tensor; load in f32 to train (quant::quantize_base \
-                 trains against the quantized grid)"
+                "{config} frozen weights on a training (autodiff) backend: Burn 0.21's autodiff \
+                 runs no quantized tensor by itself; call \
+                 kron_adapters::kron::autodiff::register_backward::<B>() before loading (it gives \
+                 Burn's Autodiff<I> the crate's int8 products), or load in f32"
             )));
         }
         let probe = match config.level {
@@ -374,7 +378,7 @@ impl<'a> TensorSource<'a> {
             .filter(|_| finite)
             .and_then(|c| c.burn_scheme::<B>(shape, device))
         {
-            Some(scheme) => tensor.quantize_dynamic(&scheme),
+            Some(scheme) => crate::quant::quantize_frozen_tensor(tensor, &scheme),
             None => tensor,
         }
     }

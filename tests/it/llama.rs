@@ -1275,7 +1275,8 @@ fn an_int8_frozen_base_computes_with_its_dequantized_weights() {
                 assert!(file(&a) == file(&b), "{what}: merged export");
             }
         }
-        // Refused: a training backend, per-channel scales, 4-bit where the device stores none.
+        // Refused: per-channel scales, 4-bit where the device stores none (an autodiff backend
+        // unregistered: `adapters_train_on_an_int8_base_as_on_its_dequantized_twin`).
         let int8 = QuantConfig::new(8, Level::Block(32)).unwrap();
         let refused = |r: Result<_, AdapterError>, needle: &str| match r {
             Err(e @ AdapterError::Unsupported { .. }) => {
@@ -1284,11 +1285,7 @@ fn an_int8_frozen_base_computes_with_its_dequantized_weights() {
             Err(e) => panic!("{needle}: {e}"),
             Ok(_) => panic!("{needle}: loaded"),
         };
-        let options = LoadOptions::new().with_frozen(Some(int8));
-        refused(
-            llama::load_with::<A>(fx("tiny_llama"), &options, ad).map(|_| ()),
-            "autodiff",
-        );
+        let _ = (int8, ad);
         let channel = QuantConfig::new(8, Level::Channel).unwrap();
         let options = LoadOptions::new().with_frozen(Some(channel));
         refused(
@@ -1422,4 +1419,151 @@ fn non_finite_and_zero_weights_quantize_without_a_panic() {
         to_vec(down.val()).iter().all(|v| *v == 0.0),
         "zeros stay zeros"
     );
+}
+
+/// Adapters train on an int8 base as on its dequantized twin (QLoRA's idea, on Burn's autodiff
+/// through the crate's registered int8 products): every adapter factor's gradient equals the
+/// twin's, over few rows (flex's int8 loops) and many (the weight dequantized for `gemm`), with
+/// the model's own head and with the embedding as head (the transposed product's backward),
+/// computed whole and in two parts (`shards::gradients`, whose forks keep the int8 weights); no
+/// int8 weight gets a gradient, and an AdamW step moves both models' adapters alike and leaves
+/// the int8 weights as they were.
+#[test]
+fn adapters_train_on_an_int8_base_as_on_its_dequantized_twin() {
+    use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use burn::tensor::backend::{AutodiffBackend, Backend};
+    use kron_adapters::model::llama::LoadOptions;
+    use kron_adapters::quant::{self, burn_scheme_of, Level, QuantConfig};
+
+    /// Trainable parameters get random values (adapters start with a zero factor, which would
+    /// leave the other factor's gradient zero).
+    struct Randomize<'a, B: Backend>(Rng, &'a B::Device);
+    impl<B: AutodiffBackend> ModuleMapper<B> for Randomize<'_, B> {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (rng, device) = (&mut self.0, self.1);
+            p.map(|t| match t.is_require_grad() {
+                true => {
+                    let dims = t.dims();
+                    let n = dims.iter().product();
+                    let values: Vec<f32> = rng.vec(n).iter().map(|v| 0.3 * v).collect();
+                    Tensor::from_data(TensorData::new(values, dims), device).require_grad()
+                }
+                false => t,
+            })
+        }
+    }
+    /// Every trainable parameter's gradient (by id), and whether each frozen one is int8.
+    struct Grads<'a>(&'a GradientsParams, Vec<(ParamId, Vec<f32>)>, Vec<bool>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let t = p.val();
+            if t.is_require_grad() {
+                let g = self
+                    .0
+                    .get::<B::InnerBackend, D>(p.id)
+                    .expect("a trainable grad");
+                self.1.push((p.id, to_vec(g)));
+            } else {
+                self.2
+                    .push(matches!(t.dtype(), burn::tensor::DType::QFloat(_)));
+            }
+        }
+    }
+
+    fn check<B: Backend, A: AutodiffBackend>(_: &B::Device, ad: &A::Device) {
+        // Unregistered, an autodiff backend refuses int8 weights (by name, no panic).
+        let int8 = QuantConfig::new(8, Level::Block(16)).unwrap();
+        type Unregistered<A> = burn::backend::Autodiff<A>;
+        let options = LoadOptions::new().with_frozen(Some(int8));
+        match llama::load_with::<Unregistered<A>>(fx("tiny_llama"), &options, ad) {
+            Err(e @ AdapterError::Unsupported { .. }) => {
+                assert!(e.to_string().contains("register_backward"), "{e}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("an unregistered autodiff backend loaded int8 weights"),
+        }
+        assert!(kron_adapters::kron::autodiff::register_backward::<A>());
+        let mut rng = Rng::new(41);
+        for (base, adapter) in [
+            (
+                "tiny_llama",
+                AdapterConfig::KronLora(KronLoraConfig::auto(2)),
+            ),
+            ("tiny_llama_tied", AdapterConfig::Lora(LoraConfig::new(3))),
+            (
+                "tiny_llama/tiny_llama.gguf",
+                AdapterConfig::KronA(KronAConfig::auto()),
+            ),
+        ] {
+            let options = LoadOptions::new()
+                .with_placement(PlacementConfig::linear(adapter))
+                .with_frozen(Some(int8));
+            let model = llama::load_with::<A>(fx(base), &options, ad).unwrap();
+            let model = model.map(&mut Randomize::<A>(Rng::new(7), ad));
+            let table = model.model.embed_tokens.weight.val();
+            assert!(burn_scheme_of(&table).is_some(), "{base}: the embedding");
+            let twin = quant::dequantized(model.clone());
+            let vocab = model.config().vocab_size;
+            for [b, s] in [[2, 7], [5, 9]] {
+                let what = format!("{base}, {b}×{s} tokens");
+                let ids: Vec<i64> = (0..b * s)
+                    .map(|_| (rng.next_u64() % vocab as u64) as i64)
+                    .collect();
+                let ids = Tensor::<A, 2, Int>::from_data(TensorData::new(ids, [b, s]), ad);
+                let r = Tensor::<A, 3>::from_data(
+                    TensorData::new(rng.vec(b * s * vocab), [b, s, vocab]),
+                    ad,
+                );
+                let loss = |m: &LlamaForCausalLM<A>, rows: std::ops::Range<usize>| {
+                    let logits = m.forward(ids.clone().slice([rows.clone()]), None);
+                    (logits * r.clone().slice([rows])).sum()
+                };
+                let grads_of = |m: &LlamaForCausalLM<A>, parts: usize| {
+                    let (grads, _) = kron_adapters::shards::gradients(m, b, parts, 3, |m, p| {
+                        (loss(m, p.range.clone()), ())
+                    })
+                    .unwrap();
+                    let mut seen = Grads(&grads, Vec::new(), Vec::new());
+                    m.visit(&mut seen);
+                    assert_eq!(grads.len(), seen.1.len(), "{what}: only trainable grads");
+                    (seen.1, seen.2)
+                };
+                for parts in [1, 2] {
+                    let (got, frozen) = grads_of(&model, parts);
+                    let (want, _) = grads_of(&twin, parts);
+                    assert!(frozen.iter().any(|&q| q), "{what}: int8 weights");
+                    assert_eq!(got.len(), want.len());
+                    for ((id, g), (id2, w)) in got.iter().zip(&want) {
+                        assert_eq!(id, id2);
+                        assert!(g.iter().any(|v| *v != 0.0), "{what}: a zero gradient");
+                        assert_close(g, w, 1e-4, &format!("{what}, {parts} parts: {id}"));
+                    }
+                }
+            }
+            // One AdamW step on each: the same adapters after it, the int8 weights unmoved.
+            let ids = Tensor::<A, 2, Int>::from_data(TensorData::new(vec![3i64, 9, 1], [1, 3]), ad);
+            let mut optim = AdamWConfig::new().init::<A, LlamaForCausalLM<A>>();
+            let mut step = |m: LlamaForCausalLM<A>| {
+                let loss = m.forward(ids.clone(), None).powi_scalar(2).mean();
+                let grads = kron_adapters::training::gradients_params(loss.backward(), &m);
+                optim.step(1e-2, m, grads)
+            };
+            let q_before = to_vec(quant::float_values(
+                model.model.layers[0].self_attn.o_proj.base.weight.val(),
+            ));
+            let (stepped, twin) = (step(model), step(twin));
+            let o = &stepped.model.layers[0].self_attn.o_proj.base.weight;
+            assert!(burn_scheme_of(&o.val()).is_some(), "{base}: still int8");
+            assert_eq!(to_vec(quant::float_values(o.val())), q_before);
+            let a = |m: &LlamaForCausalLM<A>| to_vec(m.adapter_layers()[0].1.delta_weight());
+            assert_close(&a(&stepped), &a(&twin), 1e-4, &format!("{base}: stepped"));
+        }
+    }
+    #[cfg(feature = "tch")]
+    return; // LibTorch stores no Burn quantized tensors.
+    #[allow(unreachable_code)]
+    {
+        on_suite_and_flex!(check);
+    }
 }
