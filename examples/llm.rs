@@ -6,6 +6,7 @@
 //! ```text
 //! cargo run --release --features full --example llm                       # Kron-LoRA on ARC-Easy, CPU
 //! cargo run --release --features full --example llm -- --method lora --task piqa
+//! cargo run --release --features full --example llm -- --base-weights int8   # train on an int8 base
 //! cargo run --release --features full,cuda --example llm -- --train 0 --test 0   # full splits on a GPU
 //! cargo run --release --features full --example llm -- --fetch-only       # only fetch model and data
 //! ```
@@ -24,6 +25,7 @@ use kron_adapters::finetune::AssetCache;
 use kron_adapters::llm::train::{finetune_mc, LlmFinetuneConfig};
 use kron_adapters::llm::{self, GenerateConfig, Split, TaskKind, TextTokenizer};
 use kron_adapters::model::llama;
+use kron_adapters::quant::{Level, QuantConfig};
 use kron_adapters::store::write_peft_dir;
 use kron_adapters::{
     AdapterConfig, AdapterLayers, KronAConfig, KronLoraConfig, LoraConfig, NativeAdapters,
@@ -61,6 +63,10 @@ struct Args {
     /// Output directory (default runs/llm-<method>-<task>-seed<seed>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The frozen weights in memory: f32, or int8 (one scale per 32 values, quantized as they
+    /// are read; the adapters train on the int8 base, QLoRA's idea).
+    #[arg(long, default_value = "f32")]
+    base_weights: String,
     /// Only fetch and check the model and the tasks, then exit.
     #[arg(long)]
     fetch_only: bool,
@@ -162,7 +168,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     });
     std::fs::create_dir_all(&out).map_err(|e| kron_adapters::AdapterError::io(&out, e))?;
     <Train as burn::tensor::backend::Backend>::seed(&device, args.seed);
-    let model = llama::load::<Train>(&gguf, &cfg.placement, &device)?;
+    let frozen = match args.base_weights.as_str() {
+        "f32" => None,
+        "int8" => Some(QuantConfig::new(8, Level::Block(32))?),
+        other => return Err(format!("--base-weights {other:?}: use f32 or int8").into()),
+    };
+    // The crate's backward gives Burn's autodiff the int8 products (before loading: the loader
+    // quantizes under it).
+    kron_adapters::kron::autodiff::register_backward::<Train>();
+    let options = llama::LoadOptions::new()
+        .with_placement(cfg.placement.clone())
+        .with_frozen(frozen);
+    let model = llama::load_with::<Train>(&gguf, &options, &device)?;
     let t = std::time::Instant::now();
     let before = llm::evaluate(
         &model.valid(),
@@ -212,6 +229,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let summary = serde_json::json!({
         "task": task.name(), "split": test_name, "n": after.n,
+        "base_weights": args.base_weights,
         "zero_shot": {"acc": before.acc, "acc_norm": before.acc_norm},
         "fine_tuned": {"acc": after.acc, "acc_norm": after.acc_norm},
         "report": report,

@@ -1,13 +1,16 @@
-//! Peak memory and step time of one training setup — MiniLM with KronA or SmolLM2-135M with
-//! Kron-LoRA (random weights: cost does not depend on them), plain, with gradient accumulation
+//! Peak memory and step time of one training setup — MiniLM with KronA, or SmolLM2-135M or a
+//! Mistral-7B-shaped decoder with Kron-LoRA (random weights: cost does not depend on them), its
+//! frozen weights in f32 or (`--base-weights int8`) int8, plain, with gradient accumulation
 //! (the batch in micro-batches), or with Burn's activation checkpointing
 //! (`Autodiff<_, BalancedCheckpointing>`: memory-bound ops recomputed in backward), with the
 //! crate's backward of the Kronecker apply or (`--burn-backward`) Burn's. Peak memory
-//! is the process's peak resident set above what the built model takes, so run one setup per
+//! is the process's peak resident set above what the built model takes (the peak reset once it
+//! is built, so the loader's transients do not count), so run one setup per
 //! process; `scripts/train_memory.sh` runs them all and prints docs/training.md's table.
 //!
 //! ```text
 //! cargo run --release --features full --example train_memory -- --model minilm --mode accum
+//! cargo run --release --features full --example train_memory -- --model mistral7b --base-weights int8 --seq 32 --steps 1
 //! ```
 
 mod common;
@@ -17,7 +20,7 @@ use std::time::Instant;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, ValueEnum};
@@ -27,12 +30,16 @@ use kron_adapters::llm::score::{continuation_batch, continuation_logits, Encoded
 use kron_adapters::model::{
     BertClassifier, BertConfig, LlamaConfig, LlamaForCausalLM, TensorSource,
 };
+use kron_adapters::quant::{Level, QuantConfig};
+use kron_adapters::training::gradients_params;
 use kron_adapters::{AdapterConfig, KronAConfig, KronLoraConfig, PlacementConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum ModelArg {
     Minilm,
     Smollm2,
+    /// Mistral-7B's shapes (7.2B parameters: 29 GB in f32, 8 GB with `--base-weights int8`).
+    Mistral7b,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -67,6 +74,20 @@ struct Args {
     /// (which keeps no intermediates; the training loops register it).
     #[arg(long)]
     burn_backward: bool,
+    /// Decoder layers of a decoder (default: the model's own count).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// A decoder's frozen weights in memory: f32, or int8 (one scale per 32 values; the adapters
+    /// train on the int8 base).
+    #[arg(long, default_value = "f32")]
+    base_weights: String,
+}
+
+/// The resident memory once the model is built, the peak reset to it (Linux's `clear_refs`),
+/// so that the peak measured after training is training's, not the loader's transients.
+fn built() -> u64 {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    rss().0
 }
 
 /// Resident and peak resident memory of this process, bytes (Linux; zeros elsewhere).
@@ -116,7 +137,7 @@ fn run<B: AutodiffBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>
                 ),
                 &device,
             );
-            base = rss().0;
+            base = built();
             let per = batch.div_ceil(micro);
             for step in 0..=args.steps {
                 let t = Instant::now();
@@ -131,7 +152,7 @@ fn run<B: AutodiffBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>
                         .init(&device)
                         .forward(logits, labels.clone().slice([r.clone()]))
                         .mul_scalar(r.len() as f64 / batch as f64);
-                    acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+                    acc.accumulate(&model, gradients_params(loss.backward(), &model));
                 }
                 model = optim.step(1e-3, model, acc.grads());
                 if step > 0 {
@@ -139,28 +160,38 @@ fn run<B: AutodiffBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>
                 }
             }
         }
-        ModelArg::Smollm2 => {
-            let batch = args.batch.unwrap_or(8);
-            let cfg = LlamaConfig::smollm2_135m();
+        ModelArg::Smollm2 | ModelArg::Mistral7b => {
+            let (batch, cfg) = match args.model {
+                ModelArg::Smollm2 => (args.batch.unwrap_or(8), LlamaConfig::smollm2_135m()),
+                _ => (args.batch.unwrap_or(1), LlamaConfig::mistral_7b()),
+            };
+            let mut cfg = cfg;
+            cfg.num_hidden_layers = args.layers.unwrap_or(cfg.num_hidden_layers);
             let placement =
                 PlacementConfig::linear(AdapterConfig::KronLora(KronLoraConfig::auto(8)));
-            let mut model = LlamaForCausalLM::<B>::new(
-                &mut TensorSource::random(2),
-                &cfg,
-                &placement,
-                &device,
-            )?;
+            let mut source = TensorSource::random(2);
+            match args.base_weights.as_str() {
+                "f32" => {}
+                "int8" => {
+                    // The crate's int8 products under Burn's autodiff (registered above).
+                    kron_adapters::kron::autodiff::register_backward::<B>();
+                    let int8 = QuantConfig::new(8, Level::Block(32))?;
+                    source.quantize_frozen::<B>(int8, &device)?;
+                }
+                other => return Err(format!("--base-weights {other:?}: use f32 or int8").into()),
+            }
+            let mut model = LlamaForCausalLM::<B>::new(&mut source, &cfg, &placement, &device)?;
             let mut optim = AdamWConfig::new().init();
             let mut rng = kron_adapters::rng::SplitMix64::new(3);
             let items: Vec<Encoded> = (0..batch)
                 .map(|_| Encoded {
                     ids: (0..args.seq)
-                        .map(|_| 100 + rng.below(40000) as u32)
+                        .map(|_| 100 + rng.below(cfg.vocab_size - 100) as u32)
                         .collect(),
                     start: 1,
                 })
                 .collect();
-            base = rss().0;
+            base = built();
             let per = batch.div_ceil(micro);
             for step in 0..=args.steps {
                 let t = Instant::now();
@@ -174,7 +205,7 @@ fn run<B: AutodiffBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>
                         .init(&device)
                         .forward(logits, targets)
                         .mul_scalar(part.len() as f64 / batch as f64);
-                    acc.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
+                    acc.accumulate(&model, gradients_params(loss.backward(), &model));
                 }
                 model = optim.step(1e-3, model, acc.grads());
                 if step > 0 {
@@ -192,6 +223,8 @@ fn run<B: AutodiffBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>
             "mode": format!("{:?}", args.mode).to_lowercase(),
             "micro": micro,
             "burn_backward": args.burn_backward,
+            "base_weights": args.base_weights,
+            "layers": args.layers,
             "backend": common::backend_name(),
             "median_step_ms": times[times.len() / 2],
             "model_mb": base as f64 / 1e6,

@@ -156,6 +156,42 @@ pub(crate) fn host<B: Backend>(
     Tensor::from_data(data, &device)
 }
 
+/// `out += x[:, first..first + p]·panel` on host values (`accumulate`; else `out =`): `x`
+/// row-major with `x_cols` columns, `panel` row-major `[p, m]`, `out` row-major `[n, m]`; split
+/// over rayon's threads from [`PARALLEL_MACS`] multiply-adds. (The int8 product's panels,
+/// `crate::qproduct`: a large weight dequantized a panel of rows at a time.)
+#[cfg_attr(not(feature = "flex"), allow(dead_code))] // flex's int8 weights only
+pub(crate) fn panel_product(
+    out: &mut [f32],
+    accumulate: bool,
+    (x, x_cols, first): (&[f32], usize, usize),
+    panel: &[f32],
+    [n, p, m]: [usize; 3],
+) {
+    assert!(
+        first + p <= x_cols && x.len() == n * x_cols,
+        "x holds the panel's columns"
+    );
+    assert!(
+        panel.len() == p * m && out.len() == n * m,
+        "the panel and output sizes"
+    );
+    let lhs = Operand {
+        values: x,
+        offset: first as isize,
+        strides: [x_cols as isize, 1],
+    };
+    let rhs = Operand {
+        values: panel,
+        offset: 0,
+        strides: [m as isize, 1],
+    };
+    let threads = n.saturating_mul(p).saturating_mul(m) >= PARALLEL_MACS;
+    // SAFETY: `out` holds the `n × m` output (read where `accumulate`); the operands lie
+    // within their values (checked above).
+    unsafe { gemm_call(out.as_mut_ptr(), accumulate, [n, p, m], lhs, rhs, threads) };
+}
+
 /// `[rows, cols]` of a stored `[r, c]` matrix read transposed or not.
 fn logical([r, c]: [usize; 2], transposed: bool) -> (usize, usize) {
     if transposed {

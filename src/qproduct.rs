@@ -83,9 +83,29 @@ pub(crate) fn product<B: Backend>(
         per,
         cols: m,
     };
-    if n > LOOP_ROWS || !loop_takes(m, per, scales.len()) {
+    if (n > LOOP_ROWS || !loop_takes(m, per, scales.len())) && k * m <= PANEL {
         let w = Tensor::from_data(TensorData::new(weight.dequantize(), [k, m]), &device);
         return Ok(crate::product::product(x, w, c));
+    }
+    if n > LOOP_ROWS || !loop_takes(m, per, scales.len()) {
+        // A weight larger than a panel (an embedding table, in a tied head's backward): panels
+        // of its rows dequantized and their products added up, no `f32` copy of it whole.
+        let mut out = match c {
+            Some(c) => {
+                assert_eq!(c.dims(), [1, m], "c is a row");
+                HostValues::of(c).floats().repeat(n)
+            }
+            None => vec![0f32; n * m],
+        };
+        let xs = HostValues::of(x);
+        let xs = xs.floats();
+        let rows = (PANEL / m.max(1)).clamp(1, k.max(1));
+        for r0 in (0..k).step_by(rows) {
+            let p = rows.min(k - r0);
+            let panel = weight.rows(r0, p).dequantize();
+            crate::product::panel_product(&mut out, true, (&xs, k, r0), &panel, [n, p, m]);
+        }
+        return Ok(Tensor::from_data(TensorData::new(out, [n, m]), &device));
     }
     let bias = c.map(|c| {
         assert_eq!(c.dims(), [1, m], "c is a row");
@@ -824,5 +844,55 @@ mod tests {
         }
         assert!(!dot_takes(40, 32, 2), "rows short of whole lane runs");
         assert!(!dot_takes(64, 8, 8), "blocks splitting a lane run");
+    }
+
+    /// A weight larger than a panel (an embedding table in a tied head's backward) is
+    /// dequantized a panel of rows at a time and the panels' products added up: the product
+    /// with the dequantized weight, with and without a bias row, for many rows and few.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn a_weight_larger_than_a_panel_multiplies_in_panels() {
+        use burn::backend::Flex;
+        use burn::tensor::quantization::{QuantLevel, QuantScheme, QuantStore, QuantValue};
+        let dev = Default::default();
+        let mut rng = SplitMix64::new(5);
+        // 4,200 × 512 = 2.15M values, just over a panel: panels of 4,096 rows and 104.
+        let (k, m) = (4200, 512);
+        let scheme = QuantScheme::default()
+            .with_value(QuantValue::Q8S)
+            .with_level(QuantLevel::block([32]))
+            .with_store(QuantStore::Native);
+        let w =
+            Tensor::<Flex, 2>::from_data(TensorData::new(floats(&mut rng, k * m), [k, m]), &dev)
+                .quantize_dynamic(&scheme);
+        let c = Tensor::<Flex, 2>::from_data(TensorData::new(floats(&mut rng, m), [1, m]), &dev);
+        for n in [40, 3] {
+            let x = Tensor::<Flex, 2>::from_data(
+                TensorData::new(floats(&mut rng, n * k), [n, k]),
+                &dev,
+            );
+            for bias in [None, Some(c.clone())] {
+                let want = x.clone().matmul(w.clone().dequantize());
+                let want = match &bias {
+                    Some(c) => want + c.clone(),
+                    None => want,
+                };
+                let got = match product(x.clone(), w.clone(), bias) {
+                    Ok(y) => y,
+                    Err(_) => panic!("flex takes an int8 weight"),
+                };
+                let (got, want) = (
+                    got.into_data().to_vec::<f32>().unwrap(),
+                    want.into_data().to_vec::<f32>().unwrap(),
+                );
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+                assert!(err <= 1e-5 * scale, "{n} rows: {err} of {scale}");
+            }
+        }
     }
 }

@@ -102,7 +102,8 @@ pub fn freeze<B: AutodiffBackend, M: Module<B>>(module: M) -> M {
 
 /// Sets each parameter trainable when `trainable(path)` says so, frozen otherwise. `path` is the
 /// parameter's dotted path in the module tree (`encoder.layers.0.ffn.up.bias`, enum variants
-/// included as in Burn's records).
+/// included as in Burn's records). A parameter held as a Burn quantized tensor (an int8 frozen
+/// weight) stays frozen whatever `trainable` says: Burn 0.21 tracks no quantized tensor.
 pub fn set_trainable<B: AutodiffBackend, M: Module<B>>(
     module: M,
     trainable: impl Fn(&str) -> bool,

@@ -649,6 +649,66 @@ fn multiple_choice_finetuning_lowers_the_loss_and_trains_only_adapters() {
     }
 }
 
+/// Fine-tuning on an int8 base (QLoRA's idea: a tiny random model whose frozen weights are
+/// held in int8, on the suite's autodiff backend): the run's losses are its dequantized twin's
+/// step by step, its dev evaluations the twin's, the rule is learnt, and the model it returns
+/// still holds its frozen weights in int8, unmoved.
+#[test]
+fn multiple_choice_finetuning_on_an_int8_base_follows_its_dequantized_twin() {
+    use kron_adapters::llm::train::{finetune_mc, LlmFinetuneConfig};
+    use kron_adapters::quant::{self, burn_scheme_of, Level, QuantConfig};
+    #[cfg(feature = "tch")]
+    return; // LibTorch stores no Burn quantized tensors.
+    #[allow(unreachable_code)]
+    let dev = device();
+    kron_adapters::kron::autodiff::register_backward::<AB>();
+    let tok = TextTokenizer::from_hf_dir(&fixture("minilm")).unwrap();
+    let mut source = TensorSource::random(2);
+    let int8 = QuantConfig::new(8, Level::Block(16)).unwrap();
+    source.quantize_frozen::<AB>(int8, &dev).unwrap();
+    let m: LlamaForCausalLM<AB> = LlamaForCausalLM::new(
+        &mut source,
+        &LlamaConfig::tiny(tok.vocab_size()),
+        &PlacementConfig::linear(AdapterConfig::KronLora(KronLoraConfig::auto(2))),
+        &dev,
+    )
+    .unwrap();
+    let weight = |m: &LlamaForCausalLM<AB>| m.model.layers[0].mlp.up_proj.base.weight.val();
+    assert!(burn_scheme_of(&weight(&m)).is_some(), "int8 weights");
+    let twin = quant::dequantized(m.clone());
+    let before = to_vec(twin.model.layers[0].mlp.up_proj.base.weight.val());
+    let q = |i: usize| Question {
+        id: i,
+        choices: vec![
+            (format!("question {i} : is it"), " yes".to_string()),
+            (format!("question {i} : is it"), " no".to_string()),
+        ],
+        gold: 0,
+    };
+    let train: Vec<Question> = (0..16).map(q).collect();
+    let dev_q: Vec<Question> = (16..20).map(q).collect();
+    let cfg = LlmFinetuneConfig::new()
+        .with_lr(0.2)
+        .with_batch_size(4)
+        .with_epochs(3)
+        .with_evals(3);
+    let run = |m| finetune_mc(m, &tok, &train, &dev_q, &cfg, &dev, &|_| {}).unwrap();
+    let ((trained, report), (_, want)) = (run(m), run(twin));
+    assert_eq!(report.steps, 12);
+    let (got, expected) = (&report.losses, &want.losses);
+    let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    assert_close(&as_f32(got), &as_f32(expected), 1e-3, "losses");
+    assert!(got[got.len() - 1] < got[0] - 0.1, "the loss falls: {got:?}");
+    let accs = |r: &kron_adapters::llm::train::LlmRunReport| {
+        r.evals.iter().map(|e| e.dev_acc).collect::<Vec<_>>()
+    };
+    assert_eq!(accs(&report), accs(&want), "dev evaluations");
+    assert_eq!(report.best.acc, 1.0, "the rule is learnt");
+    let w = weight(&trained);
+    assert!(burn_scheme_of(&w).is_some(), "still int8");
+    assert_eq!(to_vec(quant::float_values(w)), before, "the base is frozen");
+}
+
 /// The decoder's loss in parts: the parts' shares of the masked NLL add up to the batch's loss,
 /// and their summed gradients are the batch's (what `finetune_mc` trains with on flex and
 /// ndarray); bad part counts are rejected.
