@@ -12,6 +12,11 @@
 //! ([`crate::shards`]), as the main job's loop does, and the decoder's step likewise (its parts'
 //! losses weighed by their answer tokens).
 //!
+//! A model whose frozen weights are held in int8 (`LoadOptions::frozen`) does not train here:
+//! burn-train forks the whole model before training (and its checkpointer reloads whole
+//! models), which Burn 0.21's autodiff cannot do with a quantized tensor; `llm::train::finetune_mc`
+//! or a loop of one's own (with `training::gradients_params`) trains it.
+//!
 //! ```ignore
 //! let batcher = ClassifierBatcher;
 //! let train = DataLoaderBuilder::new(batcher.clone()).batch_size(32).shuffle(0).build(InMemDataset::new(data.train.clone()));

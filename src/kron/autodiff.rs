@@ -321,12 +321,16 @@ pub(crate) struct QuantizedOps {
     /// A float primitive quantized with a scheme: a quantized primitive, untracked.
     pub(crate) quantize: fn(Box<dyn Any>, &QuantScheme) -> Box<dyn Any>,
     /// A quantized primitive dequantized: a float primitive, untracked.
-    pub(crate) dequantize: fn(Box<dyn Any>) -> Box<dyn Any>,
+    pub(crate) dequantize: ErasedCopy,
     /// `x·w + c` (`true`: `x·wᵀ`, no `c`) with `w` quantized, as one node.
-    pub(crate) product: fn(Box<dyn Any>, Box<dyn Any>, Option<Box<dyn Any>>, bool) -> Box<dyn Any>,
+    pub(crate) product: ErasedQProduct,
     /// Rows (an int primitive) of a quantized table: a float primitive, untracked.
-    pub(crate) embed: fn(Box<dyn Any>, Box<dyn Any>) -> Box<dyn Any>,
+    pub(crate) embed: ErasedContract,
 }
+
+/// `x·w + c` or `x·wᵀ` with `w` quantized on one registered backend: `x`, `w` (quantized), `c`
+/// where given, whether `w` is transposed, and the result, that backend's primitives.
+type ErasedQProduct = fn(Box<dyn Any>, Box<dyn Any>, Option<Box<dyn Any>>, bool) -> Box<dyn Any>;
 
 /// Backends given [`QuantizedOps`] by [`set_quantized`].
 static QUANTIZED: RwLock<Vec<(TypeId, QuantizedOps)>> = RwLock::new(Vec::new());
