@@ -5,7 +5,7 @@
 //! is wrong) that encodes texts to ids inside its vocabulary and decodes them, the chat prompt
 //! and the Hugging Face files it exports included. A model that loads exports to a GGUF file
 //! (`llama::to_gguf`, F32 or Q8_0) that loads again, and loads with int8 frozen weights and
-//! runs. A file read from disk in pieces parses as its bytes do in memory.
+//! runs, and trains a LoRA on them (a backward through the int8 products). A file read from disk in pieces parses as its bytes do in memory.
 #![no_main]
 
 use burn::tensor::{Int, Tensor, TensorData};
@@ -13,7 +13,7 @@ use kron_adapters::llm::TextTokenizer;
 use kron_adapters::model::llama;
 use kron_adapters::quant::{Level, QuantConfig};
 use kron_adapters::store::gguf::{GgmlType, GgufFile, GgufValue};
-use kron_adapters::PlacementConfig;
+use kron_adapters::{training, AdapterConfig, AdapterLayers, LoraConfig, PlacementConfig};
 use libfuzzer_sys::fuzz_target;
 
 /// Texts every tokenizer encodes: special tokens, digits, whitespace runs, and bytes outside
@@ -76,9 +76,22 @@ fuzz_target!(|data: &[u8]| {
         let last = quantized.config().vocab_size as i64 - 1;
         let ids = TensorData::new(vec![0i64, last.max(0)], [1, 2]);
         let _ = quantized.forward(
-            Tensor::<burn::backend::NdArray, 2, Int>::from_data(ids, &device),
+            Tensor::<burn::backend::NdArray, 2, Int>::from_data(ids.clone(), &device),
             None,
         );
+        // And (every sixth input) trains a LoRA on the int8 base: under autodiff, through the
+        // crate's int8 products, a backward and the adapters' gradients.
+        if data.len() % 6 == 0 {
+            type Ad = burn::backend::Autodiff<burn::backend::NdArray>;
+            kron_adapters::kron::autodiff::register_backward::<Ad>();
+            let placement = PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(2)));
+            let options = options.with_placement(placement);
+            let model = llama::from_gguf_with::<Ad>(&file, "fuzz", &options, &device)
+                .unwrap_or_else(|e| panic!("loads for inference, not for training: {e}"));
+            let logits = model.forward(Tensor::<Ad, 2, Int>::from_data(ids, &device), None);
+            let grads = training::gradients_params(logits.sum().backward(), &model);
+            assert!(grads.len() <= model.adapter_layers().len() * 2, "adapters' grads only");
+        }
     }
     let tokenizer = TextTokenizer::from_gguf(&file, "fuzz");
     if let (Ok(tokenizer), Ok(model)) = (&tokenizer, &model) {
