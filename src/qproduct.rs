@@ -194,8 +194,13 @@ pub(crate) fn product_t<B: Backend>(
     let out = if n <= LOOP_ROWS && dot_takes(k, per, scales.len()) {
         dot_rows(Isa::best(), &HostValues::of(x).floats(), n, &weight)
     } else {
-        // Panels of about 2M values: dequantized, multiplied, their columns copied out.
+        // Panels of about 2M values: dequantized, multiplied, their columns copied out (one
+        // panel, a layer's weight in a backward: its product is the output).
         let rows = (PANEL / k.max(1)).clamp(1, m.max(1));
+        if rows >= m {
+            let w = Tensor::from_data(TensorData::new(weight.dequantize(), [m, k]), &device);
+            return Ok(crate::product::host(x, false, w, true, None));
+        }
         let mut out = vec![0f32; n * m];
         for v0 in (0..m).step_by(rows) {
             let p = rows.min(m - v0);

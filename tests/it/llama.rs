@@ -1559,6 +1559,41 @@ fn adapters_train_on_an_int8_base_as_on_its_dequantized_twin() {
             let a = |m: &LlamaForCausalLM<A>| to_vec(m.adapter_layers()[0].1.delta_weight());
             assert_close(&a(&stepped), &a(&twin), 1e-4, &format!("{base}: stepped"));
         }
+        // Under Burn's balanced checkpointing (registered too): the twin's gradients.
+        type Balanced<A> = burn::backend::Autodiff<
+            <A as AutodiffBackend>::InnerBackend,
+            burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
+        >;
+        let bd: &burn::tensor::Device<Balanced<A>> = ad;
+        assert!(kron_adapters::kron::autodiff::register_backward::<
+            Balanced<A>,
+        >());
+        let placement = PlacementConfig::linear(AdapterConfig::Lora(LoraConfig::new(3)));
+        let options = LoadOptions::new()
+            .with_placement(placement)
+            .with_frozen(Some(int8));
+        let model = llama::load_with::<Balanced<A>>(fx("tiny_llama_tied"), &options, bd).unwrap();
+        let model = model.map(&mut Randomize::<Balanced<A>>(Rng::new(8), bd));
+        let twin = quant::dequantized(model.clone());
+        let ids = Tensor::<Balanced<A>, 2, Int>::from_data(
+            TensorData::new(vec![3i64, 9, 1, 4, 4, 0], [2, 3]),
+            bd,
+        );
+        let grads = |m: &LlamaForCausalLM<Balanced<A>>| {
+            let loss = m.forward(ids.clone(), None).powi_scalar(2).mean();
+            let grads = kron_adapters::training::gradients_params(loss.backward(), m);
+            let mut seen = Grads(&grads, Vec::new(), Vec::new());
+            m.visit(&mut seen);
+            seen.1
+        };
+        let (got, want) = (grads(&model), grads(&twin));
+        assert!(
+            !got.is_empty() && got.len() == want.len(),
+            "the adapters' gradients"
+        );
+        for ((id, g), (_, w)) in got.iter().zip(&want) {
+            assert_close(g, w, 1e-4, &format!("balanced checkpointing: {id}"));
+        }
     }
     #[cfg(feature = "tch")]
     return; // LibTorch stores no Burn quantized tensors.
