@@ -33,6 +33,19 @@ fn model<B: burn::tensor::backend::Backend>(vocab: usize, dev: &B::Device) -> Ll
     .unwrap()
 }
 
+/// Question `i` of a rule the adapters learn: "`{word} {i} : is it`" continued by either answer,
+/// the `gold` one right.
+fn is_it(word: &str, i: usize, answers: [&str; 2], gold: usize) -> Question {
+    Question {
+        id: i,
+        choices: answers
+            .iter()
+            .map(|a| (format!("{word} {i} : is it"), a.to_string()))
+            .collect(),
+        gold,
+    }
+}
+
 /// Log-probabilities of the continuation tokens from full-sequence logits (one row at a time).
 fn reference_logprobs(m: &LlamaForCausalLM<TB>, e: &Encoded) -> Vec<f32> {
     let dev = device();
@@ -581,14 +594,7 @@ fn multiple_choice_finetuning_lowers_the_loss_and_trains_only_adapters() {
     )
     .unwrap();
     // Questions whose answer is always "yes" after "is it": learnable by the adapters.
-    let q = |i: usize| Question {
-        id: i,
-        choices: vec![
-            (format!("question {i} : is it"), " yes".to_string()),
-            (format!("question {i} : is it"), " no".to_string()),
-        ],
-        gold: 0,
-    };
+    let q = |i: usize| is_it("question", i, [" yes", " no"], 0);
     let train: Vec<Question> = (0..16).map(q).collect();
     let dev_q: Vec<Question> = (16..20).map(q).collect();
     let base_q = to_vec(m.model.layers[0].self_attn.q_proj.base.weight.val());
@@ -677,14 +683,7 @@ fn multiple_choice_finetuning_on_an_int8_base_follows_its_dequantized_twin() {
     assert!(burn_scheme_of(&weight(&m)).is_some(), "int8 weights");
     let twin = quant::dequantized(m.clone());
     let before = to_vec(twin.model.layers[0].mlp.up_proj.base.weight.val());
-    let q = |i: usize| Question {
-        id: i,
-        choices: vec![
-            (format!("question {i} : is it"), " yes".to_string()),
-            (format!("question {i} : is it"), " no".to_string()),
-        ],
-        gold: 0,
-    };
+    let q = |i: usize| is_it("question", i, [" yes", " no"], 0);
     let train: Vec<Question> = (0..16).map(q).collect();
     let dev_q: Vec<Question> = (16..20).map(q).collect();
     let cfg = LlmFinetuneConfig::new()
@@ -802,14 +801,7 @@ fn sequential_finetuning_continues_from_the_first_stages_adapters() {
         to_vec(stage1.forward(ids1, None)),
         "stage 2 starts where stage 1 ended"
     );
-    let q = |i: usize| Question {
-        id: i,
-        choices: vec![
-            (format!("item {i} : is it"), " no".into()),
-            (format!("item {i} : is it"), " yes".into()),
-        ],
-        gold: 1,
-    };
+    let q = |i: usize| is_it("item", i, [" no", " yes"], 1);
     let train: Vec<Question> = (0..8).map(q).collect();
     let cfg = LlmFinetuneConfig::new()
         .with_lr(0.05)
