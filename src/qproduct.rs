@@ -26,7 +26,7 @@ use std::any::Any;
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::QuantizedTensor;
-use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use rayon::prelude::*;
 
 use crate::act::Isa;
@@ -64,17 +64,27 @@ pub(crate) fn product<B: Backend>(
     w: Tensor<B, 2>,
     c: Option<Tensor<B, 2>>,
 ) -> Result<Tensor<B, 2>, Operands<B>> {
-    let ([n, k], [k2, m]) = (x.dims(), w.dims());
+    let ([_, k], [k2, _]) = (x.dims(), w.dims());
     assert_eq!(k, k2, "the product's inner dimensions agree");
     let (x, w, c) = match on_autodiff(x, w, c, false) {
         Ok(y) => return Ok(y),
         Err(operands) => operands,
     };
-    let q = match flex_int8(&x, w) {
-        Ok(q) => q,
-        Err(w) => return Err((x, w, c)),
-    };
-    let (values, scales, per) = quirks::host_int8::<B>(&q).expect("checked by flex_int8");
+    match flex_int8(&x, w) {
+        Ok(q) => Ok(product_in_place(x, &q, c)),
+        Err(w) => Err((x, w, c)),
+    }
+}
+
+/// [`product`] where [`in_place`] says flex holds `q` as `i8` values and `x` is flex's `f32`.
+pub(crate) fn product_in_place<B: Backend>(
+    x: Tensor<B, 2>,
+    q: &QuantizedTensor<B>,
+    c: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    let ([n, k], [k2, m]) = (x.dims(), q.shape().dims::<2>());
+    assert_eq!(k, k2, "the product's inner dimensions agree");
+    let (values, scales, per) = quirks::host_int8::<B>(q).expect("checked by in_place");
     let device = x.device();
     assert_eq!(values.len(), k * m, "flex holds the weight's values");
     let weight = Int8 {
@@ -85,7 +95,7 @@ pub(crate) fn product<B: Backend>(
     };
     if (n > LOOP_ROWS || !loop_takes(m, per, scales.len())) && k * m <= PANEL {
         let w = Tensor::from_data(TensorData::new(weight.dequantize(), [k, m]), &device);
-        return Ok(crate::product::product(x, w, c));
+        return crate::product::product(x, w, c);
     }
     if n > LOOP_ROWS || !loop_takes(m, per, scales.len()) {
         // A weight larger than a panel (an embedding table, in a tied head's backward): panels
@@ -105,7 +115,7 @@ pub(crate) fn product<B: Backend>(
             let panel = weight.rows(r0, p).dequantize();
             crate::product::panel_product(&mut out, true, (&xs, k, r0), &panel, [n, p, m]);
         }
-        return Ok(Tensor::from_data(TensorData::new(out, [n, m]), &device));
+        return Tensor::from_data(TensorData::new(out, [n, m]), &device);
     }
     let bias = c.map(|c| {
         assert_eq!(c.dims(), [1, m], "c is a row");
@@ -114,7 +124,7 @@ pub(crate) fn product<B: Backend>(
     let bias = bias.as_ref().map(|b| b.floats());
     let xs = HostValues::of(x);
     let out = rows_loop(Isa::best(), &xs.floats(), n, &weight, bias.as_deref());
-    Ok(Tensor::from_data(TensorData::new(out, [n, m]), &device))
+    Tensor::from_data(TensorData::new(out, [n, m]), &device)
 }
 
 /// `w`'s quantized primitive where `x` is an `f32` flex tensor and flex stores `w` as `i8`
@@ -128,9 +138,16 @@ fn flex_int8<B: Backend>(
         return Err(w);
     }
     match w.into_primitive() {
-        TensorPrimitive::QFloat(q) if quirks::host_int8::<B>(&q).is_some() => Ok(q),
+        TensorPrimitive::QFloat(q) if in_place(x, &q) => Ok(q),
         p => Err(Tensor::from_primitive(p)),
     }
+}
+
+/// Do the host kernels read `q` where it lies for a product with `x`: `x` an `f32` tensor of
+/// flex itself (not of autodiff over it) and `q` `i8` values flex stores
+/// ([`quirks::host_int8`])?
+pub(crate) fn in_place<B: Backend>(x: &Tensor<B, 2>, q: &QuantizedTensor<B>) -> bool {
+    quirks::host_loops_take(x, x) && quirks::host_int8::<B>(q).is_some()
 }
 
 /// `x·w + c` (`transposed`: `x·wᵀ`) as one autodiff node (`autodiff::product`) where `B` is an
@@ -172,17 +189,26 @@ pub(crate) fn product_t<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
 ) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    let ([n, k], [m, k2]) = (x.dims(), w.dims());
+    let ([_, k], [_, k2]) = (x.dims(), w.dims());
     assert_eq!(k, k2, "the product's inner dimensions agree");
     let (x, w) = match on_autodiff(x, w, None, true) {
         Ok(y) => return Ok(y),
         Err((x, w, _)) => (x, w),
     };
-    let q = match flex_int8(&x, w) {
-        Ok(q) => q,
-        Err(w) => return Err((x, w)),
-    };
-    let (values, scales, per) = quirks::host_int8::<B>(&q).expect("checked by flex_int8");
+    match flex_int8(&x, w) {
+        Ok(q) => Ok(product_t_in_place(x, &q)),
+        Err(w) => Err((x, w)),
+    }
+}
+
+/// [`product_t`] where [`in_place`] says flex holds `q` as `i8` values and `x` is flex's `f32`.
+pub(crate) fn product_t_in_place<B: Backend>(
+    x: Tensor<B, 2>,
+    q: &QuantizedTensor<B>,
+) -> Tensor<B, 2> {
+    let ([n, k], [m, k2]) = (x.dims(), q.shape().dims::<2>());
+    assert_eq!(k, k2, "the product's inner dimensions agree");
+    let (values, scales, per) = quirks::host_int8::<B>(q).expect("checked by in_place");
     assert_eq!(values.len(), k * m, "flex holds the weight's values");
     let device = x.device();
     let weight = Int8 {
@@ -199,7 +225,7 @@ pub(crate) fn product_t<B: Backend>(
         let rows = (PANEL / k.max(1)).clamp(1, m.max(1));
         if rows >= m {
             let w = Tensor::from_data(TensorData::new(weight.dequantize(), [m, k]), &device);
-            return Ok(crate::product::host(x, false, w, true, None));
+            return crate::product::host(x, false, w, true, None);
         }
         let mut out = vec![0f32; n * m];
         for v0 in (0..m).step_by(rows) {
@@ -214,7 +240,7 @@ pub(crate) fn product_t<B: Backend>(
         }
         out
     };
-    Ok(Tensor::from_data(TensorData::new(out, [n, m]), &device))
+    Tensor::from_data(TensorData::new(out, [n, m]), &device)
 }
 
 /// Values a panel of [`product_t`] dequantizes at a time.

@@ -75,24 +75,25 @@ pub(crate) fn embed<AB: AutodiffBackend>(q: Box<dyn Any>, ids: Box<dyn Any>) -> 
 /// - output: `[n, m]`
 fn times<I: Backend>(
     x: Tensor<I, 2>,
-    w: QuantizedTensor<I>,
+    w: &QuantizedTensor<I>,
     c: Option<Tensor<I, 2>>,
     transposed: bool,
 ) -> Tensor<I, 2> {
-    let w = Tensor::<I, 2>::from_primitive(TensorPrimitive::QFloat(w));
-    if transposed {
-        assert!(c.is_none(), "a transposed product adds nothing");
-        return match super::product_t(x, w) {
-            Ok(y) => y,
-            Err((x, w)) => x.matmul(w.dequantize().transpose()),
-        };
-    }
-    match super::product(x, w, c) {
-        Ok(y) => y,
-        Err((x, w, c)) => match (x.matmul(w.dequantize()), c) {
-            (y, Some(c)) => y + c,
-            (y, None) => y,
-        },
+    assert!(
+        !transposed || c.is_none(),
+        "a transposed product adds nothing"
+    );
+    match (super::in_place(&x, w), transposed) {
+        (true, false) => super::product_in_place(x, w, c),
+        (true, true) => super::product_t_in_place(x, w),
+        (false, _) => {
+            let w = Tensor::<I, 2>::from_primitive(TensorPrimitive::QFloat(w.clone())).dequantize();
+            match (transposed, c) {
+                (true, _) => x.matmul(w.transpose()),
+                (false, Some(c)) => x.matmul(w) + c,
+                (false, None) => x.matmul(w),
+            }
+        }
     }
 }
 
@@ -134,12 +135,12 @@ fn tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
     let op = QProduct { transposed, row };
     match op.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let kept = x_tracked.then(|| w.clone());
-            let y = times(x.expect("x"), w, c, transposed);
-            prep.finish(kept, y.into_primitive().tensor())
+            // The weight read in place, then kept as it is (no second copy of its scales).
+            let y = times(x.expect("x"), &w, c, transposed);
+            prep.finish(x_tracked.then_some(w), y.into_primitive().tensor())
         }
         OpsKind::UnTracked(prep) => {
-            let y = times(x.expect("x"), w, c, transposed);
+            let y = times(x.expect("x"), &w, c, transposed);
             prep.finish(y.into_primitive().tensor())
         }
     }
@@ -169,7 +170,7 @@ impl<I: Backend, const N: usize> Backward<I, N> for QProduct {
             grads.register::<I>(c.id, grad.into_primitive().tensor());
         }
         if let (Some(x), Some(w)) = (ops.parents[0].as_ref(), ops.state) {
-            let grad = times(g, w, None, !self.transposed);
+            let grad = times(g, &w, None, !self.transposed);
             grads.register::<I>(x.id, grad.into_primitive().tensor());
         }
     }
