@@ -130,6 +130,11 @@ impl<B: AutodiffBackend, F: Fn(&str) -> bool> ModuleMapper<B> for Trainable<F> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        // A quantized (int8 frozen) weight stays as it is: untracked, and Burn 0.21's autodiff
+        // would dequantize it to detach it (a `todo!()` there).
+        if matches!(param.val().dtype(), DType::QFloat(_)) {
+            return param;
+        }
         let on = (self.trainable)(&self.path.join("."));
         // Detach first: a parameter that was an intermediate of a graph becomes a fresh leaf.
         param.map(|t| t.detach().set_require_grad(on))

@@ -1425,9 +1425,10 @@ fn non_finite_and_zero_weights_quantize_without_a_panic() {
 /// through the crate's registered int8 products): every adapter factor's gradient equals the
 /// twin's, over few rows (flex's int8 loops) and many (the weight dequantized for `gemm`), with
 /// the model's own head and with the embedding as head (the transposed product's backward),
-/// computed whole and in two parts (`shards::gradients`, whose forks keep the int8 weights); no
-/// int8 weight gets a gradient, and an AdamW step moves both models' adapters alike and leaves
-/// the int8 weights as they were.
+/// computed whole and in two parts (`shards::gradients`, whose forks keep the int8 weights), with
+/// Qwen2's biases training too (BitFit), a PEFT LoRA attached after loading, and under balanced
+/// checkpointing; no int8 weight gets a gradient, and an AdamW step moves both models' adapters
+/// alike and leaves the int8 weights as they were.
 #[test]
 fn adapters_train_on_an_int8_base_as_on_its_dequantized_twin() {
     use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -1485,21 +1486,33 @@ fn adapters_train_on_an_int8_base_as_on_its_dequantized_twin() {
         }
         assert!(kron_adapters::kron::autodiff::register_backward::<A>());
         let mut rng = Rng::new(41);
-        for (base, adapter) in [
+        // Qwen2's q/k/v biases trained too (BitFit): the node's bias gradient.
+        for (base, adapter, bitfit) in [
             (
                 "tiny_llama",
                 AdapterConfig::KronLora(KronLoraConfig::auto(2)),
+                false,
             ),
-            ("tiny_llama_tied", AdapterConfig::Lora(LoraConfig::new(3))),
+            (
+                "tiny_llama_tied",
+                AdapterConfig::Lora(LoraConfig::new(3)),
+                false,
+            ),
             (
                 "tiny_llama/tiny_llama.gguf",
                 AdapterConfig::KronA(KronAConfig::auto()),
+                false,
             ),
+            ("tiny_qwen2", AdapterConfig::Lora(LoraConfig::new(2)), true),
         ] {
             let options = LoadOptions::new()
                 .with_placement(PlacementConfig::linear(adapter))
                 .with_frozen(Some(int8));
             let model = llama::load_with::<A>(fx(base), &options, ad).unwrap();
+            let model = match bitfit {
+                true => kron_adapters::training::bitfit(model),
+                false => model,
+            };
             let model = model.map(&mut Randomize::<A>(Rng::new(7), ad));
             let table = model.model.embed_tokens.weight.val();
             assert!(burn_scheme_of(&table).is_some(), "{base}: the embedding");
@@ -1558,6 +1571,28 @@ fn adapters_train_on_an_int8_base_as_on_its_dequantized_twin() {
             assert_eq!(to_vec(quant::float_values(o.val())), q_before);
             let a = |m: &LlamaForCausalLM<A>| to_vec(m.adapter_layers()[0].1.delta_weight());
             assert_close(&a(&stepped), &a(&twin), 1e-4, &format!("{base}: stepped"));
+        }
+        // A PEFT LoRA attached to the int8 base (to train it further): the twin's gradients.
+        let (_, _, lora) = tiny_llama_lora();
+        let options = LoadOptions::new().with_frozen(Some(int8));
+        let base = llama::load_with::<A>(fx("tiny_llama"), &options, ad).unwrap();
+        let twin = quant::dequantized(base.clone());
+        let ids = Tensor::<A, 2, Int>::from_data(TensorData::new(vec![5i64, 2, 7], [1, 3]), ad);
+        let grads = |m: LlamaForCausalLM<A>| {
+            let m = attach(m, &lora, &NameMap::new(), ad).unwrap();
+            let loss = m.forward(ids.clone(), None).powi_scalar(2).mean();
+            let grads = kron_adapters::training::gradients_params(loss.backward(), &m);
+            let mut seen = Grads(&grads, Vec::new(), Vec::new());
+            m.visit(&mut seen);
+            seen.1
+        };
+        let (got, want) = (grads(base), grads(twin));
+        assert!(
+            !got.is_empty() && got.len() == want.len(),
+            "the PEFT LoRA's gradients"
+        );
+        for ((_, g), (_, w)) in got.iter().zip(&want) {
+            assert_close(g, w, 1e-4, "a PEFT LoRA on the int8 base");
         }
         // Under Burn's balanced checkpointing (registered too): the twin's gradients.
         type Balanced<A> = burn::backend::Autodiff<
