@@ -30,6 +30,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData, TensorMetadata, TensorPrimiti
 use rayon::prelude::*;
 
 use crate::act::Isa;
+use crate::kron::autodiff::{erase_quantized, unerase};
 use crate::kron::host::HostValues;
 use crate::quirks;
 
@@ -93,11 +94,12 @@ pub(crate) fn product_in_place<B: Backend>(
         per,
         cols: m,
     };
-    if (n > LOOP_ROWS || !loop_takes(m, per, scales.len())) && k * m <= PANEL {
+    let many_rows = n > LOOP_ROWS || !loop_takes(m, per, scales.len());
+    if many_rows && k * m <= PANEL {
         let w = Tensor::from_data(TensorData::new(weight.dequantize(), [k, m]), &device);
         return crate::product::product(x, w, c);
     }
-    if n > LOOP_ROWS || !loop_takes(m, per, scales.len()) {
+    if many_rows {
         // A weight larger than a panel (an embedding table, in a tied head's backward): panels
         // of its rows dequantized and their products added up, no `f32` copy of it whole.
         let mut out = match c {
@@ -164,13 +166,13 @@ fn on_autodiff<B: Backend>(
         Some(ops) if quantized(&w) && !quantized(&x) && !c.as_ref().is_some_and(quantized) => ops,
         _ => return Err((x, w, c)),
     };
-    let TensorPrimitive::QFloat(q) = w.into_primitive() else {
-        unreachable!("a QFloat dtype is a quantized primitive")
-    };
     let erase = |t: Tensor<B, 2>| -> Box<dyn Any> { Box::new(t.into_primitive().tensor()) };
-    let out = (ops.product)(erase(x), Box::new(q), c.map(erase), transposed);
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(
-        *out.downcast().expect("registered under B's TypeId"),
+    let w = erase_quantized(w);
+    Ok(unerase((ops.product)(
+        erase(x),
+        w,
+        c.map(erase),
+        transposed,
     )))
 }
 
@@ -259,15 +261,10 @@ pub(crate) fn embed<B: Backend>(table: &Embedding<B>, ids: Tensor<B, 2, Int>) ->
         return table.forward(ids);
     }
     match crate::kron::autodiff::quantized_ops::<B>() {
-        Some(ops) => {
-            let TensorPrimitive::QFloat(q) = weight.into_primitive() else {
-                unreachable!("a QFloat dtype is a quantized primitive")
-            };
-            let out = (ops.embed)(Box::new(q), Box::new(ids.into_primitive()));
-            Tensor::from_primitive(TensorPrimitive::Float(
-                *out.downcast().expect("registered under B's TypeId"),
-            ))
-        }
+        Some(ops) => unerase((ops.embed)(
+            erase_quantized(weight),
+            Box::new(ids.into_primitive()),
+        )),
         None => lookup(weight, ids),
     }
 }

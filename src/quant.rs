@@ -436,23 +436,18 @@ pub fn float_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D>
     if !matches!(t.dtype(), DType::QFloat(_)) {
         return t;
     }
-    // Under autodiff (whose own dequantize is `todo!()` in Burn 0.21), by the inner backend.
+    // Under autodiff (whose own dequantize Burn 0.21 leaves unimplemented), by the inner backend.
     match crate::kron::autodiff::quantized_ops::<B>() {
         Some(ops) => {
-            let TensorPrimitive::QFloat(q) = t.into_primitive() else {
-                unreachable!("a QFloat dtype is a quantized primitive")
-            };
-            let out = (ops.dequantize)(Box::new(q));
-            Tensor::from_primitive(TensorPrimitive::Float(
-                *out.downcast().expect("registered under B's TypeId"),
-            ))
+            use crate::kron::autodiff::{erase_quantized, unerase};
+            unerase((ops.dequantize)(erase_quantized(t)))
         }
         None => t.dequantize(),
     }
 }
 
 /// `t` quantized with `scheme` as a frozen tensor: Burn's `quantize_dynamic`, or under an
-/// autodiff backend the crate registered (whose own is `todo!()` in Burn 0.21) its inner
+/// autodiff backend the crate registered (whose own Burn 0.21 leaves unimplemented) its inner
 /// backend's, untracked.
 pub(crate) fn quantize_frozen_tensor<B: Backend, const D: usize>(
     t: Tensor<B, D>,

@@ -36,7 +36,7 @@ impl TrainMode {
 /// The gradients of `module`'s parameters from a backward pass: Burn's
 /// `GradientsParams::from_grads`, less the parameters held as Burn quantized tensors (frozen
 /// int8 weights, `TensorSource::quantize_frozen`), which nothing trains and which Burn 0.21's
-/// converter would dequantize under autodiff (a `todo!()` there). Every training loop of the
+/// converter would dequantize under autodiff (unimplemented there: a panic). Every training loop of the
 /// crate collects its gradients through it; a loop of one's own over an int8 base does too.
 pub fn gradients_params<B: AutodiffBackend, M: AutodiffModule<B>>(
     mut grads: B::Gradients,
@@ -57,7 +57,7 @@ pub fn gradients_params<B: AutodiffBackend, M: AutodiffModule<B>>(
 
 /// `module` on `device` with an autodiff graph of its own: Burn's `Module::fork`, leaving the
 /// parameters held as Burn quantized tensors as they are (frozen, untracked; Burn 0.21's
-/// autodiff cannot move one, a `todo!()` there).
+/// autodiff cannot move one: unimplemented there).
 pub fn fork<B: AutodiffBackend, M: AutodiffModule<B>>(module: M, device: &B::Device) -> M {
     struct Fork<'a, B: Backend>(&'a B::Device);
     impl<B: AutodiffBackend> ModuleMapper<B> for Fork<'_, B> {
@@ -131,7 +131,7 @@ impl<B: AutodiffBackend, F: Fn(&str) -> bool> ModuleMapper<B> for Trainable<F> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         // A quantized (int8 frozen) weight stays as it is: untracked, and Burn 0.21's autodiff
-        // would dequantize it to detach it (a `todo!()` there).
+        // would dequantize it to detach it (unimplemented there: a panic).
         if matches!(param.val().dtype(), DType::QFloat(_)) {
             return param;
         }

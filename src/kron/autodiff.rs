@@ -285,7 +285,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
 }
 
 /// Gives `AB` (Burn's `Autodiff<I>`, with no or balanced checkpointing) the operations on
-/// quantized tensors its own backend leaves to `todo!()` (`crate::qproduct`'s autodiff module):
+/// quantized tensors its own backend leaves unimplemented (`crate::qproduct`'s autodiff module):
 /// frozen weights held in int8 then train under it. Set by [`register_backward`] and the
 /// training loops' registration, and kept through [`unregister_backward`] (nothing else runs
 /// them).
@@ -616,8 +616,19 @@ pub(crate) fn contiguous_node<B: Backend, const D: usize>(t: Tensor<B, D>) -> Te
     )))
 }
 
+/// A quantized tensor's primitive, type-erased for one of [`QuantizedOps`].
+///
+/// # Panics
+/// If `t` is not quantized (the callers check its dtype).
+pub(crate) fn erase_quantized<B: Backend, const D: usize>(t: Tensor<B, D>) -> Box<dyn Any> {
+    match t.into_primitive() {
+        TensorPrimitive::QFloat(q) => Box::new(q),
+        TensorPrimitive::Float(_) => unreachable!("the callers pass quantized tensors"),
+    }
+}
+
 /// A registered operation's type-erased result as `B`'s tensor.
-fn unerase<B: Backend, const D: usize>(out: Box<dyn Any>) -> Tensor<B, D> {
+pub(crate) fn unerase<B: Backend, const D: usize>(out: Box<dyn Any>) -> Tensor<B, D> {
     let out = *out
         .downcast::<FloatTensor<B>>()
         .expect("registered under B's TypeId, so its primitives are these");

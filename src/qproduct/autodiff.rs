@@ -3,7 +3,7 @@
 //!
 //! Burn 0.21's `Autodiff<I>` keeps its inner backend's quantized tensors as its own (a
 //! `Tensor<Autodiff<I>, 2>` can hold one) but implements none of their operations: quantizing,
-//! dequantizing, and every product or lookup with a quantized operand stop with `todo!()`. The
+//! dequantizing, and every product or lookup with a quantized operand panic as unimplemented. The
 //! frozen weights need none of them differentiated — nothing trains them — only the inputs
 //! flowing through them. So this module gives the autodiff backend, through the registry of
 //! `crate::kron::autodiff` (which knows its inner backend `I`):

@@ -710,16 +710,6 @@ fn decoder_commands_on_smollm2() {
         );
         assert!(err.contains("int8 frozen weights"), "{err}");
     }
-    let (code, _, err) = run(&[
-        "generate",
-        "--model",
-        s(&gguf),
-        "--prompt",
-        "x",
-        "--base-weights",
-        "int4",
-    ]);
-    assert_eq!(code, 2, "an unknown --base-weights is a usage error: {err}");
     // export-gguf: the adapter merged into an F32 GGUF that carries SmolLM2's tokenizer runs
     // without the adapter and continues as transformers + PEFT; an F16 one is about half the
     // size and runs.
@@ -797,16 +787,20 @@ fn decoder_commands_on_smollm2() {
     assert_eq!(code, 1);
     let (code, _, err) = run(&["eval", "--model", s(&gguf), "--task", "mmlu"]);
     assert_eq!(code, 2, "{err}");
-    let (code, _, err) = run(&[
-        "generate",
-        "--model",
-        s(&gguf),
-        "--prompt",
-        "x",
-        "--temperature",
-        "0",
-    ]);
-    assert_eq!(code, 2, "{err}");
+    // A zero temperature and an unknown --base-weights are usage errors.
+    for [flag, value] in [["--temperature", "0"], ["--base-weights", "int4"]] {
+        let args = [
+            "generate",
+            "--model",
+            s(&gguf),
+            "--prompt",
+            "x",
+            flag,
+            value,
+        ];
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 2, "{flag} {value}: {err}");
+    }
     let (code, _, err) = run(&[
         "eval",
         "--model",
