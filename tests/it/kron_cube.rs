@@ -1,5 +1,5 @@
 //! The fused CubeCL kernel for the Kronecker apply (`kron::cube`), on the wgpu backend (CI runs
-//! it on Mesa's lavapipe): one `a` step and one `b` step against f64 host loops, in both of its
+//! it on Mesa's lavapipe) and on CUDA (`scripts/gpu_check.sh` on a lent NVIDIA GPU): one `a` step and one `b` step against f64 host loops, in both of its
 //! orders, with strided inputs, columns that do not fill a tile, a `p × tile` block that needs
 //! a smaller tile, and more rows than one cube-count dimension holds; then registered, KronA's
 //! and Kron-LoRA's plans through `kron_apply` (inference) and its gradients through the apply's

@@ -19,7 +19,7 @@ mod encoder;
 #[cfg(feature = "finetune")]
 mod finetune;
 mod kron_backward;
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod kron_cube;
 mod kron_math;
 #[cfg(feature = "train")]
@@ -32,7 +32,7 @@ mod multi;
 mod parallel;
 mod peft_io;
 mod peft_parity;
-#[cfg(any(feature = "flex", feature = "wgpu"))]
+#[cfg(any(feature = "flex", feature = "wgpu", feature = "cuda"))]
 mod precision;
 mod products;
 mod quant;

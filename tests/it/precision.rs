@@ -114,8 +114,8 @@ fn half_precision_base_on_flex() {
     check::<burn::backend::Autodiff<burn::backend::Flex>>();
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[test]
-fn half_precision_base_on_wgpu() {
+fn half_precision_base_on_the_gpu_backend() {
     check::<crate::common::AB>();
 }

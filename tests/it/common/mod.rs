@@ -4,13 +4,16 @@
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
-/// The backend under test: NdArray by default, Wgpu with `--features wgpu`, LibTorch with
-/// `--features tch` (see docs/benchmarks.md, "LibTorch", for building it).
-#[cfg(not(any(feature = "wgpu", feature = "tch")))]
+/// The backend under test: NdArray by default, Wgpu with `--features wgpu`, CUDA with
+/// `--features cuda` (on a machine with an NVIDIA GPU), LibTorch with `--features tch` (see
+/// docs/benchmarks.md, "LibTorch", for building it).
+#[cfg(not(any(feature = "wgpu", feature = "cuda", feature = "tch")))]
 pub type TB = burn::backend::NdArray<f32>;
 #[cfg(feature = "wgpu")]
 pub type TB = burn::backend::Wgpu;
-#[cfg(all(feature = "tch", not(feature = "wgpu")))]
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+pub type TB = burn::backend::Cuda;
+#[cfg(all(feature = "tch", not(any(feature = "wgpu", feature = "cuda"))))]
 pub type TB = burn::backend::LibTorch;
 
 /// Its autodiff wrapper.
