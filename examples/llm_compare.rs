@@ -91,6 +91,10 @@ struct Args {
     /// (`kron_adapters::shards`; default: the training loops', 2 on flex and ndarray).
     #[arg(long)]
     batch_parts: Option<usize>,
+    /// With `--measure`: training steps, the first a warm-up the mean leaves out (more on a
+    /// GPU, whose steps are short and whose first compiles the kernels).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..))]
+    measure_steps: u64,
 }
 
 const TASKS: [TaskKind; 5] = [
@@ -179,7 +183,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 fn run() -> Res<()> {
     let args = Args::parse();
     if let Some(spec) = &args.measure {
-        return measure(spec, args.batch_parts);
+        return measure(spec, args.batch_parts, args.measure_steps as usize);
     }
     let cache = AssetCache::default();
     let log = |m: &str| eprintln!("{m}");
@@ -700,8 +704,11 @@ fn peak_mb() -> f64 {
     kron_adapters::finetune::timing::memory_bytes().map_or(0.0, |(_, peak)| peak as f64 / 1048576.0)
 }
 
-/// Times training steps (forward, masked loss, backward, AdamW) of one method at one width.
-fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
+/// Times training steps (forward, masked loss, backward, AdamW) of one method at one width:
+/// `smollm2` (the GGUF's weights), `smollm2-random` (its shapes, random weights: no asset
+/// needed, for `scripts/side_by_side.py --decoder` and a GPU machine without network),
+/// `mistral7b-layer`.
+fn measure(spec: &str, parts: Option<usize>, steps: usize) -> Res<()> {
     let (method, width) = spec.split_once(':').ok_or("METHOD:WIDTH")?;
     // As the training loops (`finetune_mc`) do: the Kronecker apply's own backward and, on
     // flex, the host GELU/SiLU nodes.
@@ -716,8 +723,14 @@ fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
             let (source, config) = llama::gguf_source(&file, &gguf.display().to_string())?;
             (config, source, 8, 64)
         }
+        "smollm2-random" => (LlamaConfig::smollm2_135m(), TensorSource::random(1), 8, 64),
         "mistral7b-layer" => (mistral_layer(), TensorSource::random(1), 1, 2048),
-        other => return Err(format!("width {other}").into()),
+        other => {
+            return Err(format!(
+                "width `{other}`: expected smollm2, smollm2-random or mistral7b-layer"
+            )
+            .into())
+        }
     };
     let mut source = source;
     let p = placement(method, &config);
@@ -738,7 +751,7 @@ fn measure(spec: &str, parts: Option<usize>) -> Res<()> {
     let mut optim = kron_adapters::optim::adamw(&AdamWConfig::new());
     let mut model = Some(model);
     let mut times = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..steps {
         let m = model.take().expect("put back");
         let t = Instant::now();
         let (grads, _) = kron_adapters::shards::gradients(&m, refs.len(), parts, 0, |m, p| {

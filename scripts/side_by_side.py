@@ -10,11 +10,18 @@ run; prints tables of medians and ratios. Optional, not part of CI.
    and the trained layer itself; each method in its own process on both sides, so that the
    peak resident memory (`peak MB`: the process's peak above what it held before building the
    layer, so weights, input, activations, gradients and optimizer state) is that method's.
+3. With `--decoder`: one AdamW step of a whole SmolLM2-135M-shaped decoder (random weights, 8
+   sequences × 64 tokens, the loss on the second half's tokens — the crate's `masked_nll`, whose
+   logits are only the continuation's; PyTorch computes the same positions' logits) with adapters
+   on the seven projections: PEFT's LoRA r = 8 and LoKr (r = 8: `A ⊗ (B1·B2)` materialized; full
+   `w2`: KronA materialized) against this crate's LoRA-8, Kron-LoRA and KronA as `llm_compare`
+   places them (`llm_compare --measure METHOD:smollm2-random`, its own process per method).
 
     python3 -m venv venv && venv/bin/pip install torch transformers peft safetensors
     venv/bin/python scripts/side_by_side.py MODEL_DIR [--threads N] [--skip-layers] [--step-time BIN]
     venv/bin/python scripts/side_by_side.py --skip-minilm            # the LLM widths only
     venv/bin/python scripts/side_by_side.py MODEL_DIR --budget 3 --rounds 3   # steadier ratios
+    venv/bin/python scripts/side_by_side.py --skip-minilm --skip-layers --decoder --rounds 3   # the decoder alone
 
 `--rounds R` runs every method's process R times, all methods once per round in the same order,
 and reports each method's median over the rounds (its step median within each process): on a
@@ -289,6 +296,88 @@ def where(a):
     return f"{torch.cuda.get_device_name()}"
 
 
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DECODER_METHODS = ["lora8", "peft_lokr_r8", "peft_lokr_krona"]
+
+
+def decoder_step(method, budget, batch=8, seq=64):
+    """One AdamW step of a SmolLM2-135M-shaped decoder with `method` on random ids: median ms
+    and trainable parameters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                      rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    if method == "lora8":
+        peft = LoraConfig(r=8, lora_alpha=16, target_modules=DECODER_TARGETS)
+    elif method == "peft_lokr_r8":
+        peft = LoKrConfig(r=8, alpha=16, target_modules=DECODER_TARGETS)
+    elif method == "peft_lokr_krona":
+        # w2 kept full on every projection: r at least half of the largest side.
+        peft = LoKrConfig(r=1536, alpha=1536, target_modules=DECODER_TARGETS)
+    else:
+        raise SystemExit(f"unknown decoder method {method}")
+    model = get_peft_model(model, peft).to(DEVICE)
+    model.eval()  # no dropout; gradients still computed
+    inner = model.base_model.model  # the LlamaForCausalLM, its projections adapted in place
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEVICE)
+    start = seq // 2
+    targets = ids[:, start:]
+
+    def step():
+        h = inner.model(input_ids=ids).last_hidden_state[:, start - 1:-1]
+        logp = torch.log_softmax(inner.lm_head(h).float(), dim=-1)
+        loss = -logp.gather(-1, targets[..., None]).sum() / targets.numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return median_ms(step, budget), sum(p.numel() for p in params)
+
+
+def decoder_block(a):
+    def pytorch(m):
+        def run():
+            r = child(["--child-decoder", m, "--budget", str(a.budget), "--threads", str(a.threads),
+                       "--device", a.device])
+            return {"ms": r["ms"], "trainable": r["trainable"]}
+        return run
+
+    def crate(m):
+        def run():
+            r = ours([a.llm_compare], ["--measure", f"{m}:smollm2-random", "--measure-steps", str(a.decoder_steps)])
+            return {"ms": r["step_ms"], "trainable": r["trainable"], "backend": "llm_compare"}
+        return run
+
+    runs = [("pytorch", m, pytorch(m)) for m in DECODER_METHODS]
+    runs += [("ours", m, crate(m)) for m in ["lora8", "kron-lora", "krona"]]
+    results = in_rounds(a.rounds, runs, "decoder ")
+    lora_pt = results[0][2]["ms"]
+    lora_ours = results[len(DECODER_METHODS)][2]["ms"]
+    print(f"\nOne training step of a SmolLM2-135M-shaped decoder (random weights), 8 × 64 tokens, {where(a)}, "
+          f"median ms ({a.rounds} round(s))\n")
+    print("| implementation: method | trainable | ms | rounds' ms | vs its LoRA-8 | vs PyTorch's LoRA-8 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for side, m, r in results:
+        name = f"PyTorch {torch.__version__}: {m}" if side == "pytorch" else f"kron-adapters: {m}"
+        own = lora_pt if side == "pytorch" else lora_ours
+        print(f"| {name} | {r['trainable']} | {fmt_ms(r['ms'])} | {spread(r['all_ms'])} | {r['ms'] / own:.2f} "
+              f"| {r['ms'] / lora_pt:.2f} |")
+    if a.rounds > 1:
+        by = {(side, m): r["all_ms"] for side, m, r in results}
+        for m in ["kron-lora", "krona"]:
+            ratios = [k / l for k, l in zip(by[("ours", m)], by[("ours", "lora8")])]
+            print(f"\nthis crate's {m} / its LoRA-8 by round: {' / '.join(f'{x:.2f}' for x in ratios)} "
+                  f"(median {statistics.median(ratios):.2f})")
+        ratios = [o / p for o, p in zip(by[("ours", "lora8")], by[("pytorch", "lora8")])]
+        print(f"\nthis crate's LoRA-8 / PyTorch's by round: {' / '.join(f'{x:.2f}' for x in ratios)} "
+              f"(median {statistics.median(ratios):.2f})")
+    print(flush=True)
+
+
 def minilm_block(a, cmd):
     def pytorch(m):
         return lambda: child([a.model_dir, "--child-minilm", m, "--batch", str(a.batch), "--seq", str(a.seq),
@@ -381,6 +470,12 @@ def main():
                    help="this crate's methods of a block in one process (fewer processes, each compiling its GPU "
                         "kernels once; no per-method peak memory); with --rounds 1 only")
     p.add_argument("--step-time", help="this crate's step_time binary (default: build it with cargo)")
+    p.add_argument("--decoder", action="store_true",
+                   help="also the whole-decoder block (SmolLM2-135M shapes, random weights)")
+    p.add_argument("--decoder-steps", type=int, default=3,
+                   help="the decoder block's steps in this crate's process, the first a warm-up")
+    p.add_argument("--llm-compare", help="this crate's llm_compare binary for --decoder (default: build it with cargo)")
+    p.add_argument("--child-decoder", help=argparse.SUPPRESS)
     p.add_argument("--child-layer", help=argparse.SUPPRESS)
     p.add_argument("--child-minilm", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -396,14 +491,20 @@ def main():
         d_in, d_out, m = a.child_layer.split(",")
         print(json.dumps(layer_step(m, int(d_in), int(d_out), a.tokens, a.budget)))
         return
+    if a.child_decoder:
+        ms, trainable = decoder_step(a.child_decoder, a.budget)
+        print(json.dumps({"ms": ms, "trainable": trainable}))
+        return
     if a.child_minilm:
         ms, trainable = time_step(a.child_minilm, a.model_dir, a.batch, a.seq, a.budget)
         print(json.dumps({"ms": ms, "trainable": trainable}))
         return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if a.step_time:
         cmd = [a.step_time]
+    elif a.skip_minilm and a.skip_layers:
+        cmd = None
     else:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         subprocess.run(["cargo", "build", "--release", "--quiet", "--features", "full", "--example", "step_time"],
                        check=True, cwd=root)
         cmd = [os.path.join(root, "target", "release", "examples", "step_time")]
@@ -413,6 +514,12 @@ def main():
         minilm_block(a, cmd)
     if not a.skip_layers:
         layer_block(a, cmd)
+    if a.decoder:
+        if not a.llm_compare:
+            subprocess.run(["cargo", "build", "--release", "--quiet", "--features", "full", "--example", "llm_compare"],
+                           check=True, cwd=root)
+            a.llm_compare = os.path.join(root, "target", "release", "examples", "llm_compare")
+        decoder_block(a)
 
 
 if __name__ == "__main__":
