@@ -1,8 +1,9 @@
 #!/bin/bash
 # The GPU checks for an NVIDIA machine with no network (docs/benchmarks.md, "GPU"): the
 # integration suite on CUDA, then training-step times side by side with PyTorch + PEFT on the same
-# card, the fused CubeCL kernel against Burn's two products, Burn's kernel fusion with autotuning,
-# and wgpu on the card's Vulkan driver. Each part has its own time limit and log, so a slow or
+# card (MiniLM, single layers at LLM widths, a whole SmolLM2-shaped decoder), the fused CubeCL
+# kernel against Burn's two products, Burn's kernel fusion with autotuning, and wgpu on the
+# card's Vulkan driver. Each part has its own time limit and log, so a slow or
 # failing part leaves the others' figures.
 #
 # Prepared on the build machine (x86-64 Linux; the GPU machine needs no Rust toolchain):
@@ -28,8 +29,9 @@ if [ "${1:-}" = "--prepare" ]; then
     mkdir -p $D
     pwd >$D/manifest_dir # where the suite looks for tests/fixtures
     release=target/release/examples
-    cargo build --release --features full,cuda --example step_time
+    cargo build --release --features full,cuda --example step_time --example llm_compare
     cp $release/step_time $D/step_time_cuda
+    cp $release/llm_compare $D/llm_compare_cuda
     it=$(cargo test --release --features full,cuda --test it --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("reason") == "compiler-artifact" and j.get("executable") and j["target"]["name"] == "it"][-1])')
     cp "$it" $D/it_cuda
@@ -37,8 +39,9 @@ if [ "${1:-}" = "--prepare" ]; then
     cp $release/step_time $D/step_time_cuda_fusion
     cargo build --release --features full,wgpu --example step_time
     cp $release/step_time $D/step_time_wgpu
-    strip $D/step_time_* $D/it_cuda
-    xz -T2 -f -6 $D/step_time_cuda $D/step_time_cuda_fusion $D/step_time_wgpu $D/it_cuda
+    bins="$D/step_time_cuda $D/llm_compare_cuda $D/step_time_cuda_fusion $D/step_time_wgpu $D/it_cuda"
+    strip $bins
+    xz -T2 -f -6 $bins
     ls -la $D
     exit 0
 fi
@@ -68,22 +71,25 @@ part() { # part NAME SECONDS COMMAND...: runs COMMAND with a limit, its output i
     python3 -c 'import torch, peft, transformers; print("torch", torch.__version__, "peft", peft.__version__, "transformers", transformers.__version__)'
 } >"$OUT/machine.log" 2>&1
 cat "$OUT/machine.log"
-part suite "${SUITE_S:-150}" $B/it_cuda --skip cli:: --test-threads 16
+part suite "${SUITE_S:-120}" $B/it_cuda --skip cli:: --test-threads 16
 grep -E "^test result|FAILED|panicked" "$OUT/suite.log" | head -20
-part side_by_side "${SIDE_S:-170}" env PYTHONUNBUFFERED=1 python3 scripts/side_by_side.py random --device cuda \
+part side_by_side "${SIDE_S:-130}" env PYTHONUNBUFFERED=1 python3 scripts/side_by_side.py random --device cuda \
     --budget 0.5 --crate-once --layers 576,1536 4096,14336 --step-time $B/step_time_cuda
 grep -E "^\|" "$OUT/side_by_side.log"
+part decoder "${DECODER_S:-90}" env PYTHONUNBUFFERED=1 python3 scripts/side_by_side.py --skip-minilm --skip-layers \
+    --decoder --device cuda --budget 1 --decoder-steps 8 --llm-compare $B/llm_compare_cuda
+grep -E "^\|" "$OUT/decoder.log"
 # The fused kernel (kron::cube) against Burn's two products: KronA on MiniLM and at 4096 widths.
-part fused "${FUSED_S:-60}" bash -c "for f in '' --fused-kernel; do
+part fused "${FUSED_S:-40}" bash -c "for f in '' --fused-kernel; do
     $B/step_time_cuda --budget 0.5 --methods krona,kron_lora_r12 \$f
     $B/step_time_cuda --budget 0.5 --layer 4096,14336 --methods lora_r8,krona,kron_lora_r8 \$f
 done"
 grep '^{' "$OUT/fused.log"
-part fusion "${FUSION_S:-70}" bash -c "$B/step_time_cuda_fusion --budget 0.5 && \
+part fusion "${FUSION_S:-50}" bash -c "$B/step_time_cuda_fusion --budget 0.5 && \
     $B/step_time_cuda_fusion --budget 0.5 --layer 4096,14336"
 grep '^{' "$OUT/fusion.log"
 if ldconfig -p | grep -q libvulkan; then
-    part wgpu "${WGPU_S:-70}" bash -c "$B/step_time_wgpu --budget 0.5 && \
+    part wgpu "${WGPU_S:-50}" bash -c "$B/step_time_wgpu --budget 0.5 && \
         $B/step_time_wgpu --budget 0.5 --layer 4096,14336"
     grep '^{' "$OUT/wgpu.log"
 else
