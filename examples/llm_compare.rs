@@ -503,6 +503,7 @@ fn run() -> Res<()> {
                 let r = Measured {
                     step_ms: median_of(|r| r.step_ms),
                     peak_mb: median_of(|r| r.peak_mb),
+                    start_mb: median_of(|r| r.start_mb),
                     trainable: v[0].trainable,
                     tokens: v[0].tokens,
                     rounds_ms: v.iter().map(|r| r.step_ms).collect(),
@@ -664,7 +665,11 @@ struct QuantResult {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Measured {
     step_ms: f64,
+    /// The process's peak resident memory, MB.
     peak_mb: f64,
+    /// Its resident memory before the model was built, MB (0 in runs from before stop 46).
+    #[serde(default)]
+    start_mb: f64,
     trainable: usize,
     tokens: usize,
     /// Each round's `step_ms` (the timing part's rounds; empty in one measurement).
@@ -709,6 +714,8 @@ fn peak_mb() -> f64 {
 /// needed, for `scripts/side_by_side.py --decoder` and a GPU machine without network),
 /// `mistral7b-layer`.
 fn measure(spec: &str, parts: Option<usize>, steps: usize) -> Res<()> {
+    let start_mb = kron_adapters::finetune::timing::memory_bytes()
+        .map_or(0.0, |(resident, _)| resident as f64 / 1048576.0);
     let (method, width) = spec.split_once(':').ok_or("METHOD:WIDTH")?;
     // As the training loops (`finetune_mc`) do: the Kronecker apply's own backward and, on
     // flex, the host GELU/SiLU nodes.
@@ -767,6 +774,7 @@ fn measure(spec: &str, parts: Option<usize>, steps: usize) -> Res<()> {
     let r = Measured {
         step_ms,
         peak_mb: peak_mb(),
+        start_mb,
         trainable,
         tokens: refs.len() * seq,
         rounds_ms: Vec::new(),

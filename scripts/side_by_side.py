@@ -172,12 +172,22 @@ def status_mb(key):
     return kb / 1024
 
 
-def layer_step(method, d_in, d_out, tokens, budget):
-    """One AdamW step of a frozen d_in × d_out layer with `method`'s adapter on random rows."""
-    # Reset the peak resident set (Linux) so that the imports' peak does not count.
+def reset_peak():
+    """Resets the peak resident set (Linux), so that the imports' peak does not count; the memory
+    held now, MB (resident on the CPU, allocated on a GPU)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    start_mb = status_mb("VmRSS") if DEVICE.type == "cpu" else torch.cuda.memory_allocated() / 2**20
+    return status_mb("VmRSS") if DEVICE.type == "cpu" else torch.cuda.memory_allocated() / 2**20
+
+
+def peak_mb():
+    """The peak since `reset_peak`, MB (resident on the CPU, allocated on a GPU)."""
+    return status_mb("VmHWM") if DEVICE.type == "cpu" else torch.cuda.max_memory_allocated() / 2**20
+
+
+def layer_step(method, d_in, d_out, tokens, budget):
+    """One AdamW step of a frozen d_in × d_out layer with `method`'s adapter on random rows."""
+    start_mb = reset_peak()
     torch.manual_seed(0)
     model = Layer(d_in, d_out).to(DEVICE)
     if method == "lora_r8":
@@ -205,8 +215,7 @@ def layer_step(method, d_in, d_out, tokens, budget):
         opt.step()
 
     ms = median_ms(step, budget)
-    peak_mb = status_mb("VmHWM") if DEVICE.type == "cpu" else torch.cuda.max_memory_allocated() / 2**20
-    return {"ms": ms, "trainable": sum(p.numel() for p in params), "peak_mb": peak_mb, "start_mb": start_mb}
+    return {"ms": ms, "trainable": sum(p.numel() for p in params), "peak_mb": peak_mb(), "start_mb": start_mb}
 
 
 def minilm_step(method, model_dir, batch, seq):
@@ -301,9 +310,11 @@ DECODER_METHODS = ["lora8", "peft_lokr_r8", "peft_lokr_krona"]
 
 
 def decoder_step(method, budget, batch=8, seq=64):
-    """One AdamW step of a SmolLM2-135M-shaped decoder with `method` on random ids: median ms
-    and trainable parameters."""
+    """One AdamW step of a SmolLM2-135M-shaped decoder with `method` on random ids: median ms,
+    trainable parameters, and the peak memory above what the process held before building the
+    model (MB: resident on the CPU, allocated on a GPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    start_mb = reset_peak()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
@@ -335,7 +346,8 @@ def decoder_step(method, budget, batch=8, seq=64):
         loss.backward()
         opt.step()
 
-    return median_ms(step, budget), sum(p.numel() for p in params)
+    ms = median_ms(step, budget)
+    return ms, sum(p.numel() for p in params), peak_mb() - start_mb
 
 
 def decoder_block(a):
@@ -343,13 +355,14 @@ def decoder_block(a):
         def run():
             r = child(["--child-decoder", m, "--budget", str(a.budget), "--threads", str(a.threads),
                        "--device", a.device])
-            return {"ms": r["ms"], "trainable": r["trainable"]}
+            return {"ms": r["ms"], "trainable": r["trainable"], "mb": r["mb"]}
         return run
 
     def crate(m):
         def run():
             r = ours([a.llm_compare], ["--measure", f"{m}:smollm2-random", "--measure-steps", str(a.decoder_steps)])
-            return {"ms": r["step_ms"], "trainable": r["trainable"], "backend": "llm_compare"}
+            mb = r["peak_mb"] - r["start_mb"] if a.device == "cpu" else None
+            return {"ms": r["step_ms"], "trainable": r["trainable"], "mb": mb, "backend": "llm_compare"}
         return run
 
     runs = [("pytorch", m, pytorch(m)) for m in DECODER_METHODS]
@@ -359,13 +372,14 @@ def decoder_block(a):
     lora_ours = results[len(DECODER_METHODS)][2]["ms"]
     print(f"\nOne training step of a SmolLM2-135M-shaped decoder (random weights), 8 × 64 tokens, {where(a)}, "
           f"median ms ({a.rounds} round(s))\n")
-    print("| implementation: method | trainable | ms | rounds' ms | vs its LoRA-8 | vs PyTorch's LoRA-8 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| implementation: method | trainable | ms | rounds' ms | vs its LoRA-8 | vs PyTorch's LoRA-8 | peak MB (the model's weights included) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side, m, r in results:
         name = f"PyTorch {torch.__version__}: {m}" if side == "pytorch" else f"kron-adapters: {m}"
         own = lora_pt if side == "pytorch" else lora_ours
+        mem = f"{r['mb']:.0f}" if r.get("mb") is not None else "—"
         print(f"| {name} | {r['trainable']} | {fmt_ms(r['ms'])} | {spread(r['all_ms'])} | {r['ms'] / own:.2f} "
-              f"| {r['ms'] / lora_pt:.2f} |")
+              f"| {r['ms'] / lora_pt:.2f} | {mem} |")
     if a.rounds > 1:
         by = {(side, m): r["all_ms"] for side, m, r in results}
         for m in ["kron-lora", "krona"]:
@@ -492,8 +506,8 @@ def main():
         print(json.dumps(layer_step(m, int(d_in), int(d_out), a.tokens, a.budget)))
         return
     if a.child_decoder:
-        ms, trainable = decoder_step(a.child_decoder, a.budget)
-        print(json.dumps({"ms": ms, "trainable": trainable}))
+        ms, trainable, mb = decoder_step(a.child_decoder, a.budget)
+        print(json.dumps({"ms": ms, "trainable": trainable, "mb": mb}))
         return
     if a.child_minilm:
         ms, trainable = time_step(a.child_minilm, a.model_dir, a.batch, a.seq, a.budget)
