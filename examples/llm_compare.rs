@@ -95,6 +95,22 @@ struct Args {
     /// GPU, whose steps are short and whose first compiles the kernels).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..))]
     measure_steps: u64,
+    /// With `--measure`: sequences × tokens of the batch (`8x64`; default: the width's, 8 × 64
+    /// at SmolLM2, 1 × 2,048 at the Mistral layer). The loss is on each sequence's second half.
+    #[arg(long, value_parser = parse_shape)]
+    measure_shape: Option<(usize, usize)>,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let parsed = s
+        .split_once('x')
+        .and_then(|(b, t)| Some((b.trim().parse().ok()?, t.trim().parse().ok()?)));
+    match parsed {
+        Some((b, t)) if b > 0 && t > 1 => Ok((b, t)),
+        _ => Err(format!(
+            "`{s}`: expected SEQUENCESxTOKENS with at least one sequence of two tokens, e.g. 8x64"
+        )),
+    }
 }
 
 const TASKS: [TaskKind; 5] = [
@@ -183,7 +199,12 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 fn run() -> Res<()> {
     let args = Args::parse();
     if let Some(spec) = &args.measure {
-        return measure(spec, args.batch_parts, args.measure_steps as usize);
+        return measure(
+            spec,
+            args.batch_parts,
+            args.measure_steps as usize,
+            args.measure_shape,
+        );
     }
     let cache = AssetCache::default();
     let log = |m: &str| eprintln!("{m}");
@@ -713,7 +734,12 @@ fn peak_mb() -> f64 {
 /// `smollm2` (the GGUF's weights), `smollm2-random` (its shapes, random weights: no asset
 /// needed, for `scripts/side_by_side.py --decoder` and a GPU machine without network),
 /// `mistral7b-layer`.
-fn measure(spec: &str, parts: Option<usize>, steps: usize) -> Res<()> {
+fn measure(
+    spec: &str,
+    parts: Option<usize>,
+    steps: usize,
+    shape: Option<(usize, usize)>,
+) -> Res<()> {
     let start_mb = kron_adapters::finetune::timing::memory_bytes()
         .map_or(0.0, |(resident, _)| resident as f64 / 1048576.0);
     let (method, width) = spec.split_once(':').ok_or("METHOD:WIDTH")?;
@@ -739,6 +765,7 @@ fn measure(spec: &str, parts: Option<usize>, steps: usize) -> Res<()> {
             .into())
         }
     };
+    let (batch, seq) = shape.unwrap_or((batch, seq));
     let mut source = source;
     let p = placement(method, &config);
     let model = LlamaForCausalLM::<Train>::new(&mut source, &config, &p, &device)?;

@@ -11,7 +11,7 @@ run; prints tables of medians and ratios. Optional, not part of CI.
    peak resident memory (`peak MB`: the process's peak above what it held before building the
    layer, so weights, input, activations, gradients and optimizer state) is that method's.
 3. With `--decoder`: one AdamW step of a whole SmolLM2-135M-shaped decoder (random weights, 8
-   sequences × 64 tokens, the loss on the second half's tokens — the crate's `masked_nll`, whose
+   sequences × 64 tokens or `--decoder-shape`'s, the loss on the second half's tokens — the crate's `masked_nll`, whose
    logits are only the continuation's; PyTorch computes the same positions' logits) with adapters
    on the seven projections: PEFT's LoRA r = 8 and LoKr (r = 8: `A ⊗ (B1·B2)` materialized; full
    `w2`: KronA materialized) against this crate's LoRA-8, Kron-LoRA and KronA as `llm_compare`
@@ -309,7 +309,7 @@ DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DECODER_METHODS = ["lora8", "peft_lokr_r8", "peft_lokr_krona"]
 
 
-def decoder_step(method, budget, batch=8, seq=64):
+def decoder_step(method, budget, batch, seq):
     """One AdamW step of a SmolLM2-135M-shaped decoder with `method` on random ids: median ms,
     trainable parameters, and the peak memory above what the process held before building the
     model (MB: resident on the CPU, allocated on a GPU)."""
@@ -350,17 +350,24 @@ def decoder_step(method, budget, batch=8, seq=64):
     return ms, sum(p.numel() for p in params), peak_mb() - start_mb
 
 
+def shape(text):
+    """`8x64` as (8, 64)."""
+    b, t = text.split("x")
+    return int(b), int(t)
+
+
 def decoder_block(a):
     def pytorch(m):
         def run():
             r = child(["--child-decoder", m, "--budget", str(a.budget), "--threads", str(a.threads),
-                       "--device", a.device])
+                       "--device", a.device, "--decoder-shape", a.decoder_shape])
             return {"ms": r["ms"], "trainable": r["trainable"], "mb": r["mb"]}
         return run
 
     def crate(m):
         def run():
-            r = ours([a.llm_compare], ["--measure", f"{m}:smollm2-random", "--measure-steps", str(a.decoder_steps)])
+            r = ours([a.llm_compare], ["--measure", f"{m}:smollm2-random", "--measure-steps", str(a.decoder_steps),
+                                       "--measure-shape", a.decoder_shape])
             mb = r["peak_mb"] - r["start_mb"] if a.device == "cpu" else None
             return {"ms": r["step_ms"], "trainable": r["trainable"], "mb": mb, "backend": "llm_compare"}
         return run
@@ -370,7 +377,8 @@ def decoder_block(a):
     results = in_rounds(a.rounds, runs, "decoder ")
     lora_pt = results[0][2]["ms"]
     lora_ours = results[len(DECODER_METHODS)][2]["ms"]
-    print(f"\nOne training step of a SmolLM2-135M-shaped decoder (random weights), 8 × 64 tokens, {where(a)}, "
+    batch, seq = shape(a.decoder_shape)
+    print(f"\nOne training step of a SmolLM2-135M-shaped decoder (random weights), {batch} × {seq} tokens, {where(a)}, "
           f"median ms ({a.rounds} round(s))\n")
     print("| implementation: method | trainable | ms | rounds' ms | vs its LoRA-8 | vs PyTorch's LoRA-8 | peak MB (the model's weights included) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -486,6 +494,7 @@ def main():
     p.add_argument("--step-time", help="this crate's step_time binary (default: build it with cargo)")
     p.add_argument("--decoder", action="store_true",
                    help="also the whole-decoder block (SmolLM2-135M shapes, random weights)")
+    p.add_argument("--decoder-shape", default="8x64", help="the decoder block's sequences x tokens")
     p.add_argument("--decoder-steps", type=int, default=3,
                    help="the decoder block's steps in this crate's process, the first a warm-up")
     p.add_argument("--llm-compare", help="this crate's llm_compare binary for --decoder (default: build it with cargo)")
@@ -506,7 +515,7 @@ def main():
         print(json.dumps(layer_step(m, int(d_in), int(d_out), a.tokens, a.budget)))
         return
     if a.child_decoder:
-        ms, trainable, mb = decoder_step(a.child_decoder, a.budget)
+        ms, trainable, mb = decoder_step(a.child_decoder, a.budget, *shape(a.decoder_shape))
         print(json.dumps({"ms": ms, "trainable": trainable, "mb": mb}))
         return
     if a.child_minilm:
