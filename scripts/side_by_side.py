@@ -11,7 +11,8 @@ run; prints tables of medians and ratios. Optional, not part of CI.
    peak resident memory (`peak MB`: the process's peak above what it held before building the
    layer, so weights, input, activations, gradients and optimizer state) is that method's.
 3. With `--decoder`: one AdamW step of a whole SmolLM2-135M-shaped decoder (random weights, 8
-   sequences × 64 tokens or `--decoder-shape`'s, the loss on the second half's tokens — the crate's `masked_nll`, whose
+   sequences × 64 tokens or `--decoder-shape`'s; `--decoder-model mistral7b-layer`: one
+   Mistral-7B layer on 1 × 2,048 tokens), the loss on the second half's tokens — the crate's `masked_nll`, whose
    logits are only the continuation's; PyTorch computes the same positions' logits) with adapters
    on the seven projections: PEFT's LoRA r = 8 and LoKr (r = 8: `A ⊗ (B1·B2)` materialized; full
    `w2`: KronA materialized) against this crate's LoRA-8, Kron-LoRA and KronA as `llm_compare`
@@ -309,16 +310,29 @@ DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DECODER_METHODS = ["lora8", "peft_lokr_r8", "peft_lokr_krona"]
 
 
-def decoder_step(method, budget, batch, seq):
-    """One AdamW step of a SmolLM2-135M-shaped decoder with `method` on random ids: median ms,
-    trainable parameters, and the peak memory above what the process held before building the
-    model (MB: resident on the CPU, allocated on a GPU)."""
+# The decoder block's models: the crate's `llm_compare --measure` width, PyTorch's config, the
+# default sequences x tokens.
+DECODERS = {
+    "smollm2": ("smollm2-random", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                       head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+                                       tie_word_embeddings=True), "8x64"),
+    # One Mistral-7B decoder layer with a 256-token vocabulary (`llm_compare`'s mistral_layer).
+    "mistral7b-layer": ("mistral7b-layer", dict(vocab_size=256, hidden_size=4096, intermediate_size=14336,
+                                                num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
+                                                head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
+                                                tie_word_embeddings=False), "1x2048"),
+}
+
+
+def decoder_step(method, model_name, budget, batch, seq):
+    """One AdamW step of a `model_name`-shaped decoder (DECODERS) with `method` on random ids:
+    median ms, trainable parameters, and the peak memory above what the process held before
+    building the model (MB: resident on the CPU, allocated on a GPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     start_mb = reset_peak()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                      rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True)
+    cfg = LlamaConfig(rms_norm_eps=1e-5, **DECODERS[model_name][1])
     model = LlamaForCausalLM(cfg)
     if method == "lora8":
         peft = LoraConfig(r=8, lora_alpha=16, target_modules=DECODER_TARGETS)
@@ -360,13 +374,14 @@ def decoder_block(a):
     def pytorch(m):
         def run():
             r = child(["--child-decoder", m, "--budget", str(a.budget), "--threads", str(a.threads),
-                       "--device", a.device, "--decoder-shape", a.decoder_shape])
+                       "--device", a.device, "--decoder-shape", a.decoder_shape, "--decoder-model", a.decoder_model])
             return {"ms": r["ms"], "trainable": r["trainable"], "mb": r["mb"]}
         return run
 
     def crate(m):
         def run():
-            r = ours([a.llm_compare], ["--measure", f"{m}:smollm2-random", "--measure-steps", str(a.decoder_steps),
+            width = DECODERS[a.decoder_model][0]
+            r = ours([a.llm_compare], ["--measure", f"{m}:{width}", "--measure-steps", str(a.decoder_steps),
                                        "--measure-shape", a.decoder_shape])
             mb = r["peak_mb"] - r["start_mb"] if a.device == "cpu" else None
             return {"ms": r["step_ms"], "trainable": r["trainable"], "mb": mb, "backend": "llm_compare"}
@@ -378,7 +393,8 @@ def decoder_block(a):
     lora_pt = results[0][2]["ms"]
     lora_ours = results[len(DECODER_METHODS)][2]["ms"]
     batch, seq = shape(a.decoder_shape)
-    print(f"\nOne training step of a SmolLM2-135M-shaped decoder (random weights), {batch} × {seq} tokens, {where(a)}, "
+    what = "a SmolLM2-135M-shaped decoder" if a.decoder_model == "smollm2" else "one Mistral-7B decoder layer"
+    print(f"\nOne training step of {what} (random weights), {batch} × {seq} tokens, {where(a)}, "
           f"median ms ({a.rounds} round(s))\n")
     print("| implementation: method | trainable | ms | rounds' ms | vs its LoRA-8 | vs PyTorch's LoRA-8 | peak MB (the model's weights included) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -494,7 +510,10 @@ def main():
     p.add_argument("--step-time", help="this crate's step_time binary (default: build it with cargo)")
     p.add_argument("--decoder", action="store_true",
                    help="also the whole-decoder block (SmolLM2-135M shapes, random weights)")
-    p.add_argument("--decoder-shape", default="8x64", help="the decoder block's sequences x tokens")
+    p.add_argument("--decoder-model", default="smollm2", choices=list(DECODERS),
+                   help="the decoder block's model: SmolLM2-135M's shapes, or one Mistral-7B layer")
+    p.add_argument("--decoder-shape", help="the decoder block's sequences x tokens (default: 8x64 for smollm2, "
+                                           "1x2048 for mistral7b-layer)")
     p.add_argument("--decoder-steps", type=int, default=3,
                    help="the decoder block's steps in this crate's process, the first a warm-up")
     p.add_argument("--llm-compare", help="this crate's llm_compare binary for --decoder (default: build it with cargo)")
@@ -507,6 +526,7 @@ def main():
     if a.crate_once and a.rounds != 1:
         raise SystemExit("--crate-once runs each block's methods once: use it with --rounds 1")
     a.once = {} if a.crate_once else None
+    a.decoder_shape = a.decoder_shape or DECODERS[a.decoder_model][2]
     torch.set_num_threads(a.threads)
     global DEVICE
     DEVICE = torch.device(a.device)
@@ -515,7 +535,7 @@ def main():
         print(json.dumps(layer_step(m, int(d_in), int(d_out), a.tokens, a.budget)))
         return
     if a.child_decoder:
-        ms, trainable, mb = decoder_step(a.child_decoder, a.budget, *shape(a.decoder_shape))
+        ms, trainable, mb = decoder_step(a.child_decoder, a.decoder_model, a.budget, *shape(a.decoder_shape))
         print(json.dumps({"ms": ms, "trainable": trainable, "mb": mb}))
         return
     if a.child_minilm:
