@@ -228,6 +228,87 @@ fn random_model<B: burn::tensor::backend::Backend>(
     LlamaForCausalLM::new(&mut TensorSource::random(7), cfg, placement, dev).unwrap()
 }
 
+/// Where the attention's scores (`[b·kv_heads, g·s, s]`: two sequences of 45 tokens on the tiny
+/// model, two key/value heads of two query heads each) exceed `attention_scores_at_once`, the
+/// decoder goes a block of query rows at a time, on the suite's backend and flex; against the same model computing them whole (the default), its logits and every
+/// adapter gradient of a loss on them are equal — blocks of 1, 7 and 40 rows, which split a
+/// query head's rows and leave a short last block, and a setting of 0 refused.
+#[test]
+fn long_sequences_attend_a_block_of_queries_at_a_time_as_when_whole() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::backend::AutodiffBackend;
+    struct Grads<'a, B: AutodiffBackend>(&'a B::Gradients, Vec<Vec<f32>>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let t = p.val();
+            if t.is_require_grad() {
+                self.1
+                    .push(to_vec(t.grad(self.0).expect("a trainable grad")));
+            }
+        }
+    }
+    fn check<B: burn::tensor::backend::Backend, A: AutodiffBackend>(
+        _: &B::Device,
+        dev: &A::Device,
+    ) {
+        let dev = dev.clone();
+        let s_len = 45;
+        let cfg = LlamaConfig::tiny(50);
+        let mut model: LlamaForCausalLM<A> = random_model(
+            &cfg,
+            &PlacementConfig::linear(AdapterConfig::KronLora(
+                KronLoraConfig::auto(2).with_init(kron_adapters::FactorInit::Normal),
+            )),
+            &dev,
+        );
+        let mut rng = Rng::new(77);
+        let seq: Vec<i64> = (0..2 * s_len)
+            .map(|_| (rng.next_u64() % 50) as i64)
+            .collect();
+        let weights = rng.vec(2 * s_len * cfg.vocab_size);
+        // Two sequences: the scores are [2·2, 2·45, 45].
+        let run = |model: &LlamaForCausalLM<A>| {
+            let ids =
+                Tensor::<A, 2, Int>::from_data(TensorData::new(seq.clone(), [2, s_len]), &dev);
+            let logits = model.forward(ids, None);
+            let w = Tensor::<A, 3>::from_data(
+                TensorData::new(weights.clone(), [2, s_len, cfg.vocab_size]),
+                &dev,
+            );
+            let grads = (logits.clone() * w).sum().backward();
+            let mut visitor = Grads::<A>(&grads, Vec::new());
+            model.visit(&mut visitor);
+            (to_vec(logits), visitor.1)
+        };
+        let (whole, whole_grads) = run(&model);
+        assert!(!whole_grads.is_empty());
+        let per_row = 2 * 2 * s_len;
+        for rows in [1, 7, 40] {
+            model.model.config.attention_scores_at_once = rows * per_row;
+            let (blocks, blocks_grads) = run(&model);
+            assert_close(
+                &blocks,
+                &whole,
+                1e-5,
+                &format!("logits, blocks of {rows} rows"),
+            );
+            assert_eq!(blocks_grads.len(), whole_grads.len());
+            for (i, (g, w)) in blocks_grads.iter().zip(&whole_grads).enumerate() {
+                assert!(w.iter().any(|v| *v != 0.0), "gradient {i} is zero");
+                assert_close(g, w, 1e-4, &format!("gradient {i}, blocks of {rows} rows"));
+            }
+        }
+        let bad = LlamaConfig {
+            attention_scores_at_once: 0,
+            ..cfg
+        };
+        assert!(bad
+            .validate()
+            .is_err_and(|e| e.to_string().contains("attention_scores_at_once")));
+    }
+    on_suite_and_flex!(check);
+}
+
 #[test]
 fn kv_cache_logits_equal_full_sequence_logits() {
     let dev = device();
