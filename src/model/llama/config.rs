@@ -76,10 +76,10 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<u32>,
     /// Attention scores computed at once, at most (values; default
     /// [`LlamaConfig::DEFAULT_ATTENTION_SCORES_AT_ONCE`], 256 MB in `f32`): where a batch's
-    /// scores `[b·kv_heads, g·s, past + s]` are more, the attention goes a block of query rows at
-    /// a time — the same results in less memory (a 2,048-token Mistral-7B layer's training step
-    /// 2,683 → 2,289 MB peak for 1.00–1.05× the time). An execution setting, not read from a model's
-    /// files; must be positive.
+    /// scores `[b·kv_heads, g·s, past + s]` are more, the attention goes a block of query rows
+    /// at a time — the same results in less memory (a 2,048-token Mistral-7B layer's training
+    /// step 2,683 → 2,289 MB peak for 1.00–1.05× the time). An execution setting, not read from
+    /// a model's files (set it on a loaded model's `model.config`); must be positive.
     #[serde(default = "default_attention_scores_at_once")]
     pub attention_scores_at_once: usize,
 }

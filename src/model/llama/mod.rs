@@ -409,7 +409,7 @@ fn attention_mask<B: Backend>(
 /// the scores' `[b, kv_heads, g·s, total]` (`quirks`).
 ///
 /// Where the attention goes a block of query rows at a time ([`attention_block_rows`]) the mask
-/// stays `[b, 1, g·s, total]`, each block's slice broadcast by its add.
+/// stays `[b, 1, g·s, total]`: each block expands its own slice (on flex) or broadcasts it.
 fn layer_mask<B: Backend>(mask: Tensor<B, 4>, config: &LlamaConfig) -> Tensor<B, 4> {
     let [b, _, s, total] = mask.dims();
     let kvh = config.num_key_value_heads;
@@ -424,9 +424,9 @@ fn layer_mask<B: Backend>(mask: Tensor<B, 4>, config: &LlamaConfig) -> Tensor<B,
 /// Query rows a block where the attention's scores `[batch, rows, total]` (`batch` = b ·
 /// kv_heads, `rows` = g·s) are more than `at_once` values
 /// ([`LlamaConfig::attention_scores_at_once`]): blocks of at most that size (a 2,048-token
-/// Mistral-7B layer's 512 MB of scores in two blocks by default: its training step's peak 2,683
-/// → 2,289 MB for 1.00–1.05× the time; blocks of a quarter and a sixteenth of that size saved no more
-/// and cost 1.08× and 1.14×); `None` where they are computed whole.
+/// Mistral-7B layer's 512 MB of scores in two blocks by default: its training step's peak
+/// 2,683 → 2,289 MB for 1.00–1.05× the time; blocks of a quarter and a sixteenth of that size
+/// saved no more and cost 1.08× and 1.14×); `None` where they are computed whole.
 fn attention_block_rows(at_once: usize, batch: usize, rows: usize, total: usize) -> Option<usize> {
     let per_row = (batch * total).max(1);
     (per_row * rows > at_once).then(|| (at_once / per_row).max(1))
