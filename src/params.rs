@@ -54,7 +54,8 @@ impl<B: Backend> ModuleVisitor<B> for GradCounter {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let n = param.shape().num_elements();
         self.count.total += n;
-        if param.val().is_require_grad() {
+        // Through `Deref`, not `val()`: no clone (a flex int8 weight's would copy its scales).
+        if param.is_require_grad() {
             self.count.trainable += n;
         }
     }

@@ -36,8 +36,9 @@ impl TrainMode {
 /// The gradients of `module`'s parameters from a backward pass: Burn's
 /// `GradientsParams::from_grads`, less the parameters held as Burn quantized tensors (frozen
 /// int8 weights, `TensorSource::quantize_frozen`), which nothing trains and which Burn 0.21's
-/// converter would dequantize under autodiff (unimplemented there: a panic). Every training loop of the
-/// crate collects its gradients through it; a loop of one's own over an int8 base does too.
+/// converter would dequantize under autodiff (unimplemented there: a panic). Every training loop
+/// of the crate collects its gradients through it; a loop of one's own over an int8 base does
+/// too.
 pub fn gradients_params<B: AutodiffBackend, M: AutodiffModule<B>>(
     mut grads: B::Gradients,
     module: &M,
@@ -45,7 +46,7 @@ pub fn gradients_params<B: AutodiffBackend, M: AutodiffModule<B>>(
     struct Floats(Vec<ParamId>);
     impl<B: Backend> ModuleVisitor<B> for Floats {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if !matches!(param.val().dtype(), DType::QFloat(_)) {
+            if !is_quantized(param) {
                 self.0.push(param.id);
             }
         }
@@ -62,13 +63,20 @@ pub fn fork<B: AutodiffBackend, M: AutodiffModule<B>>(module: M, device: &B::Dev
     struct Fork<'a, B: Backend>(&'a B::Device);
     impl<B: AutodiffBackend> ModuleMapper<B> for Fork<'_, B> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            match param.val().dtype() {
-                DType::QFloat(_) => param,
-                _ => param.fork(self.0),
+            match is_quantized(&param) {
+                true => param,
+                false => param.fork(self.0),
             }
         }
     }
     module.map(&mut Fork(device))
+}
+
+/// Is `param` held as a Burn quantized tensor (a frozen int8 weight)? Read through `Param`'s
+/// `Deref`: `val()` would clone it, and cloning a flex quantized tensor copies its scales
+/// (`gradients_params` asks this of every parameter every step).
+fn is_quantized<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> bool {
+    matches!(param.dtype(), DType::QFloat(_))
 }
 
 /// Is this parameter path a bias? Its last segment is `bias` (Linear and most layers) or
@@ -132,7 +140,7 @@ impl<B: AutodiffBackend, F: Fn(&str) -> bool> ModuleMapper<B> for Trainable<F> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         // A quantized (int8 frozen) weight stays as it is: untracked, and Burn 0.21's autodiff
         // would dequantize it to detach it (unimplemented there: a panic).
-        if matches!(param.val().dtype(), DType::QFloat(_)) {
+        if is_quantized(&param) {
             return param;
         }
         let on = (self.trainable)(&self.path.join("."));
