@@ -766,6 +766,13 @@ fn measure(
         }
     };
     let (batch, seq) = shape.unwrap_or((batch, seq));
+    if seq > config.max_position_embeddings {
+        return Err(format!(
+            "--measure-shape: {seq} tokens a sequence; {width} has {} positions",
+            config.max_position_embeddings
+        )
+        .into());
+    }
     let mut source = source;
     let p = placement(method, &config);
     let model = LlamaForCausalLM::<Train>::new(&mut source, &config, &p, &device)?;

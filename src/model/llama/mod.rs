@@ -272,12 +272,12 @@ impl<B: Backend> LlamaAttention<B> {
         let q = heads::contiguous(q).reshape([b, kvh, rows, hd]);
         let kt = k.swap_dims(2, 3);
         let total = kt.dims()[3];
-        let scores_of = |q: Tensor<B, 4>, mask: Tensor<B, 4>| {
+        let attend = |q: Tensor<B, 4>, mask: Tensor<B, 4>| {
             let probs = crate::quirks::softmax(crate::product::batched(q, kt.clone()) + mask, 3);
             crate::product::batched(probs, v.clone())
         };
         let ctx = match attention_block_rows(scores_at_once, b * kvh, rows, total) {
-            None => scores_of(q, mask),
+            None => attend(q, mask),
             // Long sequences: the scores a block of query rows at a time (each row's softmax is
             // its own), so that no `[b, kv_heads, g·s, total]` scores, mask or score gradient
             // exists at once; the blocks' probabilities are what the backward keeps.
@@ -290,7 +290,7 @@ impl<B: Backend> LlamaAttention<B> {
                     let mb = mask
                         .clone()
                         .slice([0..mask_dims[0], 0..mask_dims[1], r, 0..total]);
-                    scores_of(qb, crate::quirks::expand_for_adds(mb, [b, kvh, rb, total]))
+                    attend(qb, crate::quirks::expand_for_adds(mb, [b, kvh, rb, total]))
                 });
                 Tensor::cat(blocks.collect(), 2)
             }
