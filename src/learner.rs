@@ -167,7 +167,11 @@ fn joined<B: Backend>(parts: Vec<PartOutput<B>>) -> ClassificationOutput<B> {
         targets.push(t);
     }
     let loss = loss.expect("shards returns every part, at least one");
-    ClassificationOutput::new(loss, Tensor::cat(logits, 0), Tensor::cat(targets, 0))
+    ClassificationOutput::new(
+        loss,
+        crate::kron::autodiff::cat(logits, 0),
+        Tensor::cat(targets, 0),
+    )
 }
 
 impl<B: Backend> InferenceStep for BertClassifier<B> {

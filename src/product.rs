@@ -440,6 +440,8 @@ fn tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
     inputs: [FloatTensor<Autodiff<I, C>>; N],
 ) -> FloatTensor<Autodiff<I, C>> {
     let nodes = inputs.each_ref().map(|t| t.node.clone());
+    // Held until the node is registered (`kron::autodiff`, "Threads").
+    let _held = crate::kron::autodiff::held::<I, C, N>(&inputs);
     let n = inputs[0].primitive.shape().dims::<2>()[0];
     // `c` a row broadcast over several rows: its gradient is `G` summed over them.
     let row = N == 3 && n != 1 && inputs[N - 1].primitive.shape().dims::<2>()[0] == 1;

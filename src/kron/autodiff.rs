@@ -60,6 +60,19 @@
 //! host kernels (`crate::act`) instead of flex's scalar `erff`/`expf` per element, the input's
 //! values kept for the backward.
 //!
+//! # Threads
+//! Burn 0.21's autodiff, at the end of every `backward()`, frees the steps of any graph none of
+//! whose nodes a tensor still references — the graphs other threads are building included
+//! (tracel-ai/burn#5573, fixed after 0.21). A node that takes its inputs' primitives out before
+//! registering its own step lets go of those references while it computes; where an input is
+//! the only node of its graph (the first operation on parameters after a backward pass: a
+//! Kron-LoRA's `b₁·b₂`), a backward pass finishing on another thread meanwhile frees that
+//! input's step, and the parameters behind it silently get no gradient. The crate's training
+//! steps run backward passes on several threads at once (`crate::shards`, `crate::parallel`),
+//! so every node here holds its inputs' references until its step is registered (`held`),
+//! and the crate joins tracked tensors with `cat` rather than Burn's `Tensor::cat`, which
+//! drops them first.
+//!
 //! The crate's training loops (`finetune`, `llm`, `learner`, `parallel`) register their
 //! backend themselves, unless [`unregister_backward`] opted it out (the recomputation costs
 //! about 5% of a MiniLM step for a fifth less memory); a training loop of one's own calls
@@ -75,7 +88,7 @@
 //! ```
 
 use std::any::{Any, TypeId};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
@@ -544,6 +557,26 @@ pub(crate) fn float<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, 
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
 
+/// The references of a node's inputs to their graph nodes, to hold until the node's step is
+/// registered (module docs, "Threads").
+pub(crate) fn held<I: Backend, C: CheckpointStrategy, const N: usize>(
+    inputs: &[FloatTensor<Autodiff<I, C>>; N],
+) -> [Arc<NodeId>; N] {
+    inputs.each_ref().map(|t| t.rc.clone())
+}
+
+/// `Tensor::cat(tensors, dim)`, the inputs held until the result's step is registered: Burn
+/// 0.21's `cat` lets go of them first (module docs, "Threads"). A clone of each input, no copy.
+pub(crate) fn cat<B: Backend, const D: usize>(
+    tensors: Vec<Tensor<B, D>>,
+    dim: usize,
+) -> Tensor<B, D> {
+    let inputs = tensors.clone();
+    let out = Tensor::cat(tensors, dim);
+    drop(inputs);
+    out
+}
+
 #[derive(Debug)]
 struct ContractA;
 
@@ -813,6 +846,7 @@ fn apply_tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
     op: ApplySteps,
 ) -> FloatTensor<Autodiff<I, C>> {
     let nodes = inputs.each_ref().map(|t| t.node.clone());
+    let _held = held::<I, C, N>(&inputs);
     let k = op.steps.len();
     let forward = |inputs: [FloatTensor<Autodiff<I, C>>; N], steps: &[Side]| {
         let mut primitives = inputs.into_iter().map(|x| x.primitive);
@@ -1091,6 +1125,42 @@ mod tests {
         );
         assert!(register_backward::<AB>());
         assert!(is_registered::<AB>(), "an explicit registration does");
+    }
+
+    /// Burn 0.21's `cat` lets go of its inputs before registering its step: where an input is
+    /// the only node of its graph, a backward pass ending on another thread meanwhile frees it
+    /// and the parameter behind it gets no gradient (module docs, "Threads"). Through
+    /// [`super::cat`], with such backward passes hammered on another thread, it always does.
+    #[cfg(feature = "ndarray")]
+    #[test]
+    fn cat_holds_its_inputs_through_another_threads_backward() {
+        use burn::tensor::Tensor;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        type AB = Autodiff<burn::backend::NdArray>;
+        let dev = Default::default();
+        // Large enough that the copy takes a while.
+        let p = Tensor::<AB, 1>::ones([1 << 18], &dev).require_grad();
+        let stop = AtomicBool::new(false);
+        let lost = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Tensor::<AB, 1>::ones([4], &dev).require_grad();
+                    let _ = (t * 2.0).sum().backward();
+                }
+            });
+            // Each backward pass takes the parameter's graph entry with it: the next `exp` is
+            // the only node of a new graph.
+            let lost = (0..100)
+                .filter(|_| {
+                    let x = p.clone().exp();
+                    let grads = super::cat(vec![x], 0).sum().backward();
+                    p.grad(&grads).is_none()
+                })
+                .count();
+            stop.store(true, Ordering::Relaxed);
+            lost
+        });
+        assert_eq!(lost, 0, "passes that lost the parameter's gradient");
     }
 
     #[test]

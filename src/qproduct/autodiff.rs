@@ -125,6 +125,8 @@ fn tracked<I: Backend, C: CheckpointStrategy, const N: usize>(
     transposed: bool,
 ) -> FloatTensor<Autodiff<I, C>> {
     let nodes = inputs.each_ref().map(|t| t.node.clone());
+    // Held until the node is registered (`kron::autodiff`, "Threads").
+    let _held = crate::kron::autodiff::held::<I, C, N>(&inputs);
     let n = inputs[0].primitive.shape().dims::<2>()[0];
     let row = N == 2 && n != 1 && inputs[1].primitive.shape().dims::<2>()[0] == 1;
     let x_tracked = inputs[0].is_tracked();

@@ -308,6 +308,96 @@ fn long_sequences_attend_a_block_of_queries_at_a_time_as_when_whole() {
     on_suite_and_flex!(check);
 }
 
+/// Burn 0.21's autodiff frees, at the end of every `backward()`, steps of graphs other threads
+/// are still building when it judges them unreferenced (tracel-ai/burn#5573): an operation
+/// that lets go of its inputs before registering its own step (Burn's `cat`, this crate's
+/// nodes) can lose a parameter's gradient while another thread finishes a backward pass — as
+/// `shards` and `parallel` do. With a backward pass hammered on another thread, every adapter
+/// of the decoder (Kronecker adapters through this crate's nodes, LoRA, the attention in query
+/// blocks through `cat`) gets its gradient, step after step, equal to the first step's.
+#[test]
+fn a_backward_pass_on_another_thread_loses_no_gradient() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::backend::AutodiffBackend;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Grads<'a, B: AutodiffBackend>(&'a B::Gradients, Vec<Option<Vec<f32>>>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if p.is_require_grad() {
+                self.1.push(p.grad(self.0).map(to_vec));
+            }
+        }
+    }
+    fn check<B: burn::tensor::backend::Backend, A: AutodiffBackend>(
+        _: &B::Device,
+        dev: &A::Device,
+    ) {
+        kron_adapters::kron::autodiff::register_backward::<A>();
+        let dev = dev.clone();
+        let s_len = 12;
+        let mut cfg = LlamaConfig::tiny(50);
+        // Blocks of 5 query rows: the attention joins its blocks with `cat`.
+        cfg.attention_scores_at_once = 5 * 2 * 2 * s_len;
+        let mut rng = Rng::new(78);
+        let seq: Vec<i64> = (0..2 * s_len)
+            .map(|_| (rng.next_u64() % 50) as i64)
+            .collect();
+        let weights = rng.vec(2 * s_len * cfg.vocab_size);
+        for adapter in [
+            AdapterConfig::KronLora(
+                KronLoraConfig::auto(2).with_init(kron_adapters::FactorInit::Normal),
+            ),
+            AdapterConfig::Lora(
+                kron_adapters::LoraConfig::new(2).with_init(kron_adapters::FactorInit::Normal),
+            ),
+        ] {
+            let model: LlamaForCausalLM<A> =
+                random_model(&cfg, &PlacementConfig::linear(adapter.clone()), &dev);
+            let step = || {
+                let ids =
+                    Tensor::<A, 2, Int>::from_data(TensorData::new(seq.clone(), [2, s_len]), &dev);
+                let w = Tensor::<A, 3>::from_data(
+                    TensorData::new(weights.clone(), [2, s_len, cfg.vocab_size]),
+                    &dev,
+                );
+                let grads = (model.forward(ids, None) * w).sum().backward();
+                let mut visitor = Grads::<A>(&grads, Vec::new());
+                model.visit(&mut visitor);
+                visitor.1
+            };
+            let first = step();
+            assert!(!first.is_empty() && first.iter().all(Option::is_some));
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let d = dev.clone();
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Tensor::<A, 1>::ones([4], &d).require_grad();
+                        let _ = (t * 2.0).sum().backward();
+                    }
+                });
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    for n in 0..20 {
+                        let grads = step();
+                        assert_eq!(grads.len(), first.len());
+                        for (i, (g, f)) in grads.iter().zip(&first).enumerate() {
+                            let g = g.as_ref().unwrap_or_else(|| {
+                                panic!("{adapter:?}: step {n} lost gradient {i}")
+                            });
+                            assert_close(g, f.as_ref().unwrap(), 1e-5, "a gradient");
+                        }
+                    }
+                }));
+                stop.store(true, Ordering::Relaxed);
+                if let Err(e) = result {
+                    std::panic::resume_unwind(e);
+                }
+            });
+        }
+    }
+    on_suite_and_flex!(check);
+}
+
 #[test]
 fn kv_cache_logits_equal_full_sequence_logits() {
     let dev = device();

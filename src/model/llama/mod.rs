@@ -208,7 +208,7 @@ impl<B: Backend> Rope<B> {
         let half = hd / 2;
         let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
         let x2 = x.clone().slice([0..b, 0..h, 0..s, half..hd]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        let rotated = crate::kron::autodiff::cat(vec![x2.neg(), x1], 3);
         x * self.cos.clone() + rotated * self.sin.clone()
     }
 }
@@ -259,8 +259,8 @@ impl<B: Backend> LlamaAttention<B> {
         let mut v = heads::split_heads(self.v_proj.forward_routed(x, routing), kvh);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
+                k = crate::kron::autodiff::cat(vec![pk, k], 2);
+                v = crate::kron::autodiff::cat(vec![pv, v], 2);
             }
             *slot = Some((k.clone(), v.clone()));
         }
@@ -292,7 +292,7 @@ impl<B: Backend> LlamaAttention<B> {
                         .slice([0..mask_dims[0], 0..mask_dims[1], r, 0..total]);
                     attend(qb, crate::quirks::expand_for_adds(mb, [b, kvh, rb, total]))
                 });
-                Tensor::cat(blocks.collect(), 2)
+                crate::kron::autodiff::cat(blocks.collect(), 2)
             }
         };
         let ctx = ctx.reshape([b, h, s, hd]);
