@@ -375,6 +375,34 @@ pub(crate) fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tenso
     Tensor::from_data(data, &device)
 }
 
+/// [`softmax_last`] of `x + adds`: row `i` of `x` (`[b, h, rows, cols]` in row order) has row
+/// `add_row(i)` of `adds` (`cols` values a row) added before its softmax, in place and in the
+/// same pass — the attention's mask, broadcast over heads, without expanding it (flex).
+pub(crate) fn softmax_last_added<B: Backend>(
+    x: Tensor<B, 4>,
+    adds: &[f32],
+    add_row: impl Fn(usize) -> usize + Sync,
+) -> Tensor<B, 4> {
+    use rayon::prelude::*;
+    let device = x.device();
+    let cols = x.dims()[3];
+    let mut data = values(x);
+    if cols > 0 {
+        let isa = Isa::best();
+        slice_mut(&mut data)
+            .par_chunks_mut(SOFTMAX_ROWS * cols)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (chunk, rows)| {
+                for (k, row) in rows.chunks_exact_mut(cols).enumerate() {
+                    let add = &adds[add_row(chunk * SOFTMAX_ROWS + k) * cols..][..cols];
+                    row.iter_mut().zip(add).for_each(|(x, a)| *x += a);
+                }
+                softmax_rows(isa, cols, rows, scratch)
+            });
+    }
+    Tensor::from_data(data, &device)
+}
+
 /// Does this tensor hold `f32` (the kernels' type)?
 pub(crate) fn is_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
     t.dtype() == burn::tensor::DType::F32

@@ -58,7 +58,9 @@
 //! SiLU a node of their own (`host_unary`,
 //! used by `quirks::gelu` and `quirks::silu`): forward and backward by the crate's vectorized
 //! host kernels (`crate::act`) instead of flex's scalar `erff`/`expf` per element, the input's
-//! values kept for the backward.
+//! values kept for the backward. On every backend it gives the decoder's attention over long
+//! sequences, a block of query rows at a time, one node that keeps no probabilities and
+//! recomputes each block's in its backward (`crate::model::attention`).
 //!
 //! # Threads
 //! Burn 0.21's autodiff, at the end of every `backward()`, frees the steps of any graph none of
@@ -274,6 +276,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
             product: crate::product::erased::<I<AB>, NoCheckpointing>,
             contiguous: contiguous_erased::<I<AB>, NoCheckpointing>,
             batched: crate::product::batched_erased::<I<AB>, NoCheckpointing>,
+            attention: crate::model::attention::erased::<I<AB>, NoCheckpointing>,
         }
     } else if id == TypeId::of::<Autodiff<I<AB>, BalancedCheckpointing>>() {
         Registered {
@@ -284,6 +287,7 @@ fn set<AB: AutodiffBackend>(force: bool) -> bool {
             product: crate::product::erased::<I<AB>, BalancedCheckpointing>,
             contiguous: contiguous_erased::<I<AB>, BalancedCheckpointing>,
             batched: crate::product::batched_erased::<I<AB>, BalancedCheckpointing>,
+            attention: crate::model::attention::erased::<I<AB>, BalancedCheckpointing>,
         }
     } else {
         return false;
@@ -410,6 +414,17 @@ struct Registered {
     product: ErasedProduct,
     contiguous: ErasedCopy,
     batched: ErasedContract,
+    attention: ErasedAttention,
+}
+
+/// `crate::model::attention`'s node on one registered backend: `q`, `kt`, `v`, the mask (that
+/// backend's float primitives) and the query rows a block; the result, likewise.
+pub(crate) type ErasedAttention =
+    fn(Box<dyn Any>, Box<dyn Any>, Box<dyn Any>, Box<dyn Any>, usize) -> Box<dyn Any>;
+
+/// `B`'s attention node (`crate::model::attention`), where `B` is registered.
+pub(crate) fn registered_attention<B: Backend>() -> Option<ErasedAttention> {
+    lookup(TypeId::of::<B>()).map(|r| r.attention)
 }
 
 /// Backends registered (`Some`) or opted out (`None`).

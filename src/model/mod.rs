@@ -2,6 +2,7 @@
 //! paths so that placement targets and PEFT files work unchanged, and where their pretrained
 //! weights come from ([`TensorSource`]).
 
+pub(crate) mod attention;
 pub mod bert;
 pub mod heads;
 pub mod llama;

@@ -230,9 +230,11 @@ fn random_model<B: burn::tensor::backend::Backend>(
 
 /// Where the attention's scores (`[b·kv_heads, g·s, s]`: two sequences of 45 tokens on the tiny
 /// model, two key/value heads of two query heads each) exceed `attention_scores_at_once`, the
-/// decoder goes a block of query rows at a time, on the suite's backend and flex; against the same model computing them whole (the default), its logits and every
-/// adapter gradient of a loss on them are equal — blocks of 1, 7 and 40 rows, which split a
-/// query head's rows and leave a short last block, and a setting of 0 refused.
+/// decoder goes a block of query rows at a time — with the crate's backward registered, as one
+/// node that keeps no probabilities (`model::attention`) — on the suite's backend and flex;
+/// against the same model computing them whole (the default), its logits and every adapter
+/// gradient of a loss on them are equal — blocks of 1, 7 and 40 rows, which split a query
+/// head's rows and leave a short last block, and a setting of 0 refused.
 #[test]
 fn long_sequences_attend_a_block_of_queries_at_a_time_as_when_whole() {
     use burn::module::{Module, ModuleVisitor, Param};
@@ -251,6 +253,7 @@ fn long_sequences_attend_a_block_of_queries_at_a_time_as_when_whole() {
         dev: &A::Device,
     ) {
         let dev = dev.clone();
+        assert!(kron_adapters::kron::autodiff::register_backward::<A>());
         let s_len = 45;
         let cfg = LlamaConfig::tiny(50);
         let mut model: LlamaForCausalLM<A> = random_model(

@@ -280,20 +280,9 @@ impl<B: Backend> LlamaAttention<B> {
             None => attend(q, mask),
             // Long sequences: the scores a block of query rows at a time (each row's softmax is
             // its own), so that no `[b, kv_heads, g·s, total]` scores, mask or score gradient
-            // exists at once; the blocks' probabilities are what the backward keeps.
-            Some(block) => {
-                let mask_dims = mask.dims();
-                let blocks = (0..rows).step_by(block).map(|r0| {
-                    let r = r0..(r0 + block).min(rows);
-                    let qb = q.clone().slice([0..b, 0..kvh, r.clone(), 0..hd]);
-                    let rb = r.len();
-                    let mb = mask
-                        .clone()
-                        .slice([0..mask_dims[0], 0..mask_dims[1], r, 0..total]);
-                    attend(qb, crate::quirks::expand_for_adds(mb, [b, kvh, rb, total]))
-                });
-                crate::kron::autodiff::cat(blocks.collect(), 2)
-            }
+            // exists at once; where the crate's backward is registered, as one node that keeps
+            // no probabilities for the backward (`model::attention`).
+            Some(block) => crate::model::attention::blocked(q, kt, v, mask, block),
         };
         let ctx = ctx.reshape([b, h, s, hd]);
         // The merge's gradient, a permuted view, is regrouped by a reshape: contiguous first.
@@ -425,8 +414,9 @@ fn layer_mask<B: Backend>(mask: Tensor<B, 4>, config: &LlamaConfig) -> Tensor<B,
 /// kv_heads, `rows` = g·s) are more than `at_once` values
 /// ([`LlamaConfig::attention_scores_at_once`]): blocks of at most that size (a 2,048-token
 /// Mistral-7B layer's 512 MB of scores in two blocks by default: its training step's peak
-/// 2,683 → 2,289 MB for 1.00–1.05× the time; blocks of a quarter and a sixteenth of that size
-/// saved no more and cost 1.08× and 1.14×); `None` where they are computed whole.
+/// 2,683 → 2,289 MB for 1.00–1.05× the time, 1,808–1,821 MB since the blocks are one node,
+/// `model::attention`; blocks of a quarter and a sixteenth of that size saved no more and cost
+/// 1.08× and 1.14×); `None` where they are computed whole.
 fn attention_block_rows(at_once: usize, batch: usize, rows: usize, total: usize) -> Option<usize> {
     let per_row = (batch * total).max(1);
     (per_row * rows > at_once).then(|| (at_once / per_row).max(1))
