@@ -58,9 +58,9 @@
 //! SiLU a node of their own (`host_unary`,
 //! used by `quirks::gelu` and `quirks::silu`): forward and backward by the crate's vectorized
 //! host kernels (`crate::act`) instead of flex's scalar `erff`/`expf` per element, the input's
-//! values kept for the backward. On every backend it gives the decoder's attention over long
-//! sequences, a block of query rows at a time, one node that keeps no probabilities and
-//! recomputes each block's in its backward (`crate::model::attention`).
+//! values kept for the backward. On every backend it gives the decoder's attention one node
+//! that keeps no probabilities and recomputes them in its backward, a block of query rows at a
+//! time (`crate::model::attention`).
 //!
 //! # Threads
 //! Burn 0.21's autodiff, at the end of every `backward()`, frees the steps of any graph none of

@@ -77,10 +77,9 @@ pub struct LlamaConfig {
     /// Attention scores computed at once, at most (values; default
     /// [`LlamaConfig::DEFAULT_ATTENTION_SCORES_AT_ONCE`], 256 MB in `f32`): where a batch's
     /// scores `[b·kv_heads, g·s, past + s]` are more, the attention goes a block of query rows
-    /// at a time — the same results in less memory; in training (the crate's backward
-    /// registered, `kron::autodiff`) as one node that keeps no probabilities for the backward
-    /// (a 2,048-token Mistral-7B layer's training step 2,683 → 1,808–1,821 MB peak, at 0.98× the
-    /// time of the blocks without the node). An execution setting, not read from
+    /// at a time — the same results in less memory (a 2,048-token Mistral-7B layer's training
+    /// step 2,683 → 2,289 MB peak; training's attention, whole or in blocks, keeps no
+    /// probabilities either since stop 47: 1,808–1,821 MB). An execution setting, not read from
     /// a model's files (set it on a loaded model's `model.config`); must be positive.
     #[serde(default = "default_attention_scores_at_once")]
     pub attention_scores_at_once: usize,

@@ -277,11 +277,14 @@ impl<B: Backend> LlamaAttention<B> {
             crate::product::batched(probs, v.clone())
         };
         let ctx = match attention_block_rows(scores_at_once, b * kvh, rows, total) {
+            None if crate::model::attention::is_node::<B>(&q.device()) => {
+                crate::model::attention::blocked(q, kt, v, mask, rows)
+            }
             None => attend(q, mask),
             // Long sequences: the scores a block of query rows at a time (each row's softmax is
             // its own), so that no `[b, kv_heads, g·s, total]` scores, mask or score gradient
-            // exists at once; where the crate's backward is registered, as one node that keeps
-            // no probabilities for the backward (`model::attention`).
+            // exists at once. In training (the crate's backward registered), whole or in
+            // blocks, one node that keeps no probabilities (`model::attention`).
             Some(block) => crate::model::attention::blocked(q, kt, v, mask, block),
         };
         let ctx = ctx.reshape([b, h, s, hd]);
@@ -397,14 +400,17 @@ fn attention_mask<B: Backend>(
 /// one sequence of `g·s` queries), and on backends whose broadcast adds are slow broadcast to
 /// the scores' `[b, kv_heads, g·s, total]` (`quirks`).
 ///
-/// Where the attention goes a block of query rows at a time ([`attention_block_rows`]) the mask
-/// stays `[b, 1, g·s, total]`: each block expands its own slice (on flex) or broadcasts it.
+/// Where the attention goes a block of query rows at a time ([`attention_block_rows`]), and in
+/// training (`model::attention`'s node), the mask stays `[b, 1, g·s, total]`: each block adds
+/// its own rows (on flex by the softmax's kernel) or broadcasts them.
 fn layer_mask<B: Backend>(mask: Tensor<B, 4>, config: &LlamaConfig) -> Tensor<B, 4> {
     let [b, _, s, total] = mask.dims();
     let kvh = config.num_key_value_heads;
     let g = config.num_attention_heads / kvh;
     let mask = if g > 1 { mask.repeat_dim(2, g) } else { mask };
-    if attention_block_rows(config.attention_scores_at_once, b * kvh, g * s, total).is_some() {
+    if attention_block_rows(config.attention_scores_at_once, b * kvh, g * s, total).is_some()
+        || crate::model::attention::is_node::<B>(&mask.device())
+    {
         return mask;
     }
     crate::quirks::expand_for_adds(mask, [b, kvh, g * s, total])
@@ -414,9 +420,9 @@ fn layer_mask<B: Backend>(mask: Tensor<B, 4>, config: &LlamaConfig) -> Tensor<B,
 /// kv_heads, `rows` = g·s) are more than `at_once` values
 /// ([`LlamaConfig::attention_scores_at_once`]): blocks of at most that size (a 2,048-token
 /// Mistral-7B layer's 512 MB of scores in two blocks by default: its training step's peak
-/// 2,683 → 2,289 MB for 1.00–1.05× the time, 1,808–1,821 MB since the blocks are one node,
-/// `model::attention`; blocks of a quarter and a sixteenth of that size saved no more and cost
-/// 1.08× and 1.14×); `None` where they are computed whole.
+/// 2,683 → 2,289 MB for 1.00–1.05× the time, 1,808–1,821 MB since training's attention is one
+/// node, `model::attention`; blocks of a quarter and a sixteenth of that size saved no more and
+/// cost 1.08× and 1.14×); `None` where they are computed whole.
 fn attention_block_rows(at_once: usize, batch: usize, rows: usize, total: usize) -> Option<usize> {
     let per_row = (batch * total).max(1);
     (per_row * rows > at_once).then(|| (at_once / per_row).max(1))
