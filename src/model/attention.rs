@@ -112,7 +112,7 @@ fn probabilities<B: Backend>(
     let [b, h, rb, _] = qb.dims();
     let [mb, mh, mrows, total] = mask.dims();
     let scores = product::batched(qb, kt.clone());
-    if quirks::host_loops_take(&scores, mask) && mask.dims()[0] == b {
+    if quirks::host_loops_take(&scores, mask) && mb == b {
         let m = mask.clone().into_primitive().tensor();
         if let Some(adds) = quirks::host_floats::<B>(&m) {
             let row = |i: usize| {
