@@ -581,11 +581,15 @@ pub(crate) fn held<I: Backend, C: CheckpointStrategy, const N: usize>(
 }
 
 /// `Tensor::cat(tensors, dim)`, the inputs held until the result's step is registered: Burn
-/// 0.21's `cat` lets go of them first (module docs, "Threads"). A clone of each input, no copy.
+/// 0.21's `cat` lets go of them first (module docs, "Threads"). A clone of each input, no copy;
+/// a lone tensor is returned as it is (Burn's `cat` would copy it: the attention's one block).
 pub(crate) fn cat<B: Backend, const D: usize>(
-    tensors: Vec<Tensor<B, D>>,
+    mut tensors: Vec<Tensor<B, D>>,
     dim: usize,
 ) -> Tensor<B, D> {
+    if tensors.len() == 1 {
+        return tensors.pop().expect("one tensor");
+    }
     let inputs = tensors.clone();
     let out = Tensor::cat(tensors, dim);
     drop(inputs);

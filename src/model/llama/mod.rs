@@ -276,10 +276,7 @@ impl<B: Backend> LlamaAttention<B> {
             let probs = crate::quirks::softmax(crate::product::batched(q, kt.clone()) + mask, 3);
             crate::product::batched(probs, v.clone())
         };
-        let ctx = match attention_block_rows(scores_at_once, b * kvh, rows, total) {
-            None if crate::model::attention::is_node::<B>(&q.device()) => {
-                crate::model::attention::blocked(q, kt, v, mask, rows)
-            }
+        let ctx = match attention_blocks::<B>(&q.device(), scores_at_once, b * kvh, rows, total) {
             None => attend(q, mask),
             // Long sequences: the scores a block of query rows at a time (each row's softmax is
             // its own), so that no `[b, kv_heads, g·s, total]` scores, mask or score gradient
@@ -400,17 +397,16 @@ fn attention_mask<B: Backend>(
 /// one sequence of `g·s` queries), and on backends whose broadcast adds are slow broadcast to
 /// the scores' `[b, kv_heads, g·s, total]` (`quirks`).
 ///
-/// Where the attention goes a block of query rows at a time ([`attention_block_rows`]), and in
-/// training (`model::attention`'s node), the mask stays `[b, 1, g·s, total]`: each block adds
-/// its own rows (on flex by the softmax's kernel) or broadcasts them.
+/// Where the attention goes through `model::attention` ([`attention_blocks`]), the mask stays
+/// `[b, 1, g·s, total]`: each block adds its own rows (on flex by the softmax's kernel) or
+/// broadcasts them.
 fn layer_mask<B: Backend>(mask: Tensor<B, 4>, config: &LlamaConfig) -> Tensor<B, 4> {
     let [b, _, s, total] = mask.dims();
     let kvh = config.num_key_value_heads;
     let g = config.num_attention_heads / kvh;
     let mask = if g > 1 { mask.repeat_dim(2, g) } else { mask };
-    if attention_block_rows(config.attention_scores_at_once, b * kvh, g * s, total).is_some()
-        || crate::model::attention::is_node::<B>(&mask.device())
-    {
+    let at_once = config.attention_scores_at_once;
+    if attention_blocks::<B>(&mask.device(), at_once, b * kvh, g * s, total).is_some() {
         return mask;
     }
     crate::quirks::expand_for_adds(mask, [b, kvh, g * s, total])
@@ -426,6 +422,21 @@ fn layer_mask<B: Backend>(mask: Tensor<B, 4>, config: &LlamaConfig) -> Tensor<B,
 fn attention_block_rows(at_once: usize, batch: usize, rows: usize, total: usize) -> Option<usize> {
     let per_row = (batch * total).max(1);
     (per_row * rows > at_once).then(|| (at_once / per_row).max(1))
+}
+
+/// Query rows a block of `model::attention::blocked`: [`attention_block_rows`], or all `rows` in
+/// one block where the crate's autodiff node takes the attention (training); `None` where Burn's
+/// operations compute it whole, on the mask `layer_mask` expanded. The attention and
+/// `layer_mask` both decide by it.
+fn attention_blocks<B: Backend>(
+    device: &B::Device,
+    at_once: usize,
+    batch: usize,
+    rows: usize,
+    total: usize,
+) -> Option<usize> {
+    attention_block_rows(at_once, batch, rows, total)
+        .or_else(|| crate::model::attention::is_node::<B>(device).then_some(rows))
 }
 
 impl<B: Backend> LlamaModel<B> {
