@@ -72,8 +72,8 @@
 //! input's step, and the parameters behind it silently get no gradient. The crate's training
 //! steps run backward passes on several threads at once (`crate::shards`, `crate::parallel`),
 //! so every node here holds its inputs' references until its step is registered (`held`),
-//! and the crate joins tracked tensors with `cat` rather than Burn's `Tensor::cat`, which
-//! drops them first.
+//! and the crate joins tracked tensors with [`cat`] rather than Burn's `Tensor::cat`, which
+//! drops them first; a model of one's own trained that way should too.
 //!
 //! The crate's training loops (`finetune`, `llm`, `learner`, `parallel`) register their
 //! backend themselves, unless [`unregister_backward`] opted it out (the recomputation costs
@@ -581,12 +581,30 @@ pub(crate) fn held<I: Backend, C: CheckpointStrategy, const N: usize>(
 }
 
 /// `Tensor::cat(tensors, dim)`, the inputs held until the result's step is registered: Burn
-/// 0.21's `cat` lets go of them first (module docs, "Threads"). A clone of each input, no copy;
-/// a lone tensor is returned as it is (Burn's `cat` would copy it: the attention's one block).
-pub(crate) fn cat<B: Backend, const D: usize>(
-    mut tensors: Vec<Tensor<B, D>>,
-    dim: usize,
-) -> Tensor<B, D> {
+/// 0.21's `cat` lets go of them first, and a backward pass ending on another thread meanwhile
+/// can free the step of an input whose graph has no other live tensor — its parameters then
+/// silently get no gradient (module docs, "Threads"). Use it in a model of one's own that is
+/// trained in parts or on several devices (`crate::shards`, `crate::parallel`) wherever it joins
+/// tracked tensors. It holds a clone of each input (a reference, no copy); a lone tensor is
+/// returned as it is (Burn's `cat` would copy it).
+///
+/// # Panics
+/// As `Tensor::cat`: no tensors, or shapes that differ off `dim`.
+///
+/// ```
+/// use burn::backend::{Autodiff, NdArray};
+/// use burn::tensor::Tensor;
+/// use kron_adapters::kron::autodiff::cat;
+///
+/// type B = Autodiff<NdArray>;
+/// let device = Default::default();
+/// let w = Tensor::<B, 2>::from_floats([[1.0, 2.0]], &device).require_grad();
+/// let joined = cat(vec![w.clone() * 2.0, w.clone().exp()], 0); // [2, 2]
+/// let grads = joined.sum().backward();
+/// let g = w.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+/// assert!((g[0] - (2.0 + 1f32.exp())).abs() < 1e-5);
+/// ```
+pub fn cat<B: Backend, const D: usize>(mut tensors: Vec<Tensor<B, D>>, dim: usize) -> Tensor<B, D> {
     if tensors.len() == 1 {
         return tensors.pop().expect("one tensor");
     }
