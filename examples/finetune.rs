@@ -65,7 +65,8 @@ struct Args {
     #[arg(long)]
     grad_accumulation: Option<usize>,
     /// Compute each (micro-)batch in this many parts at once on rayon's threads (the same
-    /// update; default 2 on flex and ndarray, 1 on GPUs; docs/training.md).
+    /// update; default 2 on flex and ndarray, 1 on GPUs; each part holds its own gradients:
+    /// `--method full --batch-parts 1` saves a model-sized copy; docs/training.md).
     #[arg(long)]
     batch_parts: Option<usize>,
     /// Steps between resume checkpoints (0: none).

@@ -44,7 +44,9 @@ crate::macros::config! {
             /// Parts of each (micro-)batch computed at once, forward and backward, on rayon's
             /// threads ([`crate::shards`]); without it [`crate::shards::default_parts`]: 2 on
             /// flex and ndarray (whose element-wise operations run on one thread), 1 elsewhere.
-            /// The update is the whole batch's either way; the dropout masks differ.
+            /// The update is the whole batch's either way; the dropout masks differ. Each part
+            /// holds its own gradient of every trainable parameter until they are summed: with
+            /// `full` fine-tuning one more copy of the model's size a part (1 saves it).
             batch_parts: usize,
         }
         defaults {
