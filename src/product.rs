@@ -222,9 +222,189 @@ struct Operand<'a> {
     strides: [isize; 2],
 }
 
+/// Outputs from 2 to this many columns wide whose left operand's rows lie in order are the
+/// crate's row dot products ([`narrow_rows`]): `gemm` runs a row-major output's columns along
+/// its registers' 16 lanes, so a 2-column output used 2 of them.
+#[cfg(feature = "flex")]
+const NARROW_COLS: usize = 4;
+
+/// `lhs·rhs`, `[n, k]·[k, m]` with `m` ≤ [`NARROW_COLS`] and `lhs`'s rows in order (column
+/// stride 1), row-major: each row's `m` dot products in one pass over it, 16 lanes at a time,
+/// rows split over rayon's threads in fixed chunks from [`PARALLEL_MACS`] multiply-adds.
+#[cfg(feature = "flex")]
+fn narrow_rows([n, k, m]: [usize; 3], lhs: Operand, rhs: Operand) -> Vec<f32> {
+    let [rhs_rs, rhs_cs] = rhs.strides;
+    // `rhs`'s columns, each in order: `cols[j·k + t] = rhs[t, j]`.
+    let cols: Vec<f32> = (0..m)
+        .flat_map(|j| (0..k).map(move |t| t as isize * rhs_rs + j as isize * rhs_cs))
+        .map(|at| rhs.values[(rhs.offset + at) as usize])
+        .collect();
+    let (first, rs) = (lhs.offset as usize, lhs.strides[0] as usize);
+    let x = &lhs.values[first..];
+    let isa = crate::act::Isa::best();
+    let mut out = vec![0.0f32; n * m];
+    let chunk = (PARALLEL_MACS / (k * m).max(1)).max(1);
+    let run = |(c, out): (usize, &mut [f32])| {
+        let r0 = c * chunk;
+        let rows = out.len() / m;
+        dots(isa, x, rs, k, m, r0, rows, &cols, out)
+    };
+    if n > chunk {
+        out.par_chunks_mut(chunk * m).enumerate().for_each(run);
+    } else {
+        run((0, &mut out));
+    }
+    out
+}
+
+/// The most output values [`narrow_sums`] takes: its sums stay in the L1 cache.
+#[cfg(feature = "flex")]
+const NARROW_T_VALUES: usize = 4096;
+
+/// `lhs·rhs`, `[n, k]·[k, m]` with `m` ≤ [`NARROW_COLS`] and `lhs` read transposed (its
+/// columns in order: row stride 1), row-major: over the inner dimension `t`, `out[:, j] +=
+/// lhs[:, t]·rhs[t, j]`, 16 lanes at a time; the inner dimension split over rayon's threads in
+/// fixed chunks from [`PARALLEL_MACS`] multiply-adds, each chunk's sums its own, added in chunk
+/// order (the result never depends on the number of threads).
+#[cfg(feature = "flex")]
+fn narrow_sums([n, k, m]: [usize; 3], lhs: Operand, rhs: Operand) -> Vec<f32> {
+    let [rhs_rs, rhs_cs] = rhs.strides;
+    let (first, ld) = (lhs.offset as usize, lhs.strides[1] as usize);
+    let x = &lhs.values[first..];
+    let w = |t: usize, j: usize| {
+        rhs.values[(rhs.offset + t as isize * rhs_rs + j as isize * rhs_cs) as usize]
+    };
+    // `rhs` as it is read, row by row: `ws[t·m + j] = rhs[t, j]`.
+    let ws: Vec<f32> = (0..k)
+        .flat_map(|t| (0..m).map(move |j| (t, j)))
+        .map(|(t, j)| w(t, j))
+        .collect();
+    let isa = crate::act::Isa::best();
+    let chunk = (PARALLEL_MACS / (n * m).max(1)).max(1);
+    let part = |t0: usize| {
+        let mut sums = vec![0.0f32; m * n];
+        let t1 = (t0 + chunk).min(k);
+        axpys(isa, x, ld, n, m, t0..t1, &ws, &mut sums);
+        sums
+    };
+    let starts: Vec<usize> = (0..k).step_by(chunk).collect();
+    let parts: Vec<Vec<f32>> = if starts.len() > 1 {
+        starts.par_iter().map(|&t0| part(t0)).collect()
+    } else {
+        starts.iter().map(|&t0| part(t0)).collect()
+    };
+    let mut sums = vec![0.0f32; m * n];
+    for p in parts {
+        sums.iter_mut().zip(p).for_each(|(s, v)| *s += v);
+    }
+    // `sums[j·n + i]` to row-major `out[i·m + j]`.
+    (0..n * m).map(|at| sums[(at % m) * n + at / m]).collect()
+}
+
+/// The inner dimension's values [`axpys`] sums before adding them to the total.
+#[cfg(feature = "flex")]
+const SUM_BLOCK: usize = 256;
+
+/// `sums[j·n..][..n] += x[t·ld..][..n]·ws[t·m + j]` for `t` in `ts`, `j` < `m`: the inner
+/// dimension's part of [`narrow_sums`].
+#[cfg(feature = "flex")]
+#[allow(clippy::too_many_arguments)]
+fn axpys(
+    isa: crate::act::Isa,
+    x: &[f32],
+    ld: usize,
+    n: usize,
+    m: usize,
+    ts: std::ops::Range<usize>,
+    ws: &[f32],
+    sums: &mut [f32],
+) {
+    crate::act::dispatch!(
+        isa,
+        axpys_avx2,
+        (x: &[f32], ld: usize, n: usize, m: usize, ts: std::ops::Range<usize>, ws: &[f32], sums: &mut [f32]),
+        {
+            // In blocks of `SUM_BLOCK` of the inner dimension, each block's sums added to the
+            // total: rounding grows with the block and the block count, not the whole length.
+            let mut block = vec![0.0f32; sums.len()];
+            for t0 in ts.clone().step_by(SUM_BLOCK) {
+                block.iter_mut().for_each(|b| *b = 0.0);
+                for t in t0..(t0 + SUM_BLOCK).min(ts.end) {
+                    let col = &x[t * ld..t * ld + n];
+                    for (j, b) in block.chunks_exact_mut(n).enumerate() {
+                        let w = ws[t * m + j];
+                        b.iter_mut().zip(col).for_each(|(b, &c)| *b = c.mul_add(w, *b));
+                    }
+                }
+                sums.iter_mut().zip(&block).for_each(|(s, b)| *s += b);
+            }
+        }
+    )
+}
+
+/// Rows `r0..r0 + rows` of [`narrow_rows`]: `out[i·m + j] = Σ_t x[(r0 + i)·rs + t]·cols[j·k + t]`.
+#[cfg(feature = "flex")]
+#[allow(clippy::too_many_arguments)]
+fn dots(
+    isa: crate::act::Isa,
+    x: &[f32],
+    rs: usize,
+    k: usize,
+    m: usize,
+    r0: usize,
+    rows: usize,
+    cols: &[f32],
+    out: &mut [f32],
+) {
+    crate::act::dispatch!(
+        isa,
+        dots_avx2,
+        (x: &[f32], rs: usize, k: usize, m: usize, r0: usize, rows: usize, cols: &[f32], out: &mut [f32]),
+        {
+            for i in 0..rows {
+                let at = (r0 + i) * rs;
+                let (x, out) = (&x[at..at + k], &mut out[i * m..(i + 1) * m]);
+                match m {
+                    2 => row_dots::<2>(x, cols, out),
+                    3 => row_dots::<3>(x, cols, out),
+                    _ => row_dots::<4>(x, cols, out),
+                }
+            }
+        }
+    )
+}
+
+/// One row's `M` dot products with `cols` (`M` columns of `x.len()` values each), 16 lanes at a
+/// time.
+#[cfg(feature = "flex")]
+#[inline(always)]
+fn row_dots<const M: usize>(x: &[f32], cols: &[f32], out: &mut [f32]) {
+    const L: usize = 16;
+    let k = x.len();
+    let mut acc = [[0.0f32; L]; M];
+    let whole = k - k % L;
+    for t in (0..whole).step_by(L) {
+        let xs = &x[t..t + L];
+        for (j, a) in acc.iter_mut().enumerate() {
+            let cs = &cols[j * k + t..j * k + t + L];
+            for l in 0..L {
+                a[l] = xs[l].mul_add(cs[l], a[l]);
+            }
+        }
+    }
+    for (j, a) in acc.iter().enumerate() {
+        let mut sum = a.iter().sum::<f32>();
+        for t in whole..k {
+            sum = x[t].mul_add(cols[j * k + t], sum);
+        }
+        out[j] = sum;
+    }
+}
+
 /// `dst = dst + lhs·rhs` (`read`) or `dst = lhs·rhs`: `[n, k]·[k, m]` into the row-major
 /// `[n, m]` at `dst` by one call of the `gemm` crate, which splits it over rayon's threads
-/// where `threads`.
+/// where `threads` — or, for an output 2 to [`NARROW_COLS`] columns wide whose `lhs` rows lie
+/// in order, by [`narrow_rows`].
 ///
 /// # Safety
 /// `dst` is valid for `n·m` writes (and reads, where `read`); each operand's matrix lies
@@ -254,6 +434,16 @@ unsafe fn gemm_call(
         gemm::Parallelism::None
     };
     let ([lhs_rs, lhs_cs], [rhs_rs, rhs_cs]) = (lhs.strides, rhs.strides);
+    if (2..=NARROW_COLS).contains(&m) && lhs_cs == 1 && lhs_rs >= 0 {
+        // SAFETY: the caller's contract.
+        unsafe { narrow_write(dst, read, narrow_rows([n, k, m], lhs, rhs)) };
+        return;
+    }
+    if (2..=NARROW_COLS).contains(&m) && lhs_rs == 1 && lhs_cs >= 0 && n * m <= NARROW_T_VALUES {
+        // SAFETY: the caller's contract.
+        unsafe { narrow_write(dst, read, narrow_sums([n, k, m], lhs, rhs)) };
+        return;
+    }
     // SAFETY: the caller's contract; gemm reads `dst` only where `read`.
     unsafe {
         gemm::gemm(
@@ -277,6 +467,27 @@ unsafe fn gemm_call(
             false,
             parallelism,
         );
+    }
+}
+
+/// `dst (+)= out` (`read`: add), `out` the row-major result of [`narrow_rows`] or
+/// [`narrow_sums`].
+///
+/// # Safety
+/// `dst` is valid for `out.len()` writes, and reads where `read`.
+#[cfg(feature = "flex")]
+unsafe fn narrow_write(dst: *mut f32, read: bool, out: Vec<f32>) {
+    for (i, v) in out.into_iter().enumerate() {
+        // SAFETY: `i < out.len()`: `dst` is valid for that write, and for the read where
+        // `read` (the caller's contract); where not, it is written before any read.
+        unsafe {
+            let d = dst.add(i);
+            if read {
+                *d += v;
+            } else {
+                d.write(v);
+            }
+        }
     }
 }
 
@@ -587,6 +798,61 @@ mod tests {
         let scale: f32 = want.clone().abs().max().into_scalar().elem();
         let err: f32 = (got - want).abs().max().into_scalar().elem();
         err / scale
+    }
+
+    /// [`super::host`] where the output is 2 to 4 columns wide (the crate's row dot products,
+    /// `narrow_rows`, where `a`'s rows lie in order; its sums over the inner dimension,
+    /// `narrow_sums`, where `a` is read transposed; `gemm` at 5 columns and for a transposed
+    /// `a` of many rows) against `f64` loops: `b` read as it lies and transposed, with no `c`,
+    /// a row `c` and a whole `c` added, `k` a multiple of the 16 lanes and not; products large
+    /// enough to be split over threads both ways.
+    #[test]
+    fn narrow_products_match_f64_loops() {
+        type F = Flex;
+        let dev = Default::default();
+        let vals = |t: &Tensor<F, 2>| t.to_data().to_vec::<f32>().unwrap();
+        let mut cases = Vec::new();
+        for m in 2..=5 {
+            for k in [7, 16, 45] {
+                for n in [3, 40] {
+                    cases.push([n, k, m]);
+                }
+            }
+        }
+        cases.push([40_000, 45, 4]); // 39,321 rows a chunk: two chunks on rayon's threads
+        cases.push([64, 40_000, 4]); // `a` transposed: 27,648 of the inner dimension a chunk
+        for [n, k, m] in cases {
+            for (a_t, b_t, c_kind) in [(false, false, 0), (false, true, 1), (true, false, 2)] {
+                let a_dims = if a_t { [k, n] } else { [n, k] };
+                let b_dims = if b_t { [m, k] } else { [k, m] };
+                let a = Tensor::<F, 2>::random(a_dims, Distribution::Default, &dev);
+                let b = Tensor::<F, 2>::random(b_dims, Distribution::Default, &dev);
+                let c = match c_kind {
+                    1 => Some(Tensor::<F, 2>::random([1, m], Distribution::Default, &dev)),
+                    2 => Some(Tensor::<F, 2>::random([n, m], Distribution::Default, &dev)),
+                    _ => None,
+                };
+                let (av, bv) = (vals(&a), vals(&b));
+                let cv = c.as_ref().map(vals);
+                let at = |i: usize, t: usize| if a_t { av[t * n + i] } else { av[i * k + t] };
+                let bt = |t: usize, j: usize| if b_t { bv[j * k + t] } else { bv[t * m + j] };
+                let got = vals(&super::host(a, a_t, b, b_t, c));
+                assert_eq!(got.len(), n * m);
+                for i in 0..n {
+                    for j in 0..m {
+                        let terms = (0..k).map(|t| at(i, t) as f64 * bt(t, j) as f64);
+                        let scale = 1.0 + terms.clone().map(f64::abs).sum::<f64>();
+                        let mut want: f64 = terms.sum();
+                        if let Some(cv) = &cv {
+                            want += cv[if c_kind == 1 { j } else { i * m + j }] as f64;
+                        }
+                        let what = format!("[{i}, {j}] of {n}×{k}×{m}, a_t {a_t}, b_t {b_t}");
+                        let err = (got[i * m + j] as f64 - want).abs() / scale;
+                        assert!(err < 1e-6, "{what}: {err:e}");
+                    }
+                }
+            }
+        }
     }
 
     /// [`super::batched`] on strided views (`a` a permute of its batch dimension and rows, `b` a
