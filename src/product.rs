@@ -222,9 +222,10 @@ struct Operand<'a> {
     strides: [isize; 2],
 }
 
-/// Outputs from 2 to this many columns wide whose left operand's rows lie in order are the
-/// crate's row dot products ([`narrow_rows`]): `gemm` runs a row-major output's columns along
-/// its registers' 16 lanes, so a 2-column output used 2 of them.
+/// Outputs from 2 to this many columns wide are the crate's own kernels ([`narrow_rows`] where
+/// the left operand's rows lie in order, [`narrow_sums`] where it is read transposed): `gemm`
+/// runs a row-major output's columns along its registers' 16 lanes, so a 2-column output used
+/// 2 of them.
 #[cfg(feature = "flex")]
 const NARROW_COLS: usize = 4;
 
@@ -403,8 +404,9 @@ fn row_dots<const M: usize>(x: &[f32], cols: &[f32], out: &mut [f32]) {
 
 /// `dst = dst + lhs·rhs` (`read`) or `dst = lhs·rhs`: `[n, k]·[k, m]` into the row-major
 /// `[n, m]` at `dst` by one call of the `gemm` crate, which splits it over rayon's threads
-/// where `threads` — or, for an output 2 to [`NARROW_COLS`] columns wide whose `lhs` rows lie
-/// in order, by [`narrow_rows`].
+/// where `threads` — or, for an output 2 to [`NARROW_COLS`] columns wide, by [`narrow_rows`]
+/// (`lhs`'s rows in order) or [`narrow_sums`] (`lhs` read transposed, at most
+/// [`NARROW_T_VALUES`] output values).
 ///
 /// # Safety
 /// `dst` is valid for `n·m` writes (and reads, where `read`); each operand's matrix lies
