@@ -2,18 +2,26 @@
 //! `scripts/side_by_side.py`): of the MiniLM encoder, or with `--layer D_IN,D_OUT` of one frozen
 //! linear layer at an LLM's width. With `--methods` naming one method the JSON's `peak_mb` is
 //! that method's peak resident memory (the process's peak; `start_mb`: what it held at start).
+//! With `--interleave` the methods' steps alternate, one step each a round, and the JSON gains
+//! each method's `round_ms` and `vs_first` (the median of its rounds' ratios to the first method
+//! `--methods` names, or the first of the list without it): ratios that a drifting shared
+//! machine moves less than method-after-method timing.
 //!
 //! ```text
 //! cargo run --release --features full --example step_time -- --batch 32 --seq 64
 //! cargo run --release --features full --example step_time -- --layer 4096,14336 --tokens 2048 --methods kron_lora_r8
 //! cargo run --release --features full,cuda --example step_time -- --layer 4096,4096 --fused-kernel
+//! cargo run --release --features full --example step_time -- --interleave --methods lora_r1,krona_48x8 --budget 30
 //! ```
 
 mod common;
 
 use clap::Parser;
 use common::{backend_name, Train};
-use kron_adapters::finetune::timing::{layer_step_ms, memory_bytes, train_step_ms};
+use kron_adapters::finetune::timing::{
+    interleaved_ms, layer_step, layer_step_ms, median, memory_bytes, round_ratios, train_step,
+    train_step_ms,
+};
 use kron_adapters::model::BertConfig;
 use kron_adapters::{
     AdapterConfig, KronAConfig, KronLoraConfig, LoraConfig, PlacementConfig, TrainMode,
@@ -51,6 +59,12 @@ struct Args {
     /// (`kron::cube`; GPU backends without `fusion`).
     #[arg(long)]
     fused_kernel: bool,
+    /// Alternate the methods' steps (one step of each a round, the order rotating) for `budget`
+    /// seconds per method in all, all models held at once; adds each method's `round_ms` and
+    /// `vs_first` (the median of its rounds' ratios to the first method `--methods` names). Its
+    /// `peak_mb` is all the methods' together.
+    #[arg(long)]
+    interleave: bool,
 }
 
 fn parse_width(s: &str) -> Result<(usize, usize), String> {
@@ -118,6 +132,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     out.insert("fused_kernel".into(), args.fused_kernel.into());
     out.insert("parts".into(), parts.into());
     let wanted = |key: &str| args.methods.is_empty() || args.methods.iter().any(|m| m == key);
+    // Where `--methods` names them, in its order (the first is `vs_first`'s reference).
+    let rank = |key: &str| args.methods.iter().position(|m| m == key);
     let layer_methods = [
         ("full", None),
         ("lora_r8", Some(AdapterConfig::Lora(LoraConfig::new(8)))),
@@ -139,7 +155,54 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into());
     }
     let mut timed = Vec::new();
-    if let Some((d_in, d_out)) = args.layer {
+    if args.interleave {
+        let mut keys = Vec::new();
+        let mut steps = Vec::new();
+        if let Some((d_in, d_out)) = args.layer {
+            let mut chosen: Vec<_> = layer_methods.into_iter().filter(|m| wanted(m.0)).collect();
+            chosen.sort_by_key(|m| rank(m.0));
+            for (key, adapter) in chosen {
+                keys.push(key);
+                steps.push(layer_step::<Train>(
+                    d_in,
+                    d_out,
+                    adapter.as_ref(),
+                    args.tokens,
+                    parts,
+                    &device,
+                )?);
+            }
+        } else {
+            let mut chosen: Vec<_> = methods.into_iter().filter(|m| wanted(m.0)).collect();
+            chosen.sort_by_key(|m| rank(m.0));
+            for (key, peft) in chosen {
+                keys.push(key);
+                steps.push(train_step::<Train>(
+                    &bert, &peft, args.batch, args.seq, parts, &device,
+                )?);
+            }
+        }
+        let budget = args.budget * steps.len() as f64;
+        let times = interleaved_ms(&mut steps, 2, budget)?;
+        let ratios = round_ratios(&times, 0);
+        for (i, key) in keys.into_iter().enumerate() {
+            eprintln!(
+                "{key}: {:.0} ms, {:.3}x the first method by the rounds' median",
+                median(&times[i]),
+                median(&ratios[i])
+            );
+            out.insert(
+                key.into(),
+                serde_json::json!({
+                    "ms": median(&times[i]),
+                    "trainable": steps[i].trainable,
+                    "round_ms": times[i],
+                    "vs_first": median(&ratios[i]),
+                }),
+            );
+        }
+        out.insert("interleaved".into(), true.into());
+    } else if let Some((d_in, d_out)) = args.layer {
         for (key, adapter) in layer_methods.into_iter().filter(|m| wanted(m.0)) {
             let (ms, trainable) = layer_step_ms::<Train>(
                 d_in,

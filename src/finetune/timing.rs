@@ -46,6 +46,91 @@ pub fn median(values: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// One method's training step, built once and run again and again: by [`train_step`] (the
+/// MiniLM-sized classifier) or [`layer_step`] (one frozen layer), for [`median_ms`] alone or
+/// [`interleaved_ms`] beside others.
+pub struct Step<'a> {
+    run: Box<dyn FnMut() -> Result<(), AdapterError> + 'a>,
+    /// Trainable parameters of the model the step trains.
+    pub trainable: usize,
+}
+
+impl<'a> Step<'a> {
+    /// A step from a closure doing one whole step (forward, backward, optimizer).
+    pub fn new(trainable: usize, run: impl FnMut() -> Result<(), AdapterError> + 'a) -> Self {
+        Self {
+            run: Box::new(run),
+            trainable,
+        }
+    }
+
+    /// Runs one step.
+    ///
+    /// Errors: whatever the step's forward or backward returns (e.g. a part failing in
+    /// [`crate::shards::gradients`]).
+    pub fn run(&mut self) -> Result<(), AdapterError> {
+        (self.run)()
+    }
+}
+
+/// Milliseconds of every step of `steps`, interleaved: `warmup` rounds untimed, then rounds in
+/// which each step runs once, until about `budget_s` seconds have passed (at least 3 rounds, at
+/// most 200). The order within a round rotates by one each round, so that no step always
+/// follows the same other. Returns, per step in `steps`' order, its time in each timed round.
+///
+/// For ratios between methods on a machine whose speed drifts (a shared host): a round's times
+/// are taken within the same second or so, and the median of the rounds' own ratios
+/// ([`round_ratios`]) cancels what a method-after-method run pays for a slow minute.
+///
+/// Errors: the first step that fails, at the round it fails in.
+pub fn interleaved_ms(
+    steps: &mut [Step<'_>],
+    warmup: usize,
+    budget_s: f64,
+) -> Result<Vec<Vec<f64>>, AdapterError> {
+    let mut times = vec![Vec::new(); steps.len()];
+    if steps.is_empty() {
+        return Ok(times);
+    }
+    let mut timed_s = 0.0;
+    for round in 0.. {
+        let timed = round >= warmup;
+        if timed {
+            let done = times[0].len();
+            if done >= 200 || (done >= 3 && timed_s >= budget_s) {
+                break;
+            }
+        }
+        let round_start = Instant::now();
+        for k in 0..steps.len() {
+            let i = (k + round) % steps.len();
+            let t = Instant::now();
+            steps[i].run()?;
+            if timed {
+                times[i].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        if timed {
+            timed_s += round_start.elapsed().as_secs_f64();
+        }
+    }
+    Ok(times)
+}
+
+/// Round by round, `times[i][r] / times[base][r]` for every `i` (`times` as
+/// [`interleaved_ms`] returns them): each method's time over the `base` method's in the same
+/// round. The median of one method's row is its ratio to `base`, with the rounds paired.
+/// Empty when `base` is out of range; a row as long as the shorter of the two.
+pub fn round_ratios(times: &[Vec<f64>], base: usize) -> Vec<Vec<f64>> {
+    let Some(base_row) = times.get(base) else {
+        return Vec::new();
+    };
+    times
+        .iter()
+        .map(|row| row.iter().zip(base_row).map(|(t, b)| t / b).collect())
+        .collect()
+}
+
 /// A batch of random token ids (no padding): `ids`, `mask`, both `[batch, seq]`.
 pub fn random_batch<B: Backend>(
     seed: u64,
@@ -71,6 +156,7 @@ pub fn random_batch<B: Backend>(
 /// `parts` parts at once ([`crate::shards`]; 1: whole), of a classifier with
 /// `placement`'s adapters and mode on an encoder of `bert`'s size (random weights: the cost does not
 /// depend on their values), on a `[batch, seq]` batch; and its trainable parameters.
+/// [`train_step`] builds the step, for timing it beside others ([`interleaved_ms`]).
 pub fn train_step_ms<B: AutodiffBackend>(
     bert: &BertConfig,
     placement: &PlacementConfig,
@@ -80,6 +166,45 @@ pub fn train_step_ms<B: AutodiffBackend>(
     budget_s: f64,
     device: &B::Device,
 ) -> Result<(f64, usize), AdapterError> {
+    step_ms(
+        train_step::<B>(bert, placement, batch, seq, parts, device)?,
+        budget_s,
+    )
+}
+
+/// [`median_ms`] of a built step (2 warm-up steps), and its trainable parameters; the first
+/// error of a step, if one fails.
+fn step_ms(mut step: Step<'_>, budget_s: f64) -> Result<(f64, usize), AdapterError> {
+    let mut failed = None;
+    let ms = median_ms(
+        || {
+            if failed.is_none() {
+                if let Err(e) = step.run() {
+                    failed = Some(e);
+                }
+            }
+        },
+        2,
+        budget_s,
+    );
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((ms, step.trainable)),
+    }
+}
+
+/// The training step [`train_step_ms`] times, built: the classifier, its batch and its
+/// optimizer held by the step.
+///
+/// Errors: `seq` beyond the encoder's positions; a placement that does not fit the encoder.
+pub fn train_step<B: AutodiffBackend>(
+    bert: &BertConfig,
+    placement: &PlacementConfig,
+    batch: usize,
+    seq: usize,
+    parts: usize,
+    device: &B::Device,
+) -> Result<Step<'static>, AdapterError> {
     if seq > bert.max_position_embeddings {
         return Err(crate::ConfigError::invalid(
             "timing",
@@ -106,32 +231,26 @@ pub fn train_step_ms<B: AutodiffBackend>(
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut optim = crate::optim::adamw(&AdamWConfig::new());
     let mut holder = Some(model);
-    let mut failed = None;
-    let ms = median_ms(
-        || {
-            let m = holder.take().expect("the model is put back every step");
-            let result = shards::gradients(&m, batch, parts, 0, |m, p| {
-                let r = p.range.clone();
-                let (ids, mask) = (ids.clone().slice(r.clone()), mask.clone().slice(r.clone()));
-                let loss = loss_fn.forward(m.forward(ids, mask), labels.clone().slice(r));
-                let _ = loss.clone().into_data();
-                (loss.mul_scalar(p.share), ())
-            });
-            holder = Some(match result {
-                Ok((grads, _)) => optim.step(1e-5, m, grads),
-                Err(e) => {
-                    failed = Some(e);
-                    m
-                }
-            });
-        },
-        2,
-        budget_s,
-    );
-    match failed {
-        Some(e) => Err(e),
-        None => Ok((ms, trainable)),
-    }
+    Ok(Step::new(trainable, move || {
+        let m = holder.take().expect("the model is put back every step");
+        let result = shards::gradients(&m, batch, parts, 0, |m, p| {
+            let r = p.range.clone();
+            let (ids, mask) = (ids.clone().slice(r.clone()), mask.clone().slice(r.clone()));
+            let loss = loss_fn.forward(m.forward(ids, mask), labels.clone().slice(r));
+            let _ = loss.clone().into_data();
+            (loss.mul_scalar(p.share), ())
+        });
+        match result {
+            Ok((grads, _)) => {
+                holder = Some(optim.step(1e-5, m, grads));
+                Ok(())
+            }
+            Err(e) => {
+                holder = Some(m);
+                Err(e)
+            }
+        }
+    }))
 }
 
 /// Median milliseconds of one training step of a single frozen `d_in × d_out` linear layer
@@ -139,7 +258,8 @@ pub fn train_step_ms<B: AutodiffBackend>(
 /// a mean-squared loss, backward, AdamW on the trainable parameters, the rows computed in
 /// `parts` parts at once ([`crate::shards`]; 1: whole); and their count. With
 /// `adapter` = `None` the layer itself is trained (full fine-tuning of the layer). For the
-/// cost of an adapter at an LLM's widths without the rest of the model.
+/// cost of an adapter at an LLM's widths without the rest of the model. [`layer_step`] builds
+/// the step, for timing it beside others ([`interleaved_ms`]).
 pub fn layer_step_ms<B: AutodiffBackend>(
     d_in: usize,
     d_out: usize,
@@ -149,6 +269,24 @@ pub fn layer_step_ms<B: AutodiffBackend>(
     budget_s: f64,
     device: &B::Device,
 ) -> Result<(f64, usize), AdapterError> {
+    step_ms(
+        layer_step::<B>(d_in, d_out, adapter, tokens, parts, device)?,
+        budget_s,
+    )
+}
+
+/// The training step [`layer_step_ms`] times, built: the layer, its input and its optimizer
+/// held by the step.
+///
+/// Errors: an adapter configuration that does not fit a `d_in × d_out` layer.
+pub fn layer_step<B: AutodiffBackend>(
+    d_in: usize,
+    d_out: usize,
+    adapter: Option<&AdapterConfig>,
+    tokens: usize,
+    parts: usize,
+    device: &B::Device,
+) -> Result<Step<'static>, AdapterError> {
     let linear = LinearConfig::new(d_in, d_out)
         .with_bias(false)
         .init::<B>(device);
@@ -164,31 +302,25 @@ pub fn layer_step_ms<B: AutodiffBackend>(
     let mut optim = crate::optim::adamw(&AdamWConfig::new());
     let elements = (tokens * d_out) as f64;
     let mut holder = Some(layer);
-    let mut failed = None;
-    let ms = median_ms(
-        || {
-            let l = holder.take().expect("the layer is put back every step");
-            let result = shards::gradients(&l, tokens, parts, 0, |l, p| {
-                let y = l.forward(x.clone().slice(p.range.clone()));
-                let loss = y.powi_scalar(2).sum().div_scalar(elements);
-                let _ = loss.clone().into_data();
-                (loss, ())
-            });
-            holder = Some(match result {
-                Ok((grads, _)) => optim.step(1e-5, l, grads),
-                Err(e) => {
-                    failed = Some(e);
-                    l
-                }
-            });
-        },
-        2,
-        budget_s,
-    );
-    match failed {
-        Some(e) => Err(e),
-        None => Ok((ms, trainable)),
-    }
+    Ok(Step::new(trainable, move || {
+        let l = holder.take().expect("the layer is put back every step");
+        let result = shards::gradients(&l, tokens, parts, 0, |l, p| {
+            let y = l.forward(x.clone().slice(p.range.clone()));
+            let loss = y.powi_scalar(2).sum().div_scalar(elements);
+            let _ = loss.clone().into_data();
+            (loss, ())
+        });
+        match result {
+            Ok((grads, _)) => {
+                holder = Some(optim.step(1e-5, l, grads));
+                Ok(())
+            }
+            Err(e) => {
+                holder = Some(l);
+                Err(e)
+            }
+        }
+    }))
 }
 
 /// This process's resident and peak resident memory in bytes (Linux's `VmRSS` and `VmHWM`;
@@ -239,7 +371,65 @@ pub fn inference_ms<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{interleaved_ms, median, round_ratios, Step};
+    use crate::error::AdapterError;
+    use std::cell::RefCell;
+
+    #[test]
+    fn interleaved_steps_rotate_and_only_timed_rounds_count() {
+        let order = RefCell::new(Vec::new());
+        let mut steps: Vec<Step<'_>> = (0..3)
+            .map(|i| {
+                let order = &order;
+                Step::new(i, move || {
+                    order.borrow_mut().push(i);
+                    Ok(())
+                })
+            })
+            .collect();
+        // A budget of 0 s: the fewest timed rounds (3), after 2 warm-up rounds.
+        let times = interleaved_ms(&mut steps, 2, 0.0).unwrap();
+        assert_eq!(times.len(), 3);
+        assert!(times.iter().all(|t| t.len() == 3), "{times:?}");
+        assert!(times.iter().flatten().all(|&ms| ms >= 0.0));
+        // Round r starts at step r mod 3 and runs each step once.
+        let want: Vec<usize> = (0..5)
+            .flat_map(|r| (0..3).map(move |k| (k + r) % 3))
+            .collect();
+        assert_eq!(*order.borrow(), want);
+        assert_eq!(steps[2].trainable, 2);
+    }
+
+    #[test]
+    fn interleaving_stops_at_the_first_failing_step_and_takes_none() {
+        let calls = RefCell::new(0);
+        let mut steps = vec![
+            Step::new(0, || {
+                *calls.borrow_mut() += 1;
+                Ok(())
+            }),
+            Step::new(0, || {
+                Err(AdapterError::from(crate::ConfigError::invalid(
+                    "timing", "step", "fails",
+                )))
+            }),
+        ];
+        let err = interleaved_ms(&mut steps, 1, 0.0).unwrap_err();
+        assert!(err.to_string().contains("fails"), "{err}");
+        assert_eq!(*calls.borrow(), 1, "the round stops at the failing step");
+        assert!(interleaved_ms(&mut [], 2, 1.0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn round_ratios_pair_each_round_with_the_base_rounds() {
+        let times = vec![vec![10.0, 20.0, 40.0], vec![11.0, 30.0, 44.0]];
+        let r = round_ratios(&times, 0);
+        assert_eq!(r[0], vec![1.0, 1.0, 1.0]);
+        assert_eq!(r[1], vec![1.1, 1.5, 1.1]);
+        // The median of the paired ratios is 1.1; the ratio of the medians would be 30 / 20.
+        assert_eq!(median(&r[1]), 1.1);
+        assert!(round_ratios(&times, 2).is_empty());
+    }
 
     #[test]
     fn median_takes_the_upper_middle_of_unsorted_values() {
