@@ -3,9 +3,10 @@
 
 use std::time::Instant;
 
+use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::LinearConfig;
-use burn::optim::{AdamWConfig, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
@@ -240,16 +241,9 @@ pub fn train_step<B: AutodiffBackend>(
             let _ = loss.clone().into_data();
             (loss.mul_scalar(p.share), ())
         });
-        match result {
-            Ok((grads, _)) => {
-                holder = Some(optim.step(1e-5, m, grads));
-                Ok(())
-            }
-            Err(e) => {
-                holder = Some(m);
-                Err(e)
-            }
-        }
+        let (m, done) = update(&mut optim, m, result);
+        holder = Some(m);
+        done
     }))
 }
 
@@ -310,17 +304,23 @@ pub fn layer_step<B: AutodiffBackend>(
             let _ = loss.clone().into_data();
             (loss, ())
         });
-        match result {
-            Ok((grads, _)) => {
-                holder = Some(optim.step(1e-5, l, grads));
-                Ok(())
-            }
-            Err(e) => {
-                holder = Some(l);
-                Err(e)
-            }
-        }
+        let (l, done) = update(&mut optim, l, result);
+        holder = Some(l);
+        done
     }))
+}
+
+/// The end of a built step: the optimizer's update where the gradients came, the model back
+/// either way, with the part's error if one failed.
+fn update<B: AutodiffBackend, M: AutodiffModule<B>, R>(
+    optim: &mut impl Optimizer<M, B>,
+    model: M,
+    result: Result<(GradientsParams, R), AdapterError>,
+) -> (M, Result<(), AdapterError>) {
+    match result {
+        Ok((grads, _)) => (optim.step(1e-5, model, grads), Ok(())),
+        Err(e) => (model, Err(e)),
+    }
 }
 
 /// This process's resident and peak resident memory in bytes (Linux's `VmRSS` and `VmHWM`;
