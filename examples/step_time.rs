@@ -19,8 +19,7 @@ mod common;
 use clap::Parser;
 use common::{backend_name, Train};
 use kron_adapters::finetune::timing::{
-    interleaved_ms, layer_step, layer_step_ms, median, memory_bytes, round_ratios, train_step,
-    train_step_ms,
+    interleaved_ms, layer_step, median, memory_bytes, round_ratios, step_ms, train_step,
 };
 use kron_adapters::model::BertConfig;
 use kron_adapters::{
@@ -154,87 +153,55 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let mut timed = Vec::new();
-    if args.interleave {
-        let mut keys = Vec::new();
-        let mut steps = Vec::new();
-        if let Some((d_in, d_out)) = args.layer {
-            let mut chosen: Vec<_> = layer_methods.into_iter().filter(|m| wanted(m.0)).collect();
-            chosen.sort_by_key(|m| rank(m.0));
-            for (key, adapter) in chosen {
-                keys.push(key);
-                steps.push(layer_step::<Train>(
-                    d_in,
-                    d_out,
-                    adapter.as_ref(),
-                    args.tokens,
-                    parts,
-                    &device,
-                )?);
-            }
-        } else {
-            let mut chosen: Vec<_> = methods.into_iter().filter(|m| wanted(m.0)).collect();
-            chosen.sort_by_key(|m| rank(m.0));
-            for (key, peft) in chosen {
-                keys.push(key);
-                steps.push(train_step::<Train>(
-                    &bert, &peft, args.batch, args.seq, parts, &device,
-                )?);
-            }
+    // The methods asked for, in `--methods`' order where it names them (the first is
+    // `vs_first`'s reference), each built only when it is timed.
+    let mut keys: Vec<&str> = known.into_iter().filter(|k| wanted(k)).collect();
+    keys.sort_by_key(|k| rank(k));
+    let build = |key: &str| match args.layer {
+        Some((d_in, d_out)) => {
+            let adapter = layer_methods
+                .iter()
+                .find(|m| m.0 == key)
+                .and_then(|m| m.1.as_ref());
+            layer_step::<Train>(d_in, d_out, adapter, args.tokens, parts, &device)
         }
+        None => {
+            let peft = &methods.iter().find(|m| m.0 == key).expect("a known key").1;
+            train_step::<Train>(&bert, peft, args.batch, args.seq, parts, &device)
+        }
+    };
+    if args.interleave {
+        let mut steps = keys
+            .iter()
+            .map(|k| build(k))
+            .collect::<Result<Vec<_>, _>>()?;
         let budget = args.budget * steps.len() as f64;
         let times = interleaved_ms(&mut steps, 2, budget)?;
         let ratios = round_ratios(&times, 0);
         for (i, key) in keys.into_iter().enumerate() {
-            eprintln!(
-                "{key}: {:.0} ms, {:.3}x the first method by the rounds' median",
-                median(&times[i]),
-                median(&ratios[i])
-            );
+            let ms = median(&times[i]);
+            let vs_first = median(&ratios[i]);
+            eprintln!("{key}: {ms:.0} ms, {vs_first:.3}x the first method by the rounds' median");
             out.insert(
                 key.into(),
                 serde_json::json!({
-                    "ms": median(&times[i]),
+                    "ms": ms,
                     "trainable": steps[i].trainable,
                     "round_ms": times[i],
-                    "vs_first": median(&ratios[i]),
+                    "vs_first": vs_first,
                 }),
             );
         }
         out.insert("interleaved".into(), true.into());
-    } else if let Some((d_in, d_out)) = args.layer {
-        for (key, adapter) in layer_methods.into_iter().filter(|m| wanted(m.0)) {
-            let (ms, trainable) = layer_step_ms::<Train>(
-                d_in,
-                d_out,
-                adapter.as_ref(),
-                args.tokens,
-                parts,
-                args.budget,
-                &device,
-            )?;
-            timed.push((key, ms, trainable));
-        }
     } else {
-        for (key, peft) in methods.into_iter().filter(|m| wanted(m.0)) {
-            let (ms, trainable) = train_step_ms::<Train>(
-                &bert,
-                &peft,
-                args.batch,
-                args.seq,
-                parts,
-                args.budget,
-                &device,
-            )?;
-            timed.push((key, ms, trainable));
+        for key in keys {
+            let (ms, trainable) = step_ms(build(key)?, args.budget)?;
+            eprintln!("{key}: {ms:.0} ms ({trainable} trainable)");
+            out.insert(
+                key.into(),
+                serde_json::json!({ "ms": ms, "trainable": trainable }),
+            );
         }
-    }
-    for (key, ms, trainable) in timed {
-        eprintln!("{key}: {ms:.0} ms ({trainable} trainable)");
-        out.insert(
-            key.into(),
-            serde_json::json!({ "ms": ms, "trainable": trainable }),
-        );
     }
     if let (Some((start, _)), Some((_, peak))) = (start, memory_bytes()) {
         out.insert("start_mb".into(), (start as f64 / 1048576.0).into());

@@ -173,9 +173,12 @@ pub fn train_step_ms<B: AutodiffBackend>(
     )
 }
 
-/// [`median_ms`] of a built step (2 warm-up steps), and its trainable parameters; the first
-/// error of a step, if one fails.
-fn step_ms(mut step: Step<'_>, budget_s: f64) -> Result<(f64, usize), AdapterError> {
+/// [`median_ms`] of a built step (2 warm-up steps) for about `budget_s` seconds, and its
+/// trainable parameters: [`train_step_ms`] and [`layer_step_ms`] of a step built by
+/// [`train_step`] or [`layer_step`].
+///
+/// Errors: the first error of the step, which is not run again after it.
+pub fn step_ms(mut step: Step<'_>, budget_s: f64) -> Result<(f64, usize), AdapterError> {
     let mut failed = None;
     let ms = median_ms(
         || {
